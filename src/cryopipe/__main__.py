@@ -1,0 +1,3 @@
+from cryopipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The ``cryopipe`` command line.
+
+Each job lives in its own module under :mod:`cryopipe.jobs` and exposes
+
+* ``HELP``: a one-line description shown by ``cryopipe --help``;
+* ``add_arguments(parser)``: its options, using RELION's option names where RELION has the same option
+  (``--i``, ``--o``, ``--angpix``, ``--ctf``, ``--sym`` …), friendlier aliases welcome;
+* ``main(args) -> int``: runs the job from the parsed namespace (the job's Python API is a plain function in the
+  same module, which ``main`` calls).
+
+User errors (:class:`cryopipe.errors.CryopipeError`) are printed as one line, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cryopipe import __version__
+from cryopipe.errors import CryopipeError
+
+#: command name -> module implementing it (imported lazily so ``--help`` is fast)
+JOBS: dict[str, str] = {
+    "simulate": "cryopipe.jobs.simulate",
+    "reconstruct": "cryopipe.jobs.reconstruct",
+    "demo": "cryopipe.jobs.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryopipe",
+        description="cryo-EM / cryo-ET processing with RELION-compatible files. `cryopipe JOB --help` for a job's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"cryopipe {__version__}")
+    sub = parser.add_subparsers(dest="job", metavar="JOB")
+    for name, modname in JOBS.items():
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:  # a job whose module is not there yet is simply not listed
+            if exc.name == modname:
+                continue
+            raise
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "job", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._main(args) or 0)
+    except CryopipeError as exc:
+        print(f"cryopipe {args.job}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"cryopipe {args.job}: interrupted; finished work is kept, run the same command again to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
