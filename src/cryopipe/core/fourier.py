@@ -125,3 +125,122 @@ def good_fft_size(n: int, max_prime: int = 7) -> int:
         if k == 1:
             return m
         m += 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fourier cropping / padding and resolution filters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _infer_ndim(shape: tuple[int, ...], ndim: int | None, half: bool) -> int:
+    """Spatial dimensionality (2 or 3) of an array of images/volumes (``half``: half-complex FT layout).
+
+    Without ``ndim``: 3 when there are >= 3 dimensions and the last three look like one cube
+    (``[N, N, N]`` real, ``[N, N, N//2+1]`` half-complex), else 2. A batch of exactly ``N`` images of size ``N``
+    is ambiguous and must pass ``ndim=2``.
+    """
+    if ndim is not None:
+        if ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+        return ndim
+    if len(shape) >= 3:
+        n = shape[-2]
+        last_ok = shape[-1] == (n // 2 + 1 if half else n)
+        if shape[-3] == n and last_ok:
+            return 3
+    return 2
+
+
+def fourier_rescale(x: torch.Tensor, new_n: int, ndim: int | None = None) -> torch.Tensor:
+    """Resample centred real-space images ``[..., n, n]`` or volumes ``[..., n, n, n]`` to box ``new_n`` by
+    cropping (``new_n < n``) or zero-padding (``new_n > n``) their Fourier transform.
+
+    * The physical extent of a pixel changes by ``n / new_n`` (pixel size ``apix · n / new_n``); the box centre
+      ``N//2`` stays the phase origin, so a feature at the centre stays at the centre.
+    * Values are kept (the mean is preserved exactly): the FT is multiplied by ``(new_n / n)^d``.
+    * Nyquist handling: every Fourier component at the Nyquist frequency of the *smaller* box along any axis
+      (frequency ``-m/2`` for an even size ``m``; in the half-complex layout also ``+m/2`` on the last axis) is
+      set to zero. This keeps the result real and Hermitian-consistent for all parities, so that cropping then
+      padding back returns an image that was band-limited below the smaller box's Nyquist frequency exactly.
+    * ``ndim`` (2 or 3): see :func:`_infer_ndim`; pass ``ndim=2`` for a batch of exactly ``n`` images.
+    """
+    d = _infer_ndim(tuple(x.shape), ndim, half=False)
+    n = x.shape[-1]
+    if any(s != n for s in x.shape[-d:]):
+        raise ValueError(f"fourier_rescale expects square/cubic arrays, got shape {tuple(x.shape)}")
+    if new_n < 1:
+        raise ValueError(f"new_n must be >= 1, got {new_n}")
+    if new_n == n:
+        return x.clone()
+    dims = tuple(range(-d, 0))
+    ft = torch.fft.rfftn(torch.fft.ifftshift(x, dim=dims), dim=dims)
+    small = min(n, new_n)
+    dev = x.device
+    # Non-last axes: source index for each new index, valid where the frequency exists in both grids and is
+    # not the smaller grid's Nyquist frequency.
+    f_new = torch.fft.fftfreq(new_n, d=1.0 / new_n, device=dev).round().long()
+    valid = f_new.abs() < (small + 1) // 2 if small % 2 == 1 else f_new.abs() < small // 2
+    src = torch.remainder(f_new, n)
+    # Last (half) axis
+    j_new = torch.arange(new_n // 2 + 1, device=dev)
+    valid_x = j_new < (small // 2 if small % 2 == 0 else small // 2 + 1)
+    src_x = torch.clamp(j_new, max=n // 2)
+    out = ft
+    for ax in range(-d, -1):
+        out = torch.index_select(out, ax, src)
+        shape = [1] * out.dim()
+        shape[ax] = new_n
+        out = out * valid.view(shape).to(out.real.dtype)
+    out = torch.index_select(out, -1, src_x) * valid_x.to(out.real.dtype)
+    out = out * (float(new_n) / n) ** d
+    res = torch.fft.irfftn(out, s=(new_n,) * d, dim=dims)
+    return torch.fft.fftshift(res, dim=dims).to(x.dtype)
+
+
+def _radius_for(ft: torch.Tensor, ndim: int | None) -> tuple[torch.Tensor, int]:
+    d = _infer_ndim(tuple(ft.shape), ndim, half=True)
+    n = ft.shape[-2]
+    if ft.shape[-1] != n // 2 + 1 or (d == 3 and ft.shape[-3] != n):
+        raise ValueError(f"expected a half-complex FT [..., N, N//2+1] or [..., N, N, N//2+1], got {tuple(ft.shape)}")
+    dt = torch.float64
+    r = radius_2d(n, device=ft.device, dtype=dt) if d == 2 else radius_3d(n, device=ft.device, dtype=dt)
+    return r, n
+
+
+def _raised_cosine_edge(r: torch.Tensor, centre: float, edge_px: float) -> torch.Tensor:
+    """1 below ``centre − edge/2``, 0 above ``centre + edge/2``, raised cosine in between (r in Fourier pixels)."""
+    lo = max(0.0, centre - edge_px / 2.0)
+    hi = centre + edge_px / 2.0
+    if hi <= lo:
+        return (r <= centre).to(r.dtype)
+    t = ((r - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return 0.5 + 0.5 * torch.cos(math.pi * t)
+
+
+def lowpass(ft: torch.Tensor, res_A: float, pixel_size: float, edge_px: float = 2.0,
+            ndim: int | None = None) -> torch.Tensor:
+    """Low-pass filter a centred half-complex FT (2D ``[..., N, N//2+1]`` or 3D ``[..., N, N, N//2+1]``).
+
+    The cutoff shell is ``round(N · pixel_size / res_A)`` Fourier pixels (RELION's ``lowPassFilterMap``); the
+    filter is 1 below ``shell − edge_px/2``, 0 above ``shell + edge_px/2`` and a raised cosine
+    ``0.5 + 0.5·cos(π·(r − lo)/(hi − lo))`` in between (``r = |k|`` in Fourier pixels). ``res_A`` and
+    ``pixel_size`` in Å. ``edge_px = 0`` gives a hard cutoff keeping ``|k| <= shell``. Returns a new tensor.
+    """
+    if res_A <= 0 or pixel_size <= 0:
+        raise ValueError(f"res_A and pixel_size must be positive (got {res_A}, {pixel_size})")
+    r, n = _radius_for(ft, ndim)
+    shell = float(round(n * pixel_size / res_A))
+    return ft * _raised_cosine_edge(r, shell, edge_px).to(ft.real.dtype if ft.is_complex() else ft.dtype)
+
+
+def highpass(ft: torch.Tensor, res_A: float, pixel_size: float, edge_px: float = 2.0,
+             ndim: int | None = None) -> torch.Tensor:
+    """High-pass counterpart of :func:`lowpass`: multiplies by ``1 − lowpass_filter`` (0 below
+    ``shell − edge_px/2``, 1 above ``shell + edge_px/2``, raised cosine in between), so that
+    ``lowpass(ft) + highpass(ft) == ft``. ``res_A``/``pixel_size`` in Å."""
+    if res_A <= 0 or pixel_size <= 0:
+        raise ValueError(f"res_A and pixel_size must be positive (got {res_A}, {pixel_size})")
+    r, n = _radius_for(ft, ndim)
+    shell = float(round(n * pixel_size / res_A))
+    w = 1.0 - _raised_cosine_edge(r, shell, edge_px)
+    return ft * w.to(ft.real.dtype if ft.is_complex() else ft.dtype)
