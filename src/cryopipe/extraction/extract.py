@@ -237,21 +237,18 @@ def reextract_geometry(coords_xy: torch.Tensor, origins_A: torch.Tensor | None, 
     ratio = p_apix / m_apix  # particle px -> micrograph px
     if not recenter and bool(torch.all(torch.abs(ratio - 1.0) <= 1e-6)):
         return coords, origins
-    off = origins / p_apix[:, None]  # particle pixels
     rc = [float(v) for v in recenter_xyz]
     if recenter and any(abs(v) > 0 for v in rc):
         if angles_deg is None:
             raise CryopipeError("re-centring on --recenter_x/y/z needs rlnAngleRot/Tilt/Psi in the re-extraction STAR "
                                 "file (use a 3D refinement _data.star)")
-        from cryopipe.core.geometry import euler_to_matrix
+        from cryopipe.core.geometry import recenter_origins
 
-        ang = torch.as_tensor(angles_deg, dtype=torch.float64, device=dev)
-        a = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]).to(torch.float64)  # [B, 3, 3]
-        centre = torch.tensor(rc, dtype=torch.float64, device=dev).expand(coords.shape[0], 3)
-        if ref_pixel_size is not None and ref_pixel_size > 0:
-            centre = centre * (float(ref_pixel_size) / p_apix)[:, None]
-        projected = torch.einsum("bij,bj->bi", a, centre)
-        off = off - projected[:, :2]
+        # origin - p_apix * A.(c * ref_apix / p_apix)  ==  origin - ref_apix * A.c
+        apix_c = float(ref_pixel_size) if ref_pixel_size is not None and ref_pixel_size > 0 else p_apix
+        origins = recenter_origins(torch.as_tensor(angles_deg, dtype=torch.float64, device=dev), origins, rc,
+                                   apix_c).to(torch.float64)
+    off = origins / p_apix[:, None]  # particle pixels
     off = off * ratio[:, None]  # micrograph pixels
     if recenter:
         whole = relion_round(off)
