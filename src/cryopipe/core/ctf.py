@@ -1,0 +1,335 @@
+"""Contrast transfer function exactly as RELION (``src/ctf.cpp`` ``CTF::initialise``, ``src/ctf.h`` ``getCTF``).
+
+Formula (units: Å, Å⁻¹, degrees at the API, kV, mm):
+
+* electron wavelength ``λ = 12.2643247 / sqrt(V·(1 + 0.978466e-6·V))`` Å with ``V`` in volts;
+* defocus along the direction ``θ = atan2(ky, kx)`` of the frequency (angle from +x, counter-clockwise towards +y):
+  ``Δf(θ) = ΔfU·cos²(θ−θa) + ΔfV·sin²(θ−θa)``, ``θa`` = rlnDefocusAngle; positive defocus = underfocus;
+* ``γ(k) = −π·λ·Δf(θ)·k² + (π/2)·Cs·λ³·k⁴ − φ − atan(Q0/sqrt(1−Q0²))`` with ``Cs`` in Å (mm × 1e7),
+  ``φ`` = rlnPhaseShift (degrees → radians), ``Q0`` = rlnAmplitudeContrast;
+* ``CTF(k) = −sin(γ)·exp(−B·k²/4)·scale`` (B = rlnCtfBfactor, scale = rlnCtfScalefactor), so ``CTF(0) = +Q0``
+  without phase shift.
+
+Grids: :func:`ctf_2d` is evaluated on the half-complex grid of :mod:`cryopipe.core.fourier` (``[n, n//2+1]``; a
+frequency of ``(kx, ky)`` Fourier pixels is ``(kx, ky) / (n · pixel_size)`` Å⁻¹), matching RELION's
+``CTF::getFftwImage`` for a square box. Internally computed in float64 (float32 on devices without float64);
+outputs are float32 on the parameters' device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cryopipe.core.device import resolve_device
+from cryopipe.core.fourier import freq_grid_2d
+from cryopipe.errors import CryopipeError
+
+__all__ = [
+    "wavelength_A",
+    "ctf_gamma",
+    "ctf_at",
+    "ctf_2d",
+    "ctf_1d",
+    "first_peak_mask",
+]
+
+_PARAM_NAMES = (
+    "defocus_u",
+    "defocus_v",
+    "defocus_angle",
+    "voltage",
+    "cs",
+    "amplitude_contrast",
+    "phase_shift",
+    "bfactor",
+    "scale",
+)
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _find_device(values, device) -> torch.device:
+    if device is not None:
+        return resolve_device(device)
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return resolve_device(None)
+
+
+def _as_compute(v, device, dtype) -> torch.Tensor:
+    t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype)
+    return t.to(device=device, dtype=dtype)
+
+
+def _params(values: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Convert parameters to tensors of ``dtype`` on ``device`` and check their physical ranges."""
+    out = {}
+    for name, v in values.items():
+        # numbers / NumPy arrays go straight to the compute dtype (no float32 rounding on the way)
+        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype)
+        out[name] = t.to(device=device, dtype=dtype)
+    if "voltage" in out and bool((out["voltage"] <= 0).any()):
+        raise CryopipeError(
+            f"CTF: voltage must be > 0 kV (got min {float(out['voltage'].min()):g}); check rlnVoltage"
+        )
+    if "amplitude_contrast" in out:
+        q = out["amplitude_contrast"]
+        if bool(((q < 0) | (q > 1)).any()):
+            raise CryopipeError(
+                "CTF: amplitude contrast Q0 must be in [0, 1] "
+                f"(got {float(q.min()):g}..{float(q.max()):g}); check rlnAmplitudeContrast"
+            )
+    return out
+
+
+def wavelength_A(voltage_kV):
+    """Relativistic electron wavelength in Å for an acceleration voltage in kV (RELION's constants).
+
+    Accepts a number (returns a float) or a tensor (returns a tensor of the same dtype/device).
+    """
+    if isinstance(voltage_kV, torch.Tensor):
+        v = voltage_kV * 1e3
+        return 12.2643247 / torch.sqrt(v * (1.0 + v * 0.978466e-6))
+    v = float(voltage_kV) * 1e3
+    if v <= 0:
+        raise CryopipeError(f"CTF: voltage must be > 0 kV (got {voltage_kV}); check rlnVoltage")
+    return 12.2643247 / math.sqrt(v * (1.0 + v * 0.978466e-6))
+
+
+def _gamma(kx, ky, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(γ, k²) for frequencies in Å⁻¹; all tensors broadcast together."""
+    lam = wavelength_A(p["voltage"])
+    k2 = kx * kx + ky * ky
+    a = torch.deg2rad(p["defocus_angle"])
+    avg = 0.5 * (p["defocus_u"] + p["defocus_v"])
+    dev = 0.5 * (p["defocus_u"] - p["defocus_v"])
+    # Δf(θ)·k² = avg·k² + dev·cos(2(θ−θa))·k², with cos(2θ)k² = kx²−ky², sin(2θ)k² = 2·kx·ky
+    dfk2 = avg * k2 + dev * ((kx * kx - ky * ky) * torch.cos(2 * a) + 2.0 * kx * ky * torch.sin(2 * a))
+    q0 = p["amplitude_contrast"]
+    k3 = torch.atan2(q0, torch.sqrt(torch.clamp(1.0 - q0 * q0, min=0.0)))
+    gamma = (
+        -math.pi * lam * dfk2
+        + (math.pi / 2.0) * (p["cs"] * 1e7) * lam**3 * k2 * k2
+        - torch.deg2rad(p["phase_shift"])
+        - k3
+    )
+    return gamma, k2
+
+
+def ctf_gamma(
+    kx_per_A,
+    ky_per_A,
+    defocus_u,
+    defocus_v,
+    defocus_angle,
+    voltage=300.0,
+    cs=2.7,
+    amplitude_contrast=0.1,
+    phase_shift=0.0,
+) -> torch.Tensor:
+    """Phase ``γ`` (radians) of the CTF at frequencies ``(kx, ky)`` in Å⁻¹; every argument broadcasts.
+
+    Returned in the compute dtype (float64 on CPU/CUDA) on the inputs' device.
+    """
+    vals = dict(zip(_PARAM_NAMES[:7], (defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast,
+                                       phase_shift)))
+    device = _find_device([kx_per_A, ky_per_A, *vals.values()], None)
+    dtype = _compute_dtype(device)
+    p = _params(vals, device, dtype)
+    kx = _as_compute(kx_per_A, device, dtype)
+    ky = _as_compute(ky_per_A, device, dtype)
+    return _gamma(kx, ky, p)[0]
+
+
+def _ctf_from_gamma(gamma, k2, p, intact, abs_value, phase_flip):
+    ctf = -torch.sin(gamma)
+    if intact is not None:
+        ctf = torch.where(intact, torch.ones_like(ctf), ctf)
+    ctf = ctf * torch.exp(-0.25 * p["bfactor"] * k2)
+    if abs_value:
+        ctf = ctf.abs()
+    elif phase_flip:
+        ctf = torch.where(ctf < 0, -torch.ones_like(ctf), torch.ones_like(ctf))
+    return ctf * p["scale"]
+
+
+def ctf_at(
+    kx_per_A,
+    ky_per_A,
+    defocus_u,
+    defocus_v,
+    defocus_angle,
+    voltage=300.0,
+    cs=2.7,
+    amplitude_contrast=0.1,
+    phase_shift=0.0,
+    bfactor=0.0,
+    scale=1.0,
+) -> torch.Tensor:
+    """CTF value at arbitrary frequencies ``(kx, ky)`` (Å⁻¹); every argument broadcasts. Float32 output."""
+    vals = dict(zip(_PARAM_NAMES, (defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast,
+                                   phase_shift, bfactor, scale)))
+    device = _find_device([kx_per_A, ky_per_A, *vals.values()], None)
+    dtype = _compute_dtype(device)
+    p = _params(vals, device, dtype)
+    kx = _as_compute(kx_per_A, device, dtype)
+    ky = _as_compute(ky_per_A, device, dtype)
+    gamma, k2 = _gamma(kx, ky, p)
+    return _ctf_from_gamma(gamma, k2, p, None, False, False).to(torch.float32)
+
+
+def _batched_params(values: dict, device, dtype) -> tuple[dict[str, torch.Tensor], int]:
+    """Parameters as ``[B, 1, 1]`` tensors (scalars broadcast to the common batch size ``B``)."""
+    p = _params(values, device, dtype)
+    flat = {k: v.reshape(-1) for k, v in p.items()}
+    sizes = {v.numel() for v in flat.values()} - {1}
+    if len(sizes) > 1:
+        shapes = {k: tuple(v.shape) for k, v in p.items() if v.numel() != 1}
+        raise CryopipeError(f"CTF: parameter batch sizes differ {shapes}; give scalars or [B] tensors of one size")
+    b = sizes.pop() if sizes else 1
+    return {k: v.expand(b).reshape(b, 1, 1) for k, v in flat.items()}, b
+
+
+def _grid_per_A(n: int, pixel_size: torch.Tensor, device, dtype):
+    if n < 2:
+        raise CryopipeError(f"CTF: box size must be >= 2 pixels (got {n})")
+    if bool((pixel_size <= 0).any()):
+        raise CryopipeError(f"CTF: pixel size must be > 0 Å (got {pixel_size.min().item():g}); check the optics table")
+    kx, ky = freq_grid_2d(n, device=device, dtype=dtype)
+    scale = 1.0 / (n * pixel_size)
+    return kx * scale, ky * scale
+
+
+def ctf_2d(
+    n: int,
+    pixel_size,
+    defocus_u,
+    defocus_v,
+    defocus_angle,
+    voltage=300.0,
+    cs=2.7,
+    amplitude_contrast=0.1,
+    phase_shift=0.0,
+    bfactor=0.0,
+    scale=1.0,
+    *,
+    intact_until_first_peak: bool = False,
+    abs_value: bool = False,
+    phase_flip: bool = False,
+    device=None,
+) -> torch.Tensor:
+    """CTF on the half-complex grid ``[B, n, n//2+1]`` of an ``n × n`` image (float32).
+
+    ``pixel_size`` (Å) and every CTF parameter are numbers or ``[B]`` tensors (Å, degrees, kV, mm, Å²); scalars
+    broadcast to the batch. Output on the tensors' device (or ``device`` / the default device when all are numbers).
+
+    Options as RELION's ``getCTF``: ``intact_until_first_peak`` sets the CTF to 1 (before B-factor and scale)
+    below the first peak (see :func:`first_peak_mask`, radial rule); ``abs_value`` gives ``|CTF|``;
+    ``phase_flip`` gives ``sign(CTF)·scale`` (±1, no envelope).
+    """
+    vals = dict(zip(_PARAM_NAMES, (defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast,
+                                   phase_shift, bfactor, scale)))
+    vals["pixel_size"] = pixel_size
+    dev = _find_device(vals.values(), device)
+    dtype = _compute_dtype(dev)
+    p, _ = _batched_params(vals, dev, dtype)
+    kx, ky = _grid_per_A(n, p["pixel_size"], dev, dtype)
+    gamma, k2 = _gamma(kx, ky, p)
+    intact = _first_peak_from_gamma_params(kx, ky, p) if intact_until_first_peak else None
+    return _ctf_from_gamma(gamma, k2, p, intact, abs_value, phase_flip).to(torch.float32)
+
+
+def ctf_1d(
+    k_per_A,
+    defocus,
+    voltage=300.0,
+    cs=2.7,
+    amplitude_contrast=0.1,
+    phase_shift=0.0,
+    bfactor=0.0,
+    scale=1.0,
+) -> torch.Tensor:
+    """Radial (non-astigmatic) CTF at spatial frequencies ``k_per_A`` (Å⁻¹) for a defocus in Å (float32).
+
+    All arguments broadcast, e.g. ``k[None, :]`` with ``defocus[:, None]`` gives ``[B, K]`` curves.
+    """
+    return ctf_at(k_per_A, 0.0, defocus, defocus, 0.0, voltage, cs, amplitude_contrast, phase_shift, bfactor, scale)
+
+
+def _smallest_positive_root(bq: torch.Tensor, a: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """Smallest u > 0 with ``bq·u² − a·u + c0 = 0`` (``bq ≥ 0``); +inf when there is none. Numerically stable."""
+    inf = torch.full_like(a, math.inf)
+    disc = a * a - 4.0 * bq * c0
+    ok = disc >= 0
+    sq = torch.sqrt(torch.clamp(disc, min=0.0))
+    sgn = torch.where(a >= 0, torch.ones_like(a), -torch.ones_like(a))
+    q = 0.5 * (a + sgn * sq)  # |q| is the larger magnitude of (a ± sq)/2
+    r1 = torch.where(bq > 0, q / torch.where(bq > 0, bq, torch.ones_like(bq)), inf)
+    r2 = torch.where(q != 0, c0 / torch.where(q != 0, q, torch.ones_like(q)), inf)
+    r1 = torch.where(ok & (r1 > 0), r1, inf)
+    r2 = torch.where(ok & (r2 > 0), r2, inf)
+    return torch.minimum(r1, r2)
+
+
+def _first_peak_from_gamma_params(kx, ky, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Boolean mask of frequencies strictly inside the first CTF peak along their own radial direction."""
+    lam = wavelength_A(p["voltage"])
+    k2 = kx * kx + ky * ky
+    a_ang = torch.deg2rad(p["defocus_angle"])
+    avg = 0.5 * (p["defocus_u"] + p["defocus_v"])
+    dev = 0.5 * (p["defocus_u"] - p["defocus_v"])
+    safe_k2 = torch.where(k2 > 0, k2, torch.ones_like(k2))
+    cos2 = torch.where(k2 > 0, (kx * kx - ky * ky) / safe_k2, torch.ones_like(k2))
+    sin2 = torch.where(k2 > 0, 2.0 * kx * ky / safe_k2, torch.zeros_like(k2))
+    defocus = avg + dev * (cos2 * torch.cos(2 * a_ang) + sin2 * torch.sin(2 * a_ang))
+    # γ(u) = −A·u + Bq·u² − C with u = k²
+    A = math.pi * lam * defocus
+    Bq = (math.pi / 2.0) * (p["cs"] * 1e7) * lam**3 * torch.ones_like(A)
+    q0 = p["amplitude_contrast"]
+    C = torch.deg2rad(p["phase_shift"]) + torch.atan2(q0, torch.sqrt(torch.clamp(1.0 - q0 * q0, min=0.0)))
+    C = C * torch.ones_like(A)
+    half_pi = math.pi / 2.0
+    u_minus = _smallest_positive_root(Bq, A, half_pi - C)  # γ = −π/2
+    u_plus = _smallest_positive_root(Bq, A, -(half_pi + C))  # γ = +π/2
+    u_first = torch.minimum(u_minus, u_plus)
+    return (k2 < u_first) & (C.abs() < half_pi)
+
+
+def first_peak_mask(
+    n: int,
+    pixel_size,
+    defocus_u,
+    defocus_v,
+    defocus_angle,
+    voltage=300.0,
+    cs=2.7,
+    amplitude_contrast=0.1,
+    phase_shift=0.0,
+    *,
+    pointwise: bool = False,
+    device=None,
+) -> torch.Tensor:
+    """``[B, n, n//2+1]`` bool: True for frequencies below the first CTF peak ("ignore CTFs until first peak").
+
+    Default (radial): a frequency ``k`` in direction ``θ`` is inside when ``|γ(s·θ̂)| < π/2`` for every
+    ``0 ≤ s ≤ |k|``, i.e. before the first ``|CTF| = 1`` maximum along that direction (solved analytically from
+    the quadratic ``γ(k²)``). ``pointwise=True`` reproduces RELION's ``getCTF`` test ``|γ(k)| < π/2`` literally;
+    the two differ only where ``γ`` comes back within ±π/2 at high frequency (tiny pixels or Cs ≈ 0), where
+    RELION's rule would wrongly leave high frequencies intact.
+    """
+    vals = dict(zip(_PARAM_NAMES[:7], (defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast,
+                                       phase_shift)))
+    vals["pixel_size"] = pixel_size
+    dev = _find_device(vals.values(), device)
+    dtype = _compute_dtype(dev)
+    p, _ = _batched_params(vals, dev, dtype)
+    kx, ky = _grid_per_A(n, p["pixel_size"], dev, dtype)
+    if pointwise:
+        gamma, _ = _gamma(kx, ky, p)
+        return gamma.abs() < math.pi / 2.0
+    return _first_peak_from_gamma_params(kx, ky, p)
