@@ -24,6 +24,7 @@ from cryopipe.errors import CryopipeError
 JOBS: dict[str, str] = {
     "simulate": "cryopipe.jobs.simulate",
     "reconstruct": "cryopipe.jobs.reconstruct",
+    "extract": "cryopipe.jobs.extract",
     "demo": "cryopipe.jobs.demo",
 }
 
