@@ -15,7 +15,7 @@ from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.star import read_star
 from cryopipe.pipeline.log import ABORT_REQUEST_FILE, JobAborted, log, progress
 from cryopipe.pipeline.project import (
-    EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, NodeType, ProcessLabel, Project, Status, open_job_dir,
+    EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, NodeType, ProcessLabel, Project, Status, open_job_dir, output_root,
 )
 
 # Table and column names written by RELION 5.0's PipeLine::write (src/pipeliner.cpp) and RelionJob::write.
@@ -265,6 +265,12 @@ def test_open_job_dir_rules(tmp_path, monkeypatch):
         assert job.project is None
     assert not (tmp_path / "elsewhere/default_pipeline.star").exists()
     assert len(Project(tmp_path).read().processes) == 2
+    # the directory STAR-file names are relative to, by the same rule
+    assert output_root(None) == tmp_path
+    assert output_root("other/Refine3D/job005/") == other
+    assert output_root("Class2D/job003") == tmp_path
+    assert output_root("results/run2/") == tmp_path
+    assert output_root("elsewhere/Class2D/job001/") == tmp_path
 
 
 def test_log_tee_and_progress_lines(proj, capsys):
@@ -390,3 +396,17 @@ def test_relion4_project_is_extended(tmp_path):
                                                         "CtfFind/job003/")]
     assert after.output_edges == before.output_edges
     assert after.job_counter == 4
+
+
+def test_failure_while_setting_up_is_not_left_running(proj, monkeypatch):
+    import cryopipe.pipeline.project as project_mod
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(project_mod, "write_job_star", broken)
+    with pytest.raises(OSError, match="disk full"):
+        with proj.new_job("Select", ProcessLabel.SELECT_CLASS2D_AUTO):
+            pass
+    assert proj.status("Select/job001/") == Status.FAILED
+    assert (proj.root / "Select/job001" / EXIT_FAILURE).is_file()

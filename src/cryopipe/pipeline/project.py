@@ -47,8 +47,12 @@ Where a job writes (:func:`open_job_dir`, called by every job's ``main``) — th
    writes ``job.star``, ``note.txt``, ``run.out``/``run.err`` and the exit marker there, but no pipeline file is
    read or written.
 
+:func:`output_root` gives, by the same rule, the directory that relative file names in the job's STAR files
+refer to (so that a job can check its inputs before any folder is made).
+
 Typical use in a job's ``main``::
 
+    root = output_root(args.o)                                 # check inputs relative to this first
     with open_job_dir(args.o, "Class2D", ProcessLabel.CLASS2D, inputs=[(args.i, NodeType.PARTICLES)],
                       params=vars(args), continue_job=args.continue_) as job:
         log("starting")                                        # terminal + run.out
@@ -80,7 +84,7 @@ from cryopipe.pipeline.log import ABORT_REQUEST_FILE, log, log_file_only, tee_ou
 
 __all__ = [
     "PIPELINE_FILE", "STAR_VERSION", "Status", "NodeType", "ProcessLabel", "Process", "Pipeline", "Project",
-    "Job", "open_job_dir", "find_project_root", "read_pipeline", "write_pipeline", "write_job_star",
+    "Job", "open_job_dir", "output_root", "find_project_root", "read_pipeline", "write_pipeline", "write_job_star",
     "EXIT_SUCCESS", "EXIT_FAILURE", "EXIT_ABORTED",
 ]
 
@@ -759,6 +763,14 @@ class Job:
             out.mkdir(parents=True, exist_ok=True)
             self._dir = out
             self.name = _dir_name(_relative_to_root(out, self.root))
+        try:
+            self._prepare_folder()
+        except BaseException as exc:  # the process is registered: do not leave it "Running"
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def _prepare_folder(self) -> None:
         d = self.dir
         for marker in (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED, ABORT_REQUEST_FILE):
             with contextlib.suppress(FileNotFoundError):
@@ -776,7 +788,6 @@ class Job:
         what = "continuing" if self.is_continue else "started"
         where = f" (alias {self.alias.rstrip('/')})" if self.alias else ""
         log(f"{self.name}{where} {what}: {self.command}")
-        return self
 
     def _rewrite_continue_flag(self, path: Path) -> None:
         try:
@@ -866,6 +877,31 @@ class Job:
 # the --o rule
 # ----------------------------------------------------------------------------------------------------------
 
+def _project_job_target(output_arg: str | os.PathLike, here: Path) -> tuple[Path, str] | None:
+    """(project root, process name) when ``output_arg`` is a ``Type/jobNNN/`` of a project (rule 2)."""
+    o = Path(output_arg)
+    full = Path(os.path.abspath(o if o.is_absolute() else here / o))
+    if _JOB_RE.fullmatch(full.name) and full.parent != full.parent.parent:
+        root = full.parent.parent
+        if (root / PIPELINE_FILE).is_file() or root == here:
+            return root, _dir_name(full.relative_to(root).as_posix())
+    return None
+
+
+def output_root(output_arg: str | os.PathLike | None, cwd: str | os.PathLike | None = None) -> Path:
+    """The directory that relative file names in a job's STAR files refer to, by the ``--o`` rule.
+
+    The project root for rules 1 and 2 (no ``--o``, or ``--o <root>/<Type>/jobNNN/``), the current directory
+    for a plain output directory (rule 3). Jobs call it before :func:`open_job_dir` to check their inputs
+    before any folder is made.
+    """
+    here = Path(os.path.abspath(cwd if cwd is not None else "."))
+    if output_arg is None or str(output_arg).strip() == "":
+        return here
+    target = _project_job_target(output_arg, here)
+    return target[0] if target is not None else here
+
+
 def open_job_dir(output_arg: str | os.PathLike | None, type_dir: str, process_label: str, *,
                  alias: str | None = None, inputs: Iterable[tuple[str | os.PathLike | None, str]] = (),
                  params: Mapping[str, object] | None = None, command: str | None = None,
@@ -888,26 +924,25 @@ def open_job_dir(output_arg: str | os.PathLike | None, type_dir: str, process_la
             raise CryopipeError("--continue needs --o Type/jobNNN/ (the job to continue)")
         return Project(here).new_job(type_dir, process_label, alias=alias, inputs=inputs, params=params,
                                      command=command, is_tomo=is_tomo)
-    o = Path(output_arg)
-    full = Path(os.path.abspath(o if o.is_absolute() else here / o))
-    if _JOB_RE.fullmatch(full.name) and full.parent != full.parent.parent:
-        root = full.parent.parent
-        if (root / PIPELINE_FILE).is_file() or root == here:
-            proj = Project(root)
-            name = _dir_name(full.relative_to(root).as_posix())
-            exists = proj.read().process(name) is not None
-            if continue_job:
-                if not exists:
-                    raise CryopipeError(f"{name}: cannot continue, it is not in {proj.pipeline_path} "
-                                        "(leave out --continue to start it)")
-                return Job(project=proj, type_dir=full.parent.name, process_label=process_label, params=params,
-                           command=command, is_tomo=is_tomo, name=name, continuing=True)
-            if exists:
-                raise CryopipeError(f"{name}: this job already exists in {proj.pipeline_path} (add --continue "
-                                    "to continue it, or leave out --o to start a new job)")
-            _check_type_dir(full.parent.name)
-            return Job(project=proj, type_dir=full.parent.name, process_label=process_label, alias=alias,
-                       inputs=inputs, params=params, command=command, is_tomo=is_tomo, name=name)
+    target = _project_job_target(output_arg, here)
+    if target is not None:
+        root, name = target
+        proj = Project(root)
+        job_type_dir = name.rstrip("/").split("/")[-2]
+        exists = proj.read().process(name) is not None
+        if continue_job:
+            if not exists:
+                raise CryopipeError(f"{name}: cannot continue, it is not in {proj.pipeline_path} "
+                                    "(leave out --continue to start it)")
+            return Job(project=proj, type_dir=job_type_dir, process_label=process_label, params=params,
+                       command=command, is_tomo=is_tomo, name=name, continuing=True)
+        if exists:
+            raise CryopipeError(f"{name}: this job already exists in {proj.pipeline_path} (add --continue "
+                                "to continue it, or leave out --o to start a new job)")
+        _check_type_dir(job_type_dir)
+        return Job(project=proj, type_dir=job_type_dir, process_label=process_label, alias=alias,
+                   inputs=inputs, params=params, command=command, is_tomo=is_tomo, name=name)
+    full = Path(os.path.abspath(Path(output_arg) if Path(output_arg).is_absolute() else here / output_arg))
     if alias:
         raise CryopipeError(f"--alias needs a project job (--o Type/jobNNN/ or no --o); {output_arg} is a plain "
                             "output directory")
