@@ -1,0 +1,241 @@
+"""Fourier-slice projector (RELION ``Projector`` semantics), batched over orientations in torch.
+
+Geometry (docs/design.md): for the RELION matrix ``A = euler_to_matrix(rot, tilt, psi)`` the 2D FT of the
+projection is ``P(k) = V̂(Aᵀ·(kx, ky, 0))``; a particle with origin ``o`` (pixels) is predicted as
+``shift(P, −o)``.
+
+How the slice is computed (re-derived from RELION's ``Projector::computeFourierTransformMap`` / ``project``):
+
+1. *Gridding pre-correction*: the real-space map is divided by the Fourier transform of the interpolation
+   kernel, ``sinc²(r / (pad·N))`` for trilinear and ``sinc(r / (pad·N))`` for nearest-neighbour interpolation
+   (``r`` = distance in voxels from the centre voxel ``N//2``; ``sinc(t) = sin(πt)/(πt)``). Linear interpolation
+   between Fourier samples spaced ``1/(pad·N)`` is a convolution with a triangle of that width, whose inverse
+   FT multiplies the real-space map by ``sinc²``; dividing beforehand cancels the attenuation.
+2. The corrected map is zero-padded (centred) to ``pad·N`` (made even) and transformed with
+   :func:`rfft3_centered`. The coefficients with ``|j| <= R = round(pad·r_max)`` are kept in a half grid
+   ``[2R+3, 2R+3, R+2]`` (``z, y`` centred at index ``R+1``, ``x = 0 … R+1``), zero elsewhere; on the padded
+   Nyquist plane only the ``+pad·N/2`` side is filled, as RELION does.
+3. Output pixel ``(kx, ky)`` (``|k| <= r_max``, rows ``0 … N//2`` are ``ky >= 0``) samples the half grid at
+   ``p = pad·Aᵀ·(kx, ky, 0)``; points with ``p_x < 0`` use the Hermitian mate ``conj(V̂(−p))``.
+
+Scale: with torch's unnormalised forward FFT the padded 3D transform sampled at ``pad·k`` equals the 2D
+transform of the projection (line integral along z), so :func:`irfft2_centered` of the result is the real-space
+projection with RELION's scale (``relion_project``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cryopipe.core.fourier import irfft2_centered, rfft3_centered
+
+__all__ = ["Projector", "padded_size", "gridding_correction", "interpolate_half_grid", "slice_coordinates"]
+
+_INTERPOLATIONS = ("trilinear", "nearest")
+
+
+def padded_size(n: int, pad: float) -> int:
+    """RELION's padded box: ``round(pad·n)`` made even."""
+    p = int(round(pad * n))
+    return p + (p % 2)
+
+
+def gridding_correction(n: int, padn: int, interpolation: str = "trilinear", ndim: int = 3,
+                        device=None, dtype=torch.float64) -> torch.Tensor:
+    """Real-space gridding factor ``sinc²(r/padn)`` (trilinear) or ``sinc(r/padn)`` (nearest) on an ``n``-box
+    centred at ``n//2`` (``r`` in voxels). Divide a map by it before padding/FFT (projector) or after the
+    inverse FFT (back-projector)."""
+    c = torch.arange(n, device=device, dtype=torch.float64) - n // 2
+    if ndim == 3:
+        r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    else:
+        r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    s = torch.sinc(r / padn)  # torch.sinc is the normalised sinc sin(pi x)/(pi x)
+    if interpolation == "trilinear":
+        s = s * s
+    elif interpolation != "nearest":
+        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+    return s.to(dtype)
+
+
+def slice_coordinates(n: int, r_max: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels of an ``n × n`` half-complex image that a projection fills: ``|k| <= r_max`` (Fourier pixels).
+
+    Returns ``(flat_index [M] into the flattened [n, n//2+1] grid, k [M, 2] = (kx, ky) float64)``. Row ``i``
+    has ``ky = i`` for ``i <= n//2`` and ``i − n`` otherwise (RELION's convention: the Nyquist row is
+    ``+n/2``).
+    """
+    half = n // 2 + 1
+    rows = torch.arange(n, device=device)
+    ky = torch.where(rows <= n // 2, rows, rows - n).to(torch.float64)
+    kx = torch.arange(half, device=device, dtype=torch.float64)
+    kyy, kxx = torch.meshgrid(ky, kx, indexing="ij")
+    inside = (kxx * kxx + kyy * kyy) <= r_max * r_max + 1e-9
+    flat = torch.nonzero(inside.reshape(-1), as_tuple=False).reshape(-1)
+    k = torch.stack([kxx.reshape(-1)[flat], kyy.reshape(-1)[flat]], dim=-1)
+    return flat, k
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def interpolate_half_grid(grid: torch.Tensor, centre: int, points: torch.Tensor,
+                          interpolation: str = "trilinear") -> torch.Tensor:
+    """Sample a centred half grid ``[Z, Y, X]`` (``z, y`` index = coordinate + ``centre``, ``x`` = coordinate
+    ``>= 0``) at points ``[..., 3]`` = ``(x, y, z)`` (grid units). Points with ``x < 0`` are read from their
+    Hermitian mate ``−p`` and conjugated (complex grids). Trilinear or nearest-neighbour (rounding half away
+    from zero, mate chosen after rounding, as RELION). Indices are clamped to the grid: callers keep
+    ``|p| <= centre − 1`` so that all 8 neighbours exist.
+    """
+    Z, Y, X = grid.shape
+    flat = grid.reshape(-1)
+    x, y, z = points.unbind(-1)
+    if interpolation == "nearest":
+        xr, yr, zr = _round_half_away(x), _round_half_away(y), _round_half_away(z)
+        neg = xr < 0
+        s = torch.where(neg, -1.0, 1.0).to(xr.dtype)
+        ix = (xr * s).long().clamp(0, X - 1)
+        iy = (yr * s).long().add(centre).clamp(0, Y - 1)
+        iz = (zr * s).long().add(centre).clamp(0, Z - 1)
+        val = flat[(iz * Y + iy) * X + ix]
+    elif interpolation == "trilinear":
+        neg = x < 0
+        s = torch.where(neg, -1.0, 1.0).to(x.dtype)
+        x, y, z = x * s, y * s, z * s
+        x0, y0, z0 = torch.floor(x), torch.floor(y), torch.floor(z)
+        fx, fy, fz = x - x0, y - y0, z - z0
+        ix = x0.long().clamp(0, X - 2)
+        iy = y0.long().add(centre).clamp(0, Y - 2)
+        iz = z0.long().add(centre).clamp(0, Z - 2)
+        base = (iz * Y + iy) * X + ix
+        sy, sz = X, X * Y
+        rdt = grid.real.dtype if grid.is_complex() else grid.dtype
+        fx, fy, fz = fx.to(rdt), fy.to(rdt), fz.to(rdt)
+
+        def lerp(a, b, t):
+            return a + (b - a) * t
+
+        c00 = lerp(flat[base], flat[base + 1], fx)
+        c01 = lerp(flat[base + sy], flat[base + sy + 1], fx)
+        c10 = lerp(flat[base + sz], flat[base + sz + 1], fx)
+        c11 = lerp(flat[base + sz + sy], flat[base + sz + sy + 1], fx)
+        val = lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz)
+    else:
+        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+    if grid.is_complex():
+        val = torch.where(neg, val.conj(), val)
+    return val
+
+
+class Projector:
+    """Padded Fourier-space projector of a 3D map (RELION ``relion_project`` equivalent).
+
+    ``volume``: real-space map ``[N, N, N]`` (``[z, y, x]``, centre voxel ``N//2``). ``pad``: padding factor
+    (RELION default 2). ``interpolation``: ``"trilinear"`` (default, RELION) or ``"nearest"``. ``device``:
+    where the Fourier grid lives (default: the volume's device). ``dtype``: real precision of the grid
+    (float32 default; complex grid of the matching complex type).
+
+    Attributes: ``n``, ``pad`` (effective, ``padn / n``), ``padn``, ``r_max`` (``N//2``), ``R`` (grid radius
+    in padded Fourier pixels), ``data`` (centred half grid ``[2R+3, 2R+3, R+2]``), ``centre`` (= ``R+1``).
+    """
+
+    def __init__(self, volume: torch.Tensor, pad: float = 2.0, interpolation: str = "trilinear",
+                 device=None, dtype: torch.dtype = torch.float32):
+        if volume.dim() != 3 or not (volume.shape[0] == volume.shape[1] == volume.shape[2]):
+            raise ValueError(f"Projector needs a cubic volume [N, N, N], got shape {tuple(volume.shape)}")
+        if interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+        if pad < 1:
+            raise ValueError(f"pad must be >= 1, got {pad}")
+        dev = torch.device(device) if device is not None else volume.device
+        n = volume.shape[-1]
+        self.n = n
+        self.interpolation = interpolation
+        self.padn = padded_size(n, pad)
+        self.pad = self.padn / n
+        self.r_max = n // 2
+        self.R = int(round(self.pad * self.r_max))
+        self.centre = self.R + 1
+        self.dtype = dtype
+        cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+
+        vol = volume.to(device=dev, dtype=torch.float64)
+        vol = vol / gridding_correction(n, self.padn, interpolation, 3, device=dev)
+        padn = self.padn
+        vpad = torch.zeros((padn,) * 3, device=dev, dtype=torch.float64)
+        s = padn // 2 - n // 2
+        vpad[s:s + n, s:s + n, s:s + n] = vol
+        ft = rfft3_centered(vpad)
+        del vpad, vol
+
+        R = self.R
+        coords = torch.arange(-R - 1, R + 2, device=dev)
+        # FFT index of each centred coordinate; the padded Nyquist plane only on the + side (RELION)
+        valid_yz = (coords >= -(padn // 2) + 1) & (coords <= padn // 2)
+        src_yz = torch.remainder(coords, padn)
+        xs = torch.arange(R + 2, device=dev)
+        valid_x = xs <= padn // 2
+        src_x = xs.clamp(max=padn // 2)
+        g = ft.index_select(0, src_yz).index_select(1, src_yz).index_select(2, src_x)
+        zz, yy, xx = torch.meshgrid(coords, coords, xs, indexing="ij")
+        keep = (zz * zz + yy * yy + xx * xx <= R * R)
+        keep &= valid_yz[:, None, None] & valid_yz[None, :, None] & valid_x[None, None, :]
+        self.data = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=dev)).to(cdtype).contiguous()
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def project(self, rotations: torch.Tensor, shifts_px: torch.Tensor | None = None, r_max: float | None = None,
+                chunk_pixels: int = 1 << 21) -> torch.Tensor:
+        """Centred half-complex FTs ``[B, N, N//2+1]`` of the projections for ``rotations`` ``[B, 3, 3]``
+        (RELION matrices ``A``; a single ``[3, 3]`` is accepted and gives ``B = 1``).
+
+        ``shifts_px`` ``[B, 2]`` = ``(dx, dy)`` pixels moves the projected content by ``+shift`` (as
+        :func:`cryopipe.core.fourier.phase_shift_2d`, except that the Nyquist row counts as ``ky = +N/2``, as
+        in RELION); **to predict a particle with origin ``o`` (pixels) pass ``-o``**. ``r_max`` (Fourier pixels, default ``N//2``): coefficients with ``|k| > r_max`` are zero.
+        Orientations are processed in chunks of about ``chunk_pixels`` sampled coefficients (memory bound).
+        """
+        n = self.n
+        dev = self.device
+        rot = rotations.to(device=dev, dtype=torch.float64)
+        if rot.dim() == 2:
+            rot = rot[None]
+        if rot.dim() != 3 or rot.shape[-2:] != (3, 3):
+            raise ValueError(f"rotations must be [B, 3, 3], got {tuple(rotations.shape)}")
+        B = rot.shape[0]
+        sh = None
+        if shifts_px is not None:
+            sh = shifts_px.to(device=dev, dtype=torch.float64)
+            if sh.dim() == 1:
+                sh = sh[None].expand(B, 2)
+            if sh.shape != (B, 2):
+                raise ValueError(f"shifts_px must be [B, 2] with B = {B}, got {tuple(shifts_px.shape)}")
+        rm = float(self.r_max) if r_max is None else min(float(r_max), float(self.r_max))
+        flat, k = slice_coordinates(n, rm, device=dev)
+        M = flat.numel()
+        half = n // 2 + 1
+        out = torch.zeros((B, n * half), dtype=self.data.dtype, device=dev)
+        if M > 0 and B > 0:
+            step = max(1, chunk_pixels // M)
+            kr = k.to(self.dtype)
+            for b0 in range(0, B, step):
+                # p = pad * (kx * A[0, :] + ky * A[1, :])  ==  pad * A^T (kx, ky, 0)
+                a = rot[b0:b0 + step, :2, :] * self.pad  # [b, 2, 3]
+                pts = torch.einsum("mi,bij->bmj", k, a).to(self.dtype)
+                vals = interpolate_half_grid(self.data, self.centre, pts, self.interpolation)
+                if sh is not None:
+                    # content moves by +shift: multiply by exp(-2 pi i k.s / N); the Nyquist row is +N/2 as in
+                    # RELION's shiftImageInFourierTransform (matters for the (0, N/2) coefficient only)
+                    phase = (-2.0 * math.pi / n) * (kr @ sh[b0:b0 + step].T.to(self.dtype)).T
+                    vals = vals * torch.polar(torch.ones_like(phase), phase)
+                out[b0:b0 + step, flat] = vals
+        return out.reshape(B, n, half)
+
+    def project_images(self, rotations: torch.Tensor, shifts_px: torch.Tensor | None = None,
+                       r_max: float | None = None) -> torch.Tensor:
+        """Real-space projections ``[B, N, N]`` (line integrals along z of the rotated map; see :meth:`project`)."""
+        return irfft2_centered(self.project(rotations, shifts_px, r_max), self.n)
