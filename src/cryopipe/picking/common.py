@@ -34,6 +34,9 @@ __all__ = [
     "read_coordinate_file",
     "write_coordinate_list",
     "write_summary",
+    "thumbnail",
+    "draw_picks",
+    "save_picks_png",
 ]
 
 #: Column order of RELION's ``*_autopick.star`` files.
@@ -174,3 +177,87 @@ def write_summary(path: str | Path, micrograph_names: list[str], mean_fom: list[
                           "rlnGroupNrParticles": np.asarray(n_picks, dtype=np.int64)},
                          columns=["rlnMicrographName", "rlnAutopickFigureOfMerit", "rlnGroupNrParticles"])
     write_star(Path(path), {"": frame})
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+
+def thumbnail(micrograph: torch.Tensor, max_side: int = 768) -> tuple[np.ndarray, int]:
+    """Block-averaged copy of a ``[H, W]`` micrograph with its larger side ``<= max_side``: ``(image, bin)``.
+
+    ``bin`` is the integer binning factor (thumbnail pixel ``(i, j)`` covers micrograph pixels
+    ``[i·bin, (i+1)·bin)``), so a micrograph coordinate ``x`` is at ``x / bin − 0.5 + 0.5/bin`` ≈ ``x / bin``.
+    """
+    h, w = micrograph.shape
+    b = max(1, int(np.ceil(max(h, w) / max_side)))
+    img = micrograph.detach().to(torch.float32)
+    if b > 1:
+        img = torch.nn.functional.avg_pool2d(img[None, None], kernel_size=b, stride=b, ceil_mode=True)[0, 0]
+    return img.cpu().numpy(), b
+
+
+def draw_picks(ax, image: np.ndarray, bin_factor: int, picks: pd.DataFrame, radius_px: float | np.ndarray,
+               title: str = "", vmin_fom: float | None = None, vmax_fom: float | None = None):
+    """Draw a thumbnail with circles at the picks, coloured by ``rlnAutopickFigureOfMerit`` (matplotlib axes).
+
+    Args:
+        ax: matplotlib axes.
+        image: thumbnail from :func:`thumbnail`.
+        bin_factor: its binning factor.
+        picks: coordinate table (:data:`COORDINATE_COLUMNS`; micrograph pixels).
+        radius_px: circle radius in micrograph pixels (scalar or one per pick).
+    Returns:
+        the collection of circles (for a colour bar), or None when there are no picks.
+    """
+    from matplotlib.collections import EllipseCollection
+
+    lo, hi = np.percentile(image, [1.0, 99.0])
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(picks) == 0:
+        return None
+    x = picks["rlnCoordinateX"].to_numpy(dtype=float) / bin_factor - 0.5 + 0.5 / bin_factor
+    y = picks["rlnCoordinateY"].to_numpy(dtype=float) / bin_factor - 0.5 + 0.5 / bin_factor
+    r = np.broadcast_to(np.asarray(radius_px, dtype=float), x.shape) / bin_factor
+    fom = picks["rlnAutopickFigureOfMerit"].to_numpy(dtype=float) if "rlnAutopickFigureOfMerit" in picks else np.zeros_like(x)
+    coll = EllipseCollection(2 * r, 2 * r, np.zeros_like(r), units="xy", offsets=np.stack([x, y], 1),
+                             transOffset=ax.transData, facecolors="none", cmap="viridis", linewidths=0.8)
+    coll.set_array(fom)
+    coll.set_edgecolor(None)
+    coll.set_clim(vmin_fom if vmin_fom is not None else float(fom.min()),
+                  vmax_fom if vmax_fom is not None else float(fom.max()) + 1e-12)
+    ax.add_collection(coll)
+    coll.set_facecolor("none")
+    return coll
+
+
+def save_picks_png(path: str | Path, panels: list[tuple[np.ndarray, int, pd.DataFrame, float | np.ndarray, str]],
+                   suptitle: str = "") -> None:
+    """Write a PNG (atomic) with one panel per ``(thumbnail, bin, picks, radius_px, title)``, circles coloured
+    by FOM on a common scale with one colour bar."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
+
+    from cryopipe.io.atomic import atomic_path
+
+    n = max(1, len(panels))
+    ncol = min(n, 2)
+    nrow = int(np.ceil(n / ncol))
+    foms = [p[2]["rlnAutopickFigureOfMerit"].to_numpy(dtype=float) for p in panels
+            if len(p[2]) and "rlnAutopickFigureOfMerit" in p[2]]
+    allf = np.concatenate(foms) if foms else np.zeros(1)
+    vmin, vmax = float(allf.min()), float(allf.max())
+    fig = Figure(figsize=(5.0 * ncol, 5.0 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    coll = None
+    for ax, (img, b, picks, rad, title) in zip(axes.ravel(), panels):
+        c = draw_picks(ax, img, b, picks, rad, title, vmin, vmax)
+        coll = c if c is not None else coll
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    if coll is not None:
+        fig.colorbar(coll, ax=axes.ravel().tolist(), shrink=0.8, label="rlnAutopickFigureOfMerit")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")

@@ -218,20 +218,17 @@ def _ctf_first_peak(work: int, size: int, pixel_size: float, ctf: Mapping[str, f
     """CTF ``−sin γ`` on the cropped half grid (frequencies of the ``size``-pixel micrograph), set to 1 where
     ``|γ| > π/2`` (after the first peak), no envelope — RELION's ``getFftwImage(..., intact_after_first_peak)``.
     """
-    try:
-        from cryopipe.core import ctf as ctfmod
-    except ImportError as exc:  # pragma: no cover - depends on the concurrent core.ctf module
-        raise CryopipeError("--LoG_use_ctf needs cryopipe.core.ctf, which is not available in this installation") from exc
-    gamma_fn = getattr(ctfmod, "ctf_gamma_2d", None) or getattr(ctfmod, "gamma_2d", None)
-    if gamma_fn is None:  # pragma: no cover
-        raise CryopipeError("--LoG_use_ctf needs the CTF phase (gamma) from cryopipe.core.ctf, which this version does not provide")
-    # Evaluate on a work-size grid whose pixel size makes its frequencies those of the full micrograph.
-    grid_apix = pixel_size * size / work
-    gamma = gamma_fn(work, grid_apix, ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle"],
-                     voltage=ctf.get("voltage", 300.0), cs=ctf.get("cs", 2.7),
-                     amplitude_contrast=ctf.get("amplitude_contrast", 0.1), phase_shift=ctf.get("phase_shift", 0.0))
-    gamma = torch.as_tensor(gamma, device=device).to(dtype).reshape(work, work // 2 + 1)
-    return torch.where(gamma.abs() > math.pi / 2, torch.ones_like(gamma), -torch.sin(gamma))
+    from cryopipe.core.ctf import ctf_gamma
+    from cryopipe.core.fourier import freq_grid_2d
+
+    kx, ky = freq_grid_2d(work, device=device, dtype=torch.float64)
+    per_A = 1.0 / (size * pixel_size)  # frequencies of the full micrograph
+    gamma = ctf_gamma(kx * per_A, ky * per_A, float(ctf["defocus_u"]), float(ctf["defocus_v"]),
+                      float(ctf["defocus_angle"]), voltage=float(ctf.get("voltage", 300.0)),
+                      cs=float(ctf.get("cs", 2.7)), amplitude_contrast=float(ctf.get("amplitude_contrast", 0.1)),
+                      phase_shift=float(ctf.get("phase_shift", 0.0)))
+    value = torch.where(gamma.abs() > math.pi / 2, torch.ones_like(gamma), -torch.sin(gamma))
+    return value.to(device=device, dtype=dtype)
 
 
 @dataclass

@@ -1,0 +1,412 @@
+"""``cryopipe autopick``: automated particle picking on micrographs, as RELION's ``relion_autopick``.
+
+Pickers: Laplacian-of-Gaussian (``--LoG``, :func:`cryopipe.picking.log.log_pick`). Template picking (``--ref``)
+will plug into the same driver: a picker is any :data:`PickFunction`, and :func:`run_autopick` does the rest
+(micrograph loop, "continue", coordinate files, list file, summary, pictures).
+
+Outputs (RELION's layout, ``--odir`` = the job folder):
+
+* ``<odir>/<micrograph path without Type/jobNNN/ and extension>_<pickname>.star`` per micrograph
+  (``rlnCoordinateX/Y`` in micrograph pixels, ``rlnAutopickFigureOfMerit``, ``rlnClassNumber``, ``rlnAnglePsi``);
+* ``<odir>/<pickname>.star``: table ``coordinate_files`` (``rlnMicrographName``, ``rlnMicrographCoordinates``)
+  listing every micrograph of the input that has a coordinate file; registered as the job's output node
+  (``MicrographCoordsGroup.star.relion.autopick``, RELION 5's label; RELION 4 called it
+  ``MicrographsCoords.star.relion.autopick``);
+* ``<odir>/summary.star``: mean FOM and number of picks per micrograph;
+* ``<odir>/picks.png``: up to four micrographs (downscaled) with the picks circled, coloured by FOM
+  (``--png_per_mic``: also one PNG next to each coordinate file).
+
+Micrograph names in the input STAR are relative to the project directory (the current directory); when a name
+is not found there it is looked up relative to the STAR file's folder. The pixel size is the optics group's
+``rlnMicrographPixelSize`` (all groups must agree, as in RELION) unless ``--angpix`` is given.
+
+Continue: with ``--continue`` (or RELION's ``--only_do_unfinished``) micrographs that already have a
+coordinate file are skipped; the list file and summary always cover all micrographs of the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryopipe.errors import CryopipeError, InputFileError
+from cryopipe.picking.common import (
+    PickTable,
+    coordinate_file_name,
+    read_coordinate_file,
+    save_picks_png,
+    thumbnail,
+    write_coordinate_file,
+    write_coordinate_list,
+    write_summary,
+)
+
+HELP = "automated particle picking on micrographs (RELION relion_autopick: --LoG Laplacian-of-Gaussian)"
+
+#: A picker: ``(micrograph [H, W] tensor, pixel size Å, context) -> PickTable``.
+PickFunction = Callable[[torch.Tensor, float, "MicrographContext"], PickTable]
+
+
+# ------------------------------------------------------------------------------------------------ input
+
+
+@dataclass
+class MicrographSet:
+    """The micrographs of an input STAR file.
+
+    Attributes:
+        star_path: the STAR file.
+        names: ``rlnMicrographName`` values, in file order.
+        pixel_size: ``rlnMicrographPixelSize`` (Å) shared by all optics groups, or None if absent.
+        ctf: per micrograph a dict of CTF parameters (``defocus_u``, ``defocus_v``, ``defocus_angle``,
+            ``voltage``, ``cs``, ``amplitude_contrast``, ``phase_shift``; Å, degrees, kV, mm), or None when the
+            file has no ``rlnDefocusU``.
+    """
+
+    star_path: Path
+    names: list[str]
+    pixel_size: float | None
+    ctf: list[dict[str, float]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def read_micrograph_set(path: str | os.PathLike) -> MicrographSet:
+    """Read a micrographs STAR file (RELION 3.1+ ``optics`` + ``micrographs`` blocks, or a 3.0 single block)."""
+    from cryopipe.io.star import read_star
+
+    path = Path(path)
+    blocks = read_star(path)
+    table = blocks.get("micrographs")
+    if not isinstance(table, pd.DataFrame):
+        table = next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and "rlnMicrographName" in b), None)
+    if table is None or "rlnMicrographName" not in table:
+        raise InputFileError(path, "no table with rlnMicrographName",
+                             "give a micrographs STAR file (e.g. CtfFind/jobNNN/micrographs_ctf.star)")
+    optics = blocks.get("optics")
+    optics = optics if isinstance(optics, pd.DataFrame) else None
+    names = [str(v) for v in table["rlnMicrographName"]]
+
+    pixel_size = None
+    if optics is not None and "rlnMicrographPixelSize" in optics:
+        vals = optics["rlnMicrographPixelSize"].to_numpy(dtype=float)
+        if np.any(np.abs(vals - vals[0]) > 0.01):
+            raise InputFileError(path, f"optics groups have different rlnMicrographPixelSize {sorted(set(vals))}",
+                                 "pick each optics group separately (split the file), as RELION requires")
+        pixel_size = float(vals[0])
+    elif "rlnDetectorPixelSize" in table and "rlnMagnification" in table:  # RELION 3.0
+        pixel_size = float(table["rlnDetectorPixelSize"].iloc[0]) * 1e4 / float(table["rlnMagnification"].iloc[0])
+
+    ctf = None
+    if "rlnDefocusU" in table:
+        def col(label: str, default: float) -> np.ndarray:
+            if label in table:
+                return table[label].to_numpy(dtype=float)
+            if optics is not None and label in optics and "rlnOpticsGroup" in table and "rlnOpticsGroup" in optics:
+                lut = dict(zip(optics["rlnOpticsGroup"].astype(int), optics[label].astype(float)))
+                return np.array([lut.get(int(g), default) for g in table["rlnOpticsGroup"]], dtype=float)
+            return np.full(len(table), default, dtype=float)
+
+        du = col("rlnDefocusU", 0.0)
+        params = {
+            "defocus_u": du, "defocus_v": col("rlnDefocusV", np.nan), "defocus_angle": col("rlnDefocusAngle", 0.0),
+            "voltage": col("rlnVoltage", 300.0), "cs": col("rlnSphericalAberration", 2.7),
+            "amplitude_contrast": col("rlnAmplitudeContrast", 0.1), "phase_shift": col("rlnPhaseShift", 0.0),
+        }
+        params["defocus_v"] = np.where(np.isnan(params["defocus_v"]), du, params["defocus_v"])
+        ctf = [{k: float(v[i]) for k, v in params.items()} for i in range(len(table))]
+    return MicrographSet(star_path=path, names=names, pixel_size=pixel_size, ctf=ctf)
+
+
+def resolve_micrograph(name: str, star_path: Path, root: Path) -> Path:
+    """File of a micrograph: ``root/name`` if it exists, else ``<folder of the STAR file>/name``."""
+    p = Path(name)
+    if p.is_absolute():
+        return p
+    for base in (root, star_path.parent):
+        cand = base / p
+        if cand.exists():
+            return cand
+    raise InputFileError(root / p, f"micrograph {name} (from {star_path}) not found",
+                         "run from the project directory, or fix rlnMicrographName")
+
+
+def read_micrograph(path: Path, device: torch.device) -> torch.Tensor:
+    """A micrograph as a ``[H, W]`` float32 tensor on ``device`` (first section of a stack/volume)."""
+    from cryopipe.io.mrc import read_mrc
+
+    data, _ = read_mrc(path)
+    if data.ndim == 3:
+        data = data[0]
+    if data.ndim != 2:
+        raise InputFileError(path, f"is not a 2D micrograph (shape {data.shape})", "give micrographs, not movies")
+    return torch.from_numpy(np.ascontiguousarray(data)).to(device)
+
+
+# ------------------------------------------------------------------------------------------------ pickers
+
+
+@dataclass(frozen=True)
+class MicrographContext:
+    """What a picker may need besides the image: index in the input (for seeds), CTF parameters, file name."""
+
+    index: int
+    name: str
+    ctf: Mapping[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class LoGOptions:
+    """``--LoG`` options (RELION names in brackets); see :func:`cryopipe.picking.log.log_pick`."""
+
+    diam_min: float                      # --LoG_diam_min (Å)
+    diam_max: float                      # --LoG_diam_max (Å)
+    invert: bool = False                 # --Log_invert (white particles)
+    adjust_threshold: float = 0.0        # --LoG_adjust_threshold (σ)
+    upper_threshold: float = 99999.0     # --LoG_upper_threshold (σ)
+    neighbour: float = 100.0             # --LoG_neighbour (%)
+    max_search: float = 5.0              # --Log_max_search
+    use_ctf: bool = False                # --LoG_use_ctf
+    lowpass: float | None = 20.0         # --lowpass (Å)
+    shrink: float = 0.0                  # --shrink
+    outlier_zscore: float = 8.0          # --outlier_removal_zscore
+    skip_side: int = 0                   # --skip_side (px)
+    optimise_scale: bool = True          # not --skip_optimise_scale
+    random_seed: int = 1                 # --random_seed (padding noise of non-square micrographs)
+
+
+def log_picker(opts: LoGOptions, fom_map_writer: Callable[[MicrographContext, object], None] | None = None
+               ) -> PickFunction:
+    """A :data:`PickFunction` running the LoG picker with ``opts``."""
+    from cryopipe.picking.log import log_fom_maps, log_pick_from_maps
+
+    def pick(micrograph: torch.Tensor, pixel_size: float, ctx: MicrographContext) -> PickTable:
+        if opts.use_ctf and ctx.ctf is None:
+            raise CryopipeError(f"--LoG_use_ctf: no CTF parameters for {ctx.name} (the input STAR has no rlnDefocusU; "
+                                "use the CtfFind output)")
+        maps = log_fom_maps(micrograph, pixel_size, opts.diam_min, opts.diam_max, lowpass=opts.lowpass,
+                            shrink=opts.shrink, invert=opts.invert, max_search=opts.max_search,
+                            outlier_zscore=opts.outlier_zscore, use_ctf=opts.use_ctf, ctf=ctx.ctf,
+                            optimise_scale=opts.optimise_scale, seed=opts.random_seed + ctx.index)
+        if fom_map_writer is not None:
+            fom_map_writer(ctx, maps)
+        return log_pick_from_maps(maps, pixel_size, opts.diam_min, opts.diam_max,
+                                  adjust_threshold=opts.adjust_threshold, upper_threshold=opts.upper_threshold,
+                                  neighbour=opts.neighbour, skip_side=opts.skip_side)
+
+    return pick
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class AutopickResult:
+    """What :func:`run_autopick` did."""
+
+    coordinate_list: Path
+    n_micrographs: int
+    n_picked_now: int
+    n_skipped: int
+    n_picks: int                         # total over all coordinate files of the input
+    seconds_per_micrograph: float
+    coordinate_files: dict[str, str] = field(default_factory=dict)  # micrograph name -> coordinate file
+
+
+def pick_one_micrograph(path: Path, picker: PickFunction, pixel_size: float, ctx: MicrographContext,
+                        device: torch.device) -> PickTable:
+    """Read one micrograph and run ``picker`` on it."""
+    return picker(read_micrograph(path, device), pixel_size, ctx)
+
+
+def run_autopick(mics: MicrographSet, odir: str, picker: PickFunction, *, pixel_size: float,
+                 pickname: str = "autopick", only_unfinished: bool = False, root: str | os.PathLike = ".",
+                 device: torch.device | str | None = None, png: bool = True, png_per_mic: bool = False,
+                 display_diameter: float | None = None) -> AutopickResult:
+    """Pick every micrograph of ``mics`` and write RELION's outputs into ``odir``.
+
+    Args:
+        mics: the input micrographs.
+        odir: output directory as written into the list file (relative to ``root``, e.g. ``"AutoPick/job004/"``).
+        picker: the picking function.
+        pixel_size: Å per micrograph pixel.
+        pickname: RELION ``--pickname`` (coordinate files ``*_<pickname>.star``, list ``<pickname>.star``).
+        only_unfinished: skip micrographs whose coordinate file exists (RELION ``--only_do_unfinished``).
+        root: project directory (micrograph names and ``odir`` are relative to it).
+        device: torch device for the picking.
+        png, png_per_mic: write ``<odir>/picks.png`` / one PNG per micrograph.
+        display_diameter: circle diameter (Å) in the pictures (default: 20 pixels).
+    """
+    from cryopipe.core.device import resolve_device
+    from cryopipe.pipeline.log import log, progress
+
+    root = Path(os.path.abspath(root))
+    dev = resolve_device(device)
+    out_dir = Path(odir) if Path(odir).is_absolute() else root / odir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    coord_names = [coordinate_file_name(name, odir, pickname) for name in mics.names]
+    if len(set(coord_names)) != len(coord_names):
+        dup = pd.Series(coord_names)[pd.Series(coord_names).duplicated()].iloc[0]
+        raise InputFileError(mics.star_path, f"two micrographs map to the same coordinate file {dup}",
+                             "give micrographs unique names")
+
+    todo = [i for i, c in enumerate(coord_names) if not (only_unfinished and (root / c).exists())]
+    if len(todo) < len(mics):
+        log(f"autopick: {len(mics) - len(todo)} micrograph(s) already have coordinate files, skipped (continue)")
+    t0 = time.perf_counter()
+    for i in progress(todo, desc="picking"):
+        name = mics.names[i]
+        path = resolve_micrograph(name, mics.star_path, root)
+        ctx = MicrographContext(index=i, name=name, ctf=mics.ctf[i] if mics.ctf is not None else None)
+        picks = pick_one_micrograph(path, picker, pixel_size, ctx, dev)
+        write_coordinate_file(root / coord_names[i], picks)
+        if png_per_mic:
+            _png_for(root / coord_names[i], [(path, name, root / coord_names[i])], pixel_size, display_diameter)
+    per_mic = (time.perf_counter() - t0) / max(len(todo), 1)
+
+    # list file, summary and picture over everything that has a coordinate file
+    have = [i for i, c in enumerate(coord_names) if (root / c).exists()]
+    list_path = out_dir / f"{pickname}.star"
+    write_coordinate_list(list_path, [mics.names[i] for i in have], [coord_names[i] for i in have])
+    counts, means = [], []
+    for i in have:
+        tab = read_coordinate_file(root / coord_names[i])
+        counts.append(len(tab))
+        f = tab["rlnAutopickFigureOfMerit"].to_numpy(dtype=float) if "rlnAutopickFigureOfMerit" in tab else np.zeros(0)
+        means.append(float(f.mean()) if len(f) else 0.0)
+    write_summary(out_dir / "summary.star", [mics.names[i] for i in have], means, counts)
+    total = int(sum(counts))
+    if have:
+        log(f"autopick: {total} particles from {len(have)} micrographs, on average "
+            f"{total / len(have):.0f} per micrograph ({per_mic:.2f} s per picked micrograph)")
+    if png and have:
+        sel = [have[k] for k in np.unique(np.linspace(0, len(have) - 1, min(4, len(have))).round().astype(int))]
+        items = [(resolve_micrograph(mics.names[i], mics.star_path, root), mics.names[i], root / coord_names[i])
+                 for i in sel]
+        _png_for(out_dir / "picks.png", items, pixel_size, display_diameter)
+    return AutopickResult(coordinate_list=list_path, n_micrographs=len(mics), n_picked_now=len(todo),
+                          n_skipped=len(mics) - len(todo), n_picks=total, seconds_per_micrograph=per_mic,
+                          coordinate_files={mics.names[i]: coord_names[i] for i in have})
+
+
+def _png_for(target: Path, items: list[tuple[Path, str, Path]], pixel_size: float,
+             display_diameter: float | None) -> None:
+    """Picture of micrographs ``(file, name, coordinate file)`` with their picks; PNG at ``target``
+    (a ``.star`` target becomes ``.png``)."""
+    panels = []
+    for path, name, coords in items:
+        img, b = thumbnail(read_micrograph(path, torch.device("cpu")))
+        tab = read_coordinate_file(coords)
+        radius = 0.5 * display_diameter / pixel_size if display_diameter else 10.0 * b
+        panels.append((img, b, tab, radius, f"{name}: {len(tab)} picks"))
+    png = target.with_suffix(".png") if target.suffix == ".star" else target
+    save_picks_png(png, panels, suptitle="circles coloured by rlnAutopickFigureOfMerit")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--i", dest="input", required=True, help="micrographs STAR file (e.g. CtfFind/job003/micrographs_ctf.star)")
+    p.add_argument("--odir", "--o", dest="output", default=None,
+                   help="output job folder, e.g. AutoPick/job004/ (default: a new AutoPick/jobNNN/ in the project)")
+    p.add_argument("--pickname", default="autopick", help="rootname of the coordinate files")
+    p.add_argument("--angpix", type=float, default=None, help="micrograph pixel size (Å); default rlnMicrographPixelSize")
+    p.add_argument("--LoG", dest="log", action="store_true", help="Laplacian-of-Gaussian blob picking")
+    p.add_argument("--LoG_diam_min", type=float, default=None, help="smallest particle diameter (Å)")
+    p.add_argument("--LoG_diam_max", type=float, default=None, help="largest particle diameter (Å)")
+    p.add_argument("--Log_invert", "--LoG_invert", dest="log_invert", action="store_true",
+                   help="particles are white instead of black")
+    p.add_argument("--LoG_adjust_threshold", type=float, default=0.0,
+                   help="threshold in σ of the FOM above its mean: positive = fewer picks, negative = more")
+    p.add_argument("--LoG_upper_threshold", type=float, default=99999.0,
+                   help="no picks above this many σ (e.g. 5 to skip ice contamination / carbon edges)")
+    p.add_argument("--LoG_neighbour", type=float, default=100.0,
+                   help="exclusion distance between picks: (detected + minimum diameter) × this %% / 2")
+    p.add_argument("--Log_max_search", "--LoG_max_search", dest="log_max_search", type=float, default=5.0,
+                   help="largest searched diameter is this many times --LoG_diam_max")
+    p.add_argument("--LoG_use_ctf", action="store_true", help="divide the micrograph by its CTF up to the first peak")
+    p.add_argument("--lowpass", type=float, default=20.0,
+                   help="resolution (Å) of the work grid for --shrink 0; <= 0 = none (RELION GUI value 20; "
+                        "relion_autopick's own default is none)")
+    p.add_argument("--shrink", type=float, default=0.0,
+                   help="0 = work at the --lowpass resolution; 0 < s <= 1 = fraction of the size; s > 1 = size in "
+                        "pixels (RELION GUI value 0; relion_autopick's own default is 1)")
+    p.add_argument("--skip_optimise_scale", action="store_true", help="keep the work size even if its FFT is slow")
+    p.add_argument("--outlier_removal_zscore", type=float, default=8.0, help="pixels this many σ from the mean are set to the mean")
+    p.add_argument("--skip_side", type=int, default=0, help="extra pixels to skip at the edges (at least dmin/2 is skipped)")
+    p.add_argument("--random_seed", type=int, default=1, help="seed of the noise that pads non-square micrographs")
+    p.add_argument("--write_fom_maps", action="store_true", help="also write the best-LoG and best-diameter maps (MRC)")
+    p.add_argument("--only_do_unfinished", action="store_true", help="skip micrographs that have a coordinate file")
+    p.add_argument("--continue", dest="continue_", action="store_true",
+                   help="continue the job given by --odir: pick only micrographs without a coordinate file")
+    p.add_argument("--png_per_mic", action="store_true", help="write a PNG with the picks next to each coordinate file")
+    p.add_argument("--no_png", action="store_true", help="do not write picks.png")
+    p.add_argument("--ref", default=None, help="template picking references (not available yet: use --LoG)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from cryopipe.pipeline.log import log
+    from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
+
+    if args.ref is not None and not args.log:
+        raise CryopipeError("--ref: template picking is not available yet; use --LoG with --LoG_diam_min/--LoG_diam_max")
+    if not args.log:
+        raise CryopipeError("give a picking method: --LoG (with --LoG_diam_min and --LoG_diam_max)")
+    if args.LoG_diam_min is None or args.LoG_diam_max is None:
+        raise CryopipeError("--LoG needs --LoG_diam_min and --LoG_diam_max (particle diameter range in Å)")
+    if args.LoG_diam_min <= 0 or args.LoG_diam_max < args.LoG_diam_min:
+        raise CryopipeError(f"--LoG_diam_min {args.LoG_diam_min} / --LoG_diam_max {args.LoG_diam_max}: need "
+                            "0 < min <= max (Å)")
+    mics = read_micrograph_set(args.input)
+    if len(mics) == 0:
+        raise InputFileError(args.input, "lists no micrographs", "check the input STAR file")
+    pixel_size = args.angpix if args.angpix is not None else mics.pixel_size
+    if pixel_size is None or not pixel_size > 0:
+        raise InputFileError(args.input, "has no rlnMicrographPixelSize in its optics table",
+                             "give --angpix (Å per micrograph pixel)")
+    opts = LoGOptions(diam_min=args.LoG_diam_min, diam_max=args.LoG_diam_max, invert=args.log_invert,
+                      adjust_threshold=args.LoG_adjust_threshold, upper_threshold=args.LoG_upper_threshold,
+                      neighbour=args.LoG_neighbour, max_search=args.log_max_search, use_ctf=args.LoG_use_ctf,
+                      lowpass=args.lowpass if args.lowpass is not None and args.lowpass > 0 else None,
+                      shrink=args.shrink, outlier_zscore=args.outlier_removal_zscore, skip_side=args.skip_side,
+                      optimise_scale=not args.skip_optimise_scale, random_seed=args.random_seed)
+    in_type = NodeType.MICROGRAPHS_CTF if mics.ctf is not None else NodeType.MICROGRAPHS
+    with open_job_dir(args.output, "AutoPick", ProcessLabel.AUTOPICK_LOG, inputs=[(args.input, in_type)],
+                      params=vars(args), continue_job=args.continue_) as job:
+        odir = job.relpath(job.dir)
+        odir = odir if odir.endswith("/") else odir + "/"
+        writer = _fom_map_writer(job.root, odir, args.pickname, pixel_size) if args.write_fom_maps else None
+        picker = log_picker(opts, writer)
+        log(f"autopick: LoG picking of {len(mics)} micrographs from {args.input}, diameters {opts.diam_min:g}-"
+            f"{opts.diam_max:g} Å, pixel size {pixel_size:g} Å")
+        res = run_autopick(mics, odir, picker, pixel_size=pixel_size, pickname=args.pickname,
+                           only_unfinished=args.continue_ or args.only_do_unfinished, root=job.root,
+                           device=args.device, png=not args.no_png, png_per_mic=args.png_per_mic,
+                           display_diameter=0.5 * (opts.diam_min + opts.diam_max))
+        job.add_output(res.coordinate_list, NodeType.AUTOPICK_COORDS)
+    return 0
+
+
+def _fom_map_writer(root: Path, odir: str, pickname: str, pixel_size: float):
+    """``--write_fom_maps``: ``<coordinate root>_<pickname>_bestLoG.mrc`` / ``_bestSize.mrc`` (work grid)."""
+    from cryopipe.io.mrc import write_mrc
+
+    def write(ctx: MicrographContext, maps) -> None:
+        base = root / coordinate_file_name(ctx.name, odir, pickname)[: -len(".star")]
+        base.parent.mkdir(parents=True, exist_ok=True)
+        apix = pixel_size / maps.scale
+        write_mrc(f"{base}_bestLoG.mrc", maps.best_fom.cpu().numpy(), apix)
+        write_mrc(f"{base}_bestSize.mrc", maps.best_diameter.cpu().numpy(), apix)
+
+    return write
