@@ -26,6 +26,8 @@ JOBS: dict[str, str] = {
     "reconstruct": "cryopipe.jobs.reconstruct",
     "extract": "cryopipe.jobs.extract",
     "demo": "cryopipe.jobs.demo",
+    "autopick": "cryopipe.jobs.autopick",
+    "select": "cryopipe.jobs.select",
 }
 
 
