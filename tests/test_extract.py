@@ -6,6 +6,7 @@ import math
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 import torch
@@ -278,3 +279,195 @@ def test_reextraction_binned_particles_and_recenter_point(relion_dir):
         reextract_geometry(c, None, 3.0, 3.0, recenter=True)
     with pytest.raises(CryopipeError, match="rlnAngleRot"):
         reextract_geometry(c, o_in, 3.0, 3.0, recenter=True, recenter_xyz=(1, 0, 0))
+
+
+def test_extraction_of_simulated_micrograph_gives_the_projections(relion_dir):
+    """cryopipe.sim.micrographs renders projections of ref_map (no CTF, no noise) at known coordinates; extracting
+    at those coordinates returns each projection (corr ≥ 0.99; boxes do not overlap, so in fact exactly)."""
+    sim = pytest.importorskip("cryopipe.sim.micrographs")
+    from cryopipe.core.fourier import irfft2_centered
+    from cryopipe.core.geometry import euler_to_matrix
+    from cryopipe.core.projector import Projector
+
+    with mrcfile.open(relion_dir / "ref_map.mrc", permissive=True) as m:
+        vol = torch.from_numpy(np.asarray(m.data, dtype=np.float32).copy())
+    rng = np.random.default_rng(11)
+    shape = (400, 500)
+    coords = sim.place_particles(12, shape, min_distance_px=70, edge_px=30, rng=rng)
+    angles = torch.tensor(rng.uniform(0, 180, size=(len(coords), 3)), dtype=torch.float32)
+    proj = Projector(vol)
+    mic = sim.render_projections(proj, angles, torch.from_numpy(coords), shape)
+    truth = irfft2_centered(proj.project(euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]), None), 48)
+    got = extract_windows(mic, torch.from_numpy(coords).double(), 48)
+    assert len(coords) >= 8
+    assert _corr(got.numpy(), truth.numpy()).min() >= 0.99
+    assert float((got - truth).abs().max()) < 1e-5 * float(truth.abs().max()) + 1e-6
+
+
+# ------------------------------------------------------------------------------ the `cryopipe extract` job
+
+
+@pytest.fixture()
+def mic_project(relion_dir, tmp_path, monkeypatch):
+    """A project directory holding the mic/ fixture inputs (micrograph, CTF STAR, coordinate lists)."""
+    import shutil
+
+    src = relion_dir / "mic"
+    (tmp_path / "Micrographs").mkdir()
+    for f in ("Micrographs/mic001.mrc", "Micrographs/mic001_truth.star", "micrographs_ctf.star",
+              "coords_truth_list.star", "AutoPick_thr3/autopick.star", "AutoPick_thr3/Micrographs/mic001_autopick.star"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / f, tmp_path / f)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _cli(*argv) -> int:
+    """Run the job as `cryopipe extract ...` does (its own parser, so other jobs' modules are not imported);
+    user errors are reported as the CLI does: one line on stderr, status 1."""
+    import argparse
+    import sys
+
+    from cryopipe.cli import JOBS
+    from cryopipe.jobs import extract as job
+
+    assert JOBS["extract"] == "cryopipe.jobs.extract"
+    parser = argparse.ArgumentParser(prog="cryopipe extract")
+    job.add_arguments(parser)
+    try:
+        return job.main(parser.parse_args(list(argv)))
+    except CryopipeError as exc:
+        print(f"cryopipe extract: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _compare_with_relion_star(ours_path, ref_path, ref_prefix, our_prefix):
+    ours = starfile.read(ours_path)
+    ref = starfile.read(ref_path)
+    op, rp = ours["particles"], ref["particles"]
+    assert set(op.columns) == set(rp.columns), set(op.columns) ^ set(rp.columns)
+    assert len(op) == len(rp)
+    for col in rp.columns:
+        if col == "rlnImageName":
+            oi = op[col].str.partition("@")
+            ri = rp[col].str.partition("@")
+            np.testing.assert_array_equal(oi[0].astype(int), ri[0].astype(int))
+            assert (oi[2] == ri[2].str.replace(ref_prefix, our_prefix, regex=False)).all()
+        elif not pd.api.types.is_numeric_dtype(rp[col]):
+            assert (op[col].astype(str) == rp[col].astype(str)).all(), col
+        else:
+            np.testing.assert_allclose(op[col].to_numpy(float), rp[col].to_numpy(float), rtol=0, atol=1e-6,
+                                       err_msg=col)
+    oo, ro = ours["optics"], ref["optics"]
+    assert set(oo.columns) == set(ro.columns)
+    for col in ro.columns:
+        assert (oo[col].astype(str) == ro[col].astype(str)).all() if not pd.api.types.is_numeric_dtype(ro[col]) else \
+            np.allclose(oo[col].to_numpy(float), ro[col].to_numpy(float)), col
+
+
+@pytest.mark.parametrize("coords,ref_star,ref_dir", [
+    ("coords_truth_list.star", "particles_truth.star", "Extract_truth/"),
+    ("AutoPick_thr3/autopick.star", "particles_autopick_thr3.star", "Extract_autopick_thr3/"),
+])
+def test_job_reproduces_relion_extraction(relion_dir, mic_project, coords, ref_star, ref_dir):
+    rc = _cli("--i", "micrographs_ctf.star", "--coord_list", coords, "--o", "Extract/job002/", "--extract",
+              "--extract_size", "64", "--norm", "--bg_radius", "24", "--invert_contrast")
+    assert rc == 0
+    job = mic_project / "Extract" / "job002"
+    stack = job / "Micrographs" / "mic001.mrcs"
+    ours = _read_stack(stack)
+    ref = _read_stack(relion_dir / "mic" / ref_dir / "Micrographs" / "mic001.mrcs")
+    assert ours.shape == ref.shape
+    assert _corr(ours, ref).min() >= 0.98
+    assert np.abs(ours - ref).max() < 1e-4
+    with mrcfile.open(stack, header_only=True) as m:
+        assert m.header.mode == 2 and float(m.voxel_size.x) == pytest.approx(3.0) and int(m.header.ispg) == 0
+    _compare_with_relion_star(job / "particles.star", relion_dir / "mic" / ref_star, ref_dir, "Extract/job002/")
+    assert (job / "Micrographs" / "mic001_extract.star").exists()
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    pipe = starfile.read(mic_project / "default_pipeline.star")
+    procs = pipe["pipeline_processes"]
+    row = procs[procs["rlnPipeLineProcessName"] == "Extract/job002/"]
+    assert row["rlnPipeLineProcessTypeLabel"].iloc[0] == "relion.extract"
+    assert row["rlnPipeLineProcessStatusLabel"].iloc[0] == "Succeeded"
+    nodes = pipe["pipeline_nodes"]
+    assert "Extract/job002/particles.star" in set(nodes["rlnPipeLineNodeName"])
+
+
+def test_job_float16_scale_and_continue(relion_dir, mic_project):
+    rc = _cli("--i", "micrographs_ctf.star", "--coord_list", "coords_truth_list.star", "--o", "Extract/job003/",
+              "--extract_size", "64", "--scale", "32", "--norm", "--invert_contrast", "--float16")
+    assert rc == 0
+    job = mic_project / "Extract" / "job003"
+    stack = job / "Micrographs" / "mic001.mrcs"
+    with mrcfile.open(stack, header_only=True) as m:
+        assert m.header.mode == 12 and float(m.voxel_size.x) == pytest.approx(6.0)
+    data = starfile.read(job / "particles.star")
+    assert float(data["optics"]["rlnImagePixelSize"].iloc[0]) == 6.0
+    assert int(data["optics"]["rlnImageSize"].iloc[0]) == 32
+    imgs = _read_stack(stack)
+    assert imgs.shape == (25, 32, 32)
+    # default background radius: 75 % of the box, scaled: int(0.375 * 64 * 32/64) = 12
+    bg = background_mask(32, 12).numpy()
+    assert np.abs(imgs[:, bg].mean(1)).max() < 2e-3 and np.abs(imgs[:, bg].std(1) - 1).max() < 2e-3
+    # the same computation in memory (float16 rounding only)
+    mic = flush_float16_subnormals(_read_mic(relion_dir))
+    coords = torch.tensor(data["particles"][["rlnCoordinateX", "rlnCoordinateY"]].to_numpy())
+    expect = extract_particles(mic, coords, 64, scale=32, norm=True, bg_radius=12, invert=True).numpy()
+    assert np.abs(imgs - expect).max() < 5e-3
+    # --continue: the micrograph is kept, not re-extracted
+    mtime = stack.stat().st_mtime_ns
+    rc = _cli("--i", "micrographs_ctf.star", "--coord_list", "coords_truth_list.star", "--o", "Extract/job003/",
+              "--extract_size", "64", "--scale", "32", "--norm", "--invert_contrast", "--float16", "--continue")
+    assert rc == 0
+    assert stack.stat().st_mtime_ns == mtime
+    assert len(starfile.read(job / "particles.star")["particles"]) == 25
+
+
+def test_job_reextraction_recenters(relion_dir, mic_project):
+    """Refined particles with origins o (px) re-extracted with --recenter: coordinates c − o, images equal to
+    extraction at c − o (to the pixel), origins 0, angles and CTF kept."""
+    rc = _cli("--i", "micrographs_ctf.star", "--coord_list", "coords_truth_list.star", "--o", "Extract/job002/",
+              "--extract_size", "64", "--norm", "--bg_radius", "24", "--invert_contrast")
+    assert rc == 0
+    data = starfile.read(mic_project / "Extract/job002/particles.star")
+    parts = data["particles"]
+    rng = np.random.default_rng(4)
+    o_px = rng.integers(-6, 7, size=(len(parts), 2)).astype(float)
+    parts["rlnOriginXAngst"] = o_px[:, 0] * 3.0
+    parts["rlnOriginYAngst"] = o_px[:, 1] * 3.0
+    parts["rlnDefocusU"] = 20000.0  # refined CTF: must be kept
+    starfile.write({"optics": data["optics"], "particles": parts}, mic_project / "run_data.star")
+    rc = _cli("--i", "micrographs_ctf.star", "--reextract_data_star", "run_data.star", "--recenter",
+              "--o", "Extract/job004/", "--extract_size", "64", "--norm", "--bg_radius", "24", "--invert_contrast")
+    assert rc == 0
+    out = starfile.read(mic_project / "Extract/job004/particles.star")["particles"]
+    c = parts[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy()
+    np.testing.assert_allclose(out[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(), c - o_px)
+    assert np.abs(out[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()).max() == 0
+    np.testing.assert_allclose(out["rlnAngleRot"], parts["rlnAngleRot"])
+    assert (out["rlnDefocusU"] == 20000.0).all()
+    imgs = _read_stack(mic_project / "Extract/job004/Micrographs/mic001.mrcs")
+    mic = flush_float16_subnormals(_read_mic(relion_dir))
+    expect = extract_particles(mic, torch.tensor(c - o_px), 64, norm=True, bg_radius=24, invert=True).numpy()
+    assert np.abs(imgs - expect).max() < 1e-6
+    pipe = starfile.read(mic_project / "default_pipeline.star")["pipeline_processes"]
+    assert "relion.extract.reextract" in set(pipe["rlnPipeLineProcessTypeLabel"])
+
+
+def test_job_bad_input_one_line_error_and_no_output(mic_project, capsys):
+    (mic_project / "bad_list.star").write_text(
+        "\ndata_coordinate_files\n\nloop_\n_rlnMicrographName #1\n_rlnMicrographCoordinates #2\n"
+        "Micrographs/mic999.mrc Micrographs/mic001_truth.star\n")
+    rc = _cli("--i", "micrographs_ctf.star", "--coord_list", "bad_list.star", "--extract_size", "64", "--norm")
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "mic999.mrc" in err and "not in" in err
+    rc = _cli("--i", "micrographs_ctf.star", "--coord_list", "coords_truth_list.star", "--extract_size", "63")
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "63" in err and "even" in err
+    rc = _cli("--i", "micrographs_ctf.star", "--coord_list", "coords_truth_list.star", "--extract_size", "64",
+              "--norm", "--bg_radius", "40")
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "bg_radius" in err
+    assert not (mic_project / "Extract").exists()
+    assert not (mic_project / "default_pipeline.star").exists()
