@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -315,7 +315,8 @@ def mic_project(relion_dir, tmp_path, monkeypatch):
     src = relion_dir / "mic"
     (tmp_path / "Micrographs").mkdir()
     for f in ("Micrographs/mic001.mrc", "Micrographs/mic001_truth.star", "micrographs_ctf.star",
-              "coords_truth_list.star", "AutoPick_thr3/autopick.star", "AutoPick_thr3/Micrographs/mic001_autopick.star"):
+              "coords_truth_list.star", "AutoPick_thr3/autopick.star",
+              "AutoPick_thr3/Micrographs/mic001_autopick.star"):
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / f, tmp_path / f)
     monkeypatch.chdir(tmp_path)
@@ -470,4 +471,34 @@ def test_job_bad_input_one_line_error_and_no_output(mic_project, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "bg_radius" in err
     assert not (mic_project / "Extract").exists()
+    assert not (mic_project / "default_pipeline.star").exists()
+
+
+def test_job_coord_dir_and_fom_threshold(relion_dir, mic_project):
+    """--coord_dir/--coord_suffix finds AutoPick_thr3/Micrographs/mic001_autopick.star; --minimum_pick_fom keeps
+    picks with FOM above it; the kept images equal RELION's for the same picks."""
+    rc = _cli("--i", "micrographs_ctf.star", "--coord_dir", "AutoPick_thr3", "--coord_suffix", "_autopick.star",
+              "--o", "Extract/job005/", "--extract_size", "64", "--norm", "--bg_radius", "24", "--invert_contrast",
+              "--minimum_pick_fom", "0.5")
+    assert rc == 0
+    ref_parts = starfile.read(relion_dir / "mic" / "particles_autopick_thr3.star")["particles"]
+    keep = (ref_parts["rlnAutopickFigureOfMerit"] > 0.5).to_numpy()
+    out = starfile.read(mic_project / "Extract/job005/particles.star")["particles"]
+    assert len(out) == keep.sum() and 0 < keep.sum() < len(ref_parts)
+    np.testing.assert_allclose(out["rlnAutopickFigureOfMerit"], ref_parts["rlnAutopickFigureOfMerit"][keep])
+    ours = _read_stack(mic_project / "Extract/job005/Micrographs/mic001.mrcs")
+    ref = _read_stack(relion_dir / "mic" / "Extract_autopick_thr3" / "Micrographs" / "mic001.mrcs")[keep]
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_python_api_plain_output_dir(relion_dir, mic_project):
+    from cryopipe.jobs.extract import ExtractOptions, extract
+
+    path, n = extract("micrographs_ctf.star", "out/", coord_list="coords_truth_list.star",
+                      options=ExtractOptions(extract_size=64, norm=True, bg_radius=24, invert_contrast=True))
+    assert n == 25 and Path(path).resolve() == (mic_project / "out" / "particles.star").resolve()
+    parts = starfile.read(path)["particles"]
+    assert parts["rlnImageName"].iloc[0] == "000001@out/Micrographs/mic001.mrcs"
+    ref = _read_stack(relion_dir / "mic" / "Extract_truth" / "Micrographs" / "mic001.mrcs")
+    assert np.abs(_read_stack(mic_project / "out/Micrographs/mic001.mrcs") - ref).max() < 1e-4
     assert not (mic_project / "default_pipeline.star").exists()

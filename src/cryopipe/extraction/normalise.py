@@ -57,7 +57,8 @@ def background_mask(n: int, bg_radius: int, device=None) -> torch.Tensor:
     x, y = _logical_grid(n, device, torch.int64)
     mask = (x * x + y * y) > bg_radius * bg_radius
     if not bool(mask.any()):
-        raise CryopipeError(f"bg_radius {bg_radius} px leaves no background pixels in a {n} px box (use a smaller radius)")
+        raise CryopipeError(f"bg_radius {bg_radius} px leaves no background pixels in a {n} px box "
+                            "(use a smaller radius)")
     return mask
 
 
@@ -105,8 +106,8 @@ def remove_dust(images: torch.Tensor, mask: torch.Tensor, white_sigma: float = -
     """Replace outlier pixels by Gaussian noise with the background's mean and standard deviation.
 
     Background ``μ, σ`` are computed once (before any replacement). Pixels anywhere in the image with
-    ``v − μ > white_sigma·σ`` (white dust) and, with the same ``μ, σ``, ``v − μ < −black_sigma·σ`` (black dust)
-    are replaced by ``N(μ, σ)`` draws. A threshold ``<= 0`` disables that side (RELION: ``-1`` = off).
+    ``v − μ > white_sigma·σ`` (white dust) and, with the same ``μ, σ``, ``v − μ < −black_sigma·σ``
+    (black dust) are replaced by ``N(μ, σ)`` draws. A threshold ``<= 0`` disables that side (RELION: ``-1`` = off).
 
     Args:
         images: ``[..., N, N]``.
@@ -148,7 +149,8 @@ def normalise(images: torch.Tensor, bg_radius: int, white_dust: float = -1.0, bl
         Normalised images, same shape and dtype as ``images``.
     """
     if images.shape[-1] != images.shape[-2]:
-        raise CryopipeError(f"images of size {tuple(images.shape[-2:])} are not square (extraction boxes must be square)")
+        raise CryopipeError(f"images of size {tuple(images.shape[-2:])} are not square "
+                            "(extraction boxes must be square)")
     mask = background_mask(images.shape[-1], bg_radius, device=images.device)
     wd = _work_dtype(images)
     v = images.to(wd)

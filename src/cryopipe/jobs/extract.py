@@ -452,7 +452,7 @@ def _join_tables(tables: list[pd.DataFrame]) -> pd.DataFrame:
 
 def run_extraction(plan: ExtractPlan, output_dir: str | os.PathLike, *, part_star: str | os.PathLike | None = None,
                    continue_: bool = False, device: str | torch.device | None = None,
-                   progress_bar: bool = True) -> tuple[Path, int]:
+                   progress_bar: bool | None = None) -> tuple[Path, int]:
     """Extract every micrograph of ``plan`` into ``output_dir`` and write the joined particles STAR.
 
     Args:
@@ -462,6 +462,7 @@ def run_extraction(plan: ExtractPlan, output_dir: str | os.PathLike, *, part_sta
         part_star: output particles STAR (default ``output_dir/particles.star``).
         continue_: keep micrographs whose stack and ``_extract.star`` already exist.
         device: torch device (default: CUDA if available).
+        progress_bar: terminal progress bar (default: when stderr is a terminal).
 
     Returns:
         ``(path of particles.star, number of particles)``.
@@ -574,7 +575,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-extract refined particles from this _data.star instead of coordinate files")
     g.add_argument("--o", "--part_dir", dest="o", metavar="DIR", default=None,
                    help="job folder (default: a new Extract/jobNNN/ in the project in the current directory)")
-    g.add_argument("--part_star", metavar="STAR", default=None, help="output particles STAR (default <job>/particles.star)")
+    g.add_argument("--part_star", metavar="STAR", default=None,
+                   help="output particles STAR (default <job>/particles.star)")
     g.add_argument("--alias", default=None, help="job alias")
     g.add_argument("--continue", dest="continue_", action="store_true",
                    help="continue the job in --o: keep micrographs whose stack and _extract.star exist")
