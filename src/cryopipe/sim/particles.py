@@ -35,7 +35,10 @@ from cryopipe.core.ctf import ctf_2d
 from cryopipe.core.device import resolve_device
 from cryopipe.core.fourier import irfft2_centered
 from cryopipe.core.geometry import euler_to_matrix
+from cryopipe.core.projector import Projector
 from cryopipe.errors import CryopipeError
+from cryopipe.io.mrc import MrcStackWriter, format_image_name, write_mrc
+from cryopipe.io.star import write_star
 
 __all__ = [
     "JUNK_NONE",
@@ -317,10 +320,6 @@ def simulate_particles(
         write_map: write ``truth_map.mrc`` (the input volume).
         device: compute device (default :func:`cryopipe.core.device.default_device`).
     """
-    from cryopipe.core.projector import Projector
-    from cryopipe.io.mrc import MrcStackWriter, format_image_name, write_mrc
-    from cryopipe.io.star import write_star
-
     if n < 1:
         raise CryopipeError(f"number of particles must be >= 1 (got {n})")
     if pixel_size <= 0:
