@@ -44,6 +44,10 @@ def test_euler_matches_scipy_transpose_batched():
     assert A.shape == (3, 4, 5, 3, 3) and A.dtype == torch.float64
     ref = Rotation.from_euler("ZYZ", np.stack([rot, tilt, psi], 1), degrees=True).as_matrix().transpose(0, 2, 1)
     np.testing.assert_allclose(A.reshape(-1, 3, 3).numpy(), ref, atol=1e-12)
+    # Python floats next to float64 tensors are taken in float64 (0.1 is not rounded to float32 on the way)
+    A01 = euler_to_matrix(torch.tensor([10.0], dtype=torch.float64), 0.1, 33.3)
+    ref01 = Rotation.from_euler("ZYZ", [10.0, 0.1, 33.3], degrees=True).as_matrix().T
+    np.testing.assert_allclose(A01[0].numpy(), ref01, atol=1e-15)
     # float32 inputs stay float32, broadcasting of a scalar works
     A32 = euler_to_matrix(torch.tensor(rot[:7], dtype=torch.float32), 30.0, 0.0)
     assert A32.dtype == torch.float32 and A32.shape == (7, 3, 3)

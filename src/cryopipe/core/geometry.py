@@ -39,11 +39,15 @@ _GIMBAL_EPS = 16.0 * _FLT_EPSILON
 
 
 def _as_float_tensor(x, like: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` as a floating tensor (on ``like``'s device when ``x`` is not already a tensor)."""
+    """``x`` as a floating tensor. Non-tensors are created on ``like``'s device and, when ``like`` is floating,
+    directly in its dtype (so that a Python float such as 0.1 is not rounded to float32 on the way)."""
     if isinstance(x, torch.Tensor):
         t = x
+    elif like is not None:
+        dtype = like.dtype if like.is_floating_point() else None
+        t = torch.as_tensor(x, dtype=dtype, device=like.device)
     else:
-        t = torch.as_tensor(x, device=None if like is None else like.device)
+        t = torch.as_tensor(x)
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
     return t
@@ -51,7 +55,9 @@ def _as_float_tensor(x, like: torch.Tensor | None = None) -> torch.Tensor:
 
 def _broadcast_floats(*args) -> list[torch.Tensor]:
     """Convert to floating tensors on a common device/dtype and broadcast to one shape."""
-    like = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    like = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+    if like is None:
+        like = next((a for a in args if isinstance(a, torch.Tensor)), None)
     ts = [_as_float_tensor(a, like) for a in args]
     dtype = ts[0].dtype
     for t in ts[1:]:
