@@ -97,12 +97,12 @@ def test_noise_free_stack_equals_ctf_projection_of_truth(tmp_path, ref_map):
     imgs = ImageReader(main["rlnImageName"], root_dir=res.star_path.parent).read(np.arange(len(main)))
     # independent recomputation: projector + CTF, origin shift by -origin (design.md)
     proj = Projector(torch.as_tensor(ref_map), pad=2)
-    rot = euler_to_matrix(*[torch.as_tensor(truth[c].to_numpy()) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")])
-    origin_px = torch.as_tensor(truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / APIX)
-    ctf = ctf_2d(48, APIX, *[torch.as_tensor(truth[c].to_numpy()) for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")],
+    rot = euler_to_matrix(*[torch.tensor(truth[c].to_numpy()) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")])
+    origin_px = torch.tensor(truth[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / APIX)
+    ctf = ctf_2d(48, APIX, *[torch.tensor(truth[c].to_numpy()) for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")],
                  voltage=300, cs=2.7, amplitude_contrast=0.1,
-                 phase_shift=torch.as_tensor(truth["rlnPhaseShift"].to_numpy()),
-                 bfactor=torch.as_tensor(truth["rlnCtfBfactor"].to_numpy()))
+                 phase_shift=torch.tensor(truth["rlnPhaseShift"].to_numpy()),
+                 bfactor=torch.tensor(truth["rlnCtfBfactor"].to_numpy()))
     expected = irfft2_centered(proj.project(rot.float(), -origin_px.float()) * ctf, 48).numpy()
     scale = np.abs(expected).max()
     assert np.abs(imgs - expected).max() < 1e-4 * scale

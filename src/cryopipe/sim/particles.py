@@ -311,7 +311,8 @@ def simulate_particles(
         truth_in_main: also write the true angles and origins into ``particles.star``.
         batch_size: images computed at once (memory ~ ``batch_size · N²`` complex values).
         images_per_stack: images per ``.mrcs`` file (``<stack_dir>/particles_00001.mrcs``, ...).
-        pilot_size: particles (the first rows) whose noise-free images set the signal variance of the SNR.
+        pilot_size: true particles (the first non-junk rows) whose noise-free images set the signal variance of
+            the SNR.
         dtype: ``"float32"`` or ``"float16"`` (MRC mode 12, as RELION writes for ``--float16``).
         particles_per_micrograph: rows sharing one (fictitious) ``rlnMicrographName``.
         image_root: directory that ``rlnImageName`` paths are relative to (default ``out_dir``; RELION resolves
@@ -360,13 +361,21 @@ def simulate_particles(
     angles_all = torch.as_tensor(angles, dtype=torch.float32, device=dev)
     ctf_all = {k: torch.as_tensor(v, dtype=torch.float32, device=dev) for k, v in ctf_cols.items()}
 
-    def clean_images(sl: slice) -> torch.Tensor:
-        params = {k: v[sl] for k, v in ctf_all.items()} if ctf else None
-        return particle_images(projector, angles_all[sl], origins_px_all[sl], pixel_size, params,
+    def clean_images(sel: slice | torch.Tensor) -> torch.Tensor:
+        params = {k: v[sel] for k, v in ctf_all.items()} if ctf else None
+        return particle_images(projector, angles_all[sel], origins_px_all[sel], pixel_size, params,
                                voltage, cs, amplitude_contrast)
 
-    # ---- noise level from a pilot of noise-free particle images (the junk label is ignored here)
-    pilot = clean_images(slice(0, min(n, max(1, pilot_size))))
+    # ---- noise level from a pilot: the noise-free images of the first `pilot_size` true particles
+    real = np.flatnonzero(junk == JUNK_NONE)[:max(1, pilot_size)]
+    if real.size:
+        pilot = clean_images(torch.as_tensor(real, device=dev))
+    else:  # only junk: the signal of particles that would have had the first rows' CTFs
+        m = min(n, max(1, pilot_size))
+        pilot = particle_images(projector, torch.as_tensor(random_orientations(m, rng), dtype=torch.float32,
+                                                           device=dev), None, pixel_size,
+                                {k: v[:m] for k, v in ctf_all.items()} if ctf else None,
+                                voltage, cs, amplitude_contrast)
     sig_var = signal_variance(pilot, radius)
     del pilot
     sigma = noise_sigma_for_snr(sig_var, snr)
