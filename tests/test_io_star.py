@@ -168,11 +168,15 @@ def test_write_float_formats(tmp_path):
     path = tmp_path / "f.star"
     write_star(path, {"t": df})
     back = read_star(path)["t"]
-    np.testing.assert_array_equal(back["rlnA"].to_numpy(), df["rlnA"].to_numpy())  # float64 exact
+    np.testing.assert_allclose(back["rlnA"].to_numpy(), df["rlnA"].to_numpy(), rtol=5e-12, atol=0)  # float64
     np.testing.assert_array_equal(back["rlnB"].to_numpy().astype(np.float32), df["rlnB"].to_numpy())  # float32 exact
     assert back["rlnC"].dtype == np.int64 and back["rlnC"].tolist() == [1, 2, -3, 40000000000]
     text = path.read_text()
-    assert "0.33333334 " in text and "40000000000\n" in text
+    assert "0.333333333333 0.333333343 " in text and "40000000000\n" in text
+    # values with <= 12 significant digits (all RELION output) are written exactly
+    exact = pd.DataFrame({"rlnX": [12648.459659, -0.04903, 1.296829e06, 3.386869e-06, 123456.123456]})
+    write_star(path, {"t": exact})
+    np.testing.assert_array_equal(read_star(path)["t"]["rlnX"].to_numpy(), exact["rlnX"].to_numpy())
     write_star(path, {"t": df}, float_format="%.8g")
     back = read_star(path)["t"]
     np.testing.assert_allclose(back["rlnA"], df["rlnA"], rtol=1e-8)
@@ -210,6 +214,10 @@ def test_errors(tmp_path):
     bad.write_text("data_a\n_rlnA 1\ndata_a\n_rlnA 2\n")
     with pytest.raises(InputFileError, match="appears twice"):
         read_star(bad)
+    bad.write_bytes(b"data_x\n\0\1\2binary")
+    with pytest.raises(InputFileError, match="not a text file"):
+        read_star(bad)
+    bad.write_text("data_a\n_rlnA 1\ndata_a\n_rlnA 2\n")
     with pytest.raises(InputFileError) as info:
         read_star(bad)
     assert "\n" not in str(info.value)
@@ -235,5 +243,5 @@ def test_speed_1e5_rows(tmp_path):
     t2 = time.perf_counter()
     print(f"\nSTAR 1e5 x 20: write {t1 - t0:.2f} s, read {t2 - t1:.2f} s, {path.stat().st_size / 1e6:.1f} MB")
     assert back.shape == df.shape
-    np.testing.assert_array_equal(back["rlnValue3"].to_numpy(), df["rlnValue3"].to_numpy())
+    np.testing.assert_allclose(back["rlnValue3"].to_numpy(), df["rlnValue3"].to_numpy(), rtol=5e-12)
     assert back["rlnImageName"].iloc[12345] == df["rlnImageName"].iloc[12345]

@@ -13,9 +13,9 @@ RELION 3.0 writes no version line and uses one unnamed ``data_`` block for parti
 * Key-value blocks become ``dict[label, value]`` with the same typing per value.
 * A loop body is parsed by :func:`pandas.read_csv` (C parser): 10^5 rows x 20 columns in well under a second.
 
-Floats are written with the shortest representation that reads back to the identical number (Python
-``repr`` for float64 columns, the shortest float32 representation for float32 columns), unless an explicit
-``float_format`` such as ``"%.8g"`` is given; ints are written as ints; strings containing whitespace, ``"``
+Floats are written with ``%.12g`` (float64 columns: every value RELION writes, <= 12 significant digits,
+reads back identical; anything else to <= 5e-12 relative) or ``%.9g`` (float32 columns: exact float32 round
+trip), unless an explicit ``float_format`` such as ``"%.8g"`` is given; ints are written as ints; strings containing whitespace, ``"``
 or ``#`` (and empty strings) are double-quoted.
 """
 
@@ -39,9 +39,14 @@ Block = pd.DataFrame | dict[str, object]
 
 _VERSION_RE = re.compile(r"^\s*#\s*version\s+(\d+)")
 # A line that ends a loop body: blank, or the start of a new block / loop / label.
-_LOOP_END_RE = re.compile(r"^[ \t]*(?:\r?$|data_|loop_|_)", re.M)
+# (Starts with a literal newline so that the regex engine scans fast; the match begins at the newline
+# that ends the last body line.)
+_LOOP_END_RE = re.compile(rb"\n[ \t]*(?:\r?\n|\r?\Z|data_|loop_|_)")
 # An all-digit token with a leading zero ("0001"): such a column is kept as strings.
-_LEADING_ZERO_TOKEN_RE = re.compile(r"(?:^|[ \t])[+-]?0\d+(?=[ \t\r]|$)", re.M)
+_LEADING_ZERO_TOKEN_RE = re.compile(rb"[ \t\n][+-]?0\d+(?=[ \t\r\n]|\Z)")
+_LEADING_ZERO_FIRST_RE = re.compile(rb"[ \t]*[+-]?0\d+(?=[ \t\r\n]|\Z)")
+_NON_SPACE_RE = re.compile(rb"\S")
+_COMMENT_BYTES_RE = re.compile(rb"(?:^|(?<=[ \t]))#[^\n]*", re.M)
 # Tokens of one line: "quoted", 'quoted' or bare.
 _TOKEN_RE = re.compile(r'"([^"]*)"|\'([^\']*)\'|(\S+)')
 _LEADING_ZERO_RE = re.compile(r"[+-]?0\d+\Z")
@@ -60,6 +65,15 @@ _STRING_LABELS = frozenset({
     "rlnPostprocessedMapMasked", "rlnMaskName", "rlnPipeLineProcessName", "rlnPipeLineProcessAlias",
     "rlnPipeLineNodeName", "rlnPipeLineEdgeFromNode", "rlnPipeLineEdgeToNode", "rlnPipeLineEdgeProcess",
     "rlnJobOptionVariable", "rlnJobOptionValue", "rlnJobTypeLabel", "rlnTomoImportImodDir",
+})
+
+
+# Common RELION integer labels: their values are numbers, so no check for zero-padded strings is needed.
+_INT_LABELS = frozenset({
+    "rlnClassNumber", "rlnRandomSubset", "rlnOpticsGroup", "rlnGroupNumber", "rlnNrOfSignificantSamples",
+    "rlnImageSize", "rlnImageDimensionality", "rlnSpectralIndex", "rlnHelicalTubeID", "rlnGroupNrParticles",
+    "rlnCtfDataAreCtfPremultiplied", "rlnMicrographFrameNumber", "rlnParticleNumber", "rlnImageId",
+    "rlnMicrographId", "rlnNrOfFrames", "rlnIsFlip",
 })
 
 
@@ -93,9 +107,10 @@ def _strip_comments(body: str) -> str:
     return re.sub(r"(?:^|(?<=[ \t]))#[^\n]*", "", body, flags=re.M)
 
 
-def _find_bad_row(path: Path, body: str, first_line: int, ncols: int) -> None:
+def _find_bad_row(path: Path, body: bytes, first_line: int, ncols: int) -> None:
     """Slow path: raise an InputFileError for the first row whose field count differs from ``ncols``."""
-    for i, line in enumerate(body.split("\n")):
+    for i, raw in enumerate(body.split(b"\n")):
+        line = raw.decode("utf-8", errors="replace")
         content = _strip_comments(line).strip()
         if not content:
             continue
@@ -106,18 +121,19 @@ def _find_bad_row(path: Path, body: str, first_line: int, ncols: int) -> None:
                 "fix or remove that row; every row needs one value per _rln label")
 
 
-def _parse_loop_body(path: Path, labels: list[str], body: str, first_line: int) -> pd.DataFrame:
+def _parse_loop_body(path: Path, labels: list[str], body: bytes, first_line: int) -> pd.DataFrame:
     ncols = len(labels)
-    if not body.strip():
+    if _NON_SPACE_RE.search(body) is None:
         return pd.DataFrame({lab: pd.Series([], dtype=object) for lab in labels})
-    if "#" in body:
-        body = _strip_comments(body)
+    if b"#" in body:
+        body = _COMMENT_BYTES_RE.sub(b"", body)
     forced_str = {lab: str for lab in labels if is_string_label(lab)}
     read_kw = dict(sep=r"\s+", header=None, names=labels, quotechar='"', keep_default_na=False,
-                   na_values=_NA_VALUES, skip_blank_lines=True, engine="c", index_col=False)
+                   na_values=_NA_VALUES, skip_blank_lines=True, engine="c", index_col=False, low_memory=False,
+                   encoding="utf-8")
     try:
-        df = pd.read_csv(io.StringIO(body), dtype=forced_str or None, **read_kw)
-    except (pd.errors.ParserError, ValueError) as exc:
+        df = pd.read_csv(io.BytesIO(body), dtype=forced_str or None, **read_kw)
+    except (pd.errors.ParserError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         _find_bad_row(path, body, first_line, ncols)
         raise InputFileError(path, f"cannot parse the loop starting at line {first_line}: "
                                    f"{str(exc).strip().splitlines()[-1]}", "check the file is a valid STAR file") from exc
@@ -127,11 +143,12 @@ def _parse_loop_body(path: Path, labels: list[str], body: str, first_line: int) 
         _find_bad_row(path, body, first_line, ncols)
     # Columns pandas typed as bool ("True"/"False") or as int with leading zeros ("0001") are strings for us.
     reread = [lab for lab in labels if lab not in forced_str and df[lab].dtype == bool]
-    int_cols = [lab for lab in labels if lab not in forced_str and pd.api.types.is_integer_dtype(df[lab].dtype)]
-    if int_cols and _LEADING_ZERO_TOKEN_RE.search(body):
+    int_cols = [lab for lab in labels if lab not in forced_str and lab not in _INT_LABELS
+                and pd.api.types.is_integer_dtype(df[lab].dtype)]
+    if int_cols and (_LEADING_ZERO_FIRST_RE.match(body) or _LEADING_ZERO_TOKEN_RE.search(body)):
         reread += int_cols
     if reread:
-        raw = pd.read_csv(io.StringIO(body), dtype=str, usecols=reread, **read_kw)
+        raw = pd.read_csv(io.BytesIO(body), dtype=str, usecols=reread, **read_kw)
         for lab in reread:
             col = raw[lab]
             if df[lab].dtype == bool or col.str.match(r"[+-]?0\d").any():
@@ -146,30 +163,33 @@ def read_star_with_version(path: str | os.PathLike) -> tuple[dict[str, Block], i
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputFileError(path, "file not found", "check the path") from None
     except IsADirectoryError:
         raise InputFileError(path, "is a directory, not a STAR file", "give the path of a .star file") from None
-    except UnicodeDecodeError:
-        raise InputFileError(path, "is not a text file", "give a STAR file (text), not a binary file") from None
     except OSError as exc:
         raise InputFileError(path, f"cannot be read ({exc.strerror})", "check permissions") from None
+    if b"\0" in data[:65536]:
+        raise InputFileError(path, "is not a text file", "give a STAR file (text), not a binary file")
 
     blocks: dict[str, Block] = {}
     version: int | None = None
-    pos, lineno, n = 0, 1, len(text)
+    pos, lineno, n = 0, 1, len(data)
     current: str | None = None  # name of the block being filled
     kind: str | None = None  # None (empty so far), "kv" or "loop"
 
     def next_line() -> tuple[str, int]:
         nonlocal pos, lineno
-        end = text.find("\n", pos)
+        end = data.find(b"\n", pos)
         if end < 0:
             end = n
-        line, this = text[pos:end], lineno
+        raw, this = data[pos:end], lineno
         pos, lineno = end + 1, lineno + 1
-        return line, this
+        try:
+            return raw.decode("utf-8"), this
+        except UnicodeDecodeError:
+            raise InputFileError(path, f"line {this}: not UTF-8 text", "give a STAR file (text)") from None
 
     def start_block(name: str, at: int) -> None:
         nonlocal current, kind
@@ -223,14 +243,15 @@ def read_star_with_version(path: str | os.PathLike) -> tuple[dict[str, Block], i
                 raise InputFileError(path, f"loop at line {at}: label(s) {', '.join(dup)} appear twice",
                                      "remove the duplicate columns")
             body_start, body_line = pos, lineno
-            first = text[pos:text.find("\n", pos) if text.find("\n", pos) >= 0 else n].strip()
-            if first.startswith(("data_", "loop_")):
+            eol = data.find(b"\n", pos)
+            first = data[pos:eol if eol >= 0 else n].strip()
+            if first.startswith((b"data_", b"loop_")):
                 body_end = pos  # empty loop followed directly by another block
             else:
-                m = _LOOP_END_RE.search(text, pos)
-                body_end = m.start() if m else n
-            body = text[body_start:body_end]
-            lineno += body.count("\n")
+                m = _LOOP_END_RE.search(data, pos)
+                body_end = m.start() + 1 if m else n
+            body = data[body_start:body_end]
+            lineno += body.count(b"\n")
             pos = body_end
             blocks[current] = _parse_loop_body(path, labels, body, body_line)
             continue
@@ -290,8 +311,12 @@ def star_version(path: str | os.PathLike) -> int | None:
 # ------------------------------------------------------------------------------------------------ writing
 
 
+_NEEDS_QUOTE_PATTERN = r"\A\Z|\s|\"|\A[#_']"
+_NEEDS_QUOTE_RE = re.compile(_NEEDS_QUOTE_PATTERN)
+
+
 def _needs_quote(value: str) -> bool:
-    return value == "" or any(c.isspace() for c in value) or '"' in value or value.startswith(("#", "_", "'"))
+    return _NEEDS_QUOTE_RE.search(value) is not None
 
 
 def _quote(value: str) -> str:
@@ -300,27 +325,39 @@ def _quote(value: str) -> str:
     return f'"{value}"'
 
 
-def _format_float_array(values: np.ndarray, float_format: str | None) -> list[str]:
-    if float_format is not None:
-        return [float_format % v for v in values.tolist()]
-    if values.dtype == np.float32 or values.dtype == np.float16:
-        # Shortest representation that reads back to the same float32 (numpy Dragon4).
-        return values.astype(np.float32).astype(str).tolist()
-    return list(map(repr, values.astype(np.float64).tolist()))
+FLOAT64_FORMAT = "%.12g"  # exact for every value RELION writes (<= 12 significant digits); relative error <= 5e-12
+FLOAT32_FORMAT = "%.9g"  # 9 significant digits: exact round trip of any float32
 
 
-def _format_column(col: pd.Series, float_format: str | None) -> list[str]:
+def _column_for_rows(col: pd.Series, float_format: str | None) -> tuple[str, list]:
+    """(printf conversion, values) of one column for row-wise ``fmt % row`` formatting."""
     dtype = col.dtype
     if pd.api.types.is_bool_dtype(dtype):
-        return col.astype(np.int64).astype(str).tolist()
+        return "%d", col.astype(np.int64).tolist()
     if pd.api.types.is_integer_dtype(dtype):
         if col.isna().any():  # nullable ints with missing values
             raise ValueError(f"column {col.name} has missing values")
-        return list(map(str, col.to_numpy(dtype=np.int64).tolist()))
+        return "%d", col.to_numpy(dtype=np.int64).tolist()
     if pd.api.types.is_float_dtype(dtype):
-        return _format_float_array(col.to_numpy(), float_format)
-    # strings / objects: format element-wise by Python type
-    return [_format_value(v, float_format) for v in col.tolist()]
+        arr = col.to_numpy()
+        fmt = float_format or (FLOAT32_FORMAT if arr.dtype in (np.float32, np.float16) else FLOAT64_FORMAT)
+        values = arr.astype(np.float64)
+        if fmt.endswith(("g", "G")):
+            # A column whose values all print without '.' or exponent ("300") would read back as ints:
+            # write integral values as "300.0" (exact for |x| < 2^53).
+            finite = values[np.isfinite(values)]
+            if np.all(finite == np.round(finite)) and (finite.size == 0 or np.abs(finite).max() < 1e15):
+                fmt = "%.1f"
+        return fmt, values.tolist()
+    values = col.tolist()
+    if pd.api.types.is_string_dtype(dtype) and not col.isna().any():
+        # all strings: quote only those that need it (vectorised test)
+        flags = col.str.contains(_NEEDS_QUOTE_PATTERN, regex=True).to_numpy(dtype=bool)
+        for i in np.flatnonzero(flags).tolist():
+            values[i] = _quote(values[i])
+        return "%s", values
+    # objects of mixed types: format element-wise by Python type
+    return "%s", [_format_value(v, float_format) for v in values]
 
 
 def _format_value(value: object, float_format: str | None = None) -> str:
@@ -329,11 +366,11 @@ def _format_value(value: object, float_format: str | None = None) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        if float_format is not None:
-            return float_format % float(value)
-        if isinstance(value, (np.float32, np.float16)):
-            return str(np.float32(value))
-        return repr(float(value))
+        if float_format is None:
+            float_format = FLOAT32_FORMAT if isinstance(value, (np.float32, np.float16)) else FLOAT64_FORMAT
+        text = float_format % float(value)
+        # keep it a float when read back ("3" would be an int)
+        return text if any(c in text for c in ".eEnN") else text + ".0"
     if value is None:
         return '""'
     s = str(value)
@@ -349,8 +386,9 @@ def _loop_text(df: pd.DataFrame, float_format: str | None) -> str:
     out = ["loop_\n"]
     out += [f"_{_label(c)} #{i + 1}\n" for i, c in enumerate(df.columns)]
     if len(df):
-        cols = [_format_column(df.iloc[:, j], float_format) for j in range(df.shape[1])]
-        out.append("\n".join(map(" ".join, zip(*cols))))
+        convs, cols = zip(*(_column_for_rows(df.iloc[:, j], float_format) for j in range(df.shape[1])))
+        fmt = " ".join(convs)
+        out.append("\n".join([fmt % row for row in zip(*cols)]))  # one C-level format call per row
         out.append("\n")
     return "".join(out)
 
@@ -372,7 +410,8 @@ def write_star(path: str | os.PathLike, blocks: Mapping[str, Block] | pd.DataFra
             writes the unnamed ``data_`` block (RELION 3.0). A bare DataFrame is written as the unnamed block.
         version: ``# version`` number written before each block (RELION 3.1/4: 30001, 5: 50001);
             None writes no version line (RELION 3.0 style).
-        float_format: printf format for floats (e.g. ``"%.8g"``); default: shortest exact representation.
+        float_format: printf format for floats (e.g. ``"%.8g"``); default ``%.12g`` (float64 columns and
+            values) / ``%.9g`` (float32), see module doc.
     """
     if isinstance(blocks, pd.DataFrame):
         blocks = {"": blocks}
