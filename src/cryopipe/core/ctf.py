@@ -5,7 +5,7 @@ Formula (units: Å, Å⁻¹, degrees at the API, kV, mm):
 * electron wavelength ``λ = 12.2643247 / sqrt(V·(1 + 0.978466e-6·V))`` Å with ``V`` in volts;
 * defocus along the direction ``θ = atan2(ky, kx)`` of the frequency (angle from +x, counter-clockwise towards +y):
   ``Δf(θ) = ΔfU·cos²(θ−θa) + ΔfV·sin²(θ−θa)``, ``θa`` = rlnDefocusAngle; positive defocus = underfocus;
-* ``γ(k) = −π·λ·Δf(θ)·k² + (π/2)·Cs·λ³·k⁴ − φ − atan(Q0/sqrt(1−Q0²))`` with ``Cs`` in Å (mm × 1e7),
+* ``γ(k) = −π·λ·Δf(θ)·k² + (π/2)·Cs·λ³·k⁴ − φ − atan(Q0/sqrt(1−Q0²))``, Cs in Å (mm × 1e7),
   ``φ`` = rlnPhaseShift (degrees → radians), ``Q0`` = rlnAmplitudeContrast;
 * ``CTF(k) = −sin(γ)·exp(−B·k²/4)·scale`` (B = rlnCtfBfactor, scale = rlnCtfScalefactor), so ``CTF(0) = +Q0``
   without phase shift.

@@ -73,7 +73,8 @@ _ICOS = {
     #         3-fold (0.4911234778630044, 0.3568220764705179, 0.7946544753759428)
     "I4": [("rot", 2, (_A5, 0.0, _B5)), ("rot", 5, (2.0, 0.0, 1.0)), ("rot", 3, (-_X53, _Y53, _Z53))],
 }
-# mirror normals of the IH groups (RELION: (1,0,0), (0,0,-1), (0.850650807, 0, 0.525731114), (0.850650807, 0, -0.525731114))
+# mirror normals of the IH groups
+# (RELION: (1,0,0), (0,0,-1), (0.850650807, 0, 0.525731114), (0.850650807, 0, -0.525731114))
 _ICOS_MIRROR = {
     "I2": (1.0, 0.0, 0.0),
     "I1": (0.0, 0.0, -1.0),
@@ -150,7 +151,8 @@ def _generators(s: str) -> list[tuple]:
         return [("rot", 3, (_S13, _S13, _S13)), ("rot", 4, z), ("mirror", (0.0, 1.0, 1.0))]
     if s in ("I5", "I5H"):
         raise CryopipeError(
-            f"symmetry group {s!r} is not defined in RELION ('Symmetry pg_I5 not implemented'); use I1, I2 (= I), I3 or I4"
+            f"symmetry group {s!r} is not defined in RELION ('Symmetry pg_I5 not implemented'); "
+            "use I1, I2 (= I), I3 or I4"
         )
     m = re.fullmatch(r"I([1-4])(H?)", s)
     if m:
