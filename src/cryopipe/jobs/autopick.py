@@ -181,6 +181,7 @@ class LoGOptions:
     outlier_zscore: float = 8.0          # --outlier_removal_zscore
     skip_side: int = 0                   # --skip_side (px)
     optimise_scale: bool = True          # not --skip_optimise_scale
+    robust_threshold: bool = False       # --LoG_robust_threshold (cryopipe only: median/MAD statistics)
     random_seed: int = 1                 # --random_seed (padding noise of non-square micrographs)
 
 
@@ -201,7 +202,8 @@ def log_picker(opts: LoGOptions, fom_map_writer: Callable[[MicrographContext, ob
             fom_map_writer(ctx, maps)
         return log_pick_from_maps(maps, pixel_size, opts.diam_min, opts.diam_max,
                                   adjust_threshold=opts.adjust_threshold, upper_threshold=opts.upper_threshold,
-                                  neighbour=opts.neighbour, skip_side=opts.skip_side)
+                                  neighbour=opts.neighbour, skip_side=opts.skip_side,
+                                  robust_threshold=opts.robust_threshold)
 
     return pick
 
@@ -335,6 +337,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--Log_max_search", "--LoG_max_search", dest="log_max_search", type=float, default=5.0,
                    help="largest searched diameter is this many times --LoG_diam_max")
     p.add_argument("--LoG_use_ctf", action="store_true", help="divide the micrograph by its CTF up to the first peak")
+    p.add_argument("--LoG_robust_threshold", action="store_true",
+                   help="(not in RELION) thresholds in units of the median and 1.4826·MAD of the FOMs instead of their "
+                        "mean and σ: contamination no longer raises the threshold, and --LoG_upper_threshold can remove "
+                        "it (recommended with it: --LoG_adjust_threshold 4 --LoG_upper_threshold 12)")
     p.add_argument("--lowpass", type=float, default=20.0,
                    help="resolution (Å) of the work grid for --shrink 0; <= 0 = none (RELION GUI value 20; "
                         "relion_autopick's own default is none)")
@@ -380,7 +386,8 @@ def main(args: argparse.Namespace) -> int:
                       neighbour=args.LoG_neighbour, max_search=args.log_max_search, use_ctf=args.LoG_use_ctf,
                       lowpass=args.lowpass if args.lowpass is not None and args.lowpass > 0 else None,
                       shrink=args.shrink, outlier_zscore=args.outlier_removal_zscore, skip_side=args.skip_side,
-                      optimise_scale=not args.skip_optimise_scale, random_seed=args.random_seed)
+                      optimise_scale=not args.skip_optimise_scale, random_seed=args.random_seed,
+                      robust_threshold=args.LoG_robust_threshold)
     in_type = NodeType.MICROGRAPHS_CTF if mics.ctf is not None else NodeType.MICROGRAPHS
     with open_job_dir(args.output, "AutoPick", ProcessLabel.AUTOPICK_LOG, inputs=[(args.input, in_type)],
                       params=vars(args), continue_job=args.continue_) as job:

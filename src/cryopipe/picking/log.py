@@ -342,7 +342,7 @@ def log_fom_maps(micrograph: torch.Tensor, pixel_size: float, diam_min: float, d
 
 def log_pick_from_maps(maps: LoGMaps, pixel_size: float, diam_min: float, diam_max: float, *,
                        adjust_threshold: float = 0.0, upper_threshold: float = 99999.0, neighbour: float = 100.0,
-                       skip_side: int = 0) -> PickTable:
+                       skip_side: int = 0, robust_threshold: bool = False) -> PickTable:
     """Steps 5–7 of the LoG picker (edge band, thresholds, greedy picking) on precomputed :class:`LoGMaps`.
 
     Args:
@@ -351,6 +351,11 @@ def log_pick_from_maps(maps: LoGMaps, pixel_size: float, diam_min: float, diam_m
             contamination, but still suppress their neighbourhood).
         neighbour: ``--LoG_neighbour`` (%): exclusion disc diameter = (best diameter + dmin)·neighbour/100.
         skip_side: ``--skip_side`` extra edge (micrograph pixels); at least ``0.5·dmin/apix`` is skipped.
+        robust_threshold: not in RELION (default off = RELION's rule). Use the median and ``1.4826·MAD`` of the
+            ok pixels' FOMs instead of their mean and σ for both thresholds. Contamination (ice, carbon edges)
+            gives a few very high FOMs that inflate σ and with RELION's rule raise the threshold above the
+            particles; the robust statistics ignore them, so ``upper_threshold`` can then remove contamination
+            without losing particles. The numbers differ from RELION's σ units (typical thresholds are higher).
     """
     fom = maps.best_fom
     size_f = maps.best_diameter
@@ -360,8 +365,9 @@ def log_pick_from_maps(maps: LoGMaps, pixel_size: float, diam_min: float, diam_m
 
     # 6a. pixels whose best diameter is in range ("ok"); the others get FOM 0
     size64 = size_f.double()
-    keep = (size64 <= float(diam_max)) & (size64 >= float(diam_min))
-    count = int(keep.sum())
+    ok = (size64 <= float(diam_max)) & (size64 >= float(diam_min))
+    keep = ok.clone()
+    count = int(ok.sum())
     if count == 0:
         return PickTable.empty(device)
 
@@ -377,10 +383,15 @@ def log_pick_from_maps(maps: LoGMaps, pixel_size: float, diam_min: float, diam_m
     fom = torch.where(keep, fom, zero)
 
     # 6b. mean and population σ of the ok pixels' FOMs (zeros elsewhere add nothing), thresholds
-    f64 = fom.double()
-    mean_ok = float(f64.sum()) / count
-    var_ok = float((f64 * f64).sum()) / count - mean_ok * mean_ok
-    sd_ok = math.sqrt(max(var_ok, 0.0))
+    if robust_threshold:
+        vals = fom[ok].double()
+        mean_ok = float(vals.median())
+        sd_ok = 1.4826 * float((vals - mean_ok).abs().median())
+    else:
+        f64 = fom.double()
+        mean_ok = float(f64.sum()) / count
+        var_ok = float((f64 * f64).sum()) / count - mean_ok * mean_ok
+        sd_ok = math.sqrt(max(var_ok, 0.0))
     thr = np.float32(mean_ok + adjust_threshold * sd_ok)
     upper = np.float32(mean_ok + upper_threshold * sd_ok)
     fom = torch.where(fom < float(thr), zero, fom)
@@ -400,7 +411,7 @@ def log_pick(micrograph: torch.Tensor, pixel_size: float, diam_min: float, diam_
              upper_threshold: float = 99999.0, invert: bool = False, neighbour: float = 100.0,
              max_search: float = 5.0, outlier_zscore: float = 8.0, use_ctf: bool = False,
              ctf: Mapping[str, float] | None = None, skip_side: int = 0, optimise_scale: bool = True,
-             seed: int = 1, dtype: torch.dtype | None = None) -> PickTable:
+             robust_threshold: bool = False, seed: int = 1, dtype: torch.dtype | None = None) -> PickTable:
     """Pick blobs of diameter ``diam_min … diam_max`` Å on one micrograph with RELION's LoG picker.
 
     Args: see :func:`log_fom_maps` and :func:`log_pick_from_maps` (RELION option names in brackets there).
@@ -414,4 +425,5 @@ def log_pick(micrograph: torch.Tensor, pixel_size: float, diam_min: float, diam_
                         max_search=max_search, outlier_zscore=outlier_zscore, use_ctf=use_ctf, ctf=ctf,
                         optimise_scale=optimise_scale, seed=seed, dtype=dtype)
     return log_pick_from_maps(maps, pixel_size, diam_min, diam_max, adjust_threshold=adjust_threshold,
-                              upper_threshold=upper_threshold, neighbour=neighbour, skip_side=skip_side)
+                              upper_threshold=upper_threshold, neighbour=neighbour, skip_side=skip_side,
+                              robust_threshold=robust_threshold)
