@@ -100,6 +100,28 @@ def test_symmetric_assembly_is_symmetric(enolase):
     assert np.corrcoef(vol.ravel(), _rotate_int(vol, np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]])).ravel())[0, 1] < 0.9
 
 
+def test_symmetric_assembly_automatic_offset_is_invariant(enolase):
+    """Default offset (T, 12 copies): no clashes, and the atom set is invariant under every operator."""
+    pytest.importorskip("cryopipe.core.symmetry")
+    from scipy.spatial import cKDTree
+
+    from cryopipe.core.symmetry import symmetry_operators
+
+    st = symmetric_assembly(enolase, "T")
+    xyz = np.array([[a.pos.x, a.pos.y, a.pos.z] for ch in st[0] for r in ch for a in r])
+    n_mono = sum(len(r) for ch in enolase[0] for r in ch)
+    assert len(xyz) == 12 * n_mono
+    tree = cKDTree(xyz)
+    for r in symmetry_operators("T").numpy():
+        d, _ = tree.query(xyz @ r.T)
+        assert d.max() < 1e-3
+    # copies do not overlap: every atom's nearest atom of another copy is >= 2 Å away
+    label = np.repeat(np.arange(12), n_mono)
+    pairs = tree.query_pairs(2.0, output_type="ndarray")
+    assert not np.any(label[pairs[:, 0]] != label[pairs[:, 1]])
+    np.testing.assert_allclose(xyz.mean(axis=0), 0, atol=1e-3)  # symmetry centre at the origin
+
+
 def test_symmetric_assembly_detects_clash(enolase):
     pytest.importorskip("cryopipe.core.symmetry")
     with pytest.raises(CryopipeError, match="overlap"):

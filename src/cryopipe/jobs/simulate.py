@@ -56,7 +56,8 @@ def build_volume(
 
     From ``map_path`` (an MRC map; ``box`` / ``pixel_size`` must agree with it when given), or from the atomic
     ``model`` (:func:`cryopipe.sim.atomic.potential_map`, centre of mass at ``N//2``). ``sym`` other than C1 builds
-    the assembly of copies placed ``sym_offset_A`` Å (default: the monomer radius + 5 Å) off the symmetry centre.
+    the assembly of copies placed ``sym_offset_A`` Å off the symmetry centre (default: the closest distance without
+    clashes, :func:`cryopipe.sim.atomic.symmetric_assembly`).
     ``box`` None: :func:`default_box` of the (assembly's) diameter.
     """
     if map_path is not None:
@@ -79,8 +80,7 @@ def build_volume(
     st = load_model(model)
     radius = model_radius(st)
     if sym.upper() != "C1":
-        offset = float(sym_offset_A) if sym_offset_A is not None else radius + 5.0
-        st = symmetric_assembly(st, sym, offset)
+        st = symmetric_assembly(st, sym, sym_offset_A)
         radius = model_radius(st)
     n = int(box) if box is not None else default_box(2 * radius, pixel_size)
     if n * pixel_size < 2 * radius:
@@ -136,7 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blur", type=float, default=20.0, help="B-factor (Å²) added to every atom")
     g.add_argument("--sym", default="C1", help="build a point-group assembly of the model (C1: the model itself)")
     g.add_argument("--sym_offset", type=float, default=None,
-                   help="distance (Å) of each copy from the symmetry centre (default: model radius + 5 Å)")
+                   help="distance (Å) of each copy from the symmetry centre (default: closest without clashes)")
     g = p.add_argument_group("data")
     g.add_argument("--n", type=int, default=None,
                    help="number of particles (--what particles, default 1000) or micrographs (default 10)")

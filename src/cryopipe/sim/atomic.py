@@ -42,6 +42,8 @@ _BUILTIN = {"3enl": DATA_DIR / "3enl.pdb"}
 _MAX_FINE_SPACING_A = 0.75
 #: the oversampled grid must stay below this many voxels per side (memory: 4·M³ bytes in gemmi)
 _MAX_FINE_SIZE = 1024
+#: the default oversampling is lowered (not below 2) to keep the fine grid at most this size
+_DEFAULT_FINE_SIZE = 640
 
 ModelLike = "gemmi.Structure | gemmi.Model | str | os.PathLike"
 
@@ -159,7 +161,8 @@ def potential_map(
             With ``False`` the model coordinates are used as they are: an atom at ``(x, y, z)`` Å lies at voxel
             ``(x, y, z) / pixel_size`` (0-based; the map is periodic, so keep the model inside the box).
         oversample: evaluate on a grid this many times finer, then Fourier-crop (default: the smallest factor
-            that gives a spacing ≤ 0.75 Å, i.e. 4 for 3 Å pixels as in the fixtures' ``ref_map.mrc``).
+            that gives a spacing ≤ 0.75 Å, i.e. 4 for 3 Å pixels as in the fixtures' ``ref_map.mrc``; lowered
+            for large boxes to keep the fine grid ≤ 640³, or ≤ 1024³ with a factor of 2 or 1).
         device: where the Fourier crop runs.
 
     Returns:
@@ -171,6 +174,9 @@ def potential_map(
         raise CryopipeError(f"potential_map: blur_B={blur_B} Å² must be >= 0")
     if oversample is None:
         oversample = max(1, math.ceil(pixel_size / _MAX_FINE_SPACING_A - 1e-9))
+        # large boxes: fewer sub-samples (3 gives a correlation of 1 − 1e-8 with 4 on ref_map, 2 gives 0.9999)
+        while oversample > 1 and box * oversample > (_DEFAULT_FINE_SIZE if oversample > 2 else _MAX_FINE_SIZE):
+            oversample -= 1
     if oversample < 1:
         raise CryopipeError(f"potential_map: oversample={oversample} must be >= 1")
     m_fine = box * oversample
@@ -204,67 +210,106 @@ def potential_map(
     return out.to(torch.float32).cpu().numpy()
 
 
-def symmetric_assembly(model, group: str, offset_A, clash_A: float | None = 2.0) -> gemmi.Structure:
+def _generic_direction(ops: np.ndarray) -> tuple[np.ndarray, float]:
+    """The unit vector ``d`` (among 600 Fibonacci-sphere directions) whose images ``R·d`` under the group's
+    non-identity operators stay farthest from ``d``: ``(d, min_R |R·d − d|)`` (``inf`` for C1)."""
+    others = np.array([r for r in ops if not np.allclose(r, np.eye(3), atol=1e-6)])
+    if len(others) == 0:
+        return np.array([1.0, 0.0, 0.0]), math.inf
+    k = np.arange(600) + 0.5
+    z = 1.0 - 2.0 * k / 600
+    phi = k * math.pi * (3.0 - math.sqrt(5.0))
+    d = np.stack([np.sqrt(1 - z * z) * np.cos(phi), np.sqrt(1 - z * z) * np.sin(phi), z], axis=1)
+    sep = np.linalg.norm(np.einsum("rij,dj->dri", others, d) - d[:, None, :], axis=-1).min(axis=1)
+    best = int(np.argmax(sep))
+    return d[best], float(sep[best])
+
+
+def _first_clash(xyz: np.ndarray, label: np.ndarray, clash_A: float) -> tuple[int, int] | None:
+    """A pair of copy labels with atoms closer than ``clash_A`` Å, or None."""
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(xyz).query_pairs(clash_A, output_type="ndarray")
+    bad = pairs[label[pairs[:, 0]] != label[pairs[:, 1]]]
+    if len(bad) == 0:
+        return None
+    i, j = sorted((int(label[bad[0, 0]]), int(label[bad[0, 1]])))
+    return i, j
+
+
+def symmetric_assembly(model, group: str, offset_A=None, clash_A: float | None = 2.0) -> gemmi.Structure:
     """A point-group-symmetric assembly built from copies of one model.
 
-    The model's mass-weighted centre of mass is moved to ``offset_A`` (Å, vector ``(x, y, z)`` from the
-    symmetry centre at the origin), then every operator ``R`` of ``group``
-    (:func:`cryopipe.core.symmetry.symmetry_operators`, RELION's axis conventions) makes one copy with
-    coordinates ``R·x``. The result is centred on the origin's symmetry elements: :func:`potential_map` with
-    ``center=True`` then puts the symmetry centre at voxel ``N//2`` for D/T/O/I groups (for Cn the centre of mass
-    lies on the z axis, so the axis passes through ``N//2`` in x and y).
+    The model's mass-weighted centre of mass is moved to ``offset`` (Å, from the symmetry centre at the origin),
+    then every operator ``R`` of ``group`` (:func:`cryopipe.core.symmetry.symmetry_operators`, RELION's axis
+    conventions) makes one copy with coordinates ``R·x``. :func:`potential_map` with ``center=True`` then puts the
+    symmetry centre at voxel ``N//2`` for D/T/O/I groups (for Cn the centre of mass lies on the z axis, so the
+    axis passes through ``N//2`` in x and y).
 
     Args:
         model: Structure / Model / name / path (not modified).
         group: point group name, e.g. ``"C4"``, ``"D2"``, ``"T"``, ``"O"``, ``"I1"``.
-        offset_A: ``(x, y, z)`` Å, or a number (distance in Å along the generic direction
-            ``(0.86, 0.42, 0.29)``, which lies off every symmetry axis of RELION's groups).
-        clash_A: raise if atoms of different copies come closer than this (Å); ``None`` skips the check.
+        offset_A: ``(x, y, z)`` Å; or a number: that distance along the direction farthest from the group's
+            symmetry elements (for Cn: in the xy plane); or None: the smallest such distance (5 % steps, from
+            copies 1.5 model radii apart) at which no two copies clash.
+        clash_A: raise if atoms of different copies come closer than this (Å); ``None`` skips the check (and
+            then ``offset_A`` must be given).
 
     Returns:
         A new ``gemmi.Structure`` with one model; chains named ``<chain>_<copy index>`` (copy 0 = identity).
     """
     from cryopipe.core.symmetry import symmetry_operators
 
-    ops = symmetry_operators(group)
-    ops = ops.detach().cpu().to(torch.float64).numpy()
-    off = np.asarray(offset_A, dtype=np.float64)
-    if off.ndim == 0:
-        direction = np.array([0.86, 0.42, 0.29])
-        off = float(off) * direction / np.linalg.norm(direction)
-    if off.shape != (3,):
-        raise CryopipeError(f"symmetric_assembly: offset_A={offset_A!r} must be a number or an (x, y, z) vector in Å")
+    ops = symmetry_operators(group).detach().cpu().to(torch.float64).numpy()
     mono = _as_model(model)
     com = mono.calculate_center_of_mass()
+    com = np.array([com.x, com.y, com.z])
+    xyz0 = _atom_positions(mono) - com
+    label = np.repeat(np.arange(len(ops)), len(xyz0))
+    direction, sep = _generic_direction(ops)
+
+    def copies(off: np.ndarray) -> np.ndarray:
+        return np.einsum("rij,aj->rai", ops, xyz0 + off).reshape(-1, 3)
+
+    if offset_A is None:
+        if clash_A is None:
+            raise CryopipeError("symmetric_assembly: give offset_A when the clash check is off (clash_A=None)")
+        if math.isinf(sep):
+            off = np.zeros(3)
+        else:
+            radius = float(np.sqrt((xyz0 ** 2).sum(axis=1)).max())
+            dist = 1.5 * radius / sep
+            for _ in range(60):
+                if _first_clash(copies(dist * direction), label, clash_A) is None:
+                    break
+                dist *= 1.05
+            off = dist * direction
+    else:
+        off = np.asarray(offset_A, dtype=np.float64)
+        if off.ndim == 0:
+            off = float(off) * direction
+        if off.shape != (3,):
+            raise CryopipeError(f"symmetric_assembly: offset_A={offset_A!r} must be a number or an (x, y, z) "
+                                "vector in Å")
+    if clash_A is not None and len(ops) > 1:
+        clash = _first_clash(copies(off), label, clash_A)
+        if clash is not None:
+            raise CryopipeError(
+                f"symmetric_assembly: copies {clash[0]} and {clash[1]} of the model overlap (atoms closer than "
+                f"{clash_A} Å) with offset {np.round(off, 1).tolist()} Å; use a larger offset_A (or None: automatic)")
     mono.transform_pos_and_adp(
-        gemmi.Transform(gemmi.Mat33(), gemmi.Vec3(off[0] - com.x, off[1] - com.y, off[2] - com.z)))
+        gemmi.Transform(gemmi.Mat33(), gemmi.Vec3(*(off - com).tolist())))
     out = gemmi.Structure()
     out.name = f"assembly_{group}"
     out.cell = gemmi.UnitCell()  # no crystal cell: an isolated assembly
     new_model = gemmi.Model("1")
-    copies_xyz = []
     for i, r in enumerate(ops):
-        mat = gemmi.Mat33([[float(v) for v in row] for row in r])
-        tr = gemmi.Transform(mat, gemmi.Vec3(0.0, 0.0, 0.0))
         copy = mono.clone()
-        copy.transform_pos_and_adp(tr)
+        copy.transform_pos_and_adp(gemmi.Transform(gemmi.Mat33([[float(v) for v in row] for row in r]),
+                                                   gemmi.Vec3(0.0, 0.0, 0.0)))
         for ch in copy:
             ch.name = f"{ch.name}_{i}"
             new_model.add_chain(ch)
-        if clash_A is not None:
-            copies_xyz.append(_atom_positions(copy))
     out.add_model(new_model)
     out.setup_entities()
-    if clash_A is not None and len(copies_xyz) > 1:
-        from scipy.spatial import cKDTree
-
-        xyz = np.concatenate(copies_xyz)
-        label = np.repeat(np.arange(len(copies_xyz)), [len(c) for c in copies_xyz])
-        pairs = cKDTree(xyz).query_pairs(clash_A, output_type="ndarray")
-        bad = pairs[label[pairs[:, 0]] != label[pairs[:, 1]]]
-        if len(bad):
-            i, j = sorted((int(label[bad[0, 0]]), int(label[bad[0, 1]])))
-            raise CryopipeError(
-                f"symmetric_assembly: copies {i} and {j} of the model overlap (atoms closer than {clash_A} Å) "
-                f"with offset {np.round(off, 1).tolist()} Å; use a larger offset_A")
     return out
