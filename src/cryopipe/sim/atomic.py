@@ -45,7 +45,6 @@ _MAX_FINE_SIZE = 1024
 #: the default oversampling is lowered (not below 2) to keep the fine grid at most this size
 _DEFAULT_FINE_SIZE = 640
 
-ModelLike = "gemmi.Structure | gemmi.Model | str | os.PathLike"
 
 
 def load_model(name_or_path: str | os.PathLike = "3enl") -> gemmi.Structure:
