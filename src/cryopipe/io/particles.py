@@ -225,7 +225,8 @@ def _validate(data: ParticleData) -> None:
         raise InputFileError(where, "data_optics has no rlnOpticsGroup column", "number the optics groups 1, 2, ...")
     if optics["rlnOpticsGroup"].duplicated().any():
         g = optics["rlnOpticsGroup"][optics["rlnOpticsGroup"].duplicated()].iloc[0]
-        raise InputFileError(where, f"optics group {g} is defined twice in data_optics", "give each group its own number")
+        raise InputFileError(where, f"optics group {g} is defined twice in data_optics",
+                             "give each group its own number")
     for lab, what in (("rlnVoltage", "voltage (kV)"), ("rlnSphericalAberration", "spherical aberration (mm)"),
                       (data.pixel_size_label, "pixel size (Å)")):
         if lab not in optics.columns:
@@ -249,7 +250,8 @@ def _validate(data: ParticleData) -> None:
     unknown = [g for g in used.tolist() if g not in known]
     if unknown:
         raise InputFileError(where, f"rlnOpticsGroup {unknown[0]} is used in data_{data.block_name} but not defined in "
-                                    "data_optics", f"add optics group {unknown[0]} to data_optics or fix rlnOpticsGroup")
+                                    "data_optics",
+                             f"add optics group {unknown[0]} to data_optics or fix rlnOpticsGroup")
 
 
 def read_particles(path: str | os.PathLike, pixel_size: float | None = None,

@@ -11,12 +11,12 @@ RELION 3.0 writes no version line and uses one unnamed ``data_`` block for parti
   leading zeros (``"0001"``) or when the label is a file/name label (``rln...Name``, ``...File``,
   ``...Image``, ...). Empty quoted values ``""`` are empty strings.
 * Key-value blocks become ``dict[label, value]`` with the same typing per value.
-* A loop body is parsed by :func:`pandas.read_csv` (C parser): 10^5 rows x 20 columns in well under a second.
+* A loop body is parsed by :func:`pandas.read_csv` (C parser): 10^5 rows x 20 columns in about a second.
 
 Floats are written with ``%.12g`` (float64 columns: every value RELION writes, <= 12 significant digits,
 reads back identical; anything else to <= 5e-12 relative) or ``%.9g`` (float32 columns: exact float32 round
-trip), unless an explicit ``float_format`` such as ``"%.8g"`` is given; ints are written as ints; strings containing whitespace, ``"``
-or ``#`` (and empty strings) are double-quoted.
+trip), unless an explicit ``float_format`` such as ``"%.8g"`` is given; ints are written as ints; strings
+containing whitespace, ``"`` or ``#`` (and empty strings) are double-quoted.
 """
 
 from __future__ import annotations
@@ -135,8 +135,9 @@ def _parse_loop_body(path: Path, labels: list[str], body: bytes, first_line: int
         df = pd.read_csv(io.BytesIO(body), dtype=forced_str or None, **read_kw)
     except (pd.errors.ParserError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         _find_bad_row(path, body, first_line, ncols)
-        raise InputFileError(path, f"cannot parse the loop starting at line {first_line}: "
-                                   f"{str(exc).strip().splitlines()[-1]}", "check the file is a valid STAR file") from exc
+        detail = str(exc).strip().splitlines()[-1]
+        raise InputFileError(path, f"cannot parse the loop starting at line {first_line}: {detail}",
+                             "check the file is a valid STAR file") from exc
     # Rows with too few fields are padded by pandas with "" (or NaN): check the file when the last column has any.
     last = df[labels[-1]]
     if last.isna().any() or (not pd.api.types.is_numeric_dtype(last.dtype) and (last == "").any()):
