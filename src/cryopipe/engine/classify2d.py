@@ -1,0 +1,685 @@
+"""2D classification (RELION ``relion_refine`` with 2D references) on the shared engine.
+
+One iteration (:meth:`Optimiser2D.iterate`):
+
+1. set the coefficient sets of the iteration (current size from the previous resolution, a smaller prefix for the
+   coarse pass and, with ``--strict_highres_exp``, for the posterior), the reference spectra ``τ²``, the expected
+   accuracies, and the predictions of all classes at all (coarse and fine) in-plane angles;
+2. stream the particles in batches: read, CTF, mask, FT (:func:`~cryopipe.engine.batch.prepare_batch`), E-step
+   (:func:`~cryopipe.engine.estep.expectation`), add the M-step sums of the batch to the per-(class, ψ) sums
+   ``S``, ``W`` and the other additive statistics (:class:`Stats2D`), and keep each particle's best assignment;
+3. M-step: rotate the per-(class, ψ) sums into the class frames (``K·R`` small FFTs), apply the update rule (EM:
+   RELION's regularised average; or the gradient rule of :mod:`cryopipe.engine.vdam`), and update the noise
+   spectra, class priors, offset prior, norm/scale corrections, SSNR arrays and the resolution.
+
+Memory is bounded by the batch size (the per-iteration arrays are ``K × R × P``). Device-agnostic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cryopipe.core.ctf import ctf_2d
+from cryopipe.core.fourier import irfft2_centered, phase_shift_2d, rfft2_centered, shift_images
+from cryopipe.core.masks import soft_circular_mask
+from cryopipe.engine.accuracy import expected_accuracy, shift_difference_power, trial_angles, trial_shifts
+from cryopipe.engine.batch import mask_images, prepare_batch
+from cryopipe.engine.coefficients import CoefficientSet, coefficient_set
+from cryopipe.engine.estep import BatchResult, EStepSettings, TranslationGrid, expectation
+from cryopipe.engine.mstep import (
+    current_resolution_shell,
+    estimated_resolution_shell,
+    noise_spectrum,
+    reference_tau2,
+    regularised_update,
+    resolution_per_A,
+    ssnr_arrays,
+    total_fourier_coverage,
+)
+from cryopipe.engine.reference2d import (
+    ClassReferences2D,
+    back_rotate_sums,
+    coefficients_to_images,
+    gridding_correction_2d,
+    images_to_coefficients,
+)
+from cryopipe.engine.sampling import InPlaneSampling, coarse_image_size, psi_step_adjusted
+from cryopipe.errors import CryopipeError
+
+__all__ = ["Class2DSettings", "ParticleSet2D", "ParticleState2D", "Model2D", "Stats2D", "IterationReport",
+           "EMUpdate", "Optimiser2D", "fast_subset_size"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data containers
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Class2DSettings:
+    """Options of a 2D classification (RELION option names in brackets; pixels unless stated)."""
+
+    n_classes: int = 50  # --K
+    n_iter: int = 25  # --iter
+    tau2_fudge: float = 2.0  # --tau2_fudge
+    particle_diameter: float = -1.0  # --particle_diameter (Å); <= 0: 0.8 × box
+    do_ctf: bool = True  # --ctf
+    ctf_intact_first_peak: bool = False  # --ctf_intact_first_peak
+    zero_mask: bool = False  # --zero_mask
+    psi_step: float = 6.0  # --psi_step (degrees, before oversampling; made a divisor of 360/32)
+    offset_range: float = 5.0  # --offset_range (pixels)
+    offset_step: float = 1.0  # --offset_step (pixels, before oversampling)
+    oversampling: int = 1  # --oversampling
+    adaptive_fraction: float = 0.999  # --adaptive_fraction
+    max_significant: int = -1  # --maxsig
+    strict_highres_exp: float = -1.0  # --strict_highres_exp (Å)
+    perturb: float = 0.5  # --perturb
+    do_norm: bool = False  # --norm
+    do_scale: bool = False  # --scale
+    flatten_solvent: bool = False  # --flatten_solvent
+    center_classes: bool = False  # --center_classes
+    minres_map: int = 5  # --minres_map
+    incr_size: int = 10  # --incr_size
+    pad: int = 2  # --pad
+    width_mask_edge: float = 5.0  # --width_mask_edge
+    fast_subsets: bool = False  # --fast_subsets
+    random_seed: int = 0  # --random_seed
+    batch_size: int = 128
+    n_accuracy_particles: int = 50
+    sigma_noise_particles: int = 1000  # particles per optics group for the initial noise spectra
+    do_generate_seeds: bool = True  # first iteration: one random class per particle (from-scratch runs)
+
+
+@dataclass
+class ParticleSet2D:
+    """The particles: how to read them, their CTFs and groups.
+
+    Attributes:
+        n: box size (pixels); pixel_size: Å.
+        load: ``indices [B] -> [B, n, n] float32`` images (numpy; e.g. ``ImageReader.read``).
+        ctf: per-particle CTF parameters (``cryopipe.io.particles.ctf_parameters`` keys: defocus_u, defocus_v,
+            defocus_angle, voltage, cs, amplitude_contrast, phase_shift, bfactor, scale), or None.
+        optics_group: ``[N]`` 0-based; group: ``[N]`` 0-based scale-correction groups (rlnGroupNumber − 1).
+    """
+
+    n: int
+    pixel_size: float
+    load: Callable[[np.ndarray], np.ndarray]
+    ctf: dict[str, np.ndarray] | None
+    optics_group: np.ndarray
+    group: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(len(self.optics_group))
+
+    @property
+    def n_optics_groups(self) -> int:
+        return int(self.optics_group.max()) + 1 if self.size else 1
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.group.max()) + 1 if self.size else 1
+
+
+@dataclass
+class ParticleState2D:
+    """Per-particle assignments (numpy, ``[N]``): ψ (degrees), origin ``[N, 2]`` (pixels, RELION origin),
+    class (0-based, −1 = none yet), norm correction, log-likelihood contribution, max posterior, number of
+    significant samples."""
+
+    psi: np.ndarray
+    origin: np.ndarray
+    klass: np.ndarray
+    norm: np.ndarray
+    loglik: np.ndarray
+    pmax: np.ndarray
+    nsig: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, origin: np.ndarray | None = None) -> ParticleState2D:
+        return cls(np.zeros(n), np.zeros((n, 2)) if origin is None else np.array(origin, float)[:, :2].copy(),
+                   np.full(n, -1, dtype=np.int64), np.ones(n), np.zeros(n), np.zeros(n), np.zeros(n, np.int64))
+
+
+@dataclass
+class Model2D:
+    """The model of a 2D classification (RELION's ``MlModel`` fields that 2D uses; pixels unless stated).
+
+    ``refs [K, n, n]`` class averages; spectra ``[*, n//2+1]`` in RELION units; ``current_resolution`` in 1/Å;
+    ``acc_trans`` in Å; ``estimated_resolution`` in Å.
+    """
+
+    refs: torch.Tensor
+    pixel_size: float
+    pdf_class: torch.Tensor
+    prior_offset: torch.Tensor
+    sigma2_offset: float
+    sigma2_noise: torch.Tensor
+    tau2_fudge: float
+    tau2: torch.Tensor
+    sigma2_ref: torch.Tensor
+    data_vs_prior: torch.Tensor
+    fourier_coverage: torch.Tensor
+    orientability: torch.Tensor
+    acc_rot: torch.Tensor
+    acc_trans: torch.Tensor
+    estimated_resolution: torch.Tensor
+    total_fourier_coverage: torch.Tensor
+    current_resolution: float
+    current_size: int
+    avg_norm_correction: float = 1.0
+    scale_correction: torch.Tensor | None = None
+    group_counts: torch.Tensor | None = None
+    LL: float = 0.0
+    ave_pmax: float = 0.0
+    padding_factor: int = 2
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.refs.shape[0])
+
+    @property
+    def ori_size(self) -> int:
+        return int(self.refs.shape[-1])
+
+    @property
+    def n_shells(self) -> int:
+        return self.ori_size // 2 + 1
+
+
+@dataclass
+class Stats2D:
+    """Sufficient statistics of one iteration; :meth:`add` of two instances equals the statistics of the union
+    of their particles (what batches, devices or workers combine)."""
+
+    S: torch.Tensor  # [K, Rf, P] complex
+    W: torch.Tensor  # [K, Rf, P]
+    wsum_class: torch.Tensor  # [K]
+    wsum_offset: torch.Tensor  # [K, 2] Σ w·(origin + t), pixels
+    wsum_sigma2_offset: torch.Tensor  # scalar, pixels²
+    wsum_sigma2_noise: torch.Tensor  # [G, ns]
+    sumw_group: torch.Tensor  # [G]
+    wsum_norm: torch.Tensor  # scalar Σ new norm corrections
+    scale_xa: torch.Tensor  # [n_groups]
+    scale_aa: torch.Tensor  # [n_groups]
+    loglik: torch.Tensor  # scalar
+    pmax: torch.Tensor  # scalar
+    count: torch.Tensor  # scalar number of images
+
+    @classmethod
+    def zeros(cls, K: int, Rf: int, P: int, G: int, ns: int, n_groups: int, device) -> Stats2D:
+        z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        return cls(z(K, Rf, P, dt=torch.complex64), z(K, Rf, P, dt=torch.float32), z(K), z(K, 2), z(()),
+                   z(G, ns), z(G), z(()), z(n_groups), z(n_groups), z(()), z(()), z(()))
+
+    def add(self, other: Stats2D) -> Stats2D:
+        """In place ``self += other``; returns self."""
+        for name in self.__dataclass_fields__:
+            getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
+        return self
+
+
+@dataclass
+class IterationReport:
+    iteration: int
+    resolution_A: float
+    current_size: int
+    changes_orientations: float
+    changes_offsets_A: float
+    changes_classes: float
+    LL: float
+    ave_pmax: float
+    seconds: float
+
+    def line(self) -> str:
+        return (f"iteration {self.iteration}: resolution {self.resolution_A:.2f} Å (image size {self.current_size}), "
+                f"changes: classes {self.changes_classes:.3f}, psi {self.changes_orientations:.2f}°, offsets "
+                f"{self.changes_offsets_A:.2f} Å; <Pmax> {self.ave_pmax:.3f}; {self.seconds:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# update rules
+# ------------------------------------------------------------------------------------------------------------
+
+class EMUpdate:
+    """RELION's EM update: the regularised (MAP) average ``data / (weight + 1/(T·τ²))`` per class."""
+
+    name = "em"
+
+    def __call__(self, data: torch.Tensor, weight: torch.Tensor, current: torch.Tensor, tau2: torch.Tensor,
+                 shell: torch.Tensor, tau2_fudge: float, minres_map: int, r_max: int, pdf_class: torch.Tensor,
+                 iteration: int) -> torch.Tensor:
+        out = regularised_update(data, weight, tau2, shell, tau2_fudge, minres_map, r_max)
+        return torch.where((pdf_class > 0)[:, None].to(out.device), out, torch.zeros((), dtype=out.dtype,
+                                                                                      device=out.device))
+
+
+def fast_subset_size(iteration: int, n_classes: int, n_particles: int, ref_dim: int = 2) -> int:
+    """RELION ``--fast_subsets``: 100 (2D) / 1500 (3D) particles per class for iterations 1–5, three times that
+    for 6–10, at least 30 % of the data for 11–15, then all (−1)."""
+    per = 100 if ref_dim == 2 else 1500
+    if iteration <= 5:
+        s = per * n_classes
+    elif iteration <= 10:
+        s = 3 * per * n_classes
+    elif iteration <= 15:
+        s = max(3 * per * n_classes, int(0.3 * n_particles))
+    else:
+        s = -1
+    return -1 if s > n_particles else s
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the optimiser
+# ------------------------------------------------------------------------------------------------------------
+
+class Optimiser2D:
+    """Runs 2D classification iterations on a :class:`ParticleSet2D` (see module docstring).
+
+    ``model`` / ``state`` / ``iteration`` can be given to continue a run (e.g. read from RELION files);
+    otherwise call :meth:`initialise`. ``update_rule`` is :class:`EMUpdate` (default) or a gradient rule with
+    the same call signature.
+    """
+
+    def __init__(self, particles: ParticleSet2D, settings: Class2DSettings, *, model: Model2D | None = None,
+                 state: ParticleState2D | None = None, iteration: int = 0, device=None,
+                 update_rule=None, sampling: InPlaneSampling | None = None, progress=None):
+        self.p = particles
+        self.s = settings
+        self.dev = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = model
+        self.state = state if state is not None else ParticleState2D.empty(particles.size)
+        self.iteration = int(iteration)
+        self.update_rule = update_rule if update_rule is not None else EMUpdate()
+        self.progress = progress
+        n = particles.n
+        self.n = n
+        self.full = coefficient_set(n, n // 2, device=self.dev)
+        self.npix = self.full.shell_counts(n // 2 + 1)
+        self.rng = np.random.default_rng(settings.random_seed + 7919 * self.iteration)
+        if sampling is None:
+            sampling = InPlaneSampling(psi_step_adjusted(settings.psi_step), settings.offset_range,
+                                       settings.offset_step, settings.oversampling, 0.0)
+        self.sampling = sampling
+        diam = settings.particle_diameter if settings.particle_diameter > 0 else 0.8 * n * particles.pixel_size
+        self.particle_diameter = diam
+        self.mask = soft_circular_mask(n, diam / (2.0 * particles.pixel_size), settings.width_mask_edge,
+                                       device=self.dev)
+        self.changes = {"orientations": 999.0, "offsets": 999.0, "classes": 1.0}
+        self.smallest_changes = {"orientations": 999.0, "offsets": 999.0, "classes": 9999999.0}
+
+    # -------------------------------------------------------------------------------------- batches
+    def _batches(self, idx: np.ndarray) -> list[np.ndarray]:
+        bs = max(1, int(self.s.batch_size))
+        return [idx[i:i + bs] for i in range(0, idx.size, bs)]
+
+    def _images(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.p.load(idx), dtype=np.float32)).to(self.dev)
+
+    def _ctf(self, idx: np.ndarray, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        if not self.s.do_ctf or self.p.ctf is None:
+            if scale is None:
+                return None
+            return scale.to(self.dev, torch.float32)[:, None, None].expand(idx.size, self.n, self.n // 2 + 1)
+        c = {k: torch.as_tensor(np.asarray(v)[idx], dtype=torch.float64, device=self.dev) for k, v in self.p.ctf.items()}
+        out = ctf_2d(self.n, self.p.pixel_size, c["defocus_u"], c["defocus_v"], c["defocus_angle"],
+                     voltage=c["voltage"], cs=c["cs"], amplitude_contrast=c["amplitude_contrast"],
+                     phase_shift=c["phase_shift"], bfactor=c["bfactor"], scale=c["scale"],
+                     intact_until_first_peak=self.s.ctf_intact_first_peak)
+        if scale is not None:
+            out = out * scale.to(out.device, out.dtype)[:, None, None]
+        return out
+
+    # -------------------------------------------------------------------------------------- initialisation
+    def initialise(self) -> Model2D:
+        """Initial noise spectra and class averages from random subsets with random in-plane angles (RELION's
+        start without references); sets ``self.model`` (iteration 0)."""
+        s, p, n, dev = self.s, self.p, self.n, self.dev
+        K = s.n_classes
+        if p.size < K:
+            raise CryopipeError(f"--K {K}: there are only {p.size} particles; use fewer classes")
+        G = p.n_optics_groups
+        ns = n // 2 + 1
+        order = self.rng.permutation(p.size)
+        # particles used: up to sigma_noise_particles per optics group (RELION's minimum_nr_particles_sigma2_noise)
+        take = []
+        counts = np.zeros(G, dtype=int)
+        for i in order:  # cheap index bookkeeping over particle ids (no image work)
+            g = int(p.optics_group[i])
+            if counts[g] < s.sigma_noise_particles:
+                take.append(i)
+                counts[g] += 1
+            if counts.min() >= s.sigma_noise_particles:
+                break
+        take = np.asarray(take)
+        psi_fine = self.sampling.fine_psi(dev) if s.oversampling > 0 else self.sampling.coarse_psi(dev)
+        Rf = psi_fine.numel()
+        cset = self.full
+        P = cset.size
+        S = torch.zeros(K * Rf, P, dtype=torch.complex64, device=dev)
+        W = torch.zeros(K * Rf, P, dtype=torch.float32, device=dev)
+        pow_sum = torch.zeros(G, ns, dtype=torch.float64, device=dev)
+        img_sum = torch.zeros(n, n, dtype=torch.float64, device=dev)
+        klass = (np.arange(take.size) % K)
+        psi_idx = self.rng.integers(0, Rf, size=take.size)
+        for j, bidx in enumerate(self._batches(np.arange(take.size))):
+            idx = take[bidx]
+            imgs = self._images(idx)
+            ft = phase_shift_2d(rfft2_centered(imgs), torch.as_tensor(self.state.origin[idx], dtype=torch.float32,
+                                                                     device=dev), n)
+            im = mask_images(irfft2_centered(ft, n), self.mask, s.zero_mask)
+            img_sum += im.sum(dim=0).to(torch.float64)
+            X = cset.gather(rfft2_centered(im)) / float(n * n)
+            pw = (X.real.square() + X.imag.square()).to(torch.float64)
+            per = torch.zeros(idx.size, ns, dtype=torch.float64, device=dev).index_add_(1, cset.shell, pw)
+            og = torch.as_tensor(p.optics_group[idx], device=dev)
+            pow_sum.index_add_(0, og, per / self.npix.to(dev)[None])
+            c = self._ctf(idx)
+            cc = torch.ones_like(X.real) if c is None else cset.gather(c)
+            rows = torch.as_tensor(klass[bidx] * Rf + psi_idx[bidx], device=dev)
+            S.index_add_(0, rows, X * cc.to(X.dtype))
+            W.index_add_(0, rows, cc.square())
+        data, weight = back_rotate_sums(S.reshape(K, Rf, P), W.reshape(K, Rf, P), psi_fine, cset, s.pad)
+        # RELION without MAP: data/weight, weights floored at 1/1000 of their shell average
+        wsh = cset.shell_sum(weight.to(torch.float64)) / cset.shell_counts().clamp_min(1)[None]
+        floor = (wsh[:, cset.shell] / 1000.0).to(weight.dtype)
+        F = torch.where(weight > 0, data / torch.maximum(weight, floor).to(data.real.dtype), torch.zeros_like(data))
+        refs = coefficients_to_images(F, cset) / gridding_correction_2d(n, s.pad * n, dev)
+        nimg = torch.zeros(G, dtype=torch.float64, device=dev).index_add_(
+            0, torch.as_tensor(p.optics_group[take], device=dev), torch.ones(take.size, dtype=torch.float64,
+                                                                              device=dev))
+        avg = (img_sum / take.size).to(torch.float32)
+        A = cset.gather(torch.fft.rfft2(torch.fft.ifftshift(avg))) / float(n * n)
+        pa = torch.zeros(ns, dtype=torch.float64, device=dev).index_add_(
+            0, cset.shell, (A.real.square() + A.imag.square()).to(torch.float64)) / self.npix.to(dev)
+        sigma2 = pow_sum / (2.0 * nimg.clamp_min(1)[:, None]) - pa[None] / 2.0
+        for g in range(G):  # G spectra of length ns: RELION's repair of negative values
+            for i in range(ns):
+                if sigma2[g, i] < 0:
+                    pos = torch.nonzero(sigma2[g, i:] > 0)
+                    sigma2[g, i] = sigma2[g, i - 1] if i > 0 and sigma2[g, i - 1] > 0 else (
+                        sigma2[g, i + int(pos[0])] if pos.numel() else 1e-10)
+        pdf = torch.full((K,), 1.0 / K, dtype=torch.float64, device=dev)
+        # RELION initialiseDataVersusPrior: τ² = T·power spectrum, evidence = N·pdf/<σ²>
+        Fr = images_to_coefficients(refs, cset)
+        spec = reference_tau2(Fr, cset.shell, ns)
+        tau2 = s.tau2_fudge * spec
+        avg_s2 = sigma2.mean(dim=0)
+        dvp = torch.where(avg_s2[None] > 0, p.size * pdf[:, None] / avg_s2.clamp_min(1e-300)[None] * tau2,
+                          torch.zeros_like(tau2))
+        model = Model2D(
+            refs=refs.to(torch.float32), pixel_size=p.pixel_size, pdf_class=pdf,
+            prior_offset=torch.zeros(K, 2, dtype=torch.float64, device=dev),
+            sigma2_offset=float(max(s.offset_range, 1.0) ** 2),
+            sigma2_noise=sigma2, tau2_fudge=s.tau2_fudge, tau2=tau2, sigma2_ref=torch.zeros(K, ns, device=dev,
+                                                                                            dtype=torch.float64),
+            data_vs_prior=dvp, fourier_coverage=torch.zeros(K, ns, dtype=torch.float64, device=dev),
+            orientability=torch.zeros(K, ns, dtype=torch.float64, device=dev),
+            acc_rot=torch.zeros(K, dtype=torch.float64), acc_trans=torch.zeros(K, dtype=torch.float64),
+            estimated_resolution=torch.zeros(K, dtype=torch.float64),
+            total_fourier_coverage=torch.zeros(K, dtype=torch.float64),
+            current_resolution=0.0, current_size=n, avg_norm_correction=1.0,
+            scale_correction=torch.ones(p.n_groups, dtype=torch.float64, device=dev),
+            group_counts=torch.as_tensor(np.bincount(p.group, minlength=p.n_groups), dtype=torch.float64),
+            padding_factor=s.pad)
+        self.model = model
+        self._update_resolution()
+        self.iteration = 0
+        self.from_scratch = True
+        return model
+
+    # -------------------------------------------------------------------------------------- helpers
+    def _update_resolution(self) -> None:
+        m = self.model
+        shell = current_resolution_shell(m.data_vs_prior, m.ori_size, self.s.minres_map)
+        m.current_resolution = float(resolution_per_A(shell, m.ori_size, m.pixel_size))
+        maxres = shell + self.s.incr_size
+        m.current_size = int(min(2 * maxres, m.ori_size))
+
+    def _accuracies(self, src: ClassReferences2D, cset: CoefficientSet, sigma2: torch.Tensor) -> None:
+        m, dev = self.model, self.dev
+        K = m.n_classes
+        I = min(self.s.n_accuracy_particles, self.p.size)
+        idx = np.sort(self.rng.choice(self.p.size, size=I, replace=False))
+        c = self._ctf(idx)
+        C = torch.ones(I, cset.size, device=dev) if c is None else cset.gather(c)
+        og = torch.as_tensor(self.p.optics_group[idx], device=dev)
+        s2 = sigma2.to(dev)[og][:, cset.shell]
+        w = torch.where((s2 > 0) & (cset.shell[None] > 0), C.square().to(torch.float64) / s2.clamp_min(1e-300),
+                        torch.zeros((), dtype=torch.float64, device=dev)).to(torch.float32)
+        angles = trial_angles(180.0, dev)
+        shifts = trial_shifts(self.n / 2.0, dev)
+        ns = m.n_shells
+        acc_rot = torch.zeros(K, dtype=torch.float64)
+        acc_trans = torch.zeros(K, dtype=torch.float64)
+        orient = torch.zeros(K, ns, dtype=torch.float64)
+        kk = cset.k.to(dev)
+        for k in range(K):  # K classes, each one batched GEMM over particles and trials
+            if float(m.pdf_class[k]) <= 0:
+                continue
+            F0 = src.predict(torch.tensor([k], device=dev), torch.zeros(1, device=dev), kk)[0, 0]
+            Fr = src.predict(torch.tensor([k], device=dev), angles, kk)[0]
+            dp = (Fr - F0[None]).abs().square()
+            a, orr = expected_accuracy(dp, w, angles, cset.shell, ns)
+            dx = shift_difference_power(F0, kk, self.n, shifts, torch.tensor([1.0, 0.0], device=dev))
+            dy = shift_difference_power(F0, kk, self.n, shifts, torch.tensor([0.0, 1.0], device=dev))
+            tx, _ = expected_accuracy(dx, w[0::2], shifts, cset.shell, ns)
+            ty, _ = expected_accuracy(dy, w[1::2], shifts, cset.shell, ns) if I > 1 else (tx, None)
+            acc_rot[k] = float(a)
+            acc_trans[k] = 0.5 * (float(tx) + float(ty)) * m.pixel_size
+            orient[k] = orr.cpu()
+        m.acc_rot, m.acc_trans, m.orientability = acc_rot, acc_trans, orient
+
+    # -------------------------------------------------------------------------------------- one iteration
+    def iterate(self) -> IterationReport:
+        """Run one EM (or gradient) iteration over the particles; updates ``model`` and ``state``."""
+        if self.model is None:
+            raise RuntimeError("call initialise() first (or give a model to continue from)")
+        t0 = time.perf_counter()
+        self.iteration += 1
+        it = self.iteration
+        s, p, m, dev, n = self.s, self.p, self.model, self.dev, self.n
+        self.rng = np.random.default_rng(s.random_seed + 7919 * it)
+        K, G, ns = m.n_classes, p.n_optics_groups, m.n_shells
+        # ---- subset
+        sub = fast_subset_size(it, K, p.size) if s.fast_subsets else -1
+        idx_all = self.rng.permutation(p.size)
+        if sub > 0:
+            idx_all = idx_all[:sub]
+        # ---- sampling perturbation (RELION resetRandomlyPerturbedSampling)
+        samp = self.sampling
+        if s.perturb > 0:
+            pert = samp.perturbation + self.rng.uniform(0.5 * s.perturb, s.perturb)
+            samp.perturbation = float((pert + s.perturb) % (2 * s.perturb) - s.perturb)
+        # ---- coefficient sets
+        r_cur = m.current_size // 2
+        cset = self.full.prefix(r_cur)
+        P = cset.size
+        csize = coarse_image_size(n, p.pixel_size, m.current_size, samp.psi_step, self.particle_diameter, 2,
+                                  s.strict_highres_exp, s.oversampling)
+        two_pass = s.oversampling > 0
+        Pe = P
+        if s.strict_highres_exp > 0:
+            Pe = self.full.count_upto(min(r_cur, int(round(n * p.pixel_size / s.strict_highres_exp))))
+        Pc = self.full.count_upto(csize // 2) if two_pass else Pe
+        Pc = min(Pc, Pe)
+        # ---- reference spectra, predictions, accuracies
+        Fref = images_to_coefficients(m.refs.to(dev), cset)
+        m.tau2 = reference_tau2(Fref, cset.shell, ns, r_cur)
+        coarse_psi = samp.coarse_psi(dev)
+        fine_psi = samp.psi_children(coarse_psi) if two_pass else None
+        src = ClassReferences2D(m.refs.to(dev), cset, Pc, coarse_psi, fine_psi, pad=s.pad)
+        self._accuracies(src, cset, m.sigma2_noise)
+        tc = samp.coarse_translations(dev)
+        trans = TranslationGrid(tc, samp.translation_children(tc) if two_pass else tc[:, None, :])
+        # scale-correction shells: data_vs_prior > 3 (mean over classes)
+        scale_mask = (m.data_vs_prior.mean(dim=0) > 3.0).to(dev)[cset.shell]
+        est = EStepSettings(n=n, k=cset.k, shell=cset.shell, coarse_size=Pc, n_shells=ns, n_optics_groups=G,
+                            sigma2_offset=m.sigma2_offset, adaptive_fraction=s.adaptive_fraction,
+                            max_significant=s.max_significant, oversampling=two_pass,
+                            scale_shell_mask=scale_mask, estep_size=Pe)
+        Rf = src.final_psi().numel()
+        stats = Stats2D.zeros(K, Rf, P, G, ns, p.n_groups, dev)
+        log_pdf = torch.where(m.pdf_class > 0, torch.log(m.pdf_class.clamp_min(1e-300)),
+                              torch.full_like(m.pdf_class, -math.inf)).to(dev, torch.float32)
+        seeds = s.do_generate_seeds and getattr(self, "from_scratch", False) and it == 1 and K > 1
+        old = ParticleState2D(self.state.psi.copy(), self.state.origin.copy(), self.state.klass.copy(),
+                              self.state.norm.copy(), self.state.loglik, self.state.pmax, self.state.nsig)
+        gen = torch.Generator(device=dev).manual_seed(int(s.random_seed) + it)
+        batches = self._batches(idx_all)
+        it_b = self.progress(batches, desc=f"iteration {it}") if self.progress is not None else batches
+        for idx in it_b:
+            res = self._batch(idx, cset, P, src, trans, est, log_pdf, seeds, gen)
+            self._accumulate(stats, res, idx)
+        self._maximise(stats, src, cset, r_cur)
+        self._changes(old, idx_all)
+        self._update_resolution()
+        if s.flatten_solvent:
+            m.refs = m.refs * self.mask.to(m.refs.device)
+        if s.center_classes:
+            self._center_classes()
+        rep = IterationReport(it, 1.0 / m.current_resolution if m.current_resolution > 0 else float("inf"),
+                              m.current_size, self.changes["orientations"], self.changes["offsets"],
+                              self.changes["classes"], m.LL, m.ave_pmax, time.perf_counter() - t0)
+        return rep
+
+    def _batch(self, idx: np.ndarray, cset: CoefficientSet, P: int, src: ClassReferences2D, trans: TranslationGrid,
+               est: EStepSettings, log_pdf: torch.Tensor, seeds: bool, gen: torch.Generator) -> BatchResult:
+        s, p, m, dev, n = self.s, self.p, self.model, self.dev, self.n
+        K = m.n_classes
+        imgs = self._images(idx)
+        og = torch.as_tensor(p.optics_group[idx], device=dev)
+        grp = torch.as_tensor(p.group[idx], device=dev)
+        scale = m.scale_correction.to(dev)[grp] if s.do_scale else None
+        ctf = self._ctf(idx, scale)
+        origin = torch.as_tensor(self.state.origin[idx], dtype=torch.float32, device=dev)
+        normf = None
+        if s.do_norm:
+            normf = torch.as_tensor(m.avg_norm_correction / np.maximum(self.state.norm[idx], 1e-6),
+                                    dtype=torch.float32, device=dev)
+        centre = m.prior_offset.to(dev, torch.float32)[None, :, :] - origin[:, None, :]
+        allowed = None
+        if seeds:
+            allowed = torch.as_tensor(self.rng.integers(0, K, size=idx.size), device=dev)
+        batch = prepare_batch(imgs, self.full, P, m.sigma2_noise, og, origins=origin, norm_factor=normf, ctf=ctf,
+                              mask=self.mask, zero_mask=s.zero_mask, prior_centre=centre,
+                              log_prior_orient=log_pdf[None, :, None], n_classes=K, allowed_class=allowed,
+                              generator=gen if dev.type == gen.device.type else None)
+        return expectation(batch, src, trans, est)
+
+    def _accumulate(self, stats: Stats2D, res: BatchResult, idx: np.ndarray) -> None:
+        s, p, m, dev = self.s, self.p, self.model, self.dev
+        K, Rf, P = stats.S.shape
+        So = Rf // self.sampling.n_psi
+        f = res.sample_coarse * So + res.sample_child if res.extra.get("two_pass", True) else res.sample_coarse
+        rows = res.sample_class * Rf + f
+        stats.S.view(K * Rf, P).index_add_(0, rows, res.S)
+        stats.W.view(K * Rf, P).index_add_(0, rows, res.W)
+        stats.wsum_class += res.wsum_class
+        origin = torch.as_tensor(self.state.origin[idx], dtype=torch.float64, device=dev)
+        stats.wsum_offset += (res.wsum_class_per_image.to(torch.float64)[:, :, None] * origin[:, None, :]
+                              + res.wsum_offset_rel.to(torch.float64)).sum(dim=0)
+        stats.wsum_sigma2_offset += res.wsum_sigma2_offset
+        stats.wsum_sigma2_noise += res.wsum_sigma2_noise
+        stats.sumw_group += res.sumw_group
+        stats.loglik += res.loglik.to(torch.float64).sum()
+        stats.pmax += res.pmax.to(torch.float64).sum()
+        stats.count += float(idx.size)
+        grp = torch.as_tensor(p.group[idx], device=dev)
+        if s.do_scale:
+            sc = m.scale_correction.to(dev)[grp]
+            stats.scale_xa.index_add_(0, grp, res.scale_xa / sc)
+            stats.scale_aa.index_add_(0, grp, res.scale_aa / sc.square())
+        # per-particle assignments
+        st = self.state
+        fpsi = self.sampling.fine_psi(dev) if res.extra.get("two_pass", True) else self.sampling.coarse_psi(dev)
+        best_f = res.best_coarse * So + res.best_child if res.extra.get("two_pass", True) else res.best_coarse
+        st.psi[idx] = fpsi[best_f].cpu().numpy().astype(float) % 360.0
+        st.origin[idx] = st.origin[idx] + res.best_offset.cpu().numpy().astype(float)
+        st.klass[idx] = res.best_class.cpu().numpy()
+        st.pmax[idx] = res.pmax.cpu().numpy()
+        st.nsig[idx] = res.n_significant.cpu().numpy()
+        st.loglik[idx] = res.loglik.cpu().numpy()
+        if s.do_norm:
+            new = (st.norm[idx] / m.avg_norm_correction) * np.sqrt(2.0 * res.norm_residual.cpu().numpy())
+            st.norm[idx] = new
+            stats.wsum_norm += float(new.sum())
+
+    def _maximise(self, stats: Stats2D, src: ClassReferences2D, cset: CoefficientSet, r_cur: int) -> None:
+        s, m, dev, n = self.s, self.model, self.dev, self.n
+        K, ns = m.n_classes, m.n_shells
+        sum_w = float(stats.wsum_class.sum())
+        if sum_w <= 0:
+            raise CryopipeError("no particle contributed to any class in this iteration (check the input images)")
+        data, weight = back_rotate_sums(stats.S, stats.W, src.final_psi(), cset, s.pad)
+        # class priors, offsets
+        pdf = stats.wsum_class / sum_w
+        pdf = pdf / pdf.sum()
+        # RELION divides the class offset sums by the total weight (not the class weight)
+        prior = torch.where((stats.wsum_class > 0)[:, None], stats.wsum_offset / sum_w,
+                            torch.zeros_like(stats.wsum_offset))
+        # SSNR arrays with the τ² of this iteration, then the update
+        sigma2_ref, dvp, cov = ssnr_arrays(weight, m.tau2, cset.shell, ns, m.tau2_fudge, r_cur)
+        corr = gridding_correction_2d(n, s.pad * n, dev)
+        current = images_to_coefficients(m.refs.to(dev) * corr, cset)
+        F = self.update_rule(data, weight, current, m.tau2, cset.shell, m.tau2_fudge, s.minres_map, r_cur,
+                             pdf.to(dev), self.iteration)
+        refs = coefficients_to_images(F, cset) / corr
+        m.refs = refs.to(torch.float32)
+        m.pdf_class = pdf
+        m.prior_offset = prior
+        m.sigma2_offset = float(stats.wsum_sigma2_offset) / (2.0 * sum_w)
+        m.sigma2_noise = noise_spectrum(stats.wsum_sigma2_noise, stats.sumw_group, self.npix.to(dev),
+                                        previous=m.sigma2_noise)
+        if s.do_norm and float(stats.count) > 0:
+            m.avg_norm_correction = float(stats.wsum_norm) / float(stats.count)
+        if s.do_scale:
+            xa, aa = stats.scale_xa, stats.scale_aa
+            sc = torch.where(aa > 0, xa / aa.clamp_min(1e-300), torch.ones_like(aa))
+            med = torch.sort(sc).values[sc.numel() // 2]
+            sc = sc.clamp(min=float(med) / 5.0, max=5.0 * float(med))
+            cnt = m.group_counts.to(sc.device)
+            sc = sc / ((cnt * sc).sum() / cnt.sum())
+            m.scale_correction = sc
+        m.sigma2_ref, m.data_vs_prior, m.fourier_coverage = sigma2_ref, dvp, cov
+        maxres = estimated_resolution_shell(dvp)
+        m.estimated_resolution = torch.where(maxres > 0, m.ori_size * m.pixel_size / maxres.clamp_min(1).to(
+            torch.float64), torch.full_like(maxres, math.inf, dtype=torch.float64)).cpu()
+        m.total_fourier_coverage = total_fourier_coverage(cov, maxres.cpu())
+        m.LL = float(stats.loglik)
+        m.ave_pmax = float(stats.pmax) / max(float(stats.count), 1.0)
+
+    def _changes(self, old: ParticleState2D, idx: np.ndarray) -> None:
+        st = self.state
+        had = old.klass[idx] >= 0
+        if not had.any():
+            return
+        i = idx[had]
+        dpsi = np.abs((st.psi[i] - old.psi[i] + 180.0) % 360.0 - 180.0)
+        doff = np.linalg.norm(st.origin[i] - old.origin[i], axis=1) * self.p.pixel_size
+        self.changes = {"orientations": float(dpsi.mean()), "offsets": float(np.sqrt((doff ** 2).mean())),
+                        "classes": float((st.klass[i] != old.klass[i]).mean())}
+        for k in self.changes:
+            self.smallest_changes[k] = min(self.smallest_changes[k], self.changes[k])
+
+    def _center_classes(self) -> None:
+        """Shift each class to its centre of mass (positive density), at most the offset search range."""
+        m = self.model
+        refs = m.refs
+        K, n, _ = refs.shape
+        c = torch.arange(n, device=refs.device, dtype=torch.float32) - n // 2
+        pos = refs.clamp_min(0)
+        tot = pos.sum(dim=(1, 2)).clamp_min(1e-20)
+        cy = (pos.sum(dim=2) * c[None]).sum(dim=1) / tot
+        cx = (pos.sum(dim=1) * c[None]).sum(dim=1) / tot
+        com = torch.stack([cx, cy], dim=-1)
+        r = com.norm(dim=-1, keepdim=True)
+        lim = float(self.s.offset_range)
+        com = torch.where(r > lim, com * lim / r.clamp_min(1e-20), com)
+        m.refs = shift_images(refs, -com)

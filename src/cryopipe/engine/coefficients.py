@@ -1,0 +1,120 @@
+"""The Fourier coefficients a likelihood calculation works on, as one flat vector per image.
+
+The E-step and M-step of the engine never see 2D Fourier images: each image (its centred half-complex FT
+``[n, n//2+1]``, :mod:`cryopipe.core.fourier`) is reduced to the ``P`` coefficients with shell
+``round(|k|) <= r_max`` and flattened, so that every sum over pixels becomes a matrix product.
+
+Conventions (RELION's ``Mresol_fine`` / ``Npix_per_shell``):
+
+* shell of a coefficient = ``round(|k|)`` (Fourier pixels);
+* the half of the ``kx = 0`` column with ``ky < 0`` (stored twice in a half-complex transform: it is the complex
+  conjugate of ``ky > 0``) is excluded, so every independent coefficient is counted once;
+* coefficients are ordered by increasing ``|k|`` (ties in grid order), so that the coefficient set of a smaller
+  radius is a *prefix* of a larger one: ``X[..., :cs.count_upto(r)]`` is the low-resolution part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["CoefficientSet", "coefficient_set"]
+
+
+@dataclass(frozen=True)
+class CoefficientSet:
+    """``P`` half-complex coefficients of an ``n × n`` image with shell ``<= r_max`` (see module docstring).
+
+    Attributes:
+        n: image box (pixels).
+        r_max: largest shell index included (Fourier pixels).
+        flat: ``[P]`` long, index into the flattened ``[n, n//2+1]`` half grid.
+        k: ``[P, 2]`` float32 frequency ``(kx, ky)`` in Fourier pixels.
+        shell: ``[P]`` long, ``round(|k|)``.
+        radius: ``[P]`` float32 ``|k|`` (ascending).
+    """
+
+    n: int
+    r_max: int
+    flat: torch.Tensor
+    k: torch.Tensor
+    shell: torch.Tensor
+    radius: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        """Number of coefficients ``P``."""
+        return int(self.flat.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device
+
+    def count_upto(self, r: int) -> int:
+        """Number of leading coefficients with shell ``<= r`` (the prefix that is the set of radius ``r``)."""
+        return int((self.shell <= int(r)).sum().item())
+
+    def prefix(self, r: int) -> CoefficientSet:
+        """The coefficient set of the smaller radius ``r`` (a prefix of this one)."""
+        m = self.count_upto(r)
+        return CoefficientSet(self.n, min(int(r), self.r_max), self.flat[:m], self.k[:m], self.shell[:m],
+                              self.radius[:m])
+
+    def gather(self, ft: torch.Tensor) -> torch.Tensor:
+        """``[..., n, n//2+1]`` half-complex grid → ``[..., P]`` coefficient vector."""
+        if ft.shape[-2:] != (self.n, self.n // 2 + 1):
+            raise ValueError(f"expected [..., {self.n}, {self.n // 2 + 1}], got {tuple(ft.shape)}")
+        return ft.reshape(*ft.shape[:-2], -1)[..., self.flat]
+
+    def scatter(self, values: torch.Tensor, hermitian: bool = True) -> torch.Tensor:
+        """``[..., P]`` → ``[..., n, n//2+1]`` half grid, zero outside the set.
+
+        With ``hermitian`` (complex values), the excluded ``kx = 0, ky < 0`` entries are filled with the complex
+        conjugate of their ``ky > 0`` mates (and the real-valued weights simply copied), so that the grid is a
+        consistent half-complex transform (``irfft2_centered`` gives a real image).
+        """
+        h = self.n // 2 + 1
+        out = torch.zeros(*values.shape[:-1], self.n * h, dtype=values.dtype, device=values.device)
+        out[..., self.flat] = values
+        out = out.reshape(*values.shape[:-1], self.n, h)
+        if hermitian:
+            col = out[..., :, 0]
+            rows = torch.arange(self.n, device=values.device)
+            mate = (-rows) % self.n
+            neg = rows > self.n // 2  # ky < 0 rows whose mate (ky > 0) is in the set
+            fill = col[..., mate].conj() if values.is_complex() else col[..., mate]
+            col = torch.where(neg, fill, col)
+            out = out.clone()
+            out[..., :, 0] = col
+        return out
+
+    def shell_sum(self, values: torch.Tensor, n_shells: int | None = None) -> torch.Tensor:
+        """Sum ``[..., P]`` real values per shell → ``[..., n_shells]`` (default ``n//2 + 1``)."""
+        ns = self.n // 2 + 1 if n_shells is None else int(n_shells)
+        out = torch.zeros(*values.shape[:-1], ns, dtype=values.dtype, device=values.device)
+        keep = self.shell < ns
+        idx = self.shell[keep]
+        return out.index_add_(values.dim() - 1, idx, values[..., keep])
+
+    def shell_counts(self, n_shells: int | None = None) -> torch.Tensor:
+        """Number of coefficients per shell ``[n_shells]`` (RELION's ``Npix_per_shell`` within the set)."""
+        return self.shell_sum(torch.ones(self.size, device=self.device, dtype=torch.float64), n_shells)
+
+
+def coefficient_set(n: int, r_max: float, device=None) -> CoefficientSet:
+    """Coefficients of an ``n × n`` image with ``round(|k|) <= r_max`` (``r_max`` in Fourier pixels), sorted by
+    ``|k|``; the ``kx = 0, ky < 0`` half-column is left out (see module docstring)."""
+    h = n // 2 + 1
+    ky = torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=torch.float64)
+    kx = torch.arange(h, device=device, dtype=torch.float64)
+    kyy, kxx = torch.meshgrid(ky, kx, indexing="ij")
+    r = torch.sqrt(kxx * kxx + kyy * kyy).reshape(-1)
+    shell = torch.round(r).long()
+    redundant = ((kxx == 0) & (kyy < 0)).reshape(-1)
+    keep = (shell <= int(r_max)) & ~redundant
+    idx = torch.nonzero(keep).reshape(-1)
+    order = torch.argsort(r[idx], stable=True)
+    idx = idx[order]
+    k = torch.stack([kxx.reshape(-1)[idx], kyy.reshape(-1)[idx]], dim=-1).to(torch.float32)
+    return CoefficientSet(int(n), int(r_max), idx, k, shell[idx], r[idx].to(torch.float32))

@@ -1,0 +1,456 @@
+"""The E-step: posterior weights of all hidden variables for a batch of images, as matrix products.
+
+Model (RELION's, per image ``b`` and Fourier coefficient ``p`` of the current :class:`CoefficientSet`)::
+
+    X_b(p) = C_b(p) · Ref_{k,ω}(p) · e^{+2πi k·t/n} + noise,    noise ~ complex Gaussian, variance σ²(shell) per
+                                                                real/imaginary component (optics group of b)
+
+for class ``k``, orientation ``ω`` (2D: in-plane angle ψ; 3D: direction + ψ) and translation ``t``. Translating
+the *image* instead (``X_t = X · e^{−2πi k·t/n}``, i.e. :func:`cryopipe.core.fourier.phase_shift_2d` by ``+t``)::
+
+    diff²(b, t, m) = ½ Σ_p |X_t(b,p) − C(b,p)·Ref_m(p)|² / σ²(b,p)
+                   = ½ [ Σ_p |X|²/σ²  −  2 Re Σ_p X_t·C/σ² · conj(Ref_m)  +  Σ_p C²/σ² · |Ref_m|² ]
+
+with ``m = (k, ω)``. The cross term is ONE real GEMM ``[B·T, 2P] × [2P, M]`` (real and imaginary parts
+stacked), the norm term one GEMM ``[B, P] × [P, M]``. The DC coefficient is left out (``1/σ² = 0``), as RELION.
+Log posterior = ``−diff² + log prior(orientation, class) + log N(o_b + t; prior centre, σ²_offset)``.
+
+Two passes (RELION's adaptive oversampling): a coarse pass over the coarse grid (on a low-resolution prefix of
+the coefficients), then only the children of the *significant* coarse samples (those carrying the top
+``adaptive_fraction`` of each image's posterior mass, at most ``max_significant``) are scored on the fine grid.
+For a batch, the fine pass is run on the union over images of the significant (class, orientation) and
+translation cells, and each image's non-significant children are masked out, so results do not depend on
+how images are grouped into batches.
+
+The M-step sums of a batch (also GEMMs) are returned with the weights: per fine sample ``m``
+``W[m, p] = Σ_{b,t} w·C²/σ²`` (with ``S[m, p] = Σ w·C·X_t/σ²``, RELION's back-projection weighting) —
+sufficient statistics that add over batches —
+plus per-image expectations for the noise spectrum, norm and scale corrections, offsets and class priors.
+
+Everything is batched tensors on the input's device; there is no loop over images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+__all__ = [
+    "BatchData",
+    "PredictionSource",
+    "TranslationGrid",
+    "EStepSettings",
+    "BatchResult",
+    "shift_phases",
+    "squared_differences",
+    "significant_mask",
+    "offset_log_prior",
+    "expectation",
+]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class BatchData:
+    """A batch of ``B`` images prepared for the E-step (all tensors on one device).
+
+    Attributes:
+        X: ``[B, P]`` complex64 coefficients (FT / n^d, i.e. RELION's normalisation) of the masked images,
+            already translated by each image's current origin (``+o_b``) and norm-corrected.
+        ctf: ``[B, P]`` float32 CTF (times the group intensity scale; ones without CTF).
+        inv_sigma2: ``[B, P]`` float32 ``1/σ²`` of each coefficient (the DC term is left out of the posterior
+            but weights the M-step sums).
+        optics_group: ``[B]`` long, 0-based.
+        prior_centre: ``[B, K, D]`` float32 centre of the Gaussian offset prior for each class, in pixels,
+            relative to the image's current origin (2D classification: class prior offset − o_b; refinement:
+            zeros).
+        log_prior_orient: ``[B or 1, K, Rc]`` log prior of each class and coarse orientation (2D: log pdf_class).
+        xi2_outside: ``[B]`` ``½ Σ |X|²/σ²`` over the coefficients beyond the set (only enters the log-likelihood).
+        logsigma2: ``[B]`` ``Σ log(2πσ²)`` over the set without DC (log-likelihood normalisation).
+        power_outside: ``[B, n_shells]`` ``Σ |X|²`` per shell over coefficients beyond the set (noise spectrum of
+            shells beyond the current size, and the norm correction).
+        allowed_class: ``[B]`` long, restrict an image to one class (first-iteration seeds); −1 = all classes.
+    """
+
+    X: torch.Tensor
+    ctf: torch.Tensor
+    inv_sigma2: torch.Tensor
+    optics_group: torch.Tensor
+    prior_centre: torch.Tensor
+    log_prior_orient: torch.Tensor
+    xi2_outside: torch.Tensor
+    logsigma2: torch.Tensor
+    power_outside: torch.Tensor
+    allowed_class: torch.Tensor | None = None
+
+    @property
+    def B(self) -> int:
+        return int(self.X.shape[0])
+
+    def select(self, idx: torch.Tensor) -> BatchData:
+        """The sub-batch of images ``idx``."""
+        lp = self.log_prior_orient if self.log_prior_orient.shape[0] == 1 else self.log_prior_orient[idx]
+        ac = None if self.allowed_class is None else self.allowed_class[idx]
+        return BatchData(self.X[idx], self.ctf[idx], self.inv_sigma2[idx], self.optics_group[idx],
+                         self.prior_centre[idx], lp, self.xi2_outside[idx], self.logsigma2[idx],
+                         self.power_outside[idx], ac)
+
+
+class PredictionSource(Protocol):
+    """Reference predictions for the current iteration (2D: rotated class averages; 3D: projections).
+
+    ``coarse()`` → ``[K, Rc, Pc]`` complex predictions (coefficient-set prefix of the coarse pass) for every class and
+    coarse orientation; ``fine(k_idx, r_idx)`` → ``[M, S, P]`` predictions of the ``S`` children of coarse
+    orientation ``r_idx[i]`` of class ``k_idx[i]`` on the full set. Predictions are ``FT / n^d`` of the
+    reference as seen in that orientation (no CTF).
+    """
+
+    n_classes: int
+    n_coarse: int
+    n_children: int
+
+    def coarse(self) -> torch.Tensor: ...
+
+    def fine(self, k_idx: torch.Tensor, r_idx: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class TranslationGrid:
+    """Translations (pixels) relative to each image's current origin: ``coarse [Tc, D]``, ``children
+    [Tc, St, D]`` (identical to ``coarse[:, None]`` without oversampling)."""
+
+    coarse: torch.Tensor
+    children: torch.Tensor
+
+
+@dataclass
+class EStepSettings:
+    """Options of :func:`expectation`.
+
+    Attributes:
+        n: image box (pixels) of the coefficient vectors.
+        k: ``[P, D]`` frequencies (Fourier pixels) of the coefficient set; the coarse pass uses ``k[:Pc]``.
+        coarse_size: number of leading coefficients used by the coarse pass (``Pc``).
+        sigma2_offset: variance of the Gaussian offset prior (pixels²); ``<= 0`` or inf disables it.
+        adaptive_fraction: posterior mass kept as significant (RELION ``--adaptive_fraction``, 0.999).
+        max_significant: at most this many significant samples per image (``--maxsig``; −1 = no limit).
+        oversampling: whether the children pass is run (False: the coarse grid is the final grid).
+        compute_corrections: also compute the per-image norm/scale expectations (needs two more GEMMs).
+        scale_shell_mask: ``[P]`` bool, coefficients used for the scale-correction sums (RELION: shells where
+            the data-vs-prior ratio > 3); None: all.
+        estep_size: number of leading coefficients that enter the posterior of the final pass
+            (``--strict_highres_exp``); the M-step sums always use all ``P``. None: all.
+        n_optics_groups: G, for the noise sums.
+        n_shells: length of the noise spectra (``n//2 + 1``).
+        shell: ``[P]`` long shell index of each coefficient.
+    """
+
+    n: int
+    k: torch.Tensor
+    shell: torch.Tensor
+    coarse_size: int
+    n_shells: int
+    n_optics_groups: int = 1
+    sigma2_offset: float = float("inf")
+    adaptive_fraction: float = 0.999
+    max_significant: int = -1
+    oversampling: bool = True
+    compute_corrections: bool = True
+    scale_shell_mask: torch.Tensor | None = None
+    estep_size: int | None = None
+
+
+@dataclass
+class BatchResult:
+    """Everything the M-step and the metadata need from one batch.
+
+    Per image (``[B]``): ``best_class``, ``best_coarse``/``best_child`` (orientation sample), ``best_offset``
+    (pixels, relative to the current origin, ``[B, D]``), ``pmax``, ``n_significant``, ``loglik``
+    (RELION's rlnLogLikeliContribution), ``norm_residual`` (``Σ_p E|X_t − C·Ref|²`` incl. beyond the set, for the
+    norm correction), ``scale_xa``/``scale_aa`` (group scale sums).
+
+    Per fine sample (``M`` = union samples of the batch): ``sample_class [M]``, ``sample_coarse [M]``,
+    ``sample_child [M]``, ``S [M, P]`` complex, ``W [M, P]`` real (the additive M-step sums); only samples with
+    any weight are kept.
+
+    Additive scalars/arrays: ``wsum_class [K]``, ``wsum_orient [K, Rc]``, ``wsum_offset [K, D]``
+    (``Σ w·(o_b + t)`` in pixels relative to the batch origins: add the origins, see ``wsum_origin``),
+    ``wsum_sigma2_offset`` (``Σ w |o + t − centre|²``), ``wsum_sigma2_noise [G, n_shells]``,
+    ``sumw_group [G]``, ``loglik_sum``, ``pmax_sum``.
+    """
+
+    best_class: torch.Tensor
+    best_coarse: torch.Tensor
+    best_child: torch.Tensor
+    best_offset: torch.Tensor
+    pmax: torch.Tensor
+    n_significant: torch.Tensor
+    loglik: torch.Tensor
+    norm_residual: torch.Tensor
+    scale_xa: torch.Tensor
+    scale_aa: torch.Tensor
+    sample_class: torch.Tensor
+    sample_coarse: torch.Tensor
+    sample_child: torch.Tensor
+    S: torch.Tensor
+    W: torch.Tensor
+    wsum_class: torch.Tensor
+    wsum_orient: torch.Tensor
+    wsum_offset_rel: torch.Tensor
+    wsum_class_per_image: torch.Tensor
+    wsum_sigma2_offset: torch.Tensor
+    wsum_sigma2_noise: torch.Tensor
+    sumw_group: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# building blocks
+# ------------------------------------------------------------------------------------------------------------
+
+def shift_phases(k: torch.Tensor, t: torch.Tensor, n: int) -> torch.Tensor:
+    """``[T, P]`` complex factors that translate images by ``+t`` (``t [T, D]`` pixels) at frequencies
+    ``k [P, D]`` (Fourier pixels): ``exp(−2πi k·t / n)`` (as :func:`cryopipe.core.fourier.phase_shift_2d`)."""
+    ang = (-2.0 * math.pi / n) * (t.to(torch.float32) @ k.to(torch.float32).T)
+    return torch.polar(torch.ones_like(ang), ang)
+
+
+def _real_cat(z: torch.Tensor) -> torch.Tensor:
+    """Complex ``[..., P]`` → real ``[..., 2P]`` (real parts, then imaginary parts)."""
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def squared_differences(X: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, refs: torch.Tensor,
+                        phases: torch.Tensor) -> torch.Tensor:
+    """``diff² [B, T, M]`` (see module docstring) for images ``X [B, P]``, CTFs ``[B, P]``, ``1/σ² [B, P]``,
+    predictions ``refs [M, P]`` and translation phases ``[T, P]``. Two GEMMs; float32."""
+    B, P = X.shape
+    T = phases.shape[0]
+    M = refs.shape[0]
+    xi2 = (X.real.square() + X.imag.square()).mul(inv_sigma2).sum(-1)  # [B]
+    a = X * (ctf * inv_sigma2).to(X.dtype)  # [B, P]
+    at = (a[:, None, :] * phases[None, :, :]).reshape(B * T, P)
+    cross = _real_cat(at) @ _real_cat(refs).T  # [B*T, M]
+    norm = (ctf.square() * inv_sigma2) @ (refs.real.square() + refs.imag.square()).T  # [B, M]
+    d = xi2[:, None, None] - 2.0 * cross.reshape(B, T, M) + norm[:, None, :]
+    return 0.5 * d
+
+
+def significant_mask(w: torch.Tensor, fraction: float, max_significant: int = -1) -> torch.Tensor:
+    """Boolean ``[B, N]``: the largest weights of each row that together reach ``fraction`` of the row's sum
+    (always at least the largest one; at most ``max_significant`` when > 0, ties at the threshold included)."""
+    B, N = w.shape
+    srt, _ = torch.sort(w, dim=1, descending=True)
+    cs = torch.cumsum(srt, dim=1)
+    total = cs[:, -1:]
+    n_keep = (cs < fraction * total).sum(dim=1) + 1
+    if max_significant is not None and max_significant > 0:
+        n_keep = torch.clamp(n_keep, max=int(max_significant))
+    n_keep = torch.clamp(n_keep, max=N)
+    thr = srt.gather(1, (n_keep - 1)[:, None])
+    return (w >= thr) & (w > 0)
+
+
+def offset_log_prior(t: torch.Tensor, centre: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """``[B, T, K]`` log of the 2D/3D Gaussian offset prior ``N(t; centre, σ²)`` (normalised) for translations
+    ``t [T, D]`` and centres ``[B, K, D]`` (pixels, relative to the image origin); zeros if ``σ²`` is not
+    finite/positive."""
+    B, K, D = centre.shape
+    if not (sigma2 > 0 and math.isfinite(sigma2)):
+        return torch.zeros(B, t.shape[0], K, device=t.device, dtype=torch.float32)
+    d = t[None, :, None, :] - centre[:, None, :, :]
+    return -(d.square().sum(-1)) / (2.0 * sigma2) - 0.5 * D * math.log(2.0 * math.pi * sigma2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the E-step of one batch
+# ------------------------------------------------------------------------------------------------------------
+
+def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid,
+                settings: EStepSettings) -> BatchResult:
+    """Posterior weights and M-step sums of one batch (module docstring). All outputs on the batch's device."""
+    dev = batch.X.device
+    B = batch.B
+    K, Rc, So = refs.n_classes, refs.n_coarse, refs.n_children
+    n = settings.n
+    kvec = settings.k.to(dev)
+    Pc = settings.coarse_size
+    sig2o = float(settings.sigma2_offset)
+    # the DC term (coefficient 0: the sets are sorted by |k|) is left out of the posterior, as RELION
+    inv_score = batch.inv_sigma2.clone()
+    inv_score[:, 0] = 0.0
+    neg_inf = torch.tensor(-math.inf, device=dev)
+
+    # ---------------- coarse pass
+    ref_c = refs.coarse()  # [K, Rc, Pc]
+    tc = trans.coarse.to(dev)
+    Tc = tc.shape[0]
+    ph_c = shift_phases(kvec[:Pc], tc, n)
+    d2 = squared_differences(batch.X[:, :Pc], batch.ctf[:, :Pc], inv_score[:, :Pc],
+                             ref_c.reshape(K * Rc, Pc), ph_c).reshape(B, Tc, K, Rc)
+    lp_off_c = offset_log_prior(tc, batch.prior_centre, sig2o)  # [B, Tc, K]
+    lpo = batch.log_prior_orient.expand(batch.log_prior_orient.shape[0], K, Rc)
+    logp = -d2 + lp_off_c[..., None] + lpo[:, None, :, :]
+    if batch.allowed_class is not None:
+        cls_ok = (batch.allowed_class[:, None] < 0) | (batch.allowed_class[:, None] ==
+                                                       torch.arange(K, device=dev)[None, :])
+        logp = torch.where(cls_ok[:, None, :, None], logp, neg_inf)
+    del d2
+
+    two_pass = settings.oversampling and (So > 1 or trans.children.shape[1] > 1)
+    if not two_pass:
+        # single pass: the coarse grid is the final grid (samples = all (k, r), "child" 0 = the sample itself)
+        Pe = batch.X.shape[1] if settings.estep_size is None else min(int(settings.estep_size), batch.X.shape[1])
+        if Pc != Pe:
+            raise ValueError("without oversampling the coarse pass must use the E-step coefficient set "
+                             f"(coarse_size {Pc} != {Pe})")
+        ref_f = refs.fine(torch.arange(K, device=dev).repeat_interleave(Rc),
+                          torch.arange(Rc, device=dev).repeat(K))[:, :1]  # full set for the M-step sums
+        So_eff = 1
+        t_f = tc
+        logp_f = logp.reshape(B, Tc, K * Rc)
+        sample_k = torch.arange(K, device=dev).repeat_interleave(Rc)
+        sample_r = torch.arange(Rc, device=dev).repeat(K)
+        child_of_sample = torch.zeros(K * Rc, dtype=torch.long, device=dev)
+        t_parent = torch.arange(Tc, device=dev)
+        t_child = torch.zeros(Tc, dtype=torch.long, device=dev)
+    else:
+        # ---------------- significance of coarse samples, union over the batch
+        flat = logp.reshape(B, -1)
+        w_c = torch.softmax(flat, dim=1)
+        sig = significant_mask(w_c, settings.adaptive_fraction, settings.max_significant).reshape(B, Tc, K, Rc)
+        del w_c, flat
+        kr_any = sig.any(dim=1).any(dim=0)  # [K, Rc]
+        t_any = sig.any(dim=3).any(dim=2).any(dim=0)  # [Tc]
+        kr_idx = torch.nonzero(kr_any)  # [Msel, 2]
+        k_sel, r_sel = kr_idx[:, 0], kr_idx[:, 1]
+        t_sel = torch.nonzero(t_any).reshape(-1)
+        Msel, Tsel = k_sel.numel(), t_sel.numel()
+        ref_f = refs.fine(k_sel, r_sel)  # [Msel, So, P]
+        So_eff = ref_f.shape[1]
+        t_ch = trans.children.to(dev)[t_sel]  # [Tsel, St, D]
+        St = t_ch.shape[1]
+        t_f = t_ch.reshape(Tsel * St, -1)
+        P = batch.X.shape[1]
+        Pe = P if settings.estep_size is None else min(int(settings.estep_size), P)
+        d2f = squared_differences(batch.X[:, :Pe], batch.ctf[:, :Pe], inv_score[:, :Pe],
+                                  ref_f.reshape(Msel * So_eff, P)[:, :Pe],
+                                  shift_phases(kvec[:Pe], t_f, n))  # [B, Tsel*St, Msel*So]
+        lp_off = offset_log_prior(t_f, batch.prior_centre, sig2o)  # [B, Tf, K]
+        lp_off = lp_off[:, :, k_sel]  # [B, Tf, Msel]
+        lp_or = lpo[:, k_sel, r_sel]  # [B|1, Msel]
+        logp_f = (-d2f.reshape(B, Tsel * St, Msel, So_eff) + lp_off[..., None] + lp_or[:, None, :, None])
+        parent = sig[:, t_sel][:, :, k_sel, r_sel]  # [B, Tsel, Msel]
+        parent = parent[:, :, None, :, None].expand(B, Tsel, St, Msel, So_eff).reshape(B, Tsel * St, Msel, So_eff)
+        logp_f = torch.where(parent, logp_f, neg_inf).reshape(B, Tsel * St, Msel * So_eff)
+        del d2f, parent
+        sample_k = k_sel.repeat_interleave(So_eff)
+        sample_r = r_sel.repeat_interleave(So_eff)
+        child_of_sample = torch.arange(So_eff, device=dev).repeat(Msel)
+        t_parent = t_sel.repeat_interleave(St)
+        t_child = torch.arange(St, device=dev).repeat(Tsel)
+        ref_f = ref_f.reshape(Msel * So_eff, 1, P)
+    del logp
+
+    # ---------------- final weights
+    Tf = t_f.shape[0]
+    Mf = sample_k.numel()
+    flat = logp_f.reshape(B, Tf * Mf)
+    lse = torch.logsumexp(flat, dim=1)  # [B]
+    w = torch.exp(flat - lse[:, None])
+    sig_f = significant_mask(w, settings.adaptive_fraction, settings.max_significant)
+    n_sig = sig_f.sum(dim=1)
+    pmax, best = w.max(dim=1)
+    w = torch.where(sig_f, w, torch.zeros((), device=dev))
+    w = w.reshape(B, Tf, Mf)
+    del flat, sig_f, logp_f
+    best_t = best // Mf
+    best_m = best % Mf
+    loglik = lse - batch.xi2_outside - batch.logsigma2
+
+    # ---------------- M-step sums (GEMMs with the weights)
+    refs_m = ref_f.reshape(Mf, -1)  # [Mf, P]
+    P = refs_m.shape[1]
+    X = batch.X[:, :P]
+    ctf = batch.ctf[:, :P]
+    ph_f = shift_phases(kvec[:P], t_f, n)  # [Tf, P]
+    xct = (X * ctf.to(X.dtype))[:, None, :] * ph_f[None]  # [B, Tf, P]
+    wt = w.reshape(B * Tf, Mf).T  # [Mf, B*Tf]
+    inv = batch.inv_sigma2[:, :P]  # 1/σ² incl. the DC term: the sums are weighted like RELION's back-projection
+    xct2 = (xct * inv[:, None, :].to(xct.dtype)).reshape(B * Tf, P)
+    S = torch.complex(wt @ xct2.real.contiguous(), wt @ xct2.imag.contiguous())  # [Mf, P]
+    del xct2
+    wbm = w.sum(dim=1)  # [B, Mf]
+    Wsum = wbm.T @ (ctf.square() * inv)  # [Mf, P]
+
+    # per-image expected residual power per coefficient: E|X_t − C·Ref|² = sumw|X|² − 2 E_xa + E_aa
+    sumw_b = w.sum(dim=(1, 2))  # [B] (≈1, minus the pruned mass)
+    ex_xx = sumw_b[:, None] * (X.real.square() + X.imag.square())  # [B, P]
+    wbt = w.reshape(B * Tf, Mf)
+    rbar = torch.complex(wbt @ refs_m.real.contiguous(), wbt @ refs_m.imag.contiguous()).reshape(B, Tf, P)
+    e_xa = (xct * rbar.conj()).real.sum(dim=1)  # [B, P]
+    e_aa = ctf.square() * (wbm @ (refs_m.real.square() + refs_m.imag.square()))  # [B, P]
+    del rbar
+    resid = ex_xx - 2.0 * e_xa + e_aa  # [B, P]
+    G = settings.n_optics_groups
+    ns = settings.n_shells
+    shell = settings.shell[:P].to(dev)
+    per_shell = torch.zeros(B, ns, device=dev, dtype=torch.float64)
+    per_shell.index_add_(1, shell, resid.to(torch.float64))
+    per_shell = per_shell + batch.power_outside.to(torch.float64)  # shells beyond the set: |X|² (ref = 0)
+    og = batch.optics_group.to(dev)
+    wsum_noise = torch.zeros(G, ns, device=dev, dtype=torch.float64).index_add_(0, og, per_shell)
+    sumw_group = torch.zeros(G, device=dev, dtype=torch.float64).index_add_(
+        0, og, torch.ones(B, device=dev, dtype=torch.float64))
+    norm_residual = resid.sum(dim=1).to(torch.float64) + batch.power_outside.to(torch.float64).sum(dim=1)
+    if settings.scale_shell_mask is not None:
+        smask = settings.scale_shell_mask[:P].to(dev).to(e_xa.dtype)
+        scale_xa = (e_xa * smask).sum(dim=1)
+        scale_aa = (e_aa * smask).sum(dim=1)
+    else:
+        scale_xa = e_xa.sum(dim=1)
+        scale_aa = e_aa.sum(dim=1)
+
+    # ---------------- class / orientation / offset sums
+    w_km = torch.zeros(B, K, device=dev).index_add_(1, sample_k, wbm)  # [B, K]
+    wsum_class = w_km.sum(dim=0)
+    wsum_orient = torch.zeros(K * Rc, device=dev, dtype=torch.float64).index_add_(
+        0, sample_k * Rc + sample_r, wbm.sum(dim=0).to(torch.float64)).reshape(K, Rc)
+    wtk = torch.zeros(B, Tf, K, device=dev).index_add_(2, sample_k, w)  # [B, Tf, K]
+    # Σ w·t per (b, k): translations relative to the image origin
+    wsum_t = torch.einsum("btk,td->bkd", wtk, t_f.to(wtk.dtype))  # [B, K, D]
+    d = t_f[None, :, None, :] - batch.prior_centre[:, None, :, :]  # [B, Tf, K, D]
+    wsum_sigma2_offset = (wtk * d.square().sum(-1)).sum().to(torch.float64)
+
+    best_k = sample_k[best_m]
+    return BatchResult(
+        best_class=best_k,
+        best_coarse=sample_r[best_m],
+        best_child=child_of_sample[best_m],
+        best_offset=t_f[best_t],
+        pmax=pmax,
+        n_significant=n_sig,
+        loglik=loglik,
+        norm_residual=norm_residual,
+        scale_xa=scale_xa.to(torch.float64),
+        scale_aa=scale_aa.to(torch.float64),
+        sample_class=sample_k,
+        sample_coarse=sample_r,
+        sample_child=child_of_sample,
+        S=S,
+        W=Wsum,
+        wsum_class=wsum_class.to(torch.float64),
+        wsum_orient=wsum_orient,
+        wsum_offset_rel=wsum_t,
+        wsum_class_per_image=w_km,
+        wsum_sigma2_offset=wsum_sigma2_offset,
+        wsum_sigma2_noise=wsum_noise,
+        sumw_group=sumw_group,
+        extra={"t_parent": t_parent, "t_child": t_child, "two_pass": two_pass, "translations": t_f},
+    )
