@@ -24,6 +24,7 @@ from cryopipe.errors import CryopipeError
 JOBS: dict[str, str] = {
     "simulate": "cryopipe.jobs.simulate",
     "reconstruct": "cryopipe.jobs.reconstruct",
+    "class2d": "cryopipe.jobs.class2d",
     "extract": "cryopipe.jobs.extract",
     "demo": "cryopipe.jobs.demo",
     "autopick": "cryopipe.jobs.autopick",
