@@ -498,7 +498,7 @@ def test_python_api_plain_output_dir(relion_dir, mic_project):
                       options=ExtractOptions(extract_size=64, norm=True, bg_radius=24, invert_contrast=True))
     assert n == 25 and Path(path).resolve() == (mic_project / "out" / "particles.star").resolve()
     parts = starfile.read(path)["particles"]
-    assert parts["rlnImageName"].iloc[0] == "000001@out/Micrographs/mic001.mrcs"
+    assert parts["rlnImageName"].iloc[0] == "00000001@out/Micrographs/mic001.mrcs"
     ref = _read_stack(relion_dir / "mic" / "Extract_truth" / "Micrographs" / "mic001.mrcs")
     assert np.abs(_read_stack(mic_project / "out/Micrographs/mic001.mrcs") - ref).max() < 1e-4
     assert not (mic_project / "default_pipeline.star").exists()

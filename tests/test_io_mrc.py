@@ -49,7 +49,9 @@ def test_read_float16_stack(relion_dir):
     assert abs(data.mean()) < 0.05 and 1.017 < data.std() < 1.067
     assert data.std() == pytest.approx(info.rms, rel=1e-4) and data.mean() == pytest.approx(info.dmean, rel=1e-3)
     with mrcfile.open(path) as m:  # exact float16 values
-        np.testing.assert_array_equal(data, m.data.astype(np.float32))
+        ref16 = m.data.astype(np.float32)
+        ref16[np.abs(ref16) < 2.0 ** -14] = 0.0  # RELION reads float16 subnormals as 0
+        np.testing.assert_array_equal(data, ref16)
 
 
 def test_relion_written_stack(relion_dir):
@@ -176,8 +178,8 @@ def test_parse_image_name():
     assert idx.tolist() == [1, 9, 0] and files.tolist() == ["a.mrcs", "b/c.mrcs", "m.mrc"]
     with pytest.raises(CryopipeError, match=r"row 2"):
         parse_image_names(["1@a.mrcs", "000000@a.mrcs"])
-    assert format_image_name(122, "Particles/a.mrcs") == "000123@Particles/a.mrcs"
-    assert format_image_name(np.array([0, 1]), "s.mrcs") == ["000001@s.mrcs", "000002@s.mrcs"]
+    assert format_image_name(122, "Particles/a.mrcs") == "00000123@Particles/a.mrcs"
+    assert format_image_name(np.array([0, 1]), "s.mrcs") == ["00000001@s.mrcs", "00000002@s.mrcs"]
 
 
 def test_image_reader_relion_star(relion_dir):
@@ -212,7 +214,9 @@ def test_image_reader_many_files(relion_dir, tmp_path):
         elif f == 1:
             k = rng.integers(15)
             names.append(format_image_name(k, "sub/b.mrcs"))
-            truth.append(full[10 + k].astype(np.float16).astype(np.float32))
+            t16 = full[10 + k].astype(np.float16).astype(np.float32)
+            t16[np.abs(t16) < 2.0 ** -14] = 0.0
+            truth.append(t16)
         else:
             k = rng.integers(40)
             names.append(f"{k + 1}@{tmp_path / 'c.mrcs'}")  # absolute path
@@ -232,3 +236,23 @@ def test_image_reader_many_files(relion_dir, tmp_path):
     mixed = ImageReader(["000001@a.mrcs", "000001@small.mrcs"], tmp_path)
     with pytest.raises(InputFileError, match="same box size"):
         mixed.read([0, 1])
+
+
+def test_float16_subnormals_read_as_zero(tmp_path):
+    """RELION's half-float reader flushes subnormals (|x| < 2^-14) to 0; so do we (read_mrc and stacks)."""
+    from cryopipe.io.mrc import MrcStack, read_mrc, write_mrc
+
+    a = np.array([[[1e-6, -3e-5, 0.5, 7e-5]]], dtype=np.float32)
+    write_mrc(tmp_path / "h.mrcs", a, 1.0, dtype=np.float16)
+    got, _ = read_mrc(tmp_path / "h.mrcs")
+    assert got[0, 0, 0] == 0 and got[0, 0, 1] == 0
+    assert got[0, 0, 2] == 0.5 and abs(got[0, 0, 3] - 7e-5) < 1e-7
+    with MrcStack(tmp_path / "h.mrcs") as st:
+        assert st[0][0, 0] == 0 and st[[0]][0, 0, 1] == 0
+
+
+def test_image_names_8_digits():
+    from cryopipe.io.mrc import format_image_name, parse_image_name
+
+    assert format_image_name(0, "a.mrcs") == "00000001@a.mrcs"  # as RELION 5 writes
+    assert parse_image_name("000123@a.mrcs") == (122, "a.mrcs")

@@ -145,12 +145,24 @@ def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     path = Path(path)
     mrc = _open_mmap(path)
     try:
-        data = np.asarray(mrc.data, dtype=np.float32).copy()
+        data = _float16_to_float32(np.asarray(mrc.data))
         if path.suffix.lower() == ".mrcs" and data.ndim == 2:
             data = data[None]
         return data, _pixel_size(mrc.header)
     finally:
         mrc.close()
+
+
+#: smallest normal float16; RELION reads float16 (mode 12) subnormals as 0
+_F16_MIN_NORMAL = np.float32(2.0 ** -14)
+
+
+def _float16_to_float32(data: np.ndarray) -> np.ndarray:
+    """float32 copy of MRC data; float16 subnormals (|x| < 2^-14) become 0 as in RELION's half-float reader."""
+    out = np.array(data, dtype=np.float32, copy=True)
+    if data.dtype == np.float16:
+        out[np.abs(out) < _F16_MIN_NORMAL] = 0.0
+    return out
 
 
 def _to_numpy(data: Any) -> np.ndarray:
@@ -314,17 +326,17 @@ class MrcStack:
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         data = self._open()
         if isinstance(key, slice):
-            return np.asarray(data[key], dtype=np.float32)
+            return _float16_to_float32(data[key])
         if isinstance(key, (int, np.integer)):
             self._check_index(np.array([int(key)]))
-            return np.asarray(data[int(key)], dtype=np.float32)
+            return _float16_to_float32(data[int(key)])
         idx = np.asarray(key, dtype=np.int64).reshape(-1)
         self._check_index(idx)
         if idx.size > 1 and np.all(idx[1:] > idx[:-1]):
-            return np.asarray(data[idx], dtype=np.float32)
+            return _float16_to_float32(data[idx])
         # read each needed image once, in file order, then scatter
         uniq, inverse = np.unique(idx, return_inverse=True)
-        return np.asarray(data[uniq], dtype=np.float32)[inverse]
+        return _float16_to_float32(data[uniq])[inverse]
 
     def close(self) -> None:
         if self._mrc is not None:
@@ -385,10 +397,11 @@ def parse_image_names(names: Sequence[str] | pd.Series | np.ndarray) -> tuple[np
 
 
 def format_image_name(index: int | np.ndarray, file: str) -> str | list[str]:
-    """0-based index (or array) + stack file → RELION image name(s) ``"000123@file"`` (6-digit, 1-based)."""
+    """0-based index (or array) + stack file → RELION image name(s) ``"00000123@file"`` (1-based, 8 digits as
+    RELION 5 writes them; any number of digits is read)."""
     if np.ndim(index) == 0:
-        return f"{int(index) + 1:06d}@{file}"
-    return [f"{int(i) + 1:06d}@{file}" for i in np.asarray(index).tolist()]
+        return f"{int(index) + 1:08d}@{file}"
+    return [f"{int(i) + 1:08d}@{file}" for i in np.asarray(index).tolist()]
 
 
 class ImageReader:
