@@ -42,6 +42,7 @@ coordinate files (same picks, same order, same FOMs). The steps, for a micrograp
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -186,21 +187,69 @@ def log_filters(work: int, size: int, pixel_size: float, diameters, device=None,
     return r2[None] * torch.exp(-0.5 * r2[None] / s2) / s2
 
 
-def _cropped_ft(image: torch.Tensor, work: int) -> torch.Tensor:
-    """RELION's forward FT (unnormalised here) of a square ``[N, N]`` image windowed to ``[work, work//2+1]``.
+@functools.lru_cache(maxsize=8)
+def _cached_filters(work: int, size: int, pixel_size: float, diameters: tuple[float, ...], device: str,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """:func:`log_filters` memoised for a run over many micrographs of one size (read-only result)."""
+    return log_filters(work, size, pixel_size, diameters, device=torch.device(device), dtype=dtype)
 
-    Only the needed columns of the x-transform are transformed along y (same numbers as cropping a full
-    ``rfft2``, about half the cost for strong cropping).
+
+def _row_chunk(device: torch.device) -> int:
+    """Rows per chunk of the single pass over the micrograph: cache-sized blocks on the CPU, all rows on a GPU."""
+    return 128 if device.type == "cpu" else 1 << 30
+
+
+def _row_pass(x: torch.Tensor, shift: float, keep_cols: int, chunk: int
+              ) -> tuple[torch.Tensor | None, float, float, float, float]:
+    """One pass over the rows of ``x − shift`` in blocks of ``chunk`` rows.
+
+    Returns ``(fx, Σ, Σ², min, max)`` where ``fx`` ``[rows, keep_cols]`` holds the first ``keep_cols``
+    coefficients of each row's real FFT (None when ``keep_cols`` is 0). Working block by block keeps the data
+    in cache and avoids the full ``[N, N/2+1]`` complex intermediate.
     """
+    rows, cols = x.shape
+    fx = None
+    if keep_cols > 0:
+        ctype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+        fx = torch.empty((rows, keep_cols), dtype=ctype, device=x.device)
+    s1 = s2 = 0.0
+    lo, hi = math.inf, -math.inf
+    for r in range(0, rows, chunk):
+        c = x[r:r + chunk] - shift
+        s1 += float(c.sum())
+        s2 += float(torch.linalg.vector_norm(c)) ** 2
+        cmin, cmax = torch.aminmax(c)
+        lo, hi = min(lo, float(cmin)), max(hi, float(cmax))
+        if fx is not None:
+            fx[r:r + chunk] = torch.fft.rfft(c, dim=-1)[:, :keep_cols]
+    return fx, s1, s2, lo, hi
+
+
+def _rows_rfft(x: torch.Tensor, keep_cols: int, chunk: int) -> torch.Tensor:
+    """First ``keep_cols`` coefficients of the real FFT of each row of ``x``, block by block."""
+    ctype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+    fx = torch.empty((x.shape[0], keep_cols), dtype=ctype, device=x.device)
+    for r in range(0, x.shape[0], chunk):
+        fx[r:r + chunk] = torch.fft.rfft(x[r:r + chunk], dim=-1)[:, :keep_cols]
+    return fx
+
+
+def _crop_columns_ft(fx: torch.Tensor, work: int) -> torch.Tensor:
+    """From the row transforms ``[N, work/2+1]`` of a square image, the 2D FT windowed to ``[work, work/2+1]``
+    (RELION's ``windowFourierTransform``: rows ``ky = 0 … work/2`` and ``−work/2+1 … −1``)."""
+    n = fx.shape[0]
+    h = work // 2
+    f = torch.fft.fft(fx, dim=0)
+    if work == n:
+        return f
+    return torch.cat([f[: h + 1], f[n - h + 1:]], dim=0)
+
+
+def _upsized_ft(image: torch.Tensor, work: int) -> torch.Tensor:
+    """Work size above the micrograph size (lowpass finer than Nyquist): RELION zero-pads the FT, keeping only
+    ``|k| <= N/2``."""
     n = image.shape[-1]
     h = work // 2
-    if work <= n:
-        fx = torch.fft.rfft(image, dim=-1)[:, : h + 1]
-        f = torch.fft.fft(fx, dim=0)
-        if work == n:
-            return f
-        return torch.cat([f[: h + 1], f[n - h + 1:]], dim=0)
-    # Upsizing (lowpass finer than Nyquist): zero-pad, keeping only |k| <= N/2 as RELION does.
     full = torch.fft.rfft2(image)
     out = torch.zeros((work, h + 1), dtype=full.dtype, device=full.device)
     ky = torch.fft.fftfreq(n, d=1.0 / n, device=full.device).round().long()
@@ -298,32 +347,39 @@ def log_fom_maps(micrograph: torch.Tensor, pixel_size: float, diam_min: float, d
     n = max(h, w)
     work = log_work_size(n, pixel_size, lowpass, shrink, optimise_scale)
 
-    # 1. normalise: mean and population σ of the raw micrograph (float64 accumulation of per-row sums),
-    # outliers -> mean; the factor sign/σ is applied to the (small) cropped FT instead of the image.
+    # 1-3. One pass over the rows (block by block): statistics of the raw micrograph and, for a square
+    # micrograph, the row FFTs cropped to the work columns. Mean and population σ: float32 block sums of the
+    # image minus a subsampled mean estimate (accurate for large offsets), accumulated in float64. Outliers
+    # (|x − μ| > zσ) -> μ (then the pass is redone on the corrected image, rare). The factor sign/σ and RELION's
+    # forward normalisation 1/N² are applied to the small cropped FT; its inverse is unnormalised.
     x = micrograph if micrograph.dtype == dt else micrograph.to(dt)
     npix = h * w
-    mean = float(x.sum(dim=1, dtype=torch.float64).sum()) / npix if dt != torch.float64 else float(x.sum()) / npix
-    d = x - mean
-    var = float((torch.linalg.vector_norm(d, dim=1).double() ** 2).sum()) / npix
-    std = math.sqrt(var)
+    chunk = _row_chunk(device)
+    shift = float(x[:: max(1, h // 64)].double().mean())
+    square_fast = h == w and work <= n
+    fx, s1, s2, lo, hi = _row_pass(x, shift, work // 2 + 1 if square_fast else 0, chunk)
+    mean_d = s1 / npix  # micrograph mean = shift + mean_d
+    std = math.sqrt(max(s2 / npix - mean_d * mean_d, 0.0))
     if not std > 0:
         raise CryopipeError("micrograph has zero variance (constant image); cannot pick on it")
-    lo, hi = torch.aminmax(d)
     limit = outlier_zscore * std
-    if float(-lo) > limit or float(hi) > limit:
-        d = torch.where(d.abs() > limit, torch.zeros((), dtype=dt, device=device), d)
-    factor = (1.0 if invert else -1.0) / std
-    if h != w:
-        # white N(0,1) noise (in normalised units) around the micrograph, centred as RELION's rewindow
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(seed))
-        square = torch.randn((n, n), generator=gen, device=device, dtype=dt) * std
-        r0, c0 = n // 2 - h // 2, n // 2 - w // 2
-        square[r0:r0 + h, c0:c0 + w] = d
-        d = square
-
-    # 2-3. cropped FT (RELION's forward transform divides by N²; its inverse is unnormalised)
-    ft = _cropped_ft(d, work) * (factor / (n * n))
+    outliers = lo - mean_d < -limit or hi - mean_d > limit
+    if square_fast and not outliers:
+        ft = _crop_columns_ft(fx, work)
+    else:
+        d = x - (shift + mean_d)
+        if outliers:
+            d = torch.where(d.abs() > limit, torch.zeros((), dtype=dt, device=device), d)
+        if h != w:
+            # white N(0,1) noise (in normalised units) around the micrograph, centred as RELION's rewindow
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(seed))
+            square = torch.randn((n, n), generator=gen, device=device, dtype=dt) * std
+            r0, c0 = n // 2 - h // 2, n // 2 - w // 2
+            square[r0:r0 + h, c0:c0 + w] = d
+            d = square
+        ft = _crop_columns_ft(_rows_rfft(d, work // 2 + 1, chunk), work) if work <= n else _upsized_ft(d, work)
+    ft = ft * (((1.0 if invert else -1.0) / std) / (n * n))
     if use_ctf:
         if ctf is None:
             raise CryopipeError("--LoG_use_ctf needs CTF parameters for each micrograph (rlnDefocusU/V/Angle in the input STAR)")
@@ -331,7 +387,7 @@ def log_fom_maps(micrograph: torch.Tensor, pixel_size: float, diam_min: float, d
 
     # 4. all diameters at once
     diams = log_diameters(diam_min, diam_max, max_search)
-    filt = log_filters(work, n, pixel_size, diams, device=device, dtype=dt)
+    filt = _cached_filters(work, n, float(pixel_size), tuple(diams), str(device), dt)
     maps = torch.fft.irfft2(ft[None] * filt, s=(work, work), norm="forward")
     best, arg = maps.max(dim=0)
     diam_f32 = torch.tensor(diams, dtype=torch.float32, device=device)
