@@ -29,6 +29,7 @@ JOBS: dict[str, str] = {
     "demo": "cryopipe.jobs.demo",
     "autopick": "cryopipe.jobs.autopick",
     "select": "cryopipe.jobs.select",
+    "star": "cryopipe.jobs.star_tools",
 }
 
 
