@@ -276,7 +276,7 @@ def test_autopick_job_relion_outputs(tmp_path, relion_dir, monkeypatch):
     args = ["--i", "micrographs_ctf.star", "--odir", "AutoPick/job004/", "--pickname", "autopick", "--LoG",
             "--LoG_diam_min", "50", "--LoG_diam_max", "80", "--shrink", "0", "--lowpass", "20",
             "--LoG_adjust_threshold", "3"]
-    assert _run(args) == 0
+    assert _run(args + ["--write_fom_maps"]) == 0
     job = proj / "AutoPick" / "job004"
     ours = _table(job / "Micrographs" / "mic001_autopick.star")
     ref = _table(relion_dir / "mic" / "AutoPick_thr3" / "Micrographs" / "mic001_autopick.star")
@@ -290,6 +290,10 @@ def test_autopick_job_relion_outputs(tmp_path, relion_dir, monkeypatch):
     summ = _table(job / "summary.star")
     assert int(summ["rlnGroupNrParticles"].iloc[0]) == 45
     assert (job / "picks.png").stat().st_size > 1000
+    fom_map, _ = read_mrc(job / "Micrographs" / "mic001_autopick_bestLoG.mrc")
+    size_map, _ = read_mrc(job / "Micrographs" / "mic001_autopick_bestSize.mrc")
+    assert fom_map.shape == size_map.shape == (308, 308)
+    assert set(np.unique(size_map)) <= set(log_diameters(50, 80))
     assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
     pipe = read_star(proj / "default_pipeline.star")
     nodes = pipe["pipeline_nodes"]

@@ -359,6 +359,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_png", action="store_true", help="do not write picks.png")
     p.add_argument("--ref", default=None, help="template picking references (not available yet: use --LoG)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--j", dest="threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; on a busy machine 1 is often fastest)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -374,6 +376,10 @@ def main(args: argparse.Namespace) -> int:
     if args.LoG_diam_min <= 0 or args.LoG_diam_max < args.LoG_diam_min:
         raise CryopipeError(f"--LoG_diam_min {args.LoG_diam_min} / --LoG_diam_max {args.LoG_diam_max}: need "
                             "0 < min <= max (Å)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CryopipeError(f"--j {args.threads}: give at least 1 thread")
+        torch.set_num_threads(args.threads)
     mics = read_micrograph_set(args.input)
     if len(mics) == 0:
         raise InputFileError(args.input, "lists no micrographs", "check the input STAR file")
