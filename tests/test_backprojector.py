@@ -199,6 +199,15 @@ def test_nearest_neighbour_and_r_max(projector, ref_map):
     r = shell_index_3d(N)
     # soft masking / gridding correction in real space leak a little power beyond r_max; it must be tiny
     assert float((ft.abs()[r > 10] ** 2).sum()) < 1e-3 * float((ft.abs()[r <= 8] ** 2).sum())
+    # a back-projector built for r_max = 12 inserts only |k| <= 12 and reconstructs the low-passed map
+    small = BackProjector(N, r_max=12, device="cpu")
+    assert small.R == 24 and small.data.shape == (51, 51, 26)
+    small.insert(F, A)
+    rec12 = small.reconstruct().to(torch.float64)
+    assert _cc(rec12, tri.reconstruct(r_max=12)) > 0.999
+    ref_lp = torch.fft.irfftn(rfft3_centered(ref_map.to(torch.float64)) * (shell_index_3d(N) <= 12), s=(N, N, N))
+    ref_lp = torch.fft.fftshift(ref_lp)
+    assert _cc(rec12, ref_lp) > 0.98
 
 
 def test_soft_mask_outside_map():

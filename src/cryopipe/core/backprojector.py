@@ -39,6 +39,7 @@ import math
 import torch
 
 from cryopipe.core.projector import (
+    _centred_to_fft,
     gridding_correction,
     interpolate_half_grid,
     padded_size,
@@ -334,19 +335,7 @@ class BackProjector:
 
         # Window onto the padn FFT grid (+padn/2 Nyquist planes kept, as RELION's windowFourierTransform)
         padn = self.padn
-        c0 = self.centre
-        half = padn // 2
-        yz = torch.arange(padn, device=dev)
-        yz = torch.where(yz <= half, yz, yz - padn)  # FFT index -> coordinate (0..padn/2, -padn/2+1..-1)
-        src_yz = yz + c0
-        ok_yz = (yz.abs() <= R + 1)
-        src_yz = src_yz.clamp(0, 2 * R + 2)
-        xs = torch.arange(half + 1, device=dev)
-        ok_x = xs <= R + 1
-        src_x = xs.clamp(max=R + 1)
-        G = F.index_select(0, src_yz).index_select(1, src_yz).index_select(2, src_x)
-        mask = ok_yz[:, None, None] & ok_yz[None, :, None] & ok_x[None, None, :]
-        G = torch.where(mask, G, torch.zeros((), dtype=G.dtype, device=dev))
+        G = _centred_to_fft(F, R, padn)
         vol = torch.fft.irfftn(G, s=(padn, padn, padn), dim=(0, 1, 2))
         vol = torch.fft.fftshift(vol, dim=(0, 1, 2))
         s = padn // 2 - n // 2
