@@ -29,6 +29,8 @@ JOBS: dict[str, str] = {
     "demo": "cryopipe.jobs.demo",
     "autopick": "cryopipe.jobs.autopick",
     "select": "cryopipe.jobs.select",
+    "mask-create": "cryopipe.jobs.mask_create",
+    "postprocess": "cryopipe.jobs.postprocess",
     "star": "cryopipe.jobs.star_tools",
 }
 
