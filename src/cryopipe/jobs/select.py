@@ -26,7 +26,8 @@ import pandas as pd
 
 from cryopipe.errors import CryopipeError, InputFileError
 
-HELP = "select a subset of micrographs (--first N, --list names) into micrographs_selected.star"
+HELP = ("select a subset of micrographs (--first N, --list names) into micrographs_selected.star, or of 2D classes "
+        "(--classes: --select_classes 1,3 | --auto) into particles.star + class_averages.star")
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -132,20 +133,30 @@ def select_micrographs(input_star: str | os.PathLike, output_star: str | os.Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--i", dest="input", required=True, help="micrographs STAR file")
+    p.add_argument("--i", dest="input", required=True,
+                   help="micrographs STAR file (with --classes: a Class2D run_itNNN_optimiser/model/data.star)")
     p.add_argument("--o", dest="output", default=None,
                    help="output job folder, e.g. Select/job005/ (default: a new Select/jobNNN/ in the project)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--first", type=int, default=None, help="select the first N micrographs")
     mode.add_argument("--list", dest="names", default=None,
                       help="micrographs to select: a text file with one name per line, or a comma-separated list")
+    mode.add_argument("--classes", action="store_true",
+                      help="select 2D classes of a classification run (see the class selection options below)")
     p.add_argument("--continue", dest="continue_", action="store_true", help="re-run the job given by --o")
+    from cryopipe.selection.job import add_class_arguments
+
+    add_class_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     from cryopipe.pipeline.log import log
     from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
 
+    if getattr(args, "classes", False):
+        from cryopipe.selection.job import main_classes
+
+        return main_classes(args)
     names = parse_name_list(args.names) if args.names is not None else None
     with open_job_dir(args.output, "Select", ProcessLabel.SELECT_INTERACTIVE,
                       inputs=[(args.input, NodeType.MICROGRAPHS)], params=vars(args),
