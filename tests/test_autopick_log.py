@@ -28,6 +28,16 @@ from cryopipe.picking.peaks import greedy_disc_suppression
 MIC_ARGS = dict(pixel_size=3.0, diam_min=50.0, diam_max=80.0, lowpass=20.0, shrink=0.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the shared CI cores are oversubscribed, where every 2-thread op waits ~20 ms for its
+    second thread (the picker's results do not depend on the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _table(path: Path):
     blocks = read_star(path)
     return next(b for b in blocks.values() if hasattr(b, "columns"))
@@ -363,3 +373,36 @@ def test_robust_threshold_with_strong_contamination():
     recall, on_ice = evaluate(log_pick(mic, 3.0, 50, 80, adjust_threshold=4.0, upper_threshold=12.0,
                                        robust_threshold=True))
     assert recall == 1.0 and on_ice == 0
+
+
+def test_outlier_pixels_set_to_mean(mic001):
+    """Hot pixels (> 8σ) are replaced by the micrograph mean before normalising with the original σ (RELION):
+    same picks as a micrograph where they were set to that mean by hand, FOMs scaled by the ratio of the σs."""
+    hot = mic001.clone()
+    hot[[100, 500, 700, 900], [300, 200, 650, 901]] = 400.0
+    mean, sd = float(hot.double().mean()), float(hot.double().std(correction=0))
+    assert (400.0 - mean) / sd > 8
+    fixed = hot.clone()
+    fixed[[100, 500, 700, 900], [300, 200, 650, 901]] = mean
+    sd_fixed = float(fixed.double().std(correction=0))
+    a = log_pick(hot, 3.0, 50, 80, adjust_threshold=3.0)
+    b = log_pick(fixed, 3.0, 50, 80, adjust_threshold=3.0)
+    assert len(a) == len(b) == 45
+    torch.testing.assert_close(a.xy(), b.xy())
+    np.testing.assert_allclose(a.fom.numpy() * sd / sd_fixed, b.fom.numpy(), rtol=1e-4)
+    kept = log_pick(hot, 3.0, 50, 80, adjust_threshold=3.0, outlier_zscore=1e9)
+    assert not torch.equal(kept.xy(), b.xy())
+
+
+def test_work_grid_larger_than_micrograph(mic001, relion_dir):
+    """--lowpass finer than Nyquist (work size > N): the FT is zero-padded (RELION); on a 512² corner of the
+    fixture the true particles inside it are still the best picks."""
+    corner = mic001[:512, :512].contiguous()
+    maps = log_fom_maps(corner, 3.0, 50, 80, lowpass=5.0)
+    assert maps.work_size > 512
+    picks = log_pick(corner, 3.0, 50, 80, lowpass=5.0, adjust_threshold=3.0)
+    truth = _table(relion_dir / "mic" / "Micrographs" / "mic001_truth.star")[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy()
+    truth = truth[(truth < 512 - 24).all(axis=1)]
+    assert len(truth) >= 3
+    d = np.sqrt(((picks.xy().numpy()[:len(truth), None] - truth[None]) ** 2).sum(-1)).min(axis=1)
+    assert np.all(d < 5.0)

@@ -194,9 +194,12 @@ def _cached_filters(work: int, size: int, pixel_size: float, diameters: tuple[fl
     return log_filters(work, size, pixel_size, diameters, device=torch.device(device), dtype=dtype)
 
 
-def _row_chunk(device: torch.device) -> int:
-    """Rows per chunk of the single pass over the micrograph: cache-sized blocks on the CPU, all rows on a GPU."""
-    return 128 if device.type == "cpu" else 1 << 30
+def _row_chunk(device: torch.device, rows: int) -> int:
+    """Rows per block of the pass over the micrograph: on the CPU at most 8 blocks of at least 128 rows (blocks
+    stay in cache; few blocks keep the number of parallel regions low on a busy machine), all rows on a GPU."""
+    if device.type != "cpu":
+        return max(rows, 1)
+    return max(128, -(-rows // 8))
 
 
 def _row_pass(x: torch.Tensor, shift: float, keep_cols: int, chunk: int
@@ -354,7 +357,7 @@ def log_fom_maps(micrograph: torch.Tensor, pixel_size: float, diam_min: float, d
     # forward normalisation 1/N² are applied to the small cropped FT; its inverse is unnormalised.
     x = micrograph if micrograph.dtype == dt else micrograph.to(dt)
     npix = h * w
-    chunk = _row_chunk(device)
+    chunk = _row_chunk(device, n)
     shift = float(x[:: max(1, h // 64)].double().mean())
     square_fast = h == w and work <= n
     fx, s1, s2, lo, hi = _row_pass(x, shift, work // 2 + 1 if square_fast else 0, chunk)
