@@ -80,50 +80,45 @@ class MicrographSet:
         return len(self.names)
 
 
-def read_micrograph_set(path: str | os.PathLike) -> MicrographSet:
-    """Read a micrographs STAR file (RELION 3.1+ ``optics`` + ``micrographs`` blocks, or a 3.0 single block)."""
+def read_micrograph_set(path: str | os.PathLike, angpix: float | None = None) -> MicrographSet:
+    """Read a micrographs STAR file (RELION 3.1+ ``optics`` + ``micrographs``, or 3.0) with
+    :func:`cryopipe.io.particles.read_particles`.
+
+    The pixel size is ``rlnMicrographPixelSize`` (all optics groups must agree within 0.01 Å, as in RELION);
+    ``angpix`` overrides it. With ``angpix``, a bare RELION 3.0 list of ``rlnMicrographName`` (no optics
+    columns) is accepted too. CTF parameters are read when the file has ``rlnDefocusU``.
+    """
+    from cryopipe.io.particles import ctf_parameters, pixel_sizes, read_particles
     from cryopipe.io.star import read_star
 
     path = Path(path)
-    blocks = read_star(path)
-    table = blocks.get("micrographs")
-    if not isinstance(table, pd.DataFrame):
-        table = next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and "rlnMicrographName" in b), None)
-    if table is None or "rlnMicrographName" not in table:
-        raise InputFileError(path, "no table with rlnMicrographName",
+    try:
+        data = read_particles(path, pixel_size=angpix)
+    except InputFileError as exc:
+        if angpix is None:
+            raise InputFileError(path, exc.problem, "give --angpix, or a micrographs STAR file with an optics table "
+                                                    "(rlnMicrographPixelSize)") from None
+        table = next((b for b in read_star(path).values()
+                      if isinstance(b, pd.DataFrame) and "rlnMicrographName" in b), None)
+        if table is None:
+            raise
+        return MicrographSet(star_path=path, names=[str(v) for v in table["rlnMicrographName"]], pixel_size=angpix)
+    if "rlnMicrographName" not in data.particles:
+        raise InputFileError(path, f"data_{data.block_name} has no rlnMicrographName",
                              "give a micrographs STAR file (e.g. CtfFind/jobNNN/micrographs_ctf.star)")
-    optics = blocks.get("optics")
-    optics = optics if isinstance(optics, pd.DataFrame) else None
-    names = [str(v) for v in table["rlnMicrographName"]]
-
-    pixel_size = None
-    if optics is not None and "rlnMicrographPixelSize" in optics:
-        vals = optics["rlnMicrographPixelSize"].to_numpy(dtype=float)
-        if np.any(np.abs(vals - vals[0]) > 0.01):
+    names = [str(v) for v in data.particles["rlnMicrographName"]]
+    pixel_size = angpix
+    if pixel_size is None:
+        vals = pixel_sizes(data)
+        if len(vals) and np.any(np.abs(vals - vals[0]) > 0.01):
             raise InputFileError(path, f"optics groups have different rlnMicrographPixelSize {sorted(set(vals))}",
                                  "pick each optics group separately (split the file), as RELION requires")
-        pixel_size = float(vals[0])
-    elif "rlnDetectorPixelSize" in table and "rlnMagnification" in table:  # RELION 3.0
-        pixel_size = float(table["rlnDetectorPixelSize"].iloc[0]) * 1e4 / float(table["rlnMagnification"].iloc[0])
-
+        pixel_size = float(vals[0]) if len(vals) else None
     ctf = None
-    if "rlnDefocusU" in table:
-        def col(label: str, default: float) -> np.ndarray:
-            if label in table:
-                return table[label].to_numpy(dtype=float)
-            if optics is not None and label in optics and "rlnOpticsGroup" in table and "rlnOpticsGroup" in optics:
-                lut = dict(zip(optics["rlnOpticsGroup"].astype(int), optics[label].astype(float)))
-                return np.array([lut.get(int(g), default) for g in table["rlnOpticsGroup"]], dtype=float)
-            return np.full(len(table), default, dtype=float)
-
-        du = col("rlnDefocusU", 0.0)
-        params = {
-            "defocus_u": du, "defocus_v": col("rlnDefocusV", np.nan), "defocus_angle": col("rlnDefocusAngle", 0.0),
-            "voltage": col("rlnVoltage", 300.0), "cs": col("rlnSphericalAberration", 2.7),
-            "amplitude_contrast": col("rlnAmplitudeContrast", 0.1), "phase_shift": col("rlnPhaseShift", 0.0),
-        }
-        params["defocus_v"] = np.where(np.isnan(params["defocus_v"]), du, params["defocus_v"])
-        ctf = [{k: float(v[i]) for k, v in params.items()} for i in range(len(table))]
+    if "rlnDefocusU" in data.particles:
+        params = ctf_parameters(data)
+        keys = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast", "phase_shift")
+        ctf = [{k: float(params[k][i]) for k in keys} for i in range(len(names))]
     return MicrographSet(star_path=path, names=names, pixel_size=pixel_size, ctf=ctf)
 
 
@@ -380,10 +375,10 @@ def main(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise CryopipeError(f"--j {args.threads}: give at least 1 thread")
         torch.set_num_threads(args.threads)
-    mics = read_micrograph_set(args.input)
+    mics = read_micrograph_set(args.input, angpix=args.angpix)
     if len(mics) == 0:
         raise InputFileError(args.input, "lists no micrographs", "check the input STAR file")
-    pixel_size = args.angpix if args.angpix is not None else mics.pixel_size
+    pixel_size = mics.pixel_size
     if pixel_size is None or not pixel_size > 0:
         raise InputFileError(args.input, "has no rlnMicrographPixelSize in its optics table",
                              "give --angpix (Å per micrograph pixel)")
