@@ -24,9 +24,10 @@ inside the particle mask of radius ``r_m`` = particle diameter / 2, with the *so
   deviation in the solvent ring; ``f_contrast = z² / (z² + 6²)``. An average of empty ice / noise has
   mottled density everywhere (``z ≈ 2–4`` → 0.1–0.3); a particle has a compact object over flat solvent
   (``z ≳ 15`` → > 0.85).
-* shape ``f_shape = max(a² / (a² + 0.015²), clip((h − 0.25) / 0.35, 0, 1))``: ``a`` is the fraction of the (background-subtracted,
-  masked) image energy that is *not* rotationally symmetric about the centre of mass of the white density,
-  after subtracting the part expected from the solvent noise (``σ_ring²`` per pixel); ``h = 1 − p(0) / max p``
+* shape ``f_shape = max(a² / (a² + 0.015²), clip((h − 0.25) / 0.35, 0, 1))``: ``a`` is the fraction of the
+  (background-subtracted, masked) image energy that is *not* rotationally symmetric about the centre of mass
+  of the white density, after subtracting the part expected from the solvent noise (``σ_ring²`` per pixel);
+  ``h = 1 − p(0) / max p``
   (``p`` the rotational average about that centre) is the "hollowness" of a ring-shaped view. A featureless
   blob (ice ball, contamination, a Gaussian blob from averaging misaligned junk) has ``a < 0.005`` and
   ``h < 0.25`` (the dip of Fourier ringing in a sharp disc); protein views have ``a ≳ 0.02`` even at 25–30 Å

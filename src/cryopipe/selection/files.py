@@ -91,6 +91,8 @@ def _project_name(path: Path, root: Path) -> str:
 def _relocate_image_names(names: pd.Series, bases: Sequence[Path], root: Path) -> pd.Series:
     """Image names ``NNN@file`` with each file made valid relative to ``root`` (see
     :func:`_name_relative_to_root`); the number part is kept as written."""
+    if len(names) == 0:
+        return names
     s = names.astype(str)
     parts = s.str.partition("@")
     has_at = parts[1] == "@"
@@ -201,8 +203,9 @@ def find_class2d_run(path: str | os.PathLike, root: str | os.PathLike | None = N
         model = path
         data = _sibling(path, ("_model.star",), "_data.star")
         if data is None or not data.is_file():
-            raise InputFileError(path, f"no data STAR next to it ({data.name if data else 'name must end in _model.star'})",
-                                 "give the run_itNNN_data.star or optimiser.star")
+            what = data.name if data else "the name must end in _model.star"
+            raise InputFileError(path, f"no data STAR next to it ({what})", "give the run_itNNN_data.star or "
+                                                                            "optimiser.star")
     else:
         key = _particles_key(blocks)
         if key is None or "rlnClassNumber" not in blocks[key]:
@@ -212,8 +215,9 @@ def find_class2d_run(path: str | os.PathLike, root: str | os.PathLike | None = N
         data = path
         model = _sibling(path, ("_data.star",), "_model.star")
         if model is None or not model.is_file():
-            raise InputFileError(path, f"no model STAR next to it ({model.name if model else 'name must end in _data.star'})",
-                                 "give the run_itNNN_model.star or optimiser.star")
+            what = model.name if model else "the name must end in _data.star"
+            raise InputFileError(path, f"no model STAR next to it ({what})", "give the run_itNNN_model.star or "
+                                                                             "optimiser.star")
     if optimiser is None:
         cand = _sibling(model, ("_model.star",), "_optimiser.star")
         optimiser = cand if cand is not None and cand.is_file() else None
