@@ -17,7 +17,8 @@ tuning-strong (as a user lowers it until particles start to disappear). This is 
 the *evaluation* sets. Always ``--LoG_diam_min/max`` = 0.8/1.1 × the diameter (rounded to 5 Å),
 ``--shrink 0 --lowpass 20``.
 
-Scores: a pick matches a true particle within 0.3 × diameter, one-to-one (greedy by distance);
+Scores: a pick matches a true particle within 0.3 × diameter, one-to-one (maximal assignment,
+``cryopipe.picking.evaluate``);
 precision = matched / picks, recall = matched / particles. Picks on contamination = picks inside a disc
 (distance to its centre < its radius). Time per 4096² micrograph with 1 and 2 torch threads (median of 7 after a
 warm-up): wall and CPU time of the picking, and wall time with reading the MRC file; the machine's load average
@@ -44,6 +45,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from cryopipe.io.mrc import read_mrc  # noqa: E402
 from cryopipe.io.star import read_star  # noqa: E402
+from cryopipe.picking.evaluate import PickScore, score_picks  # noqa: E402
 from cryopipe.picking.log import log_fom_maps, log_pick, log_pick_from_maps  # noqa: E402
 from cryopipe.sim.atomic import load_model, potential_map  # noqa: E402
 from cryopipe.sim.micrographs import simulate_micrographs  # noqa: E402
@@ -60,24 +62,6 @@ MODES = {
     "robust": {"robust_threshold": True, "adjust": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0],
                "upper": [99999.0, 20.0, 15.0, 12.0, 10.0, 8.0, 6.0, 5.0]},
 }
-
-
-def match(picks_xy: np.ndarray, truth_xy: np.ndarray, tol: float) -> int:
-    """Number of one-to-one matches within ``tol`` pixels (greedy by increasing distance)."""
-    if len(picks_xy) == 0 or len(truth_xy) == 0:
-        return 0
-    d = np.sqrt(((picks_xy[:, None, :] - truth_xy[None, :, :]) ** 2).sum(-1))
-    ii, jj = np.nonzero(d < tol)
-    order = np.argsort(d[ii, jj], kind="stable")
-    used_p, used_t, n = set(), set(), 0
-    for k in order:
-        i, j = int(ii[k]), int(jj[k])
-        if i in used_p or j in used_t:
-            continue
-        used_p.add(i)
-        used_t.add(j)
-        n += 1
-    return n
 
 
 def simulate(volume, out: Path, seed: int, n: int, n_blobs: int = 0, amplitude: float = 5.0, size: int = SIZE,
@@ -98,13 +82,11 @@ def load_set(sim):
 
 
 def score(picks_per_mic, truths, tol, blobs=None):
-    n_p = sum(len(p) for p in picks_per_mic)
-    n_t = sum(len(t) for t in truths)
-    m = sum(match(p, t, tol) for p, t in zip(picks_per_mic, truths))
-    prec = m / n_p if n_p else 0.0
-    rec = m / n_t if n_t else 0.0
-    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    out = {"picks": n_p, "particles": n_t, "matched": m, "precision": prec, "recall": rec, "f1": f1}
+    """Precision / recall / F1 summed over micrographs (:func:`cryopipe.picking.evaluate.score_picks`:
+    one-to-one maximal matching within ``tol`` pixels) and, with ``blobs``, the picks on contamination."""
+    total = sum((score_picks(p, t, tol) for p, t in zip(picks_per_mic, truths)), PickScore(0, 0, 0))
+    out = {"picks": total.n_picks, "particles": total.n_true, "matched": total.n_matched,
+           "precision": total.precision, "recall": total.recall, "f1": total.f1}
     if blobs is not None:
         out["picks_on_contamination"] = sum(on_blobs(p, b) for p, b in zip(picks_per_mic, blobs))
     return out
