@@ -321,7 +321,7 @@ def run_postprocess(half1: str | os.PathLike, half2: str | os.PathLike | None = 
     mtf_tab = None
     if mtf:
         r, v = read_mtf(mtf)
-        mtf_tab = (torch.from_numpy(r), torch.from_numpy(v))
+        mtf_tab = (torch.tensor(r), torch.tensor(v))
     dev = resolve_device(device)
     t1, t2 = torch.from_numpy(h1).to(dev), torch.from_numpy(h2).to(dev)
     tm = torch.from_numpy(m).to(dev) if m is not None else None
