@@ -11,7 +11,8 @@ Sufficient statistics (they **add**: between batches, workers or half-sets, :met
   Hermitian duplicate).
 
 Reconstruction (:meth:`BackProjector.reconstruct`), re-derived from RELION 5 ``BackProjector::reconstruct``
-with ``skip_gridding`` (the default of ``relion_reconstruct`` and ``relion_refine`` since 3.1/4.0):
+with ``skip_gridding`` (the default of ``relion_reconstruct`` in RELION 4/5; the iterative
+``--dont_skip_gridding`` pre-weighting is not implemented):
 
 1. Hermitian symmetry on the ``x = 0`` plane: each pair ``(0, y, z)``/``(0, −y, −z)`` gets the sum of both
    (conjugated) entries, weights summed (RELION ``enforceHermitianSymmetry``).
