@@ -408,3 +408,17 @@ def test_parse_class_numbers_and_input_errors(c2d, tmp_path):
         find_class2d_run(lone)
     with pytest.raises(CryopipeError, match="not a classification"):
         find_class2d_run(c2d / "particles.star")
+
+
+def test_3d_run_selects_particles_only(c2d, tmp_path):
+    """A 3D classification (rlnReferenceDimensionality 3): particles by class number; no averages, no --auto."""
+    blocks, version = read_star_with_version(c2d / "run_it005_model.star")
+    blocks["model_general"]["rlnReferenceDimensionality"] = 3
+    blocks["model_classes"]["rlnReferenceImage"] = [f"run_it005_class{k:03d}.mrc" for k in range(1, 5)]
+    write_star(tmp_path / "run_it005_model.star", blocks, version=version)
+    (tmp_path / "run_it005_data.star").write_text((c2d / "run_it005_data.star").read_text())
+    res = select_classes(tmp_path / "run_it005_model.star", tmp_path / "s3", select="2,3", root=tmp_path)
+    assert res.n_particles_selected == FIXTURE_COUNTS[2] + FIXTURE_COUNTS[3]
+    assert res.class_averages_star is None and res.gallery_png is None and res.scores is None
+    with pytest.raises(CryopipeError, match="2D"):
+        select_classes(tmp_path / "run_it005_model.star", tmp_path / "a3", auto=True, root=tmp_path)

@@ -64,6 +64,7 @@ _CONTRAST_SCALE = 6.0
 _ANISOTROPY_SCALE = 0.015
 _HOLLOW_START, _HOLLOW_RANGE = 0.25, 0.35
 _RING_INNER = 0.8
+_CHUNK_ELEMENTS = 8_000_000          # pixels per batch in image_features (~64 MB per float64 temporary)
 
 #: sort keys for ``--sort_by``: label -> True when larger values come first
 SORT_DIRECTIONS: dict[str, bool] = {
@@ -250,6 +251,11 @@ def image_features(images: torch.Tensor, mask_radius_px: float) -> ImageFeatures
     """
     images = _check_images(images)
     k, n, _ = images.shape
+    chunk = max(1, int(_CHUNK_ELEMENTS // (n * n)))
+    if k > chunk:   # bound the memory of the [K, N, N] float64 temporaries (large K and boxes)
+        parts = [image_features(images[i:i + chunk], mask_radius_px) for i in range(0, k, chunk)]
+        return ImageFeatures(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                               ("contrast", "anisotropy", "hollowness", "f_contrast", "f_shape")))
     x = images.to(torch.float64)
     xx, yy, r = _grid(n, x.device, torch.float64)
     radius = float(mask_radius_px)
