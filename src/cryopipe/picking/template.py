@@ -451,20 +451,26 @@ def _work_rows(n: int, w: int, device) -> torch.Tensor:
 
 
 def _crop_ft(ft: torch.Tensor, n: int, w: int) -> torch.Tensor:
-    """Half-complex ``[n, n//2+1]`` FT windowed to ``[w, w//2+1]``, Nyquist row and column of ``w`` set to 0."""
-    h = w // 2
-    out = ft.index_select(0, _work_rows(n, w, ft.device))[:, : h + 1].clone()
-    out[h, :] = 0
-    out[:, h] = 0
-    return out
+    """Half-complex ``[n, n//2+1]`` FT windowed to ``[w, w//2+1]`` (frequencies ``−w/2 ≤ ky < w/2``,
+    ``0 ≤ kx ≤ w/2``; for ``w = n`` the FT itself)."""
+    if w == n:
+        return ft
+    return ft.index_select(0, _work_rows(n, w, ft.device))[:, : w // 2 + 1]
+
+
+#: Zero-padding factor of the reference FTs that are interpolated (bilinear) at rotated frequencies. Bilinear
+#: interpolation of the FT of a ``P``-padded image is the FT of the image times ``sinc²(x/P)·sinc²(y/P)``
+#: (divided out beforehand) plus "ghost" copies at ±P weighted by ``sinc²`` near 1: about 9 % of the amplitude
+#: for P = 2b, 0.4 % for P = 8b. (RELION pads to twice the micrograph size, where the ghosts vanish.)
+FT_PAD = 8
 
 
 def _gridding_corrected_padded_ft(images: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Full-plane FTs of the references zero-padded to ``P = 2b``, phase origin at the reference centre, as
+    """Full-plane FTs of the references zero-padded to ``P = FT_PAD·b``, phase origin at the reference centre, as
     ``[R, 2, P, P]`` float (real, imaginary; frequency ``(fy, fx)`` at index ``(P/2 + fy, P/2 + fx)``). Each
     reference is divided beforehand by ``sinc²(dx/P)·sinc²(dy/P)``, the transform of bilinear interpolation."""
     r, b, _ = images.shape
-    p = 2 * b
+    p = FT_PAD * b
     c = (torch.arange(b, device=images.device, dtype=torch.float64) - b // 2) / p
     s = torch.sinc(c) ** 2
     corr = (s[:, None] * s[None, :]).to(images.dtype)
@@ -475,27 +481,42 @@ def _gridding_corrected_padded_ft(images: torch.Tensor) -> tuple[torch.Tensor, i
     return torch.view_as_real(ft).permute(0, 3, 1, 2).contiguous(), p
 
 
-def _sample_ft(ft: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples (complex ``[B, M]``) of one full-plane FT ``[2, P, P]`` (:func:`_gridding_corrected_padded_ft`)
-    at frequencies ``pts`` ``[B, M, 2]`` = ``(fx, fy)`` in Fourier pixels of the ``P`` box (``|f| < P/2``)."""
-    p = ft.shape[-1]
-    grid = (pts + p // 2) * (2.0 / (p - 1)) - 1.0  # align_corners=True: index i -> -1 + 2i/(P-1)
-    out = torch.nn.functional.grid_sample(ft[None], grid[None].to(ft.dtype), mode="bilinear",
-                                          padding_mode="zeros", align_corners=True)[0]  # [2, B, M]
-    return torch.complex(out[0], out[1])
+def _sample_grid(pts: torch.Tensor, p: int) -> torch.Tensor:
+    """``grid_sample`` coordinates of frequencies ``(fx, fy)`` (Fourier pixels of the ``P`` box) on the full-plane
+    FT of :func:`_gridding_corrected_padded_ft` (``align_corners=True``: index ``i`` ↦ ``−1 + 2i/(P−1)``)."""
+    return (pts + p // 2) * (2.0 / (p - 1)) - 1.0
 
 
-def _band(w: int, r_band: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices into ``[w, w//2+1]`` and ``(kx, ky)`` ``[M, 2]`` (float32) of the frequencies with
-    ``|k| <= r_band`` and ``|kx|, |ky| < w/2``."""
-    from cryopipe.core.fourier import freq_grid_2d
+def _sample_ft(ft: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples ``[2, B, H, W]`` (real, imaginary) of one full-plane FT ``[2, P, P]`` at ``grid``
+    ``[B, H, W, 2]`` (:func:`_sample_grid`); points outside the plane read 0."""
+    b, hh, ww, _ = grid.shape
+    out = torch.nn.functional.grid_sample(ft[None], grid.reshape(1, b * hh, ww, 2), mode="bilinear",
+                                          padding_mode="zeros", align_corners=True)
+    return out.view(2, b, hh, ww)
 
-    kx, ky = freq_grid_2d(w, device=device, dtype=torch.float32)
+
+def _band_box(w: int, r_band: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference band ``|k| <= r_band`` (also ``|kx|, |ky| < w/2``) as a box of the work half grid.
+
+    Returns ``(rows, ky, kx, inside)``: the work-grid rows of the box and their frequencies ``ky`` (``0 … rb,
+    −rb … −1``), the columns ``kx = 0 … rb`` (``rb = floor(r_band)``, at most ``w/2 − 1``) and the band mask
+    ``[len(rows), len(kx)]``. When the band reaches the edge of the work grid the box is the whole half grid
+    (all ``w`` rows in FFT order, ``w/2 + 1`` columns; Nyquist row and column outside the band), so that products
+    on the box are the work-grid spectrum itself.
+    """
     h = w // 2
-    keep = (kx * kx + ky * ky <= r_band * r_band + 1e-3) & (kx < h) & (ky.abs() < h)
-    flat = torch.nonzero(keep.reshape(-1), as_tuple=False).reshape(-1)
-    k = torch.stack([kx.reshape(-1)[flat], ky.reshape(-1)[flat]], dim=-1)
-    return flat, k
+    rb = min(int(math.floor(r_band + 1e-3)), h - 1)
+    if rb >= h - 1:
+        rows = torch.arange(w, device=device)
+        ky = torch.fft.fftfreq(w, d=1.0 / w, device=device, dtype=torch.float32)
+        kx = torch.arange(h + 1, device=device, dtype=torch.float32)
+    else:
+        rows = torch.cat([torch.arange(0, rb + 1, device=device), torch.arange(w - rb, w, device=device)])
+        ky = torch.cat([torch.arange(0, rb + 1, device=device), torch.arange(-rb, 0, device=device)]).to(torch.float32)
+        kx = torch.arange(rb + 1, device=device, dtype=torch.float32)
+    inside = (ky[:, None] ** 2 + kx[None, :] ** 2 <= r_band * r_band + 1e-3) & (ky.abs()[:, None] < h) & (kx[None, :] < h)
+    return rows, ky, kx, inside
 
 
 def _dft_matrices(n: int, w: int, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -596,26 +617,33 @@ def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, low
     stddev = torch.where(var > 1e-10, torch.sqrt(var.clamp(min=0)), torch.ones_like(var)).to(dt)
     del sq, var, X2w
 
-    # frequencies used by the references, the micrograph there (× CTF), rotations
-    band_flat, k = _band(w, r_band, device)
-    m = band_flat.numel()
-    Y = Xw.reshape(-1)[band_flat]
-    ctf_band = None
+    # the band box: micrograph there (× CTF), rotated reference frequencies
+    rows_b, ky_b, kx_b, inside = _band_box(w, r_band, device)
+    full = rows_b.numel() == w
+    nkx = kx_b.numel()
+    Y = Xw.index_select(0, rows_b)[:, :nkx] * inside
+    ctf_box = None
     if ctf is not None and refs.apply_ctf:
-        ctf_band = _work_ctf(w, n, apix, ctf, ctf_intact_first_peak, device).reshape(-1)[band_flat]
-        Y = Y * ctf_band  # conj(A·CTF)·X = conj(A)·(CTF·X): the CTF is real
+        ctf_box = _work_ctf(w, n, apix, ctf, ctf_intact_first_peak, device).index_select(0, rows_b)[:, :nkx]
+        Y = Y * ctf_box  # conj(A·CTF)·X = conj(A)·(CTF·X): the CTF is real
     del Xw
     psis = refs.psi_angles()
-    rot = euler_to_matrix(torch.zeros_like(psis), torch.zeros_like(psis), psis)[:, :2, :2]
-    ft_refs, p = _gridding_corrected_padded_ft(refs.images.to(device=device, dtype=dt))
-    pts_all = (k[None] @ rot.to(device=device, dtype=torch.float32)) * (p / n)  # [n_psi, M, 2] = p/n · Aᵀk
-    chunk = max(1, chunk_elements // (w * w))
+    rot = euler_to_matrix(torch.zeros_like(psis), torch.zeros_like(psis), psis)[:, :2, :2].to(device, torch.float32)
+    kgrid = torch.stack(torch.broadcast_tensors(kx_b[None, :], ky_b[:, None]), dim=-1)  # [2rb+1, rb+1, 2] (kx, ky)
+    p = FT_PAD * b
+    ref_images = refs.images.to(device=device, dtype=dt)
+    # p/n · Aᵀk for every ψ: [n_psi, 2rb+1, rb+1, 2]
+    grid_all = _sample_grid(torch.einsum("yxi,bij->byxj", kgrid, rot) * (p / n), p)
+    grid0 = _sample_grid((kgrid * (p / n))[None], p)
+    chunk = max(1, min(len(psis), chunk_elements // (w * w)))
 
-    # real-space ψ = 0 references for <A>, <A²>, E: inverse separable DFT onto the box
-    kx_w = torch.arange(h + 1, device=device)
-    col_weight = torch.where(kx_w == 0, 1.0, 2.0).to(torch.float64)
-    ey_inv = ey.conj().T.contiguous()                                 # [b, w]
-    ex_inv = (ex.conj() * col_weight[None, :]).T.contiguous()         # [w//2+1, b]
+    # real-space ψ = 0 references for <A>, <A²>, E: inverse separable DFT from the band box onto the box
+    col_weight = torch.where(kx_b == 0, 1.0, 2.0).to(torch.float64)
+    d_off = torch.arange(b, device=device, dtype=torch.float64) - b // 2
+    ey_inv = torch.polar(torch.ones(b, ky_b.numel(), device=device, dtype=torch.float64),
+                         (2 * math.pi / n) * d_off[:, None] * ky_b.double()[None, :])      # [b, rows]
+    ex_inv = torch.polar(torch.ones(nkx, b, device=device, dtype=torch.float64),
+                         (2 * math.pi / n) * kx_b.double()[:, None] * d_off[None, :]) * col_weight[:, None]
 
     n_ref = len(refs)
     fom_maps = torch.empty((n_ref, w, w), dtype=dt, device=device)
@@ -624,15 +652,16 @@ def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, low
     psi_dev = psis.to(device=device, dtype=dt)
     mean64 = mean.double()
     inv_sd64 = 1.0 / stddev.double()
+    rb = (rows_b.numel() - 1) // 2
+    prod = None if full else torch.zeros((chunk, w, h + 1), dtype=torch.complex64, device=device)  # 0 off the box
     for i in range(n_ref):
-        ft = ft_refs[i]
+        ft = _gridding_corrected_padded_ft(ref_images[i:i + 1])[0][0]
         # ψ = 0 reference in real space (band-limited, × CTF), sums over the disc
-        a0 = torch.zeros(w * (h + 1), dtype=torch.complex128, device=device)
-        a0_band = _sample_ft(ft, (k * (p / n))[None])[0].to(torch.complex128)
-        if ctf_band is not None:
-            a0_band = a0_band * ctf_band.to(torch.float64)
-        a0[band_flat] = a0_band
-        a_real = (ey_inv @ a0.view(w, h + 1) @ ex_inv).real / float(n * n)
+        v0 = _sample_ft(ft, grid0)
+        a0 = torch.complex(v0[0, 0], v0[1, 0]) * inside
+        if ctf_box is not None:
+            a0 = a0 * ctf_box
+        a_real = (ey_inv @ a0.to(torch.complex128) @ ex_inv).real / float(n * n)
         a_disc = a_real[disc]
         sum_a = float(a_disc.sum()) / (n_disc + 1)
         sum_a2 = float((a_disc * a_disc).sum()) / (n_disc + 1)
@@ -645,16 +674,21 @@ def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, low
         best = torch.full((w, w), -math.inf, dtype=dt, device=device)
         best_psi = torch.zeros((w, w), dtype=dt, device=device)
         for j0 in range(0, len(psis), chunk):
-            pts = pts_all[j0:j0 + chunk]
-            vals = _sample_ft(ft, pts)                                # [B, M]
-            prod = torch.zeros((pts.shape[0], w * (h + 1)), dtype=vals.dtype, device=device)
-            prod.index_copy_(1, band_flat, vals.conj() * Y)
-            cc = torch.fft.irfft2(prod.view(-1, w, h + 1), s=(w, w))
+            grid = grid_all[j0:j0 + chunk]
+            nb = grid.shape[0]
+            v = _sample_ft(ft, grid)               # [2, B, rows, kx]
+            spec = torch.complex(v[0], v[1].neg_()).mul_(Y)  # conj(A_ψ)·(CTF·X) on the box
+            if full:
+                cc = torch.fft.irfft2(spec, s=(w, w))
+            else:
+                prod[:nb, : rb + 1, :nkx] = spec[:, : rb + 1]
+                prod[:nb, w - rb:, :nkx] = spec[:, rb + 1:]
+                cc = torch.fft.irfft2(prod[:nb], s=(w, w))
             cmax, carg = cc.max(dim=0)
             upd = cmax > best
             best = torch.where(upd, cmax, best)
-            best_psi = torch.where(upd, psi_dev[j0:j0 + chunk][carg], best_psi)
-            del cc, prod, vals
+            best_psi = torch.where(upd, psi_dev[j0:j0 + nb][carg], best_psi)
+            del cc, v, spec
         corr = best.double() * (norm_w / n_disc)
         log_p = (corr - mean64 * sum_a) * inv_sd64 - 0.5 * sum_a2
         fom = torch.expm1(log_p) / em1
@@ -670,36 +704,41 @@ def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, low
 
 def peak_search(fom: torch.Tensor, stddev: torch.Tensor, mean: torch.Tensor, *, threshold: float,
                 first_index: tuple[int, int], extent: tuple[int, int], skip: int, scale_below_one: bool,
-                max_stddev_noise: float = -1.0, min_avg_noise: float = -999.0) -> tuple[np.ndarray, np.ndarray]:
-    """RELION's ``peakSearch`` on one ``[w, w]`` FOM map, vectorised.
+                max_stddev_noise: float = -1.0, min_avg_noise: float = -999.0) -> np.ndarray:
+    """RELION's ``peakSearch`` on FOM maps ``[R, w, w]`` (or one ``[w, w]``), vectorised over references.
 
     Pixels of the micrograph's extent (``first_index``, ``extent`` on the work grid) at least ``skip`` (≥ 1)
-    pixels from its edges with ``fom ≥ threshold``, not rejected by the noise criteria, and ``≥`` their four
-    neighbours (which, unless ``scale_below_one``, must also be ``≥ threshold``).
+    pixels from its edges with ``fom ≥ threshold``, not rejected by the noise criteria (``stddev``, ``mean``
+    ``[w, w]``), and ``≥`` their four neighbours (which, unless ``scale_below_one``, must also be
+    ``≥ threshold``).
 
     Returns:
-        ``(rows, cols)`` int64 NumPy arrays of the work-grid peaks in row-major order.
+        ``[K, 3]`` int64 NumPy array of ``(reference, row, col)`` work-grid peaks, per reference in row-major
+        order (the order RELION visits them).
     """
+    f3 = fom if fom.ndim == 3 else fom[None]
     r0, c0 = first_index
     hy, wx = extent
     skip = max(1, int(skip))
     i0, i1 = r0 + skip, r0 + hy - 1 - skip  # inclusive
     j0, j1 = c0 + skip, c0 + wx - 1 - skip
     if i1 < i0 or j1 < j0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    f = fom[i0:i1 + 1, j0:j1 + 1]
+        return np.zeros((0, 3), dtype=np.int64)
+    f = f3[:, i0:i1 + 1, j0:j1 + 1]
     ok = f >= threshold
     if max_stddev_noise > 0:
         ok &= ~(stddev[i0:i1 + 1, j0:j1 + 1] > max_stddev_noise)
     if min_avg_noise > -900:
         ok &= ~(mean[i0:i1 + 1, j0:j1 + 1] < min_avg_noise)
     for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        nb = fom[i0 + di:i1 + 1 + di, j0 + dj:j1 + 1 + dj]
+        nb = f3[:, i0 + di:i1 + 1 + di, j0 + dj:j1 + 1 + dj]
         ok &= ~(nb > f)
         if not scale_below_one:
             ok &= ~(nb < threshold)
-    idx = torch.nonzero(ok, as_tuple=False).cpu().numpy()
-    return idx[:, 0].astype(np.int64) + i0, idx[:, 1].astype(np.int64) + j0
+    idx = torch.nonzero(ok, as_tuple=False).cpu().numpy().astype(np.int64)
+    idx[:, 1] += i0
+    idx[:, 2] += j0
+    return idx
 
 
 def _pairs_within(pts: np.ndarray, d2_limit: float) -> np.ndarray:
@@ -795,21 +834,24 @@ def template_pick_from_maps(maps: TemplateMaps, *, threshold: float = 0.25, min_
     skip = int(np.float32(skip_side + maps.box // 2) * scale32)
     r0, c0 = maps.first_index()
     extent = maps.extent()
+    peaks = peak_search(maps.fom, maps.stddev, maps.mean, threshold=float(threshold), first_index=(r0, c0),
+                        extent=extent, skip=skip, scale_below_one=bool(scale32 < 1),
+                        max_stddev_noise=max_stddev_noise, min_avg_noise=min_avg_noise)
+    if len(peaks) == 0:
+        return PickTable.empty(device)
+    sel = torch.as_tensor(peaks, device=device)
+    f_all = maps.fom[sel[:, 0], sel[:, 1], sel[:, 2]].cpu().numpy()
+    p_all = maps.psi[sel[:, 0], sel[:, 1], sel[:, 2]].cpu().numpy()
+    bounds = np.searchsorted(peaks[:, 0], np.arange(maps.fom.shape[0] + 1))
     xs, ys, fs, refs_, ps = [], [], [], [], []
     for i in range(maps.fom.shape[0]):
-        rows, cols = peak_search(maps.fom[i], maps.stddev, maps.mean, threshold=float(threshold),
-                                 first_index=(r0, c0), extent=extent, skip=skip, scale_below_one=bool(scale32 < 1),
-                                 max_stddev_noise=max_stddev_noise, min_avg_noise=min_avg_noise)
-        if len(rows) == 0:
+        a, z = bounds[i], bounds[i + 1]
+        if a == z:
             continue
-        f = maps.fom[i][torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)].cpu().numpy()
-        p = maps.psi[i][torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)].cpu().numpy()
-        px, py = cols - c0, rows - r0
+        px, py, f = peaks[a:z, 2] - c0, peaks[a:z, 1] - r0, f_all[a:z]
         keep = prune_peak_clusters(px, py, f, link_d2, min_d2)
-        xs.append(px[keep]); ys.append(py[keep]); fs.append(f[keep]); ps.append(p[keep])
+        xs.append(px[keep]); ys.append(py[keep]); fs.append(f[keep]); ps.append(p_all[a:z][keep])
         refs_.append(np.full(len(keep), i + 1, dtype=np.int64))
-    if not xs:
-        return PickTable.empty(device)
     px, py, f, ref, p = (np.concatenate(v) for v in (xs, ys, fs, refs_, ps))
     keep = prune_peak_clusters(px, py, f, link_d2, min_d2)
     px, py, f, ref, p = px[keep], py[keep], f[keep], ref[keep], p[keep]
@@ -954,7 +996,7 @@ def read_template_maps(base: str | os.PathLike, device: torch.device | str | Non
     per_ref = t[k:].reshape(n_ref, 2, w, w)
     maps = TemplateMaps(fom=per_ref[:, 0].contiguous(), psi=per_ref[:, 1].contiguous(), stddev=t[3].contiguous(),
                         mean=t[4].contiguous(),
-                        expected_ratio=torch.as_tensor(refs["cryopipeExpectedRatio"].to_numpy(dtype=np.float64)),
+                        expected_ratio=torch.tensor(refs["cryopipeExpectedRatio"].to_numpy(dtype=np.float64)),
                         work_size=w, size=int(info["cryopipeSquareSize"]),
                         shape=(int(info["rlnImageSizeY"]), int(info["rlnImageSizeX"])),
                         pixel_size=float(info["rlnMicrographPixelSize"]), box=int(info["rlnImageSize"]),
