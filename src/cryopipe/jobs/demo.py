@@ -119,8 +119,8 @@ def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int =
               "--angpix", str(apix_m), "--mic_size", "1024", "--n_per_mic", "40", "--snr", "0.5",
               "--n_blobs", "1", "--seed", str(seed + 1)] + dev, steps)
         _run(["autopick", "--i", "Simulate/job003/micrographs.star", "--odir", "AutoPick/job004/", "--LoG",
-              "--LoG_diam_min", str(0.7 * diameter), "--LoG_diam_max", str(1.1 * diameter), "--shrink", "0",
-              "--lowpass", "20", "--LoG_adjust_threshold", "3", "--LoG_upper_threshold", "8"] + dev, steps)
+              "--LoG_diam_min", "60", "--LoG_diam_max", "85", "--shrink", "0", "--lowpass", "20",
+              "--LoG_adjust_threshold", "3"] + dev, steps)
         summary["autopick_log"] = _pick_summary(Path("AutoPick/job004"), Path("Simulate/job003"), diameter, apix_m)
         _run(["extract", "--i", "Simulate/job003/micrographs.star", "--coord_list", "AutoPick/job004/autopick.star",
               "--o", "Extract/job005/", "--extract_size", "64", "--norm", "--invert_contrast"] + dev, steps)
