@@ -200,6 +200,8 @@ def test_nearest_neighbour_and_r_max(projector, ref_map):
     # soft masking / gridding correction in real space leak a little power beyond r_max; it must be tiny
     assert float((ft.abs()[r > 10] ** 2).sum()) < 1e-3 * float((ft.abs()[r <= 8] ** 2).sum())
     # a back-projector built for r_max = 12 inserts only |k| <= 12 and reconstructs the low-passed map
+    assert BackProjector(N, r_max=11.2, device="cpu").r_max == 12  # rounded up, as relion_reconstruct --maxres
+    assert BackProjector(N, r_max=12.0, device="cpu").r_max == 12
     small = BackProjector(N, r_max=12, device="cpu")
     assert small.R == 24 and small.data.shape == (51, 51, 26)
     small.insert(F, A)

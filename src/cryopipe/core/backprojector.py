@@ -53,6 +53,11 @@ __all__ = ["BackProjector", "soft_mask_outside_map"]
 _INTERPOLATIONS = ("trilinear", "nearest")
 
 
+def _ceil_px(r: float) -> int:
+    """Integer radius in Fourier pixels, rounded up (RELION: ``CEIL(N·apix/maxres)``), tolerant to float noise."""
+    return int(math.ceil(float(r) - 1e-6))
+
+
 def soft_mask_outside_map(vol: torch.Tensor, radius: float | None = None, cosine_width: float = 3.0) -> torch.Tensor:
     """RELION ``softMaskOutsideMap``: voxels beyond ``radius + cosine_width`` (default radius ``N/2``; distances
     in voxels from the centre ``N//2``) are replaced by the background value, the ``cosine_width`` band is
@@ -81,7 +86,8 @@ class BackProjector:
 
     ``n``: box size of the images and of the map. ``pad``: padding factor (RELION default 2).
     ``interpolation``: ``"trilinear"`` (RELION default) or ``"nearest"``. ``r_max``: highest frequency inserted,
-    Fourier pixels (default ``n//2``, Nyquist). ``dtype``: real precision of the accumulators (float32 default;
+    Fourier pixels, rounded up to an integer as ``relion_reconstruct`` does for ``--maxres`` (default ``n//2``,
+    Nyquist). ``dtype``: real precision of the accumulators (float32 default;
     float64 for very large data sets). ``device``: default :func:`cryopipe.core.device.default_device`.
     """
 
@@ -97,7 +103,7 @@ class BackProjector:
         self.interpolation = interpolation
         self.padn = padded_size(n, pad)
         self.pad = self.padn / n
-        self.r_max = int(n // 2 if r_max is None else min(int(r_max), n // 2))
+        self.r_max = n // 2 if r_max is None else max(1, min(_ceil_px(r_max), n // 2))
         self.R = int(round(self.pad * self.r_max))
         self.centre = self.R + 1
         self.dtype = dtype
@@ -283,7 +289,7 @@ class BackProjector:
         data, weight = self._enforce_hermitian(self.data, self.weight)
         if symmetry is not None:
             data, weight = self._symmetrise(data, weight, symmetry)
-        rmax = self.r_max if r_max is None else max(1, min(int(r_max), self.r_max))
+        rmax = self.r_max if r_max is None else max(1, min(_ceil_px(r_max), self.r_max))
         Rr = int(round(rmax * pad))
         wdt = self.dtype  # working precision of full-grid arrays (integer r² is exact in float32 here)
         xx, yy, zz = self._grid_coords(wdt)
@@ -327,7 +333,7 @@ class BackProjector:
         estimate ``data / (weight + 1/(pad³·tau2_fudge·tau2))``; without it RELION's ``max(weight, w̄/1000)``
         regularisation. ``symmetry`` ``[n, 3, 3]``: the point group's operators (e.g.
         :func:`cryopipe.core.symmetry.symmetry_operators`; identity entries are skipped — the statistics
-        themselves are the identity term). ``r_max`` (Fourier pixels): frequencies beyond are zeroed.
+        themselves are the identity term). ``r_max`` (Fourier pixels, rounded up): frequencies beyond are zeroed.
         The accumulated statistics are not modified.
         """
         n, R = self.n, self.R
