@@ -432,3 +432,81 @@ def test_reference_files_and_preparation(tmp_path, relion_dir):
     g = gauss_reference(100.0, 3.0, 0.1)
     assert g.shape == (1, 50, 50) and float(g.max()) == pytest.approx(0.1)
     assert float(g[0, 25, 25 + 8]) == pytest.approx(0.1 * math.exp(-64 / (2 * (50 / 6) ** 2)), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+def _run_job(argv: list[str]) -> int:
+    import argparse
+
+    from cryopipe.jobs import autopick
+
+    p = argparse.ArgumentParser()
+    autopick.add_arguments(p)
+    return autopick.main(p.parse_args(argv))
+
+
+def test_autopick_job_template_write_then_read_fom_maps(tmp_path, relion_dir, monkeypatch):
+    """``cryopipe autopick --ref class_averages.star --invert --ctf``: RELION outputs; --write_fom_maps then
+    --continue --read_fom_maps with a new threshold equals a fresh run at that threshold; plain --continue only
+    picks micrographs without coordinates."""
+    import os
+
+    proj = tmp_path / "proj"
+    (proj / "Micrographs").mkdir(parents=True)
+    (proj / "Class2D" / "job008").mkdir(parents=True)
+    os.symlink(relion_dir / "mic" / "Micrographs" / "mic001.mrc", proj / "Micrographs" / "mic001.mrc")
+    (proj / "micrographs_ctf.star").write_text((relion_dir / "mic" / "micrographs_ctf.star").read_text())
+    os.symlink(relion_dir / "class2d" / "run_it005_classes.mrcs", proj / "Class2D" / "job008" / "classes.mrcs")
+    write_star(proj / "class_averages.star", {"": pd.DataFrame(
+        {"rlnReferenceImage": [f"{i:06d}@Class2D/job008/classes.mrcs" for i in (1, 2, 3, 4)]})})
+    monkeypatch.chdir(proj)
+    base = ["--i", "micrographs_ctf.star", "--ref", "class_averages.star", "--invert", "--ctf", "--ang", "10",
+            "--particle_diameter", "100", "--lowpass", "20", "--shrink", "0", "--no_png", "--j", "1"]
+    assert _run_job(base + ["--odir", "AutoPick/job004/", "--threshold", "2", "--write_fom_maps"]) == 0
+    job = proj / "AutoPick" / "job004"
+    coords = read_star(job / "Micrographs" / "mic001_autopick.star")[""]
+    assert len(coords) == 25 and set(coords["rlnClassNumber"]) <= {1, 2, 3, 4}
+    assert {"rlnAutopickFigureOfMerit", "rlnAnglePsi"} <= set(coords.columns)
+    assert (job / "Micrographs" / "mic001_autopick_fom.mrcs").exists()
+    assert read_star(job / "autopick.star")["coordinate_files"]["rlnMicrographCoordinates"].tolist() == \
+        ["AutoPick/job004/Micrographs/mic001_autopick.star"]
+    procs = read_star(proj / "default_pipeline.star")["pipeline_processes"]
+    assert procs["rlnPipeLineProcessTypeLabel"].tolist() == ["relion.autopick.ref2d"]
+
+    # re-pick from the maps (continue) with other peak settings == a fresh job with those settings
+    new = ["--threshold", "0.5", "--min_distance", "90", "--max_stddev_noise", "1.05"]
+    assert _run_job(base + ["--odir", "AutoPick/job004/", "--continue", "--read_fom_maps"] + new) == 0
+    fresh_args = base + ["--odir", "AutoPick/job005/"] + new
+    assert _run_job(fresh_args) == 0
+    a = read_star(job / "Micrographs" / "mic001_autopick.star")[""]
+    b = read_star(proj / "AutoPick" / "job005" / "Micrographs" / "mic001_autopick.star")[""]
+    assert len(a) != 25 and a.equals(b)
+
+    # plain --continue keeps existing coordinate files
+    stamp = (proj / "AutoPick" / "job005" / "Micrographs" / "mic001_autopick.star").stat().st_mtime_ns
+    assert _run_job(base + ["--odir", "AutoPick/job005/", "--continue", "--threshold", "3"]) == 0
+    assert (proj / "AutoPick" / "job005" / "Micrographs" / "mic001_autopick.star").stat().st_mtime_ns == stamp
+
+    # a 3D map (projections, relion.autopick.ref3d) and the Gaussian blob
+    os.symlink(relion_dir / "ref_map.mrc", proj / "ref_map.mrc")
+    common = ["--i", "micrographs_ctf.star", "--particle_diameter", "100", "--no_png", "--j", "1"]
+    assert _run_job(common + ["--odir", "AutoPick/job006/", "--ref", "ref_map.mrc", "--healpix_order", "0",
+                              "--invert", "--ctf", "--ang", "20", "--threshold", "1.5"]) == 0
+    c3 = read_star(proj / "AutoPick" / "job006" / "Micrographs" / "mic001_autopick.star")[""]
+    truth = read_star(relion_dir / "mic" / "Micrographs" / "mic001_truth.star")[""]
+    tx, ty = truth["rlnCoordinateX"].to_numpy(), truth["rlnCoordinateY"].to_numpy()
+    assert _match(c3["rlnCoordinateX"], c3["rlnCoordinateY"], tx, ty, 3.5)[1] == 25
+    assert _run_job(common + ["--odir", "AutoPick/job007/", "--ref", "gauss", "--gauss_max", "0.3",
+                              "--invert", "--threshold", "0.5"]) == 0
+    cg = read_star(proj / "AutoPick" / "job007" / "Micrographs" / "mic001_autopick.star")[""]
+    assert _match(cg["rlnCoordinateX"], cg["rlnCoordinateY"], tx, ty, 6)[1] >= 20 and set(cg["rlnAnglePsi"]) == {0.0}
+    labels = read_star(proj / "default_pipeline.star")["pipeline_processes"]["rlnPipeLineProcessTypeLabel"].tolist()
+    assert labels == ["relion.autopick.ref2d", "relion.autopick.ref2d", "relion.autopick.ref3d",
+                      "relion.autopick.ref2d"]
+
+    with pytest.raises(CryopipeError, match="one picking method"):
+        _run_job(base + ["--LoG", "--LoG_diam_min", "50", "--LoG_diam_max", "80"])
+    with pytest.raises(CryopipeError, match="exclude each other"):
+        _run_job(base + ["--read_fom_maps", "--write_fom_maps"])

@@ -352,7 +352,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the job given by --odir: pick only micrographs without a coordinate file")
     p.add_argument("--png_per_mic", action="store_true", help="write a PNG with the picks next to each coordinate file")
     p.add_argument("--no_png", action="store_true", help="do not write picks.png")
-    p.add_argument("--ref", default=None, help="template picking references (not available yet: use --LoG)")
+    p.add_argument("--ref", default=None,
+                   help="template picking references: a class-averages STAR file (rlnReferenceImage or rlnImageName), "
+                        "an .mrcs stack, a 3D map (projected on --healpix_order directions), or 'gauss' (blob)")
+    # template picking (--ref): relion_autopick's options and CLI defaults (RELION GUI values in brackets)
+    p.add_argument("--angpix_ref", type=float, default=-1.0,
+                   help="pixel size of the references (Å); default: their MRC header, else the micrographs'")
+    p.add_argument("--invert", action="store_true", help="the micrograph's particles have the opposite contrast of "
+                   "the references (e.g. white class averages or maps, dark particles)")
+    p.add_argument("--ang", type=float, default=10.0, help="in-plane angular step (degrees; rounded so that 360/step "
+                   "is an integer; 360 = no rotations) [GUI 5]")
+    p.add_argument("--highpass", type=float, default=-1.0, help="high-pass filter the micrographs at this resolution (Å)")
+    p.add_argument("--ctf", action="store_true", help="multiply the references by each micrograph's CTF")
+    p.add_argument("--ctf_intact_first_peak", action="store_true", help="with --ctf: CTF = 1 before its first peak")
+    p.add_argument("--particle_diameter", type=float, default=-1.0,
+                   help="diameter (Å) of the particle mask; < 0 = from the references")
+    p.add_argument("--shrink_particle_mask", type=int, default=2, help="shrink the particle mask by this many pixels")
+    p.add_argument("--gauss_max", type=float, default=0.1, help="peak value of the --ref gauss blob")
+    p.add_argument("--healpix_order", type=int, default=1, help="directions of the projections of a 3D reference")
+    p.add_argument("--sym", default="C1", help="symmetry of a 3D reference (projections in its asymmetric unit)")
+    p.add_argument("--threshold", type=float, default=0.25,
+                   help="picking threshold: fraction of the expected likelihood ratio of a particle [GUI 0.05]")
+    p.add_argument("--min_distance", type=float, default=-1.0,
+                   help="minimum distance between picks (Å); < 0 = half the reference box [GUI 100]")
+    p.add_argument("--max_stddev_noise", type=float, default=-1.0,
+                   help="no picks where the local background σ exceeds this (normalised units; e.g. 1.1 against "
+                        "contamination and carbon edges); <= 0 = off [GUI 1.1]")
+    p.add_argument("--min_avg_noise", type=float, default=-999.0,
+                   help="no picks where the local background mean is below this; <= -900 = off")
+    p.add_argument("--read_fom_maps", action="store_true",
+                   help="pick from the FOM maps of an earlier --write_fom_maps run (new thresholds/distances in seconds)")
+    p.add_argument("--no_fom_limit", action="store_true", help="allow --write_fom_maps for more than 30 micrographs")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--j", dest="threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; on a busy machine 1 is often fastest)")
@@ -362,10 +392,12 @@ def main(args: argparse.Namespace) -> int:
     from cryopipe.pipeline.log import log
     from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
 
-    if args.ref is not None and not args.log:
-        raise CryopipeError("--ref: template picking is not available yet; use --LoG with --LoG_diam_min/--LoG_diam_max")
+    if args.ref is not None and args.log:
+        raise CryopipeError("give one picking method: --LoG or --ref, not both")
+    if args.ref is not None:
+        return _main_template(args)
     if not args.log:
-        raise CryopipeError("give a picking method: --LoG (with --LoG_diam_min and --LoG_diam_max)")
+        raise CryopipeError("give a picking method: --LoG (with --LoG_diam_min and --LoG_diam_max) or --ref <references>")
     if args.LoG_diam_min is None or args.LoG_diam_max is None:
         raise CryopipeError("--LoG needs --LoG_diam_min and --LoG_diam_max (particle diameter range in Å)")
     if args.LoG_diam_min <= 0 or args.LoG_diam_max < args.LoG_diam_min:
@@ -418,3 +450,87 @@ def _fom_map_writer(root: Path, odir: str, pickname: str, pixel_size: float):
         write_mrc(f"{base}_bestSize.mrc", maps.best_diameter.cpu().numpy(), apix)
 
     return write
+
+
+def _main_template(args: argparse.Namespace) -> int:
+    """``--ref``: template picking (:mod:`cryopipe.picking.template`) through :func:`run_autopick`.
+
+    FOM maps (``--write_fom_maps``) go next to the coordinate files as ``<root>_<pickname>_fom.mrcs`` + ``.star``
+    (see :func:`cryopipe.picking.template.write_template_maps`). Continue: with ``--write_fom_maps`` or
+    ``--read_fom_maps`` every micrograph is (re-)picked; otherwise only those without a coordinate file.
+    """
+    from cryopipe.picking.template import (
+        TemplateOptions,
+        gauss_reference,
+        make_template_picker,
+        prepare_references,
+        read_reference_images,
+    )
+    from cryopipe.pipeline.log import log, warn
+    from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CryopipeError(f"--j {args.threads}: give at least 1 thread")
+        torch.set_num_threads(args.threads)
+    if args.read_fom_maps and args.write_fom_maps:
+        raise CryopipeError("--read_fom_maps and --write_fom_maps exclude each other (maps are read or computed)")
+    mics = read_micrograph_set(args.input, angpix=args.angpix)
+    if len(mics) == 0:
+        raise InputFileError(args.input, "lists no micrographs", "check the input STAR file")
+    pixel_size = mics.pixel_size
+    if pixel_size is None or not pixel_size > 0:
+        raise InputFileError(args.input, "has no rlnMicrographPixelSize in its optics table",
+                             "give --angpix (Å per micrograph pixel)")
+    if args.write_fom_maps and len(mics) > 30 and not args.no_fom_limit:
+        raise CryopipeError(f"--write_fom_maps for {len(mics)} micrographs: add --no_fom_limit to write more than 30")
+    gauss = str(args.ref).lower() == "gauss"
+    if args.ctf and not gauss and mics.ctf is None:
+        raise InputFileError(args.input, "has no CTF parameters (rlnDefocusU) for --ctf", "use the CtfFind output")
+    is3d = False
+    in_type = NodeType.MICROGRAPHS_CTF if mics.ctf is not None else NodeType.MICROGRAPHS
+    label = ProcessLabel.AUTOPICK_REF2D
+    if not gauss and Path(args.ref).suffix.lower() == ".mrc":
+        from cryopipe.io.mrc import mrc_info
+
+        info = mrc_info(args.ref)
+        is3d = info.shape[0] > 1 and not info.is_stack
+        label = ProcessLabel.AUTOPICK_REF3D if is3d else label
+    with open_job_dir(args.output, "AutoPick", label, inputs=[(args.input, in_type)],
+                      params=vars(args), continue_job=args.continue_) as job:
+        odir = job.relpath(job.dir)
+        odir = odir if odir.endswith("/") else odir + "/"
+        if gauss:
+            imgs, apix_ref, names = gauss_reference(args.particle_diameter, pixel_size, args.gauss_max), pixel_size, ["gauss"]
+        else:
+            imgs, header_apix, names, is3d = read_reference_images(args.ref, root=job.root,
+                                                                   healpix_order=args.healpix_order, sym=args.sym)
+            apix_ref = args.angpix_ref if args.angpix_ref > 0 else (header_apix if header_apix > 0 else pixel_size)
+        refs = prepare_references(imgs, pixel_size, pixel_size_ref=apix_ref, particle_diameter=args.particle_diameter,
+                                  shrink_particle_mask=args.shrink_particle_mask, invert=args.invert,
+                                  psi_step=360.0 if gauss else args.ang, names=names, apply_ctf=not gauss)
+        opts = TemplateOptions(lowpass=args.lowpass if args.lowpass is not None and args.lowpass > 0 else None,
+                               highpass=args.highpass if args.highpass > 0 else None, shrink=args.shrink,
+                               ctf=args.ctf and not gauss, ctf_intact_first_peak=args.ctf_intact_first_peak,
+                               outlier_zscore=args.outlier_removal_zscore, optimise_scale=not args.skip_optimise_scale,
+                               random_seed=args.random_seed, threshold=args.threshold, min_distance=args.min_distance,
+                               max_stddev_noise=args.max_stddev_noise, min_avg_noise=args.min_avg_noise,
+                               skip_side=args.skip_side)
+        root = job.root
+
+        def maps_base(ctx) -> Path:
+            return root / coordinate_file_name(ctx.name, odir, args.pickname)[: -len(".star")]
+
+        picker = make_template_picker(refs, opts, maps_base=maps_base, write_maps=args.write_fom_maps,
+                                      read_maps=args.read_fom_maps, warn=warn)
+        log(f"autopick: template picking of {len(mics)} micrographs from {args.input} with {len(refs)} "
+            f"{'projections of ' + str(args.ref) if is3d else 'references from ' + str(args.ref)} ({apix_ref:g} Å/px, "
+            f"box {refs.box} px at {pixel_size:g} Å/px, particle diameter {refs.particle_diameter:g} Å)"
+            + (", re-picking from FOM maps" if args.read_fom_maps else ""))
+        fom_maps = args.write_fom_maps or args.read_fom_maps
+        res = run_autopick(mics, odir, picker, pixel_size=pixel_size, pickname=args.pickname,
+                           only_unfinished=(args.continue_ and not fom_maps) or args.only_do_unfinished,
+                           root=job.root, device=args.device, png=not args.no_png, png_per_mic=args.png_per_mic,
+                           display_diameter=refs.particle_diameter)
+        job.add_output(res.coordinate_list, NodeType.AUTOPICK_COORDS)
+    return 0
