@@ -1,8 +1,9 @@
 """``cryopipe autopick``: automated particle picking on micrographs, as RELION's ``relion_autopick``.
 
-Pickers: Laplacian-of-Gaussian (``--LoG``, :func:`cryopipe.picking.log.log_pick`). Template picking (``--ref``)
-will plug into the same driver: a picker is any :data:`PickFunction`, and :func:`run_autopick` does the rest
-(micrograph loop, "continue", coordinate files, list file, summary, pictures).
+Pickers: Laplacian-of-Gaussian (``--LoG``, :func:`cryopipe.picking.log.log_pick`) and template matching
+(``--ref``, :mod:`cryopipe.picking.template`; FOM maps ``<root>_<pickname>_fom.mrcs``/``.star`` with
+``--write_fom_maps``, re-picked with ``--read_fom_maps``). A picker is any :data:`PickFunction`, and
+:func:`run_autopick` does the rest (micrograph loop, "continue", coordinate files, list file, summary, pictures).
 
 Outputs (RELION's layout, ``--odir`` = the job folder):
 
@@ -49,7 +50,8 @@ from cryopipe.picking.common import (
     write_summary,
 )
 
-HELP = "automated particle picking on micrographs (RELION relion_autopick: --LoG Laplacian-of-Gaussian)"
+HELP = ("automated particle picking on micrographs (RELION relion_autopick: --LoG Laplacian-of-Gaussian, "
+        "--ref template matching)")
 
 #: A picker: ``(micrograph [H, W] tensor, pixel size Å, context) -> PickTable``.
 PickFunction = Callable[[torch.Tensor, float, "MicrographContext"], PickTable]
