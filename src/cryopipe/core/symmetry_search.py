@@ -1,0 +1,439 @@
+"""Find the rotation that puts a map's point-group symmetry axes on RELION's standard axes (``relion_align_symmetry``).
+
+Geometry. For a rotation ``R`` (a RELION Euler matrix, ``R = euler_to_matrix(rot, tilt, psi)``) the *rotated* map is
+``V_R(x) = V(Rᵀ·x)`` (a feature at ``p`` moves to ``R·p``; in Fourier space ``V̂_R(k) = V̂(Rᵀ·k)``, which is what
+RELION's 3D "projection" ``get2DFourierTransform`` of the map with matrix ``A = R`` computes). RELION scores ``R`` by
+``Σ_x (V_R − S V_R)²`` where ``S`` averages over the operators ``g`` of the group ``G``
+(:func:`cryopipe.core.symmetry.symmetrise_volume`) and keeps the smallest.
+
+Re-derivation used here. ``S`` is the orthogonal projector onto ``G``-invariant maps, so
+``‖V_R − S V_R‖² = ‖V_R‖² − ⟨V_R, S V_R⟩ = ‖V‖² − (1/|G|) Σ_g ⟨V, V∘(Rᵀ g R)⟩`` and, by Parseval,
+``⟨V, V∘M⟩ = Σ_k conj(V̂(k)) · V̂(M·k)``. The normalised *symmetry residual*
+
+    ``ρ(R) = 1 − (1/|G|) Σ_g Re Σ_k conj(V̂(k)) V̂(Rᵀ g R·k) / Σ_k |V̂(k)|²``   (sums over ``0 < |k| ≤ r_max``)
+
+is ``‖V_R − S V_R‖² / ‖V_R‖²`` of the mean-free map, band-limited to ``r_max`` Fourier pixels: 0 for a perfectly
+``G``-symmetric map in the standard orientation, ≈ ``1 − 1/|G|`` for a map with no relation between its copies. It
+only needs ``V̂`` at the points ``Rᵀ g R·k``, sampled (trilinear, torch ``grid_sample``) from the padded,
+gridding-corrected Fourier grid of :class:`cryopipe.core.projector.Projector`, batched over orientations ×
+operators × frequencies — no rotated volumes are formed. Since ``⟨V, V∘M⟩ = ⟨V, V∘Mᵀ⟩``, one operator of each
+pair ``{g, g⁻¹}`` is evaluated (weight 2).
+
+Search (better than RELION's, same options):
+
+1. *global*: ``nr_uniform`` random orientations (RELION's distribution: rot, psi uniform, tilt with density ∝ sin)
+   or a HEALPix grid, scored at low resolution (``r_global``, default ``box/8`` Fourier pixels: smooth basins);
+2. *local*, from the best ``n_candidates``: a grid of small rotations ``ΔR·R`` with ``ΔR = exp(ω)``,
+   ``ω ∈ step·{−range … range}³`` (RELION's ``--local_search_range 2 --local_search_step 2`` give the same
+   ``5³`` grid, but in rotation-vector form: no gimbal degeneracy at tilt 0/180° and no psi-offset bug — RELION used
+   ``k·range`` instead of ``k·step`` for psi). The grid moves to its best point until the centre is best, then the
+   step is halved down to 1°; then a 7-point stencil (±step about x, y, z) at ``box/4``, and finally at ``r_max``
+   on a 4×-padded grid (less interpolation error), halving the step down to ``min_step``.
+
+A map with ``G``-symmetry is also invariant under ``R ↦ N·R`` for every ``N`` of the normaliser of ``G`` (e.g. any
+rotation about z for ``Cn``): such solutions are equally correct; compare symmetry *axes*
+(:func:`symmetry_axis_error`), not Euler angles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cryopipe.core.geometry import axis_angle_matrix, euler_to_matrix, matrix_to_euler
+from cryopipe.core.projector import Projector, interpolate_half_grid
+from cryopipe.core.symmetry import canonical_symmetry_name, symmetry_operators
+from cryopipe.errors import CryopipeError
+
+__all__ = [
+    "SymmetryScorer", "SymmetrySearchResult", "random_orientations", "local_rotation_grid", "search_symmetry_axes",
+    "rotation_axes", "symmetry_axis_error", "rotate_volume",
+]
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+class SymmetryScorer:
+    """Symmetry residual ``ρ(R)`` of a map (module doc) for batches of rotations.
+
+    Args:
+        volume: ``[N, N, N]`` real map (centre voxel ``N//2`` is the symmetry centre).
+        sym: point group (RELION name: ``C4``, ``D7``, ``T``, ``O``, ``I``...).
+        r_max: largest frequency (Fourier pixels) used, default ``N//2``; ``residual(..., r_max=r)`` may use less.
+        pad: padding of the Fourier grid (2 as RELION); ``interpolation``: ``"trilinear"`` or ``"nearest"``.
+        device: where the work runs (default: the volume's device).
+        max_points: samples interpolated per chunk (memory ≈ 100 bytes each).
+    """
+
+    def __init__(self, volume: torch.Tensor, sym: str, r_max: float | None = None, pad: float = 2.0,
+                 interpolation: str = "trilinear", device=None, max_points: int = 1 << 22):
+        if volume.dim() != 3 or not (volume.shape[0] == volume.shape[1] == volume.shape[2]):
+            raise CryopipeError(f"symmetry search needs a cubic map [N, N, N], got {tuple(volume.shape)}")
+        dev = torch.device(device) if device is not None else volume.device
+        n = volume.shape[-1]
+        self.n = n
+        self.sym = canonical_symmetry_name(sym)
+        ops = symmetry_operators(self.sym, device=dev, dtype=torch.float64)
+        if bool((torch.linalg.det(ops) < 0).any()):
+            raise CryopipeError(f"--sym {sym}: groups with mirrors or inversion are not supported (use the proper "
+                                "rotation group, e.g. C4 instead of C4H)")
+        self.order = int(ops.shape[0])
+        # non-identity operators (identity is first in symmetry_operators); ⟨V, V∘M⟩ = ⟨V, V∘Mᵀ⟩ (orthogonal
+        # change of variables), so of each pair {g, g⁻¹} one is scored with weight 2
+        nonid = ops[1:]
+        keep, weight = [], []
+        for i in range(nonid.shape[0]):
+            inv = nonid[i].T
+            j = int(torch.argmin((nonid - inv).abs().amax(dim=(-1, -2))))
+            if j == i:
+                keep.append(i)
+                weight.append(1.0)
+            elif j > i:
+                keep.append(i)
+                weight.append(2.0)
+        self.ops = nonid[keep] if keep else nonid
+        self.op_weights = torch.tensor(weight, dtype=torch.float64, device=dev)
+        self.r_max = float(n // 2) if r_max is None else min(float(r_max), float(n // 2))
+        self.interpolation = interpolation
+        self.max_points = int(max_points)
+        self.projector = Projector(volume.to(dev), pad=pad, interpolation=interpolation, device=dev)
+        # half-grid frequencies 0 < |k| <= r_max, sorted by radius (a lower r_max is a prefix), with Hermitian
+        # weights (2 for kx > 0: the mate -k is not in the half grid; 1 on the kx = 0 plane, which holds both)
+        r = int(math.floor(self.r_max))
+        c = torch.arange(-r, r + 1, device=dev, dtype=torch.float64)
+        kz, ky, kx = torch.meshgrid(c, c, torch.arange(0, r + 1, device=dev, dtype=torch.float64), indexing="ij")
+        k = torch.stack([kx, ky, kz], dim=-1).reshape(-1, 3)
+        rad = torch.linalg.vector_norm(k, dim=-1)
+        # on the kx = 0 plane keep one of each ±k pair and weight it 2, like the kx > 0 half
+        half = (k[:, 0] > 0) | ((k[:, 0] == 0) & ((k[:, 1] > 0) | ((k[:, 1] == 0) & (k[:, 2] > 0))))
+        keep = half & (rad <= self.r_max + 1e-9) & (rad > 0)
+        k, rad = k[keep], rad[keep]
+        order = torch.argsort(rad, stable=True)
+        self.k = k[order].contiguous()
+        self.radius = rad[order].contiguous()
+        self.fdtype = self.projector.dtype
+        # full (both kx signs) padded grid as 2 real channels for torch's fused trilinear grid_sample:
+        # V̂(−p) = conj(V̂(p)) fills kx < 0; centre index c = R+1 on every axis
+        data = self.projector.data
+        mate = torch.flip(data, dims=(0, 1)).conj()[..., 1:].flip(-1)
+        full = torch.cat([mate, data], dim=-1)  # x = −(R+1) … R+1
+        self._grid = torch.view_as_real(full).permute(3, 0, 1, 2).unsqueeze(0).contiguous()  # [1, 2, Z, Y, X]
+        self._c = float(self.projector.centre)
+        self.ref = self._sample(self.k[None])[0]  # V̂(k)  [K]
+        self.power_cumsum = torch.cumsum(self.ref.abs().double() ** 2, dim=0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def n_freq(self, r_max: float | None = None) -> int:
+        """Number of (half-grid) frequencies with ``|k| <= r_max``."""
+        if r_max is None or r_max >= self.r_max:
+            return int(self.k.shape[0])
+        return int(torch.searchsorted(self.radius, torch.tensor(float(r_max) + 1e-9, dtype=torch.float64,
+                                                                 device=self.device), right=True))
+
+    def _sample(self, pts: torch.Tensor) -> torch.Tensor:
+        """V̂ at frequency points ``[..., 3]`` (Fourier pixels of the unpadded box), trilinear (or nearest) on the
+        padded grid (``align_corners`` coordinates: index ``c + p`` ↔ ``p / c``)."""
+        shape = pts.shape[:-1]
+        g = (pts.reshape(1, 1, 1, -1, 3) * (self.projector.pad / self._c)).to(self._grid.dtype)
+        mode = "bilinear" if self.interpolation == "trilinear" else "nearest"
+        out = F.grid_sample(self._grid, g, mode=mode, padding_mode="zeros", align_corners=True)  # [1, 2, 1, 1, P]
+        out = out.reshape(2, -1)
+        return torch.complex(out[0], out[1]).reshape(shape)
+
+    def residual(self, rotations: torch.Tensor, r_max: float | None = None) -> torch.Tensor:
+        """``ρ(R)`` for rotations ``[B, 3, 3]`` (or ``[3, 3]``) → ``[B]`` float64 (module doc)."""
+        R = rotations.to(device=self.device, dtype=torch.float64)
+        if R.dim() == 2:
+            R = R[None]
+        B = R.shape[0]
+        nk = self.n_freq(r_max)
+        if self.ops.shape[0] == 0 or nk == 0:
+            return torch.zeros(B, dtype=torch.float64, device=self.device)
+        k = self.k[:nk]
+        ref = self.ref[:nk]
+        norm = float(self.power_cumsum[nk - 1])
+        G1 = self.ops.shape[0]
+        # M = Rᵀ g R for every (orientation, operator): [B, G-1, 3, 3]
+        M = torch.einsum("bji,gjk,bkl->bgil", R, self.ops, R)
+        corr = torch.empty(B, G1, dtype=torch.float64, device=self.device)
+        per_orient = G1 * nk
+        step = max(1, self.max_points // per_orient)
+        kf32 = k.to(torch.float32)
+        for b0 in range(0, B, step):
+            Mb = M[b0:b0 + step]  # [b, G-1, 3, 3]
+            if per_orient > self.max_points:  # very large single orientation: split the frequencies too
+                acc = torch.zeros(Mb.shape[0], G1, dtype=torch.float64, device=self.device)
+                kstep = max(1, self.max_points // G1)
+                for k0 in range(0, nk, kstep):
+                    pts = torch.einsum("bgij,kj->bgki", Mb.float(), kf32[k0:k0 + kstep])
+                    vals = self._sample(pts)
+                    acc += (ref[k0:k0 + kstep].conj() * vals).real.double().sum(-1)
+                corr[b0:b0 + step] = acc
+            else:
+                pts = torch.einsum("bgij,kj->bgki", Mb.float(), kf32)
+                vals = self._sample(pts)  # [b, G-1, K]
+                corr[b0:b0 + step] = (ref.conj() * vals).real.double().sum(-1)
+        # identity term contributes 1 − 1 = 0 exactly
+        return ((1.0 - corr / norm) * self.op_weights).sum(-1) / self.order
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def random_orientations(n: int, only_rot: bool = False, generator: torch.Generator | None = None,
+                        device=None) -> torch.Tensor:
+    """``[n, 3]`` (rot, tilt, psi) degrees, RELION's ``--nr_uniform`` draw: rot, psi ~ U[0, 360), tilt with density
+    ∝ sin(tilt) on [0, 180] (uniform on SO(3)); ``only_rot``: tilt = psi = 0."""
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    rot = 360.0 * u[:, 0]
+    if only_rot:
+        z = torch.zeros(n, dtype=torch.float64)
+        return torch.stack([rot, z, z], dim=-1).to(device)
+    tilt = torch.rad2deg(torch.acos(1.0 - 2.0 * u[:, 1]))
+    psi = 360.0 * u[:, 2]
+    return torch.stack([rot, tilt, psi], dim=-1).to(device)
+
+
+def local_rotation_grid(step_deg: float, search_range: int = 1, only_rot: bool = False, device=None,
+                        dtype: torch.dtype = torch.float64, axes_only: bool = False) -> torch.Tensor:
+    """Small rotations ``exp(ω)``, identity first. Default: ``ω ∈ step·{−range … range}³`` (degrees, rotation
+    vectors), ``[(2·range+1)³, 3, 3]``; ``axes_only``: ``ω = ±j·step`` along x, y and z only (``6·range + 1``);
+    ``only_rot``: about z only (``2·range + 1``)."""
+    r = torch.arange(-search_range, search_range + 1, dtype=dtype, device=device) * float(step_deg)
+    zero = torch.zeros_like(r)
+    if only_rot:
+        w = torch.stack([zero, zero, r], dim=-1)
+    elif axes_only:
+        w = torch.cat([torch.stack([r, zero, zero], -1), torch.stack([zero, r, zero], -1),
+                       torch.stack([zero, zero, r], -1)])
+        w = torch.unique(w, dim=0)
+    else:
+        wz, wy, wx = torch.meshgrid(r, r, r, indexing="ij")
+        w = torch.stack([wx, wy, wz], dim=-1).reshape(-1, 3)
+    mag = torch.linalg.vector_norm(w, dim=-1)
+    w = w[torch.argsort(mag, stable=True)]  # identity first
+    mag = torch.linalg.vector_norm(w, dim=-1)
+    axis = torch.where(mag[:, None] > 0, w / mag.clamp_min(1e-30)[:, None],
+                       torch.tensor([0.0, 0.0, 1.0], dtype=dtype, device=device))
+    return axis_angle_matrix(axis, mag)
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
+@dataclass
+class SymmetrySearchResult:
+    """Outcome of :func:`search_symmetry_axes`.
+
+    Attributes:
+        rotation: ``R`` ``[3, 3]`` float64: ``V(Rᵀ·x)`` has the group's axes on RELION's standard axes.
+        angles: RELION Euler angles (rot, tilt, psi) of ``R``, degrees.
+        residual: ``ρ(R)`` at ``r_max`` (0 = perfectly symmetric, ``1 − 1/|G|`` = unrelated copies).
+        global_residual: best ``ρ`` of the global search (at ``r_global``).
+        n_evaluations: orientations scored.
+        r_global, r_max: Fourier radii used (pixels of the searched box).
+    """
+
+    rotation: torch.Tensor
+    angles: torch.Tensor
+    residual: float
+    global_residual: float
+    n_evaluations: int
+    r_global: float
+    r_max: float
+
+
+def _pattern_search(scorer: SymmetryScorer, R: torch.Tensor, step: float, stop_step: float, search_range: int,
+                    r_max: float, only_rot: bool, axes_only: bool = False,
+                    max_moves: int = 30) -> tuple[torch.Tensor, float, int]:
+    """Move a grid of small rotations ``ΔR·R`` (:func:`local_rotation_grid`) to its best point until the centre
+    wins, then halve the step, until ``step < stop_step``. Returns (R, ρ(R) at r_max, evaluations)."""
+    best = float(scorer.residual(R, r_max)[0])
+    n_eval = 1
+    while step >= stop_step - 1e-12:
+        grid = local_rotation_grid(step, search_range, only_rot, device=scorer.device, axes_only=axes_only)
+        for _ in range(max_moves):
+            cand = grid @ R
+            res = scorer.residual(cand, r_max)
+            n_eval += cand.shape[0]
+            i = int(torch.argmin(res))
+            if i == 0 or float(res[i]) >= best:
+                break
+            R, best = cand[i], float(res[i])
+        step /= 2.0
+    return R, best, n_eval
+
+
+def search_symmetry_axes(volume: torch.Tensor, sym: str, *, nr_uniform: int = 400, healpix_order: int | None = None,
+                         only_rot: bool = False, r_max: float | None = None, r_global: float | None = None,
+                         n_candidates: int = 5, local_search_range: int = 2, local_search_step: float = 2.0,
+                         min_step: float = 0.125, seed: int | None = None, pad: float = 2.0, pad_final: float = 4.0,
+                         interpolation: str = "trilinear", device=None) -> SymmetrySearchResult:
+    """Global + local search for the rotation ``R`` that makes ``V(Rᵀ·x)`` ``sym``-symmetric (module doc).
+
+    Args:
+        volume: ``[N, N, N]`` map, centred on the symmetry centre (voxel ``N//2``); typically downsampled to 64³.
+        sym: point group (proper rotations only).
+        nr_uniform: random orientations of the global search (RELION ``--nr_uniform``); ignored with
+            ``healpix_order`` (a HEALPix grid of that order, psi step = its angular step).
+        only_rot: search rotations about z only (RELION ``--only_rot``).
+        r_max: Fourier radius (pixels) of the final score, default ``N//2`` (RELION ``--maxres``).
+        r_global: radius of the global search, default ``max(4, N//8)`` (≤ ``r_max``).
+        n_candidates: best global orientations refined locally.
+        local_search_range, local_search_step: the first local grid (``±range`` steps of ``step`` degrees in the
+            three rotation-vector components), moved and halved down to 1°; then a 7-point stencil (±step about
+            x, y, z) at ``N//4`` and ``r_max``, halved down to ``min_step`` degrees.
+        seed: random generator seed of the global orientations (None: random).
+        pad: padding of the Fourier grid of the global and coarse stages; ``pad_final`` (default 4) for the last
+            stage and the reported residual (trilinear interpolation error: a perfectly symmetric map rotated off
+            the grid scores ρ ≈ 0.04 with pad 2 and ≈ 0.01 with pad 4).
+        interpolation: ``"trilinear"`` or ``"nearest"``.
+        device: where the work runs (default: the volume's device).
+    """
+    n = volume.shape[-1]
+    rmax = float(n // 2) if r_max is None else min(float(r_max), float(n // 2))
+    rg = min(rmax, float(max(4, n // 8)) if r_global is None else float(r_global))
+    r_mid = min(rmax, max(rg, float(n // 4)))
+    coarse = SymmetryScorer(volume, sym, r_max=r_mid, pad=pad, interpolation=interpolation, device=device)
+    dev = coarse.device
+    if coarse.order == 1:
+        eye = torch.eye(3, dtype=torch.float64, device=dev)
+        return SymmetrySearchResult(eye, torch.zeros(3, dtype=torch.float64), 0.0, 0.0, 0, rg, rmax)
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    if healpix_order is not None:
+        from cryopipe.core.healpix import orientation_grid
+
+        angles = orientation_grid(int(healpix_order), device="cpu")
+        if only_rot:
+            angles = angles[(angles[:, 1].abs() < 1e-9) & (angles[:, 2].abs() < 1e-9)]
+    else:
+        if nr_uniform < 1:
+            raise CryopipeError(f"--nr_uniform {nr_uniform}: need at least one orientation")
+        angles = random_orientations(nr_uniform, only_rot, gen)
+    rots = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]).to(dev)
+    res = coarse.residual(rots, rg)
+    n_eval = rots.shape[0]
+    order = torch.argsort(res)
+    global_best = float(res[order[0]])
+    # refine the best few at low resolution, keep the best at the middle resolution, finish at r_max
+    finals = []
+    for idx in order[: max(1, n_candidates)].tolist():
+        R, _, ne = _pattern_search(coarse, rots[idx], local_search_step, 1.0, local_search_range, rg, only_rot)
+        n_eval += ne
+        R, rho, ne = _pattern_search(coarse, R, 1.0, 0.5, 1, r_mid, only_rot, axes_only=True)
+        n_eval += ne
+        finals.append((rho, R))
+    rho, R = min(finals, key=lambda t: t[0])
+    del coarse
+    fine = SymmetryScorer(volume, sym, r_max=rmax, pad=pad_final, interpolation=interpolation, device=device)
+    R, rho, ne = _pattern_search(fine, R, 0.5, min_step, 1, rmax, only_rot, axes_only=True)
+    n_eval += ne
+    # re-orthonormalise (products of many small rotations)
+    U, _, Vh = torch.linalg.svd(R)
+    R = U @ Vh
+    rho = float(fine.residual(R, rmax)[0])
+    ang = matrix_to_euler(R).cpu()
+    return SymmetrySearchResult(R, ang, rho, global_best, n_eval, rg, rmax)
+
+
+# ------------------------------------------------------------------------------------------------ axes
+
+
+def rotation_axes(ops: torch.Tensor, tol_deg: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rotation axes of a set of proper rotations ``[n, 3, 3]``: ``(folds [m] int, axes [m, 3])`` (unit
+    vectors, sign arbitrary; fold = 360°/smallest rotation angle about that axis). The identity is skipped."""
+    ops = ops.to(torch.float64).cpu()
+    axes: list[torch.Tensor] = []
+    folds: list[int] = []
+    eye = torch.eye(3, dtype=torch.float64)
+    for R in ops:
+        tr = float(R.diagonal().sum())
+        ang = math.degrees(math.acos(max(-1.0, min(1.0, 0.5 * (tr - 1.0)))))
+        if ang < 1e-6:
+            continue
+        S = R + R.T + (1.0 - tr) * eye  # = 2 (1 − cos θ) a aᵀ
+        j = int(torch.argmax(S.diagonal()))
+        a = S[:, j] / torch.linalg.vector_norm(S[:, j])
+        fold = int(round(360.0 / ang))
+        for i, b in enumerate(axes):
+            if abs(float(a @ b)) > math.cos(math.radians(tol_deg)):
+                folds[i] = max(folds[i], fold)
+                break
+        else:
+            axes.append(a)
+            folds.append(fold)
+    if not axes:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.float64)
+    return torch.tensor(folds), torch.stack(axes)
+
+
+def symmetry_axis_error(found: torch.Tensor, truth: torch.Tensor, sym: str) -> float:
+    """Largest angle (degrees) between the symmetry axes that two rotations imply for the *input* map.
+
+    ``found``, ``truth``: rotations ``R`` such that ``V(Rᵀ·x)`` has ``sym``'s axes on the standard axes, so the
+    input's axes are ``Rᵀ·a``. Every axis of one set is matched to the closest axis of the same fold in the other
+    (up to sign) and the worst match is returned (both directions), so ``R`` and ``N·R`` (``N`` in the normaliser,
+    e.g. any rotation about z for Cn) count as the same solution.
+    """
+    folds, axes = rotation_axes(symmetry_operators(sym, device="cpu", dtype=torch.float64))
+    if axes.shape[0] == 0:
+        return 0.0
+    a = axes @ found.to(torch.float64).cpu()  # rows: (Rᵀ a)ᵀ = aᵀ R
+    b = axes @ truth.to(torch.float64).cpu()
+    same = folds[:, None] == folds[None, :]
+    cos = (a @ b.T).abs().clamp(max=1.0)
+    cos = torch.where(same, cos, torch.zeros_like(cos))
+    worst = torch.minimum(cos.max(dim=1).values.min(), cos.max(dim=0).values.min())
+    return math.degrees(math.acos(float(worst)))
+
+
+# ------------------------------------------------------------------------------------------------ rotation
+
+
+def rotate_volume(volume: torch.Tensor, rotation: torch.Tensor, method: str = "fourier", pad: float = 2.0,
+                  chunk: int = 1 << 22) -> torch.Tensor:
+    """``V(Rᵀ·x)`` about the centre voxel ``N//2`` (a feature at ``p`` moves to ``R·p``).
+
+    ``method="fourier"``: sample the 2×-padded, gridding-corrected FT at ``Rᵀ·k`` (RELION's 3D
+    ``get2DFourierTransform``; frequencies beyond ``N/2`` — the corners of the cube — are dropped);
+    ``"linear"``: real-space trilinear interpolation (zeros outside the box), cheaper for very large boxes.
+    """
+    from cryopipe.core.fourier import irfft3_centered
+
+    n = volume.shape[-1]
+    R = rotation.to(device=volume.device, dtype=torch.float64)
+    if method == "linear":
+        import torch.nn.functional as F
+
+        c = n // 2
+        r = torch.arange(n, device=volume.device, dtype=torch.float64) - c
+        zz, yy, xx = torch.meshgrid(r, r, r, indexing="ij")
+        pos = torch.stack([xx, yy, zz], dim=-1)
+        q = pos @ R + c  # (Rᵀ x) as row vectors: x·R
+        grid = (q * (2.0 / (n - 1)) - 1.0).to(volume.dtype if volume.is_floating_point() else torch.float32)
+        out = F.grid_sample(volume.reshape(1, 1, n, n, n).to(grid.dtype), grid[None], mode="bilinear",
+                            padding_mode="zeros", align_corners=True)
+        return out.reshape(n, n, n).to(volume.dtype)
+    if method != "fourier":
+        raise CryopipeError(f"rotate_volume: method must be 'fourier' or 'linear', not {method!r}")
+    proj = Projector(volume, pad=pad, device=volume.device)
+    half = n // 2 + 1
+    f = torch.fft.fftfreq(n, d=1.0 / n, device=volume.device).to(torch.float64)
+    kx = torch.arange(half, device=volume.device, dtype=torch.float64)
+    out = torch.zeros(n * n * half, dtype=proj.data.dtype, device=volume.device)
+    kz, ky, kxx = torch.meshgrid(f, f, kx, indexing="ij")
+    k = torch.stack([kxx, ky, kz], dim=-1).reshape(-1, 3)
+    inside = torch.nonzero(torch.linalg.vector_norm(k, dim=-1) <= n // 2, as_tuple=False).reshape(-1)
+    for s in range(0, inside.numel(), chunk):
+        idx = inside[s:s + chunk]
+        pts = (k[idx] @ R) * proj.pad  # rows: (Rᵀ k)ᵀ = kᵀ R
+        out[idx] = interpolate_half_grid(proj.data, proj.centre, pts.to(proj.dtype), proj.interpolation)
+    vol = irfft3_centered(out.reshape(n, n, half), n)
+    return vol.to(volume.dtype if volume.is_floating_point() else torch.float32)
