@@ -32,6 +32,7 @@ JOBS: dict[str, str] = {
     "mask-create": "cryopipe.jobs.mask_create",
     "postprocess": "cryopipe.jobs.postprocess",
     "star": "cryopipe.jobs.star_tools",
+    "align-symmetry": "cryopipe.jobs.align_symmetry",
 }
 
 
