@@ -75,7 +75,7 @@ def mic001_maps(mic001, class_refs):
 # ------------------------------------------------------------------------------------------------ the FOM
 
 
-def _direct_fom(mic: torch.Tensor, ref: torch.Tensor, radius: int, psis: list[int]):
+def _direct_fom(mic: torch.Tensor, ref: torch.Tensor, radius: int, psis: list[int], relion_mean: bool = False):
     """RELION's FOM by direct real-space sums (periodic micrograph), for ψ multiples of 90° (exact rotations)."""
     n, b = mic.shape[0], ref.shape[0]
     x = mic.double()
@@ -95,7 +95,10 @@ def _direct_fom(mic: torch.Tensor, ref: torch.Tensor, radius: int, psis: list[in
     sd = torch.sqrt(corr(x * x, bg) / bg.sum() - mean ** 2)
     a = ref.double()
     nd = int(disc.sum())
-    sa, sa2 = float(a[disc].sum()) / (nd + 1), float((a[disc] ** 2).sum()) / (nd + 1)
+    sa2 = float((a[disc] ** 2).sum()) / (nd + 1)
+    # local-mean term: the whole reference / n (= its DC coefficient; this reference lies inside the disc), or
+    # RELION's disc sum / (n + 1)
+    sa = float(a[disc].sum()) / (nd + 1) if relion_mean else float(a.sum()) / nd
     em1 = math.expm1(sa2 / 2)
     best = torch.full((n, n), -math.inf, dtype=torch.float64)
     best_psi = torch.zeros(n, n, dtype=torch.float64)
@@ -135,6 +138,24 @@ def test_fom_maps_match_direct_real_space_computation():
     err = (maps.fom[0].double() - fom).abs() / fom.abs().clamp(min=1.0)
     assert float(err.max()) < 0.01
     assert float((maps.psi[0].double() == psi).double().mean()) > 0.99
+    relion = template_fom_maps(mic.float(), refs, shrink=1.0, relion_mean_term=True)
+    fom_r, _, _, _, _ = _direct_fom(mic, refs.images[0], refs.radius_px, [0, 90, 180, 270], relion_mean=True)
+    assert float(((relion.fom[0].double() - fom_r).abs() / fom_r.abs().clamp(min=1.0)).max()) < 0.01
+
+
+def test_fom_invariant_to_local_background_offset(mic001, class_refs):
+    """A uniform −1.5 σ patch (thicker ice) leaves the FOM inside it unchanged (the local mean cancels exactly
+    in C − μ·ΣA/n); RELION's disc-sum term shifts it by a sizeable fraction of the FOM spread with --ctf."""
+    mic, apix, truth, ctf = mic001
+    patched = mic.clone()
+    patched[200:800, 200:800] -= 1.5 * float(mic.std())
+    for relion, lo, hi in ((False, 0.0, 0.02), (True, 0.1, 10.0)):
+        a = template_fom_maps(mic, class_refs, lowpass=20, shrink=0, ctf=ctf, relion_mean_term=relion)
+        b = template_fom_maps(patched, class_refs, lowpass=20, shrink=0, ctf=ctf, relion_mean_term=relion)
+        i0, i1 = int(300 * a.scale), int(700 * a.scale)
+        shift = float((b.fom[:, i0:i1, i0:i1] - a.fom[:, i0:i1, i0:i1]).abs().max())
+        assert lo <= shift < hi, (relion, shift)
+        assert float(b.mean[i0:i1, i0:i1].mean()) < -0.7  # in units of the (patched) micrograph σ
 
 
 def _rotated_projections(relion_dir, ctf=None):

@@ -41,10 +41,18 @@ pixel ``q / scale``. The references are band-limited to ``|k| ≤ d/2`` with ``d
   ``ctf_intact_first_peak``), so ``rlnAnglePsi`` follows RELION's particle convention;
 * ``<A>``, ``<A²>``: sums of the real-space (band-limited, CTF-multiplied) ψ = 0 reference over the disc
   ``r² < R²`` divided by ``n + 1`` (as RELION);
-* ``diff2 = (−2·C + 2·μ·<A>)/σ + <A²>``, ``P = exp(−diff2/2)`` (the likelihood ratio of "reference" against
+* ``diff2 = (−2·C + 2·μ·S)/σ + <A²>``, ``P = exp(−diff2/2)`` (the likelihood ratio of "reference" against
   "empty", σ_noise = 1), ``E = exp(<A²>/2)`` and **FOM = (P − 1)/(E − 1)**, the best over ψ kept with its ψ
   (the ``_ref%03d_bestCCF`` / ``_bestPSI`` maps). FOM = 1 is the likelihood ratio of a median noisy copy of the
   reference itself.
+
+  *Deviation (local-mean term):* RELION uses ``S = <A>`` (disc sum / (n + 1)), but ``C`` correlates the whole
+  band-limited reference, which leaks out of the disc (strongly so after multiplication by a CTF), so a local
+  offset μ of the micrograph (ice gradient, contamination) does not cancel and biases the FOM by ``∝ μ``
+  (measured: up to 0.24 in FOM units inside a −1.5 σ patch of the fixture micrograph with ``--ctf``).
+  Here ``S = Σ A / n`` over the whole reference (its DC coefficient, the same support and normalisation as ``C``),
+  so that ``C − μ·S`` is exactly invariant to a constant offset. ``relion_mean_term=True`` restores RELION's
+  term; for μ ≈ 0 (clean ice) both agree.
 
   *Deviation:* RELION's ``E`` adds a random term ``Σ 2·A·ξ`` (ξ ~ N(0, 1), one draw per micrograph) to the
   exponent's ``Σ A²``; its expectation is 0 and it only makes the FOM scale of each micrograph random (by
@@ -546,7 +554,8 @@ def _work_ctf(w: int, n: int, pixel_size: float, ctf: Mapping[str, float], intac
 def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, lowpass: float | None = None,
                       highpass: float | None = None, shrink: float = 1.0, ctf: Mapping[str, float] | None = None,
                       ctf_intact_first_peak: bool = False, outlier_zscore: float = 8.0, optimise_scale: bool = True,
-                      seed: int = 1, chunk_elements: int | None = None) -> TemplateMaps:
+                      seed: int = 1, relion_mean_term: bool = False, chunk_elements: int | None = None
+                      ) -> TemplateMaps:
     """FOM, best-ψ and background maps of one micrograph for all references (module docstring).
 
     Args:
@@ -561,6 +570,8 @@ def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, low
         outlier_zscore: ``--outlier_removal_zscore``.
         optimise_scale: False = ``--skip_optimise_scale``.
         seed: seed of the noise that pads a non-square micrograph (RELION: ``random_seed + micrograph index``).
+        relion_mean_term: use RELION's ``<A>`` (sum over the particle disc / (n+1)) in the local-mean term
+            instead of the sum over the whole band-limited reference / n (module docstring).
         chunk_elements: real elements per batch of correlation maps (memory bound; default 2^24 on CPU, 2^27
             on CUDA).
     """
@@ -663,8 +674,12 @@ def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, low
             a0 = a0 * ctf_box
         a_real = (ey_inv @ a0.to(torch.complex128) @ ex_inv).real / float(n * n)
         a_disc = a_real[disc]
-        sum_a = float(a_disc.sum()) / (n_disc + 1)
         sum_a2 = float((a_disc * a_disc).sum()) / (n_disc + 1)
+        if relion_mean_term:
+            sum_a = float(a_disc.sum()) / (n_disc + 1)
+        else:
+            # Σ A over the whole (band-limited, CTF-multiplied) reference = its DC coefficient, / n like C
+            sum_a = float(a0[0, 0].real) / n_disc
         em1 = math.expm1(sum_a2 / 2.0)
         expected[i] = math.exp(sum_a2 / 2.0)
         if not em1 > 0:
@@ -870,7 +885,8 @@ class TemplateOptions:
 
     Map options (change the FOM maps): ``lowpass`` (``--lowpass`` Å, None = none), ``highpass`` (``--highpass``
     Å), ``shrink`` (``--shrink``), ``ctf`` (``--ctf``), ``ctf_intact_first_peak``, ``outlier_zscore``
-    (``--outlier_removal_zscore``), ``optimise_scale`` (not ``--skip_optimise_scale``), ``random_seed``.
+    (``--outlier_removal_zscore``), ``optimise_scale`` (not ``--skip_optimise_scale``), ``random_seed``,
+    ``relion_mean_term`` (RELION's disc-sum local-mean term, see the module docstring).
     Peak options (re-picking from maps): ``threshold`` (``--threshold``), ``min_distance`` (``--min_distance``
     Å, < 0 = box/2), ``max_stddev_noise``, ``min_avg_noise``, ``skip_side`` (px).
     """
@@ -883,6 +899,7 @@ class TemplateOptions:
     outlier_zscore: float = 8.0
     optimise_scale: bool = True
     random_seed: int = 1
+    relion_mean_term: bool = False
     threshold: float = 0.25
     min_distance: float = -1.0
     max_stddev_noise: float = -1.0
@@ -894,7 +911,8 @@ class TemplateOptions:
         return {"lowpass": self.lowpass if self.lowpass is not None else -1.0,
                 "highpass": self.highpass if self.highpass is not None else -1.0,
                 "shrink": self.shrink, "ctf": int(self.ctf), "ctf_intact_first_peak": int(self.ctf_intact_first_peak),
-                "outlier_zscore": self.outlier_zscore, "optimise_scale": int(self.optimise_scale)}
+                "outlier_zscore": self.outlier_zscore, "optimise_scale": int(self.optimise_scale),
+                "relion_mean_term": int(self.relion_mean_term)}
 
     def pick_settings(self) -> dict[str, float]:
         return {"threshold": self.threshold, "min_distance": self.min_distance,
@@ -921,7 +939,8 @@ def _maps_for(micrograph: torch.Tensor, refs: TemplateReferences, o: TemplateOpt
                             "use the CtfFind output)")
     return template_fom_maps(micrograph, refs, lowpass=o.lowpass, highpass=o.highpass, shrink=o.shrink,
                              ctf=ctf if o.ctf else None, ctf_intact_first_peak=o.ctf_intact_first_peak,
-                             outlier_zscore=o.outlier_zscore, optimise_scale=o.optimise_scale, seed=seed)
+                             outlier_zscore=o.outlier_zscore, optimise_scale=o.optimise_scale, seed=seed,
+                             relion_mean_term=o.relion_mean_term)
 
 
 # ------------------------------------------------------------------------------------------------ map files
