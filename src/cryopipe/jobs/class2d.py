@@ -294,7 +294,7 @@ def _model_from_files(model_path: Path, ps: ParticleSet2D, bases: list[Path], ta
         raise InputFileError(model_path, f"{sig2.shape[0]} optics groups but the particles have {ps.n_optics_groups}",
                              "continue with the same particles")
     dev = device
-    t64 = lambda a: torch.as_tensor(np.asarray(a, float), dtype=torch.float64, device=dev)  # noqa: E731
+    t64 = lambda a: torch.as_tensor(np.array(a, float), dtype=torch.float64, device=dev)  # noqa: E731
     acc = lambda c: torch.as_tensor(np.array(mf.classes[c].to_numpy(float)) if c in mf.classes.columns  # noqa: E731
                                     else np.zeros(K), dtype=torch.float64)
     est = (np.array(mf.classes["rlnEstimatedResolution"].to_numpy(float)) if "rlnEstimatedResolution" in mf.classes
