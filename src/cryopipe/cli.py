@@ -22,17 +22,18 @@ from cryopipe.errors import CryopipeError
 
 #: command name -> module implementing it (imported lazily so ``--help`` is fast)
 JOBS: dict[str, str] = {
+    # in workflow order
     "simulate": "cryopipe.jobs.simulate",
-    "reconstruct": "cryopipe.jobs.reconstruct",
-    "class2d": "cryopipe.jobs.class2d",
-    "extract": "cryopipe.jobs.extract",
-    "demo": "cryopipe.jobs.demo",
-    "autopick": "cryopipe.jobs.autopick",
     "select": "cryopipe.jobs.select",
+    "autopick": "cryopipe.jobs.autopick",
+    "extract": "cryopipe.jobs.extract",
+    "class2d": "cryopipe.jobs.class2d",
+    "reconstruct": "cryopipe.jobs.reconstruct",
+    "align-symmetry": "cryopipe.jobs.align_symmetry",
     "mask-create": "cryopipe.jobs.mask_create",
     "postprocess": "cryopipe.jobs.postprocess",
     "star": "cryopipe.jobs.star_tools",
-    "align-symmetry": "cryopipe.jobs.align_symmetry",
+    "demo": "cryopipe.jobs.demo",
 }
 
 
