@@ -487,8 +487,15 @@ class Optimiser2D:
         s, p, m, dev, n = self.s, self.p, self.model, self.dev, self.n
         self.rng = np.random.default_rng(s.random_seed + 7919 * it)
         K, G, ns = m.n_classes, p.n_optics_groups, m.n_shells
-        # ---- subset
-        sub = fast_subset_size(it, K, p.size) if s.fast_subsets else -1
+        rule = self.update_rule
+        halves = bool(getattr(rule, "needs_halves", False))
+        # ---- subset (gradient mode: its mini-batch schedule; else --fast_subsets)
+        if hasattr(rule, "subset_size"):
+            sub = rule.subset_size(it, p.size)
+        else:
+            sub = fast_subset_size(it, K, p.size) if s.fast_subsets else -1
+        if hasattr(rule, "tau2_fudge"):
+            m.tau2_fudge = float(rule.tau2_fudge(it))
         idx_all = self.rng.permutation(p.size)
         if sub > 0:
             idx_all = idx_all[:sub]
@@ -525,7 +532,7 @@ class Optimiser2D:
                             max_significant=s.max_significant, oversampling=two_pass,
                             scale_shell_mask=scale_mask, estep_size=Pe)
         Rf = src.final_psi().numel()
-        stats = Stats2D.zeros(K, Rf, P, G, ns, p.n_groups, dev)
+        parts = [Stats2D.zeros(K, Rf, P, G, ns, p.n_groups, dev) for _ in range(2 if halves else 1)]
         log_pdf = torch.where(m.pdf_class > 0, torch.log(m.pdf_class.clamp_min(1e-300)),
                               torch.full_like(m.pdf_class, -math.inf)).to(dev, torch.float32)
         seeds = s.do_generate_seeds and getattr(self, "from_scratch", False) and it == 1 and K > 1
@@ -535,9 +542,18 @@ class Optimiser2D:
         batches = self._batches(idx_all)
         it_b = self.progress(batches, desc=f"iteration {it}") if self.progress is not None else batches
         for idx in it_b:
-            res = self._batch(idx, cset, P, src, trans, est, log_pdf, seeds, gen)
-            self._accumulate(stats, res, idx)
-        self._maximise(stats, src, cset, r_cur)
+            if halves:  # pseudo-halfsets by particle index parity, as RELION's gradient mode
+                for h in (0, 1):
+                    sub_idx = idx[idx % 2 == h]
+                    if sub_idx.size:
+                        self._accumulate(parts[h], self._batch(sub_idx, cset, P, src, trans, est, log_pdf, seeds,
+                                                               gen), sub_idx)
+            else:
+                self._accumulate(parts[0], self._batch(idx, cset, P, src, trans, est, log_pdf, seeds, gen), idx)
+        stats = parts[0]
+        if halves:
+            stats = Stats2D.zeros(K, Rf, P, G, ns, p.n_groups, dev).add(parts[0]).add(parts[1])
+        self._maximise(stats, src, cset, r_cur, halves=parts if halves else None)
         self._changes(old, idx_all)
         self._update_resolution()
         if s.flatten_solvent:
@@ -611,13 +627,21 @@ class Optimiser2D:
             st.norm[idx] = new
             stats.wsum_norm += float(new.sum())
 
-    def _maximise(self, stats: Stats2D, src: ClassReferences2D, cset: CoefficientSet, r_cur: int) -> None:
+    def _maximise(self, stats: Stats2D, src: ClassReferences2D, cset: CoefficientSet, r_cur: int,
+                  halves: list[Stats2D] | None = None) -> None:
         s, m, dev, n = self.s, self.model, self.dev, self.n
         K, ns = m.n_classes, m.n_shells
         sum_w = float(stats.wsum_class.sum())
         if sum_w <= 0:
             raise CryopipeError("no particle contributed to any class in this iteration (check the input images)")
-        data, weight = back_rotate_sums(stats.S, stats.W, src.final_psi(), cset, s.pad)
+        if halves is None:
+            data, weight = back_rotate_sums(stats.S, stats.W, src.final_psi(), cset, s.pad)
+            upd_data, upd_weight = data, weight
+        else:
+            dw = [back_rotate_sums(h.S, h.W, src.final_psi(), cset, s.pad) for h in halves]
+            upd_data = torch.stack([d for d, _ in dw])
+            upd_weight = torch.stack([w for _, w in dw])
+            data, weight = upd_data.sum(dim=0), upd_weight.sum(dim=0)
         # class priors, offsets
         pdf = stats.wsum_class / sum_w
         pdf = pdf / pdf.sum()
@@ -628,7 +652,7 @@ class Optimiser2D:
         sigma2_ref, dvp, cov = ssnr_arrays(weight, m.tau2, cset.shell, ns, m.tau2_fudge, r_cur)
         corr = gridding_correction_2d(n, s.pad * n, dev)
         current = images_to_coefficients(m.refs.to(dev) * corr, cset)
-        F = self.update_rule(data, weight, current, m.tau2, cset.shell, m.tau2_fudge, s.minres_map, r_cur,
+        F = self.update_rule(upd_data, upd_weight, current, m.tau2, cset.shell, m.tau2_fudge, s.minres_map, r_cur,
                              pdf.to(dev), self.iteration)
         refs = coefficients_to_images(F, cset) / corr
         m.refs = refs.to(torch.float32)

@@ -331,6 +331,7 @@ def classify_2d(
     command: str = "",
     log=print,
     progress=None,
+    grad: dict | None = None,
 ) -> Class2DResult:
     """Run (or continue) a 2D classification, writing RELION-named files every iteration.
 
@@ -341,9 +342,22 @@ def classify_2d(
             (``{field: value}`` of :class:`Class2DSettings`, e.g. given on the command line).
         continue_from: an ``_optimiser.star`` to continue from (cryopipe's or RELION's).
         root: directory that names in the STAR files are relative to (the project directory; default cwd).
+        grad: gradient (VDAM) mode instead of EM: keyword arguments of :class:`cryopipe.engine.vdam.GradUpdate`
+            besides the schedule (``ini_frac``, ``fin_frac`` for :class:`~cryopipe.engine.vdam.GradSchedule`,
+            ``base_step``, ``ini_subset``, ``fin_subset``, ``grad_em_iters``). Momenta are not stored in the
+            output files: a continued gradient run restarts them.
     """
     dev = resolve_device(device)
     root = Path(root) if root is not None else Path.cwd()
+    rule = None
+    if grad is not None:
+        from cryopipe.engine.vdam import GradSchedule, GradUpdate
+
+        g = dict(grad)
+        n_it = int(overrides.get("n_iter", settings.n_iter)) if overrides else int(settings.n_iter)
+        sched = GradSchedule(n_it, g.pop("ini_frac", 0.3), g.pop("fin_frac", 0.2))
+        rule = GradUpdate(sched, kind="2d", T=float(overrides.get("tau2_fudge", settings.tau2_fudge))
+                          if overrides else settings.tau2_fudge, **g)
     out_dir, prefix = split_output_prefix(output)
     overrides = dict(overrides or {})
     if continue_from is not None:
@@ -391,7 +405,7 @@ def classify_2d(
                 offset_step=float(sv["rlnOffsetStep"]) / apix if "offset_step" not in overrides else s.offset_step,
                 oversampling=s.oversampling, perturbation=float(sv.get("rlnSamplingPerturbInstance", 0.0)))
         opt = Optimiser2D(ps, s, model=model, state=state, iteration=start_iter, device=dev, sampling=samp,
-                          progress=progress)
+                          progress=progress, update_rule=rule)
         opt.from_scratch = False
         for key, lab in (("orientations", "rlnChangesOptimalOrientations"), ("offsets", "rlnChangesOptimalOffsets"),
                          ("classes", "rlnChangesOptimalClasses")):
@@ -403,7 +417,8 @@ def classify_2d(
             raise CryopipeError("--i (particles STAR file) is required unless --continue is given")
         data, ps, origin = load_particles(particles_star)
         s = settings
-        opt = Optimiser2D(ps, s, state=ParticleState2D.empty(ps.size, origin), device=dev, progress=progress)
+        opt = Optimiser2D(ps, s, state=ParticleState2D.empty(ps.size, origin), device=dev, progress=progress,
+                          update_rule=rule)
         t0 = time.perf_counter()
         opt.initialise()
         log(f"initial references from random subsets: {s.n_classes} classes, {ps.size} particles, box {ps.n}, "
@@ -479,6 +494,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--incr_size", type=int, default=None, help="shells beyond the current resolution (default 10)")
     g.add_argument("--minres_map", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--pad", type=int, default=2, help="padding factor of the Fourier interpolation")
+    g = p.add_argument_group("gradient (VDAM) mode")
+    g.add_argument("--grad", action="store_true", help="gradient-driven optimisation with mini-batches (RELION VDAM)")
+    g.add_argument("--grad_ini_frac", type=float, default=0.3, help="fraction of iterations at the initial subset")
+    g.add_argument("--grad_fin_frac", type=float, default=0.2, help="fraction of iterations at the final subset")
+    g.add_argument("--grad_stepsize", type=float, default=-1.0, help="base step size (default 0.3)")
+    g.add_argument("--grad_ini_subset", type=int, default=-1, help="initial mini-batch size (default RELION's)")
+    g.add_argument("--grad_fin_subset", type=int, default=-1, help="final mini-batch size (default RELION's)")
+    g.add_argument("--grad_em_iters", type=int, default=0, help="final iterations with all particles")
     g = p.add_argument_group("computation")
     g.add_argument("--j", type=int, default=None, help="CPU threads")
     g.add_argument("--batch_size", type=int, default=None, help="particles per batch (default 128)")
@@ -533,10 +556,20 @@ def main(args: argparse.Namespace) -> int:
                       alias=args.alias, inputs=inputs, params=params, continue_job=same_job) as job:
         res = classify_2d(args.i, job.dir / prefix, settings, continue_from=args.continue_, overrides=given,
                           device=args.device, root=job.root, command=" ".join(_argv_of(args)), log=log,
-                          progress=lambda it, desc="": progress(it, desc=desc))
+                          progress=lambda it, desc="": progress(it, desc=desc), grad=_grad_options(args))
         job.add_output(res.data_star, NodeType.CLASS2D_PARTICLES)
         job.add_output(res.optimiser_star, NodeType.CLASS2D_OPTIMISER)
     return 0
+
+
+def _grad_options(args: argparse.Namespace) -> dict | None:
+    if not getattr(args, "grad", False):
+        return None
+    return dict(ini_frac=args.grad_ini_frac, fin_frac=args.grad_fin_frac,
+                base_step=args.grad_stepsize if args.grad_stepsize > 0 else None,
+                ini_subset=args.grad_ini_subset if args.grad_ini_subset > 0 else None,
+                fin_subset=args.grad_fin_subset if args.grad_fin_subset > 0 else None,
+                grad_em_iters=args.grad_em_iters)
 
 
 def _argv_of(args: argparse.Namespace) -> list[str]:

@@ -1,0 +1,221 @@
+"""Gradient-driven optimisation (RELION's VDAM, ``--grad``): the schedules and the update rule.
+
+Same E-step and the same sufficient statistics as EM (``data = Σ w·C·X/σ²``, ``weight = Σ w·C²/σ²`` per
+class-frame Fourier coefficient, accumulated separately for two *pseudo-halfsets* of particles); only the update
+differs. Re-derived from RELION 5 (``MlOptimiser::updateSubsetSize``, ``updateStepSize``, ``updateTau2Fudge``;
+``BackProjector::reweightGrad``, ``getFristMoment``, ``getSecondMoment``, ``applyMomenta``, ``reconstructGrad``):
+
+* schedule over ``--iter`` mini-batch iterations: ``ini = iter·0.3`` iterations at the initial subset size, then a
+  linear ramp over ``inbetween = iter − ini − fin`` to the final size (``fin = iter·0.2``);
+* step size ``s·inflate·σ + s·(1 − σ)`` with the decreasing sigmoid ``σ = 1/(10^((x − b − a/2)/(a/4)) + 1)``,
+  ``a = inbetween/2``, ``b = ini`` (``inflate = 0.9/s``: starts at 0.9); per class ``s_k = s·(1 − e^{−(3K+10)·pdf_k})``;
+* ``tau2_fudge`` rises from 1 to ``T`` with the same sigmoid over ``a = inbetween/4``;
+* gradient per pseudo-half ``g_h = (data_h − weight_h·F) / max(1, weight_h)``; first moments
+  ``m1_h ← 0.9·m1_h + 0.1·g_h`` (first: ``g_h``); second moment (from 1)
+  ``m2 ← 0.999·m2 + 0.001·|g₂ − g₁|²/(|(g₁ + g₂)/2|² + 1e-12)``; direction ``g = mean_h(m1_h)/√m2``; per shell
+  mean amplitudes ``N = ⟨|m1₁ − m1₂|⟩``, ``A = ⟨|F|⟩``, ``snr = 2T·A/N``,
+  ``f = max(snr/(1 + snr), FSC(F + m1₁, F + m1₂))`` clipped to [0, 1]; update ``F ← F + s_k·(f·g − (1 − f)·F)``.
+
+Not implemented (documented deviations): momentum (``--mu``) on class priors/offset priors, the replacement of
+inactive classes (``--class_inactivity_threshold``); RELION's FSC-of-halves floor is taken between the two
+momentum-updated pseudo-half estimates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["GradSchedule", "default_subset_sizes", "subset_size", "step_size", "tau2_fudge_value", "class_step",
+           "GradUpdate"]
+
+
+@dataclass(frozen=True)
+class GradSchedule:
+    """Iteration phases of a gradient run of ``n_iter`` iterations (RELION ``--grad_ini_frac/--grad_fin_frac``)."""
+
+    n_iter: int
+    ini_frac: float = 0.3
+    fin_frac: float = 0.2
+
+    @property
+    def ini_iter(self) -> int:
+        return int(self.n_iter * self.ini_frac)
+
+    @property
+    def fin_iter(self) -> int:
+        return int(self.n_iter * self.fin_frac)
+
+    @property
+    def inbetween_iter(self) -> int:
+        return self.n_iter - self.ini_iter - self.fin_iter
+
+
+def default_subset_sizes(n_particles: int, kind: str = "2d") -> tuple[int, int]:
+    """RELION's default (initial, final) mini-batch sizes: ``"2d"`` clamp(0.005·N, 200, 10000) /
+    clamp(0.05·N, 1000, 100000); ``"initial_model"`` clamp(0.005·N, 200, 5000) / clamp(0.1·N, 1000, 50000);
+    ``"3d"`` (classification/refinement) clamp(0.1·N, 200, 100000) / clamp(0.1·N, 1000, 100000)."""
+    def clamp(x, lo, hi):
+        return int(min(max(x, lo), hi))
+
+    N = float(n_particles)
+    if kind == "2d":
+        return clamp(0.005 * N, 200, 10000), clamp(0.05 * N, 1000, 100000)
+    if kind == "initial_model":
+        return clamp(0.005 * N, 200, 5000), clamp(0.1 * N, 1000, 50000)
+    if kind == "3d":
+        return clamp(0.1 * N, 200, 100000), clamp(0.1 * N, 1000, 100000)
+    raise ValueError(f"kind must be '2d', 'initial_model' or '3d', not {kind!r}")
+
+
+def subset_size(iteration: int, schedule: GradSchedule, ini_subset: int, fin_subset: int, n_particles: int,
+                grad_em_iters: int = 0) -> int:
+    """Mini-batch size of ``iteration`` (1-based), or −1 for all particles (RELION ``updateSubsetSize``, non
+    auto-refine branch): the last ``grad_em_iters`` iterations, and any size ``>= n_particles``, use all."""
+    ini, mid = schedule.ini_iter, schedule.inbetween_iter
+    if iteration < ini:
+        s = ini_subset
+    elif iteration < ini + mid:
+        s = ini_subset + round((iteration - ini) / mid * (fin_subset - ini_subset))
+    else:
+        s = fin_subset
+    if schedule.n_iter - iteration < grad_em_iters or s >= n_particles:
+        return -1
+    return int(s)
+
+
+def _sigmoid(x: float, a: float, b: float) -> float:
+    a = max(a, 1e-9)
+    z = (x - b - a / 2.0) / (a / 4.0)
+    if z > 300:
+        return 0.0
+    return 1.0 / (10.0 ** z + 1.0)
+
+
+def step_size(iteration: int, schedule: GradSchedule, base: float | None = None, kind: str = "2d",
+              scheme: str | None = None) -> float:
+    """Step size of ``iteration`` (RELION ``updateStepSize``): base 0.3 (2D, 3D classification) or 0.5 (initial
+    model); scheme ``"<inflate>-step"`` (default for 2D and initial model, inflate = 0.9/base) or ``"plain"``
+    (default for 3D classification)."""
+    s = base if base is not None and base > 0 else (0.5 if kind == "initial_model" else 0.3)
+    if scheme is None:
+        scheme = "plain" if kind == "3d" else f"{0.9 / s}-step"
+    if scheme == "plain":
+        return s
+    if not scheme.endswith("-step"):
+        raise ValueError(f"step-size scheme must be 'plain' or '<inflate>-step', not {scheme!r}")
+    inflate = float(scheme[:-5])
+    sig = _sigmoid(float(iteration), schedule.inbetween_iter / 2.0, float(schedule.ini_iter))
+    return s * inflate * sig + s * (1.0 - sig)
+
+
+def tau2_fudge_value(iteration: int, schedule: GradSchedule, T: float | None = None, kind: str = "2d",
+                     scheme: str | None = None) -> float:
+    """``tau2_fudge`` of ``iteration`` (RELION ``updateTau2Fudge``): default T = 4; scheme ``"<T>-step"`` (2D and
+    initial model: rises from 1 to T) or ``"plain"`` (3D classification)."""
+    t = T if T is not None and T > 0 else 4.0
+    if scheme is None:
+        scheme = "plain" if kind == "3d" else f"{t}-step"
+    if scheme == "plain":
+        return t
+    deflate = float(scheme[:-5])
+    sig = _sigmoid(float(iteration), schedule.inbetween_iter / 4.0, float(schedule.ini_iter))
+    return (t / deflate) * sig + t * (1.0 - sig)
+
+
+def class_step(step: float, pdf_class: torch.Tensor) -> torch.Tensor:
+    """Per-class step ``step·(1 − exp(−(3K + 10)·pdf_k))`` (small classes move slowly)."""
+    K = pdf_class.numel()
+    return step * (1.0 - torch.exp(-(3.0 * K + 10.0) * pdf_class.to(torch.float64)))
+
+
+class GradUpdate:
+    """The VDAM update rule for the engine's optimisers (``needs_halves``: the statistics come per pseudo-half).
+
+    Call with ``data [2, K, P]`` (complex), ``weight [2, K, P]``, the current references ``[K, P]`` (same
+    coefficient set, prefix of the largest set seen: momenta persist while the resolution grows), ``tau2``,
+    ``shell [P]``, the current ``tau2_fudge``, ``pdf_class [K]`` and the iteration number.
+    """
+
+    name = "grad"
+    needs_halves = True
+
+    def __init__(self, schedule: GradSchedule, base_step: float | None = None, kind: str = "2d",
+                 T: float | None = None, ini_subset: int | None = None, fin_subset: int | None = None,
+                 grad_em_iters: int = 0):
+        self.schedule = schedule
+        self.base_step = base_step
+        self.kind = kind
+        self.T = T
+        self.ini_subset = ini_subset
+        self.fin_subset = fin_subset
+        self.grad_em_iters = grad_em_iters
+        self.m1: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def subset_size(self, iteration: int, n_particles: int) -> int:
+        ini, fin = default_subset_sizes(n_particles, self.kind)
+        ini = self.ini_subset or ini
+        fin = self.fin_subset or fin
+        return subset_size(iteration, self.schedule, ini, fin, n_particles, self.grad_em_iters)
+
+    def tau2_fudge(self, iteration: int) -> float:
+        return tau2_fudge_value(iteration, self.schedule, self.T, self.kind)
+
+    def step(self, iteration: int) -> float:
+        return step_size(iteration, self.schedule, self.base_step, self.kind)
+
+    def _momenta(self, K: int, P: int, dev, dtype) -> None:
+        if self.m1 is None or self.m1.shape[1] != K or self.m1.device != dev:
+            self.m1 = torch.zeros(2, K, P, dtype=dtype, device=dev)
+            self.m2 = torch.ones(K, P, dtype=torch.float64, device=dev)
+            self._fresh = torch.ones(K, P, dtype=torch.bool, device=dev)
+        elif self.m1.shape[2] < P:
+            extra = P - self.m1.shape[2]
+            self.m1 = torch.cat([self.m1, torch.zeros(2, K, extra, dtype=self.m1.dtype, device=dev)], dim=2)
+            self.m2 = torch.cat([self.m2, torch.ones(K, extra, dtype=torch.float64, device=dev)], dim=1)
+            self._fresh = torch.cat([self._fresh, torch.ones(K, extra, dtype=torch.bool, device=dev)], dim=1)
+
+    def __call__(self, data: torch.Tensor, weight: torch.Tensor, current: torch.Tensor, tau2: torch.Tensor,
+                 shell: torch.Tensor, tau2_fudge: float, minres_map: int, r_max: int, pdf_class: torch.Tensor,
+                 iteration: int) -> torch.Tensor:
+        if data.dim() != 3 or data.shape[0] != 2:
+            raise ValueError("GradUpdate needs statistics of two pseudo-halves: data [2, K, P]")
+        _, K, P = data.shape
+        dev = data.device
+        self._momenta(K, P, dev, torch.complex128)
+        F = current.to(torch.complex128)
+        w = weight.to(torch.float64)
+        g = (data.to(torch.complex128) - w * F[None]) / torch.clamp(w, min=1.0)  # [2, K, P]
+        m1 = self.m1[:, :, :P]
+        fresh = self._fresh[:, :P]
+        m1 = torch.where(fresh[None], g, 0.9 * m1 + 0.1 * g)
+        diff = (g[1] - g[0]).abs().square()
+        mean = ((g[0] + g[1]) / 2).abs().square()
+        m2 = 0.999 * self.m2[:, :P] + 0.001 * diff / (mean + 1e-12)  # starts from 1 (RELION's Igrad2)
+        self.m1[:, :, :P] = m1
+        self.m2[:, :P] = m2
+        self._fresh[:, :P] = False
+        direction = (m1[0] + m1[1]) / 2 / (torch.sqrt(m2) + 1e-12)
+        # per-shell "FSC" from the momentum noise and the reference power
+        sh = shell.to(dev)
+        ns = int(sh.max()) + 1
+        cnt = torch.zeros(ns, dtype=torch.float64, device=dev).index_add_(0, sh, torch.ones(P, dtype=torch.float64,
+                                                                                            device=dev))
+        noise = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(
+            1, sh, (m1[1] - m1[0]).abs()) / cnt.clamp_min(1)  # mean amplitudes, as RELION
+        power = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, F.abs()) / cnt.clamp_min(1)
+        snr = torch.where(noise > 0, 2.0 * tau2_fudge * power / noise.clamp_min(1e-300), torch.zeros_like(noise))
+        # FSC between the two pseudo-half estimates F + m1_h (RELION's fsc_halves term: a floor for f)
+        h1, h2 = F + m1[0], F + m1[1]
+        num = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, (h1 * h2.conj()).real)
+        d1 = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, h1.abs().square())
+        d2 = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, h2.abs().square())
+        fsc_h = num / torch.sqrt(d1 * d2).clamp_min(1e-300)
+        f = torch.maximum(snr / (1.0 + snr), fsc_h).clamp(0.0, 1.0)[:, sh]  # [K, P]
+        step_k = class_step(self.step(iteration), pdf_class.to(dev))[:, None]
+        new = F + step_k * (f * direction - (1.0 - f) * F)  # RELION sets T := 1 once f is estimated
+        new = torch.where((sh <= r_max)[None], new, torch.zeros((), dtype=new.dtype, device=dev))
+        return new.to(current.dtype)
