@@ -2,7 +2,8 @@
 
 Usage::
 
-    python bench/bench_projection.py [--device cpu|cuda] [--n-images 1000] [--out bench/results/projection.json]
+    python bench/bench_projection.py [--device cpu|cuda] [--n-images 1000] [--repeats 3] [--boxes 64 128]
+                                     [--note TEXT] [--out bench/results/projection.json]
 
 For box sizes 64 and 128 (padding 2, trilinear) it times, on each device (CPU, plus CUDA when present unless
 ``--device`` picks one):
@@ -10,6 +11,10 @@ For box sizes 64 and 128 (padding 2, trilinear) it times, on each device (CPU, p
 * ``project``: :meth:`Projector.project` of ``n_images`` orientations — all different ("many") or one matrix
   repeated ("one", best-case memory locality);
 * ``insert``: :meth:`BackProjector.insert` of the same images/orientations;
+* ``insert_ctf``: :meth:`BackProjector.insert` with a per-image CTF and ``zero_dc=True`` (the
+  ``cryopipe reconstruct`` path), all orientations different;
+* ``ctf``: :func:`cryopipe.core.ctf.ctf_2d` on the half-complex grid, per-image parameters (astigmatic defocus,
+  phase shift, B-factor), batches of 256;
 * ``reconstruct``: one :meth:`BackProjector.reconstruct`;
 * FFT rate: batched 2D ``rfft2`` of 128² images and 3D ``rfftn`` of a 128³ volume (float32).
 
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 
 from cryopipe.core.backprojector import BackProjector
+from cryopipe.core.ctf import ctf_2d
 from cryopipe.core.geometry import euler_to_matrix
 from cryopipe.core.projector import Projector
 
@@ -72,6 +78,27 @@ def _rotations(m: int, dev: torch.device) -> torch.Tensor:
     return euler_to_matrix(rot, tilt, psi).to(dev)
 
 
+def _ctf_params(m: int, dev: torch.device) -> dict:
+    g = torch.Generator().manual_seed(2)
+    du = torch.rand(m, generator=g, dtype=torch.float64) * 20000 + 5000
+    return {
+        "defocus_u": du.float().to(dev),
+        "defocus_v": (du - torch.rand(m, generator=g, dtype=torch.float64) * 1000).float().to(dev),
+        "defocus_angle": (torch.rand(m, generator=g, dtype=torch.float64) * 360 - 180).float().to(dev),
+        "voltage": torch.full((m,), 300.0, device=dev),
+        "cs": torch.full((m,), 2.7, device=dev),
+        "amplitude_contrast": torch.full((m,), 0.1, device=dev),
+        "phase_shift": (torch.rand(m, generator=g) * 10).to(dev),
+        "bfactor": (torch.rand(m, generator=g) * 50).to(dev),
+        "scale": torch.ones(m, device=dev),
+    }
+
+
+def _ctf_images(n: int, par: dict, batch: int = 256) -> torch.Tensor:
+    m = par["defocus_u"].numel()
+    return torch.cat([ctf_2d(n, 1.5, **{k: v[b:b + batch] for k, v in par.items()}) for b in range(0, m, batch)])
+
+
 def bench_device(dev: torch.device, n_images: int, repeats: int, boxes=(64, 128)) -> dict:
     out: dict = {"device": str(dev), "boxes": {}}
     if dev.type == "cuda":
@@ -93,6 +120,15 @@ def bench_device(dev: torch.device, n_images: int, repeats: int, boxes=(64, 128)
             t = _time(lambda: bp.insert(F, rots), dev, repeats)
             res[f"insert_{label}_images_per_s"] = n_images / t
             del F
+        par = _ctf_params(n_images, dev)
+        t = _time(lambda: _ctf_images(n, par), dev, repeats)
+        res["ctf_images_per_s"] = n_images / t
+        C = _ctf_images(n, par)
+        F = proj.project(many) * C
+        bp = BackProjector(n, pad=2, device=dev)
+        t = _time(lambda: bp.insert(F, many, ctf=C, zero_dc=True), dev, repeats)
+        res["insert_ctf_many_images_per_s"] = n_images / t
+        del F, C
         bp = BackProjector(n, pad=2, device=dev)
         bp.insert(proj.project(many), many)
         res["reconstruct_s"] = _time(lambda: bp.reconstruct(), dev, max(1, repeats // 2))
@@ -119,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="only this device (default: all)")
     ap.add_argument("--n-images", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--boxes", type=int, nargs="+", default=[64, 128], help="box sizes (default 64 128)")
+    ap.add_argument("--note", default=None, help="free-text note stored in the JSON (e.g. machine load)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "projection.json"))
     args = ap.parse_args(argv)
 
@@ -140,8 +178,10 @@ def main(argv=None) -> int:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "pad": 2,
         "interpolation": "trilinear",
-        "results": [bench_device(d, args.n_images, args.repeats) for d in devices],
+        "note": args.note,
+        "results": [bench_device(d, args.n_images, args.repeats, tuple(args.boxes)) for d in devices],
     }
+    result["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
@@ -149,14 +189,15 @@ def main(argv=None) -> int:
     os.replace(tmp, out)
 
     print(f"torch {result['torch']}, {result['cpu_count']} CPUs ({result['torch_threads']} torch threads), "
-          f"load average {result['load_average']}")
+          f"load average {result['load_average']} (start) {result['load_average_end']} (end)")
     for r in result["results"]:
         name = r.get("device_name", r["device"])
         print(f"[{name}]")
         for n, b in r["boxes"].items():
             print(f"  box {n}: project {b['project_many_images_per_s']:.0f} img/s ({b['n_images']} orientations), "
                   f"{b['project_one_images_per_s']:.0f} img/s (one orientation); insert "
-                  f"{b['insert_many_images_per_s']:.0f} / {b['insert_one_images_per_s']:.0f} img/s; "
+                  f"{b['insert_many_images_per_s']:.0f} / {b['insert_one_images_per_s']:.0f} img/s, with CTF "
+                  f"{b['insert_ctf_many_images_per_s']:.0f} img/s; CTF {b['ctf_images_per_s']:.0f} img/s; "
                   f"reconstruct {b['reconstruct_s']:.2f} s")
         print(f"  FFT: 2D rfft 128² {r['fft2d_128']['transforms_per_s']:.0f}/s "
               f"(~{r['fft2d_128']['gflops_est']:.1f} GFLOP/s), 3D rfftn 128³ "
