@@ -132,9 +132,8 @@ def test_downgrade_for_warp_m(tmp_path):
                                "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
     apix = np.array([5.0, 5.0, 2.5])
     for a in "XYZ":
-        np.testing.assert_allclose(t[f"rlnCoordinate{a}"].to_numpy(),
-                                   parts[f"rlnCoordinate{a}"].to_numpy() - parts[f"rlnOrigin{a}Angst"].to_numpy() / apix,
-                                   atol=1e-9)
+        expect = parts[f"rlnCoordinate{a}"].to_numpy() - parts[f"rlnOrigin{a}Angst"].to_numpy() / apix
+        np.testing.assert_allclose(t[f"rlnCoordinate{a}"].to_numpy(), expect, atol=1e-9)
     np.testing.assert_allclose(t["rlnCoordinateX"].iloc[0], 314.929 - 3.947427 / 5.0, atol=1e-9)
     assert t["rlnMicrographName"].tolist() == parts["rlnMicrographName"].tolist()
     np.testing.assert_array_equal(t["rlnAnglePsi"].to_numpy(), parts["rlnAnglePsi"].to_numpy())
@@ -144,7 +143,7 @@ def test_downgrade_for_warp_m(tmp_path):
     np.testing.assert_allclose(t2["rlnCoordinateZ"].to_numpy(), parts["rlnCoordinateZ"] - parts["rlnOriginZAngst"])
 
 
-# ------------------------------------------------------------------------------------------------ split / combine / select
+# ------------------------------------------------------------------------------------ split / combine / select
 
 
 def test_split_counts_and_optics(relion_dir, tmp_path):
@@ -156,7 +155,8 @@ def test_split_counts_and_optics(relion_dir, tmp_path):
     ref = read_star(src)
     for t in tables:
         pd.testing.assert_frame_equal(t["optics"], ref["optics"])
-    assert pd.concat([t["particles"] for t in tables])["rlnImageName"].tolist() == ref["particles"]["rlnImageName"].tolist()
+    joined = pd.concat([t["particles"] for t in tables])["rlnImageName"].tolist()
+    assert joined == ref["particles"]["rlnImageName"].tolist()
     assert [len(i) for i in st.split_indices(40, size_split=15)] == [15, 15, 10]
     assert [len(i) for i in st.split_indices(40, nr_split=2, size_split=15)] == [15, 15]
     a = st.split_indices(40, nr_split=4, random_order=True, random_seed=7)

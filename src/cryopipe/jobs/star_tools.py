@@ -168,8 +168,8 @@ def read_doc(path: str | os.PathLike, tablename: str | None = None) -> StarDoc:
     rest = [k for k in loops if k != "optics"]
     if len(rest) == 1:
         return StarDoc(path, blocks, version, rest[0])
-    raise InputFileError(path, f"cannot tell which table to use (tables: {', '.join('data_' + k for k in loops) or 'none'})",
-                         "name it with --i_tablename")
+    tables = ", ".join("data_" + k for k in loops) or "none"
+    raise InputFileError(path, f"cannot tell which table to use (tables: {tables})", "name it with --i_tablename")
 
 
 def _write_doc(path: str | os.PathLike, doc: StarDoc, table: pd.DataFrame) -> Path:
@@ -389,7 +389,8 @@ def combine_tables(particles: Sequence[pd.DataFrame], optics: Sequence[pd.DataFr
         for i in range(1, len(opt)):
             o, p = opt[i], parts[i]
             if "rlnOpticsGroup" not in p.columns:
-                raise InputFileError(names[i], "the particles have no rlnOpticsGroup column", "add it (1 for one group)")
+                raise InputFileError(names[i], "the particles have no rlnOpticsGroup column",
+                                     "add it (1 for one group)")
             old = p["rlnOpticsGroup"].to_numpy()
             new = old.copy()
             keep_rows = []
