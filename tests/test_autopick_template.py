@@ -240,6 +240,11 @@ def test_class_averages_find_all_particles_on_fixture_micrograph(mic001, mic001_
     intact = at_truth(template_fom_maps(mic, class_refs, lowpass=20, shrink=0, ctf=ctf, ctf_intact_first_peak=True))
     assert np.median(with_ctf) > 10 * np.median(no_ctf)
     assert np.allclose(intact, no_ctf, atol=0.02)
+    # a strong ice ramp (2 σ across) with --highpass 300 Å: the same 25 particles
+    ramp = mic + 2 * float(mic.std()) * torch.linspace(0, 1, mic.shape[1])[None, :]
+    hp = template_pick(ramp, class_refs, TemplateOptions(lowpass=20, shrink=0, ctf=True, threshold=2.0, highpass=300),
+                       ctf=ctf)
+    assert _match(hp.x.numpy(), hp.y.numpy(), tx, ty, 3.5) == (25, 25) and len(hp) == 25
 
 
 def test_projections_of_3d_map_as_references(relion_dir, mic001):
