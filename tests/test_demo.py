@@ -8,7 +8,8 @@ from cryopipe.io.star import read_star
 
 def test_demo_small(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert cli_main(["demo", "--o", "proj", "--n_particles", "600", "--n_micrographs", "1"]) == 0
+    assert cli_main(["demo", "--o", "proj", "--n_particles", "600", "--n_micrographs", "2", "--class2d_K", "3",
+                     "--class2d_iter", "4"]) == 0
     out = capsys.readouterr().out
     assert "FSC vs truth" in out and "precision" in out
     s = json.loads((tmp_path / "proj" / "demo_summary.json").read_text())
@@ -18,5 +19,7 @@ def test_demo_small(tmp_path, monkeypatch, capsys):
     pipe = read_star(tmp_path / "proj" / "default_pipeline.star")
     procs = pipe["pipeline_processes"]
     assert list(procs["rlnPipeLineProcessName"]) == ["Simulate/job001/", "Reconstruct/job002/", "Simulate/job003/",
-                                                     "AutoPick/job004/", "Extract/job005/"]
+                                                     "AutoPick/job004/", "Extract/job005/", "Class2D/job006/",
+                                                     "Select/job007/", "AutoPick/job008/", "Extract/job009/"]
+    assert s["autopick_template"]["n_picks"] > 0 and s["extract_template"]["n_particles"] > 0
     assert set(procs["rlnPipeLineProcessStatusLabel"]) == {"Succeeded"}

@@ -11,6 +11,11 @@ Steps so far:
 3. ``simulate --what micrographs``: micrographs with particles at known positions, contamination blobs.
 4. ``autopick --LoG``: Laplacian-of-Gaussian picking; precision / recall against the true coordinates.
 5. ``extract``: boxes of the picks, normalised, contrast inverted.
+6. ``class2d``: 2D classification of the LoG-picked particles.
+7. ``select --classes --auto --recenter``: automatic class selection; re-centred averages become templates.
+8. ``autopick --ref``: template picking with those class averages; precision / recall again (the tutorial's
+   templates loop: it should beat LoG).
+9. ``extract``: the template-picked particles.
 """
 
 from __future__ import annotations
@@ -90,7 +95,8 @@ def _pick_summary(autopick_dir: Path, sim_dir: Path, diameter_A: float, apix: fl
 
 
 def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int = 3000, n_micrographs: int = 4,
-             device: str | None = None, keep: bool = False, seed: int = 1) -> dict:
+             device: str | None = None, keep: bool = False, seed: int = 1, class2d_k: int = 6,
+             class2d_iter: int = 15) -> dict:
     """Run the demo in a fresh project ``out_dir`` (replaced unless ``keep``) and return the summary."""
     root = Path(out_dir).resolve()
     if root.exists() and not keep:
@@ -127,6 +133,19 @@ def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int =
         from cryopipe.io.particles import read_particles
 
         summary["extract"] = {"n_particles": len(read_particles(Path("Extract/job005/particles.star")))}
+        # 6-9: the templates loop: 2D classes of the LoG picks -> automatic selection -> template picking
+        _run(["class2d", "--i", "Extract/job005/particles.star", "--o", "Class2D/job006/", "--K", str(class2d_k),
+              "--iter", str(class2d_iter), "--tau2_fudge", "2", "--particle_diameter", "100", "--ctf", "--zero_mask",
+              "--random_seed", str(seed)] + dev, steps)
+        last = f"Class2D/job006/run_it{class2d_iter:03d}_optimiser.star"
+        _run(["select", "--classes", "--i", last, "--o", "Select/job007/", "--auto", "--recenter"], steps)
+        _run(["autopick", "--i", "Simulate/job003/micrographs.star", "--odir", "AutoPick/job008/", "--ref",
+              "Select/job007/class_averages.star", "--invert", "--ctf", "--ang", "10", "--lowpass", "20", "--shrink", "0",
+              "--particle_diameter", "85", "--threshold", "1.0"] + dev, steps)
+        summary["autopick_template"] = _pick_summary(Path("AutoPick/job008"), Path("Simulate/job003"), diameter, apix_m)
+        _run(["extract", "--i", "Simulate/job003/micrographs.star", "--coord_list", "AutoPick/job008/autopick.star",
+              "--o", "Extract/job009/", "--extract_size", "64", "--norm", "--invert_contrast"] + dev, steps)
+        summary["extract_template"] = {"n_particles": len(read_particles(Path("Extract/job009/particles.star")))}
     summary["steps"] = steps
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     from cryopipe.io.atomic import atomic_path
@@ -147,6 +166,11 @@ def _print_summary(s: dict) -> None:
     print(f"autopick LoG precision {a['precision']:.3f}, recall {a['recall']:.3f}, F1 {a['f1']:.3f} "
           f"({a['n_matched']} of {a['n_true']} true particles, {a['n_picks']} picks)")
     print(f"extract      {s['extract']['n_particles']} particles")
+    t = s.get("autopick_template")
+    if t:
+        print(f"templates loop: class2d -> select (auto) -> autopick --ref: precision {t['precision']:.3f}, "
+              f"recall {t['recall']:.3f}, F1 {t['f1']:.3f} (LoG F1 {a['f1']:.3f}); "
+              f"{s['extract_template']['n_particles']} particles extracted")
     for st in s["steps"]:
         print(f"  {st['seconds']:7.1f} s  {st['command']}")
     print(f"total {s['total_seconds']:.1f} s; summary in {s['project']}/demo_summary.json")
@@ -157,12 +181,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n_particles", type=int, default=3000, help="simulated particles for the reconstruction")
     p.add_argument("--n_micrographs", type=int, default=4, help="simulated micrographs for picking")
     p.add_argument("--seed", type=int, default=1, help="random seed of the simulated data")
+    p.add_argument("--class2d_K", dest="class2d_k", type=int, default=6, help="2D classes in the templates loop")
+    p.add_argument("--class2d_iter", type=int, default=15, help="2D classification iterations")
     p.add_argument("--keep", action="store_true", help="do not replace an existing project folder (adds jobs)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def main(args: argparse.Namespace) -> int:
     s = run_demo(args.output, n_particles=args.n_particles, n_micrographs=args.n_micrographs, device=args.device,
-                 keep=args.keep, seed=args.seed)
+                 keep=args.keep, seed=args.seed, class2d_k=args.class2d_k, class2d_iter=args.class2d_iter)
     _print_summary(s)
     return 0
