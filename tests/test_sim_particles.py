@@ -155,3 +155,20 @@ def test_bad_input(tmp_path, ref_map):
         simulate_particles(ref_map, 10, APIX, 1.0, tmp_path / "x", frac_empty=0.8, frac_contamination=0.5)
     with pytest.raises(CryopipeError, match="cube"):
         simulate_particles(ref_map[:, :, :40], 10, APIX, 1.0, tmp_path / "x")
+
+
+def test_views_option_draws_only_given_views(tmp_path):
+    """``views=``: every true particle has one of the given (rot, tilt) views, psi free; junk rows get view 0."""
+    import numpy as np
+
+    from cryopipe.io.star import read_star
+    from cryopipe.sim.atomic import load_model, potential_map
+    from cryopipe.sim.particles import VIEW_LABEL, simulate_particles
+
+    vol = potential_map(load_model("3enl"), 32, 3.0)
+    r = simulate_particles(vol, 60, 3.0, 0.1, tmp_path, views=[[0, 0], [90, 90], [45, 60]], frac_empty=0.2, seed=2)
+    t = read_star(r.truth_path)["particles"]
+    good = t[t.cryopipeJunkType == 0]
+    assert set(zip(good.rlnAngleRot.round(6), good.rlnAngleTilt.round(6))) == {(0, 0), (90, 90), (45, 60)}
+    assert set(good[VIEW_LABEL]) == {1, 2, 3} and (t[VIEW_LABEL][t.cryopipeJunkType != 0] == 0).all()
+    assert good.rlnAnglePsi.std() > 50  # psi still uniform

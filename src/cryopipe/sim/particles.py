@@ -65,6 +65,8 @@ JUNK_NONE, JUNK_EMPTY, JUNK_CONTAMINATION = 0, 1, 2
 #: truth column: 0 = particle, 1 = empty ice (noise only), 2 = contamination blob. Not an ``rln`` label, so RELION
 #: keeps it as an unknown label ("will ignore (but maintain) values").
 JUNK_LABEL = "cryopipeJunkType"
+#: truth column of ``views=`` simulations: 1-based index of the particle's (rot, tilt) view, 0 for junk
+VIEW_LABEL = "cryopipeViewIndex"
 
 _CTF_COLUMNS = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnCtfBfactor", "rlnCtfScalefactor", "rlnPhaseShift"]
 _TRUTH_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
@@ -279,6 +281,7 @@ def simulate_particles(
     signal_radius_px: float | None = None,
     frac_empty: float = 0.0,
     frac_contamination: float = 0.0,
+    views=None,
     truth_in_main: bool = False,
     batch_size: int = 1000,
     images_per_stack: int = 10000,
@@ -308,6 +311,9 @@ def simulate_particles(
         voltage, cs, amplitude_contrast: optics (kV, mm, fraction).
         signal_radius_px: radius of the SNR measurement (default: :func:`estimate_particle_radius` of ``volume``).
         frac_empty, frac_contamination: fractions of junk images (noise only / bright blobs), at random rows.
+        views: optional ``[V, 2]`` (rot, tilt) degrees: every particle takes one of these views at random (psi
+            stays uniform), e.g. to test 2D classification; the truth file gets ``cryopipeViewIndex`` (1-based,
+            0 for junk).
         truth_in_main: also write the true angles and origins into ``particles.star``.
         batch_size: images computed at once (memory ~ ``batch_size · N²`` complex values).
         images_per_stack: images per ``.mrcs`` file (``<stack_dir>/particles_00001.mrcs``, ...).
@@ -345,6 +351,13 @@ def simulate_particles(
     geo_seed, noise_seed = ss.spawn(2)
     rng = np.random.default_rng(geo_seed)
     angles = random_orientations(n, rng)
+    view_index = np.full(n, -1, dtype=np.int64)
+    if views is not None:
+        v = np.asarray(views, dtype=np.float64).reshape(-1, 2)
+        if len(v) == 0:
+            raise CryopipeError("views: give at least one (rot, tilt) pair in degrees")
+        view_index = rng.integers(0, len(v), size=n)
+        angles[:, 0], angles[:, 1] = v[view_index, 0], v[view_index, 1]  # psi stays uniform in [0, 360)
     origins_A = random_origins(n, max_shift_A, rng)
     ctf_cols = random_ctf_parameters(n, rng, defocus_range, astigmatism_A, phase_shift_range, bfactor_range)
     junk = np.zeros(n, dtype=np.int64)
@@ -438,6 +451,8 @@ def simulate_particles(
     truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"] = angles[:, 0], angles[:, 1], angles[:, 2]
     truth["rlnOriginXAngst"], truth["rlnOriginYAngst"] = origins_A[:, 0], origins_A[:, 1]
     truth[JUNK_LABEL] = junk
+    if views is not None:
+        truth[VIEW_LABEL] = np.where(junk == JUNK_NONE, view_index + 1, 0)
     if truth_in_main:
         for col in _TRUTH_COLUMNS:
             main[col] = truth[col]
