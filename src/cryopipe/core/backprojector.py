@@ -119,6 +119,7 @@ class BackProjector:
         keep = ~((rows >= half) & (k[:, 0] == 0))
         self._flat = flat[keep]
         self._k = k[keep]
+        self._kT = self._k.T.contiguous()  # [2, M] float64
 
     @property
     def device(self) -> torch.device:
@@ -134,7 +135,8 @@ class BackProjector:
         Adds ``CTF·X`` to ``data`` and ``CTF²`` to ``weight`` (``ctf`` ``[B, N, N//2+1]`` or broadcastable;
         ``None`` = 1). ``weights`` (``[B]`` or broadcastable to the images, e.g. ``1/σ²`` per coefficient)
         multiply both terms. ``zero_dc=True`` zeroes each image's ``(0, 0)`` coefficient first, as
-        ``relion_reconstruct`` does. Batched: one scatter-add per chunk of about ``chunk_pixels`` coefficients.
+        ``relion_reconstruct`` does. Batched: orientations are taken in chunks of about ``chunk_pixels``
+        coefficients (memory bound), each scattered in cache-sized pieces (two scatter-adds per piece).
         """
         n = self.n
         dev = self.device
@@ -172,51 +174,75 @@ class BackProjector:
         if M == 0 or B == 0:
             return
         step = max(1, chunk_pixels // M)
-        dflat = torch.view_as_real(self.data).reshape(-1, 2)
-        wflat = self.weight.reshape(-1)
+        # planar layouts ([component, image, pixel]) keep every elementwise kernel contiguous and vectorised
+        Xp = torch.view_as_real(X).permute(2, 0, 1)  # [2, B, M] (re, im)
+        dflat = self.data.view(-1)
+        wflat = self.weight.view(-1)
+        # cache-sized sub-chunks of about _SUB_POINTS points inside each chunk of ``chunk_pixels``
+        sub = max(1, min(step, self._SUB_POINTS // M))
         for b0 in range(0, B, step):
-            a = rot[b0:b0 + step, :2, :] * self.pad
-            pts = torch.einsum("mi,bij->bmj", self._k, a).to(rdt)  # [b, M, 3] = pad * A^T (kx, ky, 0)
-            idx, wts, neg = self._scatter_weights(pts)
-            val = X[b0:b0 + step]
-            val = torch.where(neg, val.conj(), val)
-            wv = W[b0:b0 + step]
-            contrib = val[..., None] * wts  # [b, M, 8]
-            dflat.index_add_(0, idx.reshape(-1), torch.view_as_real(contrib.reshape(-1)))
-            wflat.index_add_(0, idx.reshape(-1), (wv[..., None] * wts).reshape(-1))
+            b1 = min(B, b0 + step)
+            for c0 in range(b0, b1, sub):
+                c1 = min(b1, c0 + sub)
+                self._insert_chunk(rot[c0:c1], Xp[:, c0:c1], W[c0:c1], dflat, wflat)
 
-    def _scatter_weights(self, pts: torch.Tensor):
-        """Flat grid indices ``[..., K]`` and interpolation weights of the insertion of points ``[..., 3]``."""
-        Z, Y, X = self.weight.shape
-        c = self.centre
-        x, y, z = pts.unbind(-1)
+    # points per inner sub-chunk of :meth:`insert` (work arrays of a few MB; tuned on a 2-core AVX-512 CPU with
+    # 1 MB L2 per core and a shared 32 MB L3: 16k-64k points are equally good, 256k is 1.6x slower)
+    _SUB_POINTS = 1 << 16
+
+    def _index_dtype(self) -> torch.dtype:
+        # int32 indices halve the index memory traffic
+        return torch.int32 if self.weight.numel() + 8 < 2**31 else torch.int64
+
+    def _insert_chunk(self, rot: torch.Tensor, Xp: torch.Tensor, W: torch.Tensor, dflat: torch.Tensor,
+                      wflat: torch.Tensor) -> None:
+        """Scatter-add images ``Xp`` ``[2, b, M]`` (re, im planes) and weights ``W`` ``[b, M]`` for RELION
+        matrices ``rot`` ``[b, 3, 3]`` (float64) into the flat views ``dflat`` (complex) and ``wflat``.
+
+        Work arrays are planar (``[corner, image, pixel]``); the scatter-adds take the entries corner by corner,
+        so per voxel the float sums are the same terms as a pixel-by-pixel insertion in another order
+        (differences at the accumulator's rounding level, ~1e-7 relative in float32)."""
+        Z, Y, Xs = self.weight.shape
+        rdt = self.dtype
+        idt = self._index_dtype()
+        # p = pad·Aᵀ(kx, ky, 0) in float64, rounded to the accumulator precision; planes [3 (x, y, z), b, M]
+        a = (rot[:, :2, :] * self.pad).permute(2, 0, 1)  # [3, b, 2]
+        pts = torch.matmul(a, self._kT).to(rdt)
         if self.interpolation == "nearest":
-            xr = torch.sign(x) * torch.floor(x.abs() + 0.5)
-            yr = torch.sign(y) * torch.floor(y.abs() + 0.5)
-            zr = torch.sign(z) * torch.floor(z.abs() + 0.5)
-            neg = xr < 0
-            s = torch.where(neg, -1.0, 1.0).to(xr.dtype)
-            ix = (xr * s).long().clamp(0, X - 1)
-            iy = (yr * s).long().add(c).clamp(0, Y - 1)
-            iz = (zr * s).long().add(c).clamp(0, Z - 1)
-            idx = ((iz * Y + iy) * X + ix)[..., None]
-            return idx, torch.ones_like(x)[..., None], neg
-        neg = x < 0
-        s = torch.where(neg, -1.0, 1.0).to(x.dtype)
-        x, y, z = x * s, y * s, z * s
-        x0, y0, z0 = torch.floor(x), torch.floor(y), torch.floor(z)
-        fx, fy, fz = x - x0, y - y0, z - z0
-        ix = x0.long().clamp(0, X - 2)
-        iy = y0.long().add(c).clamp(0, Y - 2)
-        iz = z0.long().add(c).clamp(0, Z - 2)
-        base = (iz * Y + iy) * X + ix
-        sy, sz = X, X * Y
-        idx = torch.stack([base, base + 1, base + sy, base + sy + 1,
-                           base + sz, base + sz + 1, base + sz + sy, base + sz + sy + 1], dim=-1)
-        mx, my, mz = 1 - fx, 1 - fy, 1 - fz
-        wts = torch.stack([mz * my * mx, mz * my * fx, mz * fy * mx, mz * fy * fx,
-                           fz * my * mx, fz * my * fx, fz * fy * mx, fz * fy * fx], dim=-1)
-        return idx, wts, neg
+            pts = torch.sign(pts) * torch.floor(pts.abs() + 0.5)  # round half away from zero, mate after rounding
+        neg = pts[0] < 0  # [b, M]: stored at -p with the conjugated value
+        s = torch.where(neg, -1.0, 1.0).to(rdt)
+        pts = pts * s
+        # complex values, conjugated where neg: [b, M]
+        val = torch.view_as_complex(torch.stack((Xp[0], Xp[1] * s), dim=-1))
+        if self.interpolation == "nearest":
+            ii = pts.to(idt)
+            ix = ii[0].clamp(0, Xs - 1)
+            iy = ii[1].add(self.centre).clamp(0, Y - 1)
+            iz = ii[2].add(self.centre).clamp(0, Z - 1)
+            vox = ((iz * Y + iy) * Xs + ix).reshape(-1)
+            dflat.index_add_(0, vox, val.reshape(-1))
+            wflat.index_add_(0, vox, W.reshape(-1))
+            return
+        p0 = torch.floor(pts)
+        fr = pts - p0  # fractional parts [3, b, M]
+        ii = p0.to(idt)
+        ix = ii[0].clamp(0, Xs - 2)
+        iy = ii[1].add(self.centre).clamp(0, Y - 2)
+        iz = ii[2].add(self.centre).clamp(0, Z - 2)
+        base = (iz * Y + iy) * Xs + ix  # [b, M]
+        # per-axis (1 − f, f) planes; corner weight (z, y, x) = (wz·wy)·wx, corners in the order of _corner_offsets
+        w2 = torch.stack((1 - fr, fr), dim=1)  # [3, 2, b, M]
+        w8 = ((w2[2][:, None] * w2[1][None, :])[:, :, None] * w2[0][None, None]).reshape((8,) + base.shape)
+        idx = (base + self._corner_offsets(idt)[:, None, None]).reshape(-1)  # [8 · b · M]
+        dflat.index_add_(0, idx, (w8 * val).reshape(-1))
+        wflat.index_add_(0, idx, (w8 * W).reshape(-1))
+
+    def _corner_offsets(self, idt: torch.dtype) -> torch.Tensor:
+        """Flat offsets ``[8]`` of the trilinear corners ``(dz, dy, dx)``, ``dx`` fastest."""
+        Z, Y, Xs = self.weight.shape
+        d = torch.tensor([0, 1], device=self.device, dtype=idt)
+        return (d[:, None, None] * (Y * Xs) + d[None, :, None] * Xs + d[None, None, :]).reshape(8)
 
     def merge(self, other: "BackProjector") -> "BackProjector":
         """Add another back-projector's statistics (same box, padding, r_max, interpolation) into this one."""
