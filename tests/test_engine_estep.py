@@ -188,6 +188,28 @@ def test_sufficient_statistics_add_over_batches(relion_dir):
     assert torch.allclose(torch.cat([a.norm_residual, b.norm_residual]), whole.norm_residual, rtol=1e-4)
 
 
+def test_noise_sums_per_group_equal_per_image_path(relion_dir):
+    """The noise spectrum sums from the sample sums (per optics group, no per-image GEMM) equal the per-image
+    expected residuals summed per group, with two optics groups of different σ²."""
+    samp, sim = _setup(relion_dir, N=20, seed=11, snr=1.0)
+    cs = coefficient_set(sim.n, 12)
+    full, P, src, tg, st, ctf, sigma2, K = _estep_inputs(samp, sim, cs)
+    sigma2 = torch.cat([sigma2 * 3000, sigma2 * 6000])
+    og = torch.tensor([0, 1] * 10)
+    b = prepare_batch(torch.from_numpy(sim.images), full, P, sigma2, og, ctf=ctf, n_classes=K)
+    st.n_optics_groups = 2
+    st.compute_corrections = True
+    a = expectation(b, src, tg, st)
+    st.compute_corrections = False
+    g = expectation(b, src, tg, st)
+    assert torch.allclose(a.S, g.S) and torch.allclose(a.wsum_class, g.wsum_class)
+    assert torch.allclose(a.wsum_sigma2_noise, g.wsum_sigma2_noise, rtol=2e-4)
+    assert g.sumw_group.tolist() == [10.0, 10.0]
+    assert not torch.allclose(g.wsum_sigma2_noise[0], g.wsum_sigma2_noise[1], rtol=1e-3)  # groups kept apart
+    # per-image residuals: the norm correction sum equals Σ_p E|X_t − C·R|² + power beyond the set
+    assert torch.allclose(a.norm_residual.sum(), a.wsum_sigma2_noise.sum(), rtol=1e-5)
+
+
 def test_back_rotation_recovers_class_image(relion_dir):
     """Sums of a class seen at every ψ with unit weights, rotated back, give the class image (interpolation +
     gridding correction)."""

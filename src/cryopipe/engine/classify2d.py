@@ -530,7 +530,7 @@ class Optimiser2D:
         est = EStepSettings(n=n, k=cset.k, shell=cset.shell, coarse_size=Pc, n_shells=ns, n_optics_groups=G,
                             sigma2_offset=m.sigma2_offset, adaptive_fraction=s.adaptive_fraction,
                             max_significant=s.max_significant, oversampling=two_pass,
-                            scale_shell_mask=scale_mask, estep_size=Pe)
+                            scale_shell_mask=scale_mask, estep_size=Pe, compute_corrections=s.do_norm or s.do_scale)
         Rf = src.final_psi().numel()
         parts = [Stats2D.zeros(K, Rf, P, G, ns, p.n_groups, dev) for _ in range(2 if halves else 1)]
         log_pdf = torch.where(m.pdf_class > 0, torch.log(m.pdf_class.clamp_min(1e-300)),

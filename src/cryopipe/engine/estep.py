@@ -141,7 +141,9 @@ class EStepSettings:
         adaptive_fraction: posterior mass kept as significant (RELION ``--adaptive_fraction``, 0.999).
         max_significant: at most this many significant samples per image (``--maxsig``; −1 = no limit).
         oversampling: whether the children pass is run (False: the coarse grid is the final grid).
-        compute_corrections: also compute the per-image norm/scale expectations (needs two more GEMMs).
+        compute_corrections: compute the per-image expected residuals (norm correction ``norm_residual`` and
+            scale sums; one more GEMM of the size of the M-step sum). Without it the noise spectrum is
+            computed per optics group from the sample sums, and the per-image fields are NaN / 0.
         scale_shell_mask: ``[P]`` bool, coefficients used for the scale-correction sums (RELION: shells where
             the data-vs-prior ratio > 3); None: all.
         estep_size: number of leading coefficients that enter the posterior of the final pass
@@ -221,25 +223,38 @@ def shift_phases(k: torch.Tensor, t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.polar(torch.ones_like(ang), ang)
 
 
-def _real_cat(z: torch.Tensor) -> torch.Tensor:
-    """Complex ``[..., P]`` → real ``[..., 2P]`` (real parts, then imaginary parts)."""
-    return torch.cat([z.real, z.imag], dim=-1)
+def _as_real(z: torch.Tensor) -> torch.Tensor:
+    """Complex ``[..., P]`` → real ``[..., 2P]`` view (interleaved real/imaginary parts, no copy when
+    contiguous): the real dot product of two such rows is ``Re Σ a·conj(b)``."""
+    z = z.contiguous()
+    return torch.view_as_real(z).reshape(*z.shape[:-1], 2 * z.shape[-1])
+
+
+def _cmm(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Real ``[M, N]`` × complex ``[N, P]`` → complex ``[M, P]`` as one real GEMM on the interleaved view."""
+    out = a @ _as_real(z)
+    return torch.view_as_complex(out.reshape(*out.shape[:-1], -1, 2))
 
 
 def squared_differences(X: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, refs: torch.Tensor,
-                        phases: torch.Tensor) -> torch.Tensor:
+                        phases: torch.Tensor, return_shifted: bool = False):
     """``diff² [B, T, M]`` (see module docstring) for images ``X [B, P]``, CTFs ``[B, P]``, ``1/σ² [B, P]``,
-    predictions ``refs [M, P]`` and translation phases ``[T, P]``. Two GEMMs; float32."""
+    predictions ``refs [M, P]`` and translation phases ``[T, P]``. Two GEMMs; float32.
+
+    With ``return_shifted`` also returns the translated, CTF- and noise-weighted images ``X_t·C/σ² [B, T, P]``
+    (what the M-step sums need, so they are not computed twice)."""
     B, P = X.shape
     T = phases.shape[0]
     M = refs.shape[0]
-    xi2 = (X.real.square() + X.imag.square()).mul(inv_sigma2).sum(-1)  # [B]
+    xi2 = (X.real.square() + X.imag.square()).mul_(inv_sigma2).sum(-1)  # [B]
     a = X * (ctf * inv_sigma2).to(X.dtype)  # [B, P]
-    at = (a[:, None, :] * phases[None, :, :]).reshape(B * T, P)
-    cross = _real_cat(at) @ _real_cat(refs).T  # [B*T, M]
+    at = a[:, None, :] * phases[None, :, :]  # [B, T, P]
+    d = (_as_real(at).reshape(B * T, 2 * P) @ _as_real(refs).T).reshape(B, T, M)  # Re Σ X_t·C/σ²·conj(R)
+    if not return_shifted:
+        del at
     norm = (ctf.square() * inv_sigma2) @ (refs.real.square() + refs.imag.square()).T  # [B, M]
-    d = xi2[:, None, None] - 2.0 * cross.reshape(B, T, M) + norm[:, None, :]
-    return 0.5 * d
+    d.mul_(-1.0).add_(norm[:, None, :], alpha=0.5).add_(xi2[:, None, None], alpha=0.5)
+    return (d, at) if return_shifted else d
 
 
 def significant_mask(w: torch.Tensor, fraction: float, max_significant: int = -1) -> torch.Tensor:
@@ -304,6 +319,7 @@ def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid
     del d2
 
     two_pass = settings.oversampling and (So > 1 or trans.children.shape[1] > 1)
+    at_f = None  # X_t·C/σ² of the final grid (DC left out), when the scoring pass already made it
     if not two_pass:
         # single pass: the coarse grid is the final grid (samples = all (k, r), "child" 0 = the sample itself)
         Pe = batch.X.shape[1] if settings.estep_size is None else min(int(settings.estep_size), batch.X.shape[1])
@@ -339,16 +355,18 @@ def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid
         t_f = t_ch.reshape(Tsel * St, -1)
         P = batch.X.shape[1]
         Pe = P if settings.estep_size is None else min(int(settings.estep_size), P)
-        d2f = squared_differences(batch.X[:, :Pe], batch.ctf[:, :Pe], inv_score[:, :Pe],
-                                  ref_f.reshape(Msel * So_eff, P)[:, :Pe],
-                                  shift_phases(kvec[:Pe], t_f, n))  # [B, Tsel*St, Msel*So]
+        d2f, at_f = squared_differences(batch.X[:, :Pe], batch.ctf[:, :Pe], inv_score[:, :Pe],
+                                        ref_f.reshape(Msel * So_eff, P)[:, :Pe], shift_phases(kvec[:Pe], t_f, n),
+                                        return_shifted=Pe == P)  # [B, Tsel*St, Msel*So]
         lp_off = offset_log_prior(t_f, batch.prior_centre, sig2o)  # [B, Tf, K]
         lp_off = lp_off[:, :, k_sel]  # [B, Tf, Msel]
         lp_or = lpo[:, k_sel, r_sel]  # [B|1, Msel]
-        logp_f = (-d2f.reshape(B, Tsel * St, Msel, So_eff) + lp_off[..., None] + lp_or[:, None, :, None])
+        logp_f = d2f.reshape(B, Tsel * St, Msel, So_eff).neg_()
+        logp_f.add_(lp_off[..., None]).add_(lp_or[:, None, :, None])
         parent = sig[:, t_sel][:, :, k_sel, r_sel]  # [B, Tsel, Msel]
         parent = parent[:, :, None, :, None].expand(B, Tsel, St, Msel, So_eff).reshape(B, Tsel * St, Msel, So_eff)
-        logp_f = torch.where(parent, logp_f, neg_inf).reshape(B, Tsel * St, Msel * So_eff)
+        logp_f.masked_fill_(~parent, -math.inf)
+        logp_f = logp_f.reshape(B, Tsel * St, Msel * So_eff)
         del d2f, parent
         sample_k = k_sel.repeat_interleave(So_eff)
         sample_r = r_sel.repeat_interleave(So_eff)
@@ -363,11 +381,11 @@ def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid
     Mf = sample_k.numel()
     flat = logp_f.reshape(B, Tf * Mf)
     lse = torch.logsumexp(flat, dim=1)  # [B]
-    w = torch.exp(flat - lse[:, None])
+    w = flat.sub_(lse[:, None]).exp_()  # in place: logp_f is not needed any more
     sig_f = significant_mask(w, settings.adaptive_fraction, settings.max_significant)
     n_sig = sig_f.sum(dim=1)
     pmax, best = w.max(dim=1)
-    w = torch.where(sig_f, w, torch.zeros((), device=dev))
+    w.masked_fill_(~sig_f, 0.0)
     w = w.reshape(B, Tf, Mf)
     del flat, sig_f, logp_f
     best_t = best // Mf
@@ -379,43 +397,70 @@ def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid
     P = refs_m.shape[1]
     X = batch.X[:, :P]
     ctf = batch.ctf[:, :P]
-    ph_f = shift_phases(kvec[:P], t_f, n)  # [Tf, P]
-    xct = (X * ctf.to(X.dtype))[:, None, :] * ph_f[None]  # [B, Tf, P]
-    wt = w.reshape(B * Tf, Mf).T  # [Mf, B*Tf]
     inv = batch.inv_sigma2[:, :P]  # 1/σ² incl. the DC term: the sums are weighted like RELION's back-projection
-    xct2 = (xct * inv[:, None, :].to(xct.dtype)).reshape(B * Tf, P)
-    S = torch.complex(wt @ xct2.real.contiguous(), wt @ xct2.imag.contiguous())  # [Mf, P]
-    del xct2
+    inv_s = inv_score[:, :P]
+    if at_f is None:
+        at_f = (X * (ctf * inv_s).to(X.dtype))[:, None, :] * shift_phases(kvec[:P], t_f, n)[None]  # [B, Tf, P]
+    # DC term (phase 1): scored without it, summed with it
+    xc0 = X[:, 0] * ctf[:, 0].to(X.dtype)
+    at_f[:, :, 0] = (xc0 * inv[:, 0].to(X.dtype))[:, None]
+    wt = w.reshape(B * Tf, Mf).T  # [Mf, B*Tf]
+    S = _cmm(wt, at_f.reshape(B * Tf, P))  # [Mf, P]  Σ w·C·X_t/σ²
     wbm = w.sum(dim=1)  # [B, Mf]
     Wsum = wbm.T @ (ctf.square() * inv)  # [Mf, P]
 
-    # per-image expected residual power per coefficient: E|X_t − C·Ref|² = sumw|X|² − 2 E_xa + E_aa
+    # expected residual power E|X_t − C·Ref|² = sumw·|X|² − 2·E_xa + E_aa per coefficient
     sumw_b = w.sum(dim=(1, 2))  # [B] (≈1, minus the pruned mass)
     ex_xx = sumw_b[:, None] * (X.real.square() + X.imag.square())  # [B, P]
-    wbt = w.reshape(B * Tf, Mf)
-    rbar = torch.complex(wbt @ refs_m.real.contiguous(), wbt @ refs_m.imag.contiguous()).reshape(B, Tf, P)
-    e_xa = (xct * rbar.conj()).real.sum(dim=1)  # [B, P]
-    e_aa = ctf.square() * (wbm @ (refs_m.real.square() + refs_m.imag.square()))  # [B, P]
-    del rbar
-    resid = ex_xx - 2.0 * e_xa + e_aa  # [B, P]
     G = settings.n_optics_groups
     ns = settings.n_shells
     shell = settings.shell[:P].to(dev)
-    per_shell = torch.zeros(B, ns, device=dev, dtype=torch.float64)
-    per_shell.index_add_(1, shell, resid.to(torch.float64))
-    per_shell = per_shell + batch.power_outside.to(torch.float64)  # shells beyond the set: |X|² (ref = 0)
     og = batch.optics_group.to(dev)
-    wsum_noise = torch.zeros(G, ns, device=dev, dtype=torch.float64).index_add_(0, og, per_shell)
+    pw_out = batch.power_outside.to(torch.float64)
+    ref_pow = refs_m.real.square() + refs_m.imag.square()  # [Mf, P]
+    if settings.compute_corrections:
+        # per image (norm / scale corrections need it): one more GEMM for the weighted mean prediction
+        wbt = w.reshape(B * Tf, Mf)
+        rbar = _cmm(wbt, refs_m).reshape(B, Tf, P)
+        e_xa = (at_f * rbar.conj()).real.sum(dim=1)  # [B, P]: Re Σ_t X_t·C/σ²·conj(E[Ref]) (DC: ·1/σ²_0)
+        e_xa = torch.where(inv > 0, e_xa / inv.clamp_min(1e-30), torch.zeros_like(e_xa))  # → Re Σ X_t·C·E[R]*
+        e_aa = ctf.square() * (wbm @ ref_pow)  # [B, P]
+        del rbar
+        resid = ex_xx - 2.0 * e_xa + e_aa  # [B, P]
+        per_shell = torch.zeros(B, ns, device=dev, dtype=torch.float64).index_add_(1, shell, resid.to(torch.float64))
+        wsum_noise = torch.zeros(G, ns, device=dev, dtype=torch.float64).index_add_(0, og, per_shell + pw_out)
+        norm_residual = resid.sum(dim=1).to(torch.float64) + pw_out.sum(dim=1)
+        if settings.scale_shell_mask is not None:
+            smask = settings.scale_shell_mask[:P].to(dev).to(e_xa.dtype)
+            scale_xa = (e_xa * smask).sum(dim=1)
+            scale_aa = (e_aa * smask).sum(dim=1)
+        else:
+            scale_xa = e_xa.sum(dim=1)
+            scale_aa = e_aa.sum(dim=1)
+    else:
+        # per optics group only (σ² is the same for all images of a group): from the sample sums S, W
+        wsum_noise = torch.zeros(G, ns, device=dev, dtype=torch.float64)
+        for g in torch.unique(og).tolist():  # optics groups of the batch (a handful)
+            sel = og == g
+            inv_g = inv[sel][0]  # [P]
+            if bool(sel.all()):
+                S_g, W_g = S, Wsum
+            else:
+                w_g = w[sel]
+                S_g = _cmm(w_g.reshape(-1, Mf).T, at_f[sel].reshape(-1, P))
+                W_g = w_g.sum(dim=1).T @ (ctf[sel].square() * inv[sel])
+            xa = (refs_m.conj() * S_g).real.sum(dim=0) / inv_g.clamp_min(1e-30)
+            aa = (ref_pow * W_g).sum(dim=0) / inv_g.clamp_min(1e-30)
+            resid_g = ex_xx[sel].sum(dim=0) - 2.0 * xa + aa
+            resid_g = torch.where(inv_g > 0, resid_g, torch.zeros_like(resid_g)).to(torch.float64)
+            wsum_noise[g].index_add_(0, shell, resid_g)
+            wsum_noise[g] += pw_out[sel].sum(dim=0)
+        norm_residual = torch.full((B,), float("nan"), dtype=torch.float64, device=dev)
+        scale_xa = torch.zeros(B, dtype=torch.float64, device=dev)
+        scale_aa = torch.zeros(B, dtype=torch.float64, device=dev)
+    del at_f
     sumw_group = torch.zeros(G, device=dev, dtype=torch.float64).index_add_(
         0, og, torch.ones(B, device=dev, dtype=torch.float64))
-    norm_residual = resid.sum(dim=1).to(torch.float64) + batch.power_outside.to(torch.float64).sum(dim=1)
-    if settings.scale_shell_mask is not None:
-        smask = settings.scale_shell_mask[:P].to(dev).to(e_xa.dtype)
-        scale_xa = (e_xa * smask).sum(dim=1)
-        scale_aa = (e_aa * smask).sum(dim=1)
-    else:
-        scale_xa = e_xa.sum(dim=1)
-        scale_aa = e_aa.sum(dim=1)
 
     # ---------------- class / orientation / offset sums
     w_km = torch.zeros(B, K, device=dev).index_add_(1, sample_k, wbm)  # [B, K]
