@@ -101,7 +101,7 @@ def align_symmetry_full(volume, sym: str, *, pixel_size: float | None = None, bo
                         keep_centre: bool = False, nr_uniform: int = 400, healpix_order: int | None = None,
                         only_rot: bool = False, maxres: float | None = None, local_search_range: int = 2,
                         local_search_step: float = 2.0, min_step: float = 0.125, n_candidates: int = 5,
-                        apply_sym: bool = False, seed: int | None = None, rotate_method: str = "fourier",
+                        apply_sym: bool = False, seed: int | None = None, rotate_method: str = "auto",
                         device=None) -> AlignSymmetryResult:
     """Align ``volume``'s ``sym`` axes to RELION's standard axes (module doc).
 
@@ -115,7 +115,8 @@ def align_symmetry_full(volume, sym: str, *, pixel_size: float | None = None, bo
             the search (:func:`cryopipe.core.symmetry_search.search_symmetry_axes`).
         maxres: highest resolution (Å) used by the score (default: Nyquist of the working box).
         apply_sym: symmetrise the aligned map.
-        rotate_method: ``"fourier"`` (RELION) or ``"linear"`` (real space) for the full-size rotation.
+        rotate_method: ``"fourier"`` (2×-padded Fourier interpolation, as RELION), ``"linear"`` (real-space
+            trilinear) or ``"auto"``: Fourier up to box 320 (its padded grid needs ≈ 24·(2N)³ bytes), else linear.
         device: torch device (default: CUDA if available).
     """
     t0 = time.time()
@@ -153,6 +154,8 @@ def align_symmetry_full(volume, sym: str, *, pixel_size: float | None = None, bo
                                    min_step=min_step, seed=seed, device=dev)
         rot, angles, residual, global_residual, n_eval = (res.rotation, res.angles, res.residual,
                                                           res.global_residual, res.n_evaluations)
+    if rotate_method == "auto":
+        rotate_method = "fourier" if n <= 320 else "linear"
     aligned = vol if sym_c == "C1" else rotate_volume(vol, rot, method=rotate_method)
     if apply_sym and sym_c != "C1":
         aligned = symmetrise_volume(aligned, sym_c)
@@ -256,8 +259,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model.star input: use the class with the largest rlnClassDistribution")
     p.add_argument("--select_highest_resol", action="store_true",
                    help="model.star input: use the class with the best rlnEstimatedResolution")
-    p.add_argument("--rotate_method", choices=("fourier", "linear"), default="fourier",
-                   help="interpolation of the final rotation of the full map")
+    p.add_argument("--rotate_method", choices=("auto", "fourier", "linear"), default="auto",
+                   help="interpolation of the final rotation of the full map (auto: fourier up to box 320)")
     p.add_argument("--random_seed", type=int, default=None, help="seed of the random global orientations")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
