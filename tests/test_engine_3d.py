@@ -338,17 +338,17 @@ def test_mstep_with_true_orientations_reproduces_the_volume(relion_dir):
 
 def test_backprojected_sums_add_over_batches(relion_dir):
     v, apix = volume(relion_dir, 24)
-    n, N = 24, 30
+    n, N = 24, 20
     vols = torch.stack([v, irfft3_centered(lowpass(rfft3_centered(v), 25.0, apix), n).roll(1, dims=2)])
     A = random_rotations(N, 9)
     ctf = ctfs(N, n, apix, 4)
     clean = irfft2_centered(rfft2_centered(Projector(v).project_images(A)) * ctf, n)
     imgs = clean + clean.std() * torch.randn(N, n, n, generator=torch.Generator().manual_seed(2))
     grid = healpix_orientations(1, oversampling=1, perturb=0.2)
-    full, cs, Pc, tg, st = estep_setup(n, 9, 5, 1)
+    full, cs, Pc, tg, st = estep_setup(n, 8, 5, 1)
     src = ClassReferences3D.from_volumes(vols, cs, Pc, grid)
-    # tempered (20x the noise variance): broad posteriors, many significant samples per particle
-    sigma2 = torch.full((1, n // 2 + 1), 20 * float(clean.std()) ** 2 / (2 * n * n), dtype=torch.float64)
+    # tempered (2x the noise variance): broad posteriors, many significant samples per particle
+    sigma2 = torch.full((1, n // 2 + 1), 2 * float(clean.std()) ** 2 / (2 * n * n), dtype=torch.float64)
     origins = torch.tensor(np.random.default_rng(0).uniform(-1, 1, (N, 2)), dtype=torch.float32)
 
     def run(idx):
@@ -356,14 +356,14 @@ def test_backprojected_sums_add_over_batches(relion_dir):
                           ctf=ctf[idx], origins=origins[idx], n_classes=2,
                           log_prior_orient=torch.zeros(1, 2, grid.n_coarse))
         r = expectation(b, src, tg, st)
-        bp = ClassBackProjectors(2, n, r_max=9)
+        bp = ClassBackProjectors(2, n, r_max=8)
         bp.add(r, src)
         return r, bp
 
     whole, bw = run(torch.arange(N))
-    assert float(whole.n_significant.float().mean()) > 5 and set(whole.sample_class.tolist()) == {0, 1}
-    _, ba = run(torch.arange(0, 13))
-    _, bb = run(torch.arange(13, N))
+    assert float(whole.n_significant.float().mean()) > 3 and set(whole.sample_class.tolist()) == {0, 1}
+    _, ba = run(torch.arange(0, 9))
+    _, bb = run(torch.arange(9, N))
     ba.merge(bb)
     for k in range(2):
         w = bw.bps[k]
@@ -380,13 +380,13 @@ def test_one_em_iteration_improves_fsc_to_truth(relion_dir):
     truth, apix = volume(relion_dir, n)
     A = random_rotations(N, 2)
     g = np.random.default_rng(1)
-    origin = torch.tensor(g.uniform(-1.5, 1.5, (N, 2)), dtype=torch.float32)
+    origin = torch.tensor(g.uniform(-1.0, 1.0, (N, 2)), dtype=torch.float32)
     ctf = ctfs(N, n, apix, 5)
     clean = irfft2_centered(rfft2_centered(Projector(truth).project_images(A, shifts_px=-origin)) * ctf, n)
     noise_sd = float(clean.std()) / math.sqrt(0.1)  # SNR 0.1
     imgs = clean + noise_sd * torch.randn(clean.shape, generator=torch.Generator().manual_seed(3))
     ref = irfft3_centered(lowpass(rfft3_centered(truth), 20.0, apix), n)  # 20 Å low-passed truth
-    full, cs, Pc, tg, st = estep_setup(n, n // 2, 8, 1, 2.0)
+    full, cs, Pc, tg, st = estep_setup(n, n // 2, 8, 1, 1.5)
     st.max_significant = 8
     grid = healpix_orientations(2, oversampling=1, perturb=0.2)
     src = ClassReferences3D.from_volumes(ref[None], cs, Pc, grid)
@@ -401,7 +401,8 @@ def test_one_em_iteration_improves_fsc_to_truth(relion_dir):
     u1, u2 = halves[0].reconstruct()[0], halves[1].reconstruct()[0]
     f_maps = fsc(u1, u2)
     assert f_half[0] == 1.0 and float(f_half[1:6].min()) > 0.8
-    assert torch.allclose(f_half[1:13], f_maps[1:13].double(), atol=0.15)  # same quantity, RELION's estimator
+    # RELION's estimator (downsampled Σdata/Σweight) of the same quantity as the FSC of the half maps
+    assert torch.allclose(f_half[1:11], f_maps[1:11].double(), atol=0.2)
     maps = []
     for h in halves:
         sigma2_ref, _, _ = ssnr_3d(h, torch.zeros(1, n // 2 + 1))
@@ -440,6 +441,22 @@ def test_gold_standard_helpers():
     low = r2 <= 36
     assert torch.equal(h1.bps[0].weight[low], (w1 + w2)[low]) and torch.equal(h1.bps[0].weight[~low], w1[~low])
     assert torch.equal(h2.bps[0].weight[low], (w1 + w2)[low]) and torch.equal(h2.bps[0].weight[~low], w2[~low])
+    # half-set FSC (RELION's downsampled averages): data = G(round(p/pad))·w with a real radial G gives each half's
+    # average = G whatever the weights (FSC = 1); negating half 2 on odd shells gives FSC = −1 there
+    b = h1.bps[0]
+    cz = torch.arange(-R - 1, R + 2.0)
+    cell = lambda t: torch.sign(t) * torch.floor(t.abs() / b.pad + 0.5)  # noqa: E731
+    rc = torch.sqrt(cell(cz)[:, None, None] ** 2 + cell(cz)[None, :, None] ** 2
+                    + cell(torch.arange(R + 2.0))[None, None, :] ** 2)
+    G = torch.exp(-rc / 3.0) + 0.1
+    sh = torch.floor(rc + 0.5)
+    for h, sign in ((h1, torch.ones_like(G)), (h2, torch.where(sh % 2 == 1, -1.0, 1.0))):
+        w = torch.rand(G.shape, generator=gen) + 0.5
+        h.bps[0].weight.copy_(w)
+        h.bps[0].data.copy_((G * sign * w).to(torch.complex64))
+    f = halfset_fsc(h1, h2)[0]
+    expect = torch.where(torch.arange(n // 2 + 1) % 2 == 1, -1.0, 1.0).double()
+    assert torch.allclose(f, expect, atol=1e-5)
     # point-group symmetry doubles the weights seen by the SSNR arrays for C2 (σ²_ref halves)
     s_c1 = ssnr_3d(h1, torch.zeros(1, n // 2 + 1))[0]
     s_c2 = ssnr_3d(h1, torch.zeros(1, n // 2 + 1), symmetry="C2")[0]

@@ -291,6 +291,9 @@ class ClassBackProjectors:
         S, W = S.to(dev), W.to(dev)
         kk = sample_class.to(dev)
         rot = rotations.to(dev)
+        live = (W > 0).any(dim=1)  # samples without weight (pruned for every image) add nothing
+        if not bool(live.all()):
+            S, W, kk, rot = S[live], W[live], kk[live], rot[live]
         half = self.n * (self.n // 2 + 1)
         step = max(1, self.chunk_elems // half)
         for k in torch.unique(kk).tolist():  # the classes present (K is small)
