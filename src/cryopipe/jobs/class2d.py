@@ -417,6 +417,9 @@ def classify_2d(
             raise CryopipeError("--i (particles STAR file) is required unless --continue is given")
         data, ps, origin = load_particles(particles_star)
         s = settings
+        if s.do_ctf and ps.ctf is None:
+            raise InputFileError(particles_star, "--ctf was given but the particles have no rlnDefocusU column",
+                                 "run CTF estimation and extraction with CTF values, or leave out --ctf")
         opt = Optimiser2D(ps, s, state=ParticleState2D.empty(ps.size, origin), device=dev, progress=progress,
                           update_rule=rule)
         t0 = time.perf_counter()
