@@ -327,7 +327,8 @@ class Optimiser2D:
             if scale is None:
                 return None
             return scale.to(self.dev, torch.float32)[:, None, None].expand(idx.size, self.n, self.n // 2 + 1)
-        c = {k: torch.as_tensor(np.asarray(v)[idx], dtype=torch.float64, device=self.dev) for k, v in self.p.ctf.items()}
+        c = {k: torch.as_tensor(np.asarray(v)[idx], dtype=torch.float64, device=self.dev)
+             for k, v in self.p.ctf.items()}
         out = ctf_2d(self.n, self.p.pixel_size, c["defocus_u"], c["defocus_v"], c["defocus_angle"],
                      voltage=c["voltage"], cs=c["cs"], amplitude_contrast=c["amplitude_contrast"],
                      phase_shift=c["phase_shift"], bfactor=c["bfactor"], scale=c["scale"],

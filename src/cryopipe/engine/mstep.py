@@ -121,8 +121,8 @@ def noise_spectrum(wsum: torch.Tensor, sumw: torch.Tensor, npix: torch.Tensor,
     values (< 1e-14, e.g. empty shells) take the value of the shell below (RELION)."""
     G, ns = wsum.shape
     denom = 2.0 * sumw.to(torch.float64)[:, None] * npix.to(torch.float64)[None, :ns]
-    out = torch.where(denom > 0, wsum.to(torch.float64) / denom.clamp_min(1e-300), torch.zeros_like(wsum,
-                                                                                                    dtype=torch.float64))
+    zero = torch.zeros((), dtype=torch.float64, device=wsum.device)
+    out = torch.where(denom > 0, wsum.to(torch.float64) / denom.clamp_min(1e-300), zero)
     for s in range(1, ns):  # sequential by nature (each shell may copy the corrected one below); ns ~ n/2
         out[:, s] = torch.where(out[:, s] < 1e-14, out[:, s - 1], out[:, s])
     if previous is not None:

@@ -164,7 +164,7 @@ def _data_table(data: ParticleData, opt: Optimiser2D) -> ParticleData:
 
 def _optimiser_values(opt: Optimiser2D, prefix_rel: str, files: dict, n_iter: int) -> dict:
     s, m = opt.s, opt.model
-    apix = opt.p.pixel_size
+    active = m.pdf_class.cpu() > 0
     return {
         "rlnOutputRootName": prefix_rel,
         "rlnModelStarFile": files["model"],
@@ -194,9 +194,8 @@ def _optimiser_values(opt: Optimiser2D, prefix_rel: str, files: dict, n_iter: in
         "rlnDoAutoRefine": 0,
         "rlnNumberOfIterWithoutResolutionGain": 0,
         "rlnBestResolutionThusFar": float(m.current_resolution),
-        "rlnOverallAccuracyRotations": float(m.acc_rot[m.pdf_class.cpu() > 0].min()) if (m.pdf_class > 0).any() else 999.0,
-        "rlnOverallAccuracyTranslationsAngst": float(m.acc_trans[m.pdf_class.cpu() > 0].min())
-        if (m.pdf_class > 0).any() else 999.0,
+        "rlnOverallAccuracyRotations": float(m.acc_rot[active].min()) if active.any() else 999.0,
+        "rlnOverallAccuracyTranslationsAngst": float(m.acc_trans[active].min()) if active.any() else 999.0,
         "rlnChangesOptimalOrientations": float(opt.changes["orientations"]),
         "rlnChangesOptimalOffsets": float(opt.changes["offsets"]),
         "rlnChangesOptimalClasses": float(opt.changes["classes"]),
@@ -524,8 +523,9 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Class2DSettings, dict
     given = {k: getattr(args, k) for k in _OVERRIDABLE if getattr(args, k, None) is not None}
     kw = dict(defaults)
     kw.update(given)
-    s = Class2DSettings(n_classes=int(args.K), do_ctf=bool(args.ctf), ctf_intact_first_peak=bool(args.ctf_intact_first_peak),
-                        random_seed=int(args.random_seed), pad=int(args.pad), **kw)
+    s = Class2DSettings(n_classes=int(args.K), do_ctf=bool(args.ctf),
+                        ctf_intact_first_peak=bool(args.ctf_intact_first_peak), random_seed=int(args.random_seed),
+                        pad=int(args.pad), **kw)
     if s.n_classes < 1:
         raise CryopipeError(f"--K {s.n_classes}: need at least one class")
     if s.psi_step <= 0 or s.offset_step <= 0 or s.offset_range < 0:
