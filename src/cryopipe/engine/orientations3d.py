@@ -137,17 +137,18 @@ def healpix_orientations(order: int, psi_step: float | None = None, sym: str | N
     dev = resolve_device(device)
     pix = asymmetric_unit_pixels(order, sym, device="cpu")
     rot_all, tilt_all = healpix_directions(order, device="cpu")
-    rot, tilt = rot_all[pix], tilt_all[pix]
     step = angular_step(order) if psi_step is None else float(psi_step)
     psi = psi_angles(step, device="cpu")
     step = 360.0 / psi.numel()
-    nd, npsi = rot.numel(), psi.numel()
-    coarse = torch.stack([rot.repeat_interleave(npsi), tilt.repeat_interleave(npsi), psi.repeat(nd)], dim=-1)
+    nd, npsi = pix.numel(), psi.numel()
+    # the direction and ψ tables are small (built on the CPU); the [R, S, 3] products are built on the device
+    rot, tilt, psi_d = rot_all[pix].to(dev), tilt_all[pix].to(dev), psi.to(dev)
+    coarse = torch.stack([rot.repeat_interleave(npsi), tilt.repeat_interleave(npsi), psi_d.repeat(nd)], dim=-1)
     if oversampling == 0:
         children = coarse[:, None, :].clone()
     else:
-        crot, ctilt = oversampled_directions(order, pix, oversampling)  # [nd, 4^os]
-        cpsi = oversampled_psi(psi, step, oversampling)  # [npsi, 2^os]
+        crot, ctilt = (t.to(dev) for t in oversampled_directions(order, pix, oversampling))  # [nd, 4^os]
+        cpsi = oversampled_psi(psi_d, step, oversampling)  # [npsi, 2^os]
         nsd, nsp = crot.shape[1], cpsi.shape[1]
         # children[d·npsi + j, i·nsp + l] = (crot[d, i], ctilt[d, i], cpsi[j, l])
         r = crot[:, None, :, None].expand(nd, npsi, nsd, nsp)
@@ -159,9 +160,9 @@ def healpix_orientations(order: int, psi_step: float | None = None, sym: str | N
         coarse = perturb_orientations(coarse, pd)
         children = perturb_orientations(children, pd)
     return OrientationSet3D(
-        coarse=coarse.to(dev, torch.float64), children=children.to(dev, torch.float64), order=int(order),
-        psi_step=step, oversampling=int(oversampling), pixel=pix.repeat_interleave(npsi).to(dev),
-        psi_index=torch.arange(npsi).repeat(nd).to(dev), grid_index=torch.arange(nd * npsi, device=dev))
+        coarse=coarse.to(torch.float64), children=children.to(torch.float64), order=int(order),
+        psi_step=step, oversampling=int(oversampling), pixel=pix.to(dev).repeat_interleave(npsi),
+        psi_index=torch.arange(npsi, device=dev).repeat(nd), grid_index=torch.arange(nd * npsi, device=dev))
 
 
 def proper_symmetry_operators(sym: str | None, device=None) -> torch.Tensor:
@@ -233,8 +234,7 @@ def local_orientations(grid: OrientationSet3D, prior_angles: torch.Tensor, sigma
     upix, inv = torch.unique(grid.pixel, return_inverse=True)
     first = torch.full((upix.numel(),), grid.n_coarse, dtype=torch.long, device=dev).scatter_reduce(
         0, inv, torch.arange(grid.n_coarse, device=dev), reduce="amin")
-    Ad = grid.coarse_matrices()[first]  # one sample per direction (all ψ of a direction share it)
-    vd = Ad[:, 2, :]  # [D, 3]
+    vd = grid.sample_matrices(first)[:, 2, :]  # [D, 3]: one sample per direction (all its ψ share it)
     u = torch.einsum("bj,gjk->bgk", Ap[:, 2, :], ops).reshape(B * ops.shape[0], 3)  # rows of Rᵀ·d: d·R
     cosd = (u @ vd.T).reshape(B, ops.shape[0], -1).amax(dim=1).clamp(-1.0, 1.0)
     ddir = torch.rad2deg(torch.acos(cosd))  # [B, D]
@@ -244,7 +244,7 @@ def local_orientations(grid: OrientationSet3D, prior_angles: torch.Tensor, sigma
     cand_dir = dir_ok.any(dim=0)  # [D]
     cand = torch.nonzero(cand_dir[inv]).reshape(-1)  # grid rows whose direction is a candidate
     # ---- rotation angles to the candidates
-    d = orientation_distances(Ap, grid.coarse_matrices()[cand], ops, chunk_elems)  # [B, C]
+    d = orientation_distances(Ap, grid.sample_matrices(cand), ops, chunk_elems)  # [B, C]
     inside = d <= lim
     nearest = d.argmin(dim=1)
     inside[torch.arange(B, device=dev), nearest] = True

@@ -33,6 +33,28 @@ Spectra (RELION units, per real/imaginary component, of the ``FT / n²`` coeffic
   joined map ``FSC' = sqrt(2·FSC/(1+FSC))``); RELION applies ``T`` once more in the reconstruction, as
   :meth:`ClassBackProjectors.reconstruct` does with ``tau2_fudge`` (``T = 1`` in auto-refine).
 * :func:`join_halves_at_low_resolution` — RELION ``joinTwoHalvesAtLowResolution`` (``--low_resol_join_halves``).
+
+Use in a refinement loop (per iteration; ``r = current_size // 2``)::
+
+    grid = healpix_orientations(order, psi_step, sym, oversampling, perturb)      # asymmetric unit of sym
+    refs = ClassReferences3D.from_volumes(vols, cset, Pc, grid, pad)              # per half-set
+    bps = ClassBackProjectors(K, n, pad, r_max=r)                                 # per half-set
+    for idx in batches:                        # local: ordered by local_batch_order(previous angles)
+        src, lpo = refs, log_pdf_class[None, :, None]                 # (+ log pdf_direction[:, grid.pixel])
+        if local:
+            sub, lp = local_orientations(grid, angles[idx], sigma_ang, sym)
+            src, lpo = refs.with_orientations(sub), lp[:, None, :] + log_pdf_class[None, :, None]
+        res = expectation(prepare_batch(..., log_prior_orient=lpo), src, translations, settings)
+        bps.add(res, src); angles[idx] = src.best_angles(res); origins[idx] += res.best_offset
+    # gold standard M-step
+    join_halves_at_low_resolution(h1, h2, ceil(n * apix / 40))
+    st1, st2 = h1.symmetrised(sym), h2.symmetrised(sym)
+    fsc = halfset_fsc(h1, h2, stats1=st1, stats2=st2)
+    sigma2_ref, _, _ = ssnr_3d(h1, tau2, T, stats=st1); tau2_1, dvp = fsc_tau2(fsc, sigma2_ref, T)
+    vol1 = h1.reconstruct(tau2_1, T, sym, minres_map=minres_map)                  # same for half 2
+    # classification (no halves): tau2 = refs.tau2(r); ssnr_3d(bps, tau2, T, sym); bps.reconstruct(tau2, T, sym)
+
+``EStepSettings.oversampling`` must be ``grid.oversampling > 0`` (single-pass mode takes child 0 as the sample).
 """
 
 from __future__ import annotations
