@@ -118,9 +118,42 @@ def interpolate_half_grid(grid: torch.Tensor, centre: int, points: torch.Tensor,
     from zero, mate chosen after rounding, as RELION). Indices are clamped to the grid: callers keep
     ``|p| <= centre − 1`` so that all 8 neighbours exist.
     """
+    x, y, z = points.unbind(-1)
+    return _sample_half_grid(grid, centre, x, y, z, interpolation)
+
+
+# points per piece in :func:`_sample_half_grid` (work arrays of a few MB stay in L2/L3)
+_SAMPLE_PIECE = 1 << 16
+
+
+def _sample_half_grid(grid: torch.Tensor, centre: int, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
+                      interpolation: str) -> torch.Tensor:
+    """:func:`interpolate_half_grid` for coordinates given as separate tensors of one shape (planar layout).
+
+    Same arithmetic as the textbook form, organised for speed: pieces of :data:`_SAMPLE_PIECE` points, the 8
+    corners gathered with one ``index_select`` on the flat grid (an order of magnitude faster than advanced
+    indexing of complex tensors on CPU), complex values interpolated as separate real/imaginary planes
+    (``a + (b − a)·t`` per component is exactly the complex product with a real ``t``)."""
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+    shape = x.shape
+    x, y, z = x.reshape(-1), y.reshape(-1), z.reshape(-1)
+    P = x.numel()
+    if P <= _SAMPLE_PIECE:
+        return _sample_piece(grid, centre, x, y, z, interpolation).reshape(shape)
+    out = torch.empty(P, dtype=grid.dtype, device=grid.device)
+    for a in range(0, P, _SAMPLE_PIECE):
+        b = a + _SAMPLE_PIECE
+        out[a:b] = _sample_piece(grid, centre, x[a:b], y[a:b], z[a:b], interpolation)
+    return out.reshape(shape)
+
+
+def _sample_piece(grid: torch.Tensor, centre: int, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
+                  interpolation: str) -> torch.Tensor:
+    """Samples at flat coordinate vectors ``x, y, z`` ``[P]`` (see :func:`interpolate_half_grid`)."""
     Z, Y, X = grid.shape
     flat = grid.reshape(-1)
-    x, y, z = points.unbind(-1)
+    cplx = grid.is_complex()
     if interpolation == "nearest":
         xr, yr, zr = _round_half_away(x), _round_half_away(y), _round_half_away(z)
         neg = xr < 0
@@ -128,34 +161,33 @@ def interpolate_half_grid(grid: torch.Tensor, centre: int, points: torch.Tensor,
         ix = (xr * s).long().clamp(0, X - 1)
         iy = (yr * s).long().add(centre).clamp(0, Y - 1)
         iz = (zr * s).long().add(centre).clamp(0, Z - 1)
-        val = flat[(iz * Y + iy) * X + ix]
-    elif interpolation == "trilinear":
-        neg = x < 0
-        s = torch.where(neg, -1.0, 1.0).to(x.dtype)
-        x, y, z = x * s, y * s, z * s
-        x0, y0, z0 = torch.floor(x), torch.floor(y), torch.floor(z)
-        fx, fy, fz = x - x0, y - y0, z - z0
-        ix = x0.long().clamp(0, X - 2)
-        iy = y0.long().add(centre).clamp(0, Y - 2)
-        iz = z0.long().add(centre).clamp(0, Z - 2)
-        base = (iz * Y + iy) * X + ix
-        sy, sz = X, X * Y
-        rdt = grid.real.dtype if grid.is_complex() else grid.dtype
-        fx, fy, fz = fx.to(rdt), fy.to(rdt), fz.to(rdt)
-
-        def lerp(a, b, t):
-            return a + (b - a) * t
-
-        c00 = lerp(flat[base], flat[base + 1], fx)
-        c01 = lerp(flat[base + sy], flat[base + sy + 1], fx)
-        c10 = lerp(flat[base + sz], flat[base + sz + 1], fx)
-        c11 = lerp(flat[base + sz + sy], flat[base + sz + sy + 1], fx)
-        val = lerp(lerp(c00, c01, fy), lerp(c10, c11, fy), fz)
+        val = flat.index_select(0, (iz * Y + iy) * X + ix)
+        return torch.where(neg, val.conj(), val) if cplx else val
+    neg = x < 0
+    s = torch.where(neg, -1.0, 1.0).to(x.dtype)
+    x, y, z = x * s, y * s, z * s
+    x0, y0, z0 = torch.floor(x), torch.floor(y), torch.floor(z)
+    fx, fy, fz = x - x0, y - y0, z - z0
+    ix = x0.long().clamp(0, X - 2)
+    iy = y0.long().add(centre).clamp(0, Y - 2)
+    iz = z0.long().add(centre).clamp(0, Z - 2)
+    base = (iz * Y + iy) * X + ix
+    sy, sz = X, X * Y
+    offs = torch.tensor([0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1], device=base.device)
+    v = flat.index_select(0, (base[None] + offs[:, None]).reshape(-1)).reshape(8, -1)  # corners (z, y, x)
+    rdt = grid.real.dtype if cplx else grid.dtype
+    fx, fy, fz = fx.to(rdt), fy.to(rdt), fz.to(rdt)
+    if cplx:
+        v = torch.view_as_real(v).permute(2, 0, 1).contiguous()  # [2 (re, im), 8, P]
     else:
-        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
-    if grid.is_complex():
-        val = torch.where(neg, val.conj(), val)
-    return val
+        v = v[None]
+    # lerp(a, b, t) = a + (b − a)·t along x, then y, then z (corner pairs differ in the last index bit)
+    c = v[:, 0::2] + (v[:, 1::2] - v[:, 0::2]) * fx  # [., 4, P]: (z, y) = 00, 01, 10, 11
+    c = c[:, 0::2] + (c[:, 1::2] - c[:, 0::2]) * fy  # [., 2, P]: z = 0, 1
+    c = c[:, 0] + (c[:, 1] - c[:, 0]) * fz  # [., P]
+    if not cplx:
+        return c[0]
+    return torch.complex(c[0], torch.where(neg, -c[1], c[1]))
 
 
 class Projector:
@@ -247,19 +279,22 @@ class Projector:
         half = n // 2 + 1
         out = torch.zeros((B, n * half), dtype=self.data.dtype, device=dev)
         if M > 0 and B > 0:
-            step = max(1, chunk_pixels // M)
-            kr = k.to(self.dtype)
+            # at most about _SAMPLE_PIECE coefficients per step: cache-sized work arrays
+            step = max(1, min(chunk_pixels, _SAMPLE_PIECE) // M)
+            kT = k.T.contiguous()  # [2, M] float64
+            krT = k.to(self.dtype).T.contiguous()
             for b0 in range(0, B, step):
-                # p = pad * (kx * A[0, :] + ky * A[1, :])  ==  pad * A^T (kx, ky, 0)
-                a = rot[b0:b0 + step, :2, :] * self.pad  # [b, 2, 3]
-                pts = torch.einsum("mi,bij->bmj", k, a).to(self.dtype)
-                vals = interpolate_half_grid(self.data, self.centre, pts, self.interpolation)
+                b1 = min(B, b0 + step)
+                # p = pad * (kx * A[0, :] + ky * A[1, :])  ==  pad * A^T (kx, ky, 0); planes [3 (x, y, z), b, M]
+                a = (rot[b0:b1, :2, :] * self.pad).permute(2, 0, 1)  # [3, b, 2]
+                pts = torch.matmul(a, kT).to(self.dtype)
+                vals = _sample_half_grid(self.data, self.centre, pts[0], pts[1], pts[2], self.interpolation)
                 if sh is not None:
                     # content moves by +shift: multiply by exp(-2 pi i k.s / N); the Nyquist row is +N/2 as in
                     # RELION's shiftImageInFourierTransform (matters for the (0, N/2) coefficient only)
-                    phase = (-2.0 * math.pi / n) * (kr @ sh[b0:b0 + step].T.to(self.dtype)).T
+                    phase = (-2.0 * math.pi / n) * (sh[b0:b1].to(self.dtype) @ krT)  # [b, M]
                     vals = vals * torch.polar(torch.ones_like(phase), phase)
-                out[b0:b0 + step, flat] = vals
+                out[b0:b1].index_copy_(1, flat, vals)
         return out.reshape(B, n, half)
 
     def project_images(self, rotations: torch.Tensor, shifts_px: torch.Tensor | None = None,
