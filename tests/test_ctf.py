@@ -37,7 +37,7 @@ def test_wavelength():
     assert wavelength_A(200) == pytest.approx(0.0250795, abs=2e-7)
     assert wavelength_A(100) == pytest.approx(0.0370146, abs=2e-7)
     t = wavelength_A(torch.tensor([300.0, 200.0], dtype=torch.float64))
-    np.testing.assert_allclose(t.numpy(), [wavelength_A(300), wavelength_A(200)], rtol=1e-14)
+    np.testing.assert_allclose(t.cpu().numpy(), [wavelength_A(300), wavelength_A(200)], rtol=1e-14)
 
 
 def test_ctf_at_zero_frequency_and_phase_shift_sign():
@@ -62,7 +62,7 @@ def test_matches_independent_formula_on_grid(angle):
     expect = _relion_ctf_numpy(kx, ky, **params)
     got = ctf_2d(n, apix, params["du"], params["dv"], angle)
     assert got.shape == (1, n, n // 2 + 1) and got.dtype == torch.float32
-    np.testing.assert_allclose(got[0].numpy(), expect, atol=2e-6)
+    np.testing.assert_allclose(got[0].cpu().numpy(), expect, atol=2e-6)
 
 
 def _zeros_along(defocus, kv, cs, q0, m_max):
@@ -88,14 +88,14 @@ def test_astigmatic_zero_crossings_along_u_and_v():
     tv = tu + math.pi / 2
     cu = ctf_at(torch.as_tensor(ku * math.cos(tu)), torch.as_tensor(ku * math.sin(tu)), du, dv, ang)
     cv = ctf_at(torch.as_tensor(kv * math.cos(tv)), torch.as_tensor(kv * math.sin(tv)), du, dv, ang)
-    np.testing.assert_allclose(cu.numpy(), 0.0, atol=1e-5)
-    np.testing.assert_allclose(cv.numpy(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(cu.cpu().numpy(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(cv.cpu().numpy(), 0.0, atol=1e-5)
     # the U zeros are NOT zeros along V (the angle convention matters)
     cuv = ctf_at(torch.as_tensor(ku * math.cos(tv)), torch.as_tensor(ku * math.sin(tv)), du, dv, ang)
-    assert np.abs(cuv.numpy()).max() > 0.3
+    assert np.abs(cuv.cpu().numpy()).max() > 0.3
     # direction -theta is not equivalent to theta for a 30 degree angle
     cneg = ctf_at(torch.as_tensor(ku * math.cos(-tu)), torch.as_tensor(ku * math.sin(-tu)), du, dv, ang)
-    assert np.abs(cneg.numpy()).max() > 0.3
+    assert np.abs(cneg.cpu().numpy()).max() > 0.3
 
 
 def test_sign_changes_on_grid_axes_at_analytic_zeros():
@@ -105,7 +105,7 @@ def test_sign_changes_on_grid_axes_at_analytic_zeros():
     for ang, axis in ((0.0, "x"), (90.0, "y")):
         c = ctf_2d(n, apix, du, dv, ang)[0]
         line = c[0, : n // 2 + 1] if axis == "x" else c[: n // 2 + 1, 0]
-        line = line.numpy().astype(np.float64)
+        line = line.cpu().numpy().astype(np.float64)
         k = np.arange(n // 2 + 1) / (n * apix)
         crossings = np.nonzero(np.sign(line[1:]) != np.sign(line[:-1]))[0]
         zeros = _zeros_along(du, 300, 2.7, 0.1, 5)
@@ -114,7 +114,7 @@ def test_sign_changes_on_grid_axes_at_analytic_zeros():
             assert k[i] <= z <= k[i + 1]
         # and the other axis is governed by V
         other = c[: n // 2 + 1, 0] if axis == "x" else c[0, : n // 2 + 1]
-        other = other.numpy().astype(np.float64)
+        other = other.cpu().numpy().astype(np.float64)
         crossings_o = np.nonzero(np.sign(other[1:]) != np.sign(other[:-1]))[0]
         for z, i in zip(_zeros_along(dv, 300, 2.7, 0.1, 5), crossings_o[:5]):
             assert k[i] <= z <= k[i + 1]
@@ -128,17 +128,17 @@ def test_phase_shift_and_bfactor_rows():
         expect = _relion_ctf_numpy(kx, ky, phase=phase, bfac=bfac, **base)
         got = ctf_2d(n, apix, base["du"], base["dv"], base["ang"], voltage=base["kv"], cs=base["cs"],
                      amplitude_contrast=base["q0"], phase_shift=phase, bfactor=bfac)[0]
-        np.testing.assert_allclose(got.numpy(), expect, atol=2e-6)
+        np.testing.assert_allclose(got.cpu().numpy(), expect, atol=2e-6)
     # B-factor: exact exp(-B k^2/4) envelope relative to B = 0
     c0 = ctf_2d(n, apix, 15000.0, 14000.0, 44.0)[0].double()
     cb = ctf_2d(n, apix, 15000.0, 14000.0, 44.0, bfactor=100.0)[0].double()
     k2 = torch.as_tensor(kx**2 + ky**2)
     sel = c0.abs() > 0.05
-    np.testing.assert_allclose((cb[sel] / c0[sel]).numpy(), torch.exp(-25.0 * k2[sel]).numpy(), rtol=2e-5)
+    np.testing.assert_allclose((cb[sel] / c0[sel]).cpu().numpy(), torch.exp(-25.0 * k2[sel]).cpu().numpy(), rtol=2e-5)
     # 90 degree phase shift turns -sin into -cos... i.e. CTF(phi=90) = cos(gamma0) with gamma0 at phi=0
     g0 = ctf_gamma(torch.as_tensor(kx), torch.as_tensor(ky), 15000.0, 14000.0, 44.0)
     c90 = ctf_2d(n, apix, 15000.0, 14000.0, 44.0, phase_shift=90.0)[0]
-    np.testing.assert_allclose(c90.numpy(), torch.cos(g0).numpy(), atol=2e-6)
+    np.testing.assert_allclose(c90.cpu().numpy(), torch.cos(g0).cpu().numpy(), atol=2e-6)
 
 
 def test_batched_parameters_and_pixel_size():
@@ -154,11 +154,11 @@ def test_batched_parameters_and_pixel_size():
     for i in range(3):
         single = ctf_2d(n, float(apix[i]), float(du[i]), float(dv[i]), float(ang[i]), phase_shift=float(phase[i]),
                         bfactor=float(bfac[i]))
-        torch.testing.assert_close(c[i], single[0])
+        torch.testing.assert_close(c[i].cpu(), single[0].cpu())
         kx, ky = _grid(n, float(apix[i]))
         expect = _relion_ctf_numpy(kx, ky, float(du[i]), float(dv[i]), float(ang[i]), 300.0, 2.7, 0.1,
                                    float(phase[i]), float(bfac[i]), 1.0)
-        np.testing.assert_allclose(c[i].numpy(), expect, atol=2e-6)
+        np.testing.assert_allclose(c[i].cpu().numpy(), expect, atol=2e-6)
     with pytest.raises(CryopipeError):
         ctf_2d(n, 1.0, du, dv[:2], 0.0)
 
@@ -177,7 +177,7 @@ def test_ctf_1d_matches_2d_axis_and_options():
     k = torch.arange(n // 2 + 1, dtype=torch.float64) / (n * apix)
     c1 = ctf_1d(k, 12000.0, bfactor=50.0)
     c2 = ctf_2d(n, apix, 12000.0, 12000.0, 0.0, bfactor=50.0)[0, 0]
-    torch.testing.assert_close(c1, c2)
+    torch.testing.assert_close(c1.cpu(), c2.cpu())
     # broadcasting to [B, K]
     cb = ctf_1d(k[None, :], torch.tensor([[10000.0], [20000.0]], dtype=torch.float64))
     assert cb.shape == (2, n // 2 + 1)
@@ -191,7 +191,7 @@ def _brute_force_first_peak(kx, ky, du, dv, ang, kv, cs, q0, phase, samples=2000
     """For each frequency: |γ| < π/2 along the whole segment from 0 to k (dense sampling)."""
     s = np.linspace(0.0, 1.0, samples)[:, None]
     kxf, kyf = kx.reshape(1, -1) * s, ky.reshape(1, -1) * s
-    g = ctf_gamma(torch.as_tensor(kxf), torch.as_tensor(kyf), du, dv, ang, kv, cs, q0, phase).numpy()
+    g = ctf_gamma(torch.as_tensor(kxf), torch.as_tensor(kyf), du, dv, ang, kv, cs, q0, phase).cpu().numpy()
     return (np.abs(g) < np.pi / 2).all(axis=0).reshape(kx.shape), g[-1].reshape(kx.shape)
 
 
@@ -208,12 +208,12 @@ def test_first_peak_mask_against_brute_force(du, dv, ang, apix, cs, phase):
     n = 64
     kx, ky = _grid(n, apix)
     expect, gamma = _brute_force_first_peak(kx, ky, du, dv, ang, 300.0, cs, 0.1, phase)
-    got = first_peak_mask(n, apix, du, dv, ang, cs=cs, phase_shift=phase)[0].numpy()
+    got = first_peak_mask(n, apix, du, dv, ang, cs=cs, phase_shift=phase)[0].cpu().numpy()
     # ignore grid points whose |γ| is within sampling error of π/2
     sure = np.abs(np.abs(gamma) - np.pi / 2) > 1e-3
     assert (got[sure] == expect[sure]).all()
     assert expect.any() and (~expect).any()
-    pw = first_peak_mask(n, apix, du, dv, ang, cs=cs, phase_shift=phase, pointwise=True)[0].numpy()
+    pw = first_peak_mask(n, apix, du, dv, ang, cs=cs, phase_shift=phase, pointwise=True)[0].cpu().numpy()
     np.testing.assert_array_equal(pw, np.abs(gamma) < np.pi / 2)
     if apix == 0.3:
         # RELION's pointwise rule re-admits high frequencies here; the radial rule does not
@@ -227,10 +227,10 @@ def test_intact_until_first_peak():
     ci = ctf_2d(n, apix, 20000.0, 18000.0, 10.0, bfactor=40.0, scale=0.8, intact_until_first_peak=True)
     kx, ky = _grid(n, apix)
     env = 0.8 * np.exp(-10.0 * (kx**2 + ky**2))
-    np.testing.assert_allclose(ci[mask].numpy(), env[mask[0].numpy()], rtol=1e-6)
+    np.testing.assert_allclose(ci[mask].cpu().numpy(), env[mask[0].cpu().numpy()], rtol=1e-6)
     torch.testing.assert_close(ci[~mask], c[~mask])
     # outside the mask (just past the peak) |CTF| starts below 1·envelope; inside, the raw CTF is < envelope
-    assert (c[mask].abs() <= torch.as_tensor(env[mask[0].numpy()]).float() + 1e-6).all()
+    assert (c[mask].abs() <= torch.as_tensor(env[mask[0].cpu().numpy()]).float() + 1e-6).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

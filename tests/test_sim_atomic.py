@@ -112,7 +112,7 @@ def test_symmetric_assembly_automatic_offset_is_invariant(enolase):
     n_mono = sum(len(r) for ch in enolase[0] for r in ch)
     assert len(xyz) == 12 * n_mono
     tree = cKDTree(xyz)
-    for r in symmetry_operators("T").numpy():
+    for r in symmetry_operators("T").cpu().numpy():
         d, _ = tree.query(xyz @ r.T)
         assert d.max() < 1e-3
     # copies do not overlap: every atom's nearest atom of another copy is >= 2 Å away

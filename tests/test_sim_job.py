@@ -27,8 +27,8 @@ def test_particles_into_plain_folder(tmp_path, monkeypatch):
     assert (d / "RELION_JOB_EXIT_SUCCESS").exists() and (d / "truth_map.mrc").exists()
     star = read_star(d / "particles.star")
     names = star["particles"]["rlnImageName"]
-    assert names.iloc[0] == "000001@out/p1/Particles/particles_00001.mrcs"  # relative to the current directory
-    assert names.iloc[-1] == "000015@out/p1/Particles/particles_00002.mrcs"
+    assert names.iloc[0] == "00000001@out/p1/Particles/particles_00001.mrcs"  # relative to the current directory
+    assert names.iloc[-1] == "00000015@out/p1/Particles/particles_00002.mrcs"
     imgs = ImageReader(names, root_dir=tmp_path).read(np.arange(40))
     assert imgs.shape == (40, 48, 48) and np.isfinite(imgs).all()
     truth = read_star(d / "particles_truth.star")["particles"]

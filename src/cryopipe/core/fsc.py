@@ -50,7 +50,7 @@ def fsc(map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"FSC needs a square image or cubic map, got shape {tuple(map1.shape)}")
     n = map1.shape[-1]
     m1 = map1.to(torch.float64)
-    m2 = map2.to(torch.float64)
+    m2 = map2.to(device=map1.device, dtype=torch.float64)  # maps on different devices: computed on map1's
     if map1.dim() == 3:
         return fsc_from_ft(rfft3_centered(m1), rfft3_centered(m2), n, ndim=3)
     return fsc_from_ft(rfft2_centered(m1), rfft2_centered(m2), n, ndim=2)

@@ -286,7 +286,7 @@ def orientation_grid(
     dev = resolve_device(device)
     pix = asymmetric_unit_pixels(order, sym, device="cpu")
     rot, tilt = _relion_rot_tilt(*pix2ang_nest(order, pix))
-    psi = psi_angles(angular_step(order) if psi_step is None else psi_step)
+    psi = psi_angles(angular_step(order) if psi_step is None else psi_step, device="cpu")
     nd, npsi = rot.numel(), psi.numel()
     grid = torch.stack(
         [rot.repeat_interleave(npsi), tilt.repeat_interleave(npsi), psi.repeat(nd)], dim=-1

@@ -312,7 +312,8 @@ def star_version(path: str | os.PathLike) -> int | None:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-_NEEDS_QUOTE_PATTERN = r"\A\Z|\s|\"|\A[#_']"
+#: portable (Python re and pyarrow's RE2, which pandas uses for pyarrow-backed strings): no \A / \Z
+_NEEDS_QUOTE_PATTERN = r"^$|\s|\"|^[#_']"
 _NEEDS_QUOTE_RE = re.compile(_NEEDS_QUOTE_PATTERN)
 
 
