@@ -132,7 +132,7 @@ def test_phase_shift_and_bfactor_rows():
     # B-factor: exact exp(-B k^2/4) envelope relative to B = 0
     c0 = ctf_2d(n, apix, 15000.0, 14000.0, 44.0)[0].double()
     cb = ctf_2d(n, apix, 15000.0, 14000.0, 44.0, bfactor=100.0)[0].double()
-    k2 = torch.as_tensor(kx**2 + ky**2)
+    k2 = torch.as_tensor(kx**2 + ky**2, device=c0.device)
     sel = c0.abs() > 0.05
     np.testing.assert_allclose((cb[sel] / c0[sel]).cpu().numpy(), torch.exp(-25.0 * k2[sel]).cpu().numpy(), rtol=2e-5)
     # 90 degree phase shift turns -sin into -cos... i.e. CTF(phi=90) = cos(gamma0) with gamma0 at phi=0
@@ -230,7 +230,7 @@ def test_intact_until_first_peak():
     np.testing.assert_allclose(ci[mask].cpu().numpy(), env[mask[0].cpu().numpy()], rtol=1e-6)
     torch.testing.assert_close(ci[~mask], c[~mask])
     # outside the mask (just past the peak) |CTF| starts below 1·envelope; inside, the raw CTF is < envelope
-    assert (c[mask].abs() <= torch.as_tensor(env[mask[0].cpu().numpy()]).float() + 1e-6).all()
+    assert (c[mask].abs() <= torch.as_tensor(env[mask[0].cpu().numpy()], device=c.device).float() + 1e-6).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

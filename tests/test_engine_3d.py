@@ -82,7 +82,8 @@ def ctfs(N: int, n: int, apix: float, seed: int) -> torch.Tensor:
 # orientation sets
 # ------------------------------------------------------------------------------------------------------------
 
-def test_healpix_orientations_children_and_perturbation():
+def test_healpix_orientations_children_and_perturbation(monkeypatch):
+    monkeypatch.setenv("CRYOPIPE_DEVICE", "cpu")  # grid geometry only; CUDA paths are covered by the E-step tests
     g0 = healpix_orientations(1, oversampling=1)
     assert g0.n_coarse == 48 * 12 and g0.n_children == 8  # 12·4 directions × 30° psi; 4 × 2 children
     A = g0.coarse_matrices()
@@ -101,7 +102,7 @@ def test_healpix_orientations_children_and_perturbation():
     p = 0.4 * angular_step(1)
     P = euler_to_matrix(torch.tensor(p, dtype=torch.float64), torch.tensor(p, dtype=torch.float64),
                         torch.tensor(p, dtype=torch.float64))
-    assert torch.allclose(g1.coarse_matrices(), A @ P, atol=1e-9)
+    assert torch.allclose(g1.coarse_matrices().cpu(), A.cpu() @ P, atol=1e-9)
     Ac1 = euler_to_matrix(g1.children[..., 0], g1.children[..., 1], g1.children[..., 2])
     assert torch.allclose(Ac1, Ac @ P, atol=1e-9)
     # symmetry: the asymmetric unit of C4 keeps about a quarter of the directions
@@ -109,7 +110,8 @@ def test_healpix_orientations_children_and_perturbation():
     assert g4.n_children == 1 and abs(g4.n_coarse / healpix_orientations(2, oversampling=0).n_coarse - 0.25) < 0.05
 
 
-def test_local_orientations_window_prior_and_symmetry():
+def test_local_orientations_window_prior_and_symmetry(monkeypatch):
+    monkeypatch.setenv("CRYOPIPE_DEVICE", "cpu")  # window geometry only; CUDA paths are covered by the E-step tests
     grid = healpix_orientations(2, oversampling=1, perturb=0.3)
     prior = matrix_to_euler(random_rotations(6, 11))
     sigma = 6.0
@@ -119,6 +121,7 @@ def test_local_orientations_window_prior_and_symmetry():
     d_all = angular_distance(grid.coarse_matrices()[None], Ap[:, None])  # [B, R]
     within = d_all <= 3 * sigma
     rows = sub.grid_index
+    rows = rows.to(within.device)
     assert torch.equal(torch.nonzero(within.any(dim=0)).reshape(-1), rows)
     assert torch.equal(torch.isfinite(lp), within[:, rows])
     assert torch.allclose(torch.logsumexp(lp.double(), dim=1), torch.zeros(6, dtype=torch.float64), atol=1e-5)
@@ -260,7 +263,7 @@ def test_local_search_refines_off_grid_orientations(relion_dir):
         res = expectation(batch, src, tg, st)
         best = src.best_angles(res)
         Ab = euler_to_matrix(best[:, 0], best[:, 1], best[:, 2])
-        err[idx] = angular_distance(Ab, A[idx])
+        err[idx] = angular_distance(Ab, A[idx].to(Ab.device)).to(err.device)
         # every answer lies inside the particle's own window around its guess
         assert float(angular_distance(Ab, guess_A[idx]).max()) <= 15.0 + 1e-6
         assert float((res.best_offset - origin[idx]).norm(dim=1).max()) < 0.75
@@ -326,10 +329,11 @@ def test_mstep_with_true_orientations_reproduces_the_volume(relion_dir):
 
     ref_bp.insert(phase_shift_2d(rfft2_centered(imgs), origin, n), A, ctf=ctf)
     want = ref_bp.reconstruct()
+    got, want = got.cpu(), want.cpu()
     corr = float(torch.corrcoef(torch.stack([got.reshape(-1), want.reshape(-1)]))[0, 1])
     assert corr > 0.99
     assert float((got * want).sum() / (want * want).sum()) == pytest.approx(1.0, abs=0.02)
-    assert float(torch.corrcoef(torch.stack([got.reshape(-1), v.reshape(-1)]))[0, 1]) > 0.9
+    assert float(torch.corrcoef(torch.stack([got.reshape(-1), v.cpu().reshape(-1)]))[0, 1]) > 0.9
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -456,7 +460,7 @@ def test_gold_standard_helpers():
         h.bps[0].data.copy_((G * sign * w).to(torch.complex64))
     f = halfset_fsc(h1, h2)[0]
     expect = torch.where(torch.arange(n // 2 + 1) % 2 == 1, -1.0, 1.0).double()
-    assert torch.allclose(f, expect, atol=1e-5)
+    assert torch.allclose(f.cpu(), expect, atol=1e-5)
     # point-group symmetry doubles the weights seen by the SSNR arrays for C2 (σ²_ref halves)
     s_c1 = ssnr_3d(h1, torch.zeros(1, n // 2 + 1))[0]
     s_c2 = ssnr_3d(h1, torch.zeros(1, n // 2 + 1), symmetry="C2")[0]
