@@ -132,9 +132,11 @@ def main() -> int:
         "junk_rejected_fraction": round(junk_rejected, 4), "true_particles_kept_fraction": round(true_kept, 4),
         "targets": {"corr_ge_0.9": bool(good) and min_corr >= 0.9, "junk_rejected_ge_0.9": junk_rejected >= 0.9},
         "classes": classes,
+        "device": str(torch.device("cuda") if torch.cuda.is_available() else "cpu"),
         "load_average": list(os.getloadavg()),
     }
-    out = HERE / "results" / "class2d_quality.json"
+    tag = os.environ.get("BENCH_TAG")
+    out = HERE / "results" / (f"class2d_quality_{tag}.json" if tag else "class2d_quality.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"class2d quality: {len(good)} good classes covering views {views_found} of {len(VIEWS)}; min correlation with "
