@@ -91,9 +91,10 @@ def main() -> int:
     view = truth[VIEW_LABEL].to_numpy()
     kept = np.isin(data["rlnImageName"].to_numpy(), selected["rlnImageName"].to_numpy())
 
-    proj = Projector(torch.from_numpy(vol), pad=2)
+    # scoring on the CPU (small), whatever device classified
+    proj = Projector(torch.from_numpy(vol), pad=2, device="cpu")
     psis = torch.arange(0.0, 360.0, 1.0)
-    mask = soft_circular_mask(BOX, 0.5 * 100 / APIX, 3.0)
+    mask = soft_circular_mask(BOX, 0.5 * 100 / APIX, 3.0, device="cpu")
     classes = []
     for k in range(1, K + 1):
         members = cls == k
