@@ -46,7 +46,7 @@ from cryopipe.sim.particles import JUNK_LABEL, VIEW_LABEL, simulate_particles  #
 
 N = int(os.environ.get("BENCH_N", 1200))
 BOX, APIX, SNR = 64, 2.0, 0.05
-K, ITER = 10, int(os.environ.get("BENCH_ITER", 25))
+K, ITER = int(os.environ.get("BENCH_K", 10)), int(os.environ.get("BENCH_ITER", 25))
 VIEWS = [[0.0, 0.0], [0.0, 90.0], [90.0, 90.0], [45.0, 45.0], [135.0, 60.0], [30.0, 150.0]]
 
 
