@@ -166,3 +166,32 @@ def test_cli_writes_relion_named_files_and_continues(relion_dir, tmp_path, monke
     assert rc == 0 and (tmp_path / "out" / "run_it003_model.star").exists()
     out = read_particles(tmp_path / "out" / "run_it003_data.star")
     assert set(out.particles["rlnClassNumber"]) <= {1, 2}
+
+
+def test_continue_equals_uninterrupted_run(relion_dir, tmp_path, monkeypatch):
+    """Issue: continuing from an _optimiser.star gives the same result as an uninterrupted run with the same seed."""
+    from cryopipe.cli import main
+    from cryopipe.io.particles import ParticleData
+
+    sim = simulate(relion_dir, N=40, n=32, snr=0.5, seed=5)
+    write_mrc(tmp_path / "parts.mrcs", sim.images, sim.pixel_size)
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
+                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [sim.pixel_size], "rlnImageSize": [32], "rlnImageDimensionality": [2]})
+    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@parts.mrcs" for i in range(40)],
+                          "rlnOpticsGroup": 1, "rlnDefocusU": sim.ctf["defocus_u"], "rlnDefocusV": sim.ctf["defocus_v"],
+                          "rlnDefocusAngle": sim.ctf["defocus_angle"]})
+    write_particles(tmp_path / "particles.star", ParticleData(optics, parts))
+    monkeypatch.chdir(tmp_path)
+    common = ["--i", "particles.star", "--K", "2", "--ctf", "--particle_diameter", "110", "--zero_mask",
+              "--psi_step", "20", "--offset_range", "2", "--offset_step", "1", "--random_seed", "7"]
+    assert main(["class2d", "--o", "full/run", "--iter", "3"] + common) == 0
+    assert main(["class2d", "--o", "part/run", "--iter", "2"] + common) == 0
+    assert main(["class2d", "--continue", "part/run_it002_optimiser.star", "--o", "part/run", "--iter", "3"]) == 0
+    a, _ = read_mrc(tmp_path / "full" / "run_it003_classes.mrcs")
+    b, _ = read_mrc(tmp_path / "part" / "run_it003_classes.mrcs")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
+    da = read_particles(tmp_path / "full" / "run_it003_data.star").particles
+    db = read_particles(tmp_path / "part" / "run_it003_data.star").particles
+    assert (da["rlnClassNumber"].to_numpy() == db["rlnClassNumber"].to_numpy()).all()
+    np.testing.assert_allclose(da["rlnAnglePsi"].to_numpy(), db["rlnAnglePsi"].to_numpy(), atol=1e-3)
