@@ -132,20 +132,26 @@ def test_class_averages_match_true_views(relion_dir):
     assert 1.0 / opt.model.current_resolution < 15.0
 
 
-def test_cli_writes_relion_named_files_and_continues(relion_dir, tmp_path, monkeypatch):
-    from cryopipe.cli import main
+def _write_particle_set(relion_dir, tmp_path, seed: int):
+    """40 simulated 32² particles (3 views, SNR 0.5) as ``parts.mrcs`` + a 3.1 ``particles.star`` in ``tmp_path``."""
+    from cryopipe.io.particles import ParticleData
 
-    sim = simulate(relion_dir, N=40, n=32, snr=0.5, seed=4)
+    sim = simulate(relion_dir, N=40, n=32, snr=0.5, seed=seed)
     write_mrc(tmp_path / "parts.mrcs", sim.images, sim.pixel_size)
     optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
                            "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
                            "rlnImagePixelSize": [sim.pixel_size], "rlnImageSize": [32], "rlnImageDimensionality": [2]})
-    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@parts.mrcs" for i in range(40)],
+    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:08d}@parts.mrcs" for i in range(40)],
                           "rlnOpticsGroup": 1, "rlnDefocusU": sim.ctf["defocus_u"], "rlnDefocusV": sim.ctf["defocus_v"],
                           "rlnDefocusAngle": sim.ctf["defocus_angle"]})
-    from cryopipe.io.particles import ParticleData
-
     write_particles(tmp_path / "particles.star", ParticleData(optics, parts))
+    return sim
+
+
+def test_cli_writes_relion_named_files_and_continues(relion_dir, tmp_path, monkeypatch):
+    from cryopipe.cli import main
+
+    sim = _write_particle_set(relion_dir, tmp_path, seed=4)
     monkeypatch.chdir(tmp_path)
     rc = main(["class2d", "--i", "particles.star", "--o", "out/run", "--K", "2", "--iter", "2", "--ctf",
                "--particle_diameter", "110", "--zero_mask", "--psi_step", "20", "--offset_range", "2",
@@ -171,17 +177,8 @@ def test_cli_writes_relion_named_files_and_continues(relion_dir, tmp_path, monke
 def test_continue_equals_uninterrupted_run(relion_dir, tmp_path, monkeypatch):
     """Issue: continuing from an _optimiser.star gives the same result as an uninterrupted run with the same seed."""
     from cryopipe.cli import main
-    from cryopipe.io.particles import ParticleData
 
-    sim = simulate(relion_dir, N=40, n=32, snr=0.5, seed=5)
-    write_mrc(tmp_path / "parts.mrcs", sim.images, sim.pixel_size)
-    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
-                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-                           "rlnImagePixelSize": [sim.pixel_size], "rlnImageSize": [32], "rlnImageDimensionality": [2]})
-    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@parts.mrcs" for i in range(40)],
-                          "rlnOpticsGroup": 1, "rlnDefocusU": sim.ctf["defocus_u"], "rlnDefocusV": sim.ctf["defocus_v"],
-                          "rlnDefocusAngle": sim.ctf["defocus_angle"]})
-    write_particles(tmp_path / "particles.star", ParticleData(optics, parts))
+    _write_particle_set(relion_dir, tmp_path, seed=5)
     monkeypatch.chdir(tmp_path)
     common = ["--i", "particles.star", "--K", "2", "--ctf", "--particle_diameter", "110", "--zero_mask",
               "--psi_step", "20", "--offset_range", "2", "--offset_step", "1", "--random_seed", "7"]

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 __all__ = [
+    "WorkGridMixin",
     "PickTable",
     "COORDINATE_COLUMNS",
     "strip_job_prefix",
@@ -41,6 +42,24 @@ __all__ = [
 
 #: Column order of RELION's ``*_autopick.star`` files.
 COORDINATE_COLUMNS = ["rlnCoordinateX", "rlnCoordinateY", "rlnAutopickFigureOfMerit", "rlnClassNumber", "rlnAnglePsi"]
+
+
+class WorkGridMixin:
+    """Where a micrograph of ``shape`` (H, W) px lies on a square work grid of ``work_size`` px (FOM maps).
+
+    For classes with attributes ``shape``, ``work_size`` and ``scale`` (= work_size / N, N the padded square
+    micrograph size), as both pickers' map containers have. Arithmetic in float32, as RELION keeps these values.
+    """
+
+    def extent(self) -> tuple[int, int]:
+        """``(int(H·scale), int(W·scale))`` in float32 arithmetic: the micrograph's extent on the work grid."""
+        s = np.float32(self.scale)
+        return int(np.float32(self.shape[0]) * s), int(np.float32(self.shape[1]) * s)
+
+    def first_index(self) -> tuple[int, int]:
+        """Work-grid array index of the micrograph's first row / column (RELION's ``FIRST_XMIPP_INDEX``)."""
+        hy, wx = self.extent()
+        return self.work_size // 2 - hy // 2, self.work_size // 2 - wx // 2
 
 
 @dataclass

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from cryopipe.errors import CryopipeError
-from cryopipe.picking.common import PickTable
+from cryopipe.picking.common import PickTable, WorkGridMixin
 from cryopipe.picking.peaks import greedy_disc_suppression
 
 __all__ = [
@@ -289,7 +289,7 @@ def _ctf_first_peak(work: int, size: int, pixel_size: float, ctf: Mapping[str, f
 
 
 @dataclass
-class LoGMaps:
+class LoGMaps(WorkGridMixin):
     """Per-pixel LoG results on the work grid.
 
     Attributes:
@@ -310,15 +310,6 @@ class LoGMaps:
     size: int
     shape: tuple[int, int]
 
-    def extent(self) -> tuple[int, int]:
-        """``(int(H·scale), int(W·scale))`` in float32 arithmetic: the micrograph's extent on the work grid."""
-        s = np.float32(self.scale)
-        return int(np.float32(self.shape[0]) * s), int(np.float32(self.shape[1]) * s)
-
-    def first_index(self) -> tuple[int, int]:
-        """Work-grid array index of the micrograph's first row / column (RELION's ``FIRST_XMIPP_INDEX``)."""
-        hy, wx = self.extent()
-        return self.work_size // 2 - hy // 2, self.work_size // 2 - wx // 2
 
 
 def log_fom_maps(micrograph: torch.Tensor, pixel_size: float, diam_min: float, diam_max: float, *,

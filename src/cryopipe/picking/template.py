@@ -93,7 +93,7 @@ import pandas as pd
 import torch
 
 from cryopipe.errors import CryopipeError, InputFileError
-from cryopipe.picking.common import PickTable
+from cryopipe.picking.common import PickTable, WorkGridMixin
 
 __all__ = [
     "TemplateReferences",
@@ -377,7 +377,7 @@ def prepare_references(images: torch.Tensor, pixel_size: float, *, pixel_size_re
 
 
 @dataclass
-class TemplateMaps:
+class TemplateMaps(WorkGridMixin):
     """Per-pixel template-matching results on the work grid of one micrograph.
 
     Attributes:
@@ -409,15 +409,6 @@ class TemplateMaps:
         """``w / N`` in float32 arithmetic (RELION keeps it in a float)."""
         return float(np.float32(self.work_size) / np.float32(self.size))
 
-    def extent(self) -> tuple[int, int]:
-        """``(int(H·scale), int(W·scale))`` in float32: the micrograph's extent on the work grid."""
-        s = np.float32(self.scale)
-        return int(np.float32(self.shape[0]) * s), int(np.float32(self.shape[1]) * s)
-
-    def first_index(self) -> tuple[int, int]:
-        """Work-grid index of the micrograph's first row / column (RELION's ``FIRST_XMIPP_INDEX``)."""
-        hy, wx = self.extent()
-        return self.work_size // 2 - hy // 2, self.work_size // 2 - wx // 2
 
     def best(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(fom, psi, ref)`` maximum over the references (``ref`` 1-based, first reference on ties)."""
