@@ -181,9 +181,11 @@ class BackProjector:
         for b0 in range(0, B, step):
             self._insert_chunk(rot[b0:b0 + step], X[b0:b0 + step], W[b0:b0 + step], dflat, wflat)
 
-    # points per piece of the 8-corner expansion and scatter-adds in :meth:`insert` ([8, piece] work arrays of
-    # ~0.5 MB; tuned on a 2-core AVX-512 CPU with 1 MB L2 per core and a shared 32 MB L3: 8k-32k equally good)
-    _SUB_POINTS = 1 << 14
+    # points per piece of the 8-corner expansion and scatter-adds in :meth:`insert`: the [8, piece] work arrays
+    # stay in cache and below torch's 32768-element parallel grain, so these kernels run inline without an
+    # OpenMP region each (with shared cores every region can wait a scheduler time slice for its second
+    # thread; the scatter-add itself is single-threaded anyway)
+    _SUB_POINTS = 4000
 
     def _index_dtype(self) -> torch.dtype:
         # int32 indices halve the index memory traffic
