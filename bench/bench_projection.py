@@ -3,7 +3,7 @@
 Usage::
 
     python bench/bench_projection.py [--device cpu|cuda] [--n-images 1000] [--repeats 3] [--boxes 64 128]
-                                     [--note TEXT] [--out bench/results/projection.json]
+                                     [--threads N] [--note TEXT] [--out bench/results/projection.json]
 
 For box sizes 64 and 128 (padding 2, trilinear) it times, on each device (CPU, plus CUDA when present unless
 ``--device`` picks one):
@@ -157,8 +157,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--boxes", type=int, nargs="+", default=[64, 128], help="box sizes (default 64 128)")
     ap.add_argument("--note", default=None, help="free-text note stored in the JSON (e.g. machine load)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; 1 gives steadier numbers on a shared machine)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "projection.json"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():

@@ -233,8 +233,9 @@ class BackProjector:
         fr = fr.reshape(3, -1)
         val, W = val.reshape(-1), W.reshape(-1)
         offs = self._corner_offsets(idt)[:, None]
-        for q0 in range(0, b * M, self._SUB_POINTS):
-            q = slice(q0, q0 + self._SUB_POINTS)
+        piece = self._SUB_POINTS if dflat.device.type == "cpu" else b * M  # GPUs: few large kernels
+        for q0 in range(0, b * M, piece):
+            q = slice(q0, q0 + piece)
             f = fr[:, q]
             wx, wy, wz = torch.stack((1 - f, f), dim=1).unbind(0)  # per-axis (1 − f, f) planes [2, p]
             # corner weight (z, y, x) = (wz·wy)·wx, corners in the order of _corner_offsets: [8, p]

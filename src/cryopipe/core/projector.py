@@ -169,8 +169,9 @@ def _sample_half_grid(grid: torch.Tensor, centre: int, x: torch.Tensor, y: torch
     offs = torch.tensor([0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1], device=base.device)[:, None]
     P = base.numel()
     out = torch.empty(P, dtype=grid.dtype, device=grid.device)
-    for a in range(0, P, _SAMPLE_PIECE):
-        q = slice(a, a + _SAMPLE_PIECE)
+    piece = _SAMPLE_PIECE if grid.device.type == "cpu" else max(P, 1)  # GPUs: few large kernels
+    for a in range(0, P, piece):
+        q = slice(a, a + piece)
         v = flat.index_select(0, (base[q][None] + offs).reshape(-1)).reshape(8, -1)  # corners (z, y, x)
         v = torch.view_as_real(v).permute(2, 0, 1).contiguous() if cplx else v[None]  # [2 (re, im) | 1, 8, p]
         # lerp(a, b, t) = a + (b − a)·t along x, then y, then z (corner pairs differ in the last index bit)
