@@ -135,8 +135,8 @@ class BackProjector:
         Adds ``CTF·X`` to ``data`` and ``CTF²`` to ``weight`` (``ctf`` ``[B, N, N//2+1]`` or broadcastable;
         ``None`` = 1). ``weights`` (``[B]`` or broadcastable to the images, e.g. ``1/σ²`` per coefficient)
         multiply both terms. ``zero_dc=True`` zeroes each image's ``(0, 0)`` coefficient first, as
-        ``relion_reconstruct`` does. Batched: orientations are taken in chunks of about ``chunk_pixels``
-        coefficients (memory bound), each scattered in cache-sized pieces (two scatter-adds per piece).
+        ``relion_reconstruct`` does. Batched: orientations are taken in chunks of at most ``chunk_pixels``
+        coefficients (memory bound; at most 2¹⁸ on CPU), each scattered in cache-sized pieces on CPU.
         """
         n = self.n
         dev = self.device
@@ -175,7 +175,8 @@ class BackProjector:
         M = self._flat.numel()
         if M == 0 or B == 0:
             return
-        step = max(1, chunk_pixels // M)
+        cap = self._CHUNK_POINTS if dev.type == "cpu" else chunk_pixels
+        step = max(1, min(chunk_pixels, cap) // M)
         dflat = self.data.view(-1)
         wflat = self.weight.view(-1)
         for b0 in range(0, B, step):
@@ -186,6 +187,9 @@ class BackProjector:
     # OpenMP region each (with shared cores every region can wait a scheduler time slice for its second
     # thread; the scatter-add itself is single-threaded anyway)
     _SUB_POINTS = 4000
+    # at most this many coefficients per chunk (also bounded by chunk_pixels): per-point arrays of a few MB, reused
+    # from the heap rather than freshly mapped (page faults), still few parallel kernels
+    _CHUNK_POINTS = 1 << 18
 
     def _index_dtype(self) -> torch.dtype:
         # int32 indices halve the index memory traffic

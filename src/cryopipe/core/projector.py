@@ -128,6 +128,9 @@ def interpolate_half_grid(grid: torch.Tensor, centre: int, points: torch.Tensor,
 # every region can wait a scheduler time slice for its second thread: 64k-point pieces then ran 4-20x slower
 # with 2 threads). Measured on a 2-core AVX-512 CPU, 1 thread: 2k points 6-15% slower than 32k, 2M 2.3x slower.
 _SAMPLE_PIECE = 2000
+# at most this many coefficients per chunk of Projector.project (also bounded by its chunk_pixels): per-point
+# arrays of a few MB, reused from the heap rather than freshly mapped (page faults), still few parallel kernels
+_CHUNK_POINTS = 1 << 18
 
 
 def _sample_half_grid(grid: torch.Tensor, centre: int, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
@@ -252,7 +255,8 @@ class Projector:
         ``shifts_px`` ``[B, 2]`` = ``(dx, dy)`` pixels moves the projected content by ``+shift`` (as
         :func:`cryopipe.core.fourier.phase_shift_2d`, except that the Nyquist row counts as ``ky = +N/2``, as
         in RELION); **to predict a particle with origin ``o`` (pixels) pass ``-o``**. ``r_max`` (Fourier pixels, default ``N//2``): coefficients with ``|k| > r_max`` are zero.
-        Orientations are processed in chunks of about ``chunk_pixels`` sampled coefficients (memory bound).
+        Orientations are processed in chunks of at most ``chunk_pixels`` sampled coefficients (memory bound; at
+        most 2¹⁸ on CPU).
         """
         n = self.n
         dev = self.device
@@ -275,7 +279,8 @@ class Projector:
         half = n // 2 + 1
         out = torch.zeros((B, n * half), dtype=self.data.dtype, device=dev)
         if M > 0 and B > 0:
-            step = max(1, chunk_pixels // M)
+            cap = _CHUNK_POINTS if dev.type == "cpu" else chunk_pixels
+            step = max(1, min(chunk_pixels, cap) // M)
             kT = k.T.contiguous()  # [2, M] float64
             krT = k.to(self.dtype).T.contiguous()
             for b0 in range(0, B, step):
