@@ -227,3 +227,31 @@ def test_back_rotation_recovers_class_image(relion_dir):
     assert float(cc) > 0.995
     scale = float((img * truth).sum() / truth.square().sum())
     assert scale == pytest.approx(1.0, abs=0.03)
+
+
+def test_fine_pass_sub_batches_give_the_same_statistics(relion_dir):
+    """A small ``fine_budget`` splits the fine pass into image sub-batches: same weights, sums and poses."""
+    samp, sim = _setup(relion_dir, N=16, seed=4, snr=1.0)
+    cs = coefficient_set(sim.n, 10)
+    full, P, src, tg, st, ctf, sigma2, K = _estep_inputs(samp, sim, cs)
+    sigma2 = sigma2 * 5000  # broad posteriors
+    imgs = torch.from_numpy(sim.images)
+    B = imgs.shape[0]
+    b = prepare_batch(imgs, full, P, sigma2, torch.zeros(B, dtype=torch.long), ctf=ctf, n_classes=K)
+    Rf = src.final_psi().numel()
+    out = []
+    for budget in (1 << 30, 1):
+        st.fine_budget = budget
+        r = expectation(b, src, tg, st)
+        rows = r.sample_class * Rf + r.sample_coarse * src.n_children + r.sample_child
+        S = torch.zeros(K * Rf, P, dtype=torch.complex64).index_add_(0, rows, r.S)
+        W = torch.zeros(K * Rf, P).index_add_(0, rows, r.W)
+        out.append((r, S, W))
+    (r1, S1, W1), (r2, S2, W2) = out
+    assert r2.extra.get("sub_batches") == B  # budget 1: one image per sub-batch
+    assert float(r1.n_significant.float().mean()) > 3
+    assert torch.allclose(S1, S2, rtol=1e-4, atol=1e-4 * float(S1.abs().max()))
+    assert torch.allclose(W1, W2, rtol=1e-4, atol=1e-4 * float(W1.abs().max()))
+    for name in ("wsum_class", "wsum_sigma2_noise", "wsum_orient", "loglik", "pmax"):
+        assert torch.allclose(getattr(r1, name), getattr(r2, name), rtol=1e-4), name
+    assert torch.equal(r1.best_class, r2.best_class) and torch.equal(r1.best_coarse, r2.best_coarse)

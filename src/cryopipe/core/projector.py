@@ -243,6 +243,38 @@ class Projector:
         g.mul_(keep)
         self.data = g.to(cdtype).contiguous()
 
+    @classmethod
+    def from_grid(cls, data: torch.Tensor, n: int, pad: float = 2.0, interpolation: str = "trilinear"
+                  ) -> "Projector":
+        """A projector holding a given centred padded half grid ``data`` ``[2R+3, 2R+3, R+2]`` (the layout of
+        :attr:`data`, e.g. a gradient-updated reference; ``R = round(pad'·(n//2))`` with the effective pad)."""
+        self = cls.__new__(cls)
+        self.n = int(n)
+        self.interpolation = interpolation
+        self.padn = padded_size(n, pad)
+        self.pad = self.padn / n
+        self.r_max = n // 2
+        self.R = int(round(self.pad * self.r_max))
+        self.centre = self.R + 1
+        size = 2 * self.R + 3
+        if tuple(data.shape) != (size, size, self.R + 2):
+            raise ValueError(f"grid of shape {tuple(data.shape)} does not match box {n}, pad {pad} "
+                             f"(expected {(size, size, self.R + 2)})")
+        self.dtype = torch.float32 if data.dtype == torch.complex64 else torch.float64
+        self.data = data.contiguous()
+        return self
+
+    def to_volume(self) -> torch.Tensor:
+        """The real-space map ``[n, n, n]`` whose projector this is (exact inverse of the constructor for the
+        frequencies kept: inverse FFT of the padded grid, window to the box, times the gridding correction)."""
+        n, padn = self.n, self.padn
+        G = _centred_to_fft(self.data, self.R, padn)
+        vol = torch.fft.fftshift(torch.fft.irfftn(G, s=(padn, padn, padn), dim=(0, 1, 2)), dim=(0, 1, 2))
+        s = padn // 2 - n // 2
+        vol = vol[s:s + n, s:s + n, s:s + n].to(torch.float64)
+        vol = vol * gridding_correction(n, padn, self.interpolation, 3, device=vol.device)
+        return vol.to(torch.float32)
+
     @property
     def device(self) -> torch.device:
         return self.data.device

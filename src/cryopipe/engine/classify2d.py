@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from cryopipe.core.ctf import ctf_2d
 from cryopipe.core.fourier import irfft2_centered, phase_shift_2d, rfft2_centered, shift_images
 from cryopipe.core.masks import soft_circular_mask
 from cryopipe.engine.accuracy import expected_accuracy, shift_difference_power, trial_angles, trial_shifts
@@ -49,6 +47,7 @@ from cryopipe.engine.reference2d import (
     gridding_correction_2d,
     images_to_coefficients,
 )
+from cryopipe.engine.stream import ParticleSet, ParticleStream, repair_negative_spectra
 from cryopipe.engine.sampling import InPlaneSampling, coarse_image_size, psi_step_adjusted
 from cryopipe.errors import CryopipeError
 
@@ -95,36 +94,7 @@ class Class2DSettings:
     do_generate_seeds: bool = True  # first iteration: one random class per particle (from-scratch runs)
 
 
-@dataclass
-class ParticleSet2D:
-    """The particles: how to read them, their CTFs and groups.
-
-    Attributes:
-        n: box size (pixels); pixel_size: Å.
-        load: ``indices [B] -> [B, n, n] float32`` images (numpy; e.g. ``ImageReader.read``).
-        ctf: per-particle CTF parameters (``cryopipe.io.particles.ctf_parameters`` keys: defocus_u, defocus_v,
-            defocus_angle, voltage, cs, amplitude_contrast, phase_shift, bfactor, scale), or None.
-        optics_group: ``[N]`` 0-based; group: ``[N]`` 0-based scale-correction groups (rlnGroupNumber − 1).
-    """
-
-    n: int
-    pixel_size: float
-    load: Callable[[np.ndarray], np.ndarray]
-    ctf: dict[str, np.ndarray] | None
-    optics_group: np.ndarray
-    group: np.ndarray
-
-    @property
-    def size(self) -> int:
-        return int(len(self.optics_group))
-
-    @property
-    def n_optics_groups(self) -> int:
-        return int(self.optics_group.max()) + 1 if self.size else 1
-
-    @property
-    def n_groups(self) -> int:
-        return int(self.group.max()) + 1 if self.size else 1
+ParticleSet2D = ParticleSet  # the 2D name of the engine's particle set (same class)
 
 
 @dataclass
@@ -279,7 +249,7 @@ def fast_subset_size(iteration: int, n_classes: int, n_particles: int, ref_dim: 
 # the optimiser
 # ------------------------------------------------------------------------------------------------------------
 
-class Optimiser2D:
+class Optimiser2D(ParticleStream):
     """Runs 2D classification iterations on a :class:`ParticleSet2D` (see module docstring).
 
     ``model`` / ``state`` / ``iteration`` can be given to continue a run (e.g. read from RELION files);
@@ -313,29 +283,6 @@ class Optimiser2D:
                                        device=self.dev)
         self.changes = {"orientations": 999.0, "offsets": 999.0, "classes": 1.0}
         self.smallest_changes = {"orientations": 999.0, "offsets": 999.0, "classes": 9999999.0}
-
-    # -------------------------------------------------------------------------------------- batches
-    def _batches(self, idx: np.ndarray) -> list[np.ndarray]:
-        bs = max(1, int(self.s.batch_size))
-        return [idx[i:i + bs] for i in range(0, idx.size, bs)]
-
-    def _images(self, idx: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.p.load(idx), dtype=np.float32)).to(self.dev)
-
-    def _ctf(self, idx: np.ndarray, scale: torch.Tensor | None = None) -> torch.Tensor | None:
-        if not self.s.do_ctf or self.p.ctf is None:
-            if scale is None:
-                return None
-            return scale.to(self.dev, torch.float32)[:, None, None].expand(idx.size, self.n, self.n // 2 + 1)
-        c = {k: torch.as_tensor(np.asarray(v)[idx], dtype=torch.float64, device=self.dev)
-             for k, v in self.p.ctf.items()}
-        out = ctf_2d(self.n, self.p.pixel_size, c["defocus_u"], c["defocus_v"], c["defocus_angle"],
-                     voltage=c["voltage"], cs=c["cs"], amplitude_contrast=c["amplitude_contrast"],
-                     phase_shift=c["phase_shift"], bfactor=c["bfactor"], scale=c["scale"],
-                     intact_until_first_peak=self.s.ctf_intact_first_peak)
-        if scale is not None:
-            out = out * scale.to(out.device, out.dtype)[:, None, None]
-        return out
 
     # -------------------------------------------------------------------------------------- initialisation
     def initialise(self) -> Model2D:
@@ -400,12 +347,7 @@ class Optimiser2D:
         pa = torch.zeros(ns, dtype=torch.float64, device=dev).index_add_(
             0, cset.shell, (A.real.square() + A.imag.square()).to(torch.float64)) / self.npix.to(dev)
         sigma2 = pow_sum / (2.0 * nimg.clamp_min(1)[:, None]) - pa[None] / 2.0
-        for g in range(G):  # G spectra of length ns: RELION's repair of negative values
-            for i in range(ns):
-                if sigma2[g, i] < 0:
-                    pos = torch.nonzero(sigma2[g, i:] > 0)
-                    sigma2[g, i] = sigma2[g, i - 1] if i > 0 and sigma2[g, i - 1] > 0 else (
-                        sigma2[g, i + int(pos[0])] if pos.numel() else 1e-10)
+        sigma2 = repair_negative_spectra(sigma2)
         pdf = torch.full((K,), 1.0 / K, dtype=torch.float64, device=dev)
         # RELION initialiseDataVersusPrior: τ² = T·power spectrum, evidence = N·pdf/<σ²>
         Fr = images_to_coefficients(refs, cset)

@@ -151,6 +151,9 @@ class EStepSettings:
         n_optics_groups: G, for the noise sums.
         n_shells: length of the noise spectra (``n//2 + 1``).
         shell: ``[P]`` long shell index of each coefficient.
+        fine_budget: bound on the number of (image × fine translation × fine sample) scores held at once: the
+            fine pass runs on sub-batches of images (each on the union of ITS images' significant samples), so
+            memory and the union's overhead stay bounded when posteriors are broad (early 3D iterations).
     """
 
     n: int
@@ -166,6 +169,7 @@ class EStepSettings:
     compute_corrections: bool = True
     scale_shell_mask: torch.Tensor | None = None
     estep_size: int | None = None
+    fine_budget: int = 1 << 25
 
 
 @dataclass
@@ -319,6 +323,87 @@ def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid
     del d2
 
     two_pass = settings.oversampling and (So > 1 or trans.children.shape[1] > 1)
+    if not two_pass:
+        return _fine_pass(batch, inv_score, logp, lpo, refs, trans, settings, None)
+    # ---------------- significance of coarse samples
+    flat = logp.reshape(B, -1)
+    w_c = torch.softmax(flat, dim=1)
+    sig = significant_mask(w_c, settings.adaptive_fraction, settings.max_significant).reshape(B, Tc, K, Rc)
+    del w_c, flat
+    groups = _fine_groups(sig, So * refs_children_t(trans), int(settings.fine_budget))
+    if len(groups) == 1:
+        return _fine_pass(batch, inv_score, logp, lpo, refs, trans, settings, sig)
+    parts = []
+    for g in groups:  # sub-batches of images (bounded fine-pass memory)
+        lpo_g = lpo if lpo.shape[0] == 1 else lpo[g]
+        parts.append(_fine_pass(batch.select(g), inv_score[g], logp[g], lpo_g, refs, trans, settings, sig[g]))
+    return _merge_results(parts)
+
+
+def refs_children_t(trans: TranslationGrid) -> int:
+    """Number of translation children per coarse translation."""
+    return int(trans.children.shape[1])
+
+
+def _fine_groups(sig: torch.Tensor, children: int, budget: int) -> list[torch.Tensor]:
+    """Consecutive groups of images whose fine pass (``images × union translations × union samples ×
+    children``) stays within ``budget`` scores (at least one image per group)."""
+    B = sig.shape[0]
+    dev = sig.device
+    kr = sig.any(dim=1).reshape(B, -1)  # [B, K*Rc]
+    tt = sig.any(dim=3).any(dim=2)  # [B, Tc]
+    total = B * int(kr.any(dim=0).sum()) * int(tt.any(dim=0).sum()) * children
+    if total <= budget:
+        return [torch.arange(B, device=dev)]
+    groups = []
+    start = 0
+    while start < B:  # one step per group
+        ukr = torch.cumsum(kr[start:].to(torch.int32), dim=0) > 0
+        ut = torch.cumsum(tt[start:].to(torch.int32), dim=0) > 0
+        cnt = torch.arange(1, B - start + 1, device=dev, dtype=torch.float64)
+        cost = cnt * ukr.sum(dim=1).to(torch.float64) * ut.sum(dim=1).to(torch.float64) * children
+        ok = torch.nonzero(cost <= budget).reshape(-1)
+        take = int(ok.max()) + 1 if ok.numel() else 1
+        groups.append(torch.arange(start, start + take, device=dev))
+        start += take
+    return groups
+
+
+def _merge_results(parts: list[BatchResult]) -> BatchResult:
+    """One :class:`BatchResult` from those of consecutive image sub-batches: per-image fields concatenated,
+    per-sample fields concatenated (a sample may repeat: its sums add), additive fields summed."""
+    cat_img = ["best_class", "best_coarse", "best_child", "best_offset", "pmax", "n_significant", "loglik",
+               "norm_residual", "scale_xa", "scale_aa", "wsum_offset_rel", "wsum_class_per_image"]
+    cat_smp = ["sample_class", "sample_coarse", "sample_child", "S", "W"]
+    add = ["wsum_class", "wsum_orient", "wsum_sigma2_offset", "wsum_sigma2_noise", "sumw_group"]
+    kw = {}
+    for f in cat_img + cat_smp:
+        kw[f] = torch.cat([getattr(p, f) for p in parts], dim=0)
+    for f in add:
+        v = getattr(parts[0], f).clone()
+        for p in parts[1:]:
+            v = v + getattr(p, f)
+        kw[f] = v
+    extra = {"two_pass": parts[0].extra.get("two_pass", True), "sub_batches": len(parts)}
+    return BatchResult(**kw, extra=extra)
+
+
+def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lpo: torch.Tensor,
+               refs: PredictionSource, trans: TranslationGrid, settings: EStepSettings,
+               sig: torch.Tensor | None) -> BatchResult:
+    """Everything after the coarse scores ``logp [B, Tc, K, Rc]``: the fine pass on the children of the
+    significant coarse samples ``sig`` (None: single pass, the coarse grid is final), the weights and the
+    M-step sums."""
+    dev = batch.X.device
+    B = batch.B
+    K, Rc, So = refs.n_classes, refs.n_coarse, refs.n_children
+    n = settings.n
+    kvec = settings.k.to(dev)
+    Pc = settings.coarse_size
+    sig2o = float(settings.sigma2_offset)
+    tc = trans.coarse.to(dev)
+    Tc = tc.shape[0]
+    two_pass = sig is not None
     at_f = None  # X_t·C/σ² of the final grid (DC left out), when the scoring pass already made it
     if not two_pass:
         # single pass: the coarse grid is the final grid (samples = all (k, r), "child" 0 = the sample itself)
@@ -337,11 +422,7 @@ def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid
         t_parent = torch.arange(Tc, device=dev)
         t_child = torch.zeros(Tc, dtype=torch.long, device=dev)
     else:
-        # ---------------- significance of coarse samples, union over the batch
-        flat = logp.reshape(B, -1)
-        w_c = torch.softmax(flat, dim=1)
-        sig = significant_mask(w_c, settings.adaptive_fraction, settings.max_significant).reshape(B, Tc, K, Rc)
-        del w_c, flat
+        # ---------------- union over the batch of the significant coarse samples
         kr_any = sig.any(dim=1).any(dim=0)  # [K, Rc]
         t_any = sig.any(dim=3).any(dim=2).any(dim=0)  # [Tc]
         kr_idx = torch.nonzero(kr_any)  # [Msel, 2]
