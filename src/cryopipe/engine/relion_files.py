@@ -1,7 +1,7 @@
-"""RELION ``relion_refine`` output files of a 2D classification: ``_model.star``, ``_optimiser.star``,
-``_sampling.star`` (writers and readers), matching RELION 5.0.1's tables and labels
-(``MlModel::write``, ``MlOptimiser::write``, ``HealpixSampling::write``; compare
-``fixtures/relion/class2d/run_it005_*.star``).
+"""RELION ``relion_refine`` output files: ``_model.star``, ``_optimiser.star``, ``_sampling.star`` (writers and
+readers) of a 2D classification and, with :func:`model_blocks_3d` / :func:`write_sampling_star_3d`, of a 3D run
+(auto-refine half models, initial model), matching RELION 5.0.1's tables and labels (``MlModel::write``,
+``MlOptimiser::write``, ``HealpixSampling::write``; compare ``fixtures/relion/class2d/run_it005_*.star``).
 
 Units in the files: Å for offsets, resolutions and accuracies (``rlnCurrentResolution`` is written in Å, as
 RELION does), 1/Å for ``rlnResolution``, pixels for sizes. Internally (:class:`~cryopipe.engine.classify2d.
@@ -23,7 +23,8 @@ from cryopipe.errors import InputFileError
 from cryopipe.io.star import read_star, write_star
 
 __all__ = ["model_blocks", "write_model_star", "read_model_star", "ModelFile", "write_optimiser_star",
-           "read_optimiser_star", "write_sampling_star", "read_sampling_star", "resolve_relion_path"]
+           "read_optimiser_star", "write_sampling_star", "read_sampling_star", "resolve_relion_path",
+           "model_blocks_3d", "write_model_star_3d", "write_sampling_star_3d"]
 
 STAR_VERSION = 50001
 
@@ -99,18 +100,7 @@ def model_blocks(model, reference_stack: str, group_names: list[str] | None = No
             "rlnReferenceTau2": _np(model.tau2[k]).astype(float),
             "rlnSpectralOrientabilityContribution": _np(model.orientability[k]).astype(float),
         })
-    counts = _np(model.group_counts) if model.group_counts is not None else np.zeros(groups)
-    scale = _np(model.scale_correction) if model.scale_correction is not None else np.ones(groups)
-    blocks["model_groups"] = pd.DataFrame({
-        "rlnGroupNumber": np.arange(1, groups + 1),
-        "rlnGroupName": group_names if group_names is not None else [""] * groups,
-        "rlnGroupNrParticles": counts.astype(np.int64),
-        "rlnGroupScaleCorrection": scale.astype(float),
-    })
-    s2 = _np(model.sigma2_noise)
-    for g in range(G):
-        blocks[f"model_optics_group_{g + 1}"] = pd.DataFrame({
-            "rlnSpectralIndex": shells, "rlnResolution": res, "rlnSigma2Noise": s2[g].astype(float)})
+    blocks.update(_group_blocks(model, groups, G, shells, res, group_names))
     return blocks
 
 
@@ -118,6 +108,102 @@ def write_model_star(path: str | os.PathLike, model, reference_stack: str,
                      group_names: list[str] | None = None) -> None:
     """Write ``path`` (atomically) as RELION's ``_model.star``."""
     write_star(path, model_blocks(model, reference_stack, group_names), version=STAR_VERSION)
+
+
+def model_blocks_3d(model, half: int, reference_images: list[str], group_names: list[str] | None = None,
+                    sigma_ang: float = 0.0) -> dict:
+    """The blocks of a RELION 3D ``_model.star`` (``relion_refine`` 3D: auto-refine half models, the joined
+    ``run_model.star``, initial model) for model ``half`` (0-based index into the ``[H, K, ...]`` arrays) of a
+    :class:`~cryopipe.engine.optimiser3d.Model3D`.
+
+    Args:
+        reference_images: per class, the map's name as written in rlnReferenceImage (project-relative ``.mrc``).
+        sigma_ang: local-search σ (degrees; > 0 written as RELION's orientational prior, mode 1).
+
+    ``data_model_pdf_orient_class_N`` (the orientation distribution over HEALPix directions) is omitted: cryopipe
+    does not keep it and RELION reads a model without it (it only uses it for ``--sigma_ang`` priors of the next
+    iteration, which cryopipe keeps in the particles' angles).
+    """
+    K, ns, n, apix = model.n_classes, model.n_shells, model.ori_size, model.pixel_size
+    G = int(model.sigma2_noise.shape[0])
+    groups = model.scale_correction.numel() if model.scale_correction is not None else 1
+    res_A = 1.0 / model.current_resolution if model.current_resolution > 0 else 999.0
+    general = {
+        "rlnReferenceDimensionality": 3,
+        "rlnDataDimensionality": 2,
+        "rlnOriginalImageSize": n,
+        "rlnCurrentResolution": float(res_A),
+        "rlnCurrentImageSize": int(model.current_size),
+        "rlnPaddingFactor": float(model.padding_factor),
+        "rlnIsHelix": 0,
+        "rlnFourierSpaceInterpolator": 1,
+        "rlnMinRadiusNnInterpolation": 10,
+        "rlnPixelSize": float(apix),
+        "rlnNrClasses": K,
+        "rlnNrBodies": 1,
+        "rlnNrGroups": int(groups),
+        "rlnNrOpticsGroups": G,
+        "rlnTau2FudgeFactor": float(model.tau2_fudge),
+        "rlnNormCorrectionAverage": float(model.avg_norm_correction),
+        "rlnSigmaOffsetsAngst": float(math.sqrt(max(model.sigma2_offset, 0.0)) * apix),
+        "rlnOrientationalPriorMode": 1 if sigma_ang > 0 else 0,
+        "rlnSigmaPriorRotAngle": float(max(sigma_ang, 0.0)),
+        "rlnSigmaPriorTiltAngle": float(max(sigma_ang, 0.0)),
+        "rlnSigmaPriorPsiAngle": float(max(sigma_ang, 0.0)),
+        "rlnLogLikelihood": float(model.LL),
+        "rlnAveragePmax": float(model.ave_pmax),
+    }
+    est = _np(model.estimated_resolution).astype(float)
+    classes = pd.DataFrame({
+        "rlnReferenceImage": list(reference_images),
+        "rlnClassDistribution": _np(model.pdf_class).astype(float),
+        "rlnAccuracyRotations": _np(model.acc_rot).astype(float),
+        "rlnAccuracyTranslationsAngst": _np(model.acc_trans).astype(float),
+        "rlnEstimatedResolution": np.where(np.isfinite(est), est, 999.0),
+        "rlnOverallFourierCompleteness": _np(model.total_fourier_coverage).astype(float),
+    })
+    blocks: dict = {"model_general": general, "model_classes": classes}
+    shells = np.arange(ns)
+    res = shells / (n * apix)
+    ares = _angstrom_res(shells, n, apix)
+    fsc = _np(model.fsc).astype(float)
+    for k in range(K):
+        blocks[f"model_class_{k + 1}"] = pd.DataFrame({
+            "rlnSpectralIndex": shells,
+            "rlnResolution": res,
+            "rlnAngstromResolution": ares,
+            "rlnSsnrMap": _np(model.data_vs_prior[half, k]).astype(float),
+            "rlnGoldStandardFsc": fsc[k] if fsc.ndim == 2 else np.zeros(ns),
+            "rlnFourierCompleteness": _np(model.fourier_coverage[half, k]).astype(float),
+            "rlnReferenceSigma2": _np(model.sigma2_ref[half, k]).astype(float),
+            "rlnReferenceTau2": _np(model.tau2[half, k]).astype(float),
+            "rlnSpectralOrientabilityContribution": np.zeros(ns),
+        })
+    blocks.update(_group_blocks(model, groups, G, shells, res, group_names))
+    return blocks
+
+
+def write_model_star_3d(path: str | os.PathLike, model, half: int, reference_images: list[str],
+                        group_names: list[str] | None = None, sigma_ang: float = 0.0) -> None:
+    """Write ``path`` (atomically) as RELION's 3D ``_model.star`` (:func:`model_blocks_3d`)."""
+    write_star(path, model_blocks_3d(model, half, reference_images, group_names, sigma_ang), version=STAR_VERSION)
+
+
+def _group_blocks(model, groups: int, G: int, shells: np.ndarray, res: np.ndarray,
+                  group_names: list[str] | None) -> dict:
+    counts = _np(model.group_counts) if model.group_counts is not None else np.zeros(groups)
+    scale = _np(model.scale_correction) if model.scale_correction is not None else np.ones(groups)
+    out = {"model_groups": pd.DataFrame({
+        "rlnGroupNumber": np.arange(1, groups + 1),
+        "rlnGroupName": group_names if group_names is not None else [""] * groups,
+        "rlnGroupNrParticles": counts.astype(np.int64),
+        "rlnGroupScaleCorrection": scale.astype(float),
+    })}
+    s2 = _np(model.sigma2_noise)
+    for g in range(G):
+        out[f"model_optics_group_{g + 1}"] = pd.DataFrame({
+            "rlnSpectralIndex": shells, "rlnResolution": res, "rlnSigma2Noise": s2[g].astype(float)})
+    return out
 
 
 @dataclass
@@ -133,6 +219,7 @@ class ModelFile:
     orientability: np.ndarray
     sigma2_noise: np.ndarray  # [G, ns]
     groups: pd.DataFrame | None
+    fsc: np.ndarray | None = None  # [K, ns] rlnGoldStandardFsc (3D runs), None where a class table lacks it
 
     @property
     def n_classes(self) -> int:
@@ -173,6 +260,9 @@ def read_model_star(path: str | os.PathLike) -> ModelFile:
                for k in range(K)) else np.zeros((K, ns)),
         sigma2_noise=spectra("model_optics_group_", "rlnSigma2Noise", G),
         groups=b.get("model_groups"),
+        fsc=spectra("model_class_", "rlnGoldStandardFsc", K)
+        if all("rlnGoldStandardFsc" in b.get(f"model_class_{k + 1}", pd.DataFrame()).columns
+               for k in range(K)) else None,
     )
 
 
@@ -214,6 +304,35 @@ def write_sampling_star(path: str | os.PathLike, sampling, pixel_size: float, or
         "rlnPsiStepOriginal": float(o.psi_step),
         "rlnOffsetRangeOriginal": float(o.offset_range * pixel_size),
         "rlnOffsetStepOriginal": float(o.offset_step * pixel_size),
+    }
+    write_star(path, {"sampling_general": vals}, version=STAR_VERSION)
+
+
+def write_sampling_star_3d(path: str | os.PathLike, sampling, pixel_size: float, symmetry: str,
+                           original: tuple[int, float, float], perturbation_factor: float = 0.5) -> None:
+    """``_sampling.star`` of a 3D run (RELION ``HealpixSampling::write``, 3D): HEALPix order, ψ step (= the
+    HEALPix step, degrees), offsets in Å, the perturbation; ``sampling`` is an
+    :class:`~cryopipe.engine.optimiser3d.AutoSampling` (offsets in pixels), ``original`` = (HEALPix order,
+    offset range px, offset step px) at the start of the run. The local-search σ is in the model.star
+    (rlnSigmaPriorRotAngle …), as in RELION."""
+    from cryopipe.core.healpix import angular_step
+
+    vals = {
+        "rlnIs3DSampling": 1,
+        "rlnIs3DTranslationalSampling": 0,
+        "rlnHealpixOrder": int(sampling.healpix_order),
+        "rlnSymmetryGroup": str(symmetry),
+        "rlnTiltAngleLimit": -91.0,
+        "rlnPsiStep": float(angular_step(int(sampling.healpix_order))),
+        "rlnOffsetRange": float(sampling.offset_range * pixel_size),
+        "rlnOffsetStep": float(sampling.offset_step * pixel_size),
+        "rlnHelicalOffsetStep": -1.0,
+        "rlnSamplingPerturbInstance": float(sampling.perturbation),
+        "rlnSamplingPerturbFactor": float(perturbation_factor),
+        "rlnHealpixOrderOriginal": int(original[0]),
+        "rlnPsiStepOriginal": float(angular_step(int(original[0]))),
+        "rlnOffsetRangeOriginal": float(original[1] * pixel_size),
+        "rlnOffsetStepOriginal": float(original[2] * pixel_size),
     }
     write_star(path, {"sampling_general": vals}, version=STAR_VERSION)
 

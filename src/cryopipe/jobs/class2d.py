@@ -82,8 +82,10 @@ def _image_root(star_path: Path, first_name: str) -> Path:
     return star_path.resolve().parent
 
 
-def load_particles(star_path: str | os.PathLike) -> tuple[ParticleData, ParticleSet2D, np.ndarray]:
-    """Read a particles STAR file: ``(data, ParticleSet2D, origins px [N, 2])``; one pixel size and box required."""
+def load_particles(star_path: str | os.PathLike, purpose: str = "2D classification"
+                   ) -> tuple[ParticleData, ParticleSet2D, np.ndarray]:
+    """Read a particles STAR file: ``(data, ParticleSet2D, origins px [N, 2])``; one pixel size and box required
+    (``purpose`` names the job in the error messages)."""
     star_path = Path(star_path)
     data = read_particles(star_path)
     t = data.particles
@@ -95,12 +97,12 @@ def load_particles(star_path: str | os.PathLike) -> tuple[ParticleData, Particle
     apix = float(apix_all[0])
     if not np.allclose(apix_all, apix, rtol=1e-4):
         raise InputFileError(star_path, f"particles have different pixel sizes {sorted(set(np.round(apix_all, 4)))}",
-                             "classify one pixel size at a time (rescale particles to a common pixel size)")
+                             f"{purpose} takes one pixel size at a time (rescale particles to a common pixel size)")
     names = t["rlnImageName"].astype(str).to_numpy()
     reader = ImageReader(names, root_dir=_image_root(star_path, names[0]))
     ny, nx = reader.image_shape
     if ny != nx or nx % 2:
-        raise InputFileError(star_path, f"images are {nx}x{ny}", "2D classification needs square, even-sized images")
+        raise InputFileError(star_path, f"images are {nx}x{ny}", f"{purpose} needs square, even-sized images")
     og_labels = data.optics["rlnOpticsGroup"].to_numpy()
     og = pd.Series(np.arange(len(og_labels)), index=og_labels).reindex(t["rlnOpticsGroup"].to_numpy()).to_numpy()
     if "rlnGroupNumber" in t.columns:

@@ -131,6 +131,8 @@ class NodeType:
     IMAGES2D = "Image2DGroupMetadata.star.relion"
     OPTIMISER = "OptimiserData.star.relion"
     INITIAL_MODEL = "DensityMap.mrc.relion.initialmodel"
+    INITIAL_MODEL_PARTICLES = "ParticleGroupMetadata.star.relion.initialmodel"
+    INITIAL_MODEL_OPTIMISER = "OptimiserData.star.relion.initialmodel"
     REFINE3D_PARTICLES = "ParticleGroupMetadata.star.relion.refine3d"
     REFINE3D_OPTIMISER = "OptimiserData.star.relion.refine3d"
     REFINE3D_MAP = "DensityMap.mrc.relion.refine3d"
