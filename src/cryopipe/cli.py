@@ -28,6 +28,8 @@ JOBS: dict[str, str] = {
     "autopick": "cryopipe.jobs.autopick",
     "extract": "cryopipe.jobs.extract",
     "class2d": "cryopipe.jobs.class2d",
+    "initialmodel": "cryopipe.jobs.initialmodel",
+    "refine3d": "cryopipe.jobs.refine3d",
     "reconstruct": "cryopipe.jobs.reconstruct",
     "align-symmetry": "cryopipe.jobs.align_symmetry",
     "mask-create": "cryopipe.jobs.mask_create",

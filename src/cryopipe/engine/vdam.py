@@ -167,6 +167,24 @@ class GradUpdate:
     def step(self, iteration: int) -> float:
         return step_size(iteration, self.schedule, self.base_step, self.kind)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The momenta (``m1 [2, K, P]`` complex, ``m2 [K, P]``, ``fresh [K, P]``) on the CPU, to save with a run's
+        files so that a continued run goes on exactly (empty before the first update)."""
+        if self.m1 is None:
+            return {}
+        return {"m1": self.m1.detach().cpu().clone(), "m2": self.m2.detach().cpu().clone(),
+                "fresh": self._fresh.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device=None) -> None:
+        """Restore momenta saved by :meth:`state_dict` (an empty dict: none yet)."""
+        if not state:
+            self.m1 = self.m2 = None
+            return
+        dev = torch.device(device) if device is not None else state["m1"].device
+        self.m1 = state["m1"].to(dev).clone()
+        self.m2 = state["m2"].to(dev).clone()
+        self._fresh = state["fresh"].to(dev).clone()
+
     def _momenta(self, K: int, P: int, dev, dtype) -> None:
         if self.m1 is None or self.m1.shape[1] != K or self.m1.device != dev:
             self.m1 = torch.zeros(2, K, P, dtype=dtype, device=dev)

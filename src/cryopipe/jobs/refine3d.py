@@ -252,7 +252,7 @@ def model3d_from_files(model_paths: list[Path], ps, bases: list[Path], device, s
     scale = np.ones(ngroups)
     gt = files[0].groups
     if gt is not None and "rlnGroupScaleCorrection" in gt.columns and len(gt) == ngroups:
-        scale = gt["rlnGroupScaleCorrection"].to_numpy(float)
+        scale = np.array(gt["rlnGroupScaleCorrection"].to_numpy(float))
     res_A = float(g.get("rlnCurrentResolution", 0.0))
     fsc = files[0].fsc if files[0].fsc is not None else np.zeros((K, n // 2 + 1))
     dev = torch.device(device) if device is not None else torch.device("cpu")

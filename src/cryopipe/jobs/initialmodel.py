@@ -1,0 +1,341 @@
+"""``cryopipe initialmodel``: de novo 3D initial model by gradient-driven optimisation (RELION's VDAM:
+``relion_refine --grad --denovo_3dref``, then ``relion_align_symmetry``).
+
+Usage mirrors RELION's InitialModel job::
+
+    cryopipe initialmodel --i Select/job010/particles.star --o InitialModel/job011/run --iter 100 --K 1 --sym D2 \\
+        --ctf --particle_diameter 200 --flatten_solvent --zero_mask --healpix_order 1 --offset_range 6 \\
+        --offset_step 2 --tau2_fudge 4
+
+The optimiser always runs in C1 (RELION GUI "run in C1 and apply symmetry later", its default): references start
+as random blobs, mini-batches grow from ``--grad_ini_subset`` to ``--grad_fin_subset`` (RELION's defaults for a 3D
+initial model: clamp(0.005·N, 200, 5000) → clamp(0.1·N, 1000, 50000)), step size 0.5 and ``tau2_fudge`` rising
+from 1 to ``--tau2_fudge`` (:mod:`cryopipe.engine.vdam`). Every ``--grad_write_iter`` iterations and at the last
+one it writes ``<prefix>_itNNN_classKKK.mrc``, ``_model.star``, ``_data.star``, ``_sampling.star``,
+``_optimiser.star`` and ``_momenta.pt`` (cryopipe: the optimiser's moment estimates, for ``--continue``).
+At the end the largest class is aligned to the symmetry axes of ``--sym`` and symmetrised
+(:func:`cryopipe.jobs.align_symmetry.align_symmetry_full`) into ``initial_model.mrc`` (next to the run files),
+with the alignment record ``initial_model_symmetry.star``/``.json``; with C1 it is the largest class as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryopipe.core.device import resolve_device
+from cryopipe.core.symmetry import canonical_symmetry_name
+from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
+from cryopipe.engine.relion_files import read_model_star, read_optimiser_star, resolve_relion_path
+from cryopipe.engine.vdam import GradSchedule, GradUpdate, default_subset_sizes
+from cryopipe.errors import CryopipeError, InputFileError
+from cryopipe.io.atomic import atomic_path
+from cryopipe.jobs.class2d import _argv_of, _rel, load_particles, split_output_prefix
+from cryopipe.jobs.refine3d import (
+    continue_inputs,
+    model3d_from_files,
+    sampling_from_files,
+    settings_from_args,
+    state_from_data,
+    stored_settings,
+    write_iteration_3d,
+)
+
+HELP = "de novo 3D initial model (like relion_refine --grad --denovo_3dref, then relion_align_symmetry)"
+
+__all__ = ["HELP", "InitialModelResult", "initial_model", "add_arguments", "main"]
+
+
+@dataclass
+class InitialModelResult:
+    """What :func:`initial_model` produced."""
+
+    prefix: Path
+    iteration: int
+    data_star: Path
+    model_star: Path
+    optimiser_star: Path
+    class_maps: list[Path]
+    initial_model: Path  # initial_model.mrc (aligned, symmetrised largest class)
+    symmetry_star: Path | None  # initial_model_symmetry.star (alignment record)
+    optimiser: Optimiser3D
+
+
+def _grad_values(rule: GradUpdate, it: int, n: int, momenta: str, write_iter: int, symmetry: str) -> dict:
+    ini, fin = default_subset_sizes(n, rule.kind)
+    return {
+        "rlnGradCurrentStepsize": float(rule.step(max(it, 1))),
+        "rlnSgdStepsize": float(rule.base_step) if rule.base_step else -1.0,
+        "rlnSgdInitialIterationsFraction": float(rule.schedule.ini_frac),
+        "rlnSgdFinalIterationsFraction": float(rule.schedule.fin_frac),
+        "rlnSgdInitialSubsetSize": int(rule.ini_subset or ini),
+        "rlnSgdFinalSubsetSize": int(rule.fin_subset or fin),
+        "rlnSgdSubsetSize": int(rule.subset_size(max(it, 1), n)),
+        "rlnGradEmIters": int(rule.grad_em_iters),
+        "rlnGradHasConverged": 0,
+        "cryopipeGradMomentaFile": momenta,
+        "cryopipeGradWriteIter": int(write_iter),
+        "cryopipeRequestedSymmetry": symmetry,
+    }
+
+
+def _save_momenta(path: Path, rule: GradUpdate) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(rule.state_dict(), tmp)
+
+
+def initial_model(
+    particles_star: str | os.PathLike | None,
+    output: str | os.PathLike,
+    settings: Refine3DSettings | None = None,
+    *,
+    symmetry: str = "C1",
+    grad: dict | None = None,
+    write_iter: int = 10,
+    continue_from: str | os.PathLike | None = None,
+    overrides: dict | None = None,
+    device: str | torch.device | None = None,
+    root: str | os.PathLike | None = None,
+    command: str = "",
+    log=print,
+    progress=None,
+) -> InitialModelResult:
+    """Run (or continue) a de novo initial model.
+
+    Args:
+        particles_star: particles STAR file (ignored when continuing).
+        output: RELION prefix (``InitialModel/job009/run``) or directory (prefix ``run``).
+        settings: options (:class:`Refine3DSettings`; forced: symmetry C1, ``grad``, no half-sets, no
+            auto-refine). ``n_iter`` is the number of mini-batch iterations, ``tau2_fudge`` the final T.
+        symmetry: point group applied at the end (align + symmetrise the largest class).
+        grad: :class:`~cryopipe.engine.vdam.GradUpdate` options: ``ini_frac``, ``fin_frac`` (schedule),
+            ``base_step`` (default 0.5), ``ini_subset``, ``fin_subset`` (default RELION's), ``grad_em_iters``.
+        write_iter: write the run files every this many iterations (and at the last one).
+        continue_from: an ``_itNNN_optimiser.star`` of an initial-model run (its ``_momenta.pt`` is restored).
+        overrides: :class:`Refine3DSettings` fields given explicitly (win over stored ones when continuing).
+        root: directory that names in the STAR files are relative to (default cwd).
+    """
+    dev = resolve_device(device)
+    root = Path(root) if root is not None else Path.cwd()
+    out_dir, prefix = split_output_prefix(output)
+    overrides = dict(overrides or {})
+    settings = settings if settings is not None else Refine3DSettings()
+    sym_final = canonical_symmetry_name(symmetry)
+    g = dict(grad or {})
+    forced = {"symmetry": "C1", "grad": True, "split_halves": False, "auto_refine": False}
+    if continue_from is not None:
+        vals, bases, data_path, model_paths, sv, _ = continue_inputs(continue_from)
+        if int(vals.get("rlnDoGradientRefine", 0)) != 1 or len(model_paths) != 1:
+            raise InputFileError(continue_from, "is not from a gradient-driven initial model (rlnDoGradientRefine)",
+                                 "continue a refinement with `cryopipe refine3d --continue`")
+        kw = {f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}
+        kw.update({k: v for k, v in stored_settings(vals, settings, sv).items() if k not in overrides})
+        kw.update({k: v for k, v in overrides.items() if k in kw})
+        data, ps, origin = load_particles(data_path, "3D initial model")
+        general = read_model_star(model_paths[0]).general
+        kw["n_classes"] = int(general.get("rlnNrClasses", 1))
+        s = Refine3DSettings(**{**kw, **forced})
+        stored_grad = dict(ini_frac=float(vals.get("rlnSgdInitialIterationsFraction", 0.3)),
+                           fin_frac=float(vals.get("rlnSgdFinalIterationsFraction", 0.2)),
+                           base_step=float(vals["rlnSgdStepsize"]) if float(vals.get("rlnSgdStepsize", -1)) > 0
+                           else None,
+                           ini_subset=int(vals["rlnSgdInitialSubsetSize"]) if "rlnSgdInitialSubsetSize" in vals
+                           else None,
+                           fin_subset=int(vals["rlnSgdFinalSubsetSize"]) if "rlnSgdFinalSubsetSize" in vals else None,
+                           grad_em_iters=int(vals.get("rlnGradEmIters", 0)))
+        stored_grad.update({k: v for k, v in g.items() if v is not None})
+        g = stored_grad
+        if "symmetry" not in (overrides or {}) and symmetry == "C1":
+            sym_final = canonical_symmetry_name(str(vals.get("cryopipeRequestedSymmetry", "C1")))
+        write_iter = int(vals.get("cryopipeGradWriteIter", write_iter)) if "write_iter" not in overrides \
+            else write_iter
+        model = model3d_from_files(model_paths, ps, bases, dev, "C1")
+        state = state_from_data(data, origin, data_path)
+        samp = sampling_from_files(vals, sv, general, ps.pixel_size)
+        start = int(vals.get("rlnCurrentIteration", 0))
+        rule = _rule(s, g)
+        mom = str(vals.get("cryopipeGradMomentaFile", "None"))
+        if mom not in ("", "None"):
+            mpath = resolve_relion_path(mom, *bases)
+            rule.load_state_dict(torch.load(mpath, map_location="cpu", weights_only=True), device=dev)
+        elif start > 0:
+            log(f"warning: {continue_from} names no momenta file; the gradient moments restart from zero")
+        opt = Optimiser3D(ps, s, model=model, state=state, sampling=samp, iteration=start, device=dev,
+                          update_rule=rule, progress=progress)
+        original = (int(sv.get("rlnHealpixOrderOriginal", samp.healpix_order)),
+                    float(sv.get("rlnOffsetRangeOriginal", samp.offset_range * ps.pixel_size)) / ps.pixel_size,
+                    float(sv.get("rlnOffsetStepOriginal", samp.offset_step * ps.pixel_size)) / ps.pixel_size)
+        log(f"continuing from {continue_from} (iteration {start}, {s.n_classes} class(es), {ps.size} particles)")
+    else:
+        if particles_star is None:
+            raise CryopipeError("--i (particles STAR file) is required unless --continue is given")
+        if not Path(particles_star).is_file():
+            raise InputFileError(particles_star, "not found", "give the particles STAR file (--i)")
+        s = Refine3DSettings(**{**{f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}, **forced})
+        data, ps, origin = load_particles(particles_star, "3D initial model")
+        if s.do_ctf and ps.ctf is None:
+            raise InputFileError(particles_star, "--ctf was given but the particles have no rlnDefocusU column",
+                                 "run CTF estimation and extraction with CTF values, or leave out --ctf")
+        state = state_from_data(data, origin, particles_star)
+        state.klass[:] = -1
+        state.subset[:] = 0
+        rule = _rule(s, g)
+        opt = Optimiser3D(ps, s, state=state, device=dev, update_rule=rule, progress=progress)
+        opt.initialise(None)
+        ini, fin = default_subset_sizes(ps.size, "initial_model")
+        log(f"3D initial model: {ps.size} particles, box {ps.n}, {ps.pixel_size:.3f} Å/px, {s.n_classes} class(es) "
+            f"from random blobs, {s.n_iter} iterations, mini-batches {rule.ini_subset or ini} → "
+            f"{rule.fin_subset or fin}; symmetry {sym_final} applied at the end")
+        original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_iter = int(s.n_iter)
+    write_iter = max(1, int(write_iter))
+
+    def write() -> dict:
+        base = out_dir / f"{prefix}_it{opt.iteration:03d}"
+        mom = Path(f"{base}_momenta.pt")
+        _save_momenta(mom, rule)
+        return write_iteration_3d(opt, data, out_dir, prefix, root, n_iter, command, original,
+                                  extra=_grad_values(rule, opt.iteration, ps.size, _rel(mom, root), write_iter,
+                                                     sym_final))
+
+    paths = None
+    if continue_from is None:
+        paths = write()
+    if opt.iteration >= n_iter and continue_from is not None:
+        raise CryopipeError(f"--iter {n_iter}: nothing to do, the run is already at iteration {opt.iteration} "
+                            "(give a larger --iter to continue)")
+    while opt.iteration < n_iter:
+        rep = opt.iterate()
+        log(rep.line())
+        if opt.iteration % write_iter == 0 or opt.iteration == n_iter:
+            paths = write()
+    # the largest class, aligned to the symmetry axes and symmetrised
+    from cryopipe.jobs.align_symmetry import _write_outputs, align_symmetry_full
+
+    m = opt.model
+    k = int(torch.argmax(m.pdf_class))
+    vol = m.vols[0, k]
+    res = align_symmetry_full(vol, sym_final, pixel_size=ps.pixel_size, keep_centre=sym_final == "C1",
+                              apply_sym=True, seed=int(s.random_seed), device=dev)
+    out_map = out_dir / "initial_model.mrc"
+    _, sym_star = _write_outputs(out_map, res, ps.pixel_size, paths["maps"][k])
+    log(f"initial model: class {k + 1} ({float(m.pdf_class[k]):.1%} of the particles)"
+        + (f" aligned to {sym_final} (symmetry residual {res.residual:.3f}) and symmetrised"
+           if sym_final != "C1" else "") + f" -> {out_map}")
+    return InitialModelResult(out_dir / prefix, opt.iteration, paths["data"], paths["model"], paths["optimiser"],
+                              list(paths["maps"]), out_map, sym_star, opt)
+
+
+def _rule(s: Refine3DSettings, g: dict) -> GradUpdate:
+    sched = GradSchedule(int(s.n_iter), float(g.get("ini_frac", 0.3)), float(g.get("fin_frac", 0.2)))
+    return GradUpdate(sched, g.get("base_step"), kind="initial_model", T=float(s.tau2_fudge),
+                      ini_subset=g.get("ini_subset"), fin_subset=g.get("fin_subset"),
+                      grad_em_iters=int(g.get("grad_em_iters", 0) or 0))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+#: CLI defaults (RELION's InitialModel job: --healpix_order 1 --offset_range 6 --offset_step 2 --tau2_fudge 4
+#: --flatten_solvent --zero_mask; --iter 100 as in the tutorials, the GUI has 200)
+DEFAULTS = dict(n_iter=100, n_classes=1, tau2_fudge=4.0, particle_diameter=-1.0, healpix_order=1, offset_range=6.0,
+                offset_step=2.0, oversampling=1, ini_high=-1.0, adaptive_fraction=0.999, max_significant=-1,
+                perturb=0.5, batch_size=32, incr_size=10, zero_mask=True, flatten_solvent=True, non_negative=False,
+                pad=2, random_seed=0, do_ctf=False, ctf_intact_first_peak=False, do_norm=False, do_scale=False)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input/output")
+    g.add_argument("--i", dest="i", default=None, help="particles STAR file")
+    g.add_argument("--o", dest="o", default=None,
+                   help="output prefix, RELION style (e.g. InitialModel/job009/run); a directory means prefix 'run'")
+    g.add_argument("--continue", dest="continue_", default=None, metavar="OPTIMISER_STAR",
+                   help="continue from this _itNNN_optimiser.star (its _momenta.pt is restored)")
+    g.add_argument("--grad_write_iter", dest="write_iter", type=int, default=None,
+                   help="write the run files every this many iterations (default 10)")
+    g = p.add_argument_group("model")
+    g.add_argument("--iter", dest="n_iter", type=int, default=None,
+                   help="number of mini-batch iterations (default 100; RELION GUI 200)")
+    g.add_argument("--K", dest="n_classes", type=int, default=None, help="number of classes (default 1)")
+    g.add_argument("--sym", dest="sym", default="C1",
+                   help="point group applied at the end (the optimisation runs in C1)")
+    g.add_argument("--particle_diameter", type=float, default=None, help="mask diameter (Å); default 0.8 × box")
+    g.add_argument("--ctf", dest="do_ctf", action="store_true", default=None, help="do CTF correction")
+    g.add_argument("--ctf_intact_first_peak", action="store_true", default=None,
+                   help="ignore CTFs until their first peak")
+    g.add_argument("--flatten_solvent", action="store_true", default=None, help="mask the references (default on)")
+    g.add_argument("--no_flatten_solvent", dest="flatten_solvent", action="store_false", help=argparse.SUPPRESS)
+    g.add_argument("--zero_mask", action="store_true", default=None, help="mask particles with zeros (default on)")
+    g.add_argument("--no_zero_mask", dest="zero_mask", action="store_false", help=argparse.SUPPRESS)
+    g.add_argument("--non_negative", action="store_true", default=None, help="clip negative density")
+    g.add_argument("--tau2_fudge", type=float, default=None, help="final regularisation T (default 4)")
+    g.add_argument("--ini_high", type=float, default=None,
+                   help="low-pass of the random start (Å; default: the optimiser's)")
+    g.add_argument("--random_seed", type=int, default=None, help="random seed (default 0)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--healpix_order", type=int, default=None, help="HEALPix order (default 1 = 30°, 15° oversampled)")
+    g.add_argument("--offset_range", type=float, default=None, help="translation search range (pixels, default 6)")
+    g.add_argument("--offset_step", type=float, default=None, help="translation step (pixels, default 2)")
+    g.add_argument("--oversampling", type=int, default=None, help="adaptive oversampling order (default 1)")
+    g.add_argument("--pad", type=int, default=None, help="padding factor (default 2)")
+    g = p.add_argument_group("gradient (VDAM)")
+    g.add_argument("--grad_ini_frac", type=float, default=None, help="fraction of iterations at the initial subset")
+    g.add_argument("--grad_fin_frac", type=float, default=None, help="fraction of iterations at the final subset")
+    g.add_argument("--grad_ini_subset", type=int, default=None, help="initial mini-batch size (default RELION's)")
+    g.add_argument("--grad_fin_subset", type=int, default=None, help="final mini-batch size (default RELION's)")
+    g.add_argument("--grad_stepsize", type=float, default=None, help="base step size (default 0.5)")
+    g = p.add_argument_group("computation")
+    g.add_argument("--j", type=int, default=None, help="CPU threads")
+    g.add_argument("--batch_size", type=int, default=None, help="particles per batch (default 32)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--alias", default=None, help="job alias (project jobs)")
+    for flag in ("--grad", "--denovo_3dref", "--auto_sampling", "--dont_combine_weights_via_disc", "--cpu", "--gpu",
+                 "--preread_images", "--no_parallel_disc_io", "--pipeline_control", "--scratch_dir"):
+        g.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--pool", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def main(args: argparse.Namespace) -> int:
+    from cryopipe.pipeline.log import log, progress
+    from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
+
+    if args.j:
+        torch.set_num_threads(int(args.j))
+    settings, given = settings_from_args(args, DEFAULTS)
+    if settings.n_classes < 1:
+        raise CryopipeError(f"--K {settings.n_classes}: need at least one class")
+    sym = canonical_symmetry_name(args.sym)
+    if args.continue_ is None and not args.i:
+        raise CryopipeError("--i is required (the particles STAR file), unless --continue is given")
+    o = args.o
+    if o is None and args.continue_ is not None:
+        o = str(read_optimiser_star(args.continue_).get("rlnOutputRootName", "run"))
+    out_dir, prefix = (None, "run") if o is None else split_output_prefix(o)
+    same_job = args.continue_ is not None and out_dir is not None and \
+        Path(args.continue_).resolve().parent == Path(out_dir).resolve()
+    grad = {k: v for k, v in dict(ini_frac=args.grad_ini_frac, fin_frac=args.grad_fin_frac,
+                                  base_step=args.grad_stepsize, ini_subset=args.grad_ini_subset,
+                                  fin_subset=args.grad_fin_subset).items() if v is not None}
+    if args.write_iter is not None:
+        given["write_iter"] = args.write_iter
+    if args.sym != "C1":
+        given["symmetry"] = sym
+    params = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    with open_job_dir(str(out_dir) + "/" if out_dir is not None else None, "InitialModel",
+                      ProcessLabel.INITIAL_MODEL, alias=args.alias,
+                      inputs=[(args.i, NodeType.PARTICLES)] if args.continue_ is None else [], params=params,
+                      continue_job=same_job) as job:
+        res = initial_model(args.i, job.dir / prefix, settings, symmetry=sym, grad=grad,
+                            write_iter=args.write_iter if args.write_iter is not None else 10,
+                            continue_from=args.continue_, overrides=given, device=args.device, root=job.root,
+                            command=" ".join(_argv_of(args)), log=log,
+                            progress=lambda it, desc="": progress(it, desc=desc))
+        job.add_output(res.initial_model, NodeType.INITIAL_MODEL)
+        job.add_output(res.data_star, NodeType.INITIAL_MODEL_PARTICLES)
+        job.add_output(res.optimiser_star, NodeType.INITIAL_MODEL_OPTIMISER)
+    return 0

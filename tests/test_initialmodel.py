@@ -1,0 +1,129 @@
+"""``cryopipe initialmodel``: de novo gradient run in C1 writing RELION-named files every ``--grad_write_iter``
+iterations (with the momenta), ``initial_model.mrc`` aligned to and symmetrised in ``--sym``, pipeline nodes,
+``--continue`` reproducing the uninterrupted run (momenta restored), and one-line errors.
+
+Data: 200 simulated particles (box 24, 4 Å/px, SNR 1), a few mini-batch iterations at HEALPix order 0."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryopipe.cli import main as cli
+from cryopipe.engine.vdam import GradSchedule, GradUpdate
+from cryopipe.errors import CryopipeError
+from cryopipe.io.mrc import read_mrc
+from cryopipe.io.star import read_star
+from cryopipe.jobs.initialmodel import initial_model
+from cryopipe.pipeline.project import NodeType, read_pipeline
+
+torch.set_num_threads(2)
+
+FAST = ["--healpix_order", "0", "--offset_range", "2", "--offset_step", "1", "--particle_diameter", "70",
+        "--batch_size", "100", "--grad_ini_subset", "100", "--grad_fin_subset", "200", "--j", "2"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    import os
+
+    root = tmp_path_factory.mktemp("initialmodel")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert cli(["simulate", "--what", "particles", "--n", "200", "--box", "24", "--angpix", "4", "--snr", "1",
+                    "--seed", "4"]) == 0
+        assert cli(["initialmodel", "--i", "Simulate/job001/particles.star", "--ctf", "--iter", "4",
+                    "--grad_write_iter", "2", "--sym", "C2", "--random_seed", "7", *FAST]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_files_tables_symmetry_and_nodes(project):
+    d = project / "InitialModel" / "job002"
+    for it in (0, 2, 4):
+        for name in ("class001.mrc", "model.star", "data.star", "optimiser.star", "sampling.star", "momenta.pt"):
+            assert (d / f"run_it{it:03d}_{name}").is_file(), (it, name)
+    assert not (d / "run_it001_model.star").exists() and not (d / "run_it003_model.star").exists()
+    m = read_star(d / "run_it004_model.star")
+    assert m["model_general"]["rlnReferenceDimensionality"] == 3 and m["model_general"]["rlnNrClasses"] == 1
+    assert m["model_classes"]["rlnReferenceImage"][0] == "InitialModel/job002/run_it004_class001.mrc"
+    assert m["model_general"]["rlnTau2FudgeFactor"] > 1.0  # T rises from 1 towards --tau2_fudge 4
+    o = read_star(d / "run_it004_optimiser.star")["optimiser_general"]
+    assert o["rlnDoGradientRefine"] == 1 and o["rlnDoSplitRandomHalves"] == 0 and o["rlnDoAutoRefine"] == 0
+    assert o["rlnCurrentIteration"] == 4 and o["rlnNumberOfIterations"] == 4 and o["rlnTau2FudgeArg"] == 4.0
+    assert o["rlnSgdInitialSubsetSize"] == 100 and o["rlnSgdFinalSubsetSize"] == 200
+    assert o["cryopipeGradMomentaFile"] == "InitialModel/job002/run_it004_momenta.pt"
+    data = read_star(d / "run_it004_data.star")["particles"]
+    assert "rlnAngleRot" in data.columns and "rlnRandomSubset" not in data.columns
+    smp = read_star(d / "run_it004_sampling.star")["sampling_general"]
+    assert smp["rlnSymmetryGroup"] == "C1" and smp["rlnHealpixOrder"] == 0
+    # initial_model.mrc: the class aligned to C2 (about z) and symmetrised: V(x, y, z) = V(−x, −y, z)
+    v, apix = read_mrc(d / "initial_model.mrc")
+    assert v.shape == (24, 24, 24) and apix == pytest.approx(4.0)
+    c = np.arange(24)
+    rot = v[:, ((24 - c) % 24)][:, :, ((24 - c) % 24)]
+    assert np.abs(rot - v).max() < 0.05 * np.abs(v).max()
+    sym = read_star(d / "initial_model_symmetry.star")["align_symmetry"]
+    assert sym["rlnSymmetryGroup"] == "C2"
+    pipe = read_pipeline(project / "default_pipeline.star")
+    nodes = {k: v for k, v in pipe.nodes.items() if k.startswith("InitialModel/job002/")}
+    assert nodes == {"InitialModel/job002/initial_model.mrc": NodeType.INITIAL_MODEL,
+                     "InitialModel/job002/run_it004_data.star": NodeType.INITIAL_MODEL_PARTICLES,
+                     "InitialModel/job002/run_it004_optimiser.star": NodeType.INITIAL_MODEL_OPTIMISER}
+    assert pipe.process("InitialModel/job002/").type_label == "relion.initialmodel"
+
+
+def test_continue_restores_momenta_and_equals_uninterrupted_run(project, monkeypatch):
+    monkeypatch.chdir(project)
+    d = project / "InitialModel" / "job002"
+    mom = torch.load(d / "run_it002_momenta.pt", weights_only=True)
+    assert set(mom) == {"m1", "m2", "fresh"} and mom["m1"].dtype == torch.complex128
+    assert cli(["initialmodel", "--continue", "InitialModel/job002/run_it002_optimiser.star", "--o", "Cont/",
+                "--j", "2", "--batch_size", "100"]) == 0
+    c = project / "Cont"
+    for name in ("run_it004_class001.mrc", "initial_model.mrc"):
+        a, b = read_mrc(d / name)[0], read_mrc(c / name)[0]
+        assert np.allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max()), name
+    a, b = read_star(d / "run_it004_data.star")["particles"], read_star(c / "run_it004_data.star")["particles"]
+    assert np.allclose(a["rlnAngleTilt"], b["rlnAngleTilt"], atol=1e-6)
+    assert read_star(c / "initial_model_symmetry.star")["align_symmetry"]["rlnSymmetryGroup"] == "C2"
+    # nothing left to do
+    with pytest.raises(CryopipeError, match="nothing to do"):
+        initial_model(None, project / "Cont3", continue_from=c / "run_it004_optimiser.star")
+
+
+def test_grad_update_state_dict_round_trip():
+    rule = GradUpdate(GradSchedule(10), kind="initial_model")
+    assert rule.state_dict() == {}
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(2, 1, 50, dtype=torch.complex64, generator=g)
+    w = torch.rand(2, 1, 50, generator=g) + 0.5
+    cur = torch.randn(1, 50, dtype=torch.complex64, generator=g)
+    sh = torch.arange(50) // 10
+    args = (torch.zeros(1, 5), sh, 1.0, 0, 5, torch.ones(1), 1)
+    rule(data, w, cur, *args)
+    other = GradUpdate(GradSchedule(10), kind="initial_model")
+    other.load_state_dict(rule.state_dict())
+    a = rule(data, w, cur, *args[:-1], 2)
+    b = other(data, w, cur, *args[:-1], 2)
+    assert torch.equal(a, b)
+
+
+def test_bad_input_one_line_errors(project, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(project)
+    assert cli(["initialmodel", "--i", "nope.star", "--o", str(tmp_path / "a/")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.star" in err[0]
+    assert cli(["initialmodel", "--o", str(tmp_path / "b/")]) == 1
+    assert "--i" in capsys.readouterr().err
+    # continuing a refinement's optimiser.star with initialmodel is refused
+    (tmp_path / "r_optimiser.star").write_text(
+        "data_optimiser_general\n_rlnExperimentalDataStarFile Simulate/job001/particles.star\n"
+        "_rlnModelStarFile Simulate/job001/particles.star\n"
+        "_rlnOrientSamplingStarFile InitialModel/job002/run_it000_sampling.star\n"
+        "_rlnDoGradientRefine 0\n")
+    with pytest.raises(CryopipeError, match="not from a gradient-driven initial model"):
+        initial_model(None, tmp_path / "c", continue_from=tmp_path / "r_optimiser.star")
