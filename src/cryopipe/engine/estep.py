@@ -265,13 +265,16 @@ def significant_mask(w: torch.Tensor, fraction: float, max_significant: int = -1
     """Boolean ``[B, N]``: the largest weights of each row that together reach ``fraction`` of the row's sum
     (always at least the largest one; at most ``max_significant`` when > 0, ties at the threshold included)."""
     B, N = w.shape
-    srt, _ = torch.sort(w, dim=1, descending=True)
+    total = w.sum(dim=1, keepdim=True)
+    if max_significant is not None and 0 < max_significant < N:
+        srt = torch.topk(w, int(max_significant), dim=1).values  # only the candidates can be kept
+    else:
+        srt, _ = torch.sort(w, dim=1, descending=True)
     cs = torch.cumsum(srt, dim=1)
-    total = cs[:, -1:]
     n_keep = (cs < fraction * total).sum(dim=1) + 1
     if max_significant is not None and max_significant > 0:
         n_keep = torch.clamp(n_keep, max=int(max_significant))
-    n_keep = torch.clamp(n_keep, max=N)
+    n_keep = torch.clamp(n_keep, max=srt.shape[1])
     thr = srt.gather(1, (n_keep - 1)[:, None])
     return (w >= thr) & (w > 0)
 

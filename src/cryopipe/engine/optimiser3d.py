@@ -99,7 +99,7 @@ class Refine3DSettings:
     oversampling: int = 1  # --oversampling
     perturb: float = 0.5  # --perturb
     adaptive_fraction: float = 0.999  # --adaptive_fraction
-    max_significant: int = -1  # --maxsig
+    max_significant: int = 200  # --maxsig (coarse samples per image; RELION: no limit; bounds early broad posteriors)
     do_norm: bool = False  # --norm
     do_scale: bool = False  # --scale
     minres_map: int = 5  # --minres_map
