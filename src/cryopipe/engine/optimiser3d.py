@@ -556,8 +556,8 @@ class Optimiser3D(ParticleStream):
                 order = local_batch_order(torch.as_tensor(self.state.angles[idx_g]))
                 idx_g = idx_g[order.numpy()]
             batches = self._batches(idx_g)
-            it_b = self.progress(batches, desc=f"iteration {it}" + (f" half {gi + 1}" if len(groups) > 1 else "")) \
-                if self.progress is not None else batches
+            label = f" half {gi + 1}" if s.split_halves else ""
+            it_b = self.progress(batches, desc=f"iteration {it}{label}") if self.progress is not None else batches
             for idx in it_b:
                 src = refs
                 lpo = log_pdf[None, :, None]
@@ -698,9 +698,11 @@ class Optimiser3D(ParticleStream):
             vols.append(Projector.from_grid(g.reshape(projs[k].data.shape), n, s.pad).to_volume())
         vols = self._flatten(torch.stack(vols))
         m.vols = vols[None].cpu()
-        # spectra for the files: τ² of the new references; data_vs_prior from the pseudo-halves' FSC
-        h1, h2 = bps
-        fsc = halfset_fsc(h1, h2)
+        # spectra for the files: τ² of the new references; data_vs_prior from the update's FSC estimate (momentum
+        # noise vs reference power, floored by the FSC of the two momentum-updated pseudo-half estimates: the
+        # mini-batch back-projections alone are far noisier than the model they update)
+        fsc = self.update_rule.last_fsc.to(torch.float64)
+        fsc[:, 0] = 1.0
         m.fsc = fsc.cpu()
         T = m.tau2_fudge
         f = fsc.clamp(0.001, 0.999)
@@ -851,6 +853,11 @@ class Optimiser3D(ParticleStream):
         if smp.has_fine_enough and smp.nr_iter_wo_resol_gain >= 1 and \
                 (s.auto_ignore_angles or smp.nr_iter_wo_large_changes >= 1):
             smp.has_converged = True
+
+    def finish_next(self) -> None:
+        """Make the next iteration the final one (halves joined, all frequencies), e.g. when ``--iter`` runs out
+        before convergence (RELION stops there without the joined iteration; a finished map is more useful)."""
+        self.sampling.has_converged = True
 
     @property
     def converged(self) -> bool:

@@ -232,7 +232,9 @@ class GradUpdate:
         d1 = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, h1.abs().square())
         d2 = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, h2.abs().square())
         fsc_h = num / torch.sqrt(d1 * d2).clamp_min(1e-300)
-        f = torch.maximum(snr / (1.0 + snr), fsc_h).clamp(0.0, 1.0)[:, sh]  # [K, P]
+        f_shell = torch.maximum(snr / (1.0 + snr), fsc_h).clamp(0.0, 1.0)  # [K, ns]
+        self.last_fsc = f_shell  # the per-shell FSC estimate of the update (resolution bookkeeping)
+        f = f_shell[:, sh]  # [K, P]
         step_k = class_step(self.step(iteration), pdf_class.to(dev))[:, None]
         new = F + step_k * (f * direction - (1.0 - f) * F)  # RELION sets T := 1 once f is estimated
         new = torch.where((sh <= r_max)[None], new, torch.zeros((), dtype=new.dtype, device=dev))

@@ -654,7 +654,7 @@ def refine_3d(
         if opt.iteration >= n_iter - 1 and not opt.sampling.has_converged:
             log(f"warning: not converged after {opt.iteration} iterations; iteration {opt.iteration + 1} "
                 f"(--iter {n_iter}) is the final one (halves joined); give a larger --iter to refine further")
-            opt.sampling.has_converged = True
+            opt.finish_next()
         rep = opt.iterate()
         log(rep.line())
         paths = write(final=opt.converged)
