@@ -142,7 +142,7 @@ def align_volumes(moving: torch.Tensor, fixed: torch.Tensor, *, pixel_size: floa
         R = best[1]
         score = best[0]
         shift = best[2]
-        for step in (2.5, 1.0, 0.4):  # local refinement
+        for step in (5.0, 2.5, 1.0, 0.4):  # local refinement (±2 steps per axis)
             cands = _local_rotations(R, step)
             sc, sh = _score(rotate_volume(m_s, cands), fixed_ft, small, fnorm)
             i = int(sc.argmax())

@@ -108,7 +108,7 @@ class Refine3DSettings:
     width_mask_edge: float = 5.0  # --width_mask_edge
     random_seed: int = 0  # --random_seed
     batch_size: int = 32
-    n_accuracy_particles: int = 50
+    n_accuracy_particles: int = 20
     split_halves: bool = True  # --split_random_halves
     low_resol_join_halves: float = 40.0  # --low_resol_join_halves (Å)
     ini_high: float = 50.0  # --ini_high (Å; low-pass of the initial reference; <= 0: none)
@@ -550,6 +550,9 @@ class Optimiser3D(ParticleStream):
         n_samples = 0.0
         refs_models = [ClassReferences3D.from_volumes(m.vols[h].to(dev), cset, Pc, grid, s.pad)
                        for h in range(m.n_models)]
+        if local:
+            for r in refs_models:
+                r.enable_coarse_cache(grid.n_coarse)
         for gi, idx_g in enumerate(groups):
             refs = refs_models[0 if (grad or m.n_models == 1) else gi]
             if local:
@@ -746,7 +749,7 @@ class Optimiser3D(ParticleStream):
         s2 = m.sigma2_noise.to(dev)[og][:, cset.shell]
         w = torch.where((s2 > 0) & (cset.shell[None] > 0), C.square().to(torch.float64) / s2.clamp_min(1e-300),
                         torch.zeros((), dtype=torch.float64, device=dev)).to(torch.float32)  # [I, P]
-        ang = trial_angles(30.0, dev).to(torch.float64)
+        ang = trial_angles(30.0, dev, ratio=1.1).to(torch.float64)  # 10 % steps: 71 trials
         shifts = trial_shifts(min(self.n / 4.0, 10.0), dev)
         J = ang.numel()
         A = torch.as_tensor(self.state.angles[idx], dtype=torch.float64, device=dev)

@@ -135,6 +135,18 @@ class ClassReferences3D:
         self.n_coarse = orientations.n_coarse
         self.n_children = orientations.n_children
         self._coarse: torch.Tensor | None = None
+        self._cache: _CoarseCache | None = None  # shared by the local-search views of one full grid
+
+    def enable_coarse_cache(self, n_grid_rows: int, max_bytes: int = 1 << 30) -> bool:
+        """Share coarse predictions between the per-batch local-search views (:meth:`with_orientations`): each
+        row of the full grid (``grid_index``) is projected at most once per iteration. Only when the cache of
+        ``K × n_grid_rows × Pc`` complex64 values fits in ``max_bytes`` (it is allocated lazily: untouched rows
+        cost no memory). Returns whether it is on."""
+        need = self.n_classes * int(n_grid_rows) * self.coarse_size * 8
+        if need > max_bytes:
+            return False
+        self._cache = _CoarseCache(self.n_classes, int(n_grid_rows), self.coarse_size, self.device)
+        return True
 
     @classmethod
     def from_volumes(cls, volumes: torch.Tensor, cset: CoefficientSet, coarse_size: int,
@@ -150,9 +162,12 @@ class ClassReferences3D:
     def with_orientations(self, orientations: OrientationSet3D, cset: CoefficientSet | None = None,
                           coarse_size: int | None = None) -> ClassReferences3D:
         """The same class projectors at another orientation set (e.g. one batch's local-search candidates)."""
-        return ClassReferences3D(self.projectors, self.cset if cset is None else cset,
+        view = ClassReferences3D(self.projectors, self.cset if cset is None else cset,
                                  self.coarse_size if coarse_size is None else coarse_size, orientations,
                                  self.chunk_bytes)
+        if self._cache is not None and view.coarse_size == self.coarse_size and cset is None:
+            view._cache = self._cache
+        return view
 
     @property
     def device(self) -> torch.device:
@@ -182,6 +197,8 @@ class ClassReferences3D:
 
     def coarse(self) -> torch.Tensor:
         """``[K, Rc, Pc]`` predictions of every class at every coarse sample (cached)."""
+        if self._coarse is None and self._cache is not None:
+            self._coarse = self._cache.get(self, self.orientations.grid_index)
         if self._coarse is None:
             q = self.cset.k[:self.coarse_size]
             A = self.orientations.coarse_matrices()
@@ -226,6 +243,28 @@ class ClassReferences3D:
     def tau2(self, r_max: int | None = None) -> torch.Tensor:
         """``[K, n//2+1]`` reference spectra of the classes (:func:`reference_tau2_3d`)."""
         return torch.stack([reference_tau2_3d(p, r_max) for p in self.projectors])
+
+
+class _CoarseCache:
+    """Coarse predictions ``[K, rows, Pc]`` of a full orientation grid, filled on demand (row ``grid_index``)."""
+
+    def __init__(self, K: int, rows: int, Pc: int, device):
+        self.values = torch.empty(K, rows, Pc, dtype=torch.complex64, device=device)  # pages touched on write
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def get(self, refs: ClassReferences3D, grid_index: torch.Tensor) -> torch.Tensor:
+        gi = grid_index.to(self.done.device)
+        todo = torch.unique(gi[~self.done[gi]])
+        if todo.numel():
+            pos = torch.searchsorted(gi.sort().values, todo)  # any sample of the subset with that grid row
+            order = gi.argsort()
+            rows = order[pos]
+            A = refs.orientations.coarse_matrices()[rows.to(refs.orientations.device)]
+            q = refs.cset.k[:refs.coarse_size]
+            for k in range(refs.n_classes):  # K classes
+                self.values[k, todo] = refs.predict(k, A, q)
+            self.done[todo] = True
+        return self.values[:, gi]
 
 
 def _grid_radius(R: int, device) -> torch.Tensor:

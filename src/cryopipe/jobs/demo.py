@@ -116,7 +116,7 @@ def _aligned_fsc_summary(map_path: Path, truth_path: Path) -> dict:
     n = mt.shape[-1]
     if tt.shape[-1] != n:  # same field of view: Fourier-rescale (crop) the truth to the map's box
         tt = fourier_rescale(tt, n)
-    al = align_volumes(mt, tt, pixel_size=apix, resolution_A=max(12.0, 3 * apix))
+    al = align_volumes(mt, tt, pixel_size=apix, resolution_A=max(12.0, 3 * apix), order=1)
     f = fsc(al.aligned, tt)
     return {"pixel_size_A": apix, "box": n, "hand_flipped": al.mirror,
             "fsc_truth_0.5_A": round(float(resolution_at(f, 0.5, apix, n)), 2),
