@@ -21,7 +21,9 @@ run in C1, then its symmetry axes are found and applied (``--sym``), and the axe
 map alignment minimised over the group's operators.
 
 Environment: BENCH_N (5000), BENCH_SNR (0.05), BENCH_BOX (64), BENCH_APIX (3.0), BENCH_SYM (D2), BENCH_IM_ITER (initial-model
-iterations, 60), BENCH_THREADS (torch threads, 2), BENCH_TAG (suffix of the result file). Writes
+iterations, 60; 0 skips the initial model), BENCH_REF_FROM ("initial": refine from the aligned de novo model;
+"truth": from the truth map low-passed to 40 Å, to measure refinement on its own), BENCH_THREADS (torch threads, 2),
+BENCH_TAG (suffix of the result file). Writes
 ``bench/results/refine3d[_TAG].json`` and prints a summary.
 """
 
@@ -55,6 +57,7 @@ APIX = float(os.environ.get("BENCH_APIX", 3.0))
 SYM = os.environ.get("BENCH_SYM", "D2")
 IM_ITER = int(os.environ.get("BENCH_IM_ITER", 60))
 THREADS = os.environ.get("BENCH_THREADS", "2")
+REF_FROM = os.environ.get("BENCH_REF_FROM", "initial")  # "initial": the de novo model; "truth": truth low-passed
 TAG = os.environ.get("BENCH_TAG", "")
 
 
@@ -115,31 +118,39 @@ def main() -> int:
         truth, _ = read_mrc(tmp / "sim" / "truth_map.mrc")
         truth_t = torch.from_numpy(truth)
         diam = 0.75 * BOX * APIX
-        # ---- 1. initial model
-        out["initialmodel"] = run(["initialmodel", "--i", "sim/particles.star", "--o", "InitialModel/job001/",
-                                   "--iter", str(IM_ITER), "--particle_diameter", f"{diam:.1f}", "--sym", SYM, "--ctf",
-                                   "--j", THREADS], tmp)
-        im_log = (tmp / "initialmodel.log").read_text()
-        im, _ = read_mrc(tmp / "InitialModel" / "job001" / "initial_model.mrc")
-        al = align_volumes(torch.from_numpy(im), truth_t, pixel_size=APIX)
-        f_im = fsc(al.aligned, truth_t)
-        from cryopipe.engine.orientations3d import proper_symmetry_operators
+        if IM_ITER > 0:
+            # ---- 1. initial model
+            out["initialmodel"] = run(["initialmodel", "--i", "sim/particles.star", "--o", "InitialModel/job001/",
+                                       "--iter", str(IM_ITER), "--particle_diameter", f"{diam:.1f}", "--sym", SYM, "--ctf",
+                                       "--j", THREADS], tmp)
+            im_log = (tmp / "initialmodel.log").read_text()
+            im, _ = read_mrc(tmp / "InitialModel" / "job001" / "initial_model.mrc")
+            al = align_volumes(torch.from_numpy(im), truth_t, pixel_size=APIX)
+            f_im = fsc(al.aligned, truth_t)
+            from cryopipe.engine.orientations3d import proper_symmetry_operators
 
-        ops = proper_symmetry_operators(SYM)
-        tr = torch.einsum("ij,gji->g", al.rotation, ops)  # tr(R·G)
-        axis_err = float(torch.rad2deg(torch.acos(((tr.max() - 1) / 2).clamp(-1, 1))))
-        res_im = float(resolution_at(f_im, 0.5, APIX, BOX))
-        out["initialmodel"].update({
-            "fsc_truth_0.5_A": round(res_im, 2), "target_A": 4 * APIX, "pass": res_im <= 4 * APIX,
-            "target_issue_example_A": round(20.0 / 3.0 * APIX, 2), "hand_flipped": al.mirror,
-            "alignment_correlation": round(al.correlation, 3),
-            "symmetry": SYM, "symmetry_axes_error_deg": round(axis_err, 2), "pass_axes": axis_err <= 2.0,
-            "estep_rate_median": float(np.median(rates(im_log))) if rates(im_log) else None,
-            "fsc_truth": [round(float(x), 3) for x in f_im]})
-        write_mrc(tmp / "initial_model_aligned.mrc", al.aligned.numpy().astype(np.float32), APIX)
+            ops = proper_symmetry_operators(SYM)
+            tr = torch.einsum("ij,gji->g", al.rotation, ops)  # tr(R·G)
+            axis_err = float(torch.rad2deg(torch.acos(((tr.max() - 1) / 2).clamp(-1, 1))))
+            res_im = float(resolution_at(f_im, 0.5, APIX, BOX))
+            out["initialmodel"].update({
+                "fsc_truth_0.5_A": round(res_im, 2), "target_A": 4 * APIX, "pass": res_im <= 4 * APIX,
+                "target_issue_example_A": round(20.0 / 3.0 * APIX, 2), "hand_flipped": al.mirror,
+                "alignment_correlation": round(al.correlation, 3),
+                "symmetry": SYM, "symmetry_axes_error_deg": round(axis_err, 2), "pass_axes": axis_err <= 2.0,
+                "estep_rate_median": float(np.median(rates(im_log))) if rates(im_log) else None,
+                "fsc_truth": [round(float(x), 3) for x in f_im]})
+            if REF_FROM != "truth":
+                write_mrc(tmp / "initial_model_aligned.mrc", al.aligned.numpy().astype(np.float32), APIX)
+        if REF_FROM == "truth":
+            from cryopipe.engine.optimiser3d import lowpass_volume
+
+            write_mrc(tmp / "initial_model_aligned.mrc", lowpass_volume(truth_t, 40.0, APIX).numpy(), APIX)
+        out["refine_reference"] = ("truth map low-passed to 40 Å" if REF_FROM == "truth" else
+                                   "de novo initial model, aligned to the truth")
         # ---- 2. refine
         out["refine3d"] = run(["refine3d", "--i", "sim/particles.star", "--o", "Refine3D/job002/",
-                               "--ref", "initial_model_aligned.mrc", "--ini_high", "20", "--particle_diameter",
+                               "--ref", "initial_model_aligned.mrc", "--ini_high", "40" if REF_FROM == "truth" else "20", "--particle_diameter",
                                f"{diam:.1f}", "--sym", SYM, "--ctf", "--j", THREADS], tmp)
         rf_log = (tmp / "refine3d.log").read_text()
         job = tmp / "Refine3D" / "job002"
@@ -163,13 +174,15 @@ def main() -> int:
             "fsc_truth": [round(float(x), 3) for x in f_t], "fsc_gold_unmasked": [round(float(x), 3) for x in f_g]})
         (HERE / "results").mkdir(exist_ok=True)
         for name in ("initialmodel.log", "refine3d.log"):  # keep the per-iteration logs next to the JSON
-            (HERE / "results" / f"refine3d{('_' + TAG) if TAG else ''}_{name}").write_text((tmp / name).read_text())
+            if (tmp / name).exists():
+                (HERE / "results" / f"refine3d{('_' + TAG) if TAG else ''}_{name}").write_text((tmp / name).read_text())
     path = HERE / "results" / f"refine3d{('_' + TAG) if TAG else ''}.json"
     path.write_text(json.dumps(out, indent=2))
-    im, rf = out["initialmodel"], out["refine3d"]
-    print(f"initial model: {N} particles, {IM_ITER} iterations, {im['seconds']} s, {im['peak_rss_mb']} MB: FSC(truth) "
+    im, rf = out.get("initialmodel"), out["refine3d"]
+    if im:
+        print(f"initial model: {N} particles, {IM_ITER} iterations, {im['seconds']} s, {im['peak_rss_mb']} MB: FSC(truth) "
           f"0.5 at {im['fsc_truth_0.5_A']} Å (target <= {im['target_A']} Å: {'PASS' if im['pass'] else 'FAIL'}); {SYM} axes within "
-          f"{im['symmetry_axes_error_deg']}° of the truth ({'PASS' if im['pass_axes'] else 'FAIL'})")
+              f"{im['symmetry_axes_error_deg']}° of the truth ({'PASS' if im['pass_axes'] else 'FAIL'})")
     print(f"refine3d: {rf['seconds']} s, {rf['peak_rss_mb']} MB: FSC(truth) 0.5 at {rf['fsc_truth_0.5_A']} Å (target <= "
           f"{rf['target_A']} Å: {'PASS' if rf['pass_resolution'] else 'FAIL'}), gold-standard 0.143 at "
           f"{rf['gold_standard_0.143_A']} Å (ratio {rf['gold_vs_truth_ratio']}: "

@@ -707,10 +707,15 @@ class Optimiser3D(ParticleStream):
         fsc = self.update_rule.last_fsc.to(torch.float64)
         fsc[:, 0] = 1.0
         m.fsc = fsc.cpu()
+        # resolution as RELION's classification bookkeeping: data_vs_prior = mean(weight·T·τ²) of this mini-batch
+        # with τ² the new references' power — it grows only as the model gains high-resolution power (a
+        # self-limiting schedule; the momentum FSC estimate above would let a wrong early model use all frequencies)
         T = m.tau2_fudge
-        f = fsc.clamp(0.001, 0.999)
-        m.data_vs_prior[0] = (T * f / (1 - f)).cpu()
-        m.tau2[0] = torch.stack([reference_tau2_3d_safe(m.vols[0, k]) for k in range(K)]).cpu()
+        tau_new = torch.stack([reference_tau2_3d_safe(m.vols[0, k]) for k in range(K)])
+        both = bps[0].merge(bps[1])
+        sig_ref, dvp, cov = ssnr_3d(both, tau_new, T)
+        m.tau2[0], m.sigma2_ref[0], m.data_vs_prior[0], m.fourier_coverage[0] = (
+            tau_new.cpu(), sig_ref.cpu(), dvp.cpu(), cov.cpu())
         maxres = estimated_resolution_shell(m.data_vs_prior[0])
         m.estimated_resolution = torch.where(maxres > 0, n * m.pixel_size / maxres.clamp_min(1).to(torch.float64),
                                              torch.full_like(maxres, math.inf, dtype=torch.float64))
@@ -718,9 +723,8 @@ class Optimiser3D(ParticleStream):
     # -------------------------------------------------------------------------------------- bookkeeping
     def _update_resolution(self) -> None:
         s, m, smp = self.s, self.model, self.sampling
-        if s.split_halves or s.grad:
-            shell = gold_standard_resolution_shell(m.fsc, m.tau2_fudge if s.split_halves else 1.0, m.ori_size,
-                                                   s.minres_map)
+        if s.split_halves:
+            shell = gold_standard_resolution_shell(m.fsc, m.tau2_fudge, m.ori_size, s.minres_map)
         else:
             shell = current_resolution_shell(m.data_vs_prior[0], m.ori_size, s.minres_map)
         new = float(resolution_per_A(shell, m.ori_size, m.pixel_size))
