@@ -688,8 +688,10 @@ class Optimiser3D(ParticleStream):
         flat_idx = torch.nonzero(inside.reshape(-1)).reshape(-1)
         sh = shell.reshape(-1)[flat_idx]
         nn = float(n * n)
-        data = torch.stack([torch.stack([bp.bps[k].data.reshape(-1)[flat_idx] for k in range(K)]) for bp in bps])
-        weight = torch.stack([torch.stack([bp.bps[k].weight.reshape(-1)[flat_idx] for k in range(K)]) for bp in bps])
+        sym = [bp.symmetrised(None) for bp in bps]  # Hermitian symmetry on the x = 0 plane (C1)
+        data = torch.stack([torch.stack([d.reshape(-1)[flat_idx] for d, _ in st]) for st in sym])
+        weight = torch.stack([torch.stack([w.reshape(-1)[flat_idx] for _, w in st]) for st in sym])
+        del sym
         current = torch.stack([pr.data.reshape(-1)[flat_idx] / nn for pr in projs])
         tau2 = torch.zeros(K, n // 2 + 1, dtype=torch.float64, device=dev)
         new = self.update_rule(data, weight, current, tau2, sh, m.tau2_fudge, s.minres_map, r_cur,
