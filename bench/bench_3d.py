@@ -22,7 +22,7 @@ map alignment minimised over the group's operators.
 
 Environment: BENCH_N (5000), BENCH_SNR (0.05), BENCH_BOX (64), BENCH_APIX (3.0), BENCH_SYM (D2), BENCH_IM_ITER (initial-model
 iterations, 60; 0 skips the initial model), BENCH_REF_FROM ("initial": refine from the aligned de novo model;
-"truth": from the truth map low-passed to 40 Å, to measure refinement on its own), BENCH_THREADS (torch threads, 2),
+"truth": from the truth map low-passed to 30 Å, to measure refinement on its own), BENCH_THREADS (torch threads, 2),
 BENCH_TAG (suffix of the result file). Writes
 ``bench/results/refine3d[_TAG].json`` and prints a summary.
 """
@@ -145,13 +145,13 @@ def main() -> int:
         if REF_FROM == "truth":
             from cryopipe.engine.optimiser3d import lowpass_volume
 
-            write_mrc(tmp / "initial_model_aligned.mrc", lowpass_volume(truth_t, 40.0, APIX).numpy(), APIX)
-        out["refine_reference"] = ("truth map low-passed to 40 Å" if REF_FROM == "truth" else
+            write_mrc(tmp / "initial_model_aligned.mrc", lowpass_volume(truth_t, 30.0, APIX).numpy(), APIX)
+        out["refine_reference"] = ("truth map low-passed to 30 Å" if REF_FROM == "truth" else
                                    "de novo initial model, aligned to the truth")
         # ---- 2. refine
         out["refine3d"] = run(["refine3d", "--i", "sim/particles.star", "--o", "Refine3D/job002/",
-                               "--ref", "initial_model_aligned.mrc", "--ini_high", "40" if REF_FROM == "truth" else "20", "--particle_diameter",
-                               f"{diam:.1f}", "--sym", SYM, "--ctf", "--j", THREADS], tmp)
+                               "--ref", "initial_model_aligned.mrc", "--ini_high", "30" if REF_FROM == "truth" else "20", "--particle_diameter",
+                               f"{diam:.1f}", "--sym", SYM, "--ctf", "--flatten_solvent", "--zero_mask", "--j", THREADS], tmp)
         rf_log = (tmp / "refine3d.log").read_text()
         job = tmp / "Refine3D" / "job002"
         m, _ = read_mrc(job / "run_class001.mrc")

@@ -684,7 +684,7 @@ def refine_3d(
 #: CLI defaults (RELION's, where the GUI / relion_refine has one)
 DEFAULTS = dict(n_iter=50, tau2_fudge=1.0, particle_diameter=-1.0, healpix_order=2, auto_local_healpix_order=4,
                 offset_range=5.0, offset_step=1.0, oversampling=1, low_resol_join_halves=40.0, ini_high=50.0,
-                sigma_ang=0.0, adaptive_fraction=0.999, max_significant=-1, perturb=0.5, batch_size=32,
+                sigma_ang=0.0, adaptive_fraction=0.999, max_significant=200, perturb=0.5, batch_size=32,
                 incr_size=10, symmetry="C1", zero_mask=False, flatten_solvent=False, do_norm=False, do_scale=False,
                 auto_ignore_angles=False, auto_resol_angles=False, pad=2, random_seed=0, do_ctf=False,
                 ctf_intact_first_peak=False)
@@ -743,7 +743,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "faster')")
     g.add_argument("--adaptive_fraction", type=float, default=None, help="posterior mass kept (default 0.999)")
     g.add_argument("--maxsig", dest="max_significant", type=int, default=None,
-                   help="maximum significant samples per particle (default: no limit)")
+                   help="maximum significant coarse samples per particle (default 200; RELION: no limit; "
+                        "the limit bounds the cost of the broad posteriors of the first iterations)")
     g.add_argument("--perturb", type=float, default=None, help="random perturbation of the grid (default 0.5)")
     g.add_argument("--incr_size", type=int, default=None, help="shells beyond the current resolution (default 10)")
     g.add_argument("--pad", type=int, default=None, help="padding factor of the Fourier interpolation (default 2)")
