@@ -93,8 +93,12 @@ def angular_errors(data_star: Path, truth_star: Path) -> tuple[float, float, flo
     A = euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
     B = euler_to_matrix(b[:, 0], b[:, 1], b[:, 2])
 
+    from cryopipe.engine.orientations3d import proper_symmetry_operators
+
+    ops = proper_symmetry_operators(SYM).to(A.dtype)  # A and A·G give the same projection of a symmetric map
+
     def med_angle(M1, M2):
-        tr = torch.einsum("bij,bij->b", M1, M2)
+        tr = torch.einsum("bij,gjk,bik->bg", M1, ops, M2).amax(dim=1)  # tr(M2ᵀ·M1·G), best over the group
         return float(torch.rad2deg(torch.acos(((tr - 1) / 2).clamp(-1, 1))).median())
 
     raw = med_angle(A, B)
