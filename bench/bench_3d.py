@@ -166,7 +166,7 @@ def main() -> int:
         f_g = fsc(torch.from_numpy(h1), torch.from_numpy(h2))
         res_g = float(resolution_at(f_g, 0.143, APIX, BOX))
         raw, fitted, off = angular_errors(job / "run_data.star", tmp / "sim" / "particles_truth.star")
-        iters = len(re.findall(r"^.*iteration \d+", rf_log, flags=re.M))
+        iters = len(re.findall(r"iteration \d+(?: \(final[^)]*\))?: resolution", rf_log))
         out["refine3d"].update({
             "fsc_truth_0.5_A": round(res_t, 2), "target_A": round(2.6 * APIX, 2), "pass_resolution": res_t <= 2.6 * APIX,
             "gold_standard_0.143_A": round(res_g, 2),
