@@ -123,9 +123,9 @@ def _aligned_fsc_summary(map_path: Path, truth_path: Path) -> dict:
             "fsc_truth_0.143_A": round(float(resolution_at(f, 0.143, apix, n)), 2)}
 
 
-def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int = 3000, n_micrographs: int = 6,
+def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int = 3000, n_micrographs: int = 4,
              device: str | None = None, keep: bool = False, seed: int = 1, class2d_k: int = 6,
-             class2d_iter: int = 15, n_per_mic: int = 60, initial_iter: int = 30, refine_iter: int = 12,
+             class2d_iter: int = 15, n_per_mic: int = 40, initial_iter: int = 30, refine_iter: int = 12,
              do_3d: bool = True) -> dict:
     """Run the demo in a fresh project ``out_dir`` (replaced unless ``keep``) and return the summary."""
     root = Path(out_dir).resolve()
@@ -250,11 +250,11 @@ def _print_summary(s: dict) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--o", dest="output", default="cryopipe_demo", help="project folder to create (replaced if it exists)")
     p.add_argument("--n_particles", type=int, default=3000, help="simulated particles for the reconstruction")
-    p.add_argument("--n_micrographs", type=int, default=6, help="simulated micrographs for picking")
+    p.add_argument("--n_micrographs", type=int, default=4, help="simulated micrographs for picking")
     p.add_argument("--seed", type=int, default=1, help="random seed of the simulated data")
     p.add_argument("--class2d_K", dest="class2d_k", type=int, default=6, help="2D classes in the templates loop")
     p.add_argument("--class2d_iter", type=int, default=15, help="2D classification iterations")
-    p.add_argument("--n_per_mic", type=int, default=60, help="simulated particles per micrograph")
+    p.add_argument("--n_per_mic", type=int, default=40, help="simulated particles per micrograph")
     p.add_argument("--initial_iter", type=int, default=30, help="initial-model iterations")
     p.add_argument("--refine_iter", type=int, default=12, help="maximum refine3d iterations")
     p.add_argument("--no_3d", action="store_true", help="stop after the templates loop (no 3D steps)")
