@@ -33,7 +33,6 @@ from cryopipe.engine.estep import BatchResult, EStepSettings, TranslationGrid, e
 from cryopipe.engine.mstep import (
     current_resolution_shell,
     estimated_resolution_shell,
-    noise_spectrum,
     reference_tau2,
     regularised_update,
     resolution_per_A,
@@ -47,7 +46,13 @@ from cryopipe.engine.reference2d import (
     gridding_correction_2d,
     images_to_coefficients,
 )
-from cryopipe.engine.stream import ParticleSet, ParticleStream, repair_negative_spectra
+from cryopipe.engine.stream import (
+    ParticleSet,
+    ParticleStream,
+    add_particle_result,
+    repair_negative_spectra,
+    update_particle_model,
+)
 from cryopipe.engine.sampling import InPlaneSampling, coarse_image_size, psi_step_adjusted
 from cryopipe.errors import CryopipeError
 
@@ -540,21 +545,11 @@ class Optimiser2D(ParticleStream):
         rows = res.sample_class * Rf + f
         stats.S.view(K * Rf, P).index_add_(0, rows, res.S)
         stats.W.view(K * Rf, P).index_add_(0, rows, res.W)
-        stats.wsum_class += res.wsum_class
         origin = torch.as_tensor(self.state.origin[idx], dtype=torch.float64, device=dev)
         stats.wsum_offset += (res.wsum_class_per_image.to(torch.float64)[:, :, None] * origin[:, None, :]
                               + res.wsum_offset_rel.to(torch.float64)).sum(dim=0)
-        stats.wsum_sigma2_offset += res.wsum_sigma2_offset
-        stats.wsum_sigma2_noise += res.wsum_sigma2_noise
-        stats.sumw_group += res.sumw_group
-        stats.loglik += res.loglik.to(torch.float64).sum()
-        stats.pmax += res.pmax.to(torch.float64).sum()
-        stats.count += float(idx.size)
         grp = torch.as_tensor(p.group[idx], device=dev)
-        if s.do_scale:
-            sc = m.scale_correction.to(dev)[grp]
-            stats.scale_xa.index_add_(0, grp, res.scale_xa / sc)
-            stats.scale_aa.index_add_(0, grp, res.scale_aa / sc.square())
+        add_particle_result(stats, res, grp, m.scale_correction.to(dev)[grp] if s.do_scale else None)
         # per-particle assignments
         st = self.state
         fpsi = self.sampling.fine_psi(dev) if res.extra.get("two_pass", True) else self.sampling.coarse_psi(dev)
@@ -601,26 +596,12 @@ class Optimiser2D(ParticleStream):
         m.refs = refs.to(torch.float32)
         m.pdf_class = pdf
         m.prior_offset = prior
-        m.sigma2_offset = float(stats.wsum_sigma2_offset) / (2.0 * sum_w)
-        m.sigma2_noise = noise_spectrum(stats.wsum_sigma2_noise, stats.sumw_group, self.npix.to(dev),
-                                        previous=m.sigma2_noise)
-        if s.do_norm and float(stats.count) > 0:
-            m.avg_norm_correction = float(stats.wsum_norm) / float(stats.count)
-        if s.do_scale:
-            xa, aa = stats.scale_xa, stats.scale_aa
-            sc = torch.where(aa > 0, xa / aa.clamp_min(1e-300), torch.ones_like(aa))
-            med = torch.sort(sc).values[sc.numel() // 2]
-            sc = sc.clamp(min=float(med) / 5.0, max=5.0 * float(med))
-            cnt = m.group_counts.to(sc.device)
-            sc = sc / ((cnt * sc).sum() / cnt.sum())
-            m.scale_correction = sc
+        update_particle_model(m, stats, self.npix.to(dev), do_norm=s.do_norm, do_scale=s.do_scale)
         m.sigma2_ref, m.data_vs_prior, m.fourier_coverage = sigma2_ref, dvp, cov
         maxres = estimated_resolution_shell(dvp)
         m.estimated_resolution = torch.where(maxres > 0, m.ori_size * m.pixel_size / maxres.clamp_min(1).to(
             torch.float64), torch.full_like(maxres, math.inf, dtype=torch.float64)).cpu()
         m.total_fourier_coverage = total_fourier_coverage(cov, maxres.cpu())
-        m.LL = float(stats.loglik)
-        m.ave_pmax = float(stats.pmax) / max(float(stats.count), 1.0)
 
     def _changes(self, old: ParticleState2D, idx: np.ndarray) -> None:
         st = self.state

@@ -24,7 +24,7 @@ from cryopipe.engine.batch import mask_images
 from cryopipe.engine.coefficients import CoefficientSet
 from cryopipe.engine.mstep import noise_spectrum
 
-__all__ = ["ParticleSet", "ParticleStream", "ParticleSums", "update_particle_model", "initial_noise_spectra",
+__all__ = ["ParticleSet", "ParticleStream", "ParticleSums", "add_particle_result", "update_particle_model", "initial_noise_spectra",
            "repair_negative_spectra"]
 
 
@@ -115,16 +115,22 @@ class ParticleSums:
 
     def add_result(self, res, group: torch.Tensor, scale: torch.Tensor | None) -> None:
         """Add an E-step ``BatchResult`` (``group [B]`` scale groups; ``scale [B]`` current group scales)."""
-        self.wsum_class += res.wsum_class.to(torch.float64)
-        self.wsum_sigma2_offset += res.wsum_sigma2_offset
-        self.wsum_sigma2_noise += res.wsum_sigma2_noise
-        self.sumw_group += res.sumw_group
-        self.loglik += res.loglik.to(torch.float64).sum()
-        self.pmax += res.pmax.to(torch.float64).sum()
-        self.count += float(res.pmax.numel())
-        if scale is not None:
-            self.scale_xa.index_add_(0, group, res.scale_xa / scale)
-            self.scale_aa.index_add_(0, group, res.scale_aa / scale.square())
+        add_particle_result(self, res, group, scale)
+
+
+def add_particle_result(sums, res, group: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """Add the per-particle statistics of an E-step ``BatchResult`` to ``sums`` (a :class:`ParticleSums` or any
+    statistics object with its fields, e.g. 2D's ``Stats2D``), in place."""
+    sums.wsum_class += res.wsum_class.to(torch.float64)
+    sums.wsum_sigma2_offset += res.wsum_sigma2_offset
+    sums.wsum_sigma2_noise += res.wsum_sigma2_noise
+    sums.sumw_group += res.sumw_group
+    sums.loglik += res.loglik.to(torch.float64).sum()
+    sums.pmax += res.pmax.to(torch.float64).sum()
+    sums.count += float(res.pmax.numel())
+    if scale is not None:
+        sums.scale_xa.index_add_(0, group, res.scale_xa / scale)
+        sums.scale_aa.index_add_(0, group, res.scale_aa / scale.square())
 
 
 def update_particle_model(model, sums: ParticleSums, npix: torch.Tensor, *, do_norm: bool, do_scale: bool,
