@@ -580,7 +580,7 @@ class Optimiser3D(ParticleStream):
         if grad:
             self._maximise_grad(bps, cset, r_cur)
         else:
-            self._maximise_em(bps, r_cur, final)
+            self._maximise_em(bps, r_cur, final, refs_models)
         pdf = sums.wsum_class / sums.wsum_class.sum().clamp_min(1e-300)
         m.pdf_class = (pdf / pdf.sum()).cpu()
         update_particle_model(m, sums, self.npix.to(dev), do_norm=s.do_norm, do_scale=s.do_scale)
@@ -623,7 +623,10 @@ class Optimiser3D(ParticleStream):
             vols = vols.clamp_min(0)
         return vols
 
-    def _maximise_em(self, bps: list[ClassBackProjectors], r_cur: int, final: bool) -> None:
+    def _maximise_em(self, bps: list[ClassBackProjectors], r_cur: int, final: bool,
+                     refs_models: list[ClassReferences3D]) -> None:
+        """EM / gold-standard M-step; ``refs_models`` (the iteration's references, already in projectors) give the
+        reference spectra τ² (RELION computes them from the current reference at the start of the iteration)."""
         s, m, n, dev = self.s, self.model, self.n, self.dev
         sym = m.symmetry
         T = m.tau2_fudge
@@ -642,7 +645,7 @@ class Optimiser3D(ParticleStream):
                 self.last_halves = [h1.reconstruct(None, 1.0, sym), h2.reconstruct(None, 1.0, sym)]
                 h1.merge(h2)
                 stj = h1.symmetrised(sym)
-                tau_ref = torch.stack([reference_tau2_3d_safe(m.vols[0, k]) for k in range(K)])
+                tau_ref = refs_models[0].tau2()
                 sig_ref, _, cov = ssnr_3d(h1, tau_ref, T, stats=stj)
                 tau2, dvp = fsc_tau2(fsc, sig_ref, T, whole=True)
                 vol = h1.reconstruct(tau2, T, sym, minres_map=s.minres_map)
@@ -654,7 +657,7 @@ class Optimiser3D(ParticleStream):
             else:
                 vols = []
                 for h, (bp, stt) in enumerate(((h1, st1), (h2, st2))):
-                    tau_ref = torch.stack([reference_tau2_3d_safe(m.vols[h, k]) for k in range(K)])
+                    tau_ref = refs_models[h].tau2()
                     sig_ref, _, cov = ssnr_3d(bp, tau_ref, T, stats=stt)
                     tau2, dvp = fsc_tau2(fsc, sig_ref, T)
                     vols.append(self._flatten(bp.reconstruct(tau2, T, sym, minres_map=s.minres_map)))
@@ -664,16 +667,13 @@ class Optimiser3D(ParticleStream):
         else:
             bp = bps[0]
             stt = bp.symmetrised(sym)
-            tau_ref = torch.stack([reference_tau2_3d_safe(m.vols[0, k]) for k in range(K)])
+            tau_ref = refs_models[0].tau2()
             sig_ref, dvp, cov = ssnr_3d(bp, tau_ref, T, stats=stt)
             vol = self._flatten(bp.reconstruct(tau_ref, T, sym, minres_map=s.minres_map))
             m.vols = vol[None].cpu()
             m.tau2[0], m.sigma2_ref[0], m.data_vs_prior[0], m.fourier_coverage[0] = (
                 tau_ref.cpu(), sig_ref.cpu(), dvp.cpu(), cov.cpu())
-        maxres = estimated_resolution_shell(m.data_vs_prior[0])
-        m.estimated_resolution = torch.where(maxres > 0, n * m.pixel_size / maxres.clamp_min(1).to(torch.float64),
-                                             torch.full_like(maxres, math.inf, dtype=torch.float64))
-        m.total_fourier_coverage = total_fourier_coverage(m.fourier_coverage[0], maxres)
+        self._estimated_resolution()
 
     def _maximise_grad(self, bps: list[ClassBackProjectors], cset: CoefficientSet, r_cur: int) -> None:
         """VDAM update on the padded Fourier grids (:class:`~cryopipe.engine.vdam.GradUpdate`; the grid of each
@@ -718,11 +718,17 @@ class Optimiser3D(ParticleStream):
         sig_ref, dvp, cov = ssnr_3d(both, tau_new, T)
         m.tau2[0], m.sigma2_ref[0], m.data_vs_prior[0], m.fourier_coverage[0] = (
             tau_new.cpu(), sig_ref.cpu(), dvp.cpu(), cov.cpu())
-        maxres = estimated_resolution_shell(m.data_vs_prior[0])
-        m.estimated_resolution = torch.where(maxres > 0, n * m.pixel_size / maxres.clamp_min(1).to(torch.float64),
-                                             torch.full_like(maxres, math.inf, dtype=torch.float64))
+        self._estimated_resolution()
 
     # -------------------------------------------------------------------------------------- bookkeeping
+    def _estimated_resolution(self) -> None:
+        """Per-class rlnEstimatedResolution (Å) and overall Fourier completeness from model 1's spectra."""
+        m = self.model
+        maxres = estimated_resolution_shell(m.data_vs_prior[0])
+        m.estimated_resolution = torch.where(maxres > 0, m.ori_size * m.pixel_size / maxres.clamp_min(1).to(
+            torch.float64), torch.full_like(maxres, math.inf, dtype=torch.float64))
+        m.total_fourier_coverage = total_fourier_coverage(m.fourier_coverage[0], maxres)
+
     def _update_resolution(self) -> None:
         s, m, smp = self.s, self.model, self.sampling
         if s.split_halves:
