@@ -21,7 +21,7 @@ run in C1, then its symmetry axes are found and applied (``--sym``), and the axe
 map alignment minimised over the group's operators.
 
 Environment: BENCH_N (5000), BENCH_SNR (0.05), BENCH_BOX (64), BENCH_APIX (3.0), BENCH_SYM (D2), BENCH_IM_ITER (initial-model
-iterations, 60; 0 skips the initial model), BENCH_REF_FROM ("initial": refine from the aligned de novo model;
+iterations, 100; 0 skips the initial model), BENCH_REF_FROM ("initial": refine from the aligned de novo model;
 "truth": from the truth map low-passed to 30 Å, to measure refinement on its own), BENCH_THREADS (torch threads, 2),
 BENCH_TAG (suffix of the result file). Writes
 ``bench/results/refine3d[_TAG].json`` and prints a summary.
@@ -55,7 +55,7 @@ SNR = float(os.environ.get("BENCH_SNR", 0.05))
 BOX = int(os.environ.get("BENCH_BOX", 64))
 APIX = float(os.environ.get("BENCH_APIX", 3.0))
 SYM = os.environ.get("BENCH_SYM", "D2")
-IM_ITER = int(os.environ.get("BENCH_IM_ITER", 60))
+IM_ITER = int(os.environ.get("BENCH_IM_ITER", 100))
 THREADS = os.environ.get("BENCH_THREADS", "2")
 REF_FROM = os.environ.get("BENCH_REF_FROM", "initial")  # "initial": the de novo model; "truth": truth low-passed
 TAG = os.environ.get("BENCH_TAG", "")
@@ -155,7 +155,7 @@ def main() -> int:
                                    "de novo initial model, aligned to the truth")
         # ---- 2. refine
         out["refine3d"] = run(["refine3d", "--i", "sim/particles.star", "--o", "Refine3D/job002/",
-                               "--ref", "initial_model_aligned.mrc", "--ini_high", "30" if REF_FROM == "truth" else "20", "--particle_diameter",
+                               "--ref", "initial_model_aligned.mrc", "--ini_high", "30", "--particle_diameter",
                                f"{diam:.1f}", "--sym", SYM, "--ctf", "--flatten_solvent", "--zero_mask", "--j", THREADS], tmp)
         rf_log = (tmp / "refine3d.log").read_text()
         job = tmp / "Refine3D" / "job002"

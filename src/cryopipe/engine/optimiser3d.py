@@ -79,6 +79,9 @@ __all__ = ["Refine3DSettings", "ParticleState3D", "Model3D", "AutoSampling", "It
 # containers
 # ------------------------------------------------------------------------------------------------------------
 
+GRAD_MODEL_MOMENTUM = 0.9  # RELION --mu: noise, class and offset priors in gradient mini-batch runs
+
+
 @dataclass
 class Refine3DSettings:
     """Options (RELION option names in brackets; pixels unless stated)."""
@@ -119,6 +122,7 @@ class Refine3DSettings:
     sigma_ang: float = 0.0  # --sigma_ang (degrees; > 0: local searches from the start)
     sigma_noise_particles: int = 1000  # particles per optics group for the initial noise spectra
     grad: bool = False  # --grad (VDAM mini-batches; no half-sets)
+    auto_sampling: bool = False  # --auto_sampling (gradient runs: finer HEALPix order every 10th iteration, up to 3)
 
 
 @dataclass
@@ -392,7 +396,7 @@ class Optimiser3D(ParticleStream):
         if volume is None:
             r_px = self.particle_diameter / (2.0 * p.pixel_size)
             vols = torch.stack([random_blob_volume(n, r_px, gen) for _ in range(K)]).to(dev)
-            lp = s.ini_high if s.ini_high > 0 else 4.0 * n * p.pixel_size / n * 10
+            lp = s.ini_high if s.ini_high > 0 else n * p.pixel_size / max(1, round(0.07 * n))  # as RELION
             vols = lowpass_volume(vols, max(lp, 2.5 * p.pixel_size), p.pixel_size) * self.mask3d
             absolute_greyscale = False
         else:
@@ -425,8 +429,8 @@ class Optimiser3D(ParticleStream):
             padding_factor=s.pad)
         # first iteration's resolution: the low-pass of the initial reference (RELION --ini_high)
         ini = s.ini_high if s.ini_high > 0 else 30.0
-        if volume is None and s.grad:
-            ini = max(ini, 4.0 * p.pixel_size)
+        if volume is None and s.grad and s.ini_high <= 0:
+            ini = n * p.pixel_size / max(1, round(0.07 * n))  # RELION's de novo start: 0.07 × box shells
         shell = max(int(s.minres_map), int(round(n * p.pixel_size / ini)))
         model.current_resolution = float(resolution_per_A(shell, n, p.pixel_size))
         model.current_size = int(min(2 * (shell + s.incr_size), n))
@@ -518,6 +522,7 @@ class Optimiser3D(ParticleStream):
         K, G, ns = m.n_classes, p.n_optics_groups, m.n_shells
         final = bool(self.sampling.has_converged) and s.split_halves and s.auto_refine
         grad = s.grad
+        sub = -1
         # ---- particles of this iteration
         if grad:
             sub = self.update_rule.subset_size(it, p.size)
@@ -578,12 +583,15 @@ class Optimiser3D(ParticleStream):
         self.samples_evaluated = n_samples
         # ---- M-step
         if grad:
-            self._maximise_grad(bps, cset, r_cur)
+            self._maximise_grad(bps, cset, r_cur, refs_models)
         else:
             self._maximise_em(bps, r_cur, final, refs_models)
+        # gradient runs on a mini-batch mix the particle-level estimates with momentum (RELION --mu 0.9)
+        mu = GRAD_MODEL_MOMENTUM if grad and 0 < sub < p.size else 0.0
         pdf = sums.wsum_class / sums.wsum_class.sum().clamp_min(1e-300)
-        m.pdf_class = (pdf / pdf.sum()).cpu()
-        update_particle_model(m, sums, self.npix.to(dev), do_norm=s.do_norm, do_scale=s.do_scale)
+        pdf = (pdf / pdf.sum()).cpu()
+        m.pdf_class = mu * m.pdf_class.to(pdf.dtype) + (1.0 - mu) * pdf if mu > 0 else pdf
+        update_particle_model(m, sums, self.npix.to(dev), do_norm=s.do_norm, do_scale=s.do_scale, momentum=mu)
         # ---- resolution, accuracies, changes, sampling
         self._changes(old, np.concatenate(groups))
         if final:
@@ -593,6 +601,8 @@ class Optimiser3D(ParticleStream):
             self._accuracies(refs_models, cset)
             if s.auto_refine and not grad:
                 self._update_sampling()
+            elif grad and s.auto_sampling:
+                self._update_sampling_grad()
         secs = time.perf_counter() - t0
         smp = self.sampling
         return IterationReport3D(
@@ -675,7 +685,8 @@ class Optimiser3D(ParticleStream):
                 tau_ref.cpu(), sig_ref.cpu(), dvp.cpu(), cov.cpu())
         self._estimated_resolution()
 
-    def _maximise_grad(self, bps: list[ClassBackProjectors], cset: CoefficientSet, r_cur: int) -> None:
+    def _maximise_grad(self, bps: list[ClassBackProjectors], cset: CoefficientSet, r_cur: int,
+                       refs_models: list[ClassReferences3D]) -> None:
         """VDAM update on the padded Fourier grids (:class:`~cryopipe.engine.vdam.GradUpdate`; the grid of each
         class is the coefficient vector, ``shell = round(|p|/pad)``)."""
         s, m, n, dev = self.s, self.model, self.n, self.dev
@@ -703,21 +714,18 @@ class Optimiser3D(ParticleStream):
             vols.append(Projector.from_grid(g.reshape(projs[k].data.shape), n, s.pad).to_volume())
         vols = self._flatten(torch.stack(vols))
         m.vols = vols[None].cpu()
-        # spectra for the files: τ² of the new references; data_vs_prior from the update's FSC estimate (momentum
-        # noise vs reference power, floored by the FSC of the two momentum-updated pseudo-half estimates: the
-        # mini-batch back-projections alone are far noisier than the model they update)
+        # the update's per-shell FSC estimate (momentum noise against reference power) for the files
         fsc = self.update_rule.last_fsc.to(torch.float64)
         fsc[:, 0] = 1.0
         m.fsc = fsc.cpu()
-        # resolution as RELION's classification bookkeeping: data_vs_prior = mean(weight·T·τ²) of this mini-batch
-        # with τ² the new references' power — it grows only as the model gains high-resolution power (a
-        # self-limiting schedule; the momentum FSC estimate above would let a wrong early model use all frequencies)
+        # resolution as RELION's gradient runs: data_vs_prior = mean(weight·T·τ²) per shell of the first
+        # pseudo-half's statistics, τ² the power of the references this mini-batch was aligned against; shells
+        # beyond the current size have no weight, so the resolution grows at most incr_size shells per iteration
         T = m.tau2_fudge
-        tau_new = torch.stack([reference_tau2_3d_safe(m.vols[0, k]) for k in range(K)])
-        both = bps[0].merge(bps[1])
-        sig_ref, dvp, cov = ssnr_3d(both, tau_new, T)
+        tau_ref = refs_models[0].tau2()
+        sig_ref, dvp, cov = ssnr_3d(bps[0], tau_ref, T)
         m.tau2[0], m.sigma2_ref[0], m.data_vs_prior[0], m.fourier_coverage[0] = (
-            tau_new.cpu(), sig_ref.cpu(), dvp.cpu(), cov.cpu())
+            tau_ref.cpu(), sig_ref.cpu(), dvp.cpu(), cov.cpu())
         self._estimated_resolution()
 
     # -------------------------------------------------------------------------------------- bookkeeping
@@ -868,6 +876,32 @@ class Optimiser3D(ParticleStream):
         if smp.has_fine_enough and smp.nr_iter_wo_resol_gain >= 1 and \
                 (s.auto_ignore_angles or smp.nr_iter_wo_large_changes >= 1):
             smp.has_converged = True
+
+    def _update_sampling_grad(self) -> None:
+        """RELION's ``--auto_sampling`` in gradient runs (angle changes ignored): every 10th iteration, when the
+        resolution did not improve in the last iteration and the fine angular step is not yet below 0.75 × the
+        estimated accuracy, one HEALPix order finer (never beyond order 3: no local searches in gradient runs) and
+        offsets from the translational accuracy, as in auto-refine."""
+        s, m, smp, p, it = self.s, self.model, self.sampling, self.p, self.iteration
+        if it < 10:
+            smp.nr_iter_wo_resol_gain = 0
+        if it % 10 != 0 or it <= 1 or smp.nr_iter_wo_resol_gain < 1 or smp.healpix_order + 1 >= 4:
+            return
+        os_ = s.oversampling
+        if angular_step(smp.healpix_order + os_) < 0.75 * float(m.acc_rot.min()):
+            return
+        acc_trans_px = float(m.acc_trans.min()) / p.pixel_size
+        new_step = min(min(1.5, 0.75 * acc_trans_px) * 2 ** os_, smp.offset_step)
+        new_range = min(3.0 * self.changes["offsets"] / p.pixel_size, 1.3 * smp.offset_range)
+        new_range = max(new_range, 1.5 * new_step)
+        if new_range > 4 * new_step:
+            new_range /= 2
+        if new_range > 4 * new_step:
+            new_step = new_range / 4
+        smp.offset_step = float(max(new_step, 1e-3))
+        smp.offset_range = float(min(new_range, smp.offset_range))
+        smp.healpix_order += 1
+        smp.nr_iter_wo_resol_gain = 0
 
     def finish_next(self) -> None:
         """Make the next iteration the final one (halves joined, all frequencies), e.g. when ``--iter`` runs out

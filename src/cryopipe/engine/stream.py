@@ -134,16 +134,26 @@ def add_particle_result(sums, res, group: torch.Tensor, scale: torch.Tensor | No
 
 
 def update_particle_model(model, sums: ParticleSums, npix: torch.Tensor, *, do_norm: bool, do_scale: bool,
-                          offset_dim: int = 2) -> None:
+                          offset_dim: int = 2, momentum: float = 0.0) -> None:
     """RELION's updates of the particle-level model fields from :class:`ParticleSums` (in place on ``model``:
     ``sigma2_noise``, ``sigma2_offset`` (``Σw|Δo|²/(D·Σw)``), ``avg_norm_correction``, ``scale_correction``
-    (clipped to [median/5, 5·median] and normalised to a particle-weighted mean of 1), ``LL``, ``ave_pmax``)."""
+    (clipped to [median/5, 5·median] and normalised to a particle-weighted mean of 1), ``LL``, ``ave_pmax``).
+
+    ``momentum`` μ (RELION ``--mu``, used by gradient runs on mini-batches): each estimate enters as
+    ``μ·old + (1 − μ)·new``, so one small mini-batch cannot swing the noise model; 0 replaces (EM)."""
+    mu = float(momentum)
+
+    def mix(old, new):
+        return new if mu <= 0 or old is None else mu * old + (1.0 - mu) * new
+
     sum_w = float(sums.wsum_class.sum())
     if sum_w > 0:
-        model.sigma2_offset = float(sums.wsum_sigma2_offset) / (offset_dim * sum_w)
-    model.sigma2_noise = noise_spectrum(sums.wsum_sigma2_noise, sums.sumw_group, npix, previous=model.sigma2_noise)
+        model.sigma2_offset = float(mix(model.sigma2_offset, float(sums.wsum_sigma2_offset) / (offset_dim * sum_w)))
+    new_noise = noise_spectrum(sums.wsum_sigma2_noise, sums.sumw_group, npix, previous=model.sigma2_noise)
+    model.sigma2_noise = mix(model.sigma2_noise.to(new_noise.device, new_noise.dtype)
+                             if model.sigma2_noise is not None else None, new_noise)
     if do_norm and float(sums.count) > 0:
-        model.avg_norm_correction = float(sums.wsum_norm) / float(sums.count)
+        model.avg_norm_correction = float(mix(model.avg_norm_correction, float(sums.wsum_norm) / float(sums.count)))
     if do_scale:
         xa, aa = sums.scale_xa, sums.scale_aa
         sc = torch.where(aa > 0, xa / aa.clamp_min(1e-300), torch.ones_like(aa))
@@ -151,7 +161,7 @@ def update_particle_model(model, sums: ParticleSums, npix: torch.Tensor, *, do_n
         sc = sc.clamp(min=float(med) / 5.0, max=5.0 * float(med))
         cnt = model.group_counts.to(sc.device)
         sc = sc / ((cnt * sc).sum() / cnt.sum())
-        model.scale_correction = sc
+        model.scale_correction = mix(model.scale_correction.to(sc.device, sc.dtype), sc)
     model.LL = float(sums.loglik)
     model.ave_pmax = float(sums.pmax) / max(float(sums.count), 1.0)
 

@@ -13,12 +13,11 @@ differs. Re-derived from RELION 5 (``MlOptimiser::updateSubsetSize``, ``updateSt
 * gradient per pseudo-half ``g_h = (data_h − weight_h·F) / max(1, weight_h)``; first moments
   ``m1_h ← 0.9·m1_h + 0.1·g_h`` (first: ``g_h``); second moment (from 1)
   ``m2 ← 0.999·m2 + 0.001·|g₂ − g₁|²/(|(g₁ + g₂)/2|² + 1e-12)``; direction ``g = mean_h(m1_h)/√m2``; per shell
-  mean amplitudes ``N = ⟨|m1₁ − m1₂|⟩``, ``A = ⟨|F|⟩``, ``snr = 2T·A/N``,
-  ``f = max(snr/(1 + snr), FSC(F + m1₁, F + m1₂))`` clipped to [0, 1]; update ``F ← F + s_k·(f·g − (1 − f)·F)``.
+  mean amplitudes ``N = ⟨|m1₁ − m1₂|⟩``, ``A = ⟨|F|⟩``, ``snr = 2T·A/N``, ``f = snr/(1 + snr)``; update
+  ``F ← F + s_k·(f·g − (1 − f)·F)``.
 
 Not implemented (documented deviations): momentum (``--mu``) on class priors/offset priors, the replacement of
-inactive classes (``--class_inactivity_threshold``); RELION's FSC-of-halves floor is taken between the two
-momentum-updated pseudo-half estimates.
+inactive classes (``--class_inactivity_threshold``).
 """
 
 from __future__ import annotations
@@ -226,13 +225,9 @@ class GradUpdate:
             1, sh, (m1[1] - m1[0]).abs()) / cnt.clamp_min(1)  # mean amplitudes, as RELION
         power = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, F.abs()) / cnt.clamp_min(1)
         snr = torch.where(noise > 0, 2.0 * tau2_fudge * power / noise.clamp_min(1e-300), torch.zeros_like(noise))
-        # FSC between the two pseudo-half estimates F + m1_h (RELION's fsc_halves term: a floor for f)
-        h1, h2 = F + m1[0], F + m1[1]
-        num = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, (h1 * h2.conj()).real)
-        d1 = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, h1.abs().square())
-        d2 = torch.zeros(K, ns, dtype=torch.float64, device=dev).index_add_(1, sh, h2.abs().square())
-        fsc_h = num / torch.sqrt(d1 * d2).clamp_min(1e-300)
-        f_shell = torch.maximum(snr / (1.0 + snr), fsc_h).clamp(0.0, 1.0)  # [K, ns]
+        # RELION floors this estimate with the FSC of true half-sets (rlnFourierShellCorrelation), which are zero
+        # without --split_random_halves; the two pseudo-halves share the reference, so their FSC is no floor
+        f_shell = (snr / (1.0 + snr)).clamp(0.0, 1.0)  # [K, ns]
         self.last_fsc = f_shell  # the per-shell FSC estimate of the update (resolution bookkeeping)
         f = f_shell[:, sh]  # [K, P]
         step_k = class_step(self.step(iteration), pdf_class.to(dev))[:, None]

@@ -244,9 +244,9 @@ def _rule(s: Refine3DSettings, g: dict) -> GradUpdate:
 #: CLI defaults (RELION's InitialModel job: --healpix_order 1 --offset_range 6 --offset_step 2 --tau2_fudge 4
 #: --flatten_solvent --zero_mask; --iter 100 as in the tutorials, the GUI has 200)
 DEFAULTS = dict(n_iter=100, n_classes=1, tau2_fudge=4.0, particle_diameter=-1.0, healpix_order=1, offset_range=6.0,
-                offset_step=2.0, oversampling=1, ini_high=-1.0, adaptive_fraction=0.999, max_significant=-1,
+                offset_step=2.0, oversampling=1, ini_high=-1.0, adaptive_fraction=0.999, max_significant=100,
                 perturb=0.5, batch_size=32, incr_size=10, zero_mask=True, flatten_solvent=True, non_negative=False,
-                pad=2, random_seed=0, do_ctf=False, ctf_intact_first_peak=False, do_norm=False, do_scale=False)
+                pad=2, random_seed=0, auto_sampling=False, do_ctf=False, ctf_intact_first_peak=False, do_norm=False, do_scale=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -283,6 +283,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offset_step", type=float, default=None, help="translation step (pixels, default 2)")
     g.add_argument("--oversampling", type=int, default=None, help="adaptive oversampling order (default 1)")
     g.add_argument("--pad", type=int, default=None, help="padding factor (default 2)")
+    g.add_argument("--maxsig", dest="max_significant", type=int, default=None,
+                   help="at most this many significant coarse samples per particle (default 100 × K, RELION's "
+                        "gradient default; -1: no limit)")
     g = p.add_argument_group("gradient (VDAM)")
     g.add_argument("--grad_ini_frac", type=float, default=None, help="fraction of iterations at the initial subset")
     g.add_argument("--grad_fin_frac", type=float, default=None, help="fraction of iterations at the final subset")
@@ -294,7 +297,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size", type=int, default=None, help="particles per batch (default 32)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--alias", default=None, help="job alias (project jobs)")
-    for flag in ("--grad", "--denovo_3dref", "--auto_sampling", "--dont_combine_weights_via_disc", "--cpu", "--gpu",
+    g.add_argument("--auto_sampling", action="store_true", default=None,
+                   help="RELION's automatic sampling in gradient runs: every 10th iteration without a resolution gain, "
+                        "one HEALPix order finer (up to order 3) and finer offsets (off by default: each order costs "
+                        "8x more; RELION's GUI turns it on)")
+    for flag in ("--grad", "--denovo_3dref", "--dont_combine_weights_via_disc", "--cpu", "--gpu",
                  "--preread_images", "--no_parallel_disc_io", "--pipeline_control", "--scratch_dir"):
         g.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     g.add_argument("--pool", type=int, default=None, help=argparse.SUPPRESS)
@@ -306,7 +313,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.j:
         torch.set_num_threads(int(args.j))
-    settings, given = settings_from_args(args, DEFAULTS)
+    d = dict(DEFAULTS)
+    d["max_significant"] = 100 * int(args.n_classes or DEFAULTS["n_classes"])  # RELION: 100·K in gradient runs
+    settings, given = settings_from_args(args, d)
     if settings.n_classes < 1:
         raise CryopipeError(f"--K {settings.n_classes}: need at least one class")
     sym = canonical_symmetry_name(args.sym)
