@@ -27,10 +27,12 @@ from cryopipe.engine.coefficients import coefficient_set
 from cryopipe.engine.estep import EStepSettings, TranslationGrid, expectation
 from cryopipe.engine.mstep import reference_tau2
 from cryopipe.engine.orientations3d import (
+    direction_distribution,
     healpix_orientations,
     local_batch_order,
     local_orientations,
     orientation_distances,
+    proper_symmetry_operators,
 )
 from cryopipe.engine.reference3d import (
     ClassBackProjectors,
@@ -465,3 +467,24 @@ def test_gold_standard_helpers():
     s_c1 = ssnr_3d(h1, torch.zeros(1, n // 2 + 1))[0]
     s_c2 = ssnr_3d(h1, torch.zeros(1, n // 2 + 1), symmetry="C2")[0]
     assert torch.allclose(s_c1[0, 1:], 2 * s_c2[0, 1:], rtol=0.02)
+
+
+def test_direction_distribution_counts_views_up_to_symmetry():
+    """Particles at HEALPix directions land in their own direction's bin (psi irrelevant); with D2 the
+    orientations A and A·G (same projection) land in the same bin; a class without particles is uniform."""
+    from cryopipe.core.healpix import healpix_directions
+
+    rot, tilt = healpix_directions(1)
+    ang = torch.stack([rot[[3, 3, 17]], tilt[[3, 3, 17]], torch.tensor([0.0, 120.0, 45.0], dtype=torch.float64)], 1)
+    r, t, pdf = direction_distribution(ang, torch.tensor([0, 0, 0]), 2, 1, "C1")
+    assert r.numel() == 48 and torch.allclose(r, rot) and torch.allclose(t, tilt)
+    assert float(pdf[0, 3]) == pytest.approx(2 / 3) and float(pdf[0, 17]) == pytest.approx(1 / 3)
+    assert torch.allclose(pdf[1], torch.full((48,), 1 / 48, dtype=torch.float64))
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(50, 3, generator=g, dtype=torch.float64) * torch.tensor([360.0, 180.0, 360.0], dtype=torch.float64)
+    A = euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
+    ops = proper_symmetry_operators("D2")
+    b = matrix_to_euler(A @ ops[2].to(A.dtype)).reshape(-1, 3)
+    rd, _, pa = direction_distribution(a, torch.zeros(50, dtype=torch.long), 1, 2, "D2")
+    _, _, pb = direction_distribution(b, torch.zeros(50, dtype=torch.long), 1, 2, "D2")
+    assert rd.numel() < 192 and torch.allclose(pa, pb)

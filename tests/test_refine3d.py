@@ -101,6 +101,15 @@ def test_files_tables_and_pipeline_nodes(project, monkeypatch):
     smp = read_star(d / "run_it001_sampling.star")["sampling_general"]
     assert smp["rlnIs3DSampling"] == 1 and smp["rlnHealpixOrder"] == 1 and smp["rlnPsiStep"] == pytest.approx(30)
     assert smp["rlnOffsetRange"] == pytest.approx(8.0) and smp["rlnSymmetryGroup"] == "C1"
+    # the sampled directions and, per class, the particles' distribution over them (RELION's pdf_orient)
+    sdir = read_star(d / "run_it001_sampling.star")["sampling_directions"]
+    assert list(sdir.columns) == ["rlnAngleRot", "rlnAngleTilt"] and len(sdir) == 48  # HEALPix order 1, C1
+    for model, sampling in (("run_it001_half1_model.star", "run_it001_sampling.star"),
+                            ("run_model.star", "run_sampling.star")):
+        po = read_star(d / model)["model_pdf_orient_class_1"]["rlnOrientationDistribution"].to_numpy(float)
+        order = int(read_star(d / sampling)["sampling_general"]["rlnHealpixOrder"])
+        assert po.size == 12 * 4 ** order == len(read_star(d / sampling)["sampling_directions"])
+        assert po.min() >= 0 and po.sum() == pytest.approx(1.0) and (po > 0).sum() > 10  # spread over views
     # pipeline: RELION 5 Refine3D output nodes
     pipe = read_pipeline(project / "default_pipeline.star")
     nodes = {k: v for k, v in pipe.nodes.items() if k.startswith("Refine3D/job002/")}

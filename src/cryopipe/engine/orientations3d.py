@@ -48,7 +48,7 @@ from cryopipe.core.healpix import (
 from cryopipe.errors import CryopipeError
 
 __all__ = ["OrientationSet3D", "healpix_orientations", "proper_symmetry_operators", "orientation_distances",
-           "local_orientations", "local_batch_order"]
+           "local_orientations", "local_batch_order", "direction_distribution"]
 
 
 @dataclass
@@ -280,3 +280,36 @@ def local_batch_order(prior_angles: torch.Tensor, level: int = 6) -> torch.Tenso
     for b in range(L - 1, -1, -1):  # L levels, most significant first
         key = key * 8 + ((ipf >> (2 * b)) & 3) * 2 + ((ipsi >> b) & 1)
     return torch.argsort(key, stable=True)
+
+
+def direction_distribution(angles: torch.Tensor, klass: torch.Tensor, n_classes: int, order: int,
+                           sym: str | None = "C1") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rot [D], tilt [D], pdf [K, D])``: the HEALPix directions of ``order`` kept for ``sym`` (degrees; the
+    rows of RELION's ``data_sampling_directions``) and, per class, the fraction of its particles whose viewing
+    direction is nearest to each of them over the group's copies (RELION's ``data_model_pdf_orient_class_N``,
+    rlnOrientationDistribution, here from each particle's best orientation). ``angles [N, 3]`` (rot, tilt, psi
+    degrees), ``klass [N]`` (0-based; other values are ignored). A class without particles gets a uniform pdf.
+
+    The viewing direction of orientation ``A`` is its third row ``(cos rot·sin tilt, sin rot·sin tilt, cos tilt)``;
+    ``A·G`` (``G`` a symmetry rotation) gives the same projection, with direction ``A[2]·G``."""
+    pix = asymmetric_unit_pixels(order, sym, device="cpu")
+    rot_all, tilt_all = healpix_directions(order, device="cpu")
+    rot, tilt = rot_all[pix], tilt_all[pix]
+    r, t = torch.deg2rad(rot), torch.deg2rad(tilt)
+    dirs = torch.stack([torch.cos(r) * torch.sin(t), torch.sin(r) * torch.sin(t), torch.cos(t)], dim=-1)  # [D, 3]
+    a = torch.as_tensor(angles, dtype=torch.float64).reshape(-1, 3).cpu()
+    k = torch.as_tensor(klass, dtype=torch.int64).reshape(-1).cpu()
+    pdf = torch.zeros(n_classes, dirs.shape[0], dtype=torch.float64)
+    if a.shape[0]:
+        ops = proper_symmetry_operators(sym)
+        chunk = max(1, 2 ** 22 // max(1, ops.shape[0] * dirs.shape[0]))  # bounded memory: [chunk, G, D] scores
+        for i in range(0, a.shape[0], chunk):  # particle chunks
+            ai, ki = a[i:i + chunk], k[i:i + chunk]
+            A = euler_to_matrix(ai[:, 0], ai[:, 1], ai[:, 2]).to(torch.float64)
+            v = torch.einsum("nj,gjk->ngk", A[:, 2, :], ops)  # [n, G, 3] symmetry copies of each direction
+            best = torch.einsum("ngk,dk->ngd", v, dirs).amax(dim=1).argmax(dim=1)  # [n] nearest kept direction
+            ok = (ki >= 0) & (ki < n_classes)
+            pdf.index_put_((ki[ok], best[ok]), torch.ones(int(ok.sum()), dtype=torch.float64), accumulate=True)
+    tot = pdf.sum(dim=1, keepdim=True)
+    pdf = torch.where(tot > 0, pdf / tot.clamp_min(1e-300), torch.full_like(pdf, 1.0 / dirs.shape[0]))
+    return rot, tilt, pdf

@@ -111,7 +111,7 @@ def write_model_star(path: str | os.PathLike, model, reference_stack: str,
 
 
 def model_blocks_3d(model, half: int, reference_images: list[str], group_names: list[str] | None = None,
-                    sigma_ang: float = 0.0) -> dict:
+                    sigma_ang: float = 0.0, pdf_orient=None) -> dict:
     """The blocks of a RELION 3D ``_model.star`` (``relion_refine`` 3D: auto-refine half models, the joined
     ``run_model.star``, initial model) for model ``half`` (0-based index into the ``[H, K, ...]`` arrays) of a
     :class:`~cryopipe.engine.optimiser3d.Model3D`.
@@ -119,10 +119,9 @@ def model_blocks_3d(model, half: int, reference_images: list[str], group_names: 
     Args:
         reference_images: per class, the map's name as written in rlnReferenceImage (project-relative ``.mrc``).
         sigma_ang: local-search σ (degrees; > 0 written as RELION's orientational prior, mode 1).
-
-    ``data_model_pdf_orient_class_N`` (the orientation distribution over HEALPix directions) is omitted: cryopipe
-    does not keep it and RELION reads a model without it (it only uses it for ``--sigma_ang`` priors of the next
-    iteration, which cryopipe keeps in the particles' angles).
+        pdf_orient: ``[K, D]`` orientation distribution over the sampling's HEALPix directions
+            (:func:`cryopipe.engine.orientations3d.direction_distribution`), written as
+            ``data_model_pdf_orient_class_N`` (rlnOrientationDistribution); None leaves those tables out.
     """
     K, ns, n, apix = model.n_classes, model.n_shells, model.ori_size, model.pixel_size
     G = int(model.sigma2_noise.shape[0])
@@ -180,13 +179,18 @@ def model_blocks_3d(model, half: int, reference_images: list[str], group_names: 
             "rlnSpectralOrientabilityContribution": np.zeros(ns),
         })
     blocks.update(_group_blocks(model, groups, G, shells, res, group_names))
+    if pdf_orient is not None:
+        po = _np(pdf_orient).astype(float)
+        for k in range(K):
+            blocks[f"model_pdf_orient_class_{k + 1}"] = pd.DataFrame({"rlnOrientationDistribution": po[k]})
     return blocks
 
 
 def write_model_star_3d(path: str | os.PathLike, model, half: int, reference_images: list[str],
-                        group_names: list[str] | None = None, sigma_ang: float = 0.0) -> None:
+                        group_names: list[str] | None = None, sigma_ang: float = 0.0, pdf_orient=None) -> None:
     """Write ``path`` (atomically) as RELION's 3D ``_model.star`` (:func:`model_blocks_3d`)."""
-    write_star(path, model_blocks_3d(model, half, reference_images, group_names, sigma_ang), version=STAR_VERSION)
+    write_star(path, model_blocks_3d(model, half, reference_images, group_names, sigma_ang, pdf_orient),
+               version=STAR_VERSION)
 
 
 def _group_blocks(model, groups: int, G: int, shells: np.ndarray, res: np.ndarray,
@@ -309,12 +313,15 @@ def write_sampling_star(path: str | os.PathLike, sampling, pixel_size: float, or
 
 
 def write_sampling_star_3d(path: str | os.PathLike, sampling, pixel_size: float, symmetry: str,
-                           original: tuple[int, float, float], perturbation_factor: float = 0.5) -> None:
+                           original: tuple[int, float, float], perturbation_factor: float = 0.5,
+                           directions=None) -> None:
     """``_sampling.star`` of a 3D run (RELION ``HealpixSampling::write``, 3D): HEALPix order, ψ step (= the
     HEALPix step, degrees), offsets in Å, the perturbation; ``sampling`` is an
     :class:`~cryopipe.engine.optimiser3d.AutoSampling` (offsets in pixels), ``original`` = (HEALPix order,
     offset range px, offset step px) at the start of the run. The local-search σ is in the model.star
-    (rlnSigmaPriorRotAngle …), as in RELION."""
+    (rlnSigmaPriorRotAngle …), as in RELION. ``directions``: ``(rot, tilt)`` degrees of the HEALPix directions
+    kept for the symmetry (:func:`cryopipe.engine.orientations3d.direction_distribution`), written as
+    ``data_sampling_directions``."""
     from cryopipe.core.healpix import angular_step
 
     vals = {
@@ -334,7 +341,11 @@ def write_sampling_star_3d(path: str | os.PathLike, sampling, pixel_size: float,
         "rlnOffsetRangeOriginal": float(original[1] * pixel_size),
         "rlnOffsetStepOriginal": float(original[2] * pixel_size),
     }
-    write_star(path, {"sampling_general": vals}, version=STAR_VERSION)
+    blocks: dict = {"sampling_general": vals}
+    if directions is not None:
+        blocks["sampling_directions"] = pd.DataFrame({"rlnAngleRot": _np(directions[0]).astype(float),
+                                                      "rlnAngleTilt": _np(directions[1]).astype(float)})
+    write_star(path, blocks, version=STAR_VERSION)
 
 
 def read_sampling_star(path: str | os.PathLike) -> dict:

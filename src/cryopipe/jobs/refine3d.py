@@ -51,6 +51,7 @@ from cryopipe.engine.optimiser3d import (
     ParticleState3D,
     Refine3DSettings,
 )
+from cryopipe.engine.orientations3d import direction_distribution
 from cryopipe.engine.relion_files import (
     read_model_star,
     read_optimiser_star,
@@ -439,6 +440,15 @@ def write_iteration_3d(opt: Optimiser3D, data: ParticleData, out_dir: Path, pref
     sigma_ang = float(opt.sampling.sigma_ang)
     vols = m.vols.detach().cpu().numpy().astype(np.float32)
     maps: list[Path] = []
+    # orientation distribution over the sampling's directions (model.star pdf_orient, sampling.star directions)
+    st = opt.state
+    d_sym = m.symmetry if not opt.s.grad else "C1"
+    d_order = int(opt.sampling.healpix_order)
+
+    def pdf_of(sel):
+        return direction_distribution(st.angles[sel], st.klass[sel], K, d_order, d_sym)[2]
+
+    d_rot, d_tilt, pdf_all = direction_distribution(st.angles, st.klass, K, d_order, d_sym)
     if opt.s.split_halves:
         for h in range(2):
             names = []
@@ -454,7 +464,7 @@ def write_iteration_3d(opt: Optimiser3D, data: ParticleData, out_dir: Path, pref
                 maps.append(mp)
                 names.append(_rel(mp, root))
             mpath = Path(f"{base}_half{h + 1}_model.star")
-            write_model_star_3d(mpath, m, h, names, sigma_ang=sigma_ang)
+            write_model_star_3d(mpath, m, h, names, sigma_ang=sigma_ang, pdf_orient=pdf_of(st.subset == h + 1))
             paths["model" if h == 0 else "model2"] = mpath
         if final:
             paths["half_maps"] = [maps[0], maps[K]]
@@ -465,7 +475,8 @@ def write_iteration_3d(opt: Optimiser3D, data: ParticleData, out_dir: Path, pref
                 joined.append(mp)
             paths["map"] = joined[0]
             paths["model_joined"] = Path(f"{base}_model.star")
-            write_model_star_3d(paths["model_joined"], m, 0, [_rel(p, root) for p in joined], sigma_ang=sigma_ang)
+            write_model_star_3d(paths["model_joined"], m, 0, [_rel(p, root) for p in joined], sigma_ang=sigma_ang,
+                                pdf_orient=pdf_all)
     else:
         names = []
         for k in range(K):
@@ -474,10 +485,11 @@ def write_iteration_3d(opt: Optimiser3D, data: ParticleData, out_dir: Path, pref
             maps.append(mp)
             names.append(_rel(mp, root))
         paths["model"] = Path(f"{base}_model.star")
-        write_model_star_3d(paths["model"], m, 0, names, sigma_ang=sigma_ang)
+        write_model_star_3d(paths["model"], m, 0, names, sigma_ang=sigma_ang, pdf_orient=pdf_all)
     paths["maps"] = maps
     write_particles(paths["data"], data_table_3d(data, opt), star_version=50001)
-    write_sampling_star_3d(paths["sampling"], opt.sampling, apix, m.symmetry, original, opt.s.perturb)
+    write_sampling_star_3d(paths["sampling"], opt.sampling, apix, m.symmetry, original, opt.s.perturb,
+                           directions=(d_rot, d_tilt))
     rel = {k: _rel(v, root) for k, v in paths.items() if isinstance(v, Path)}
     write_optimiser_star(paths["optimiser"],
                          optimiser_values_3d(opt, _rel(out_dir / prefix, root), rel, n_iter,
