@@ -122,6 +122,7 @@ class Refine3DSettings:
     sigma_ang: float = 0.0  # --sigma_ang (degrees; > 0: local searches from the start)
     sigma_noise_particles: int = 1000  # particles per optics group for the initial noise spectra
     grad: bool = False  # --grad (VDAM mini-batches; no half-sets)
+    solvent_correct_fsc: bool = False  # --solvent_correct_fsc (needs a solvent mask)
     auto_sampling: bool = False  # --auto_sampling (gradient runs: finer HEALPix order every 10th iteration, up to 3)
 
 
@@ -353,6 +354,7 @@ class Optimiser3D(ParticleStream):
         self.particle_diameter = diam
         r_px = diam / (2.0 * particles.pixel_size)
         self.mask2d = soft_circular_mask(n, r_px, settings.width_mask_edge, device=self.dev)
+        self.has_solvent_mask = solvent_mask is not None
         self.mask3d = (solvent_mask.to(self.dev, torch.float32) if solvent_mask is not None else
                        soft_spherical_mask(n, r_px, settings.width_mask_edge, device=self.dev))
         self.changes = {"orientations": 999.0, "offsets": 999.0, "classes": 1.0}
@@ -649,6 +651,8 @@ class Optimiser3D(ParticleStream):
                 join_halves_at_low_resolution(h1, h2, lowres)
             st1, st2 = h1.symmetrised(sym), h2.symmetrised(sym)
             fsc = halfset_fsc(h1, h2, stats1=st1, stats2=st2)
+            if s.solvent_correct_fsc and self.has_solvent_mask:
+                fsc = self._solvent_corrected_fsc(h1, h2, sym, fsc)
             m.fsc = fsc.cpu()
             if final:
                 # unregularised half maps (run_half?_class001_unfil.mrc), then the joined map
@@ -684,6 +688,34 @@ class Optimiser3D(ParticleStream):
             m.tau2[0], m.sigma2_ref[0], m.data_vs_prior[0], m.fourier_coverage[0] = (
                 tau_ref.cpu(), sig_ref.cpu(), dvp.cpu(), cov.cpu())
         self._estimated_resolution()
+
+    def _solvent_corrected_fsc(self, h1: ClassBackProjectors, h2: ClassBackProjectors, sym: str,
+                               fsc_unmasked: torch.Tensor) -> torch.Tensor:
+        """RELION's ``--solvent_correct_fsc``: FSC of the unregularised half maps inside the solvent mask,
+        corrected for the mask by phase randomisation (as ``relion_postprocess``: phases randomised beyond the
+        shell where the unmasked FSC drops below 0.8, ``(FSC_masked − FSC_random)/(1 − FSC_random)`` from two
+        shells further), per class. Shells before the randomisation point keep the masked FSC."""
+        from cryopipe.core.fsc import fsc as fsc_maps
+        from cryopipe.core.postprocess import RelionRandom, corrected_fsc, randomization_shell, randomize_phases_beyond
+
+        v1 = h1.reconstruct(None, 1.0, sym)
+        v2 = h2.reconstruct(None, 1.0, sym)
+        mask = self.mask3d.to(v1.device, v1.dtype)
+        out = fsc_unmasked.clone().to(torch.float64)
+        rng = RelionRandom(int(self.s.random_seed) + 31 * self.iteration)
+        ns = out.shape[-1]
+        for k in range(v1.shape[0]):  # K classes
+            fm = fsc_maps(v1[k] * mask, v2[k] * mask).to(out.device, torch.float64)[:ns]
+            at = randomization_shell(fsc_unmasked[k])
+            if at <= 0 or at + 2 >= ns:
+                out[k] = fm
+                continue
+            r1 = randomize_phases_beyond(v1[k], at, rng) * mask
+            r2 = randomize_phases_beyond(v2[k], at, rng) * mask
+            fr = fsc_maps(r1, r2).to(out.device, torch.float64)[:ns]
+            out[k] = corrected_fsc(fm, fr, at)
+        out[:, 0] = 1.0
+        return out.to(fsc_unmasked.dtype)
 
     def _maximise_grad(self, bps: list[ClassBackProjectors], cset: CoefficientSet, r_cur: int,
                        refs_models: list[ClassReferences3D]) -> None:

@@ -305,6 +305,7 @@ def optimiser_values_3d(opt: Optimiser3D, prefix_rel: str, files: dict[str, str]
         "rlnWidthMaskEdge": int(round(s.width_mask_edge)),
         "rlnDoZeroMask": int(s.zero_mask),
         "rlnDoSolventFlattening": int(s.flatten_solvent),
+        "rlnDoSolventFscCorrection": int(s.solvent_correct_fsc),
         "rlnSolventMaskName": solvent_mask,
         "rlnSolventMask2Name": "None",
         "rlnTauSpectrumName": "None",
@@ -369,6 +370,7 @@ def stored_settings(vals: dict, settings: Refine3DSettings, sampling_vals: dict)
         "particle_diameter": get("rlnParticleDiameter", float, s.particle_diameter),
         "zero_mask": get("rlnDoZeroMask", b, s.zero_mask),
         "flatten_solvent": get("rlnDoSolventFlattening", b, s.flatten_solvent),
+        "solvent_correct_fsc": get("rlnDoSolventFscCorrection", b, s.solvent_correct_fsc),
         "oversampling": get("rlnAdaptiveOversampleOrder", int, s.oversampling),
         "adaptive_fraction": get("rlnAdaptiveOversampleFraction", float, s.adaptive_fraction),
         "random_seed": get("rlnRandomSeed", int, s.random_seed),
@@ -699,7 +701,7 @@ DEFAULTS = dict(n_iter=50, tau2_fudge=1.0, particle_diameter=-1.0, healpix_order
                 sigma_ang=0.0, adaptive_fraction=0.999, max_significant=200, perturb=0.5, batch_size=32,
                 incr_size=10, symmetry="C1", zero_mask=False, flatten_solvent=False, do_norm=False, do_scale=False,
                 auto_ignore_angles=False, auto_resol_angles=False, pad=2, random_seed=0, do_ctf=False,
-                ctf_intact_first_peak=False)
+                ctf_intact_first_peak=False, solvent_correct_fsc=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -710,6 +712,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output prefix, RELION style (e.g. Refine3D/job011/run); a directory means prefix 'run'")
     g.add_argument("--ref", default=None, help="initial reference map (MRC, the particles' box)")
     g.add_argument("--solvent_mask", default=None, help="mask (MRC, 0..1) for solvent flattening")
+    g.add_argument("--solvent_correct_fsc", action="store_true", default=None,
+                   help="FSC of the half maps inside --solvent_mask, corrected by phase randomisation (resolution "
+                        "and regularisation follow the masked FSC)")
     g.add_argument("--continue", dest="continue_", default=None, metavar="OPTIMISER_STAR",
                    help="continue from this _itNNN_optimiser.star; --o defaults to its prefix")
     g = p.add_argument_group("reference")
@@ -810,6 +815,9 @@ def main(args: argparse.Namespace) -> int:
     same_job = args.continue_ is not None and out_dir is not None and \
         Path(args.continue_).resolve().parent == Path(out_dir).resolve()
     in_type = NodeType.TOMO_OPTIMISATION_SET if args.i and is_optimisation_set(args.i) else NodeType.PARTICLES
+    if settings.solvent_correct_fsc and args.solvent_mask is None and args.continue_ is None and \
+            in_type != NodeType.TOMO_OPTIMISATION_SET:
+        raise CryopipeError("--solvent_correct_fsc needs a --solvent_mask (the mask the FSC is corrected for)")
     inputs = [(args.i, in_type), (args.ref, NodeType.DENSITY_MAP), (args.solvent_mask, NodeType.MASK3D)]
     params = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     with open_job_dir(str(out_dir) + "/" if out_dir is not None else None, "Refine3D", ProcessLabel.REFINE3D,
