@@ -47,6 +47,7 @@ from cryopipe.engine.reference2d import (
     images_to_coefficients,
 )
 from cryopipe.engine.stream import (
+    GRAD_MODEL_MOMENTUM,
     ParticleSet,
     ParticleStream,
     add_particle_result,
@@ -442,6 +443,8 @@ class Optimiser2D(ParticleStream):
             sub = rule.subset_size(it, p.size)
         else:
             sub = fast_subset_size(it, K, p.size) if s.fast_subsets else -1
+        # gradient mini-batches mix the particle-level estimates with momentum (RELION --mu)
+        self._mu = GRAD_MODEL_MOMENTUM if hasattr(rule, "subset_size") and 0 < sub < p.size else 0.0
         if hasattr(rule, "tau2_fudge"):
             m.tau2_fudge = float(rule.tau2_fudge(it))
         idx_all = self.rng.permutation(p.size)
@@ -594,9 +597,13 @@ class Optimiser2D(ParticleStream):
                              pdf.to(dev), self.iteration)
         refs = coefficients_to_images(F, cset) / corr
         m.refs = refs.to(torch.float32)
+        mu = float(getattr(self, "_mu", 0.0))
+        if mu > 0:
+            pdf = mu * m.pdf_class.to(pdf.device, pdf.dtype) + (1.0 - mu) * pdf
+            prior = mu * m.prior_offset.to(prior.device, prior.dtype) + (1.0 - mu) * prior
         m.pdf_class = pdf
         m.prior_offset = prior
-        update_particle_model(m, stats, self.npix.to(dev), do_norm=s.do_norm, do_scale=s.do_scale)
+        update_particle_model(m, stats, self.npix.to(dev), do_norm=s.do_norm, do_scale=s.do_scale, momentum=mu)
         m.sigma2_ref, m.data_vs_prior, m.fourier_coverage = sigma2_ref, dvp, cov
         maxres = estimated_resolution_shell(dvp)
         m.estimated_resolution = torch.where(maxres > 0, m.ori_size * m.pixel_size / maxres.clamp_min(1).to(

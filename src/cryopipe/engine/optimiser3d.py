@@ -67,8 +67,8 @@ from cryopipe.engine.reference3d import (
     ssnr_3d,
 )
 from cryopipe.engine.sampling import coarse_image_size, oversample_translations, translation_grid
-from cryopipe.engine.stream import ParticleSet, ParticleStream, ParticleSums, initial_noise_spectra, \
-    update_particle_model
+from cryopipe.engine.stream import GRAD_MODEL_MOMENTUM, ParticleSet, ParticleStream, ParticleSums, \
+    initial_noise_spectra, update_particle_model
 from cryopipe.errors import CryopipeError
 
 __all__ = ["Refine3DSettings", "ParticleState3D", "Model3D", "AutoSampling", "IterationReport3D", "Optimiser3D",
@@ -78,9 +78,6 @@ __all__ = ["Refine3DSettings", "ParticleState3D", "Model3D", "AutoSampling", "It
 # ------------------------------------------------------------------------------------------------------------
 # containers
 # ------------------------------------------------------------------------------------------------------------
-
-GRAD_MODEL_MOMENTUM = 0.9  # RELION --mu: noise, class and offset priors in gradient mini-batch runs
-
 
 @dataclass
 class Refine3DSettings:

@@ -24,7 +24,8 @@ from cryopipe.engine.batch import mask_images
 from cryopipe.engine.coefficients import CoefficientSet
 from cryopipe.engine.mstep import noise_spectrum
 
-__all__ = ["ParticleSet", "ParticleStream", "ParticleSums", "add_particle_result", "update_particle_model", "initial_noise_spectra",
+__all__ = ["GRAD_MODEL_MOMENTUM", "ParticleSet", "ParticleStream", "ParticleSums", "add_particle_result",
+           "update_particle_model", "initial_noise_spectra",
            "repair_negative_spectra"]
 
 
@@ -131,6 +132,11 @@ def add_particle_result(sums, res, group: torch.Tensor, scale: torch.Tensor | No
     if scale is not None:
         sums.scale_xa.index_add_(0, group, res.scale_xa / scale)
         sums.scale_aa.index_add_(0, group, res.scale_aa / scale.square())
+
+
+#: RELION ``--mu``: gradient runs on mini-batches mix the noise spectra, class and offset priors, norm and scale
+#: corrections of each mini-batch into the model with this momentum (0 when a batch is all particles)
+GRAD_MODEL_MOMENTUM = 0.9
 
 
 def update_particle_model(model, sums: ParticleSums, npix: torch.Tensor, *, do_norm: bool, do_scale: bool,

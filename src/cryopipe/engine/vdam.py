@@ -16,8 +16,9 @@ differs. Re-derived from RELION 5 (``MlOptimiser::updateSubsetSize``, ``updateSt
   mean amplitudes ``N = ⟨|m1₁ − m1₂|⟩``, ``A = ⟨|F|⟩``, ``snr = 2T·A/N``, ``f = snr/(1 + snr)``; update
   ``F ← F + s_k·(f·g − (1 − f)·F)``.
 
-Not implemented (documented deviations): momentum (``--mu``) on class priors/offset priors, the replacement of
-inactive classes (``--class_inactivity_threshold``).
+The optimisers mix the particle-level estimates of each mini-batch (noise spectra, class and offset priors, norm
+and scale) into the model with RELION's momentum ``--mu 0.9`` (:data:`cryopipe.engine.stream.GRAD_MODEL_MOMENTUM`).
+Not implemented (documented deviation): the replacement of inactive classes (``--class_inactivity_threshold``).
 """
 
 from __future__ import annotations
