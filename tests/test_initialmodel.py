@@ -155,3 +155,18 @@ def test_de_novo_model_matches_the_truth(tmp_path, monkeypatch):
     assert float(f0[4:7].mean()) < 0.2
     assert float(f[4:7].mean()) >= 0.35
     assert float(resolution_at(f, 0.5, 4.0, 24)) <= 32.0
+
+
+def test_extra_classes_and_largest_class_output(project, monkeypatch):
+    """``--K 2`` (an extra class as a sink): two class maps per written iteration, class distributions that sum
+    to 1, and, with ``--sym C1``, ``initial_model.mrc`` is the largest class as it is."""
+    monkeypatch.chdir(project)
+    assert cli(["initialmodel", "--i", "Simulate/job001/particles.star", "--o", "K2/", "--ctf", "--iter", "3",
+                "--K", "2", "--grad_write_iter", "3", "--random_seed", "3", *FAST]) == 0
+    d = project / "K2"
+    m = read_star(d / "run_it003_model.star")["model_classes"]
+    assert len(m) == 2 and m["rlnClassDistribution"].sum() == pytest.approx(1.0, abs=1e-6)
+    assert len(read_star(d / "run_it003_model.star")["model_pdf_orient_class_2"]) == 12  # HEALPix order 0
+    k = int(np.argmax(m["rlnClassDistribution"].to_numpy()))
+    big = read_mrc(d / f"run_it003_class{k + 1:03d}.mrc")[0]
+    assert np.allclose(read_mrc(d / "initial_model.mrc")[0], big, atol=1e-6 * np.abs(big).max())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 import torch
 
 from cryopipe.core.fourier import fourier_rescale
@@ -39,3 +43,24 @@ def test_align_volumes_recovers_rotation_shift_and_hand(relion_dir):
         assert float(f[1:6].min()) > 0.9, f  # two trilinear resamplings blur the highest shells
         cc = float(torch.corrcoef(torch.stack([al.aligned.flatten(), v.flatten()]))[0, 1])
         assert cc > 0.85, cc  # a wrong pose gives < 0.3; the residue is trilinear blur (two resamplings)
+
+
+def test_symmetry_axes_error_up_to_the_axes_own_symmetries():
+    """A rotation that only permutes D2's 2-folds (120° about x+y+z) or swaps them (90° about z) leaves the axis
+    set in place: error 0; a 5° tilt gives 5°. Cn: only the z line counts (any rotation about z: 0)."""
+    from cryopipe.core.volume_align import symmetry_axes_error
+
+    def rot(axis, deg):
+        a = torch.tensor(axis, dtype=torch.float64)
+        a = a / a.norm()
+        K = torch.tensor([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]], dtype=torch.float64)
+        t = math.radians(deg)
+        return torch.eye(3, dtype=torch.float64) + math.sin(t) * K + (1 - math.cos(t)) * K @ K
+
+    assert symmetry_axes_error(rot((1, 1, 1), 120), "D2") < 1e-6
+    assert symmetry_axes_error(rot((0, 0, 1), 90), "D2") < 1e-6
+    assert symmetry_axes_error(rot((1, 0, 0), 5) @ rot((1, 1, 1), 120), "D2") == pytest.approx(5.0, abs=1e-6)
+    assert symmetry_axes_error(rot((0, 0, 1), 37), "C4") < 1e-6
+    assert symmetry_axes_error(rot((0, 1, 0), 3), "C4") == pytest.approx(3.0, abs=1e-6)
+    assert symmetry_axes_error(rot((0, 0, 1), 90), "D3") == pytest.approx(30.0, abs=1e-6)  # D6 normaliser: 30°
+    assert symmetry_axes_error(rot((1, 2, 3), 4), "C1") == 0.0

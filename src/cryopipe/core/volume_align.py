@@ -20,7 +20,7 @@ import torch
 from cryopipe.core.fourier import fourier_rescale, irfft3_centered, rfft3_centered
 from cryopipe.core.geometry import euler_to_matrix
 
-__all__ = ["VolumeAlignment", "rotate_volume", "align_volumes"]
+__all__ = ["VolumeAlignment", "rotate_volume", "align_volumes", "symmetry_axes_error"]
 
 
 @dataclass
@@ -161,3 +161,30 @@ def align_volumes(moving: torch.Tensor, fixed: torch.Tensor, *, pixel_size: floa
     t = torch.tensor([wrap(ix), wrap(iy), wrap(iz)], dtype=torch.float32)
     aligned = torch.roll(rot_full, shifts=(int(t[2]), int(t[1]), int(t[0])), dims=(0, 1, 2))
     return VolumeAlignment(R.to(torch.float64), t, bool(mirror), float(score), aligned)
+
+
+def symmetry_axes_error(rotation: torch.Tensor, sym: str) -> float:
+    """Angle (degrees) by which ``rotation`` (e.g. :attr:`VolumeAlignment.rotation` of a map symmetrised in
+    RELION's convention onto a truth built in that convention) moves the group's symmetry axes off themselves,
+    as a set of lines: ``Cn``: the angle between ``R·z`` and the z line; otherwise the smallest rotation angle of
+    ``R·N`` over the rotations ``N`` that map the axis set onto itself (the group's normaliser: ``O`` for D2 and T,
+    ``D2n`` for Dn, the group itself for O and I). Which of D2's three equivalent 2-folds lies on z is a free
+    choice of the convention, hence the normaliser. ``C1``: 0."""
+    from cryopipe.core.symmetry import canonical_symmetry_name, symmetry_operators
+
+    name = canonical_symmetry_name(sym)
+    R = torch.as_tensor(rotation, dtype=torch.float64).cpu()
+    if name == "C1":
+        return 0.0
+    if name.startswith("C"):
+        return float(torch.rad2deg(torch.acos(R[2, 2].abs().clamp(max=1.0))))
+    if name == "D2" or name == "T":
+        norm = "O"
+    elif name.startswith("D"):
+        norm = f"D{2 * int(name[1:])}"
+    else:
+        norm = name
+    ops = symmetry_operators(norm, dtype=torch.float64).cpu()
+    ops = ops[torch.linalg.det(ops) > 0]
+    tr = torch.einsum("ij,gji->g", R, ops).max()  # max tr(R·N)
+    return float(torch.rad2deg(torch.acos(((tr - 1.0) / 2.0).clamp(-1.0, 1.0))))

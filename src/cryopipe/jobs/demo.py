@@ -8,15 +8,16 @@ what was done and how well.
 Steps so far:
 1. ``simulate --what particles``: particle stack of PDB 3ENL (enolase) with CTF and noise, truth angles.
 2. ``reconstruct --ctf`` from the true angles: FSC against the truth map (0.5 and 0.143 crossings).
-3. ``simulate --what micrographs``: micrographs with particles at known positions, contamination blobs.
+3. ``simulate --what micrographs``: micrographs with particles at known positions, contamination blobs (by default
+   the D2 tetramer of 3ENL, ``--sym C1`` for the monomer).
 4. ``autopick --LoG``: Laplacian-of-Gaussian picking; precision / recall against the true coordinates.
 5. ``extract``: boxes of the picks, normalised, contrast inverted.
 6. ``class2d``: 2D classification of the LoG-picked particles.
 7. ``select --classes --auto --recenter``: automatic class selection; re-centred averages become templates.
 8. ``autopick --ref``: template picking with those class averages; precision / recall again (the tutorial's
    templates loop: it should beat LoG).
-9. ``extract``: the template-picked particles, Fourier-rescaled to box 32 for the 3D steps.
-10. ``initialmodel``: de novo 3D model (gradient-driven, random-blob start, C1).
+9. ``extract``: the template-picked particles, Fourier-rescaled to box 48 (4 Å/px) for the 3D steps.
+10. ``initialmodel``: de novo 3D model (gradient-driven, random-blob start, run in C1; D2 axes found and applied).
 11. ``refine3d``: gold-standard auto-refine from the initial model.
 12. ``mask-create``: a soft solvent mask from the refined map.
 13. ``postprocess``: masked, phase-randomisation-corrected FSC of the half maps, sharpening.
@@ -100,7 +101,7 @@ def _pick_summary(autopick_dir: Path, sim_dir: Path, diameter_A: float, apix: fl
     return total.as_dict()
 
 
-def _aligned_fsc_summary(map_path: Path, truth_path: Path) -> dict:
+def _aligned_fsc_summary(map_path: Path, truth_path: Path, sym: str = "C1") -> dict:
     """FSC of a map against the truth after rigid alignment (rotation, shift, hand), truth rescaled to the map's
     box (same physical size)."""
     import torch
@@ -114,19 +115,34 @@ def _aligned_fsc_summary(map_path: Path, truth_path: Path) -> dict:
     t, apix_t = read_mrc(truth_path)
     mt, tt = torch.from_numpy(m), torch.from_numpy(t)
     n = mt.shape[-1]
-    if tt.shape[-1] != n:  # same field of view: Fourier-rescale (crop) the truth to the map's box
-        tt = fourier_rescale(tt, n)
+    if abs(apix_t - apix) > 1e-3 * apix:  # Fourier-rescale the truth to the map's pixel size
+        tt = fourier_rescale(tt, int(round(tt.shape[-1] * apix_t / apix)))
+    if tt.shape[-1] != n:  # then window it (centred) to the map's box
+        nt = tt.shape[-1]
+        if nt > n:
+            a = nt // 2 - n // 2
+            tt = tt[a:a + n, a:a + n, a:a + n]
+        else:
+            a = n // 2 - nt // 2
+            tt = torch.nn.functional.pad(tt, (a, n - nt - a) * 3)
     al = align_volumes(mt, tt, pixel_size=apix, resolution_A=max(12.0, 3 * apix), order=1)
     f = fsc(al.aligned, tt)
-    return {"pixel_size_A": apix, "box": n, "hand_flipped": al.mirror,
-            "fsc_truth_0.5_A": round(float(resolution_at(f, 0.5, apix, n)), 2),
-            "fsc_truth_0.143_A": round(float(resolution_at(f, 0.143, apix, n)), 2)}
+    out = {"pixel_size_A": apix, "box": n, "hand_flipped": al.mirror,
+           "fsc_truth_0.5_A": round(float(resolution_at(f, 0.5, apix, n)), 2),
+           "fsc_truth_0.143_A": round(float(resolution_at(f, 0.143, apix, n)), 2)}
+    if sym.upper() != "C1":
+        # the map and the truth are both in the group's convention: what the alignment still has to rotate
+        # (up to the axes' own symmetries) is the error of the map's symmetry axes
+        from cryopipe.core.volume_align import symmetry_axes_error
+
+        out["symmetry_axes_error_deg"] = round(symmetry_axes_error(al.rotation, sym), 2)
+    return out
 
 
-def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int = 3000, n_micrographs: int = 4,
+def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int = 3000, n_micrographs: int = 8,
              device: str | None = None, keep: bool = False, seed: int = 1, class2d_k: int = 6,
-             class2d_iter: int = 15, n_per_mic: int = 40, initial_iter: int = 30, refine_iter: int = 12,
-             do_3d: bool = True) -> dict:
+             class2d_iter: int = 15, n_per_mic: int = 40, initial_iter: int = 60, refine_iter: int = 12,
+             do_3d: bool = True, sym: str = "D2") -> dict:
     """Run the demo in a fresh project ``out_dir`` (replaced unless ``keep``) and return the summary."""
     root = Path(out_dir).resolve()
     if root.exists() and not keep:
@@ -138,7 +154,12 @@ def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int =
     steps: list[dict] = []
     summary: dict = {"project": str(root)}
     t_start = time.perf_counter()
-    diameter = 75.0  # Å, 3ENL
+    # the micrographs hold 3ENL (C1: the monomer, ~75 Å) or its point-group assembly (e.g. D2, ~130 Å)
+    monomer = sym.upper() == "C1"
+    diameter = 75.0 if monomer else 130.0  # Å, for scoring picks
+    log_min, log_max = ("60", "85") if monomer else ("100", "150")
+    mask_diam = "100" if monomer else "150"  # class2d mask and template picking (Å)
+    fom_threshold = "1.0" if monomer else "0.4"  # template-matching FOM threshold (tuned on the demo's data)
     with _chdir(root):
         # 1-2: particles with known angles -> reconstruction
         apix_p = 1.5
@@ -153,9 +174,9 @@ def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int =
         apix_m = 3.0
         _run(["simulate", "--what", "micrographs", "--o", "Simulate/job003/", "--n", str(n_micrographs),
               "--angpix", str(apix_m), "--mic_size", "1024", "--n_per_mic", str(n_per_mic), "--snr", "0.5",
-              "--n_blobs", "1", "--seed", str(seed + 1)] + dev, steps)
+              "--n_blobs", "1", "--seed", str(seed + 1), "--sym", sym] + dev, steps)
         _run(["autopick", "--i", "Simulate/job003/micrographs.star", "--odir", "AutoPick/job004/", "--LoG",
-              "--LoG_diam_min", "60", "--LoG_diam_max", "85", "--shrink", "0", "--lowpass", "20",
+              "--LoG_diam_min", log_min, "--LoG_diam_max", log_max, "--shrink", "0", "--lowpass", "20",
               "--LoG_adjust_threshold", "3"] + dev, steps)
         summary["autopick_log"] = _pick_summary(Path("AutoPick/job004"), Path("Simulate/job003"), diameter, apix_m)
         _run(["extract", "--i", "Simulate/job003/micrographs.star", "--coord_list", "AutoPick/job004/autopick.star",
@@ -165,20 +186,20 @@ def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int =
         summary["extract"] = {"n_particles": len(read_particles(Path("Extract/job005/particles.star")))}
         # 6-9: the templates loop: 2D classes of the LoG picks -> automatic selection -> template picking
         _run(["class2d", "--i", "Extract/job005/particles.star", "--o", "Class2D/job006/", "--K", str(class2d_k),
-              "--iter", str(class2d_iter), "--tau2_fudge", "2", "--particle_diameter", "100", "--ctf", "--zero_mask",
+              "--iter", str(class2d_iter), "--tau2_fudge", "2", "--particle_diameter", mask_diam, "--ctf", "--zero_mask",
               "--random_seed", str(seed)] + dev, steps)
         last = f"Class2D/job006/run_it{class2d_iter:03d}_optimiser.star"
         _run(["select", "--classes", "--i", last, "--o", "Select/job007/", "--auto", "--recenter"], steps)
         _run(["autopick", "--i", "Simulate/job003/micrographs.star", "--odir", "AutoPick/job008/", "--ref",
               "Select/job007/class_averages.star", "--invert", "--ctf", "--ang", "10", "--lowpass", "20", "--shrink", "0",
-              "--particle_diameter", "85", "--threshold", "1.0"] + dev, steps)
+              "--particle_diameter", "85" if monomer else mask_diam, "--threshold", fom_threshold] + dev, steps)
         summary["autopick_template"] = _pick_summary(Path("AutoPick/job008"), Path("Simulate/job003"), diameter, apix_m)
         _run(["extract", "--i", "Simulate/job003/micrographs.star", "--coord_list", "AutoPick/job008/autopick.star",
-              "--o", "Extract/job009/", "--extract_size", "64", "--scale", "32", "--norm", "--invert_contrast"]
+              "--o", "Extract/job009/", "--extract_size", "64", "--scale", "48", "--norm", "--invert_contrast"]
              + dev, steps)
         summary["extract_template"] = {"n_particles": len(read_particles(Path("Extract/job009/particles.star")))}
         if do_3d:
-            _run_3d(summary, steps, dev, seed, initial_iter, refine_iter)
+            _run_3d(summary, steps, dev, seed, initial_iter, refine_iter, sym, "110" if monomer else mask_diam)
     summary["steps"] = steps
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     from cryopipe.io.atomic import atomic_path
@@ -188,22 +209,22 @@ def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int =
     return summary
 
 
-def _run_3d(summary: dict, steps: list[dict], dev: list[str], seed: int, initial_iter: int, refine_iter: int
-            ) -> None:
+def _run_3d(summary: dict, steps: list[dict], dev: list[str], seed: int, initial_iter: int, refine_iter: int,
+            sym: str, diam: str) -> None:
     """Steps 10-13 (inside the project): initial model → refine → mask → postprocess, scored against the truth."""
     from cryopipe.io.mrc import read_mrc
     from cryopipe.io.star import read_star
 
     truth = Path("Simulate/job003/truth_map.mrc")
-    diam = "110"
     _run(["initialmodel", "--i", "Extract/job009/particles.star", "--o", "InitialModel/job010/", "--iter",
-          str(initial_iter), "--particle_diameter", diam, "--sym", "C1", "--ctf", "--healpix_order", "1",
+          str(initial_iter), "--particle_diameter", diam, "--sym", sym, "--ctf", "--healpix_order", "1",
           "--offset_range", "4", "--offset_step", "2", "--random_seed", str(seed)] + dev, steps)
-    summary["initialmodel"] = _aligned_fsc_summary(Path("InitialModel/job010/initial_model.mrc"), truth)
+    summary["initialmodel"] = _aligned_fsc_summary(Path("InitialModel/job010/initial_model.mrc"), truth, sym)
+    summary["initialmodel"]["symmetry"] = sym
     _run(["refine3d", "--i", "Extract/job009/particles.star", "--o", "Refine3D/job011/", "--ref",
           "InitialModel/job010/initial_model.mrc", "--ini_high", "30", "--particle_diameter", diam, "--ctf",
-          "--sym", "C1", "--iter", str(refine_iter), "--random_seed", str(seed)] + dev, steps)
-    summary["refine3d"] = _aligned_fsc_summary(Path("Refine3D/job011/run_class001.mrc"), truth)
+          "--sym", sym, "--iter", str(refine_iter), "--random_seed", str(seed)] + dev, steps)
+    summary["refine3d"] = _aligned_fsc_summary(Path("Refine3D/job011/run_class001.mrc"), truth, sym)
     general = read_star(Path("Refine3D/job011/run_model.star"))["model_general"]
     summary["refine3d"]["reported_resolution_A"] = float(general["rlnCurrentResolution"])
     vol, _ = read_mrc(Path("Refine3D/job011/run_class001.mrc"))
@@ -236,8 +257,11 @@ def _print_summary(s: dict) -> None:
               f"{s['extract_template']['n_particles']} particles extracted")
     if "refine3d" in s:
         im, rf, pp = s["initialmodel"], s["refine3d"], s["postprocess"]
-        print(f"initial model (de novo, C1): FSC vs truth (aligned{', hand flipped' if im['hand_flipped'] else ''}) = "
-              f"0.5 at {im['fsc_truth_0.5_A']} Å")
+        axes = (f"; {im['symmetry']} axes within {im['symmetry_axes_error_deg']}° of the truth's"
+                if "symmetry_axes_error_deg" in im else "")
+        how = "C1" if im["symmetry"].upper() == "C1" else f"run in C1, {im['symmetry']} found and applied"
+        print(f"initial model (de novo, {how}): FSC vs truth "
+              f"(aligned{', hand flipped' if im['hand_flipped'] else ''}) = 0.5 at {im['fsc_truth_0.5_A']} Å{axes}")
         print(f"refine3d     gold-standard resolution {rf['reported_resolution_A']:.2f} Å; FSC vs truth = 0.5 at "
               f"{rf['fsc_truth_0.5_A']} Å ({rf['pixel_size_A']:.2f} Å/px, Nyquist {2 * rf['pixel_size_A']:.2f} Å)")
         print(f"postprocess  masked gold-standard FSC 0.143 at {pp['resolution_0.143_A']:.2f} Å, B {pp['bfactor']:.1f} Å²;"
@@ -250,13 +274,15 @@ def _print_summary(s: dict) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--o", dest="output", default="cryopipe_demo", help="project folder to create (replaced if it exists)")
     p.add_argument("--n_particles", type=int, default=3000, help="simulated particles for the reconstruction")
-    p.add_argument("--n_micrographs", type=int, default=4, help="simulated micrographs for picking")
+    p.add_argument("--n_micrographs", type=int, default=8, help="simulated micrographs for picking")
     p.add_argument("--seed", type=int, default=1, help="random seed of the simulated data")
     p.add_argument("--class2d_K", dest="class2d_k", type=int, default=6, help="2D classes in the templates loop")
     p.add_argument("--class2d_iter", type=int, default=15, help="2D classification iterations")
     p.add_argument("--n_per_mic", type=int, default=40, help="simulated particles per micrograph")
-    p.add_argument("--initial_iter", type=int, default=30, help="initial-model iterations")
+    p.add_argument("--initial_iter", type=int, default=60, help="initial-model iterations")
     p.add_argument("--refine_iter", type=int, default=12, help="maximum refine3d iterations")
+    p.add_argument("--sym", default="D2",
+                   help="point group of the simulated particles: 3ENL's D2 assembly (default) or C1 (the monomer)")
     p.add_argument("--no_3d", action="store_true", help="stop after the templates loop (no 3D steps)")
     p.add_argument("--keep", action="store_true", help="do not replace an existing project folder (adds jobs)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -266,6 +292,6 @@ def main(args: argparse.Namespace) -> int:
     s = run_demo(args.output, n_particles=args.n_particles, n_micrographs=args.n_micrographs, device=args.device,
                  keep=args.keep, seed=args.seed, class2d_k=args.class2d_k, class2d_iter=args.class2d_iter,
                  n_per_mic=args.n_per_mic, initial_iter=args.initial_iter, refine_iter=args.refine_iter,
-                 do_3d=not args.no_3d)
+                 do_3d=not args.no_3d, sym=args.sym)
     _print_summary(s)
     return 0
