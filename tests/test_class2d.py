@@ -192,3 +192,20 @@ def test_continue_equals_uninterrupted_run(relion_dir, tmp_path, monkeypatch):
     db = read_particles(tmp_path / "part" / "run_it003_data.star").particles
     assert (da["rlnClassNumber"].to_numpy() == db["rlnClassNumber"].to_numpy()).all()
     np.testing.assert_allclose(da["rlnAnglePsi"].to_numpy(), db["rlnAnglePsi"].to_numpy(), atol=1e-3)
+
+
+def test_cli_gradient_mode_with_class_replacement(relion_dir, tmp_path, monkeypatch):
+    """``class2d --grad --class_inactivity_threshold 0.1`` (RELION's VDAM GUI command) runs, writes the files and
+    records the threshold and the gradient mode in the optimiser STAR file."""
+    from cryopipe.cli import main
+
+    _write_particle_set(relion_dir, tmp_path, seed=5)
+    monkeypatch.chdir(tmp_path)
+    assert main(["class2d", "--i", "particles.star", "--o", "g/run", "--K", "3", "--iter", "6", "--ctf", "--grad",
+                 "--class_inactivity_threshold", "0.1", "--grad_ini_subset", "20", "--grad_fin_subset", "30",
+                 "--particle_diameter", "110", "--zero_mask", "--psi_step", "20", "--offset_range", "2",
+                 "--offset_step", "1", "--random_seed", "7"]) == 0
+    opt = read_optimiser_star(tmp_path / "g" / "run_it006_optimiser.star")
+    assert int(opt["rlnDoGradientRefine"]) == 1 and float(opt["rlnSgdClassInactivityThreshold"]) == 0.1
+    mf = read_model_star(tmp_path / "g" / "run_it006_model.star")
+    assert mf.classes["rlnClassDistribution"].sum() == pytest.approx(1.0, abs=1e-6)

@@ -111,3 +111,57 @@ def test_class2d_gradient_mode_keeps_true_views(relion_dir):
     cc = np.array([[best_aligned_correlation(opt.model.refs[k], sim.views[t], 4) for t in range(3)]
                    for k in range(3)])
     assert np.all(np.argmax(cc, axis=1) == np.arange(3)), cc
+
+
+def test_replace_inactive_class_copies_the_busiest_class():
+    """``--class_inactivity_threshold``: in the in-between phase, the least-used class (pdf < threshold/K_active)
+    takes the momenta of the class with the largest pdf·|update|² (first pseudo-half's first moment × 0.9);
+    outside that phase, above the threshold or with threshold 0 nothing happens."""
+    cs = coefficient_set(16, 6)
+    g = torch.Generator().manual_seed(1)
+    K, P = 3, cs.size
+    sched = GradSchedule(10)  # in-between phase: iterations 4..7
+    cur = torch.complex(torch.randn(K, P, generator=g), torch.randn(K, P, generator=g)).to(torch.complex128)
+    w = torch.full((2, K, P), 50.0, dtype=torch.float64)
+    data = w * (cur[None] + torch.tensor([0.1, 2.0, 0.1], dtype=torch.float64)[None, :, None])  # class 1 moves most
+    pdf = torch.tensor([0.5, 0.48, 0.02], dtype=torch.float64)
+    off = GradUpdate(sched, kind="2d", class_inactivity_threshold=0.0)
+    off(data, w, cur, torch.ones(K, 7), cs.shell, 2.0, 5, 6, pdf, 5)
+    assert off.replace_inactive_class(pdf, 5) is None
+    rule = GradUpdate(sched, kind="2d", class_inactivity_threshold=0.1)
+    rule(data, w, cur, torch.ones(K, 7), cs.shell, 2.0, 5, 6, pdf, 5)
+    assert rule.replace_inactive_class(pdf, 2) is None  # initial phase
+    assert rule.replace_inactive_class(torch.tensor([0.5, 0.45, 0.05]), 5) is None  # 0.05 >= 0.1/3
+    assert rule.replace_inactive_class(pdf, 5) == (2, 1)
+    assert torch.equal(rule.m1[1, 2], rule.m1[1, 1]) and torch.allclose(rule.m1[0, 2], 0.9 * rule.m1[0, 1])
+    assert torch.equal(rule.m2[2], rule.m2[1])
+
+
+def test_class2d_gradient_mode_replaces_an_empty_class(relion_dir):
+    """Wiring in the 2D optimiser: a class that lost its particles becomes a copy of another class (reference and
+    prior), so that VDAM can split it again."""
+    import numpy as np
+
+    from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleSet2D
+
+    from engine_helpers import simulate
+
+    torch.set_num_threads(2)
+    N = 120
+    sim = simulate(relion_dir, N=N, n=32, snr=0.5, seed=1, max_shift=2.0)
+    ps = ParticleSet2D(sim.n, sim.pixel_size, lambda i: sim.images[i], sim.ctf, np.zeros(N, dtype=np.int64),
+                       np.zeros(N, dtype=np.int64))
+    s = Class2DSettings(n_classes=4, particle_diameter=110, zero_mask=True, psi_step=15, offset_range=2,
+                        offset_step=1, random_seed=3, batch_size=N, n_accuracy_particles=10, n_iter=10)
+    rule = GradUpdate(GradSchedule(10), ini_subset=60, fin_subset=100, T=2.0, class_inactivity_threshold=0.1)
+    opt = Optimiser2D(ps, s, update_rule=rule)
+    opt.initialise()
+    opt.from_scratch = False
+    opt.model.refs = torch.cat([sim.views.clone(), torch.zeros(1, 32, 32)])  # class 4: nothing looks like it
+    opt.model.pdf_class = torch.tensor([0.33, 0.33, 0.33, 0.01], dtype=torch.float64)
+    opt.iteration = 4  # the next iteration (5) is in the in-between phase
+    opt.iterate()
+    assert opt.replaced is not None and opt.replaced[0] == 3
+    drop, src = opt.replaced
+    assert torch.equal(opt.model.refs[drop], opt.model.refs[src])
+    assert float(opt.model.pdf_class[drop]) > 0.01

@@ -596,10 +596,20 @@ class Optimiser2D(ParticleStream):
         F = self.update_rule(upd_data, upd_weight, current, m.tau2, cset.shell, m.tau2_fudge, s.minres_map, r_cur,
                              pdf.to(dev), self.iteration)
         refs = coefficients_to_images(F, cset) / corr
+        old_pdf = m.pdf_class.to(pdf.device, pdf.dtype).clone()
+        replace = getattr(self.update_rule, "replace_inactive_class", None)
+        rep = replace(m.pdf_class, self.iteration) if replace is not None else None
+        self.replaced = rep
+        if rep is not None:  # an inactive class becomes a copy of the class that still changes most
+            drop, src = rep
+            refs[drop] = refs[src]
+            old_pdf[drop] = old_pdf[src]
+            m.tau2[drop] = m.tau2[src]
         m.refs = refs.to(torch.float32)
         mu = float(getattr(self, "_mu", 0.0))
         if mu > 0:
-            pdf = mu * m.pdf_class.to(pdf.device, pdf.dtype) + (1.0 - mu) * pdf
+            pdf = mu * old_pdf + (1.0 - mu) * pdf
+            pdf = pdf / pdf.sum()
             prior = mu * m.prior_offset.to(prior.device, prior.dtype) + (1.0 - mu) * prior
         m.pdf_class = pdf
         m.prior_offset = prior

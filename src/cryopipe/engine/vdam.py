@@ -18,7 +18,8 @@ differs. Re-derived from RELION 5 (``MlOptimiser::updateSubsetSize``, ``updateSt
 
 The optimisers mix the particle-level estimates of each mini-batch (noise spectra, class and offset priors, norm
 and scale) into the model with RELION's momentum ``--mu 0.9`` (:data:`cryopipe.engine.stream.GRAD_MODEL_MOMENTUM`).
-Not implemented (documented deviation): the replacement of inactive classes (``--class_inactivity_threshold``).
+Inactive classes are replaced by copies of the class that still changes most (``--class_inactivity_threshold``,
+:meth:`GradUpdate.replace_inactive_class`).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class GradUpdate:
 
     def __init__(self, schedule: GradSchedule, base_step: float | None = None, kind: str = "2d",
                  T: float | None = None, ini_subset: int | None = None, fin_subset: int | None = None,
-                 grad_em_iters: int = 0):
+                 grad_em_iters: int = 0, class_inactivity_threshold: float = 0.0):
         self.schedule = schedule
         self.base_step = base_step
         self.kind = kind
@@ -152,6 +153,8 @@ class GradUpdate:
         self.ini_subset = ini_subset
         self.fin_subset = fin_subset
         self.grad_em_iters = grad_em_iters
+        self.class_inactivity_threshold = float(class_inactivity_threshold)
+        self.last_error: torch.Tensor | None = None  # [K] mean |update direction|² of the last call
         self.m1: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
@@ -217,6 +220,7 @@ class GradUpdate:
         self.m2[:, :P] = m2
         self._fresh[:, :P] = False
         direction = (m1[0] + m1[1]) / 2 / (torch.sqrt(m2) + 1e-12)
+        self.last_error = direction.abs().square().mean(dim=1)  # per class: how much it still has to move
         # per-shell "FSC" from the momentum noise and the reference power
         sh = shell.to(dev)
         ns = int(sh.max()) + 1
@@ -235,3 +239,33 @@ class GradUpdate:
         new = F + step_k * (f * direction - (1.0 - f) * F)  # RELION sets T := 1 once f is estimated
         new = torch.where((sh <= r_max)[None], new, torch.zeros((), dtype=new.dtype, device=dev))
         return new.to(current.dtype)
+
+    def replace_inactive_class(self, pdf_class: torch.Tensor, iteration: int) -> tuple[int, int] | None:
+        """RELION's ``--class_inactivity_threshold`` (re-derived): in the in-between phase of the schedule, the
+        active class (``pdf > 0``) with the smallest ``pdf_class`` (the model's, before this iteration's update)
+        is replaced when ``pdf < threshold / n_active``, by a copy of the class with the largest error
+        ``pdf_k·mean|update direction_k|²`` of the last call. The momenta are copied here (the first pseudo-half's
+        first moment damped by 0.9); the caller copies the reference, ``pdf_class`` and τ². Returns
+        ``(dropped, source)`` (0-based) or None."""
+        thr = self.class_inactivity_threshold
+        ini, mid = self.schedule.ini_iter, self.schedule.inbetween_iter
+        if thr <= 0 or self.last_error is None or self.m1 is None or not (ini < iteration < ini + mid):
+            return None
+        pdf = torch.as_tensor(pdf_class, dtype=torch.float64).cpu()
+        active = pdf > 0
+        n_active = int(active.sum())
+        if n_active < 2:
+            return None
+        drop = int(torch.argmin(torch.where(active, pdf, torch.full_like(pdf, math.inf))))
+        if float(pdf[drop]) >= thr / n_active:
+            return None
+        err = self.last_error.detach().cpu().to(torch.float64) * pdf
+        err[drop] = -math.inf
+        src = int(torch.argmax(err))
+        if not float(err[src]) > 0:
+            return None
+        self.m1[:, drop] = self.m1[:, src]
+        self.m1[0, drop] *= 0.9
+        self.m2[drop] = self.m2[src]
+        self._fresh[drop] = self._fresh[src]
+        return drop, src

@@ -191,6 +191,7 @@ def _optimiser_values(opt: Optimiser2D, prefix_rel: str, files: dict, n_iter: in
         "rlnDoMapEstimation": 1,
         "rlnDoFastSubsetOptimisation": int(s.fast_subsets),
         "rlnDoGradientRefine": int(getattr(opt.update_rule, "name", "em") != "em"),
+        "rlnSgdClassInactivityThreshold": float(getattr(opt.update_rule, "class_inactivity_threshold", 0.0)),
         "rlnTau2FudgeArg": float(s.tau2_fudge),
         "rlnMaximumSignificantPoses": int(s.max_significant),
         "rlnDoAutoRefine": 0,
@@ -441,6 +442,9 @@ def classify_2d(
         rep = opt.iterate()
         paths = _write_iteration(opt, data, out_dir, prefix, root, n_iter, command, original)
         log(rep.line())
+        if getattr(opt, "replaced", None) is not None:
+            drop, src = opt.replaced
+            log(f"class {drop + 1} had too little activity: replaced by a copy of class {src + 1}")
     if paths is None:
         raise CryopipeError(f"--iter {n_iter}: nothing to do, the run is already at iteration {opt.iteration} "
                             "(give a larger --iter to continue)")
@@ -506,6 +510,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad_ini_subset", type=int, default=-1, help="initial mini-batch size (default RELION's)")
     g.add_argument("--grad_fin_subset", type=int, default=-1, help="final mini-batch size (default RELION's)")
     g.add_argument("--grad_em_iters", type=int, default=0, help="final iterations with all particles")
+    g.add_argument("--class_inactivity_threshold", type=float, default=0.0,
+                   help="replace a class whose share falls below this / (active classes) by a copy of the class "
+                        "that still changes most, during the in-between phase (RELION's GUI: 0.1; default 0: off)")
     g = p.add_argument_group("computation")
     g.add_argument("--j", type=int, default=None, help="CPU threads")
     g.add_argument("--batch_size", type=int, default=None, help="particles per batch (default 128)")
@@ -574,7 +581,7 @@ def _grad_options(args: argparse.Namespace) -> dict | None:
                 base_step=args.grad_stepsize if args.grad_stepsize > 0 else None,
                 ini_subset=args.grad_ini_subset if args.grad_ini_subset > 0 else None,
                 fin_subset=args.grad_fin_subset if args.grad_fin_subset > 0 else None,
-                grad_em_iters=args.grad_em_iters)
+                grad_em_iters=args.grad_em_iters, class_inactivity_threshold=args.class_inactivity_threshold)
 
 
 def _argv_of(args: argparse.Namespace) -> list[str]:
