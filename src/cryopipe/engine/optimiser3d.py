@@ -63,7 +63,6 @@ from cryopipe.engine.reference3d import (
     fsc_tau2,
     halfset_fsc,
     join_halves_at_low_resolution,
-    reference_tau2_3d,
     ssnr_3d,
 )
 from cryopipe.engine.sampling import coarse_image_size, oversample_translations, translation_grid
@@ -942,7 +941,3 @@ class Optimiser3D(ParticleStream):
         """True once the final (joined) iteration has run (auto-refine)."""
         return bool(self.sampling.final_done)
 
-
-def reference_tau2_3d_safe(vol: torch.Tensor, pad: float = 2.0) -> torch.Tensor:
-    """``τ²`` of a map (RELION ``computeFourierTransformMap``, :func:`reference_tau2_3d`) from its projector."""
-    return reference_tau2_3d(Projector(vol, pad=pad))
