@@ -77,23 +77,35 @@ def test_grad_update_converges_to_the_data():
     assert torch.equal(F2[1], F[1])
 
 
+def _three_views_2d(relion_dir, N: int, n_classes: int):
+    """``(sim, particle set, settings)``: N simulated 32² particles of 3 views (SNR 0.5) for 2D gradient runs."""
+    import numpy as np
+
+    from cryopipe.engine.classify2d import Class2DSettings, ParticleSet2D
+
+    from engine_helpers import simulate
+
+    torch.set_num_threads(2)
+    sim = simulate(relion_dir, N=N, n=32, snr=0.5, seed=1, max_shift=2.0)
+    ps = ParticleSet2D(sim.n, sim.pixel_size, lambda i: sim.images[i], sim.ctf, np.zeros(N, dtype=np.int64),
+                       np.zeros(N, dtype=np.int64))
+    s = Class2DSettings(n_classes=n_classes, particle_diameter=110, zero_mask=True, psi_step=15, offset_range=2,
+                        offset_step=1, random_seed=3, batch_size=N, n_accuracy_particles=10, n_iter=10)
+    return sim, ps, s
+
+
 def test_class2d_gradient_mode_keeps_true_views(relion_dir):
     """Wiring of the gradient mode in the 2D optimiser (mini-batches, pseudo-halves by particle parity, class-frame
     back-rotation, VDAM update): started from the true views, particles are assigned correctly and each class
     average stays its view (a broken rotation, halving or update direction scrambles them within an iteration)."""
     import numpy as np
 
-    from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleSet2D
+    from cryopipe.engine.classify2d import Optimiser2D
 
-    from engine_helpers import best_aligned_correlation, simulate
+    from engine_helpers import best_aligned_correlation
 
-    torch.set_num_threads(2)
     N = 120
-    sim = simulate(relion_dir, N=N, n=32, snr=0.5, seed=1, max_shift=2.0)
-    ps = ParticleSet2D(sim.n, sim.pixel_size, lambda i: sim.images[i], sim.ctf, np.zeros(N, dtype=np.int64),
-                       np.zeros(N, dtype=np.int64))
-    s = Class2DSettings(n_classes=3, particle_diameter=110, zero_mask=True, psi_step=15, offset_range=2,
-                        offset_step=1, random_seed=3, batch_size=N, n_accuracy_particles=10, n_iter=10)
+    sim, ps, s = _three_views_2d(relion_dir, N, n_classes=3)
     rule = GradUpdate(GradSchedule(10), ini_subset=60, fin_subset=100, T=2.0)
     opt = Optimiser2D(ps, s, update_rule=rule)
     opt.initialise()
@@ -140,19 +152,10 @@ def test_replace_inactive_class_copies_the_busiest_class():
 def test_class2d_gradient_mode_replaces_an_empty_class(relion_dir):
     """Wiring in the 2D optimiser: a class that lost its particles becomes a copy of another class (reference and
     prior), so that VDAM can split it again."""
-    import numpy as np
+    from cryopipe.engine.classify2d import Optimiser2D
 
-    from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleSet2D
-
-    from engine_helpers import simulate
-
-    torch.set_num_threads(2)
     N = 120
-    sim = simulate(relion_dir, N=N, n=32, snr=0.5, seed=1, max_shift=2.0)
-    ps = ParticleSet2D(sim.n, sim.pixel_size, lambda i: sim.images[i], sim.ctf, np.zeros(N, dtype=np.int64),
-                       np.zeros(N, dtype=np.int64))
-    s = Class2DSettings(n_classes=4, particle_diameter=110, zero_mask=True, psi_step=15, offset_range=2,
-                        offset_step=1, random_seed=3, batch_size=N, n_accuracy_particles=10, n_iter=10)
+    sim, ps, s = _three_views_2d(relion_dir, N, n_classes=4)
     rule = GradUpdate(GradSchedule(10), ini_subset=60, fin_subset=100, T=2.0, class_inactivity_threshold=0.1)
     opt = Optimiser2D(ps, s, update_rule=rule)
     opt.initialise()

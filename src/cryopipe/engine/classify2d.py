@@ -289,6 +289,8 @@ class Optimiser2D(ParticleStream):
                                        device=self.dev)
         self.changes = {"orientations": 999.0, "offsets": 999.0, "classes": 1.0}
         self.smallest_changes = {"orientations": 999.0, "offsets": 999.0, "classes": 9999999.0}
+        self._mu = 0.0  # momentum of this iteration's particle-level estimates (gradient mini-batches: --mu)
+        self.replaced: tuple[int, int] | None = None  # (dropped, source) class of the last iteration, if any
 
     # -------------------------------------------------------------------------------------- initialisation
     def initialise(self) -> Model2D:
@@ -606,7 +608,7 @@ class Optimiser2D(ParticleStream):
             old_pdf[drop] = old_pdf[src]
             m.tau2[drop] = m.tau2[src]
         m.refs = refs.to(torch.float32)
-        mu = float(getattr(self, "_mu", 0.0))
+        mu = self._mu
         if mu > 0:
             pdf = mu * old_pdf + (1.0 - mu) * pdf
             pdf = pdf / pdf.sum()

@@ -647,12 +647,15 @@ class Optimiser3D(ParticleStream):
                 join_halves_at_low_resolution(h1, h2, lowres)
             st1, st2 = h1.symmetrised(sym), h2.symmetrised(sym)
             fsc = halfset_fsc(h1, h2, stats1=st1, stats2=st2)
+            unfil = None  # unregularised half maps, when needed (solvent-corrected FSC, final iteration)
             if s.solvent_correct_fsc and self.has_solvent_mask:
-                fsc = self._solvent_corrected_fsc(h1, h2, sym, fsc)
+                unfil = [h1.reconstruct(None, 1.0, sym), h2.reconstruct(None, 1.0, sym)]
+                fsc = self._solvent_corrected_fsc(unfil[0], unfil[1], fsc)
             m.fsc = fsc.cpu()
             if final:
                 # unregularised half maps (run_half?_class001_unfil.mrc), then the joined map
-                self.last_halves = [h1.reconstruct(None, 1.0, sym), h2.reconstruct(None, 1.0, sym)]
+                self.last_halves = unfil if unfil is not None else [h1.reconstruct(None, 1.0, sym),
+                                                                    h2.reconstruct(None, 1.0, sym)]
                 h1.merge(h2)
                 stj = h1.symmetrised(sym)
                 tau_ref = refs_models[0].tau2()
@@ -685,17 +688,16 @@ class Optimiser3D(ParticleStream):
                 tau_ref.cpu(), sig_ref.cpu(), dvp.cpu(), cov.cpu())
         self._estimated_resolution()
 
-    def _solvent_corrected_fsc(self, h1: ClassBackProjectors, h2: ClassBackProjectors, sym: str,
-                               fsc_unmasked: torch.Tensor) -> torch.Tensor:
-        """RELION's ``--solvent_correct_fsc``: FSC of the unregularised half maps inside the solvent mask,
+    def _solvent_corrected_fsc(self, v1: torch.Tensor, v2: torch.Tensor, fsc_unmasked: torch.Tensor
+                               ) -> torch.Tensor:
+        """RELION's ``--solvent_correct_fsc``: FSC of the unregularised half maps ``v1, v2 [K, n, n, n]`` inside
+        the solvent mask,
         corrected for the mask by phase randomisation (as ``relion_postprocess``: phases randomised beyond the
         shell where the unmasked FSC drops below 0.8, ``(FSC_masked − FSC_random)/(1 − FSC_random)`` from two
         shells further), per class. Shells before the randomisation point keep the masked FSC."""
         from cryopipe.core.fsc import fsc as fsc_maps
         from cryopipe.core.postprocess import RelionRandom, corrected_fsc, randomization_shell, randomize_phases_beyond
 
-        v1 = h1.reconstruct(None, 1.0, sym)
-        v2 = h2.reconstruct(None, 1.0, sym)
         mask = self.mask3d.to(v1.device, v1.dtype)
         out = fsc_unmasked.clone().to(torch.float64)
         rng = RelionRandom(int(self.s.random_seed) + 31 * self.iteration)
@@ -882,18 +884,7 @@ class Optimiser3D(ParticleStream):
             if fine_step < 0.75 * acc_rot:
                 smp.has_fine_enough = True
             else:
-                # offsets: finer step from the accuracy, range from the rms offset change
-                new_step = min(1.5, 0.75 * acc_trans_px) * 2 ** os_
-                new_step = min(new_step, smp.offset_step)
-                rms_change_px = ch["offsets"] / p.pixel_size
-                new_range = min(3.0 * rms_change_px, 1.3 * smp.offset_range)
-                new_range = max(new_range, 1.5 * new_step)
-                if new_range > 4 * new_step:
-                    new_range /= 2
-                if new_range > 4 * new_step:
-                    new_step = new_range / 4
-                smp.offset_step = float(max(new_step, 1e-3))
-                smp.offset_range = float(min(new_range, smp.offset_range))
+                self._finer_offsets(acc_trans_px)
                 smp.healpix_order += 1
                 if smp.healpix_order >= s.auto_local_healpix_order:
                     smp.sigma_ang = 2.0 * angular_step(smp.healpix_order + os_)
@@ -918,8 +909,16 @@ class Optimiser3D(ParticleStream):
         os_ = s.oversampling
         if angular_step(smp.healpix_order + os_) < 0.75 * float(m.acc_rot.min()):
             return
-        acc_trans_px = float(m.acc_trans.min()) / p.pixel_size
-        new_step = min(min(1.5, 0.75 * acc_trans_px) * 2 ** os_, smp.offset_step)
+        self._finer_offsets(float(m.acc_trans.min()) / p.pixel_size)
+        smp.healpix_order += 1
+        smp.nr_iter_wo_resol_gain = 0
+
+    def _finer_offsets(self, acc_trans_px: float) -> None:
+        """RELION's offset update when the sampling gets finer (pixels): step from the translational accuracy
+        (``min(1.5, 0.75·acc)·2^oversampling``, never coarser), range from the rms offset change (3×, at most
+        1.3× the old range, at least 1.5 steps; halved, then the step widened, while it exceeds 4 steps)."""
+        smp, p = self.sampling, self.p
+        new_step = min(min(1.5, 0.75 * acc_trans_px) * 2 ** self.s.oversampling, smp.offset_step)
         new_range = min(3.0 * self.changes["offsets"] / p.pixel_size, 1.3 * smp.offset_range)
         new_range = max(new_range, 1.5 * new_step)
         if new_range > 4 * new_step:
@@ -928,8 +927,6 @@ class Optimiser3D(ParticleStream):
             new_step = new_range / 4
         smp.offset_step = float(max(new_step, 1e-3))
         smp.offset_range = float(min(new_range, smp.offset_range))
-        smp.healpix_order += 1
-        smp.nr_iter_wo_resol_gain = 0
 
     def finish_next(self) -> None:
         """Make the next iteration the final one (halves joined, all frequencies), e.g. when ``--iter`` runs out

@@ -48,7 +48,8 @@ from cryopipe.core.healpix import (
 from cryopipe.errors import CryopipeError
 
 __all__ = ["OrientationSet3D", "healpix_orientations", "proper_symmetry_operators", "orientation_distances",
-           "local_orientations", "local_batch_order", "direction_distribution"]
+           "local_orientations", "local_batch_order", "nearest_directions", "direction_histogram",
+           "direction_distribution"]
 
 
 @dataclass
@@ -282,13 +283,11 @@ def local_batch_order(prior_angles: torch.Tensor, level: int = 6) -> torch.Tenso
     return torch.argsort(key, stable=True)
 
 
-def direction_distribution(angles: torch.Tensor, klass: torch.Tensor, n_classes: int, order: int,
-                           sym: str | None = "C1") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rot [D], tilt [D], pdf [K, D])``: the HEALPix directions of ``order`` kept for ``sym`` (degrees; the
-    rows of RELION's ``data_sampling_directions``) and, per class, the fraction of its particles whose viewing
-    direction is nearest to each of them over the group's copies (RELION's ``data_model_pdf_orient_class_N``,
-    rlnOrientationDistribution, here from each particle's best orientation). ``angles [N, 3]`` (rot, tilt, psi
-    degrees), ``klass [N]`` (0-based; other values are ignored). A class without particles gets a uniform pdf.
+def nearest_directions(angles: torch.Tensor, order: int, sym: str | None = "C1"
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rot [D], tilt [D], index [N])``: the HEALPix directions of ``order`` kept for ``sym`` (degrees; the rows
+    of RELION's ``data_sampling_directions``) and, for each orientation ``angles [N, 3]`` (rot, tilt, psi degrees),
+    the kept direction nearest to its viewing direction over the group's copies.
 
     The viewing direction of orientation ``A`` is its third row ``(cos rot·sin tilt, sin rot·sin tilt, cos tilt)``;
     ``A·G`` (``G`` a symmetry rotation) gives the same projection, with direction ``A[2]·G``."""
@@ -298,18 +297,35 @@ def direction_distribution(angles: torch.Tensor, klass: torch.Tensor, n_classes:
     r, t = torch.deg2rad(rot), torch.deg2rad(tilt)
     dirs = torch.stack([torch.cos(r) * torch.sin(t), torch.sin(r) * torch.sin(t), torch.cos(t)], dim=-1)  # [D, 3]
     a = torch.as_tensor(angles, dtype=torch.float64).reshape(-1, 3).cpu()
+    best = torch.zeros(a.shape[0], dtype=torch.int64)
+    ops = proper_symmetry_operators(sym)
+    chunk = max(1, 2 ** 22 // max(1, ops.shape[0] * dirs.shape[0]))  # bounded memory: [chunk, G, D] scores
+    for i in range(0, a.shape[0], chunk):  # particle chunks
+        ai = a[i:i + chunk]
+        A = euler_to_matrix(ai[:, 0], ai[:, 1], ai[:, 2]).to(torch.float64)
+        v = torch.einsum("nj,gjk->ngk", A[:, 2, :], ops)  # [n, G, 3] symmetry copies of each direction
+        best[i:i + chunk] = torch.einsum("ngk,dk->ngd", v, dirs).amax(dim=1).argmax(dim=1)
+    return rot, tilt, best
+
+
+def direction_histogram(index: torch.Tensor, klass: torch.Tensor, n_classes: int, n_directions: int
+                        ) -> torch.Tensor:
+    """``[K, D]`` per class, the fraction of its particles at each direction ``index [N]`` (from
+    :func:`nearest_directions`); ``klass [N]`` 0-based, other values ignored; a class without particles is
+    uniform."""
     k = torch.as_tensor(klass, dtype=torch.int64).reshape(-1).cpu()
-    pdf = torch.zeros(n_classes, dirs.shape[0], dtype=torch.float64)
-    if a.shape[0]:
-        ops = proper_symmetry_operators(sym)
-        chunk = max(1, 2 ** 22 // max(1, ops.shape[0] * dirs.shape[0]))  # bounded memory: [chunk, G, D] scores
-        for i in range(0, a.shape[0], chunk):  # particle chunks
-            ai, ki = a[i:i + chunk], k[i:i + chunk]
-            A = euler_to_matrix(ai[:, 0], ai[:, 1], ai[:, 2]).to(torch.float64)
-            v = torch.einsum("nj,gjk->ngk", A[:, 2, :], ops)  # [n, G, 3] symmetry copies of each direction
-            best = torch.einsum("ngk,dk->ngd", v, dirs).amax(dim=1).argmax(dim=1)  # [n] nearest kept direction
-            ok = (ki >= 0) & (ki < n_classes)
-            pdf.index_put_((ki[ok], best[ok]), torch.ones(int(ok.sum()), dtype=torch.float64), accumulate=True)
+    idx = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
+    ok = (k >= 0) & (k < n_classes)
+    pdf = torch.zeros(n_classes, n_directions, dtype=torch.float64)
+    pdf.index_put_((k[ok], idx[ok]), torch.ones(int(ok.sum()), dtype=torch.float64), accumulate=True)
     tot = pdf.sum(dim=1, keepdim=True)
-    pdf = torch.where(tot > 0, pdf / tot.clamp_min(1e-300), torch.full_like(pdf, 1.0 / dirs.shape[0]))
-    return rot, tilt, pdf
+    return torch.where(tot > 0, pdf / tot.clamp_min(1e-300), torch.full_like(pdf, 1.0 / n_directions))
+
+
+def direction_distribution(angles: torch.Tensor, klass: torch.Tensor, n_classes: int, order: int,
+                           sym: str | None = "C1") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rot [D], tilt [D], pdf [K, D])``: the directions of :func:`nearest_directions` and, per class, the
+    fraction of its particles nearest to each (RELION's ``data_model_pdf_orient_class_N``,
+    rlnOrientationDistribution, here from each particle's best orientation; :func:`direction_histogram`)."""
+    rot, tilt, best = nearest_directions(angles, order, sym)
+    return rot, tilt, direction_histogram(best, klass, n_classes, rot.numel())

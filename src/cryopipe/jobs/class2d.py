@@ -442,7 +442,7 @@ def classify_2d(
         rep = opt.iterate()
         paths = _write_iteration(opt, data, out_dir, prefix, root, n_iter, command, original)
         log(rep.line())
-        if getattr(opt, "replaced", None) is not None:
+        if opt.replaced is not None:
             drop, src = opt.replaced
             log(f"class {drop + 1} had too little activity: replaced by a copy of class {src + 1}")
     if paths is None:

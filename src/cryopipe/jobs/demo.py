@@ -102,8 +102,9 @@ def _pick_summary(autopick_dir: Path, sim_dir: Path, diameter_A: float, apix: fl
 
 
 def _aligned_fsc_summary(map_path: Path, truth_path: Path, sym: str = "C1") -> dict:
-    """FSC of a map against the truth after rigid alignment (rotation, shift, hand), truth rescaled to the map's
-    box (same physical size)."""
+    """FSC of a map against the truth after rigid alignment (rotation, shift, hand): the truth is Fourier-rescaled
+    to the map's pixel size, then windowed (centred) to its box; with ``sym`` other than C1 also the error of the
+    map's symmetry axes (:func:`cryopipe.core.volume_align.symmetry_axes_error`)."""
     import torch
 
     from cryopipe.core.fourier import fourier_rescale

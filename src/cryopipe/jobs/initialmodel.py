@@ -12,8 +12,8 @@ as random blobs, mini-batches grow from ``--grad_ini_subset`` to ``--grad_fin_su
 initial model: clamp(0.005·N, 200, 5000) → clamp(0.1·N, 1000, 50000)), step size 0.5 and ``tau2_fudge`` rising
 from 1 to ``--tau2_fudge`` (:mod:`cryopipe.engine.vdam`), at most ``--maxsig`` (default 100·K) significant coarse
 samples per particle, the HEALPix order fixed unless ``--auto_sampling`` (opt-in: RELION's GUI turns it on, but each
-order costs 8× on a CPU; 15° oversampled sampling reaches ~9 Å on the 3 Å/px benchmark). Every ``--grad_write_iter`` iterations and at the last
-one it writes ``<prefix>_itNNN_classKKK.mrc``, ``_model.star``, ``_data.star``, ``_sampling.star``,
+order costs 8× on a CPU; 15° oversampled sampling reaches ~9 Å on the 3 Å/px benchmark). Every
+``--grad_write_iter`` iterations and at the last one it writes ``<prefix>_itNNN_classKKK.mrc``, ``_model.star``, ``_data.star``, ``_sampling.star``,
 ``_optimiser.star`` and ``_momenta.pt`` (cryopipe: the optimiser's moment estimates, for ``--continue``).
 At the end the largest class is aligned to the symmetry axes of ``--sym`` and symmetrised
 (:func:`cryopipe.jobs.align_symmetry.align_symmetry_full`) into ``initial_model.mrc`` (next to the run files),
@@ -248,7 +248,8 @@ def _rule(s: Refine3DSettings, g: dict) -> GradUpdate:
 DEFAULTS = dict(n_iter=100, n_classes=1, tau2_fudge=4.0, particle_diameter=-1.0, healpix_order=1, offset_range=6.0,
                 offset_step=2.0, oversampling=1, ini_high=-1.0, adaptive_fraction=0.999, max_significant=100,
                 perturb=0.5, batch_size=32, incr_size=10, zero_mask=True, flatten_solvent=True, non_negative=False,
-                pad=2, random_seed=0, auto_sampling=False, do_ctf=False, ctf_intact_first_peak=False, do_norm=False, do_scale=False)
+                pad=2, random_seed=0, auto_sampling=False, do_ctf=False, ctf_intact_first_peak=False, do_norm=False,
+                do_scale=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -51,7 +51,7 @@ from cryopipe.engine.optimiser3d import (
     ParticleState3D,
     Refine3DSettings,
 )
-from cryopipe.engine.orientations3d import direction_distribution
+from cryopipe.engine.orientations3d import direction_histogram, nearest_directions
 from cryopipe.engine.relion_files import (
     read_model_star,
     read_optimiser_star,
@@ -444,13 +444,13 @@ def write_iteration_3d(opt: Optimiser3D, data: ParticleData, out_dir: Path, pref
     maps: list[Path] = []
     # orientation distribution over the sampling's directions (model.star pdf_orient, sampling.star directions)
     st = opt.state
-    d_sym = m.symmetry if not opt.s.grad else "C1"
-    d_order = int(opt.sampling.healpix_order)
+    d_rot, d_tilt, d_idx = nearest_directions(st.angles, int(opt.sampling.healpix_order),
+                                              m.symmetry if not opt.s.grad else "C1")
 
     def pdf_of(sel):
-        return direction_distribution(st.angles[sel], st.klass[sel], K, d_order, d_sym)[2]
+        return direction_histogram(d_idx[torch.as_tensor(sel)], st.klass[sel], K, d_rot.numel())
 
-    d_rot, d_tilt, pdf_all = direction_distribution(st.angles, st.klass, K, d_order, d_sym)
+    pdf_all = pdf_of(np.ones(len(st.klass), dtype=bool))
     if opt.s.split_halves:
         for h in range(2):
             names = []
