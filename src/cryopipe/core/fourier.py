@@ -244,3 +244,14 @@ def highpass(ft: torch.Tensor, res_A: float, pixel_size: float, edge_px: float =
     shell = float(round(n * pixel_size / res_A))
     w = 1.0 - _raised_cosine_edge(r, shell, edge_px)
     return ft * w.to(ft.real.dtype if ft.is_complex() else ft.dtype)
+
+
+def fourier_crop_2d(ft: torch.Tensor, new_n: int) -> torch.Tensor:
+    """Keep the frequencies of a smaller ``new_n × new_n`` box from half-complex FTs ``[..., n, n//2+1]``
+    (``new_n <= n``); the phase origin stays at the centre pixel. Values are not rescaled (the mean of the
+    image scales by ``(n/new_n)²``); the smaller box's Nyquist row takes the ``−new_n/2`` frequency."""
+    n = ft.shape[-2]
+    if new_n > n:
+        raise ValueError(f"fourier_crop_2d: new box {new_n} is larger than {n}")
+    rows = torch.remainder(torch.fft.fftfreq(new_n, d=1.0 / new_n, device=ft.device).round().long(), n)
+    return ft.index_select(-2, rows)[..., : new_n // 2 + 1]
