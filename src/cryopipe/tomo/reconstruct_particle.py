@@ -2,7 +2,7 @@
 
 Every visible (particle, tilt) image is cut and CTF·dose-premultiplied (:mod:`cryopipe.tomo.particle_images`)
 and inserted into its half set's Fourier accumulators along ``R_f·A`` (tilt rotation × particle orientation) by
-:func:`cryopipe.core.slice_gather.gather_insert_slices`. The accumulators ``Σ c·X`` and ``Σ c²`` add over
+:func:`cryopipe.core.slice_insertion.gather_insert_slices`. The accumulators ``Σ c·X`` and ``Σ c²`` add over
 batches, tomograms and workers (:class:`ParticleAccumulator`).
 
 Finalising (:func:`finalise_map`): inverse FFT, division by the gridding kernel ``sinc²(r/b)``, FFT again,
@@ -20,7 +20,7 @@ import torch
 
 from cryopipe.core.fourier import irfft3_centered, radius_3d, rfft3_centered
 from cryopipe.core.projector import gridding_correction
-from cryopipe.core.slice_gather import gather_insert_slices
+from cryopipe.core.slice_insertion import gather_insert_slices
 from cryopipe.core.symmetry import symmetry_operators
 from cryopipe.core.tilt_geometry import (
     depth_defocus,

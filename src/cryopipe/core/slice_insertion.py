@@ -1,8 +1,13 @@
-"""Fourier-slice back-projection by gathering: every 3D voxel within one voxel of a slice's plane takes the
+"""Fourier-slice insertion into unpadded half-complex volumes, the two ways RELION's tomography programs do it.
+
+* :func:`gather_insert_slices` (``relion_tomo_reconstruct_particle``): every 3D voxel within one voxel of a slice's plane takes the
 bilinearly interpolated value of the 2D Fourier transform, weighted by ``1 − |distance|`` (a tent of width 2
 across the plane). This is the insertion RELION's tomography programs use (``relion_tomo_reconstruct_particle``);
 the single-particle :class:`cryopipe.core.backprojector.BackProjector` instead splats slices with trilinear
 weights into a padded grid.
+* :func:`splat_insert_slices` (``relion_tomo_subtomo``): every slice pixel is spread over its 8 neighbouring
+  voxels with trilinear weights (times the slice's area scale), and the sum of those weights is kept as the
+  *multiplicity*.
 
 Layout: the accumulators are half-complex volumes ``[n, n, n//2+1]`` (z, y, x) of an ``n³`` box in
 :mod:`cryopipe.core.fourier`'s convention (phase origin at the centre voxel ``n//2``; index ``i`` ↔ frequency
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_insert_slices"]
+__all__ = ["gather_insert_slices", "splat_insert_slices"]
 
 
 def _slab_voxels(normals: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,10 +72,9 @@ def _bilinear_half(slices: torch.Tensor, x: torch.Tensor, y: torch.Tensor, index
     y0 = y0.long()
     r0, r1 = y0 % n, (y0 + 1) % n
     flat = slices.reshape(slices.shape[0], -1)
-    base = index * 0  # [P] zeros, same device
 
     def at(r, c):
-        return flat[index, r * half + c + base]
+        return flat[index, r * half + c]
 
     return ((1 - fy) * ((1 - fx) * at(r0, x0) + fx * at(r0, x1))
             + fy * ((1 - fx) * at(r1, x0) + fx * at(r1, x1)))
@@ -111,3 +115,61 @@ def gather_insert_slices(data: torch.Tensor, weight: torch.Tensor, slices: torch
         target = (kv[:, 2] % n) * (n * half) + (kv[:, 1] % n) * half + kv[:, 0]
         flat_data.index_add_(0, target, (values * tent).to(flat_data.dtype))
         flat_weight.index_add_(0, target, (wvalues * tent).to(rdtype))
+
+
+def splat_insert_slices(data: torch.Tensor, weight: torch.Tensor, multiplicity: torch.Tensor, slices: torch.Tensor,
+                        slice_weights: torch.Tensor, matrices: torch.Tensor, pixel_mask: torch.Tensor | None = None,
+                        scale: float = 1.0, volume_index: torch.Tensor | None = None) -> None:
+    """Spread ``M`` Fourier slices of box ``b`` into a volume of box ``n``, in place, with multiplicity.
+
+    ``data`` complex / ``weight``, ``multiplicity`` real: ``[n, n, n//2+1]``, or ``[V, n, n, n//2+1]`` with
+    ``volume_index`` ``[M]`` naming each slice's volume (one batched call for many particles); ``slices`` complex and
+    ``slice_weights`` real ``[M, b, b//2+1]``; ``matrices`` ``[M, 3, 3]`` rotations; ``scale`` = ``n/b`` (the
+    3D position of slice frequency ``k`` is ``scale·Aᵀ·(kx, ky, 0)``); ``pixel_mask`` ``[M, b, b//2+1]`` bool
+    selects the slice pixels inserted (e.g. where the dose weight is above a cut-off). Pixels used: ``kx >= 0``
+    on rows ``ky >= 0`` and ``kx >= 1`` on rows ``ky < 0`` (the Hermitian duplicates of the ``kx = 0`` column
+    are skipped; RELION's ``−b/2`` Nyquist row counts as negative). A point with negative ``x`` is mirrored
+    (conjugated); each of its 8 neighbours inside the grid (``−n/2 <= y, z < n/2``) gets
+    ``scale²·fx·fy·fz`` times the value / weight / 1, and a neighbour on the ``x = 0`` plane also adds the
+    conjugate at ``(0, −y, −z)``."""
+    n = data.shape[-2]
+    half_n = n // 2 + 1
+    m, b, half_b = slices.shape
+    if volume_index is None:
+        volume_index = torch.zeros(m, dtype=torch.long, device=slices.device)
+    rows = torch.arange(b, device=slices.device)
+    ky = torch.where(rows < b // 2, rows, rows - b).to(torch.float64)
+    kx = torch.arange(half_b, device=slices.device, dtype=torch.float64)
+    use = (kx[None, :] >= 0) & ((ky[:, None] >= 0) | (kx[None, :] >= 1))
+    use = use.expand(m, b, half_b)
+    if pixel_mask is not None:
+        use = use & pixel_mask
+    which, row, col = torch.nonzero(use, as_tuple=True)
+    A = matrices.to(torch.float64)[which]
+    pos = scale * (A[:, 0, :] * kx[col, None] + A[:, 1, :] * ky[row, None])
+    flip = pos[:, 0] < 0
+    pos = torch.where(flip[:, None], -pos, pos)
+    value = slices[which, row, col]
+    value = torch.where(flip, value.conj(), value)
+    wvalue = slice_weights[which, row, col].to(torch.float64)
+    offset = volume_index.to(slices.device)[which] * (n * n * half_n)
+    base = torch.floor(pos)
+    flat_d, flat_w, flat_m = data.view(-1), weight.view(-1), multiplicity.view(-1)
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                g = base + torch.tensor([dx, dy, dz], dtype=torch.float64, device=pos.device)
+                ok = (g[:, 0] < half_n) & (g[:, 1] >= -(n // 2)) & (g[:, 1] < n // 2) \
+                    & (g[:, 2] >= -(n // 2)) & (g[:, 2] < n // 2)
+                f = (1 - (pos - g).abs()).prod(dim=1) * scale * scale
+                gi = g[ok].long()
+                f, v, wv, off = f[ok], value[ok], wvalue[ok], offset[ok]
+                target = off + (gi[:, 2] % n) * (n * half_n) + (gi[:, 1] % n) * half_n + gi[:, 0]
+                flat_d.index_add_(0, target, (f * v).to(flat_d.dtype))
+                flat_w.index_add_(0, target, (f * wv).to(flat_w.dtype))
+                flat_m.index_add_(0, target, f.to(flat_m.dtype))
+                edge = gi[:, 0] == 0
+                mirror = off[edge] + ((-gi[edge, 2]) % n) * (n * half_n) + ((-gi[edge, 1]) % n) * half_n
+                flat_d.index_add_(0, mirror, (f[edge] * v[edge].conj()).to(flat_d.dtype))
+                flat_w.index_add_(0, mirror, (f[edge] * wv[edge]).to(flat_w.dtype))
+                flat_m.index_add_(0, mirror, f[edge].to(flat_m.dtype))
