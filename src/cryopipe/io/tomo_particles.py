@@ -243,6 +243,7 @@ def write_tomo_particles(path: str | os.PathLike, particles: TomoParticles) -> N
         blocks["optics"] = particles.optics.reset_index(drop=True)
     blocks["particles"] = particles.particles.reset_index(drop=True)
     blocks.update(particles.other_blocks)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_star(Path(path), blocks, version=RELION5_VERSION)
 
 
@@ -319,4 +320,5 @@ def write_optimisation_set(path: str | os.PathLike, entries: dict[str, str | os.
     ordered = [k for k in OPTIMISATION_SET_LABELS if k in entries] + \
               [k for k in entries if k not in OPTIMISATION_SET_LABELS]
     block = {k: path_for_star(entries[k]) if isinstance(entries[k], Path) else str(entries[k]) for k in ordered}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_star(Path(path), {"": block}, version=RELION5_VERSION)

@@ -506,6 +506,7 @@ def write_tomograms(path: str | os.PathLike, tomograms: TomogramSet, tilt_series
     path = Path(path)
     out_dir = Path(tilt_series_dir) if tilt_series_dir is not None else path.parent / "tilt_series"
     out_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for ts in tomograms:
         ts_path = out_dir / f"{ts.name}.star"

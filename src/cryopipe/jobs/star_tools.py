@@ -7,7 +7,9 @@ folder is made (RELION's star handler is a command-line tool, not a pipeline job
   particles on that point of the reference. With the RELION Euler matrix ``A`` of each particle,
   ``origin ← origin − pixel_size · (A·c)`` (x, y; and z when the file has ``rlnOriginZAngst``) — exactly
   ``relion_star_handler --center`` (RELION-3.1+ files: origins in Å, pixel size of the particle's optics group;
-  RELION-3.0 files: ``rlnOriginX/Y`` in pixels are shifted in pixels).
+  RELION-3.0 files: ``rlnOriginX/Y`` in pixels are shifted in pixels). Tomography particles (RELION 4/5): the
+  same with 3D origins and ``A`` = Euler(rlnAngle*) only (origins are in the subtomogram frame); optics without
+  rlnImagePixelSize use rlnTomoTiltSeriesPixelSize × rlnTomoSubtomogramBinning.
 * ``--select rlnX --minval a --maxval b``: keep rows with ``a ≤ value ≤ b`` (inclusive, as RELION 3.1+);
   ``--select_by_str rlnX --select_include s | --select_exclude s``: rows whose string contains / lacks ``s``.
   ``*_model.star`` files select from ``data_model_classes``, as RELION.
@@ -239,12 +241,28 @@ def _pixel_sizes_or_none(doc: StarDoc) -> np.ndarray | None:
 
     if doc.optics is None:
         return None
-    return pixel_sizes(doc.particle_data())
+    data = doc.particle_data()
+    optics = data.optics
+    if data.pixel_size_label not in optics.columns and "rlnTomoTiltSeriesPixelSize" in optics.columns:
+        # tomography particles whose optics have no image pixel size yet: reference pixel = tilt-series pixel ×
+        # rlnTomoSubtomogramBinning (1 if absent), the pixel size extraction would give them
+        binning = optics["rlnTomoSubtomogramBinning"] if "rlnTomoSubtomogramBinning" in optics.columns else 1.0
+        data.optics = optics.assign(**{data.pixel_size_label: optics["rlnTomoTiltSeriesPixelSize"] * binning})
+    return pixel_sizes(data)
 
 
 def center_star(input_star, output_star, center_px: Sequence[float], tablename: str | None = None) -> Path:
-    """Re-centre the particles of ``input_star`` on reference point ``center_px`` (pixels); writes ``output_star``."""
+    """Re-centre the particles of ``input_star`` on reference point ``center_px`` (pixels); writes ``output_star``.
+
+    Tomography particle files (RELION 4/5 ``rlnTomoName`` + 3D origins) are re-centred like ``relion_star_handler``:
+    3D origins, pixel size = rlnImagePixelSize of the optics group (else rlnTomoTiltSeriesPixelSize ×
+    rlnTomoSubtomogramBinning), particle angles rlnAngle* only (origins live in the subtomogram frame, so
+    rlnTomoSubtomogram* are not used); data_general and every other block are kept."""
     doc = read_doc(input_star, tablename)
+    if doc.optics is None and "rlnTomoName" in doc.table.columns and "rlnOriginXAngst" in doc.table.columns:
+        raise InputFileError(doc.path, "tomography particles without data_optics: the pixel size of the origins is "
+                                       "unknown", "re-centre the particles.star written by subtomogram extraction "
+                                                  "(it has data_optics with rlnImagePixelSize)")
     apix = None
     if "rlnOriginXAngst" in doc.table.columns:
         apix = _pixel_sizes_or_none(doc)
