@@ -159,6 +159,9 @@ class TiltSeries:
         tilts: per-tilt table in file order (every column).
         root: directory relative paths in the files are resolved against (the project directory).
         star_file: the per-tilt STAR file it was read from (``tomograms.star`` itself for RELION 4), or None.
+
+    The image check and the resolved image paths are cached on first use: build a new TiltSeries after changing
+    rlnMicrographName or ``root``.
     """
 
     name: str
