@@ -1,4 +1,4 @@
-"""``cryopipe simulate``: ground-truth data sets from an atomic model (particle stacks or micrographs).
+"""``cryopipe simulate``: ground-truth data sets from an atomic model (particle stacks, micrographs or tilt series).
 
 ``--what particles``: ``--n`` particle images (random orientations uniform on SO(3), origins within ``±--max_shift``
 Å, per-particle astigmatic defocus, white noise at ``--snr``) → ``particles.star`` (what a user would have:
@@ -9,6 +9,13 @@ optics, image names, CTF), ``particles_truth.star`` (plus true angles/origins an
 (per-micrograph defocus, dark particles, optional ice ramp and contamination) → ``micrographs.star`` (CtfFind-like
 columns with the true CTF), ``Micrographs/micNNN.mrc``, ``Micrographs/micNNN_truth.star`` + ``coords_truth_list.star``
 (true coordinates and angles), ``micrographs_truth.star``, ``contamination_truth.star``, ``truth_map.mrc``.
+
+``--what tiltseries``: ``--n_tomograms`` tilt series (RELION 5 tomography project, see
+:mod:`cryopipe.sim.tiltseries`) with ``--particles_per_tomogram`` particles in a slab of ``--thickness`` Å, random or on a
+``--lattice sphere|cylinder`` (orientations normal to the surface, stored as rlnTomoSubtomogram* priors), tilt scheme
+``--tilt_range``/``--tilt_step``/``--order``/``--dose_per_tilt``, noise at ``--snr`` (0° tilt, particle footprints) and
+optional ``--perturb_*`` errors in the metadata → ``tomograms.star``, ``tilt_series/TS_NN.star`` + ``.mrcs``,
+``particles.star``, ``optimisation_set.star``, ``truth/`` (truth_map.mrc and the true STAR files).
 
 The map comes from ``--model`` (built-in ``3enl`` or a PDB/mmCIF file; gemmi potential, see
 :mod:`cryopipe.sim.atomic`), optionally made into a point-group assembly (``--sym``, ``--sym_offset``), or from an
@@ -30,11 +37,12 @@ from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.sim.atomic import load_model, model_radius, potential_map, symmetric_assembly
 from cryopipe.sim.micrographs import MicrographSimulation, simulate_micrographs
 from cryopipe.sim.particles import ParticleSimulation, simulate_particles
+from cryopipe.sim.tiltseries import Perturbations, TiltSeriesSimulation, simulate_tilt_series
 
-HELP = "simulate ground-truth particle stacks or micrographs from an atomic model (or a map)"
+HELP = "simulate ground-truth particle stacks, micrographs or tilt series from an atomic model (or a map)"
 
 __all__ = ["HELP", "build_volume", "default_box", "simulate_particle_dataset", "simulate_micrograph_dataset",
-           "add_arguments", "main"]
+           "simulate_tiltseries_dataset", "add_arguments", "main"]
 
 
 def default_box(diameter_A: float, pixel_size: float) -> int:
@@ -110,6 +118,16 @@ def simulate_micrograph_dataset(out_dir: str | os.PathLike, *, model: str | os.P
     return simulate_micrographs(vol, n, apix, snr, out_dir, **kwargs)
 
 
+def simulate_tiltseries_dataset(out_dir: str | os.PathLike, *, model: str | os.PathLike = "3enl",
+                                map_path: str | os.PathLike | None = None, box: int | None = None,
+                                pixel_size: float | None = 6.0, blur_B: float = 20.0, sym: str = "C1",
+                                sym_offset_A: float | None = None, **kwargs) -> TiltSeriesSimulation:
+    """Build the map (:func:`build_volume`) and simulate tilt series into ``out_dir``
+    (:func:`cryopipe.sim.tiltseries.simulate_tilt_series`; ``kwargs`` are passed on)."""
+    vol, apix = build_volume(model, box, pixel_size, blur_B, sym, sym_offset_A, map_path)
+    return simulate_tilt_series(vol, apix, out_dir, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 
@@ -122,8 +140,8 @@ def _float(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--what", choices=("particles", "micrographs"), default="particles",
-                   help="simulate a particle stack or micrographs with particles at known coordinates")
+    p.add_argument("--what", choices=("particles", "micrographs", "tiltseries"), default="particles",
+                   help="simulate a particle stack, micrographs with particles at known coordinates, or tilt series")
     p.add_argument("--o", dest="output", default=None,
                    help="output: a job folder (Simulate/jobNNN/, or none: a new job in the project in the current "
                         "directory) or any other folder")
@@ -131,7 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="3enl", help="atomic model: built-in name (3enl) or a PDB/mmCIF file")
     g.add_argument("--map", dest="map_path", default=None, help="use this MRC map instead of an atomic model")
     g.add_argument("--box", type=int, default=None, help="box size (px); default 1.8 particle diameters")
-    g.add_argument("--angpix", type=float, default=3.0, help="pixel size (Å)")
+    g.add_argument("--angpix", type=float, default=None, help="pixel size (Å; default 3, tilt series 6)")
     g.add_argument("--blur", type=float, default=20.0, help="B-factor (Å²) added to every atom")
     g.add_argument("--sym", default="C1", help="build a point-group assembly of the model (C1: the model itself)")
     g.add_argument("--sym_offset", type=float, default=None,
@@ -171,6 +189,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ice_gradient", type=float, default=0.0,
                    help="ice ramp across the micrograph (units of the particle signal sd)")
     g.add_argument("--n_blobs", type=int, default=0, help="contamination blobs per micrograph")
+    _add_tiltseries_arguments(p)
+
+
+def _add_tiltseries_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tilt series (--what tiltseries; defocus default 25000..45000 Å, astigmatism 800 Å)")
+    g.add_argument("--n_tomograms", type=int, default=2, help="number of tilt series")
+    g.add_argument("--particles_per_tomogram", type=int, default=20, help="particles per tomogram (at most)")
+    g.add_argument("--image_size", type=int, nargs=2, default=(400, 360), metavar=("W", "H"),
+                   help="tilt image size (px)")
+    g.add_argument("--tomogram_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="rlnTomoSizeX/Y/Z (px; default W H thickness)")
+    g.add_argument("--thickness", type=float, default=800.0, help="slab thickness holding the particles (Å)")
+    g.add_argument("--tilt_range", type=float, nargs=2, default=(-60.0, 60.0), metavar=("MIN", "MAX"),
+                   help="tilt range (degrees)")
+    g.add_argument("--tilt_step", type=float, default=3.0, help="tilt step (degrees)")
+    g.add_argument("--order", choices=("dose-symmetric", "bidirectional"), default="dose-symmetric",
+                   help="acquisition order (sets rlnMicrographPreExposure)")
+    g.add_argument("--dose_per_tilt", type=float, default=3.0, help="dose per tilt image (e/Å²)")
+    g.add_argument("--lattice", choices=("random", "sphere", "cylinder"), default="random",
+                   help="particle arrangement: random in the slab, or on a sphere / cylinder surface (normal "
+                        "orientations)")
+    g.add_argument("--lattice_radius", type=float, default=None,
+                   help="sphere/cylinder radius (Å; default: the largest that fits the slab)")
+    g.add_argument("--lattice_spacing", type=float, default=None,
+                   help="distance between lattice points (Å; default 2.2 particle radii)")
+    g.add_argument("--tilt_axis", type=float, default=85.0, help="tilt-axis angle (degrees, rlnTomoZRot)")
+    g.add_argument("--alignment_jitter", type=float, default=1.0,
+                   help="scale of the random true per-tilt alignment (0: ideal geometry)")
+    g.add_argument("--hand", type=float, default=-1.0, help="rlnTomoHand (1 or -1)")
+    g.add_argument("--render_box", type=int, default=None,
+                   help="box (px) each particle image is computed in (default: map box + 2x CTF delocalisation)")
+    g.add_argument("--tilt_batch", type=int, default=8, help="tilt images rendered at once")
+    g.add_argument("--perturb_tilt_shift", type=float, default=0.0,
+                   help="sd of per-tilt shift errors in the metadata (Å)")
+    g.add_argument("--perturb_tilt_angle", type=float, default=0.0,
+                   help="sd of per-tilt XTilt/YTilt/ZRot errors in the metadata (degrees)")
+    g.add_argument("--perturb_defocus", type=float, default=0.0, help="sd of per-tilt defocus errors (Å)")
+    g.add_argument("--perturb_warp", type=float, default=0.0,
+                   help="RMS (Å) of a smooth per-tilt image warp applied to the images (truth STAR only)")
+    g.add_argument("--perturb_particle_shift", type=float, default=0.0,
+                   help="sd of per-particle position errors (Å, each axis)")
+    g.add_argument("--perturb_particle_angle", type=float, default=0.0,
+                   help="sd of per-particle orientation errors (degrees, about random axes)")
 
 
 def _ctf_kwargs(args: argparse.Namespace, what: str) -> dict:
@@ -191,13 +252,16 @@ def main(args: argparse.Namespace) -> int:
 
     what = args.what
     n = args.n if args.n is not None else (1000 if what == "particles" else 10)
-    snr = args.snr if args.snr is not None else (0.1 if what == "particles" else 0.5)
-    map_kw = dict(model=args.model, map_path=args.map_path, box=args.box, pixel_size=args.angpix,
+    snr = args.snr if args.snr is not None else (0.5 if what == "micrographs" else 0.1)
+    angpix = args.angpix if args.angpix is not None else (6.0 if what == "tiltseries" else 3.0)
+    map_kw = dict(model=args.model, map_path=args.map_path, box=args.box, pixel_size=angpix,
                   blur_B=args.blur, sym=args.sym, sym_offset_A=args.sym_offset)
     with open_job_dir(args.output, "Simulate", ProcessLabel.SIMULATE, params=vars(args)) as job:
         out = job.dir
         src = args.map_path or args.model
-        if what == "particles":
+        if what == "tiltseries":
+            res = _run_tiltseries(args, job, snr, map_kw)
+        elif what == "particles":
             log(f"simulating {n} particles of {src} (SNR {snr:g}, seed {args.seed})")
             res = simulate_particle_dataset(
                 out, n=n, snr=snr, **map_kw, **_ctf_kwargs(args, what), max_shift_A=args.max_shift,
@@ -225,3 +289,37 @@ def main(args: argparse.Namespace) -> int:
         if res.map_path is not None:
             job.add_output(res.map_path, NodeType.DENSITY_MAP)
     return 0
+
+
+def _run_tiltseries(args: argparse.Namespace, job, snr: float, map_kw: dict) -> TiltSeriesSimulation:
+    from cryopipe.pipeline.log import log
+    from cryopipe.pipeline.project import NodeType
+
+    if args.no_ctf or args.phase_shift:
+        raise CryopipeError("--no_ctf and --phase_shift are not available with --what tiltseries")
+    pert = Perturbations(tilt_shift_A=args.perturb_tilt_shift, tilt_angle_deg=args.perturb_tilt_angle,
+                         defocus_A=args.perturb_defocus, warp_A=args.perturb_warp,
+                         particle_shift_A=args.perturb_particle_shift, particle_angle_deg=args.perturb_particle_angle)
+    defocus = (args.defocus_min if args.defocus_min is not None else 25000.0,
+               args.defocus_max if args.defocus_max is not None else 45000.0)
+    log(f"simulating {args.n_tomograms} tilt series of {args.map_path or args.model} ({args.lattice}, "
+        f"{args.particles_per_tomogram} particles each, SNR {snr:g}, seed {args.seed})")
+    res = simulate_tiltseries_dataset(
+        job.dir, **map_kw, n_tomograms=args.n_tomograms, particles_per_tomogram=args.particles_per_tomogram,
+        image_size=tuple(args.image_size), tomogram_size=args.tomogram_size, thickness_A=args.thickness,
+        tilt_range=tuple(args.tilt_range), tilt_step=args.tilt_step, order=args.order,
+        dose_per_tilt=args.dose_per_tilt, lattice=args.lattice, lattice_radius_A=args.lattice_radius,
+        spacing_A=args.lattice_spacing, tilt_axis_deg=args.tilt_axis, alignment_jitter=args.alignment_jitter,
+        defocus_range=defocus, astigmatism_A=args.astigmatism if args.astigmatism is not None else 800.0,
+        hand=args.hand, voltage=args.voltage, cs=args.cs, amplitude_contrast=args.q0, snr=snr, perturbations=pert,
+        dtype="float16" if args.float16 else "float32", render_box=args.render_box, seed=args.seed,
+        tilt_batch=args.tilt_batch, device=args.device, progress=True)
+    job.add_output(res.tomograms_star, NodeType.TOMOGRAMS)
+    job.add_output(res.particles_star, NodeType.PARTICLES)
+    job.add_output(res.optimisation_set, NodeType.TOMO_OPTIMISATION_SET)
+    job.add_output(res.truth_optimisation_set, NodeType.TOMO_OPTIMISATION_SET)
+    n_parts = len(res.particles_main)
+    sigmas = ", ".join(f"{k} {v.noise_sigma:.3g}" for k, v in res.truth.items())
+    log(f"wrote {job.relpath(res.tomograms_star)} ({len(res.truth)} tilt series, {n_parts} particles, render box "
+        f"{res.render_box} px), truth in {job.relpath(res.truth_optimisation_set)}; noise sd {sigmas}")
+    return res
