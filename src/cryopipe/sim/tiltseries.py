@@ -385,6 +385,9 @@ def simulate_tilt_series(
     """
     _check(n_tomograms, particles_per_tomogram, pixel_size, image_size, thickness_A, snr, dtype, tilt_batch)
     perturbations.check()
+    for label, value in (("--lattice_radius", lattice_radius_A), ("--lattice_spacing", spacing_A)):
+        if value is not None and not value > 0:
+            raise CryopipeError(f"{label} {value}: must be > 0 Å")
     if hand not in (-1.0, 1.0):
         raise CryopipeError(f"--hand {hand}: must be 1 or -1")
     dev = resolve_device(device)
