@@ -14,7 +14,7 @@ from cryopipe.io.tomography import read_tomograms
 from cryopipe.io.tomo_particles import read_optimisation_set, read_tomo_particles
 from cryopipe.sim.tiltseries import Perturbations, place_tomogram_particles, simulate_tilt_series
 from cryopipe.sim.tiltseries_forward import TiltOptics, render_particle_boxes, render_tilt_series
-from cryopipe.sim.tiltseries_geometry import tilt_scheme
+from cryopipe.sim.tiltseries_geometry import tilt_scheme, warp_displacement_px
 
 FIXTURE_TILTS = [0, 10, 19, 20, 21, 30, 40]  # file rows: −60°, −30°, −3°, 0° (dose 0), +3°, +30°, +60°
 
@@ -135,7 +135,8 @@ def _correlation_peak(image: np.ndarray, template: np.ndarray, step: float = 0.0
 def test_footprints_sit_at_projected_positions(tmp_path, small_map, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # a tomogram smaller than the images keeps every footprint inside them
-    sim = _simulate(tmp_path, small_map, particles_per_tomogram=3, hand=1.0, tomogram_size=(150, 124, 66))
+    sim = _simulate(tmp_path, small_map, particles_per_tomogram=3, hand=1.0, tomogram_size=(150, 124, 66),
+                    perturbations=Perturbations(warp_A=6.0))
     # geometry from the written truth files alone
     tomos = read_tomograms(sim.truth_tomograms_star)
     ts = tomos["TS_01"]
@@ -146,6 +147,11 @@ def test_footprints_sit_at_projected_positions(tmp_path, small_map, monkeypatch)
     images = ts.read_images()
     np.testing.assert_allclose(images, sim.truth["TS_01"].clean_images, atol=1e-6)
     q = torch.einsum("fij,nj->nfi", P[:, :3, :3], pos) + P[:, :3, 3]
+    # the image warp recorded in the truth tilt table moves each footprint by the field at its centre
+    warp = np.stack([ts.tilts[[f"cryopipeWarp{a}{k}" for k in range(1, 4)]].to_numpy() for a in "XY"], axis=1)
+    shift = warp_displacement_px(warp, q[..., :2], ts.image_size, ts.pixel_size)
+    assert shift.abs().max() > 0.3
+    q[..., :2] += shift
     optics = TiltOptics(ts.pixel_size, ts.voltage, ts.cs, ts.amplitude_contrast, ts.hand)
     projector = Projector(torch.as_tensor(small_map[0]), pad=2)
     box = sim.render_box
