@@ -11,8 +11,8 @@ columns with the true CTF), ``Micrographs/micNNN.mrc``, ``Micrographs/micNNN_tru
 (true coordinates and angles), ``micrographs_truth.star``, ``contamination_truth.star``, ``truth_map.mrc``.
 
 ``--what tiltseries``: ``--n_tomograms`` tilt series (RELION 5 tomography project, see
-:mod:`cryopipe.sim.tiltseries`) with ``--particles_per_tomogram`` particles in a slab of ``--thickness`` Å, random or on a
-``--lattice sphere|cylinder`` (orientations normal to the surface, stored as rlnTomoSubtomogram* priors), tilt scheme
+:mod:`cryopipe.sim.tiltseries`) with ``--particles_per_tomogram`` particles in a slab of ``--thickness`` Å, random or
+on a ``--lattice sphere|cylinder`` (orientations normal to the surface, stored as rlnTomoSubtomogram* priors), tilt scheme
 ``--tilt_range``/``--tilt_step``/``--order``/``--dose_per_tilt``, noise at ``--snr`` (0° tilt, particle footprints) and
 optional ``--perturb_*`` errors in the metadata → ``tomograms.star``, ``tilt_series/TS_NN.star`` + ``.mrcs``,
 ``particles.star``, ``optimisation_set.star``, ``truth/`` (truth_map.mrc and the true STAR files).

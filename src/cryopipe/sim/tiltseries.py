@@ -52,7 +52,6 @@ from cryopipe.sim.tiltseries_forward import TiltOptics, default_render_box, rend
 from cryopipe.sim.tiltseries_geometry import (
     LATTICES,
     SURFACE_PRIOR_ANGLES,
-    WARP_TERMS,
     cylinder_lattice,
     normal_frames,
     random_alignment,
@@ -377,7 +376,8 @@ def simulate_tilt_series(
         snr: signal-to-noise ratio (module docstring); ``inf`` for noise-free images.
         perturbations: errors injected into the main STAR files and the image warp (:class:`Perturbations`).
         dtype: ``"float32"`` or ``"float16"`` (MRC mode 12) images.
-        render_box: box each particle image is computed in (px; default :func:`~cryopipe.sim.tiltseries_forward.default_render_box`).
+        render_box: box each particle image is computed in (px; default
+            :func:`~cryopipe.sim.tiltseries_forward.default_render_box`).
         seed: random seed (geometry, metadata and noise).
         tilt_batch: tilts rendered at once (memory ~ ``tilt_batch·W·H`` floats plus the particle boxes).
         keep_images: also return the written and the noise-free images in :class:`TomogramTruth`.
