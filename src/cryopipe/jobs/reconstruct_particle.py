@@ -22,6 +22,7 @@ from cryopipe.errors import CryopipeError
 from cryopipe.io.mrc import write_mrc
 from cryopipe.io.tomo_particles import read_optimisation_set, read_tomo_particles, write_optimisation_set
 from cryopipe.io.tomography import read_tomograms
+from cryopipe.tomo.particle_images import check_box_sizes
 from cryopipe.tomo.particle_sets import particles_per_tilt_series, tilt_series_geometry
 from cryopipe.tomo.reconstruct_particle import ParticleAccumulator, finalise_map, insert_tilt_series_particles
 
@@ -58,12 +59,7 @@ def reconstruct_particle(particles_file, tomograms_file, *, box: int, crop: int 
                          device=None, progress: bool = True) -> ParticleMaps:
     """Reconstruct the particles of ``particles_file`` from the tilt series of ``tomograms_file``."""
     t0 = time.perf_counter()
-    if box < 2 or box % 2:
-        raise CryopipeError(f"--b {box}: the box must be an even number of binned pixels >= 2")
-    if binning <= 0:
-        raise CryopipeError(f"--bin {binning}: the binning must be > 0")
-    if crop is not None and crop > 0 and (crop % 2 or crop > box):
-        raise CryopipeError(f"--crop {crop}: must be even and at most --b {box}")
+    check_box_sizes(box, crop, binning)
     dev = resolve_device(device)
     tomograms = read_tomograms(tomograms_file)
     particles = read_tomo_particles(particles_file, tomograms)
@@ -130,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
         if not path.exists():
             raise CryopipeError(f"{path}: no such file")
     crop = args.crop if args.crop and args.crop > 0 else None
+    check_box_sizes(args.box, crop, args.binning)
     with open_job_dir(args.output, "ReconstructParticleTomo", ProcessLabel.RECONSTRUCT_PARTICLE_TOMO,
                       inputs=[(particles_file, NodeType.PARTICLES), (tomograms_file, NodeType.TOMOGRAMS)],
                       params=vars(args), is_tomo=True) as job:

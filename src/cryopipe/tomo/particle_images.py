@@ -25,6 +25,7 @@ import torch
 from cryopipe.core.ctf import ctf_2d
 from cryopipe.core.fourier import fourier_crop_2d, phase_shift_2d, radius_2d, rfft2_centered
 from cryopipe.core.tilt_geometry import dose_weights
+from cryopipe.errors import CryopipeError
 
 __all__ = ["binned_square_size", "cut_particle_slices", "ctf_dose_weights", "EDGE_FALLOFF_PX"]
 
@@ -99,3 +100,14 @@ def ctf_dose_weights(box: int, pixel_size: float, defocus_u: torch.Tensor, defoc
         weights = weights * ctf
     weights = weights * (radius_2d(box, device=weights.device) <= box / 2.0)
     return -weights if flip_contrast else weights
+
+
+def check_box_sizes(box: int, crop: int | None, binning: float) -> int:
+    """The final box in binned pixels (``crop``; ``box`` where crop is None or <= 0) after checking that both are
+    even with ``crop <= box`` and ``binning > 0``; a one-line :class:`CryopipeError` naming the option otherwise."""
+    crop = box if crop is None or crop <= 0 else int(crop)
+    if box < 2 or box % 2 or crop % 2 or crop > box:
+        raise CryopipeError(f"--b {box} --crop {crop}: both must be even and crop <= box (binned pixels)")
+    if binning <= 0:
+        raise CryopipeError(f"--bin {binning}: the binning must be > 0")
+    return crop

@@ -24,7 +24,7 @@ __all__ = ["tilt_series_geometry", "TiltSeriesParticles", "particles_per_tilt_se
 def tilt_series_geometry(ts: TiltSeries, device=None) -> TiltSeriesGeometry:
     """Per-tilt geometry, CTF and dose of one tilt series as tensors (float64)."""
     def t(x):
-        return torch.as_tensor(np.asarray(x, dtype=np.float64), device=device)
+        return torch.as_tensor(np.array(x, dtype=np.float64), device=device)
 
     return TiltSeriesGeometry(projections=ts.projection_matrices().to(device), defocus=t(ts.defocus()),
                               pre_exposure=t(ts.pre_exposure()), ctf_scale=t(ts.ctf_scale()),
