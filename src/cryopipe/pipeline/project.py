@@ -181,6 +181,7 @@ class ProcessLabel:
     EXTERNAL = "relion.external"
     PSEUDOSUBTOMO = "relion.pseudosubtomo"
     RECONSTRUCT_PARTICLE_TOMO = "relion.reconstructparticletomo"
+    RECONSTRUCT_TOMOGRAMS = "relion.reconstructtomograms"
     # cryopipe-only jobs
     RECONSTRUCT = "cryopipe.reconstruct"
     SIMULATE = "cryopipe.simulate"
