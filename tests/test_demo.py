@@ -9,7 +9,7 @@ from cryopipe.io.star import read_star
 def test_demo_small(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli_main(["demo", "--o", "proj", "--n_particles", "600", "--n_micrographs", "2", "--class2d_K", "3",
-                     "--class2d_iter", "4", "--initial_iter", "4", "--refine_iter", "3"]) == 0
+                     "--class2d_iter", "4", "--initial_iter", "4", "--refine_iter", "3", "--particles_per_tomogram", "20"]) == 0
     out = capsys.readouterr().out
     assert "FSC vs truth" in out and "precision" in out
     s = json.loads((tmp_path / "proj" / "demo_summary.json").read_text())
@@ -22,7 +22,8 @@ def test_demo_small(tmp_path, monkeypatch, capsys):
                                                      "AutoPick/job004/", "Extract/job005/", "Class2D/job006/",
                                                      "Select/job007/", "AutoPick/job008/", "Extract/job009/",
                                                      "InitialModel/job010/", "Refine3D/job011/", "MaskCreate/job012/",
-                                                     "PostProcess/job013/"]
+                                                     "PostProcess/job013/", "Simulate/job014/", "Tomograms/job015/",
+                                                     "PseudoSubtomo/job016/", "ReconstructParticleTomo/job017/"]
     assert s["autopick_template"]["n_picks"] > 0 and s["extract_template"]["n_particles"] > 0
     assert set(procs["rlnPipeLineProcessStatusLabel"]) == {"Succeeded"}
     # the 3D path ran end to end and was scored against the truth (a few iterations only: no quality claim here)
@@ -30,3 +31,9 @@ def test_demo_small(tmp_path, monkeypatch, capsys):
         assert s[key]["fsc_truth_0.5_A"] > 0
     assert s["postprocess"]["resolution_0.143_A"] > 0
     assert "refine3d" in out
+    # the tilt-series path: tomogram density where the particles are, all subtomograms written, a map at the
+    # true poses that agrees with the truth far beyond the particle's size (Nyquist 12 Å at 6 Å/px)
+    assert s["reconstruct_tomogram"]["position_error_median_voxels"] < 0.5
+    assert s["subtomo"]["n_written"] == s["subtomo"]["n_particles"] == 40
+    assert s["reconstruct_particle"]["fsc_truth_0.5_A"] < 20.0
+    assert "reconstruct-particle (true poses)" in out

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from cryopipe.cli import main as cli_main
+from cryopipe.core.fourier import lowpass_real
 from cryopipe.core.tilt_geometry import projection_matrices
 from cryopipe.io.mrc import mrc_info, read_mrc
 from cryopipe.io.star import read_star
 from cryopipe.io.tomography import read_tomograms
+from cryopipe.tomo.evaluate import dark_centroids, position_errors
 from cryopipe.tomo.tomogram import (
     fourier_bin,
     iter_tomogram_slabs,
@@ -33,12 +35,7 @@ BIN = 4
 
 def lowpass(volume: np.ndarray, res_px: float = 4.0) -> np.ndarray:
     """Hard low-pass of a volume to ``res_px`` voxels (|k| <= 1/res_px cycles/voxel)."""
-    ft = np.fft.rfftn(volume)
-    kz = np.fft.fftfreq(volume.shape[0])[:, None, None]
-    ky = np.fft.fftfreq(volume.shape[1])[None, :, None]
-    kx = np.fft.rfftfreq(volume.shape[2])[None, None, :]
-    ft *= np.sqrt(kx**2 + ky**2 + kz**2) <= 1.0 / res_px
-    return np.fft.irfftn(ft, s=volume.shape, axes=(0, 1, 2))
+    return lowpass_real(torch.from_numpy(np.asarray(volume, dtype=np.float64)), 1.0 / res_px).numpy()
 
 
 def cc(a: np.ndarray, b: np.ndarray) -> float:
@@ -106,17 +103,6 @@ def test_cross_correlation_peak_at_zero_shift(ours, relion_rec):
     assert np.abs(shift).max() < 0.05, shift
 
 
-def _dark_centroids(volume: np.ndarray, positions: np.ndarray, radius: float = 4.0) -> np.ndarray:
-    """Centroid (x, y, z voxels) of the dark (negative) density within ``radius`` of each position."""
-    low = lowpass(volume)
-    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in low.shape], indexing="ij")
-    out = []
-    for p in positions:
-        w = np.clip(-low, 0, None) * (((xx - p[0]) ** 2 + (yy - p[1]) ** 2 + (zz - p[2]) ** 2) <= radius**2)
-        out.append([(w * xx).sum() / w.sum(), (w * yy).sum() / w.sum(), (w * zz).sum() / w.sum()])
-    return np.array(out)
-
-
 def test_particles_at_their_voxels(ours, relion_rec, relion_tomo_dir):
     """Voxel (i, j, k) = tomogram position 4·(k, j, i) px: each TS_01 particle's density is centred on its true
     position / 4 in our map (each to 0.2 voxel, on average to 0.05 voxel = 0.2 unbinned px) and where RELION's map
@@ -125,8 +111,10 @@ def test_particles_at_their_voxels(ours, relion_rec, relion_tomo_dir):
     pos = np.array([p["position_px_decentred"] for p in geometry["particles"] if p["name"].startswith("TS_01/")])
     pos = pos / BIN
     assert len(pos) == 12
-    ours_c = _dark_centroids(ours[2], pos)
-    relion_c = _dark_centroids(relion_rec[0], pos)
+    ours_c = dark_centroids(torch.from_numpy(ours[2]), torch.from_numpy(pos)).numpy()
+    relion_c = dark_centroids(torch.from_numpy(relion_rec[0]), torch.from_numpy(pos)).numpy()
+    errors = position_errors(torch.from_numpy(ours[2]), torch.from_numpy(pos * BIN), BIN).numpy()
+    np.testing.assert_allclose(errors, np.linalg.norm(ours_c - pos, axis=1), atol=1e-9)
     error = ours_c - pos
     assert np.abs(error).max() < 0.2, np.abs(error).max(axis=0)
     assert np.abs(error.mean(axis=0)).max() < 0.05, error.mean(axis=0)

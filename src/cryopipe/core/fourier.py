@@ -233,6 +233,21 @@ def lowpass(ft: torch.Tensor, res_A: float, pixel_size: float, edge_px: float = 
     return ft * _raised_cosine_edge(r, shell, edge_px).to(ft.real.dtype if ft.is_complex() else ft.dtype)
 
 
+def lowpass_real(x: torch.Tensor, cutoff: float, ndim: int = 3) -> torch.Tensor:
+    """Hard low-pass of the last ``ndim`` axes of a real array of any shape (e.g. a non-cubic tomogram
+    ``[nz, ny, nx]``): keeps ``|k| <= cutoff`` cycles per pixel (0.5 = Nyquist), with ``k`` measured per axis
+    in that axis's own grid. For centred cubic FTs at a resolution in Å use :func:`lowpass`."""
+    dims = tuple(range(-ndim, 0))
+    ft = torch.fft.rfftn(x, dim=dims)
+    k2 = torch.zeros(ft.shape[-ndim:], dtype=torch.float64, device=x.device)
+    for axis, n in enumerate(x.shape[-ndim:]):
+        f = torch.fft.rfftfreq(n, device=x.device) if axis == ndim - 1 else torch.fft.fftfreq(n, device=x.device)
+        shape = [1] * ndim
+        shape[axis] = -1
+        k2 = k2 + f.to(torch.float64).reshape(shape) ** 2
+    return torch.fft.irfftn(ft * (k2 <= cutoff**2), s=x.shape[-ndim:], dim=dims).to(x.dtype)
+
+
 def highpass(ft: torch.Tensor, res_A: float, pixel_size: float, edge_px: float = 2.0,
              ndim: int | None = None) -> torch.Tensor:
     """High-pass counterpart of :func:`lowpass`: multiplies by ``1 − lowpass_filter`` (0 below

@@ -23,6 +23,15 @@ Steps so far:
 13. ``postprocess``: masked, phase-randomisation-corrected FSC of the half maps, sharpening.
 The 3D maps are compared with the truth after rigid alignment (the de novo frame and hand are arbitrary):
 FSC 0.5 against the truth, and the gold-standard 0.143 resolution the job reports.
+
+Tilt-series path (``--no_tomo`` skips it):
+14. ``simulate --what tiltseries``: tilt series (41 tilts, ±60°, dose-symmetric, 3 e/Å² per tilt) of the D2
+    assembly at random positions and orientations in a slab, RELION 5 files, truth particles.
+15. ``reconstruct-tomogram``: bin-4 tomograms; the dark density around each true particle position should be
+    centred on it (distance in voxels).
+16. ``subtomo``: pseudo-subtomograms of the particles (CTF·dose-premultiplied, with weights).
+17. ``reconstruct-particle``: half maps from the tilt series at the particles' (true) poses with the subtomo
+    job's optimisation set, D2 applied; FSC against the truth map and between the half maps.
 """
 
 from __future__ import annotations
@@ -143,7 +152,8 @@ def _aligned_fsc_summary(map_path: Path, truth_path: Path, sym: str = "C1") -> d
 def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int = 3000, n_micrographs: int = 8,
              device: str | None = None, keep: bool = False, seed: int = 1, class2d_k: int = 6,
              class2d_iter: int = 15, n_per_mic: int = 40, initial_iter: int = 60, refine_iter: int = 12,
-             do_3d: bool = True, sym: str = "D2") -> dict:
+             do_3d: bool = True, sym: str = "D2", do_tomo: bool = True, n_tomograms: int = 2,
+             particles_per_tomogram: int = 40) -> dict:
     """Run the demo in a fresh project ``out_dir`` (replaced unless ``keep``) and return the summary."""
     root = Path(out_dir).resolve()
     if root.exists() and not keep:
@@ -201,6 +211,8 @@ def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int =
         summary["extract_template"] = {"n_particles": len(read_particles(Path("Extract/job009/particles.star")))}
         if do_3d:
             _run_3d(summary, steps, dev, seed, initial_iter, refine_iter, sym, "110" if monomer else mask_diam)
+        if do_tomo:
+            _run_tiltseries(summary, steps, dev, seed, n_tomograms, particles_per_tomogram)
     summary["steps"] = steps
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     from cryopipe.io.atomic import atomic_path
@@ -240,6 +252,62 @@ def _run_3d(summary: dict, steps: list[dict], dev: list[str], seed: int, initial
                               **_aligned_fsc_summary(Path("PostProcess/job013/postprocess_masked.mrc"), truth)}
 
 
+def _run_tiltseries(summary: dict, steps: list[dict], dev: list[str], seed: int, n_tomograms: int,
+                    particles_per_tomogram: int) -> None:
+    """Steps 14-17 (inside the project): simulate tilt series → tomograms → pseudo-subtomograms → particle
+    reconstruction, scored against the truth. Job numbers follow the jobs already run (one per step)."""
+    import torch
+
+    from cryopipe.core.fsc import fsc, resolution_at
+    from cryopipe.io.mrc import read_mrc
+    from cryopipe.io.star import read_star
+    from cryopipe.io.tomo_particles import read_tomo_particles
+    from cryopipe.io.tomography import read_tomograms
+    from cryopipe.tomo.evaluate import position_errors
+
+    def job(type_dir: str) -> str:
+        return f"{type_dir}/job{len(steps) + 1:03d}/"
+
+    sim = job("Simulate")
+    _run(["simulate", "--what", "tiltseries", "--o", sim, "--n_tomograms", str(n_tomograms),
+          "--particles_per_tomogram", str(particles_per_tomogram), "--sym", "D2", "--tilt_range", "-60", "60",
+          "--tilt_step", "3", "--dose_per_tilt", "3", "--seed", str(seed + 2)] + dev, steps)
+    truth_sets = read_tomograms(Path(sim) / "truth" / "tomograms.star")
+    truth = read_tomo_particles(Path(sim) / "truth" / "particles.star", truth_sets)
+    n_particles = len(truth)
+    truth_map = Path(sim) / "truth" / "truth_map.mrc"
+    apix_t = read_mrc(truth_map)[1]
+    binning = 4
+    tomo = job("Tomograms")
+    _run(["reconstruct-tomogram", "--t", f"{sim}tomograms.star", "--o", tomo, "--bin", str(binning)] + dev, steps)
+    positions = truth.positions_px(truth_sets)
+    errors = []
+    for name in truth_sets.names:
+        volume, _ = read_mrc(Path(tomo) / "tomograms" / f"rec_{name}.mrc")
+        rows = truth.tomo_names == name
+        errors.append(position_errors(torch.from_numpy(volume), torch.from_numpy(positions[rows]), binning))
+    errors = torch.cat(errors)
+    summary["reconstruct_tomogram"] = {"binning": binning, "n_particles": n_particles,
+                                       "position_error_median_voxels": round(float(errors.nanmedian()), 3),
+                                       "position_error_max_voxels": round(float(errors.nan_to_num(99.0).max()), 3)}
+    sub = job("PseudoSubtomo")
+    _run(["subtomo", "--i", f"{sim}optimisation_set.star", "--o", sub, "--b", "48", "--crop", "32", "--bin", "1"]
+         + dev, steps)
+    table = read_star(Path(sub) / "particles.star")["particles"]
+    written = sum(Path(name).exists() for name in table["rlnImageName"])
+    summary["subtomo"] = {"n_particles": len(table), "n_written": int(written), "box": 32, "pixel_size_A": apix_t}
+    rec = job("ReconstructParticleTomo")
+    box = read_mrc(truth_map)[0].shape[-1]
+    _run(["reconstruct-particle", "--i", f"{sub}optimisation_set.star", "--o", rec, "--b", str(box + box % 2 + 6),
+          "--crop", str(box + box % 2), "--bin", "1", "--sym", "D2"] + dev, steps)
+    half1, apix = read_mrc(Path(rec) / "half1.mrc")
+    half2, _ = read_mrc(Path(rec) / "half2.mrc")
+    gold = fsc(torch.from_numpy(half1), torch.from_numpy(half2))
+    summary["reconstruct_particle"] = {
+        "n_particles": n_particles, **_fsc_summary(Path(rec) / "merged.mrc", truth_map),
+        "half_maps_0.143_A": round(float(resolution_at(gold, 0.143, apix, half1.shape[-1])), 2)}
+
+
 def _print_summary(s: dict) -> None:
     r = s["reconstruct"]
     a = s["autopick_log"]
@@ -267,6 +335,15 @@ def _print_summary(s: dict) -> None:
               f"{rf['fsc_truth_0.5_A']} Å ({rf['pixel_size_A']:.2f} Å/px, Nyquist {2 * rf['pixel_size_A']:.2f} Å)")
         print(f"postprocess  masked gold-standard FSC 0.143 at {pp['resolution_0.143_A']:.2f} Å, B {pp['bfactor']:.1f} Å²;"
               f" sharpened map vs truth = 0.5 at {pp['fsc_truth_0.5_A']} Å")
+    if "reconstruct_particle" in s:
+        t, st, rp = s["reconstruct_tomogram"], s["subtomo"], s["reconstruct_particle"]
+        print(f"tilt series  {rp['n_particles']} particles (D2) in simulated tilt series (41 tilts ±60°, 3 e/Å² each)")
+        print(f"reconstruct-tomogram bin {t['binning']}: particle density centred on the true positions to "
+              f"{t['position_error_median_voxels']} voxels (median; max {t['position_error_max_voxels']})")
+        print(f"subtomo      {st['n_written']} of {st['n_particles']} pseudo-subtomograms written "
+              f"({st['box']}³ at {st['pixel_size_A']} Å/px)")
+        print(f"reconstruct-particle (true poses): FSC vs truth = 0.5 at {rp['fsc_truth_0.5_A']} Å, half maps "
+              f"0.143 at {rp['half_maps_0.143_A']} Å ({rp['pixel_size_A']} Å/px, Nyquist {rp['nyquist_A']} Å)")
     for st in s["steps"]:
         print(f"  {st['seconds']:7.1f} s  {st['command']}")
     print(f"total {s['total_seconds']:.1f} s; summary in {s['project']}/demo_summary.json")
@@ -285,6 +362,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sym", default="D2",
                    help="point group of the simulated particles: 3ENL's D2 assembly (default) or C1 (the monomer)")
     p.add_argument("--no_3d", action="store_true", help="stop after the templates loop (no 3D steps)")
+    p.add_argument("--no_tomo", action="store_true", help="skip the tilt-series path (steps 14-17)")
+    p.add_argument("--n_tomograms", type=int, default=2, help="simulated tilt series in the tilt-series path")
+    p.add_argument("--particles_per_tomogram", type=int, default=40, help="particles per simulated tomogram")
     p.add_argument("--keep", action="store_true", help="do not replace an existing project folder (adds jobs)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -293,6 +373,7 @@ def main(args: argparse.Namespace) -> int:
     s = run_demo(args.output, n_particles=args.n_particles, n_micrographs=args.n_micrographs, device=args.device,
                  keep=args.keep, seed=args.seed, class2d_k=args.class2d_k, class2d_iter=args.class2d_iter,
                  n_per_mic=args.n_per_mic, initial_iter=args.initial_iter, refine_iter=args.refine_iter,
-                 do_3d=not args.no_3d, sym=args.sym)
+                 do_3d=not args.no_3d, sym=args.sym, do_tomo=not args.no_tomo, n_tomograms=args.n_tomograms,
+                 particles_per_tomogram=args.particles_per_tomogram)
     _print_summary(s)
     return 0
