@@ -9,7 +9,7 @@ import pytest
 
 from cryopipe.cli import main as cli_main
 from cryopipe.io.mrc import read_mrc
-from cryopipe.io.star import read_star
+from cryopipe.io.star import read_star, write_star
 from cryopipe.io.tomo_particles import read_optimisation_set
 
 KEPT = [("TS_01", 1), ("TS_01", 2), ("TS_02", 1), ("TS_02", 2)]
@@ -70,6 +70,19 @@ def test_only_do_unfinished_keeps_finished_particles(subtomo_run, relion_tomo_di
     assert cli_main(args + ["--only_do_unfinished"]) == 0
     assert done.stat().st_mtime_ns == before and removed.exists()
     assert len(read_star(tmp_path / "plain" / "particles.star")["particles"]) == 24
+
+
+def test_particle_outside_its_tomogram_is_one_line(relion_tomo_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    star = read_star(relion_tomo_dir / "particles.star")
+    star["particles"].loc[2, "rlnCenteredCoordinateZAngst"] = 48 * 4.0 + 10.0  # TS_01 is 96 px of 4 Å thick
+    write_star(tmp_path / "outside.star", star)
+    for job in ("subtomo", "reconstruct-particle"):
+        rc = cli_main([job, "--p", "outside.star", "--t", str(relion_tomo_dir / "tomograms.star"), "--b", "32",
+                       "--o", "bad"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and "TS_01/3 lies outside tomogram TS_01" in err[0], err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_stack2d_holds_the_visible_tilts(relion_tomo_dir, tmp_path, monkeypatch):

@@ -20,7 +20,12 @@ import torch
 from cryopipe.core.device import resolve_device
 from cryopipe.errors import CryopipeError
 from cryopipe.io.mrc import write_mrc
-from cryopipe.io.tomo_particles import read_optimisation_set, read_tomo_particles, write_optimisation_set
+from cryopipe.io.tomo_particles import (
+    check_inside,
+    read_optimisation_set,
+    read_tomo_particles,
+    write_optimisation_set,
+)
 from cryopipe.io.tomography import read_tomograms
 from cryopipe.tomo.particle_images import check_box_sizes
 from cryopipe.tomo.particle_sets import particles_per_tilt_series, tilt_series_geometry
@@ -51,6 +56,20 @@ def input_files(optimisation_set=None, particles=None, tomograms=None) -> tuple[
     if p is None or t is None:
         raise CryopipeError("give --i optimisation_set.star, or both --p particles.star and --t tomograms.star")
     return Path(p), Path(t)
+
+
+def check_inputs(particles_file: Path, tomograms_file: Path) -> None:
+    """Read and check the inputs before a job folder is made (one-line errors): both files exist and parse, every
+    particle names a known tomogram and lies inside it, and the tilt images of the tomograms it uses exist,
+    agree in number with their STAR file and in pixel size with rlnTomoTiltSeriesPixelSize."""
+    for path in (particles_file, tomograms_file):
+        if not Path(path).exists():
+            raise CryopipeError(f"{path}: no such file")
+    tomograms = read_tomograms(tomograms_file)
+    particles = read_tomo_particles(particles_file, tomograms)
+    check_inside(particles, tomograms)
+    for name in dict.fromkeys(particles.tomo_names.tolist()):
+        tomograms[name].check_images()
 
 
 def reconstruct_particle(particles_file, tomograms_file, *, box: int, crop: int | None = None, binning: float = 1.0,
@@ -122,9 +141,7 @@ def main(args: argparse.Namespace) -> int:
     from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
 
     particles_file, tomograms_file = input_files(args.optimisation_set, args.particles, args.tomograms)
-    for path in (particles_file, tomograms_file):
-        if not path.exists():
-            raise CryopipeError(f"{path}: no such file")
+    check_inputs(particles_file, tomograms_file)
     crop = args.crop if args.crop and args.crop > 0 else None
     check_box_sizes(args.box, crop, args.binning)
     with open_job_dir(args.output, "ReconstructParticleTomo", ProcessLabel.RECONSTRUCT_PARTICLE_TOMO,

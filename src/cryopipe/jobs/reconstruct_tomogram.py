@@ -226,8 +226,8 @@ def main(args: argparse.Namespace) -> int:
     if not tomograms_file.exists():
         raise CryopipeError(f"{tomograms_file}: no such file (--t)")
     tset = read_tomograms(tomograms_file)  # bad files and an unknown --tn fail here, before the job folder exists
-    if args.tomo_name not in (None, "", "*"):
-        tset[args.tomo_name]
+    for name in (tset.names if args.tomo_name in (None, "", "*") else [args.tomo_name]):
+        tset[name].check_images()  # missing images, tilt-count or pixel-size disagreement
     if args.snr <= 0:
         raise CryopipeError(f"--SNR {args.snr:g}: must be > 0")
     if args.binning <= 0 and not (args.binned_angpix and args.binned_angpix > 0):

@@ -38,7 +38,7 @@ from cryopipe.io.tomo_particles import (
     write_tomo_particles,
 )
 from cryopipe.io.tomography import read_tomograms
-from cryopipe.jobs.reconstruct_particle import input_files
+from cryopipe.jobs.reconstruct_particle import check_inputs, input_files
 from cryopipe.tomo.particle_images import check_box_sizes
 from cryopipe.tomo.particle_sets import particles_per_tilt_series, tilt_series_geometry
 from cryopipe.tomo.subtomograms import particle_stacks_2d, pseudo_subtomograms
@@ -218,9 +218,7 @@ def main(args: argparse.Namespace) -> int:
     from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
 
     particles_file, tomograms_file = input_files(args.optimisation_set, args.particles, args.tomograms)
-    for path in (particles_file, tomograms_file):
-        if not path.exists():
-            raise CryopipeError(f"{path}: no such file")
+    check_inputs(particles_file, tomograms_file)
     check_box_sizes(args.box, args.crop, args.binning)
     with open_job_dir(args.output, "PseudoSubtomo", ProcessLabel.PSEUDOSUBTOMO,
                       inputs=[(particles_file, NodeType.PARTICLES), (tomograms_file, NodeType.TOMOGRAMS)],
