@@ -224,3 +224,17 @@ def test_job_in_a_project(relion_tomo_dir, tmp_path, monkeypatch):
     assert procs["rlnPipeLineProcessTypeLabel"].tolist() == ["relion.reconstructtomograms"]
     assert procs["rlnPipeLineProcessStatusLabel"].tolist() == ["Succeeded"]
     assert "Tomograms/job001/tomograms.star" in pipe["pipeline_nodes"]["rlnPipeLineNodeName"].tolist()
+    # an interrupted job continues: finished tomograms are kept, missing ones are made
+    rc = cli_main(["reconstruct-tomogram", "--t", str(relion_tomo_dir / "tomograms.star"), "--bin", "8", "--no_png",
+                   "--o", "Tomograms/job001/", "--only_do_unfinished"])
+    assert rc == 0
+    done = tmp_path / "Tomograms" / "job001" / "tomograms" / "rec_TS_02.mrc"
+    made = tmp_path / "Tomograms" / "job001" / "tomograms" / "rec_TS_01.mrc"
+    assert made.exists()
+    before = done.stat().st_mtime_ns
+    made.unlink()
+    rc = cli_main(["reconstruct-tomogram", "--t", str(relion_tomo_dir / "tomograms.star"), "--bin", "8", "--no_png",
+                   "--o", "Tomograms/job001/", "--only_do_unfinished"])
+    assert rc == 0 and made.exists() and done.stat().st_mtime_ns == before
+    assert read_star(tmp_path / "Tomograms" / "job001" / "tomograms.star")["global"]["rlnTomoName"].tolist() == [
+        "TS_01", "TS_02"]

@@ -28,7 +28,7 @@ import torch
 from cryopipe.core.device import resolve_device
 from cryopipe.core.tilt_geometry import projection_matrices
 from cryopipe.errors import CryopipeError
-from cryopipe.io.mrc import MrcStack
+from cryopipe.io.mrc import MrcStack, mrc_info
 from cryopipe.io.tomography import TiltSeries, TomogramSet, path_for_star, read_tomograms, write_tomograms
 from cryopipe.tomo.tomogram import (
     DEFAULT_MAX_SAMPLES,
@@ -110,6 +110,19 @@ def reconstruct_one(ts: TiltSeries, out_path: Path, *, binning: float, size: tup
     return {"shape": shape, **stats}
 
 
+def reconstruct_unless_done(ts: TiltSeries, out_path: Path, only_do_unfinished: bool, *, binning: float,
+                            size: tuple[int, int, int], **kwargs) -> dict:
+    """:func:`reconstruct_one`, unless ``only_do_unfinished`` and ``out_path`` already holds a tomogram of the
+    expected shape (files are written atomically, so one that exists is complete): then its header statistics."""
+    shape = output_shape(size, binning)
+    if only_do_unfinished and out_path.exists():
+        info = mrc_info(out_path)
+        if info.shape == shape:
+            return {"shape": shape, "min": info.dmin, "max": info.dmax, "mean": info.dmean, "rms": info.rms,
+                    "skipped": True}
+    return reconstruct_one(ts, out_path, binning=binning, size=size, **kwargs)
+
+
 def save_sections_png(mrc_path: Path, png_path: Path, title: str) -> None:
     """PNG of the central XY (z = nz//2) and XZ (y = ny//2) sections of a tomogram (read memory-mapped)."""
     from matplotlib.figure import Figure
@@ -137,9 +150,11 @@ def reconstruct_tomograms(tomograms_star: str | Path, output_dir: str | Path, *,
                           binning: float = 8.0, binned_angpix: float | None = None, w: int | None = None,
                           h: int | None = None, d: int | None = None, ctf: bool = False, snr: float = 10.0,
                           split: bool = False, slab_mb: float = 256.0, device: str | torch.device | None = None,
-                          png: bool = True, progress: bool = True) -> list[TomogramResult]:
+                          png: bool = True, only_do_unfinished: bool = False,
+                          progress: bool = True) -> list[TomogramResult]:
     """Reconstruct the tomograms of ``tomograms_star`` (all, or ``tomo_name``) into ``output_dir/tomograms/`` and
-    write ``output_dir/tomograms.star`` (see the module docstring). ``slab_mb``: size of one output slab."""
+    write ``output_dir/tomograms.star`` (see the module docstring). ``slab_mb``: size of one output slab;
+    ``only_do_unfinished``: keep tomograms (and halves, PNGs) already written by an interrupted run."""
     from cryopipe.pipeline.log import log
 
     tset = read_tomograms(tomograms_star)
@@ -164,7 +179,9 @@ def reconstruct_tomograms(tomograms_star: str | Path, output_dir: str | Path, *,
                 f"{', CTF phase flip' if ctf else ''}, SNR {snr:g})")
         path = out_dir / "tomograms" / f"rec_{name}.mrc"
         kw = dict(binning=b, size=size, ctf=ctf, snr=snr, slab_voxels=slab_voxels, device=device, progress=progress)
-        stats = reconstruct_one(ts, path, **kw)
+        stats = reconstruct_unless_done(ts, path, only_do_unfinished, **kw)
+        if progress and stats.get("skipped"):
+            log(f"  {name}: {path} is already there (--only_do_unfinished)")
         halves = None
         if split:
             first, second = split_by_dose(ts.pre_exposure())
@@ -174,14 +191,15 @@ def reconstruct_tomograms(tomograms_star: str | Path, output_dir: str | Path, *,
             for rows, half in zip((first, second), halves):
                 if progress:
                     log(f"  {name}: half tomogram {half.name} from {rows.size} tilts")
-                reconstruct_one(ts, half, tilts=rows, **kw)
+                reconstruct_unless_done(ts, half, only_do_unfinished, tilts=rows, **kw)
         png_path = None
         if png:
             png_path = path.with_suffix(".png")
-            save_sections_png(path, png_path, f"rec_{name}")
+            if not (stats.get("skipped") and png_path.exists()):
+                save_sections_png(path, png_path, f"rec_{name}")
         seconds = time.perf_counter() - t0
         results.append(TomogramResult(name, path, halves, png_path, tuple(stats["shape"]), ts.pixel_size * b,
-                                      seconds, {k: v for k, v in stats.items() if k != "shape"}))
+                                      seconds, {k: v for k, v in stats.items() if k not in ("shape", "skipped")}))
         ts.globals["rlnTomoReconstructedTomogram"] = path_for_star(path)
         if halves is not None:
             ts.globals["rlnTomoReconstructedTomogramHalf1"] = path_for_star(halves[0])
@@ -214,8 +232,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write tomograms from the even/odd tilts in dose order (for denoising)")
     p.add_argument("--j", type=int, default=1, help="accepted for RELION compatibility (torch's threads are used)")
     p.add_argument("--slab_mb", type=float, default=256.0, help="size of one output slab held in memory (MB)")
+    p.add_argument("--only_do_unfinished", action="store_true",
+                   help="continue an interrupted job: keep the tomograms it already wrote")
     p.add_argument("--no_png", dest="png", action="store_false", help="do not write the central-section PNGs")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _continuing(args: argparse.Namespace) -> bool:
+    """``--only_do_unfinished`` on a job folder that exists continues it; on a new one it simply runs."""
+    return bool(args.only_do_unfinished and args.output and Path(args.output).exists())
 
 
 def main(args: argparse.Namespace) -> int:
@@ -233,12 +258,13 @@ def main(args: argparse.Namespace) -> int:
     if args.binning <= 0 and not (args.binned_angpix and args.binned_angpix > 0):
         raise CryopipeError(f"--bin {args.binning:g}: must be > 0")
     with open_job_dir(args.output, "Tomograms", ProcessLabel.RECONSTRUCT_TOMOGRAMS,
-                      inputs=[(tomograms_file, NodeType.TOMOGRAMS)], params=vars(args), is_tomo=True) as job:
+                      inputs=[(tomograms_file, NodeType.TOMOGRAMS)], params=vars(args), is_tomo=True,
+                      continue_job=_continuing(args)) as job:
         t0 = time.perf_counter()
         results = reconstruct_tomograms(tomograms_file, job.dir, tomo_name=args.tomo_name, binning=args.binning,
                                         binned_angpix=args.binned_angpix, w=args.w, h=args.h, d=args.d, ctf=args.ctf,
                                         snr=args.snr, split=args.split, slab_mb=args.slab_mb, device=args.device,
-                                        png=args.png)
+                                        png=args.png, only_do_unfinished=args.only_do_unfinished)
         job.add_output(job.path("tomograms.star"), NodeType.TOMOGRAMS)
         log(f"{len(results)} tomogram(s) in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -213,6 +213,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--j", type=int, default=1, help="accepted for RELION compatibility (threads: torch decides)")
 
 
+def _continuing(args: argparse.Namespace) -> bool:
+    """``--only_do_unfinished`` on a job folder that exists continues it; on a new one it simply runs."""
+    return bool(args.only_do_unfinished and args.output and Path(args.output).exists())
+
+
 def main(args: argparse.Namespace) -> int:
     from cryopipe.pipeline.log import log
     from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
@@ -222,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
     check_box_sizes(args.box, args.crop, args.binning)
     with open_job_dir(args.output, "PseudoSubtomo", ProcessLabel.PSEUDOSUBTOMO,
                       inputs=[(particles_file, NodeType.PARTICLES), (tomograms_file, NodeType.TOMOGRAMS)],
-                      params=vars(args), is_tomo=True, continue_job=False) as job:
+                      params=vars(args), is_tomo=True, continue_job=_continuing(args)) as job:
         log(f"extracting {'2D stacks' if args.stack2d else 'pseudo-subtomograms'} of {particles_file} "
             f"(box {args.box}, crop {args.crop if args.crop > 0 else args.box}, bin {args.binning:g})")
         t0 = time.perf_counter()
