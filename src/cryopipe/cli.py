@@ -42,6 +42,17 @@ JOBS: dict[str, str] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where it says something: not for None / False defaults, and not where the help
+    text already speaks of its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cryopipe",
@@ -57,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_main=mod.main)
     return parser
@@ -73,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except CryopipeError as exc:
         print(f"cryopipe {args.job}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # output paths: an existing file in the way, no permission, a full disk ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cryopipe {args.job}: error: {where}{exc.strerror or exc} (check the output path, its permissions "
+              "and the free disk space)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"cryopipe {args.job}: interrupted; finished work is kept, run the same command again to continue",
