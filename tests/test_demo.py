@@ -37,3 +37,13 @@ def test_demo_small(tmp_path, monkeypatch, capsys):
     assert s["subtomo"]["n_written"] == s["subtomo"]["n_particles"] == 40
     assert s["reconstruct_particle"]["fsc_truth_0.5_A"] < 20.0
     assert "reconstruct-particle (true poses)" in out
+
+
+def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "precious.mrc").write_text("x")
+    assert cli_main(["demo", "--o", "mydata", "--n_particles", "10"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not made by cryopipe demo" in err[0]
+    assert (tmp_path / "mydata" / "precious.mrc").exists()

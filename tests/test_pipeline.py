@@ -384,6 +384,8 @@ def test_relion4_project_is_extended(tmp_path):
         """))
     proj = Project(tmp_path)
     before = proj.read()
+    (tmp_path / "MotionCorr" / "job002").mkdir(parents=True)
+    _touch_star(tmp_path / "MotionCorr" / "job002" / "corrected_micrographs.star")
     with proj.new_job("CtfFind", ProcessLabel.CTFFIND,
                       inputs=[("MotionCorr/job002/corrected_micrographs.star", NodeType.MICROGRAPHS)]) as job:
         pass
@@ -410,3 +412,12 @@ def test_failure_while_setting_up_is_not_left_running(proj, monkeypatch):
             pass
     assert proj.status("Select/job001/") == Status.FAILED
     assert (proj.root / "Select/job001" / EXIT_FAILURE).is_file()
+
+
+def test_missing_input_makes_no_folder_and_no_pipeline_entry(proj):
+    with pytest.raises(CryopipeError, match=r"Import/job001/particles.star: input file not found"):
+        with proj.new_job("Class2D", ProcessLabel.CLASS2D, inputs=[("Import/job001/particles.star",
+                                                                    NodeType.PARTICLES)]):
+            pass
+    assert not (proj.root / "Class2D").exists()
+    assert not (proj.root / "default_pipeline.star").exists() or not proj.read().processes

@@ -48,6 +48,9 @@ import numpy as np
 
 from cryopipe.errors import CryopipeError
 
+#: file in a demo project that allows a later demo to replace it (nothing else is ever deleted)
+DEMO_MARKER = ".cryopipe_demo"
+
 HELP = "simulate a small data set in a fresh project folder and run every job on it, scored against the truth"
 
 
@@ -159,8 +162,12 @@ def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int =
     if root.exists() and not keep:
         if root == Path.cwd().resolve() or root in Path.cwd().resolve().parents:
             raise CryopipeError(f"{root}: refusing to replace the current directory; pass another --o")
+        if not root.is_dir() or (any(root.iterdir()) and not (root / DEMO_MARKER).exists()):
+            raise CryopipeError(f"{root}: exists and was not made by cryopipe demo; refusing to replace it (pass "
+                                "another --o, or --keep to add the demo's jobs to it)")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text("made by cryopipe demo: the demo may replace this folder\n")
     dev = ["--device", device] if device else []
     steps: list[dict] = []
     summary: dict = {"project": str(root)}

@@ -757,7 +757,18 @@ class Job:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.touch()
 
+    def _check_inputs(self) -> None:
+        """Every input file exists (relative names: from the current directory or the project's), checked before
+        a folder or a pipeline entry is made."""
+        bases = [Path.cwd()] + ([self.project.root] if self.project is not None else [])
+        for path, _ in self.inputs:
+            p = Path(path)
+            if not any((p if p.is_absolute() else base / p).exists() for base in bases):
+                raise CryopipeError(f"{path}: input file not found (check the path; relative paths are relative "
+                                    "to the project directory)")
+
     def __enter__(self) -> Job:
+        self._check_inputs()
         self._t0 = time.monotonic()
         if self.project is not None:
             self._start_in_project()
