@@ -421,3 +421,28 @@ def test_missing_input_makes_no_folder_and_no_pipeline_entry(proj):
             pass
     assert not (proj.root / "Class2D").exists()
     assert not (proj.root / "default_pipeline.star").exists() or not proj.read().processes
+
+
+def test_job_folder_lock(tmp_path, monkeypatch):
+    """A second run into a folder where a live process runs a job is refused without touching it; a lock left by a
+    process that is gone is taken over; the lock is gone after the job."""
+    import socket
+
+    from cryopipe.pipeline.project import JOB_LOCK
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run1"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / JOB_LOCK).write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        with pytest.raises(CryopipeError, match=rf"another cryopipe job \(process {sleeper.pid}"):
+            with open_job_dir("run1", "Class2D", ProcessLabel.CLASS2D):
+                pass
+        assert sorted(p.name for p in out.iterdir()) == [JOB_LOCK]  # no marker, no note, nothing written
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with open_job_dir("run1", "Class2D", ProcessLabel.CLASS2D) as job:  # the holder is gone: taken over
+        assert (job.dir / JOB_LOCK).read_text().split()[0] == str(os.getpid())
+    assert not (out / JOB_LOCK).exists() and (out / EXIT_SUCCESS).exists()

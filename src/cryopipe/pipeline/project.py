@@ -68,6 +68,7 @@ import os
 import random
 import re
 import shlex
+import socket
 import sys
 import time
 import traceback
@@ -611,6 +612,7 @@ class Job:
         self.root: Path = project.root if project is not None else Path(os.path.abspath("."))
         self._outputs: list[tuple[str, str]] = []
         self._stack: contextlib.ExitStack | None = None
+        self._lock: Path | None = None
         self._t0 = 0.0
 
     # -- paths --
@@ -777,6 +779,7 @@ class Job:
             out.mkdir(parents=True, exist_ok=True)
             self._dir = out
             self.name = _dir_name(_relative_to_root(out, self.root))
+        self._lock = acquire_job_lock(self.dir)  # refuses a second concurrent run in this folder (nothing touched)
         try:
             self._prepare_folder()
         except BaseException as exc:  # the process is registered: do not leave it "Running"
@@ -849,8 +852,11 @@ class Job:
                 self._finish_in_project(status)
         except BaseException:
             (self.dir / EXIT_FAILURE).touch()
+            release_job_lock(self._lock)
             raise
         (self.dir / marker).touch()
+        release_job_lock(self._lock)
+        self._lock = None
         if exc is None and error is not None:
             raise error
         return False
@@ -914,6 +920,57 @@ def output_root(output_arg: str | os.PathLike | None, cwd: str | os.PathLike | N
         return here
     target = _project_job_target(output_arg, here)
     return target[0] if target is not None else here
+
+
+#: file that marks a job folder in use by a running job (process id and host inside)
+JOB_LOCK = ".cryopipe_running"
+
+
+def _process_alive(pid: int, host: str) -> bool:
+    if host != socket.gethostname():
+        return True  # another machine's process: it cannot be checked from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_job_lock(folder: Path) -> Path:
+    """Create ``folder/JOB_LOCK`` for this process; a one-line error if a live process holds it (a lock left by a
+    process that is gone, or by this process, is taken over). Returns the lock's path."""
+    lock = Path(folder) / JOB_LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid_text, host = lock.read_text().split()[:2]
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, host = -1, ""
+            if pid > 0 and pid != os.getpid() and _process_alive(pid, host):
+                raise CryopipeError(f"{folder}: another cryopipe job (process {pid} on {host}) is running in this "
+                                    f"folder; wait for it to finish or choose another --o (if it is gone, delete "
+                                    f"{lock})") from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return lock
+    raise CryopipeError(f"{folder}: could not take the job lock {lock}")
+
+
+def release_job_lock(lock: Path | None) -> None:
+    """Remove a lock made by :func:`acquire_job_lock` (if it is still ours)."""
+    if lock is None:
+        return
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        if int(lock.read_text().split()[0]) == os.getpid():
+            lock.unlink()
 
 
 def open_job_dir(output_arg: str | os.PathLike | None, type_dir: str, process_label: str, *,
