@@ -53,6 +53,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def check_common_options(args: argparse.Namespace) -> None:
+    """Options shared by many jobs, checked once: ``--angpix`` must be a pixel size (> 0), or the job's own "from
+    the file" default (-1) where it has one."""
+    angpix = getattr(args, "angpix", None)
+    if angpix is not None and angpix <= 0 and angpix != args._parser.get_default("angpix"):
+        raise CryopipeError(f"--angpix {angpix:g}: a pixel size must be > 0 Å (leave it out to take it from the "
+                            "input file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cryopipe",
@@ -70,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
                            formatter_class=HelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_main=mod.main)
+        p.set_defaults(_main=mod.main, _parser=p)
     return parser
 
 
@@ -81,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        check_common_options(args)
         return int(args._main(args) or 0)
     except CryopipeError as exc:
         print(f"cryopipe {args.job}: error: {exc}", file=sys.stderr)
