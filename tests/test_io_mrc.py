@@ -157,6 +157,13 @@ def test_bad_files(relion_dir, tmp_path):
     (tmp_path / "mode5.mrcs").write_bytes(bytes(badmode))
     with pytest.raises(InputFileError, match=r"mode5.mrcs: unsupported MRC mode 5"):
         read_mrc(tmp_path / "mode5.mrcs")
+    mode1 = bytearray(raw)  # float32 data under a header that says int16
+    mode1[12:16] = np.int32(1).tobytes()
+    (tmp_path / "mode1.mrcs").write_bytes(bytes(mode1))
+    with pytest.raises(InputFileError, match=r"mode1.mrcs: header mode 1 \(int16\) does not match the data: .* 4 bytes "
+                                             r"each \(mode 2\?\)") as info:
+        read_mrc(tmp_path / "mode1.mrcs")
+    assert "\n" not in str(info.value)
     (tmp_path / "text.mrc").write_text("hello" * 400)
     with pytest.raises(InputFileError, match=r"text.mrc: not an MRC file"):
         read_mrc(tmp_path / "text.mrc")

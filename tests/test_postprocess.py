@@ -224,7 +224,7 @@ def test_cli_job_outputs(pp_dir, relion_dir, tmp_path, monkeypatch):
     assert types["PostProcess/job004/logfile.pdf"] == "LogFile.pdf.relion"
 
 
-@pytest.mark.parametrize("problem", ["box", "pixel", "mask_range", "mask_box", "both_b"])
+@pytest.mark.parametrize("problem", ["box", "pixel", "mask_range", "mask_box", "both_b", "identical", "nan", "zeros"])
 def test_bad_input_one_line_no_outputs(pp_dir, relion_dir, tmp_path, monkeypatch, capsys, problem):
     monkeypatch.chdir(tmp_path)
     h1, _ = read_mrc(pp_dir / "half1.mrc")
@@ -235,6 +235,14 @@ def test_bad_input_one_line_no_outputs(pp_dir, relion_dir, tmp_path, monkeypatch
         half1 = _write_pair(tmp_path, h1, h2[:40, :40, :40])
     elif problem == "pixel":
         half1 = _write_pair(tmp_path, h1, h2, 3.0, 2.5)
+    elif problem == "identical":
+        half1 = _write_pair(tmp_path, h1, h1.copy())
+    elif problem == "nan":
+        bad = h2.copy()
+        bad[3, 4, 5] = np.nan
+        half1 = _write_pair(tmp_path, h1, bad)
+    elif problem == "zeros":
+        half1 = _write_pair(tmp_path, h1, np.zeros_like(h2))
     else:
         half1 = _write_pair(tmp_path, h1, h2)
     if problem == "mask_range":
@@ -250,7 +258,7 @@ def test_bad_input_one_line_no_outputs(pp_dir, relion_dir, tmp_path, monkeypatch
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert {"box": "box", "pixel": "pixel size", "mask_range": "[0, 1]", "mask_box": "box",
-            "both_b": "adhoc_bfac"}[problem] in err
+            "both_b": "adhoc_bfac", "identical": "identical", "nan": "non-finite", "zeros": "all zeros"}[problem] in err
     assert not (tmp_path / "PostProcess").exists() and not (tmp_path / "default_pipeline.star").exists()
     with pytest.raises(CryopipeError):
         run_postprocess(tmp_path / "no_such_name.mrc")  # neither half1 nor half2 in the name

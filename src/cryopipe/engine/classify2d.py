@@ -58,7 +58,8 @@ from cryopipe.engine.sampling import InPlaneSampling, coarse_image_size, psi_ste
 from cryopipe.errors import CryopipeError
 
 __all__ = ["Class2DSettings", "ParticleSet2D", "ParticleState2D", "Model2D", "Stats2D", "IterationReport",
-           "EMUpdate", "Optimiser2D", "fast_subset_size"]
+           "EMUpdate", "Optimiser2D", "fast_subset_size", "lowpass_raised_cosine_2d", "soft_mask_background",
+           "blob_image"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -97,7 +98,12 @@ class Class2DSettings:
     batch_size: int = 128
     n_accuracy_particles: int = 50
     sigma_noise_particles: int = 1000  # particles per optics group for the initial noise spectra
-    do_generate_seeds: bool = True  # first iteration: one random class per particle (from-scratch runs)
+    # first iteration: one random class per particle (RELION 3's seeds; RELION >= 4 does not: its random subsets
+    # and blobs already differ per class)
+    do_generate_seeds: bool = False
+    ini_high: float = -1.0  # --ini_high (Å): low-pass of the initial references; <= 0: box·apix/round(0.07·box)
+    init_blobs: bool = True  # initial references of random Gaussian blobs (RELION >= 4; --no_init_blobs: False)
+    offset_sigma: float = 10.0  # --offset (Å): initial standard deviation of the origin offsets
 
 
 ParticleSet2D = ParticleSet  # the 2D name of the engine's particle set (same class)
@@ -252,6 +258,72 @@ def fast_subset_size(iteration: int, n_classes: int, n_particles: int, ref_dim: 
 
 
 # ------------------------------------------------------------------------------------------------------------
+# initial references (RELION MlOptimiser::initialiseReferences for a start without references)
+# ------------------------------------------------------------------------------------------------------------
+
+def lowpass_raised_cosine_2d(images: torch.Tensor, radius_shells: float, width: float = 2.0) -> torch.Tensor:
+    """Low-pass ``[..., n, n]`` images at ``radius_shells`` Fourier pixels with a raised-cosine edge of ``width``
+    pixels centred on it (RELION ``initialLowPassFilterReferences``: factor 1 below ``radius − width/2``, 0 above
+    ``radius + width/2``, 0.5 at ``radius``)."""
+    n = images.shape[-1]
+    dev = images.device
+    ky = torch.fft.fftfreq(n, d=1.0 / n, device=dev, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(n, d=1.0 / n, device=dev, dtype=torch.float64)
+    r = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+    lo = float(radius_shells) - width / 2.0
+    hi = lo + width
+    f = torch.where(r < lo, torch.ones_like(r),
+                    torch.where(r > hi, torch.zeros_like(r), 0.5 - 0.5 * torch.cos(math.pi * (hi - r) / width)))
+    out = irfft2_centered(rfft2_centered(images.to(torch.float64)) * f, n)
+    return out.to(images.dtype)
+
+
+def soft_mask_background(images: torch.Tensor, radius_px: float, width_px: float) -> torch.Tensor:
+    """RELION ``softMaskOutsideMap`` without a noise image: outside ``radius_px`` (raised-cosine edge of
+    ``width_px``) each image ``[..., n, n]`` becomes the (edge-weighted) average of its own background."""
+    n = images.shape[-1]
+    m = soft_circular_mask(n, radius_px, width_px, device=images.device, dtype=torch.float64)
+    x = images.to(torch.float64)
+    bgw = 1.0 - m
+    bg = (x * bgw).sum(dim=(-2, -1), keepdim=True) / bgw.sum().clamp_min(1e-12)
+    return (x * m + bg * bgw).to(images.dtype)
+
+
+def blob_image(amplitude: torch.Tensor, diameter_px: float, rng: np.random.Generator, count: int = 40
+               ) -> torch.Tensor:
+    """RELION's blob start for one class (``SomGraph::make_blobs_2d`` twice): ``count`` Gaussian blobs
+    ``exp(−d²·(10/diameter)²)`` at positions ``N(centre, diameter/7)`` (pixels), each as high as ``|amplitude|``
+    at its position, minus half of a second such set; rescaled to the standard deviation of ``amplitude``
+    ``[n, n]`` (the low-passed random-subset average)."""
+    n = amplitude.shape[-1]
+    dev = amplitude.device
+    a = amplitude.detach().to(torch.float64)
+    x = torch.arange(n, device=dev, dtype=torch.float64)
+    s2 = (10.0 / float(diameter_px)) ** 2
+
+    def blobs() -> torch.Tensor:
+        pos = rng.standard_normal((count, 2)) * float(diameter_px) / 7.0 + n / 2.0  # (x, y) array coordinates
+        ok = (pos >= 0).all(axis=1) & (pos < n).all(axis=1)
+        ij = np.where(ok[:, None], pos, 0).astype(np.int64)
+        amp = torch.where(torch.as_tensor(ok, device=dev), a[torch.as_tensor(ij[:, 1], device=dev),
+                                                             torch.as_tensor(ij[:, 0], device=dev)].abs(),
+                          torch.zeros((), dtype=torch.float64, device=dev))
+        pt = torch.as_tensor(pos, device=dev, dtype=torch.float64)
+        gx = torch.exp(-(x[None, :] - pt[:, 0, None]) ** 2 * s2)  # [count, n], separable Gaussians
+        gy = torch.exp(-(x[None, :] - pt[:, 1, None]) ** 2 * s2)
+        return (gy.T * amp[None, :]) @ gx  # [y, x] = Σ_i amp_i · gy_i(y) · gx_i(x)
+
+    pos_img = blobs()
+    neg_img = blobs()
+    out = pos_img - neg_img / 2.0
+    sd_new = float(out.std(unbiased=False))
+    sd_old = float(a.std(unbiased=False))
+    if sd_new > 0:
+        out = out * (sd_old / sd_new)
+    return out.to(amplitude.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # the optimiser
 # ------------------------------------------------------------------------------------------------------------
 
@@ -317,9 +389,15 @@ class Optimiser2D(ParticleStream):
         psi_fine = self.sampling.fine_psi(dev) if s.oversampling > 0 else self.sampling.coarse_psi(dev)
         Rf = psi_fine.numel()
         cset = self.full
-        P = cset.size
-        S = torch.zeros(K * Rf, P, dtype=torch.complex64, device=dev)
-        W = torch.zeros(K * Rf, P, dtype=torch.float32, device=dev)
+        apix = p.pixel_size
+        ini_high = self.ini_high
+        # RELION starts the random-subset reconstructions at "image size" round(box·apix/ini_high) (7 for the
+        # default 0.07·box shells), i.e. it keeps the frequencies |k| <= that size / 2 of each particle
+        r_win = int(round(n * apix / ini_high)) // 2
+        csub = cset.prefix(r_win + 1)
+        Ps = csub.size
+        S = torch.zeros(K * Rf, Ps, dtype=torch.complex64, device=dev)
+        W = torch.zeros(K * Rf, Ps, dtype=torch.float32, device=dev)
         pow_sum = torch.zeros(G, ns, dtype=torch.float64, device=dev)
         img_sum = torch.zeros(n, n, dtype=torch.float64, device=dev)
         klass = (np.arange(take.size) % K)
@@ -337,16 +415,19 @@ class Optimiser2D(ParticleStream):
             og = torch.as_tensor(p.optics_group[idx], device=dev)
             pow_sum.index_add_(0, og, per / self.npix.to(dev)[None])
             c = self._ctf(idx)
-            cc = torch.ones_like(X.real) if c is None else cset.gather(c)
+            Xs = X[:, :Ps]
+            cc = torch.ones_like(Xs.real) if c is None else csub.gather(c)
             rows = torch.as_tensor(klass[bidx] * Rf + psi_idx[bidx], device=dev)
-            S.index_add_(0, rows, X * cc.to(X.dtype))
+            S.index_add_(0, rows, Xs * cc.to(Xs.dtype))
             W.index_add_(0, rows, cc.square())
-        data, weight = back_rotate_sums(S.reshape(K, Rf, P), W.reshape(K, Rf, P), psi_fine, cset, s.pad)
+        data, weight = back_rotate_sums(S.reshape(K, Rf, Ps), W.reshape(K, Rf, Ps), psi_fine, csub, s.pad)
         # RELION without MAP: data/weight, weights floored at 1/1000 of their shell average
-        wsh = cset.shell_sum(weight.to(torch.float64)) / cset.shell_counts().clamp_min(1)[None]
-        floor = (wsh[:, cset.shell] / 1000.0).to(weight.dtype)
+        wsh = csub.shell_sum(weight.to(torch.float64)) / csub.shell_counts().clamp_min(1)[None]
+        floor = (wsh[:, csub.shell] / 1000.0).to(weight.dtype)
         F = torch.where(weight > 0, data / torch.maximum(weight, floor).to(data.real.dtype), torch.zeros_like(data))
-        refs = coefficients_to_images(F, cset) / gridding_correction_2d(n, s.pad * n, dev)
+        F = torch.where((csub.radius <= r_win + 1e-6)[None], F, torch.zeros_like(F))
+        refs = coefficients_to_images(F, csub) / gridding_correction_2d(n, s.pad * n, dev)
+        refs = soft_mask_background(refs, n / 2.0, 3.0)  # RELION's reconstruction masks the corners
         nimg = torch.zeros(G, dtype=torch.float64, device=dev).index_add_(
             0, torch.as_tensor(p.optics_group[take], device=dev), torch.ones(take.size, dtype=torch.float64,
                                                                               device=dev))
@@ -356,6 +437,15 @@ class Optimiser2D(ParticleStream):
             0, cset.shell, (A.real.square() + A.imag.square()).to(torch.float64)) / self.npix.to(dev)
         sigma2 = pow_sum / (2.0 * nimg.clamp_min(1)[:, None]) - pa[None] / 2.0
         sigma2 = repair_negative_spectra(sigma2)
+        # RELION's start: low-pass the subset averages to ini_high, then (RELION >= 4, --no_init_blobs switches it
+        # off) replace each by random Gaussian blobs weighted by it, low-pass again and mask
+        r_lp = n * apix / ini_high
+        refs = lowpass_raised_cosine_2d(refs, r_lp)
+        if s.init_blobs:
+            diam_px = self.particle_diameter / apix
+            refs = torch.stack([blob_image(refs[k], diam_px, self.rng) for k in range(K)])  # K images
+            refs = lowpass_raised_cosine_2d(refs, r_lp)
+            refs = soft_mask_background(refs, diam_px / 2.0, s.width_mask_edge)
         pdf = torch.full((K,), 1.0 / K, dtype=torch.float64, device=dev)
         # RELION initialiseDataVersusPrior: τ² = T·power spectrum, evidence = N·pdf/<σ²>
         Fr = images_to_coefficients(refs, cset)
@@ -367,31 +457,48 @@ class Optimiser2D(ParticleStream):
         model = Model2D(
             refs=refs.to(torch.float32), pixel_size=p.pixel_size, pdf_class=pdf,
             prior_offset=torch.zeros(K, 2, dtype=torch.float64, device=dev),
-            sigma2_offset=float(max(s.offset_range, 1.0) ** 2),
+            sigma2_offset=float((s.offset_sigma / apix) ** 2),
             sigma2_noise=sigma2, tau2_fudge=s.tau2_fudge, tau2=tau2, sigma2_ref=torch.zeros(K, ns, device=dev,
                                                                                             dtype=torch.float64),
             data_vs_prior=dvp, fourier_coverage=torch.zeros(K, ns, dtype=torch.float64, device=dev),
             orientability=torch.zeros(K, ns, dtype=torch.float64, device=dev),
             acc_rot=torch.zeros(K, dtype=torch.float64), acc_trans=torch.zeros(K, dtype=torch.float64),
-            estimated_resolution=torch.zeros(K, dtype=torch.float64),
+            estimated_resolution=torch.full((K,), ini_high, dtype=torch.float64),
             total_fourier_coverage=torch.zeros(K, dtype=torch.float64),
             current_resolution=0.0, current_size=n, avg_norm_correction=1.0,
             scale_correction=torch.ones(p.n_groups, dtype=torch.float64, device=dev),
             group_counts=torch.as_tensor(np.bincount(p.group, minlength=p.n_groups), dtype=torch.float64),
             padding_factor=s.pad)
         self.model = model
-        self._update_resolution()
+        # the first iteration works at the low-pass of the initial references (RELION updateCurrentResolution at
+        # iteration 0 with ini_high): shell round(box·apix/ini_high), image size 2·(shell + incr_size)
+        shell = int(round(r_lp))
+        model.current_resolution = float(resolution_per_A(shell, n, apix))
+        model.current_size = self._image_size(shell)
         self.iteration = 0
         self.from_scratch = True
         return model
 
     # -------------------------------------------------------------------------------------- helpers
+    @property
+    def ini_high(self) -> float:
+        """Low-pass (Å) of the initial references: ``--ini_high``, or RELION's default for a start from random
+        subsets, 0.07 × box Fourier pixels (``box·apix / round(0.07·box)``)."""
+        if self.s.ini_high > 0:
+            return float(self.s.ini_high)
+        return self.n * self.p.pixel_size / max(1, int(round(0.07 * self.n)))
+
+    def _image_size(self, shell: int) -> int:
+        """RELION ``updateImageSizeAndResolutionPointers`` (classification): ``2·(shell + incr_size)``, at most
+        the box."""
+        return int(min(2 * (int(shell) + int(self.s.incr_size)), self.n))
+
     def _update_resolution(self) -> None:
+        """The current resolution from ``data_vs_prior`` (RELION ``updateCurrentResolution``); the image size
+        of the next iteration follows from it when that iteration starts."""
         m = self.model
         shell = current_resolution_shell(m.data_vs_prior, m.ori_size, self.s.minres_map)
         m.current_resolution = float(resolution_per_A(shell, m.ori_size, m.pixel_size))
-        maxres = shell + self.s.incr_size
-        m.current_size = int(min(2 * maxres, m.ori_size))
 
     def _accuracies(self, src: ClassReferences2D, cset: CoefficientSet, sigma2: torch.Tensor) -> None:
         m, dev = self.model, self.dev
@@ -457,7 +564,13 @@ class Optimiser2D(ParticleStream):
         if s.perturb > 0:
             pert = samp.perturbation + self.rng.uniform(0.5 * s.perturb, s.perturb)
             samp.perturbation = float((pert + s.perturb) % (2 * s.perturb) - s.perturb)
-        # ---- coefficient sets
+        # ---- coefficient sets: image size from the current resolution (RELION: the model's rlnCurrentImageSize
+        # is the size this iteration works at)
+        if m.current_resolution > 0:
+            shell = int(round(m.current_resolution * n * p.pixel_size))
+        else:
+            shell = current_resolution_shell(m.data_vs_prior, n, s.minres_map)
+        m.current_size = self._image_size(shell)
         r_cur = m.current_size // 2
         cset = self.full.prefix(r_cur)
         P = cset.size

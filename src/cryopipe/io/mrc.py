@@ -104,6 +104,14 @@ def _open_mmap(path: Path, mode: str = "r") -> Any:
             raise InputFileError(path, f"truncated: {size} bytes but the header ({nx}x{ny}x{nz}, mode {file_mode}) "
                                        f"needs {expected}", "the file was not completely written or copied; "
                                                             "re-create or re-copy it")
+        if size > expected:  # exactly the size another mode would need: the mode field is wrong
+            data_bytes = size - _HEADER_BYTES - int(h.nsymbt)
+            other = [m for m, dt in MODES.items() if m != file_mode and data_bytes == nx * ny * nz * dt.itemsize]
+            if other:
+                raise InputFileError(path, f"header mode {file_mode} ({MODES[file_mode]}) does not match the data: "
+                                           f"{data_bytes} bytes for {nx}x{ny}x{nz} values are "
+                                           f"{MODES[other[0]].itemsize} bytes each (mode {other[0]}?)",
+                                     "fix the header's mode field or re-write the file")
         if mrc.data is None:
             msgs = "; ".join(str(w.message) for w in caught) or "no data block"
             raise InputFileError(path, f"cannot read the MRC data ({msgs})", "re-create the file")

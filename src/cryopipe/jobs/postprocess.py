@@ -103,6 +103,15 @@ def load_inputs(half1: str | os.PathLike, half2: str | os.PathLike | None, mask:
     apix = float(angpix) if angpix and angpix > 0 else a1
     if not apix or apix <= 0:
         raise InputFileError(half1, "has no pixel size in its header", "give --angpix")
+    for name, half in ((half1, h1), (name2, h2)):
+        if not np.isfinite(half).all():
+            raise InputFileError(name, f"holds {int((~np.isfinite(half)).sum())} non-finite voxels (NaN/inf)",
+                                 "re-run the refinement that made it")
+        if not np.any(half):
+            raise InputFileError(name, "is all zeros", "give the half maps of a finished refinement")
+    if np.array_equal(h1, h2):
+        raise InputFileError(name2, f"is identical to {half1}: their FSC would be 1 at every resolution",
+                             "give the two independently refined half maps (half1 and half2)")
     m = None
     if mask:
         m, _ = _read_cube(mask, "the mask")
