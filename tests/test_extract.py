@@ -470,6 +470,13 @@ def test_job_bad_input_one_line_error_and_no_output(mic_project, capsys):
               "--norm", "--bg_radius", "40")
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "bg_radius" in err
+    from cryopipe.io.mrc import mrc_info
+
+    _, ny, nx = mrc_info(mic_project / "Micrographs" / "mic001.mrc").shape
+    too_big = 2 * max(nx, ny)
+    rc = _cli("--i", "micrographs_ctf.star", "--coord_list", "coords_truth_list.star", "--extract_size", str(too_big))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and f"smaller than --extract_size {too_big}" in err
     assert not (mic_project / "Extract").exists()
     assert not (mic_project / "default_pipeline.star").exists()
 

@@ -39,6 +39,7 @@ class ParticleSet:
         ctf: per-particle CTF parameters (``cryopipe.io.particles.ctf_parameters`` keys: defocus_u, defocus_v,
             defocus_angle, voltage, cs, amplitude_contrast, phase_shift, bfactor, scale), or None.
         optics_group: ``[N]`` 0-based; group: ``[N]`` 0-based scale-correction groups (rlnGroupNumber − 1).
+        group_names: the name of each group (rlnGroupName in ``data_model_groups``: micrograph names), or None.
     """
 
     n: int
@@ -47,6 +48,7 @@ class ParticleSet:
     ctf: dict[str, np.ndarray] | None
     optics_group: np.ndarray
     group: np.ndarray
+    group_names: list[str] | None = None
 
     @property
     def size(self) -> int:

@@ -105,19 +105,41 @@ def load_particles(star_path: str | os.PathLike, purpose: str = "2D classificati
         raise InputFileError(star_path, f"images are {nx}x{ny}", f"{purpose} needs square, even-sized images")
     og_labels = data.optics["rlnOpticsGroup"].to_numpy()
     og = pd.Series(np.arange(len(og_labels)), index=og_labels).reindex(t["rlnOpticsGroup"].to_numpy()).to_numpy()
-    if "rlnGroupNumber" in t.columns:
-        grp = pd.to_numeric(t["rlnGroupNumber"], errors="coerce").fillna(1).to_numpy(int) - 1
-        grp = pd.factorize(grp, sort=True)[0]
-    elif "rlnGroupName" in t.columns:
-        grp = pd.factorize(t["rlnGroupName"].astype(str), sort=True)[0]
-    else:
-        grp = og.astype(int)
+    grp, group_names = particle_groups(t, og.astype(int))
     try:
         ctf = ctf_parameters(data)
     except InputFileError:
         ctf = None
-    ps = ParticleSet2D(int(nx), apix, reader.read, ctf, og.astype(np.int64), np.asarray(grp, dtype=np.int64))
+    ps = ParticleSet2D(int(nx), apix, reader.read, ctf, og.astype(np.int64), np.asarray(grp, dtype=np.int64),
+                       group_names=group_names)
     return data, ps, origins_px(data)[:, :2]
+
+
+_PIPELINE_JOB_RE = re.compile(r"(?:^|/)job\d+/")
+
+
+def particle_groups(t: pd.DataFrame, optics_group: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
+    """Scale-correction groups ``([N] 0-based, names)`` as RELION's ``Experiment::read``: ``rlnGroupName`` if
+    given, else one group per micrograph (``rlnMicrographName`` without its ``Type/jobNNN/`` prefix), numbered in
+    order of first appearance with the particles sorted by micrograph name. Without either column, the given
+    ``rlnGroupNumber`` (RELION would make one group) or else the optics groups (names None)."""
+    n = len(t)
+    if "rlnGroupName" in t.columns:
+        names = t["rlnGroupName"].astype(str).to_numpy()
+    elif "rlnMicrographName" in t.columns:
+        names = np.array([_PIPELINE_JOB_RE.split(str(m), maxsplit=1)[-1] for m in t["rlnMicrographName"]],
+                         dtype=object)
+    elif "rlnGroupNumber" in t.columns:
+        grp = pd.to_numeric(t["rlnGroupNumber"], errors="coerce").fillna(1).to_numpy(int) - 1
+        return pd.factorize(grp, sort=True)[0].astype(np.int64), None
+    else:
+        return np.asarray(optics_group, dtype=np.int64), None
+    order = (np.argsort(t["rlnMicrographName"].astype(str).to_numpy(), kind="stable")
+             if "rlnMicrographName" in t.columns else np.arange(n))
+    codes, uniques = pd.factorize(pd.Series(names[order]), sort=False)
+    grp = np.empty(n, dtype=np.int64)
+    grp[order] = codes
+    return grp, [str(u) for u in uniques]
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -230,7 +252,7 @@ def _write_iteration(opt: Optimiser2D, data: ParticleData, out_dir: Path, prefix
     m = opt.model
     write_mrc(paths["classes"], m.refs.detach().cpu().numpy().astype(np.float32), opt.p.pixel_size)
     write_particles(paths["data"], _data_table(data, opt), star_version=50001)
-    write_model_star(paths["model"], m, _rel(paths["classes"], root))
+    write_model_star(paths["model"], m, _rel(paths["classes"], root), group_names=opt.p.group_names)
     write_sampling_star(paths["sampling"], opt.sampling, opt.p.pixel_size, original_sampling, opt.s.perturb)
     rel = {k: _rel(v, root) for k, v in paths.items()}
     write_optimiser_star(paths["optimiser"], _optimiser_values(opt, _rel(out_dir / prefix, root), rel, n_iter),

@@ -305,11 +305,17 @@ def plan_extraction(micrographs_star: str | os.PathLike, *, options: ExtractOpti
             if len(sub):
                 tasks.append(MicrographTask(mic, index[mic], particles=sub.drop(columns="_mic")))
         inputs.append((str(dpath), "ParticleGroupMetadata.star.relion"))
+    from cryopipe.io.mrc import mrc_info
+
     for t in tasks:
         mp = _resolve(root, t.name)
         if not mp.exists():
             raise InputFileError(mp, "micrograph not found",
                                  f"names in {mpath} are relative to the project directory {root}")
+        _, ny, nx = mrc_info(mp).shape
+        if options.extract_size > min(nx, ny):
+            raise InputFileError(mp, f"is {nx}x{ny} px, smaller than --extract_size {options.extract_size}",
+                                 "give a box that fits the micrographs (in their pixels)")
     return ExtractPlan(root=root, micrographs_star=mpath, mic_optics=optics, mics=mics, tasks=tasks,
                        options=options, reextract=reextract_data_star is not None and str(reextract_data_star) != "",
                        part_optics=part_optics, inputs=inputs)
