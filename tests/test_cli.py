@@ -54,3 +54,46 @@ def test_angpix_must_be_positive(job, value, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and f"--angpix {float(value):g}" in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def _copy_projections(relion_dir, tmp_path):
+    """RELION's 40 CTF projections (STAR + stack) copied into ``tmp_path``: (star blocks, stack array)."""
+    import shutil
+
+    from cryopipe.io.mrc import read_mrc
+    from cryopipe.io.star import read_star
+
+    shutil.copy(relion_dir / "proj_ctf.star", tmp_path / "p.star")
+    stack, _ = read_mrc(relion_dir / "proj_ctf.mrcs")
+    return read_star(tmp_path / "p.star"), stack
+
+
+def test_non_finite_pixel_is_one_line(relion_dir, tmp_path, monkeypatch, capsys):
+    """One NaN pixel in one particle used to give an all-NaN map and exit status 0."""
+    from cryopipe.io.mrc import write_mrc
+
+    monkeypatch.chdir(tmp_path)
+    _, stack = _copy_projections(relion_dir, tmp_path)
+    stack[7, 10, 11] = float("nan")
+    write_mrc(tmp_path / "proj_ctf.mrcs", stack, 3.0)
+    rc = cli_main(["reconstruct", "--i", "p.star", "--o", "map.mrc", "--ctf"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (the progress bar aside)
+    assert rc == 1 and len(err) == 1 and "non-finite" in err[0] and "particle 8" in err[0], err
+    assert not (tmp_path / "map.mrc").exists()
+
+
+def test_non_finite_defocus_is_one_line(relion_dir, tmp_path, monkeypatch, capsys):
+    """rlnDefocusU = inf used to give an all-zero map."""
+    import shutil
+
+    from cryopipe.io.star import write_star
+
+    monkeypatch.chdir(tmp_path)
+    blocks, _ = _copy_projections(relion_dir, tmp_path)
+    shutil.copy(relion_dir / "proj_ctf.mrcs", tmp_path / "proj_ctf.mrcs")
+    blocks["particles"].loc[4, "rlnDefocusU"] = float("inf")
+    write_star(tmp_path / "p.star", blocks)
+    rc = cli_main(["reconstruct", "--i", "p.star", "--o", "map.mrc", "--ctf"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "rlnDefocusU of particle 5" in err[0], err
+    assert not (tmp_path / "map.mrc").exists()

@@ -502,6 +502,13 @@ class ImageReader:
                 raise InputFileError(stack.path, f"image {self._names[bad]!r} out of range: the stack has {n} "
                                                  "images", "check rlnImageName against the stack files")
             out[pos] = stack[img_idx]
+            finite = np.isfinite(out[pos]).all(axis=(1, 2))
+            if not finite.all():
+                bad = int(rows[pos][np.argmin(finite)])
+                raise InputFileError(stack.path, f"image {self._names[bad]!r} (particle {bad + 1}) holds non-finite "
+                                                 f"values (NaN/inf); {int((~finite).sum())} such image(s) in this "
+                                                 "batch", "remove those particles (e.g. cryopipe star --select) or "
+                                                          "re-extract them")
         return out
 
     def close(self) -> None:

@@ -218,6 +218,12 @@ def convert_31_to_30(data: ParticleData) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ read / write
 
 
+#: per-particle numbers that must be finite where present (a NaN defocus or angle would silently spoil a map)
+FINITE_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor",
+                  "rlnCtfScalefactor", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
+                  "rlnOriginYAngst", "rlnOriginZAngst", "rlnOriginX", "rlnOriginY", "rlnCoordinateX", "rlnCoordinateY")
+
+
 def _validate(data: ParticleData) -> None:
     where = data.path if data.path is not None else "<particles>"
     optics, parts = data.optics, data.particles
@@ -245,6 +251,16 @@ def _validate(data: ParticleData) -> None:
         else:
             raise InputFileError(where, f"data_{data.block_name} has no rlnOpticsGroup column but data_optics has "
                                         f"{len(optics)} groups", "add rlnOpticsGroup to every row")
+    for lab in FINITE_COLUMNS:
+        if lab in parts.columns:
+            vals = pd.to_numeric(parts[lab], errors="coerce").to_numpy(dtype=np.float64)
+            bad = ~np.isfinite(vals)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise InputFileError(where, f"{lab} of particle {i + 1} (row {i + 1} of data_{data.block_name}) is "
+                                            f"{parts[lab].tolist()[i]!r}, not a finite number "
+                                            f"({int(bad.sum())} such rows)",
+                                     "fix or remove those rows (e.g. cryopipe star --select)")
     known = set(optics["rlnOpticsGroup"].tolist())
     used = pd.unique(parts["rlnOpticsGroup"])
     unknown = [g for g in used.tolist() if g not in known]
