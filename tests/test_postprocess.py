@@ -262,3 +262,18 @@ def test_bad_input_one_line_no_outputs(pp_dir, relion_dir, tmp_path, monkeypatch
     assert not (tmp_path / "PostProcess").exists() and not (tmp_path / "default_pipeline.star").exists()
     with pytest.raises(CryopipeError):
         run_postprocess(tmp_path / "no_such_name.mrc")  # neither half1 nor half2 in the name
+
+
+def test_rough_guinier_fit_is_reported_and_plots_leave_matplotlib_alone(pp_dir, relion_dir, tmp_path):
+    """RELION's fixture fits B over ~10 shells with r² 0.85: said so, not silently; plotting uses bare Figures
+    (no pyplot backend switch, which would change a notebook's backend)."""
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    res = run_postprocess(pp_dir / "half1.mrc", pp_dir / "half2.mrc", mask=relion_dir / "mask.mrc", angpix=3.0,
+                          auto_bfac=True, autob_lowres=10.0)
+    assert any("Guinier fit over" in w and "r² 0.85" in w for w in res.warnings), res.warnings
+    from cryopipe.jobs.postprocess import plot_postprocess
+
+    plot_postprocess(res, tmp_path / "fsc.png", tmp_path / "guinier.png", None, 10.0, 0.0)
+    assert (tmp_path / "fsc.png").stat().st_size > 10000 and matplotlib.get_backend() == backend

@@ -217,6 +217,11 @@ def shell_resolution_A(shell: int, box: int, pixel_size: float) -> float:
     return 999.0 if shell <= 0 else box * pixel_size / shell
 
 
+#: a Guinier fit with fewer shells or a lower r² than this is reported as unreliable
+MIN_GUINIER_SHELLS = 10
+MIN_GUINIER_R2 = 0.9
+
+
 def solvent_mask_fraction(mask: torch.Tensor) -> float:
     """RELION's ``rlnParticleBoxFractionSolventMask``: ``0.476 / (fraction of mask voxels > 0.5)``."""
     frac = float((mask > 0.5).double().mean())
@@ -481,6 +486,11 @@ def postprocess_maps(half1: torch.Tensor, half2: torch.Tensor, pixel_size: float
     if auto_bfac:
         slope, intercept, corr = fit_straight_line(g_w.x, g_w.y, g_w.w)
         bfactor = 4.0 * slope
+        n_fit = int((g_w.w > 0).sum())
+        if n_fit < MIN_GUINIER_SHELLS or corr < MIN_GUINIER_R2:
+            warnings.append(f"the B-factor comes from a Guinier fit over {n_fit} shells with r² {corr:.2f} (wanted: "
+                            f">= {MIN_GUINIER_SHELLS} shells, r² >= {MIN_GUINIER_R2}); treat it as rough, or give "
+                            "--adhoc_bfac (a larger box or a lower --autob_lowres adds shells)")
     elif abs(adhoc_bfac) > 0:
         bfactor = float(adhoc_bfac)
         if bfactor > 0:

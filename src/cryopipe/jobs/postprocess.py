@@ -216,35 +216,54 @@ def write_fsc_dat(path: Path, res: PostprocessResult) -> None:
     _write_text(path, "".join(f"{x:.6g} {y:.6g}\n" for x, y in zip(inv, res.fsc_true.numpy())))
 
 
+def _angstrom_axis(ax) -> None:
+    """Ticks in Å on top of ``ax`` (whose x axis is in 1/Å), at the bottom axis' tick positions (call after the
+    x limits are set)."""
+    top = ax.twiny()
+    lo, hi = ax.get_xlim()
+    top.set_xlim(lo, hi)
+    ticks = [t for t in ax.get_xticks() if lo < t <= hi]
+    top.set_xticks(ticks)
+    top.set_xticklabels([f"{1.0 / t:.3g}" for t in ticks], fontsize=8)
+    top.set_xlabel("resolution (Å)")
+
+
 def plot_postprocess(res: PostprocessResult, fsc_png: Path, guinier_png: Path, pdf: Path | None,
                      fit_minres: float, fit_maxres: float) -> None:
-    """FSC curves and Guinier plot as PNGs and (optionally) a two-page PDF (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """FSC curves and Guinier plot as PNGs and (optionally) a two-page PDF (bare matplotlib ``Figure`` objects
+    rendered by Agg: no pyplot, no backend switch)."""
     from matplotlib.backends.backend_pdf import PdfPages
+    from matplotlib.figure import Figure
 
     _, inv, _ = _res_table(res.box, res.pixel_size)
-    fig1, ax = plt.subplots(figsize=(7.5, 5))
+    fig1 = Figure(figsize=(7.5, 5))
+    ax = fig1.subplots()
     if res.fsc_masked is not None:
-        ax.plot(inv, res.fsc_true.numpy(), "k-", lw=2, label="corrected")
-        ax.plot(inv, res.fsc_unmasked.numpy(), "g-", label="unmasked maps")
-        ax.plot(inv, res.fsc_masked.numpy(), "b-", label="masked maps")
-        ax.plot(inv, res.fsc_random.numpy(), "r-", label="phase-randomised masked maps")
+        ax.plot(inv, res.fsc_unmasked.numpy(), "g-", lw=1, label="unmasked maps")
+        ax.plot(inv, res.fsc_masked.numpy(), "b-", lw=1, label="masked maps")
+        ax.plot(inv, res.fsc_random.numpy(), "r-", lw=1, label="phase-randomised masked maps")
+        ax.plot(inv, res.fsc_true.numpy(), "k--", lw=2, label="corrected (masked − phase-randomised)", zorder=5)
     else:
         ax.plot(inv, res.fsc_true.numpy(), "k-", lw=2, label="unmasked maps")
     ax.axhline(0.143, color="0.5", ls=":", lw=1)
+    ax.text(inv[-1], 0.143, "0.143 ", ha="right", va="bottom", fontsize=8, color="0.4")
     ax.axhline(0.0, color="0.7", lw=0.5)
+    nyquist = 2.0 * res.pixel_size
+    limited = res.resolution <= nyquist * 1.0001
+    ax.axvline(1.0 / res.resolution, color="0.6", ls="--", lw=0.8)
     ax.set_xlabel("resolution (1/Å)")
     ax.set_ylabel("Fourier shell correlation")
-    ax.set_title(f"Final resolution = {res.resolution:.2f} Å")
+    ax.set_title(f"Final resolution = {res.resolution:.2f} Å"
+                 + (f" (Nyquist-limited: the FSC stays above 0.143 up to {nyquist:.2f} Å)" if limited else ""),
+                 fontsize=10)
     ax.set_xlim(0, inv[-1])
     ax.set_ylim(min(-0.1, float(np.nanmin(res.fsc_true.numpy())) - 0.02), 1.05)
+    _angstrom_axis(ax)
     ax.legend(loc="upper right", fontsize=8)
     fig1.tight_layout()
 
-    fig2, bx = plt.subplots(figsize=(7.5, 5))
+    fig2 = Figure(figsize=(7.5, 5))
+    bx = fig2.subplots()
     x = res.guinier_in.x.numpy()
 
     def curve(g, style, label):
@@ -269,19 +288,15 @@ def plot_postprocess(res: PostprocessResult, fsc_png: Path, guinier_png: Path, p
     bx.set_title("Guinier plot")
     bx.legend(loc="upper right", fontsize=8)
     fig2.tight_layout()
-    try:
-        with atomic_path(fsc_png) as tmp:
-            fig1.savefig(tmp, dpi=100, format="png")
-        with atomic_path(guinier_png) as tmp:
-            fig2.savefig(tmp, dpi=100, format="png")
-        if pdf is not None:
-            with atomic_path(pdf) as tmp:
-                with PdfPages(tmp) as pp:
-                    pp.savefig(fig1)
-                    pp.savefig(fig2)
-    finally:
-        plt.close(fig1)
-        plt.close(fig2)
+    with atomic_path(fsc_png) as tmp:
+        fig1.savefig(tmp, dpi=100, format="png")
+    with atomic_path(guinier_png) as tmp:
+        fig2.savefig(tmp, dpi=100, format="png")
+    if pdf is not None:
+        with atomic_path(pdf) as tmp:
+            with PdfPages(tmp) as pp:
+                pp.savefig(fig1)
+                pp.savefig(fig2)
 
 
 def write_outputs(res: PostprocessResult, root: Path, names: dict[str, str], *, auto_bfac: bool,
@@ -397,7 +412,8 @@ def _log_result(res: PostprocessResult, say) -> None:
         say(f"WARNING: {w}")
     if res.fsc_masked is not None:
         say(f"phase randomisation from {res.box * res.pixel_size / res.randomize_at:.2f} Å (shell "
-            f"{res.randomize_at}); solvent fraction {res.solvent_fraction:.4f}")
+            f"{res.randomize_at}); mask covers {100 * 0.476 / res.solvent_fraction:.1f} % of the box "
+            f"(rlnParticleBoxFractionSolventMask {res.solvent_fraction:.4f})")
     if res.slope != 0:
         say(f"Guinier fit: slope {res.slope:.4f}, intercept {res.intercept:.4f}, r² {res.fit_correlation:.4f}")
     say(f"B-factor {res.bfactor:.2f} Å²; FINAL RESOLUTION {res.resolution:.4f} Å")
