@@ -118,9 +118,9 @@ def reconstruct_particles(
     batches = range(0, idx.size, batch_size)
     it = batches
     if progress:
-        from tqdm import tqdm
+        from cryopipe.pipeline.log import progress as progress_lines
 
-        it = tqdm(batches, desc="reconstruct", unit="batch", leave=False)
+        it = progress_lines(batches, desc="reconstruct")
     for start in it:
         sl = slice(start, min(start + batch_size, idx.size))
         imgs = torch.from_numpy(reader.read(np.arange(sl.start, sl.stop))).to(dev)

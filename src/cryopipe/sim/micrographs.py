@@ -357,9 +357,9 @@ def simulate_micrographs(
     sig_var = float("nan")
     iterator = range(n_micrographs)
     if progress:
-        from tqdm import tqdm
+        from cryopipe.pipeline.log import progress as progress_lines
 
-        iterator = tqdm(iterator, desc="simulate micrographs", unit="mic")
+        iterator = progress_lines(iterator, desc="simulate micrographs")
     for m in iterator:
         # ---- geometry
         blob_r = (blob_radius_A[0] / pixel_size, blob_radius_A[1] / pixel_size)

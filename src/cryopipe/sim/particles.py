@@ -402,9 +402,9 @@ def simulate_particles(
                   for b0 in range(s0, s1, batch_size)]
     iterator = enumerate(batch_list)
     if progress:
-        from tqdm import tqdm
+        from cryopipe.pipeline.log import progress as progress_lines
 
-        iterator = tqdm(iterator, total=len(batch_list), desc="simulate particles", unit="batch")
+        iterator = progress_lines(iterator, total=len(batch_list), desc="simulate particles")
     junk_t = torch.as_tensor(junk, device=dev)
     noise_root = int(noise_seed.generate_state(1)[0])
     np_dtype = np.float16 if dtype == "float16" else np.float32

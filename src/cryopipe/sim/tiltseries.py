@@ -416,9 +416,9 @@ def simulate_tilt_series(
     tilts_truth, tilts_main, parts_truth, parts_main = {}, {}, [], []
     iterator = list(enumerate(names))
     if progress:
-        from tqdm import tqdm
+        from cryopipe.pipeline.log import progress as progress_lines
 
-        iterator = tqdm(iterator, desc="simulate tilt series", unit="tomogram")
+        iterator = progress_lines(iterator, desc="simulate tilt series")
     for t, name in iterator:
         rng = np.random.default_rng(seeds[t])
         align = random_alignment(nominal, tilt_axis_deg, rng, alignment_jitter)
