@@ -11,6 +11,13 @@ Conventions (RELION's ``Mresol_fine`` / ``Npix_per_shell``):
   conjugate of ``ky > 0``) is excluded, so every independent coefficient is counted once;
 * coefficients are ordered by increasing ``|k|`` (ties in grid order), so that the coefficient set of a smaller
   radius is a *prefix* of a larger one: ``X[..., :cs.count_upto(r)]`` is the low-resolution part.
+
+Tilt stacks (a tomographic particle = its ``F`` tilt images, RELION 5's 2D stacks): :func:`stack_coefficient_set`
+concatenates the sets of the ``F`` images, still sorted by ``|k|``, and gives every coefficient its 3D frequency
+``k₃ = R_fᵀ·(kx, ky, 0)`` (``R_f`` the tilt's rotation, or tilt × subtomogram rotation). A prediction of the
+particle in orientation ``A`` is then ``V̂(Aᵀ·k₃)`` for every coefficient and a 3D translation ``t`` is the phase
+``exp(−2πi k₃·t/n)`` (because ``k·(R_f t)_xy = k₃·t``), so the one E-step handles stacks as images with 3D
+frequencies and 3D translations.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CoefficientSet", "coefficient_set"]
+__all__ = ["CoefficientSet", "coefficient_set", "stack_coefficient_set"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,7 @@ class CoefficientSet:
         n: image box (pixels).
         r_max: largest shell index included (Fourier pixels).
         flat: ``[P]`` long, index into the flattened ``[n, n//2+1]`` half grid.
-        k: ``[P, 2]`` float32 frequency ``(kx, ky)`` in Fourier pixels.
+        k: ``[P, 2]`` float32 frequency ``(kx, ky)`` in Fourier pixels (tilt stacks: ``[P, 3]``, ``k₃``).
         shell: ``[P]`` long, ``round(|k|)``.
         radius: ``[P]`` float32 ``|k|`` (ascending).
     """
@@ -41,6 +48,8 @@ class CoefficientSet:
     k: torch.Tensor
     shell: torch.Tensor
     radius: torch.Tensor
+    n_images: int = 1  #: tilt stacks: ``F`` images per particle (``flat`` indexes the flattened ``[F, n, n//2+1]``)
+    image_rotations: torch.Tensor | None = None  #: tilt stacks: ``[F, 3, 3]`` the ``R_f`` that made ``k``
 
     @property
     def size(self) -> int:
@@ -59,13 +68,20 @@ class CoefficientSet:
         """The coefficient set of the smaller radius ``r`` (a prefix of this one)."""
         m = self.count_upto(r)
         return CoefficientSet(self.n, min(int(r), self.r_max), self.flat[:m], self.k[:m], self.shell[:m],
-                              self.radius[:m])
+                              self.radius[:m], self.n_images, self.image_rotations)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Shape of the half-complex grid(s) the set indexes: ``(n, n//2+1)``, or ``(F, n, n//2+1)`` for stacks."""
+        g = (self.n, self.n // 2 + 1)
+        return g if self.n_images == 1 else (self.n_images, *g)
 
     def gather(self, ft: torch.Tensor) -> torch.Tensor:
-        """``[..., n, n//2+1]`` half-complex grid → ``[..., P]`` coefficient vector."""
-        if ft.shape[-2:] != (self.n, self.n // 2 + 1):
-            raise ValueError(f"expected [..., {self.n}, {self.n // 2 + 1}], got {tuple(ft.shape)}")
-        return ft.reshape(*ft.shape[:-2], -1)[..., self.flat]
+        """``[..., n, n//2+1]`` half-complex grid (stacks: ``[..., F, n, n//2+1]``) → ``[..., P]`` coefficients."""
+        g = self.grid_shape
+        if tuple(ft.shape[-len(g):]) != g:
+            raise ValueError(f"expected [..., {', '.join(map(str, g))}], got {tuple(ft.shape)}")
+        return ft.reshape(*ft.shape[:-len(g)], -1)[..., self.flat]
 
     def scatter(self, values: torch.Tensor, hermitian: bool = True) -> torch.Tensor:
         """``[..., P]`` → ``[..., n, n//2+1]`` half grid, zero outside the set.
@@ -75,9 +91,9 @@ class CoefficientSet:
         consistent half-complex transform (``irfft2_centered`` gives a real image).
         """
         h = self.n // 2 + 1
-        out = torch.zeros(*values.shape[:-1], self.n * h, dtype=values.dtype, device=values.device)
+        out = torch.zeros(*values.shape[:-1], self.n_images * self.n * h, dtype=values.dtype, device=values.device)
         out[..., self.flat] = values
-        out = out.reshape(*values.shape[:-1], self.n, h)
+        out = out.reshape(*values.shape[:-1], *self.grid_shape)
         if hermitian:
             col = out[..., :, 0]
             rows = torch.arange(self.n, device=values.device)
@@ -118,3 +134,21 @@ def coefficient_set(n: int, r_max: float, device=None) -> CoefficientSet:
     idx = idx[order]
     k = torch.stack([kxx.reshape(-1)[idx], kyy.reshape(-1)[idx]], dim=-1).to(torch.float32)
     return CoefficientSet(int(n), int(r_max), idx, k, shell[idx], r[idx].to(torch.float32))
+
+
+def stack_coefficient_set(cset: CoefficientSet, rotations: torch.Tensor) -> CoefficientSet:
+    """The coefficients of a stack of ``F`` images (see module docstring): ``cset`` repeated for every image,
+    ordered by ``|k|`` (ties: image-major), ``k₃ = R_fᵀ·(kx, ky, 0)`` ``[F·P, 3]`` from ``rotations [F, 3, 3]``
+    (the rotation that projects the particle's frame into image ``f``)."""
+    if cset.n_images != 1:
+        raise ValueError("stack_coefficient_set needs the set of one image")
+    R = rotations.to(device=cset.device, dtype=torch.float64)
+    F, P = int(R.shape[0]), cset.size
+    grid = cset.n * (cset.n // 2 + 1)
+    flat = (torch.arange(F, device=cset.device)[:, None] * grid + cset.flat[None, :]).reshape(-1)
+    k3 = torch.einsum("pi,fij->fpj", cset.k.to(torch.float64), R[:, :2, :]).reshape(-1, 3)  # R_fᵀ·(kx, ky, 0)
+    radius = cset.radius[None, :].expand(F, P).reshape(-1)
+    order = torch.argsort(radius, stable=True)
+    shell = cset.shell[None, :].expand(F, P).reshape(-1)
+    return CoefficientSet(cset.n, cset.r_max, flat[order], k3[order].to(torch.float32), shell[order], radius[order],
+                          F, R)

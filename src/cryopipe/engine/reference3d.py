@@ -176,7 +176,9 @@ class ClassReferences3D:
     # ---------------------------------------------------------------------------------------------------
     def predict(self, k: int, rotations: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """``[R, Q]`` complex64 predictions of class ``k`` for RELION matrices ``rotations [R, 3, 3]`` at
-        frequencies ``freqs [Q, 2]`` (Fourier pixels): ``V̂(pad·Aᵀ·(qx, qy, 0)) / n²``, 0 beyond ``n/2``."""
+        frequencies ``freqs [Q, 2]`` (Fourier pixels): ``V̂(pad·Aᵀ·(qx, qy, 0)) / n²``, 0 beyond ``n/2``; with
+        3D frequencies ``freqs [Q, 3]`` (tilt stacks, :func:`~cryopipe.engine.coefficients.stack_coefficient_set`)
+        ``V̂(pad·Aᵀ·q)``."""
         pr = self.projectors[int(k)]
         dev = pr.device
         rot = rotations.to(device=dev, dtype=torch.float64).reshape(-1, 3, 3)
@@ -189,8 +191,8 @@ class ClassReferences3D:
         scale = valid / float(self.n * self.n)
         step = max(1, self.chunk_bytes // (Q * 160))  # ~160 bytes of temporaries per sampled coefficient
         for r0 in range(0, R, step):  # chunks of orientations: bounded temporary memory
-            a = rot[r0:r0 + step, :2, :] * pr.pad
-            pts = torch.einsum("qi,rij->rqj", q, a).to(pr.dtype)  # pad·Aᵀ(qx, qy, 0) = (x, y, z)
+            a = rot[r0:r0 + step, :q.shape[1], :] * pr.pad
+            pts = torch.einsum("qi,rij->rqj", q, a).to(pr.dtype)  # pad·Aᵀ(qx, qy[, qz]) = (x, y, z)
             vals = interpolate_half_grid(pr.data, pr.centre, pts, pr.interpolation)
             out[r0:r0 + step] = (vals * scale[None]).to(torch.complex64)
         return out
@@ -342,7 +344,8 @@ class ClassBackProjectors:
                     cset: CoefficientSet) -> None:
         """Add sums ``S [M, P]`` (complex, ``Σ w·C·X/σ²``) and ``W [M, P]`` (``Σ w·C²/σ²``) of samples with classes
         ``sample_class [M]`` and RELION matrices ``rotations [M, 3, 3]``: ``data += S``, ``weight += W`` at the
-        Fourier-slice positions (one :meth:`BackProjector.insert` per class and chunk)."""
+        Fourier-slice positions (one :meth:`BackProjector.insert` per class and chunk). With a tilt-stack set
+        (``cset.n_images = F``) each sample's ``F`` slices go in at ``R_f·A``."""
         if S.shape != W.shape or S.shape[0] != sample_class.numel() or rotations.shape[0] != S.shape[0]:
             raise ValueError(f"inconsistent sums: S {tuple(S.shape)}, W {tuple(W.shape)}, classes "
                              f"{tuple(sample_class.shape)}, rotations {tuple(rotations.shape)}")
@@ -355,7 +358,8 @@ class ClassBackProjectors:
         live = (W > 0).any(dim=1)  # samples without weight (pruned for every image) add nothing
         if not bool(live.all()):
             S, W, kk, rot = S[live], W[live], kk[live], rot[live]
-        half = self.n * (self.n // 2 + 1)
+        F = cset.n_images
+        half = self.n * (self.n // 2 + 1) * F
         step = max(1, self.chunk_elems // half)
         for k in torch.unique(kk).tolist():  # the classes present (K is small)
             sel = torch.nonzero(kk == k).reshape(-1)
@@ -365,8 +369,12 @@ class ClassBackProjectors:
                 # insert() adds X·wt to data and wt to weight: X = S/W, wt = W (W = 0 implies S = 0)
                 x = torch.where(w > 0, S[s] / torch.where(w > 0, w, torch.ones_like(w)),
                                 torch.zeros((), dtype=S.dtype, device=dev))
-                self.bps[k].insert(cset.scatter(x, hermitian=False), rot[s],
-                                   weights=cset.scatter(w, hermitian=False))
+                r = rot[s]
+                if F > 1:  # tilt stacks: the slices of every tilt, at R_f·A
+                    r = (cset.image_rotations.to(dev, r.dtype)[None] @ r[:, None]).reshape(-1, 3, 3)
+                h = self.n // 2 + 1
+                self.bps[k].insert(cset.scatter(x, hermitian=False).reshape(-1, self.n, h), r,
+                                   weights=cset.scatter(w, hermitian=False).reshape(-1, self.n, h))
 
     def add(self, result, refs: ClassReferences3D) -> None:
         """Insert the sums of one E-step ``BatchResult`` computed with predictions ``refs`` (its samples index

@@ -31,7 +31,8 @@ from cryopipe.core.tilt_geometry import depth_defocus, particle_tilt_matrices, p
 from cryopipe.tomo.particle_images import EDGE_FALLOFF_PX, ctf_dose_weights, cut_particle_slices
 from cryopipe.tomo.reconstruct_particle import TiltSeriesGeometry
 
-__all__ = ["SubtomogramBatch", "particle_visibility", "pseudo_subtomograms", "particle_stacks_2d"]
+__all__ = ["SubtomogramBatch", "particle_visibility", "pseudo_subtomograms", "particle_stacks_2d",
+           "particle_tilt_stacks"]
 
 
 @dataclass
@@ -53,10 +54,10 @@ def particle_visibility(geometry: TiltSeriesGeometry, positions_px: torch.Tensor
     return q, visible & enough[:, None]
 
 
-def _premultiplied_images(images, geometry, q, particle, tilt, box, binning, cutoff_fraction, do_ctf,
-                          circle_precrop, circle_radius):
-    """Premultiplied, circle-cropped FTs ``[P, b, b//2+1]``, weights ``c²`` and the inserted-pixel mask."""
-    slices = cut_particle_slices(images, tilt, q[particle, tilt, :2], box, binning, circle_crop=circle_precrop)
+def _slices_and_weights(images, geometry, q, particle, tilt, box, binning, cutoff_fraction, do_ctf, circle_crop):
+    """FTs ``[P, b, b//2+1]`` of the (particle, tilt) pairs cut at their projected centres and their
+    ``c = −CTF·W`` (depth-corrected defocus of each particle in each tilt, dose weight with cut-off)."""
+    slices = cut_particle_slices(images, tilt, q[particle, tilt, :2], box, binning, circle_crop=circle_crop)
     u, v = depth_defocus(geometry.defocus[tilt, 0], geometry.defocus[tilt, 1], q[particle, tilt, 2],
                          geometry.hand, geometry.pixel_size, geometry.defocus_slope)
     c = ctf_dose_weights(box, geometry.pixel_size * binning, u, v, geometry.defocus[tilt, 2],
@@ -64,6 +65,33 @@ def _premultiplied_images(images, geometry, q, particle, tilt, box, binning, cut
                          amplitude_contrast=geometry.amplitude_contrast, scale=geometry.ctf_scale[tilt],
                          bfactor_per_dose=geometry.bfactor_per_dose, cutoff_fraction=cutoff_fraction,
                          do_ctf=do_ctf)
+    return slices, c
+
+
+def particle_tilt_stacks(images: torch.Tensor, geometry: TiltSeriesGeometry, positions_px: torch.Tensor, box: int,
+                         binning: float, cutoff_fraction: float = 0.01, max_dose: float | None = None,
+                         min_frames: int = 1, do_ctf: bool = True, circle_crop: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every tilt image of ``N`` particles, for the engine (:func:`cryopipe.engine.tomo_batch.prepare_stack_batch`):
+    ``(ft [N, F, b, b//2+1]`` complex64 plain (not premultiplied) FTs with the phase origin at each projected
+    centre, ``c [N, F, b, b//2+1]`` = ``−CTF·W``, ``visible [N, F]``). Tilts where a particle is not visible hold
+    edge-clamped cut-outs: use ``visible``."""
+    F, H, W = images.shape
+    q, visible = particle_visibility(geometry, positions_px, (W, H), box / 2.0, max_dose, min_frames)
+    N = positions_px.shape[0]
+    particle = torch.arange(N, device=images.device).repeat_interleave(F)
+    tilt = torch.arange(F, device=images.device).repeat(N)
+    slices, c = _slices_and_weights(images, geometry, q, particle, tilt, box, binning, cutoff_fraction, do_ctf,
+                                    circle_crop)
+    h = box // 2 + 1
+    return slices.reshape(N, F, box, h), c.reshape(N, F, box, h), visible
+
+
+def _premultiplied_images(images, geometry, q, particle, tilt, box, binning, cutoff_fraction, do_ctf,
+                          circle_precrop, circle_radius):
+    """Premultiplied, circle-cropped FTs ``[P, b, b//2+1]``, weights ``c²`` and the inserted-pixel mask."""
+    slices, c = _slices_and_weights(images, geometry, q, particle, tilt, box, binning, cutoff_fraction, do_ctf,
+                                    circle_precrop)
     real = irfft2_centered(slices * c, box)
     n = box
     centre = torch.arange(n, device=real.device, dtype=real.dtype) - float(n // 2)

@@ -1,0 +1,105 @@
+"""Tomographic particles as E-step inputs: a particle's tilt images (RELION 5's 2D stacks) become ONE coefficient
+vector with 3D frequencies, so that :func:`cryopipe.engine.estep.expectation` scores them unchanged.
+
+Per particle ``b`` of one tilt series (``F`` tilts with rotations ``R_f``, the particle frame's tilt-``f``
+projection; see :func:`cryopipe.engine.coefficients.stack_coefficient_set`):
+
+* the images are the particle's tilt images ``I_bf`` (centred FT / ``n²``) cut at its projected position, either
+  plain or **premultiplied** by ``c_bf = −CTF_bf·W_bf`` (CTF with the depth-dependent defocus, dose weight
+  ``W``; what ``subtomo --stack2d`` writes);
+* model per coefficient: ``I = c·V̂(Aᵀk₃)·e^{−2πi k₃·t/n} + noise`` (variance σ² per component);
+* plain images enter the E-step as ``X = I``, ``C = c``, ``1/σ²``; premultiplied ones as ``X = c·I``,
+  ``C = c²`` and ``1/(c²σ²)``, which gives the same cross and norm terms (``X·C/(c²σ²) = c·I·c²/(c²σ²)`` …) and
+  leaves out the coefficients where ``c = 0`` (dose cut-off, beyond Nyquist) exactly as the data do;
+* tilts in which the particle is not visible get ``C = 0`` and ``1/σ² = 0``;
+* the particle's current 3D origin ``o_b`` (pixels, in the frame the rotations ``R_f`` refer to) is applied as
+  the phase ``e^{−2πi k₃·o_b/n}`` (the images are translated by ``+o_b``, as
+  :func:`cryopipe.engine.batch.prepare_batch` does in 2D), so translations are searched around it.
+
+The DC coefficient of every tilt is left out of the posterior (``1/σ² = 0`` at shell 0), as for single images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cryopipe.engine.coefficients import CoefficientSet
+from cryopipe.engine.estep import BatchData
+
+__all__ = ["prepare_stack_batch"]
+
+
+def prepare_stack_batch(
+    ft: torch.Tensor,
+    c: torch.Tensor,
+    visible: torch.Tensor,
+    stack: CoefficientSet,
+    n_coeffs: int,
+    sigma2: torch.Tensor,
+    *,
+    premultiplied: bool,
+    origins: torch.Tensor | None = None,
+    prior_centre: torch.Tensor | None = None,
+    log_prior_orient: torch.Tensor | None = None,
+    n_classes: int = 1,
+) -> BatchData:
+    """E-step inputs for ``B`` particles of one tilt series (see module docstring).
+
+    Args:
+        ft: ``[B, F, n, n//2+1]`` complex centred FTs of the particles' tilt images (not yet divided by ``n²``).
+        c: ``[B, F, n, n//2+1]`` real ``−CTF·W`` of every tilt image (0 where a frequency is dropped).
+        visible: ``[B, F]`` bool, tilts in which the particle is seen.
+        stack: the stack coefficient set of this tilt series (``n_images = F``); the iteration uses its first
+            ``n_coeffs`` coefficients.
+        sigma2: ``[n//2+1]`` noise spectrum (per real/imaginary component, RELION units).
+        premultiplied: whether ``ft`` holds ``c·I`` (2D stacks as written by ``subtomo --stack2d``).
+        origins: ``[B, 3]`` current 3D origins (pixels); the images are translated by ``+origin``.
+        prior_centre: ``[B, K, 3]`` offset-prior centres relative to the origins (default zeros).
+        log_prior_orient: ``[B or 1, K, Rc]`` (default zeros ``[1, K, 1]``).
+    """
+    dev = ft.device
+    B, F, n, _ = ft.shape
+    coeffs = stack.gather(ft / float(n * n))  # [B, Pfull]
+    cc = stack.gather(c.to(dev, torch.float64))
+    seen = visible.to(dev)[:, stack.flat // (n * (n // 2 + 1))]  # [B, Pfull] the coefficient's tilt is visible
+    if origins is not None:
+        phase = (-2.0 * math.pi / n) * (origins.to(dev, torch.float64) @ stack.k.to(dev, torch.float64).T)
+        coeffs = coeffs * torch.polar(torch.ones_like(phase), phase).to(coeffs.dtype)
+    shell = stack.shell.to(dev)
+    s2 = sigma2.to(dev, torch.float64)[shell][None, :].expand(B, -1)
+    usable = seen & (s2 > 0) & (shell > 0)[None, :]
+    if premultiplied:
+        usable = usable & (cc != 0)
+        C = cc * cc
+        inv = torch.where(usable, 1.0 / (C * s2).clamp_min(1e-300), torch.zeros((), dtype=s2.dtype, device=dev))
+    else:
+        C = cc
+        inv = torch.where(usable, 1.0 / s2.clamp_min(1e-300), torch.zeros((), dtype=s2.dtype, device=dev))
+    C = torch.where(usable, C, torch.zeros((), dtype=C.dtype, device=dev))
+    X = torch.where(usable, coeffs, torch.zeros((), dtype=coeffs.dtype, device=dev))
+    outside = X[:, n_coeffs:]
+    pow_out = (outside.real.square() + outside.imag.square()).to(torch.float64)
+    ns = sigma2.shape[0]
+    power_outside = torch.zeros(B, ns, device=dev, dtype=torch.float64)
+    power_outside.index_add_(1, shell[n_coeffs:], pow_out)
+    xi2_outside = 0.5 * (pow_out * inv[:, n_coeffs:]).sum(dim=1)
+    noise_var = C * s2 if premultiplied else s2  # variance of the coefficient as it enters the E-step
+    logsigma2 = torch.where(usable[:, :n_coeffs], torch.log(2.0 * math.pi * noise_var[:, :n_coeffs].clamp_min(1e-300)),
+                            torch.zeros((), dtype=s2.dtype, device=dev)).sum(dim=1)
+    if prior_centre is None:
+        prior_centre = torch.zeros(B, n_classes, 3, device=dev)
+    if log_prior_orient is None:
+        log_prior_orient = torch.zeros(1, n_classes, 1, device=dev)
+    return BatchData(
+        X=X[:, :n_coeffs].to(torch.complex64).contiguous(),
+        ctf=C[:, :n_coeffs].to(torch.float32).contiguous(),
+        inv_sigma2=inv[:, :n_coeffs].to(torch.float32).contiguous(),
+        optics_group=torch.zeros(B, dtype=torch.long, device=dev),
+        prior_centre=prior_centre.to(dev, torch.float32),
+        log_prior_orient=log_prior_orient.to(dev, torch.float32),
+        xi2_outside=xi2_outside.to(torch.float32),
+        logsigma2=logsigma2.to(torch.float32),
+        power_outside=power_outside,
+    )
