@@ -27,12 +27,27 @@ setup() {
     fi
 }
 
+ensure_chromium() {  # the browser tests of `cryopipe view` drive the system's Chromium; without it they skip
+    command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
+    [ "${CRYOPIPE_NO_BROWSER:-0}" = 1 ] && return 0
+    command -v apt-get >/dev/null || { echo "[run.sh] no apt-get: the viewer's browser tests will be skipped"; return 0; }
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+            echo "[run.sh] not root: the viewer's browser tests will be skipped"; return 0; fi
+    fi
+    echo "[run.sh] installing chromium + chromium-driver (Debian packages) for the viewer's browser tests"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 && \
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+        echo "[run.sh] chromium install failed: the viewer's browser tests will be skipped"
+}
+
 cmd="${1:-test}"
 shift || true
 setup
 case "$cmd" in
     demo)  exec "$venv/bin/cryopipe" demo "$@" ;;
-    test)  exec "$venv/bin/python" -m pytest -q "$@" ;;
+    test)  ensure_chromium; exec "$venv/bin/python" -m pytest -q "$@" ;;
     bench) exec "$venv/bin/python" bench/run_all.py "$@" ;;
     setup) echo "[run.sh] environment ready: $venv" ;;
     *) echo "usage: bash run.sh {demo|test|bench|setup} [args]" >&2; exit 2 ;;

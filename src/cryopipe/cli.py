@@ -39,6 +39,7 @@ JOBS: dict[str, str] = {
     "postprocess": "cryopipe.jobs.postprocess",
     "star": "cryopipe.jobs.star_tools",
     "demo": "cryopipe.jobs.demo",
+    "view": "cryopipe.jobs.view",
 }
 
 
