@@ -37,6 +37,8 @@ def test_demo_small(tmp_path, monkeypatch, capsys):
     assert s["subtomo"]["n_written"] == s["subtomo"]["n_particles"] == 40
     assert s["reconstruct_particle"]["fsc_truth_0.5_A"] < 20.0
     assert "reconstruct-particle (true poses)" in out
+    note = (tmp_path / "proj" / "Tomograms" / "job015" / "note.txt").read_text()
+    assert "cryopipe reconstruct-tomogram --t Simulate/job014/tomograms.star" in note
 
 
 def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path, monkeypatch, capsys):

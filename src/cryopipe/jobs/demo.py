@@ -68,9 +68,15 @@ def _run(argv: list[str], record: list[dict]) -> float:
     """Run one cryopipe command; raise if it fails. Returns its wall time (s)."""
     from cryopipe.cli import main as cli_main
 
+    import sys
+
     print(f"\n$ cryopipe {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
-    rc = cli_main(argv)
+    saved, sys.argv = sys.argv, ["cryopipe", *argv]  # each job's note.txt / run.out records its own command
+    try:
+        rc = cli_main(argv)
+    finally:
+        sys.argv = saved
     dt = time.perf_counter() - t0
     record.append({"command": "cryopipe " + " ".join(argv), "seconds": round(dt, 2), "rc": rc})
     if rc != 0:
