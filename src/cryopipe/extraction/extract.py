@@ -99,16 +99,17 @@ def extract_windows(micrograph: torch.Tensor, coords_xy: torch.Tensor, box: int,
 
 
 def rescale_images(images: torch.Tensor, new_size: int) -> torch.Tensor:
-    """Fourier rescale ``[..., N, N]`` images to ``new_size`` (crop or zero-pad the centred spectrum), keeping the
-    pixel-value scale (a constant image stays the same constant), as RELION's ``resizeMap``.
+    """Fourier rescale ``[..., N, N]`` images to ``new_size`` as RELION's ``resizeMap``
+    (:func:`cryopipe.extraction.resize.relion_resize`: spectrum cropped or zero-padded with the Nyquist
+    components kept as RELION keeps them, pixel values kept: a constant image stays the same constant).
 
     The pixel size of the result is ``old_pixel_size · N / new_size`` (see :func:`output_pixel_size`).
     """
-    from cryopipe.core.fourier import fourier_rescale
+    from cryopipe.extraction.resize import relion_resize
 
     if new_size == images.shape[-1]:
         return images
-    return fourier_rescale(images, new_size)
+    return relion_resize(images, new_size)
 
 
 def rewindow_images(images: torch.Tensor, new_size: int) -> torch.Tensor:
