@@ -14,9 +14,12 @@ from cryopipe.core.fourier import (
     irfft2_centered,
     irfft3_centered,
     lowpass,
+    lowpass_map,
+    lowpass_weights,
     phase_shift_2d,
     radius_2d,
     radius_3d,
+    resolution_shell,
     rfft2_centered,
     rfft3_centered,
 )
@@ -170,3 +173,62 @@ def test_rescale_zeroes_smaller_grid_nyquist(n, m):
             a = ft[:, ky % m, kx] * (n / m) ** 2
             b = src[:, ky % n, kx]
             assert torch.allclose(a, b, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one low-pass profile (issue 14 item 8): RELION's variants are options of core.fourier.lowpass_weights
+# ------------------------------------------------------------------------------------------------------------
+
+def test_resolution_shell_rounds_as_relion():
+    assert resolution_shell(18, 3.0, 12.0) == 5.0  # 4.5 -> 5 (RELION's ROUND), not Python's banker's 4
+    assert resolution_shell(48, 3.0, 12.0) == 12.0
+    with pytest.raises(ValueError):
+        resolution_shell(48, 3.0, 0.0)
+
+
+def test_lowpass_map_reproduces_the_optimisers_filters():
+    """The 3D optimiser's ``lowpass_volume`` (edge beyond the cutoff) and class2d's
+    ``lowpass_raised_cosine_2d`` (centred edge, unclamped) are ``lowpass_map`` with options, so their callers can
+    move to it without a change in numbers."""
+    from cryopipe.engine.classify2d import lowpass_raised_cosine_2d
+    from cryopipe.engine.optimiser3d import lowpass_volume
+
+    g = torch.Generator().manual_seed(3)
+    vol = torch.randn(2, 24, 24, 24, generator=g, dtype=torch.float64)
+    for res in (30.0, 17.3):
+        ref = lowpass_volume(vol, res, 4.0)
+        ours = lowpass_map(vol, 24 * 4.0 / res, 2.0, edge="outside")
+        assert torch.allclose(ours, ref, atol=1e-12)
+    imgs = torch.randn(3, 20, 20, generator=g, dtype=torch.float64)
+    for radius in (0.4, 3.0, 6.7):
+        ref = lowpass_raised_cosine_2d(imgs, radius)
+        ours = lowpass_map(imgs, radius, 2.0, ndim=2, clamp_at_zero=False)
+        assert torch.allclose(ours, ref, atol=1e-12)
+
+
+def test_lowpass_map_is_relions_lowpassfiltermap():
+    """RELION's ``lowPassFilterMap``: shell ``ROUND(n·apix/res)``, integer half edge, 0.5 + 0.5 cos between;
+    the same profile as :func:`lowpass` on the centred FT."""
+    n, apix = 32, 2.0
+    vol = torch.randn(n, n, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for res, edge in ((10.0, 2), (7.0, 3), (60.0, 8)):
+        ires = math.floor(n * apix / res + 0.5)
+        half = edge // 2
+        lo, hi = max(0.0, ires - half), ires + half
+        r = radius_3d(n, dtype=torch.float64)
+        w = torch.where(r < lo, 1.0, torch.where(r > hi, 0.0, 0.5 + 0.5 * torch.cos(math.pi * (r - lo) / (hi - lo))))
+        ref = irfft3_centered(rfft3_centered(vol) * w, n)
+        ours = lowpass_map(vol, resolution_shell(n, apix, res), 2 * half)
+        assert torch.allclose(ours, ref, atol=1e-10)
+        assert torch.allclose(irfft3_centered(lowpass(rfft3_centered(vol), res, apix, 2 * half), n), ref, atol=1e-10)
+
+
+def test_lowpass_weights_edges():
+    r = torch.linspace(0, 10, 101, dtype=torch.float64)
+    hard = lowpass_weights(r, 5.0, 0.0)
+    assert torch.equal(hard, (r <= 5.0).double())
+    out = lowpass_weights(r, 5.0, 2.0, edge="outside")
+    assert torch.all(out[r <= 5.0] == 1) and torch.all(out[r >= 7.0] == 0)
+    assert torch.isclose(out[60], torch.tensor(0.5, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        lowpass_weights(r, 5.0, 2.0, edge="inside")

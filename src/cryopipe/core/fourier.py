@@ -207,36 +207,82 @@ def _radius_for(ft: torch.Tensor, ndim: int | None) -> tuple[torch.Tensor, int]:
     return r, n
 
 
-def _raised_cosine_edge(r: torch.Tensor, centre: float, edge_px: float) -> torch.Tensor:
-    """1 below ``centre − edge/2``, 0 above ``centre + edge/2``, raised cosine in between (r in Fourier pixels)."""
-    lo = max(0.0, centre - edge_px / 2.0)
-    hi = centre + edge_px / 2.0
+def resolution_shell(n: int, pixel_size: float, res_A: float) -> float:
+    """The Fourier shell (pixels of an ``n`` box) of resolution ``res_A`` Å at ``pixel_size`` Å/px, rounded as
+    RELION's ``ROUND`` does (``floor(x + 0.5)``): ``n · pixel_size / res_A``."""
+    if res_A <= 0 or pixel_size <= 0:
+        raise ValueError(f"res_A and pixel_size must be positive (got {res_A}, {pixel_size})")
+    return float(math.floor(n * pixel_size / res_A + 0.5))
+
+
+def lowpass_weights(r: torch.Tensor, cutoff: float, edge_px: float = 2.0, *, edge: str = "centred",
+                    clamp_at_zero: bool = True) -> torch.Tensor:
+    """The one low-pass profile of cryopipe: factor at Fourier radius ``r`` (any shape; the unit of ``r``,
+    ``cutoff`` and ``edge_px`` is the caller's: Fourier pixels for RELION's filters, cycles/px for
+    :func:`lowpass_real`).
+
+    1 for ``r < lo``, 0 for ``r > hi`` and the raised cosine ``0.5 + 0.5·cos(π·(r − lo)/(hi − lo))`` between;
+    ``hi <= lo`` (``edge_px = 0``) gives a hard cutoff keeping ``r <= lo``. Where the edge sits (RELION's variants
+    as options, not separate functions):
+
+    * ``edge="centred"``: ``lo = cutoff − edge_px/2``, ``hi = cutoff + edge_px/2`` (0.5 at the cutoff):
+      RELION's ``lowPassFilterMap`` (with ``clamp_at_zero``: ``lo = max(0, lo)``) and
+      ``initialLowPassFilterReferences`` (``clamp_at_zero=False``);
+    * ``edge="outside"``: ``lo = cutoff``, ``hi = cutoff + edge_px`` (1 up to the cutoff, the edge beyond it;
+      the 3D optimiser's initial-reference filter).
+    """
+    if edge_px < 0:
+        raise ValueError(f"edge_px must be >= 0, got {edge_px}")
+    if edge == "centred":
+        lo, hi = cutoff - edge_px / 2.0, cutoff + edge_px / 2.0
+    elif edge == "outside":
+        lo, hi = cutoff, cutoff + edge_px
+    else:
+        raise ValueError(f"edge must be 'centred' or 'outside', not {edge!r}")
+    if clamp_at_zero:
+        lo = max(0.0, lo)
     if hi <= lo:
-        return (r <= centre).to(r.dtype)
+        return (r <= lo).to(r.dtype)
     t = ((r - lo) / (hi - lo)).clamp(0.0, 1.0)
     return 0.5 + 0.5 * torch.cos(math.pi * t)
 
 
 def lowpass(ft: torch.Tensor, res_A: float, pixel_size: float, edge_px: float = 2.0,
-            ndim: int | None = None) -> torch.Tensor:
+            ndim: int | None = None, *, edge: str = "centred") -> torch.Tensor:
     """Low-pass filter a centred half-complex FT (2D ``[..., N, N//2+1]`` or 3D ``[..., N, N, N//2+1]``).
 
-    The cutoff shell is ``round(N · pixel_size / res_A)`` Fourier pixels (RELION's ``lowPassFilterMap``); the
-    filter is 1 below ``shell − edge_px/2``, 0 above ``shell + edge_px/2`` and a raised cosine
-    ``0.5 + 0.5·cos(π·(r − lo)/(hi − lo))`` in between (``r = |k|`` in Fourier pixels). ``res_A`` and
+    The cutoff shell is :func:`resolution_shell` ``(N, pixel_size, res_A)`` (RELION's ``lowPassFilterMap``), the
+    profile :func:`lowpass_weights` with ``edge_px`` (Fourier pixels) placed by ``edge``. ``res_A`` and
     ``pixel_size`` in Å. ``edge_px = 0`` gives a hard cutoff keeping ``|k| <= shell``. Returns a new tensor.
     """
-    if res_A <= 0 or pixel_size <= 0:
-        raise ValueError(f"res_A and pixel_size must be positive (got {res_A}, {pixel_size})")
     r, n = _radius_for(ft, ndim)
-    shell = float(round(n * pixel_size / res_A))
-    return ft * _raised_cosine_edge(r, shell, edge_px).to(ft.real.dtype if ft.is_complex() else ft.dtype)
+    w = lowpass_weights(r, resolution_shell(n, pixel_size, res_A), edge_px, edge=edge)
+    return ft * w.to(ft.real.dtype if ft.is_complex() else ft.dtype)
+
+
+def lowpass_map(x: torch.Tensor, cutoff_px: float, edge_px: float = 2.0, *, ndim: int = 3, edge: str = "centred",
+                clamp_at_zero: bool = True) -> torch.Tensor:
+    """Low-pass real square images ``[..., N, N]`` (``ndim=2``) or cubic maps ``[..., N, N, N]`` at ``cutoff_px``
+    Fourier pixels (a resolution ``res_A`` is :func:`resolution_shell` ``(N, pixel_size, res_A)`` rounded as
+    RELION, or ``N·pixel_size/res_A`` unrounded) with the profile of :func:`lowpass_weights` (``edge_px``,
+    ``edge``, ``clamp_at_zero`` as there). Computed in float64, returned in ``x``'s dtype."""
+    dims = tuple(range(-ndim, 0))
+    n = x.shape[-1]
+    if x.dim() < ndim or len(set(x.shape[-ndim:])) != 1:
+        raise ValueError(f"low-pass filtering needs a {'cubic map' if ndim == 3 else 'square image'}, "
+                         f"got shape {tuple(x.shape)}")
+    r = (radius_2d if ndim == 2 else radius_3d)(n, device=x.device, dtype=torch.float64)
+    w = lowpass_weights(r, float(cutoff_px), edge_px, edge=edge, clamp_at_zero=clamp_at_zero)
+    # the radius is the same for the centred and the plain FT (the centring is a phase factor)
+    ft = torch.fft.rfftn(x.to(torch.float64), dim=dims)
+    return torch.fft.irfftn(ft * w, s=(n,) * ndim, dim=dims).to(x.dtype)
 
 
 def lowpass_real(x: torch.Tensor, cutoff: float, ndim: int = 3) -> torch.Tensor:
     """Hard low-pass of the last ``ndim`` axes of a real array of any shape (e.g. a non-cubic tomogram
     ``[nz, ny, nx]``): keeps ``|k| <= cutoff`` cycles per pixel (0.5 = Nyquist), with ``k`` measured per axis
-    in that axis's own grid. For centred cubic FTs at a resolution in Å use :func:`lowpass`."""
+    in that axis's own grid (:func:`lowpass_weights` with no edge). For square/cubic arrays at a resolution in
+    Å use :func:`lowpass_map` or :func:`lowpass`."""
     dims = tuple(range(-ndim, 0))
     ft = torch.fft.rfftn(x, dim=dims)
     k2 = torch.zeros(ft.shape[-ndim:], dtype=torch.float64, device=x.device)
@@ -245,19 +291,18 @@ def lowpass_real(x: torch.Tensor, cutoff: float, ndim: int = 3) -> torch.Tensor:
         shape = [1] * ndim
         shape[axis] = -1
         k2 = k2 + f.to(torch.float64).reshape(shape) ** 2
-    return torch.fft.irfftn(ft * (k2 <= cutoff**2), s=x.shape[-ndim:], dim=dims).to(x.dtype)
+    # compare squared radii (exact for on-grid frequencies), as the hard profile of lowpass_weights
+    w = lowpass_weights(k2, float(cutoff) ** 2, 0.0).to(ft.real.dtype)
+    return torch.fft.irfftn(ft * w, s=x.shape[-ndim:], dim=dims).to(x.dtype)
 
 
 def highpass(ft: torch.Tensor, res_A: float, pixel_size: float, edge_px: float = 2.0,
              ndim: int | None = None) -> torch.Tensor:
-    """High-pass counterpart of :func:`lowpass`: multiplies by ``1 − lowpass_filter`` (0 below
+    """High-pass counterpart of :func:`lowpass`: multiplies by ``1 − lowpass_weights`` (0 below
     ``shell − edge_px/2``, 1 above ``shell + edge_px/2``, raised cosine in between), so that
     ``lowpass(ft) + highpass(ft) == ft``. ``res_A``/``pixel_size`` in Å."""
-    if res_A <= 0 or pixel_size <= 0:
-        raise ValueError(f"res_A and pixel_size must be positive (got {res_A}, {pixel_size})")
     r, n = _radius_for(ft, ndim)
-    shell = float(round(n * pixel_size / res_A))
-    w = 1.0 - _raised_cosine_edge(r, shell, edge_px)
+    w = 1.0 - lowpass_weights(r, resolution_shell(n, pixel_size, res_A), edge_px)
     return ft * w.to(ft.real.dtype if ft.is_complex() else ft.dtype)
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cryopipe.core.fourier import freq_grid_3d, irfft3_centered, rfft3_centered, shell_index_3d
+from cryopipe.core.fourier import freq_grid_3d, irfft3_centered, lowpass, rfft3_centered, shell_index_3d
 from cryopipe.core.fsc import fsc_from_ft
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "fit_straight_line",
     "bfactor_filter",
     "mtf_filter",
-    "lowpass_filter",
     "solvent_mask_fraction",
     "postprocess_maps",
 ]
@@ -281,20 +280,6 @@ def mtf_filter(n: int, pixel_size: float, mtf_inv_px: torch.Tensor, mtf_value: t
     return torch.where(4 * r2 < n * n, 1.0 / mtf, torch.ones_like(mtf))
 
 
-def lowpass_filter(n: int, pixel_size: float, res_A: float, edge_shells: int = 2, device=None) -> torch.Tensor:
-    """RELION's ``lowPassFilterMap``: 1 below shell ``round(n·apix/res) − edge/2``, 0 above ``… + edge/2``
-    (``edge/2`` integer-divided, as RELION does), raised cosine in between (``|k|`` in Fourier pixels)."""
-    ires = math.floor(n * pixel_size / res_A + 0.5)
-    half = int(edge_shells) // 2
-    lo = max(0.0, float(ires - half))
-    hi = float(ires + half)
-    r = torch.sqrt(_r2_grid(n, device).double())
-    if hi <= lo:
-        return (r <= lo).double()
-    t = ((r - lo) / (hi - lo)).clamp(0.0, 1.0)
-    return 0.5 + 0.5 * torch.cos(math.pi * t)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Guinier plot
 # ------------------------------------------------------------------------------------------------------------
@@ -504,7 +489,8 @@ def postprocess_maps(half1: torch.Tensor, half2: torch.Tensor, pixel_size: float
     if low_pass != 0:
         if low_pass < 0:
             applied = resolution
-        ft = ft * lowpass_filter(n, pixel_size, applied, filter_edge_width, device=dev)
+        # RELION's lowPassFilterMap: the edge's half width is integer (``filter_edge_width / 2`` in C++)
+        ft = lowpass(ft, applied, pixel_size, 2 * (int(filter_edge_width) // 2))
     sharpened = irfft3_centered(ft, n)
     masked = sharpened * mask.to(device=dev, dtype=torch.float64) if mask is not None else None
     out_dtype = half1.dtype if half1.is_floating_point() else torch.float32

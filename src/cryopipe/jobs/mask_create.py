@@ -33,7 +33,7 @@ from cryopipe.core.mask_ops import (
     raised_crown_mask,
     threshold_mask,
 )
-from cryopipe.core.postprocess import lowpass_filter
+from cryopipe.core.fourier import lowpass_map, resolution_shell
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.mrc import read_mrc, write_mrc
 
@@ -50,17 +50,6 @@ class MaskResult:
     pixel_size: float  # Å
     fraction_one: float  # fraction of voxels == 1
     fraction_nonzero: float  # fraction of voxels > 0
-
-
-def lowpass_map(volume: torch.Tensor, res_A: float, pixel_size: float, edge_shells: int = 2) -> torch.Tensor:
-    """RELION's ``lowPassFilterMap`` on a cubic map (Å): raised-cosine edge of ``edge_shells`` Fourier shells."""
-    n = volume.shape[-1]
-    if volume.dim() != 3 or len(set(volume.shape)) != 1:
-        raise ValueError(f"low-pass filtering needs a cubic map, got shape {tuple(volume.shape)}")
-    dims = (-3, -2, -1)
-    ft = torch.fft.rfftn(volume.to(torch.float64), dim=dims)
-    ft = ft * lowpass_filter(n, pixel_size, res_A, edge_shells, device=volume.device)
-    return torch.fft.irfftn(ft, s=(n, n, n), dim=dims).to(volume.dtype)
 
 
 def create_mask(volume: np.ndarray | torch.Tensor, pixel_size: float, *, ini_threshold: float = 0.01,
@@ -87,7 +76,9 @@ def create_mask(volume: np.ndarray | torch.Tensor, pixel_size: float, *, ini_thr
     vol = torch.as_tensor(np.asarray(volume, dtype=np.float32) if not torch.is_tensor(volume) else volume,
                           device=dev).to(torch.float32)
     if lowpass is not None and lowpass > 0:
-        vol = lowpass_map(vol, float(lowpass), float(pixel_size))
+        # RELION's lowPassFilterMap: rounded shell, edge of 2 shells centred on it
+        vol = lowpass_map(vol, resolution_shell(vol.shape[-1], float(pixel_size), float(lowpass)), 2.0,
+                          ndim=vol.dim())
     if op is not None:
         if other is None:
             raise ValueError(f"--{op} needs a second map")
