@@ -9,14 +9,20 @@ Two stages, kept apart so that a tilt-series simulator can reuse the second one:
   per-particle FFTs);
 * **image formation** — :func:`apply_ctf_micrograph` (whole-micrograph CTF in Fourier space),
   :func:`ice_background` (smooth ramp + offset), :func:`blob_image` (contamination), negation (dark particles,
-  as in raw micrographs) and white Gaussian noise.
+  as in raw micrographs) and white Gaussian noise; for data as hard as real micrographs (issue 11,
+  :data:`HARD_MICROGRAPHS`) also an ice-thickness map (:func:`ice_thickness_map`: linear ramp plus a sinusoid)
+  that darkens the image and raises the noise where the ice is thicker, large dark contamination and a carbon
+  edge (:func:`carbon_edge_mask`: the rim of the carbon film around a hole; no particles on the carbon).
 
 The recipe follows the RELION fixtures' ``mic/`` (README §6): projections added at integer pixels, whole
 micrograph multiplied by the CTF, negated, noise added with SNR = (mean over particles of the variance of the CTF
 signal within ``signal_radius_px`` of each coordinate) / σ². σ is set per micrograph from its own particles (so
 every micrograph has the requested SNR; its defocus changes the signal variance), unless a fixed ``noise_sigma``
 is given; a micrograph without particles keeps the previous σ. Ice ramp and contamination are added after the
-CTF (low-frequency / amplitude-contrast features).
+CTF (low-frequency / amplitude-contrast features). The thickness-dependent darkening, the carbon film and the
+noise increase (``σ(x) = σ·(1 + ice_noise_increase·t(x))``, ``t`` the thickness map in [0, 1]) are in units of
+that σ. All of these are off by default, and their random draws come from their own stream, so that settings
+without them reproduce earlier simulations exactly.
 
 Outputs of :func:`simulate_micrographs` in ``out_dir``: ``Micrographs/micNNN.mrc``, ``micrographs.star``
 (RELION 3.1, CtfFind-like columns), ``Micrographs/micNNN_truth.star`` (rlnCoordinateX/Y + true angles),
@@ -62,12 +68,33 @@ __all__ = [
     "ice_background",
     "blob_image",
     "particle_signal_variance",
+    "ice_thickness_map",
+    "carbon_edge_mask",
+    "random_carbon_edge",
+    "HARD_MICROGRAPHS",
     "simulate_micrographs",
 ]
 
 
 #: width (px) of the raised-cosine edge of contamination blobs
 BLOB_EDGE_PX = 8.0
+
+#: The recipe of issue 11 for micrographs as hard as real data (keywords of :func:`simulate_micrographs`; use with
+#: 2048² micrographs, 1.5 Å/px, SNR 0.05 and the ~128 Å D2 assembly of 3ENL): thicker ice darker by up to 1.3
+#: noise σ and 20 % noisier, varying linearly across the micrograph plus a sinusoid (35 % of the range); on 60 %
+#: of the micrographs 2–3 dark contamination blobs of 300–600 Å diameter at 3–6 noise σ with a 3-px edge.
+#: ``carbon_probability`` (carbon edges) is left to the caller.
+HARD_MICROGRAPHS: dict = {
+    "ice_darkening": 1.3,
+    "ice_noise_increase": 0.2,
+    "ice_sine_fraction": 0.35,
+    "n_blobs": (2, 3),
+    "blob_probability": 0.6,
+    "blob_radius_A": (150.0, 300.0),
+    "blob_amplitude_noise": 6.0,
+    "blob_dark_fraction": 1.0,
+    "blob_edge_px": 3.0,
+}
 
 # ------------------------------------------------------------------------------------------------ geometry
 
@@ -80,6 +107,7 @@ class MicrographGeometry:
     coords: np.ndarray  #: [P, 2] int (x, y): pixel where the projection centre (N//2, N//2) lands
     angles: np.ndarray  #: [P, 3] RELION (rot, tilt, psi), degrees
     blobs: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  #: [K, 4] (x, y, radius_px, amplitude)
+    carbon_hole: tuple[float, float, float] | None = None  #: (x, y, radius_px) of the hole; carbon outside it
 
 
 def random_blobs(count: int, shape: tuple[int, int], radius_range_px: tuple[float, float], amplitude: float,
@@ -98,11 +126,12 @@ def random_blobs(count: int, shape: tuple[int, int], radius_range_px: tuple[floa
 
 def place_particles(count: int, shape: tuple[int, int], min_distance_px: float, edge_px: int,
                     rng: np.random.Generator, exclude: np.ndarray | None = None, exclude_margin_px: float = 0.0,
-                    max_candidates: int | None = None) -> np.ndarray:
+                    max_candidates: int | None = None, allowed: np.ndarray | None = None) -> np.ndarray:
     """Up to ``count`` integer coordinates ``[P, 2]`` (x, y), pairwise ``>= min_distance_px`` apart, at least
-    ``edge_px`` from every edge, and outside the discs ``exclude`` ``[K, >=3]`` (x, y, radius) enlarged by
-    ``exclude_margin_px``. Random sequential placement (first come, first kept) among random candidates.
-    Returns fewer than ``count`` when the micrograph is full.
+    ``edge_px`` from every edge, outside the discs ``exclude`` ``[K, >=3]`` (x, y, radius) enlarged by
+    ``exclude_margin_px`` and, with ``allowed`` (bool ``[ny, nx]``), only where it is True. Random sequential
+    placement (first come, first kept) among random candidates. Returns fewer than ``count`` when the
+    micrograph is full.
     """
     ny, nx = shape
     if nx - 2 * edge_px <= 0 or ny - 2 * edge_px <= 0:
@@ -114,6 +143,8 @@ def place_particles(count: int, shape: tuple[int, int], min_distance_px: float, 
     if exclude is not None and len(exclude):
         d = np.sqrt(((cand[:, None, :2] - exclude[None, :, :2]) ** 2).sum(-1))
         cand = cand[(d >= exclude[None, :, 2] + exclude_margin_px).all(axis=1)]
+    if allowed is not None:
+        cand = cand[np.asarray(allowed, dtype=bool)[cand[:, 1], cand[:, 0]]]
     if min_distance_px <= 0:
         return np.unique(cand, axis=0)[:count].astype(np.int64)
     # greedy sequential acceptance on a background grid: cells of side d/√2 hold at most one kept point, and
@@ -216,6 +247,71 @@ def blob_image(blobs: np.ndarray, shape: tuple[int, int], edge_px: float = BLOB_
     return out
 
 
+def ice_thickness_map(shape: tuple[int, int], direction_rad: float, sine_fraction: float = 0.0,
+                      sine_period_px: float = 1.0, sine_direction_rad: float = 0.0, sine_phase_rad: float = 0.0,
+                      device=None) -> torch.Tensor:
+    """Relative ice thickness ``t`` ``[ny, nx]`` in ``[0, 1]`` (0 = thinnest, 1 = thickest pixel).
+
+    ``t`` is the min–max normalised sum of a linear ramp across the micrograph (from −½ to ½ along the unit
+    vector at ``direction_rad`` from the x axis, measured over the micrograph's extent in that direction) and
+    ``sine_fraction · sin(2π·u/sine_period_px + sine_phase_rad)`` with ``u`` the position (px) along
+    ``sine_direction_rad``. ``sine_fraction = 0``: a pure linear ramp.
+    """
+    ny, nx = shape
+    y = torch.arange(ny, device=device, dtype=torch.float32)[:, None] - (ny - 1) / 2.0
+    x = torch.arange(nx, device=device, dtype=torch.float32)[None, :] - (nx - 1) / 2.0
+    c, s = math.cos(direction_rad), math.sin(direction_rad)
+    extent = abs(c) * (nx - 1) + abs(s) * (ny - 1)
+    t = (c * x + s * y) / max(extent, 1.0)
+    if sine_fraction:
+        u = math.cos(sine_direction_rad) * x + math.sin(sine_direction_rad) * y
+        t = t + sine_fraction * torch.sin(2 * math.pi * u / float(sine_period_px) + sine_phase_rad)
+    t = t.expand(ny, nx)
+    lo, hi = t.min(), t.max()
+    return (t - lo) / (hi - lo) if float(hi - lo) > 0 else torch.zeros_like(t)
+
+
+def carbon_edge_mask(shape: tuple[int, int], hole: tuple[float, float, float], edge_px: float = 3.0,
+                     device=None) -> torch.Tensor:
+    """Carbon film around a hole: ``[ny, nx]`` in ``[0, 1]``, 1 on the carbon (outside the circle
+    ``hole = (x, y, radius)`` in pixels), 0 in the hole, a raised-cosine edge of ``edge_px`` just outside the
+    radius."""
+    ny, nx = shape
+    hx, hy, hr = (float(v) for v in hole)
+    y = torch.arange(ny, device=device, dtype=torch.float64)[:, None] - hy
+    x = torch.arange(nx, device=device, dtype=torch.float64)[None, :] - hx
+    d = torch.sqrt(x * x + y * y) - hr
+    if edge_px <= 0:
+        return (d > 0).to(torch.float32)
+    w = torch.where(d <= 0, torch.zeros_like(d),
+                    torch.where(d >= edge_px, torch.ones_like(d), 0.5 - 0.5 * torch.cos(math.pi * d / edge_px)))
+    return w.to(torch.float32)
+
+
+def random_carbon_edge(shape: tuple[int, int], hole_radius_px: float, coverage: tuple[float, float],
+                       rng: np.random.Generator) -> tuple[float, float, float]:
+    """A hole ``(x, y, radius)`` (px) whose rim crosses the micrograph so that the carbon covers a fraction of it
+    drawn uniformly from ``coverage``: the hole centre lies on a random direction from the micrograph centre at
+    the distance that leaves that fraction outside the circle (bisection on a grid of ≤ 256² points)."""
+    ny, nx = shape
+    frac = float(rng.uniform(*coverage))
+    ang = float(rng.uniform(0, 2 * math.pi))
+    step = max(1, min(ny, nx) // 256)
+    gy, gx = np.mgrid[0:ny:step, 0:nx:step]
+    cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
+
+    def carbon_fraction(dist: float) -> float:
+        hx, hy = cx + dist * math.cos(ang), cy + dist * math.sin(ang)
+        return float((((gx - hx) ** 2 + (gy - hy) ** 2) > hole_radius_px ** 2).mean())
+
+    lo, hi = 0.0, hole_radius_px + math.hypot(nx, ny)
+    for _ in range(40):  # carbon fraction grows with the distance of the hole centre
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if carbon_fraction(mid) < frac else (lo, mid)
+    d = 0.5 * (lo + hi)
+    return cx + d * math.cos(ang), cy + d * math.sin(ang), float(hole_radius_px)
+
+
 def particle_signal_variance(image: torch.Tensor, coords: torch.Tensor, radius_px: float) -> torch.Tensor:
     """Per particle, the variance of ``image`` ``[ny, nx]`` within ``radius_px`` of its coordinate ``(x, y)``
     (pixels outside the micrograph are ignored). Returns ``[P]``."""
@@ -276,9 +372,21 @@ def simulate_micrographs(
     dark_particles: bool = True,
     ice_offset: float = 0.0,
     ice_gradient: float = 0.0,
-    n_blobs: int = 0,
+    n_blobs: int | tuple[int, int] = 0,
     blob_radius_A: tuple[float, float] = (100.0, 300.0),
     blob_amplitude: float = 5.0,
+    blob_probability: float = 1.0,
+    blob_amplitude_noise: float | None = None,
+    blob_dark_fraction: float = 0.7,
+    blob_edge_px: float = BLOB_EDGE_PX,
+    ice_darkening: float = 0.0,
+    ice_noise_increase: float = 0.0,
+    ice_sine_fraction: float = 0.0,
+    ice_sine_period_A: tuple[float, float] = (1500.0, 4000.0),
+    carbon_probability: float = 0.0,
+    carbon_amplitude: float = 1.5,
+    carbon_coverage: tuple[float, float] = (0.1, 0.3),
+    carbon_hole_radius_A: float = 6000.0,
     signal_radius_px: float | None = None,
     noise_sigma: float | None = None,
     dtype: str = "float32",
@@ -311,8 +419,21 @@ def simulate_micrographs(
         ice_offset, ice_gradient: ice background: offset ``U[−1, 1]·ice_offset`` and a linear ramp of total size
             ``ice_gradient`` across the micrograph in a random direction, both in units of the particle signal
             standard deviation.
-        n_blobs: contamination blobs per micrograph (soft discs; 70 % dark), radius uniform in ``blob_radius_A``,
-            amplitude ``blob_amplitude`` × signal standard deviation × U[0.5, 1]. Particles are kept clear of them.
+        n_blobs: contamination blobs per micrograph (soft discs; ``blob_dark_fraction`` of them dark), radius
+            uniform in ``blob_radius_A``, amplitude ``blob_amplitude`` × signal standard deviation × U[0.5, 1].
+            Particles are kept clear of them. A pair ``(lo, hi)``: a count uniform in ``lo … hi`` per micrograph.
+        blob_probability: fraction of micrographs that get blobs at all (each micrograph drawn independently).
+        blob_amplitude_noise: blob amplitude in units of the noise σ instead (× U[0.5, 1]).
+        blob_dark_fraction: probability that a blob is dark (default 0.7).
+        blob_edge_px: width of the blobs' raised-cosine edge (px).
+        ice_darkening: ice-thickness map ``t`` in [0, 1] (:func:`ice_thickness_map`, random ramp direction):
+            the image is darkened by ``ice_darkening · σ · t`` (σ = noise standard deviation).
+        ice_noise_increase: the noise standard deviation is ``σ · (1 + ice_noise_increase · t)``.
+        ice_sine_fraction, ice_sine_period_A: sinusoidal part of the thickness map (relative to the ramp's
+            range) and the range its period is drawn from (Å).
+        carbon_probability: fraction of micrographs with a carbon edge (:func:`random_carbon_edge`: the rim of a
+            hole of radius ``carbon_hole_radius_A``, carbon covering a fraction drawn from ``carbon_coverage``),
+            darker by ``carbon_amplitude`` × σ; no particles on the carbon.
         signal_radius_px: radius of the SNR measurement (default: the particle radius).
         noise_sigma: use this noise standard deviation instead of deriving it from ``snr``.
         dtype: ``"float32"`` or ``"float16"`` micrographs.
@@ -342,9 +463,13 @@ def simulate_micrographs(
     projector = Projector(vol, pad=2)
 
     ss = np.random.SeedSequence(int(seed))
-    geo_ss, form_ss = ss.spawn(2)
+    geo_ss, form_ss, hard_ss = ss.spawn(3)  # the first two as before the hard-data options (same streams)
     rng = np.random.default_rng(geo_ss)
     form_rng = np.random.default_rng(form_ss)
+    hard_rng = np.random.default_rng(hard_ss)  # draws of the hard-data options only
+    blob_range = (int(n_blobs), int(n_blobs)) if np.ndim(n_blobs) == 0 else (int(n_blobs[0]), int(n_blobs[1]))
+    any_blobs = blob_range[1] > 0
+    ice_map_on = bool(ice_darkening or ice_noise_increase)
     ctf_cols = random_ctf_parameters(n_micrographs, form_rng, defocus_range, astigmatism_A, phase_shift_range)
     digits = max(3, len(str(n_micrographs)))
 
@@ -363,11 +488,21 @@ def simulate_micrographs(
     for m in iterator:
         # ---- geometry
         blob_r = (blob_radius_A[0] / pixel_size, blob_radius_A[1] / pixel_size)
-        blobs = random_blobs(n_blobs, shape, blob_r, 1.0, rng)  # amplitude scaled below (signal units)
+        n_b = blob_range[0]
+        if blob_range[1] != blob_range[0]:
+            n_b = int(hard_rng.integers(blob_range[0], blob_range[1] + 1))
+        if any_blobs and blob_probability < 1.0 and not hard_rng.uniform() < blob_probability:
+            n_b = 0
+        blobs = random_blobs(n_b, shape, blob_r, 1.0, rng, dark_fraction=blob_dark_fraction)  # amplitude: below
+        hole, allowed = None, None
+        if carbon_probability > 0 and hard_rng.uniform() < carbon_probability:
+            hole = random_carbon_edge(shape, carbon_hole_radius_A / pixel_size, carbon_coverage, hard_rng)
+            gy, gx = np.ogrid[0:shape[0], 0:shape[1]]
+            allowed = np.hypot(gx - hole[0], gy - hole[1]) < hole[2] - radius
         coords = place_particles(particles_per_micrograph, shape, min_d, edge, rng, exclude=blobs,
-                                 exclude_margin_px=radius + BLOB_EDGE_PX)
+                                 exclude_margin_px=radius + max(BLOB_EDGE_PX, blob_edge_px), allowed=allowed)
         angles = random_orientations(len(coords), rng)
-        geom = MicrographGeometry(shape=shape, coords=coords, angles=angles, blobs=blobs)
+        geom = MicrographGeometry(shape=shape, coords=coords, angles=angles, blobs=blobs, carbon_hole=hole)
         coords_t = torch.as_tensor(coords, device=dev)
         img = render_projections(projector, torch.as_tensor(angles, dtype=torch.float32, device=dev), coords_t,
                                  shape, chunk=chunk)
@@ -383,21 +518,47 @@ def simulate_micrographs(
             if noise_sigma is None:
                 sigma = noise_sigma_for_snr(sig_var, snr)
         unit = math.sqrt(sig_var) if not math.isnan(sig_var) else 1.0
-        geom.blobs[:, 3] *= blob_amplitude * unit
+        noise_unit = float(sigma) if sigma is not None else 1.0
+        if blob_amplitude_noise is not None:
+            geom.blobs[:, 3] *= blob_amplitude_noise * noise_unit
+        else:
+            geom.blobs[:, 3] *= blob_amplitude * unit
         off = float(form_rng.uniform(-1, 1)) * ice_offset * unit
         direction = float(form_rng.uniform(0, 2 * math.pi))
         gx, gy = ice_gradient * unit * math.cos(direction), ice_gradient * unit * math.sin(direction)
         if ice_offset or ice_gradient:
             img = img + ice_background(shape, off, gx, gy, device=dev)
         if len(geom.blobs):
-            img = img + blob_image(geom.blobs, shape, device=dev)
+            img = img + blob_image(geom.blobs, shape, edge_px=blob_edge_px, device=dev)
+        thickness = None
+        ice_row: dict = {}
+        if ice_map_on:
+            t_dir = float(hard_rng.uniform(0, 2 * math.pi))
+            s_dir = float(hard_rng.uniform(0, 2 * math.pi))
+            s_phase = float(hard_rng.uniform(0, 2 * math.pi))
+            s_period = float(hard_rng.uniform(*ice_sine_period_A)) / pixel_size
+            thickness = ice_thickness_map(shape, t_dir, ice_sine_fraction, s_period, s_dir, s_phase, device=dev)
+            img = img - (ice_darkening * noise_unit) * thickness
+            ice_row = {"cryopipeIceThicknessDirection": math.degrees(t_dir),
+                       "cryopipeIceSineDirection": math.degrees(s_dir), "cryopipeIceSinePeriod": s_period,
+                       "cryopipeIceSinePhase": math.degrees(s_phase),
+                       "cryopipeIceDarkening": ice_darkening * noise_unit,
+                       "cryopipeIceNoiseIncrease": float(ice_noise_increase)}
+        if hole is not None:
+            img = img - (carbon_amplitude * noise_unit) * carbon_edge_mask(shape, hole, device=dev)
+        if carbon_probability > 0:  # radius −1: no carbon on this micrograph
+            hx, hy, hr = hole if hole is not None else (0.0, 0.0, -1.0)
+            ice_row.update({"cryopipeCarbonHoleX": hx, "cryopipeCarbonHoleY": hy, "cryopipeCarbonHoleRadius": hr})
         if sigma is None:
             raise CryopipeError(f"micrograph {m + 1} has no particles (and none before it), so the noise level cannot "
                                 "be set from the SNR; give noise_sigma or make room for particles")
         if sigma > 0:
             gen = torch.Generator(device=dev)
             gen.manual_seed(int(np.random.SeedSequence([int(form_ss.generate_state(1)[0]), m]).generate_state(1)[0]))
-            img = img + sigma * torch.randn(img.shape, generator=gen, device=dev, dtype=img.dtype)
+            noise = torch.randn(img.shape, generator=gen, device=dev, dtype=img.dtype)
+            if thickness is not None and ice_noise_increase:
+                noise = noise * (1.0 + ice_noise_increase * thickness)
+            img = img + sigma * noise
         # ---- files
         name = f"mic{m + 1:0{digits}d}"
         mic_path = out / mic_dir / f"{name}.mrc"
@@ -410,7 +571,7 @@ def simulate_micrographs(
         truth_rows.append({"rlnMicrographName": mic_name, "cryopipeNumberOfParticles": len(coords),
                            "cryopipeSignalVariance": sig_var,
                            "cryopipeIceOffset": off, "cryopipeIceGradientX": gx, "cryopipeIceGradientY": gy,
-                           "cryopipeNoiseSigma": float(sigma), "cryopipeNumberOfBlobs": len(geom.blobs)})
+                           "cryopipeNoiseSigma": float(sigma), "cryopipeNumberOfBlobs": len(geom.blobs), **ice_row})
         for bx, by, br, ba in geom.blobs:
             blob_rows.append({"rlnMicrographName": mic_name, "rlnCoordinateX": float(bx), "rlnCoordinateY": float(by),
                               "cryopipeBlobRadius": float(br), "cryopipeBlobAmplitude": float(ba)})
@@ -440,7 +601,7 @@ def simulate_micrographs(
     truth_df = pd.DataFrame(truth_rows)
     write_star(truth_star, {"micrographs": truth_df})
     cont_star = None
-    if n_blobs > 0:
+    if any_blobs:
         cont_star = out / "contamination_truth.star"
         cols = ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "cryopipeBlobRadius", "cryopipeBlobAmplitude"]
         write_star(cont_star, {"contamination": pd.DataFrame(blob_rows, columns=cols)})
