@@ -23,10 +23,10 @@ from cryopipe.core.geometry import euler_to_matrix
 from cryopipe.core.symmetry import symmetrise_volume
 from cryopipe.core.symmetry_search import (
     SymmetryScorer,
-    rotate_volume,
     rotation_axes,
     symmetry_axis_error,
 )
+from cryopipe.core.volume_rotation import rotate_volume
 from cryopipe.io.mrc import read_mrc, write_mrc
 from cryopipe.io.star import read_star, write_star
 from cryopipe.jobs.align_symmetry import align_symmetry, align_symmetry_full, class_maps_from_model

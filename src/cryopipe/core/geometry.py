@@ -23,6 +23,7 @@ import torch
 from cryopipe.errors import CryopipeError
 
 __all__ = [
+    "local_rotation_grid",
     "euler_to_matrix",
     "matrix_to_euler",
     "rotation_2d",
@@ -198,6 +199,30 @@ def axis_angle_matrix(axis, angle_deg) -> torch.Tensor:
     eye = torch.eye(3, dtype=n.dtype, device=n.device)
     outer = n[..., :, None] * n[..., None, :]
     return c * eye + s * K + (1.0 - c) * outer
+
+
+def local_rotation_grid(step_deg: float, search_range: int = 1, only_rot: bool = False, device=None,
+                        dtype: torch.dtype = torch.float64, axes_only: bool = False) -> torch.Tensor:
+    """Small rotations ``exp(ω)``, identity first. Default: ``ω ∈ step·{−range … range}³`` (degrees, rotation
+    vectors), ``[(2·range+1)³, 3, 3]``; ``axes_only``: ``ω = ±j·step`` along x, y and z only (``6·range + 1``);
+    ``only_rot``: about z only (``2·range + 1``)."""
+    r = torch.arange(-search_range, search_range + 1, dtype=dtype, device=device) * float(step_deg)
+    zero = torch.zeros_like(r)
+    if only_rot:
+        w = torch.stack([zero, zero, r], dim=-1)
+    elif axes_only:
+        w = torch.cat([torch.stack([r, zero, zero], -1), torch.stack([zero, r, zero], -1),
+                       torch.stack([zero, zero, r], -1)])
+        w = torch.unique(w, dim=0)
+    else:
+        wz, wy, wx = torch.meshgrid(r, r, r, indexing="ij")
+        w = torch.stack([wx, wy, wz], dim=-1).reshape(-1, 3)
+    mag = torch.linalg.vector_norm(w, dim=-1)
+    w = w[torch.argsort(mag, stable=True)]  # identity first
+    mag = torch.linalg.vector_norm(w, dim=-1)
+    axis = torch.where(mag[:, None] > 0, w / mag.clamp_min(1e-30)[:, None],
+                       torch.tensor([0.0, 0.0, 1.0], dtype=dtype, device=device))
+    return axis_angle_matrix(axis, mag)
 
 
 def recenter_origins(angles_deg, origins_A, center_px, pixel_size) -> torch.Tensor:

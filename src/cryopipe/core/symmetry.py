@@ -44,9 +44,9 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 
 from cryopipe.core.device import resolve_device
+from cryopipe.core.volume_rotation import rotate_volume
 from cryopipe.errors import CryopipeError
 
 __all__ = ["symmetry_operators", "symmetry_group_order", "symmetrise_volume", "canonical_symmetry_name"]
@@ -248,26 +248,12 @@ def symmetrise_volume(volume: torch.Tensor, name: str, chunk: int = 4) -> torch.
     name_c = canonical_symmetry_name(name)
     if name_c == "C1":
         return volume.clone()
-    n = volume.shape[-1]
-    batch_shape = volume.shape[:-3]
-    vol = volume.reshape(1, -1, n, n, n)
-    if not vol.is_floating_point():
-        vol = vol.float()
+    vol = volume if volume.is_floating_point() else volume.float()
+    n = vol.shape[-1]
     ops = symmetry_operators(name_c, device=vol.device, dtype=vol.dtype)
-    c = n // 2
-    r = torch.arange(n, device=vol.device, dtype=vol.dtype) - c
-    zz, yy, xx = torch.meshgrid(r, r, r, indexing="ij")
-    pos = torch.stack([xx, yy, zz], dim=-1)  # [n, n, n, 3] (x, y, z) relative to the centre
-    scale = 2.0 / (n - 1) if n > 1 else 1.0
     total = vol.clone()  # identity
     for start in range(1, ops.shape[0], chunk):
-        R = ops[start:start + chunk]  # [g, 3, 3]
-        q = torch.einsum("gij,zyxj->gzyxi", R, pos) + c  # sample positions as indices
-        grid = q * scale - 1.0  # align_corners=True normalisation, last dim ordered (x, y, z)
-        g = R.shape[0]
-        sampled = F.grid_sample(
-            vol.expand(g, -1, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros", align_corners=True
-        )
-        total = total + sampled.sum(dim=0, keepdim=True)
+        R = ops[start:start + chunk]  # [g, 3, 3]; V(R·x) = V((Rᵀ)ᵀ·x)
+        total = total + rotate_volume(vol, R.transpose(-1, -2), chunk_voxels=R.shape[0] * n ** 3).sum(dim=0)
     out = total / ops.shape[0]
-    return out.reshape(*batch_shape, n, n, n).to(volume.dtype if volume.is_floating_point() else out.dtype)
+    return out.to(volume.dtype if volume.is_floating_point() else out.dtype)

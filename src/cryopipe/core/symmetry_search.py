@@ -43,14 +43,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cryopipe.core.geometry import axis_angle_matrix, euler_to_matrix, matrix_to_euler
+from cryopipe.core.geometry import euler_to_matrix, local_rotation_grid, matrix_to_euler
 from cryopipe.core.projector import Projector, interpolate_half_grid
 from cryopipe.core.symmetry import canonical_symmetry_name, symmetry_operators
 from cryopipe.errors import CryopipeError
 
 __all__ = [
-    "SymmetryScorer", "SymmetrySearchResult", "random_orientations", "local_rotation_grid", "search_symmetry_axes",
-    "rotation_axes", "symmetry_axis_error", "rotate_volume",
+    "SymmetryScorer", "SymmetrySearchResult", "random_orientations", "search_symmetry_axes",
+    "rotation_axes", "symmetry_axis_error",
 ]
 
 
@@ -199,30 +199,6 @@ def random_orientations(n: int, only_rot: bool = False, generator: torch.Generat
     tilt = torch.rad2deg(torch.acos(1.0 - 2.0 * u[:, 1]))
     psi = 360.0 * u[:, 2]
     return torch.stack([rot, tilt, psi], dim=-1).to(device)
-
-
-def local_rotation_grid(step_deg: float, search_range: int = 1, only_rot: bool = False, device=None,
-                        dtype: torch.dtype = torch.float64, axes_only: bool = False) -> torch.Tensor:
-    """Small rotations ``exp(ω)``, identity first. Default: ``ω ∈ step·{−range … range}³`` (degrees, rotation
-    vectors), ``[(2·range+1)³, 3, 3]``; ``axes_only``: ``ω = ±j·step`` along x, y and z only (``6·range + 1``);
-    ``only_rot``: about z only (``2·range + 1``)."""
-    r = torch.arange(-search_range, search_range + 1, dtype=dtype, device=device) * float(step_deg)
-    zero = torch.zeros_like(r)
-    if only_rot:
-        w = torch.stack([zero, zero, r], dim=-1)
-    elif axes_only:
-        w = torch.cat([torch.stack([r, zero, zero], -1), torch.stack([zero, r, zero], -1),
-                       torch.stack([zero, zero, r], -1)])
-        w = torch.unique(w, dim=0)
-    else:
-        wz, wy, wx = torch.meshgrid(r, r, r, indexing="ij")
-        w = torch.stack([wx, wy, wz], dim=-1).reshape(-1, 3)
-    mag = torch.linalg.vector_norm(w, dim=-1)
-    w = w[torch.argsort(mag, stable=True)]  # identity first
-    mag = torch.linalg.vector_norm(w, dim=-1)
-    axis = torch.where(mag[:, None] > 0, w / mag.clamp_min(1e-30)[:, None],
-                       torch.tensor([0.0, 0.0, 1.0], dtype=dtype, device=device))
-    return axis_angle_matrix(axis, mag)
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -392,48 +368,3 @@ def symmetry_axis_error(found: torch.Tensor, truth: torch.Tensor, sym: str) -> f
     cos = torch.where(same, cos, torch.zeros_like(cos))
     worst = torch.minimum(cos.max(dim=1).values.min(), cos.max(dim=0).values.min())
     return math.degrees(math.acos(float(worst)))
-
-
-# ------------------------------------------------------------------------------------------------ rotation
-
-
-def rotate_volume(volume: torch.Tensor, rotation: torch.Tensor, method: str = "fourier", pad: float = 2.0,
-                  chunk: int = 1 << 22) -> torch.Tensor:
-    """``V(Rᵀ·x)`` about the centre voxel ``N//2`` (a feature at ``p`` moves to ``R·p``).
-
-    ``method="fourier"``: sample the 2×-padded, gridding-corrected FT at ``Rᵀ·k`` (RELION's 3D
-    ``get2DFourierTransform``; frequencies beyond ``N/2`` — the corners of the cube — are dropped);
-    ``"linear"``: real-space trilinear interpolation (zeros outside the box), cheaper for very large boxes.
-    """
-    from cryopipe.core.fourier import irfft3_centered
-
-    n = volume.shape[-1]
-    R = rotation.to(device=volume.device, dtype=torch.float64)
-    if method == "linear":
-        import torch.nn.functional as F
-
-        c = n // 2
-        r = torch.arange(n, device=volume.device, dtype=torch.float64) - c
-        zz, yy, xx = torch.meshgrid(r, r, r, indexing="ij")
-        pos = torch.stack([xx, yy, zz], dim=-1)
-        q = pos @ R + c  # (Rᵀ x) as row vectors: x·R
-        grid = (q * (2.0 / (n - 1)) - 1.0).to(volume.dtype if volume.is_floating_point() else torch.float32)
-        out = F.grid_sample(volume.reshape(1, 1, n, n, n).to(grid.dtype), grid[None], mode="bilinear",
-                            padding_mode="zeros", align_corners=True)
-        return out.reshape(n, n, n).to(volume.dtype)
-    if method != "fourier":
-        raise CryopipeError(f"rotate_volume: method must be 'fourier' or 'linear', not {method!r}")
-    proj = Projector(volume, pad=pad, device=volume.device)
-    half = n // 2 + 1
-    f = torch.fft.fftfreq(n, d=1.0 / n, device=volume.device).to(torch.float64)
-    kx = torch.arange(half, device=volume.device, dtype=torch.float64)
-    out = torch.zeros(n * n * half, dtype=proj.data.dtype, device=volume.device)
-    kz, ky, kxx = torch.meshgrid(f, f, kx, indexing="ij")
-    k = torch.stack([kxx, ky, kz], dim=-1).reshape(-1, 3)
-    inside = torch.nonzero(torch.linalg.vector_norm(k, dim=-1) <= n // 2, as_tuple=False).reshape(-1)
-    for s in range(0, inside.numel(), chunk):
-        idx = inside[s:s + chunk]
-        pts = (k[idx] @ R) * proj.pad  # rows: (Rᵀ k)ᵀ = kᵀ R
-        out[idx] = interpolate_half_grid(proj.data, proj.centre, pts.to(proj.dtype), proj.interpolation)
-    vol = irfft3_centered(out.reshape(n, n, half), n)
-    return vol.to(volume.dtype if volume.is_floating_point() else torch.float32)

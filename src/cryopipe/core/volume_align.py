@@ -5,9 +5,11 @@ Convention: the aligned map is ``V'(x) = V(Rᵀ·(x − t))`` for a rotation mat
 coordinates in pixels, origin at the centre voxel ``n//2``) and a shift ``t`` (pixels, ``(x, y, z)``); with
 ``mirror`` the moving map is first inverted through the centre (``V(−x)``, the other hand).
 
-Search: global over SO(3) on a HEALPix × ψ grid at low resolution (both maps Fourier-cropped and low-passed),
+Search: global over SO(3) on a HEALPix × ψ grid (:func:`cryopipe.core.healpix.orientation_grid`) at low
+resolution (both maps Fourier-cropped and low-passed, rotated by :func:`cryopipe.core.volume_rotation.rotate_volume`),
 translations by FFT cross-correlation for every rotation (one batched 3D FFT per chunk of rotations); then local
-refinement of the best solutions on successively finer rotation grids. All batched tensor work.
+refinement of the best solutions on successively finer rotation grids
+(:func:`cryopipe.core.geometry.local_rotation_grid`). All batched tensor work.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from cryopipe.core.fourier import fourier_rescale, irfft3_centered, rfft3_centered
-from cryopipe.core.geometry import euler_to_matrix
+from cryopipe.core.geometry import euler_to_matrix, local_rotation_grid
+from cryopipe.core.healpix import orientation_grid
+from cryopipe.core.volume_rotation import rotate_volume
 
-__all__ = ["VolumeAlignment", "rotate_volume", "align_volumes", "symmetry_axes_error"]
+__all__ = ["VolumeAlignment", "align_volumes", "symmetry_axes_error"]
 
 
 @dataclass
@@ -34,32 +38,6 @@ class VolumeAlignment:
     mirror: bool
     correlation: float
     aligned: torch.Tensor
-
-
-def rotate_volume(vol: torch.Tensor, R: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """``V'(x) = V(Rᵀ·(x − t))`` for maps ``[n, n, n]`` and rotations ``R [B, 3, 3]`` (or ``[3, 3]``) by trilinear
-    interpolation (zeros outside); returns ``[B, n, n, n]`` (or ``[n, n, n]``). ``shift [B, 3]`` pixels."""
-    single = R.dim() == 2
-    R = R.reshape(-1, 3, 3).to(vol.device, torch.float32)
-    B = R.shape[0]
-    n = vol.shape[-1]
-    c = torch.arange(n, device=vol.device, dtype=torch.float32) - n // 2
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    pts = torch.stack([x, y, z], dim=-1).reshape(-1, 3)  # [V, 3] (x, y, z)
-    out = []
-    step = max(1, (1 << 24) // pts.shape[0])
-    for b0 in range(0, B, step):  # chunks of rotations: bounded memory
-        Rb = R[b0:b0 + step]
-        p = pts[None] if shift is None else pts[None] - shift[b0:b0 + step, None, :].to(pts)
-        src = torch.einsum("bvj,bjk->bvk", p, Rb)  # (Rᵀ·p)ᵀ = pᵀ·R
-        # grid_sample wants (x, y, z) normalised to [-1, 1] with align_corners=True: index i ↔ −1 + 2i/(n−1)
-        g = (src + n // 2) * (2.0 / (n - 1)) - 1.0
-        v = torch.nn.functional.grid_sample(vol[None, None].expand(Rb.shape[0], 1, n, n, n).float(),
-                                            g.reshape(Rb.shape[0], n, n, n, 3), mode="bilinear",
-                                            padding_mode="zeros", align_corners=True)
-        out.append(v[:, 0])
-    res = torch.cat(out)
-    return res[0] if single else res
 
 
 def _prepare(vol: torch.Tensor, small: int, lowpass_shells: float) -> torch.Tensor:
@@ -89,25 +67,9 @@ def _score(rot_vols: torch.Tensor, fixed_ft: torch.Tensor, n: int, fixed_norm: f
 
 
 def _grid_rotations(order: int, device) -> torch.Tensor:
-    from cryopipe.engine.orientations3d import healpix_orientations
-
-    g = healpix_orientations(order, None, "C1", 0, 0.0, device=device)
-    return g.coarse_matrices().to(torch.float32)
-
-
-def _local_rotations(R0: torch.Tensor, step_deg: float, n_steps: int = 2) -> torch.Tensor:
-    """Rotations ``R0·exp(δ)`` for a cube of small rotation vectors (``±n_steps·step`` degrees per axis)."""
-    d = torch.arange(-n_steps, n_steps + 1, dtype=torch.float64) * math.radians(step_deg)
-    a, b, c = torch.meshgrid(d, d, d, indexing="ij")
-    w = torch.stack([a.reshape(-1), b.reshape(-1), c.reshape(-1)], dim=-1)  # rotation vectors
-    th = w.norm(dim=1).clamp_min(1e-12)
-    k = w / th[:, None]
-    K = torch.zeros(w.shape[0], 3, 3, dtype=torch.float64)
-    K[:, 0, 1], K[:, 0, 2], K[:, 1, 0] = -k[:, 2], k[:, 1], k[:, 2]
-    K[:, 1, 2], K[:, 2, 0], K[:, 2, 1] = -k[:, 0], -k[:, 1], k[:, 0]
-    s, cth = torch.sin(th)[:, None, None], torch.cos(th)[:, None, None]
-    E = torch.eye(3, dtype=torch.float64)[None] + s * K + (1 - cth) * (K @ K)
-    return (E @ R0.to(torch.float64)[None]).to(torch.float32)
+    """``[M, 3, 3]`` float32 rotations of the HEALPix ``order`` × ψ grid (C1, no perturbation)."""
+    a = orientation_grid(order, device=device)
+    return euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]).to(torch.float32)
 
 
 def align_volumes(moving: torch.Tensor, fixed: torch.Tensor, *, pixel_size: float, resolution_A: float = 12.0,
@@ -143,7 +105,7 @@ def align_volumes(moving: torch.Tensor, fixed: torch.Tensor, *, pixel_size: floa
         score = best[0]
         shift = best[2]
         for step in (5.0, 2.5, 1.0, 0.4):  # local refinement (±2 steps per axis)
-            cands = _local_rotations(R, step)
+            cands = (local_rotation_grid(step, 2, dtype=torch.float64) @ R.to(torch.float64)[None]).to(torch.float32)
             sc, sh = _score(rotate_volume(m_s, cands), fixed_ft, small, fnorm)
             i = int(sc.argmax())
             if float(sc[i]) >= score:

@@ -41,6 +41,7 @@ from cryopipe.core.healpix import (
     asymmetric_unit_pixels,
     healpix_directions,
     oversampled_directions,
+    orientation_grid,
     oversampled_psi,
     perturb_orientations,
     psi_angles,
@@ -137,14 +138,13 @@ def healpix_orientations(order: int, psi_step: float | None = None, sym: str | N
         raise CryopipeError(f"perturbation must be a fraction of the angular step in [-1, 1] (got {perturb})")
     dev = resolve_device(device)
     pix = asymmetric_unit_pixels(order, sym, device="cpu")
-    rot_all, tilt_all = healpix_directions(order, device="cpu")
-    step = angular_step(order) if psi_step is None else float(psi_step)
-    psi = psi_angles(step, device="cpu")
+    psi = psi_angles(angular_step(order) if psi_step is None else float(psi_step), device="cpu")
     step = 360.0 / psi.numel()
     nd, npsi = pix.numel(), psi.numel()
-    # the direction and ψ tables are small (built on the CPU); the [R, S, 3] products are built on the device
-    rot, tilt, psi_d = rot_all[pix].to(dev), tilt_all[pix].to(dev), psi.to(dev)
-    coarse = torch.stack([rot.repeat_interleave(npsi), tilt.repeat_interleave(npsi), psi_d.repeat(nd)], dim=-1)
+    # the coarse samples are core.healpix.orientation_grid's (unperturbed; the perturbation is applied below to
+    # the coarse samples and their children alike); the [R, S, 3] children are built on the device
+    coarse = orientation_grid(order, psi_step, sym, device=dev)
+    psi_d = psi.to(dev)
     if oversampling == 0:
         children = coarse[:, None, :].clone()
     else:

@@ -39,7 +39,8 @@ import torch
 from cryopipe.core.device import resolve_device
 from cryopipe.core.fourier import fourier_rescale, irfft3_centered, phase_shift_3d, rfft3_centered
 from cryopipe.core.symmetry import canonical_symmetry_name, symmetrise_volume
-from cryopipe.core.symmetry_search import rotate_volume, search_symmetry_axes
+from cryopipe.core.symmetry_search import search_symmetry_axes
+from cryopipe.core.volume_rotation import rotate_volume
 from cryopipe.errors import CryopipeError, InputFileError
 
 HELP = "rotate a map so that its symmetry axes follow RELION's conventions (relion_align_symmetry), --apply_sym"
