@@ -475,6 +475,6 @@ def test_star_center_tomography_pixel_size_fallbacks(relion_tomo_dir, tmp_path):
     # particles straight from picking (no data_optics): the pixel size is unknown
     write_star(tmp_path / "picked.star", {"particles": blocks["particles"]}, version=50001)
     with pytest.raises(InputFileError, match=r"tomography particles without data_optics") as e:
-        from cryopipe.jobs.star_tools import center_star
+        from cryopipe.starops import center_star
         center_star(tmp_path / "picked.star", tmp_path / "x.star", (0, 0, 2.75))
     _one_line(e)

@@ -10,7 +10,8 @@ from scipy.spatial.transform import Rotation
 from cryopipe.cli import main as cli
 from cryopipe.io.mrc import write_mrc
 from cryopipe.io.star import read_star, read_star_with_version, write_star
-from cryopipe.jobs import star_tools as st
+from cryopipe import starops as st
+from cryopipe.errors import CryopipeError
 
 
 def _run(*argv) -> int:
@@ -200,7 +201,7 @@ def test_combine_recombines_splits_and_renumbers_optics(relion_dir, tmp_path):
     o3 = o2.copy()
     o3["rlnOpticsGroupName"] = "opticsGroup1"
     write_star(tmp_path / "c.star", {"optics": o3, "particles": d2})
-    with pytest.raises(st.CryopipeError, match="rlnImagePixelSize"):
+    with pytest.raises(CryopipeError, match="rlnImagePixelSize"):
         st.combine_stars([tmp_path / "a.star", tmp_path / "c.star"], tmp_path / "ac.star")
     # a RELION 3.0 input is converted before merging
     res = st.combine_stars([src, relion_dir / "particles_30.star"], tmp_path / "mixed.star")
@@ -289,5 +290,5 @@ def test_combine_needs_matching_tables(relion_dir, tmp_path):
     mics = pd.DataFrame({"rlnMicrographName": ["a.mrc"], "rlnOpticsGroup": [1]})
     opt = _optics().rename(columns={"rlnImagePixelSize": "rlnMicrographPixelSize"})
     write_star(tmp_path / "m.star", {"optics": opt, "micrographs": mics})
-    with pytest.raises(st.CryopipeError, match="different kinds"):
+    with pytest.raises(CryopipeError, match="different kinds"):
         st.combine_stars([relion_dir / "particles_31.star", tmp_path / "m.star"], tmp_path / "x.star")
