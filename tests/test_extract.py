@@ -499,7 +499,8 @@ def test_job_coord_dir_and_fom_threshold(relion_dir, mic_project):
 
 
 def test_python_api_plain_output_dir(relion_dir, mic_project):
-    from cryopipe.jobs.extract import ExtractOptions, extract
+    from cryopipe.extraction.plan import ExtractOptions
+    from cryopipe.extraction.run import extract
 
     path, n = extract("micrographs_ctf.star", "out/", coord_list="coords_truth_list.star",
                       options=ExtractOptions(extract_size=64, norm=True, bg_radius=24, invert_contrast=True))
