@@ -273,7 +273,7 @@ def test_rough_guinier_fit_is_reported_and_plots_leave_matplotlib_alone(pp_dir, 
     res = run_postprocess(pp_dir / "half1.mrc", pp_dir / "half2.mrc", mask=relion_dir / "mask.mrc", angpix=3.0,
                           auto_bfac=True, autob_lowres=10.0)
     assert any("Guinier fit over" in w and "r² 0.85" in w for w in res.warnings), res.warnings
-    from cryopipe.jobs.postprocess import plot_postprocess
+    from cryopipe.plots.postprocess import plot_postprocess
 
     plot_postprocess(res, tmp_path / "fsc.png", tmp_path / "guinier.png", None, 10.0, 0.0)
     assert (tmp_path / "fsc.png").stat().st_size > 10000 and matplotlib.get_backend() == backend
