@@ -195,8 +195,31 @@ class BackProjector:
         # int32 indices halve the index memory traffic
         return torch.int32 if self.weight.numel() + 8 < 2**31 else torch.int64
 
+    def insert_points(self, values: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor,
+                      freqs: torch.Tensor, chunk_pixels: int = 1 << 21) -> None:
+        """Insert coefficients given at explicit frequencies: ``values [B, M]`` (complex; added to ``data`` as
+        they are) and ``weights [B, M]`` (added to ``weight``) at ``pad·Aᵀ·k`` for RELION matrices ``rotations
+        [B, 3, 3]`` and frequencies ``freqs [M, D]`` (Fourier pixels; ``D = 3``: coefficients of a 3D volume in
+        its own frame, e.g. pseudo-subtomograms; ``D = 2``: a slice). Each coefficient is inserted once (its
+        Hermitian mate is implied); frequencies beyond ``r_max`` are skipped."""
+        dev = self.device
+        k = freqs.to(device=dev, dtype=torch.float64)
+        keep = k.square().sum(-1) <= self.r_max * self.r_max + 1e-9
+        kT = k[keep].T.contiguous()
+        X = values.to(dev)[:, keep].to(self.data.dtype)
+        W = weights.to(dev)[:, keep].to(self.dtype)
+        rot = rotations.to(device=dev, dtype=torch.float64).reshape(-1, 3, 3)
+        B, M = W.shape
+        if M == 0 or B == 0:
+            return
+        cap = self._CHUNK_POINTS if dev.type == "cpu" else chunk_pixels
+        step = max(1, min(chunk_pixels, cap) // M)
+        for b0 in range(0, B, step):
+            self._insert_chunk(rot[b0:b0 + step], X[b0:b0 + step], W[b0:b0 + step], self.data.view(-1),
+                               self.weight.view(-1), kT)
+
     def _insert_chunk(self, rot: torch.Tensor, X: torch.Tensor, W: torch.Tensor, dflat: torch.Tensor,
-                      wflat: torch.Tensor) -> None:
+                      wflat: torch.Tensor, kT: torch.Tensor | None = None) -> None:
         """Scatter-add image coefficients ``X`` ``[b, M]`` (complex) and weights ``W`` ``[b, M]`` for RELION
         matrices ``rot`` ``[b, 3, 3]`` (float64) into the flat views ``dflat`` (complex) and ``wflat``.
 
@@ -210,8 +233,10 @@ class BackProjector:
         idt = self._index_dtype()
         b, M = W.shape
         # p = pad·Aᵀ(kx, ky, 0) in float64, rounded to the accumulator precision; planes [3 (x, y, z), b, M]
-        a = (rot[:, :2, :] * self.pad).permute(2, 0, 1)  # [3, b, 2]
-        pts = torch.matmul(a, self._kT).to(rdt)
+        # (explicit frequencies kT [D, M]: pad·Aᵀ·k)
+        kT = self._kT if kT is None else kT
+        a = (rot[:, :kT.shape[0], :] * self.pad).permute(2, 0, 1)  # [3, b, D]
+        pts = torch.matmul(a, kT).to(rdt)
         if self.interpolation == "nearest":
             pts = torch.sign(pts) * torch.floor(pts.abs() + 0.5)  # round half away from zero, mate after rounding
         neg = pts[0] < 0  # [b, M]: stored at -p with the conjugated value

@@ -18,6 +18,12 @@ concatenates the sets of the ``F`` images, still sorted by ``|k|``, and gives ev
 particle in orientation ``A`` is then ``V̂(Aᵀ·k₃)`` for every coefficient and a 3D translation ``t`` is the phase
 ``exp(−2πi k₃·t/n)`` (because ``k·(R_f t)_xy = k₃·t``), so the one E-step handles stacks as images with 3D
 frequencies and 3D translations.
+
+3D pseudo-subtomograms (RELION's default tomographic particles): :func:`volume_coefficient_set` holds the
+coefficients of an ``n³`` half-complex volume (``[n, n, n//2+1]`` as z, y, x, FFT order, DC at index 0) with
+``k = (kx, ky, kz)``; the half of the ``kx = 0`` plane that is the complex conjugate of the other half
+(of each pair ``(kz, ky) ↔ (−kz, −ky)`` the one with the larger grid index) is left out. A prediction in orientation ``A`` is ``V̂(Aᵀ·k)`` (the
+reference rotated in 3D, no central slice) and a 3D translation the phase ``exp(−2πi k·t/n)``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CoefficientSet", "coefficient_set", "stack_coefficient_set"]
+__all__ = ["CoefficientSet", "coefficient_set", "stack_coefficient_set", "volume_coefficient_set"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class CoefficientSet:
     radius: torch.Tensor
     n_images: int = 1  #: tilt stacks: ``F`` images per particle (``flat`` indexes the flattened ``[F, n, n//2+1]``)
     image_rotations: torch.Tensor | None = None  #: tilt stacks: ``[F, 3, 3]`` the ``R_f`` that made ``k``
+    volume: bool = False  #: 3D volumes: ``flat`` indexes the flattened ``[n, n, n//2+1]`` grid, ``k`` is ``[P, 3]``
 
     @property
     def size(self) -> int:
@@ -68,12 +75,15 @@ class CoefficientSet:
         """The coefficient set of the smaller radius ``r`` (a prefix of this one)."""
         m = self.count_upto(r)
         return CoefficientSet(self.n, min(int(r), self.r_max), self.flat[:m], self.k[:m], self.shell[:m],
-                              self.radius[:m], self.n_images, self.image_rotations)
+                              self.radius[:m], self.n_images, self.image_rotations, self.volume)
 
     @property
     def grid_shape(self) -> tuple[int, ...]:
-        """Shape of the half-complex grid(s) the set indexes: ``(n, n//2+1)``, or ``(F, n, n//2+1)`` for stacks."""
+        """Shape of the half-complex grid(s) the set indexes: ``(n, n//2+1)``, ``(F, n, n//2+1)`` for stacks,
+        ``(n, n, n//2+1)`` for volumes."""
         g = (self.n, self.n // 2 + 1)
+        if self.volume:
+            return (self.n, *g)
         return g if self.n_images == 1 else (self.n_images, *g)
 
     def gather(self, ft: torch.Tensor) -> torch.Tensor:
@@ -91,9 +101,22 @@ class CoefficientSet:
         consistent half-complex transform (``irfft2_centered`` gives a real image).
         """
         h = self.n // 2 + 1
-        out = torch.zeros(*values.shape[:-1], self.n_images * self.n * h, dtype=values.dtype, device=values.device)
+        g = self.grid_shape
+        size = 1
+        for d in g:
+            size *= d
+        out = torch.zeros(*values.shape[:-1], size, dtype=values.dtype, device=values.device)
         out[..., self.flat] = values
-        out = out.reshape(*values.shape[:-1], *self.grid_shape)
+        out = out.reshape(*values.shape[:-1], *g)
+        if hermitian and self.volume:  # kx = 0 plane: (kz, ky) is the conjugate of (−kz, −ky)
+            plane = out[..., 0]
+            filled = _plane_left_out(self.n, values.device)
+            mate = (-torch.arange(self.n, device=values.device)) % self.n
+            flipped = plane[..., mate, :][..., :, mate]
+            fill = flipped.conj() if values.is_complex() else flipped
+            out = out.clone()
+            out[..., 0] = torch.where(filled, fill, plane)
+            return out
         if hermitian:
             col = out[..., :, 0]
             rows = torch.arange(self.n, device=values.device)
@@ -152,3 +175,33 @@ def stack_coefficient_set(cset: CoefficientSet, rotations: torch.Tensor) -> Coef
     shell = cset.shell[None, :].expand(F, P).reshape(-1)
     return CoefficientSet(cset.n, cset.r_max, flat[order], k3[order].to(torch.float32), shell[order], radius[order],
                           F, R)
+
+
+def volume_coefficient_set(n: int, r_max: float, device=None) -> CoefficientSet:
+    """Coefficients of an ``n³`` half-complex volume (``[n, n, n//2+1]``, z, y, x) with ``round(|k|) <= r_max``,
+    sorted by ``|k|`` (ties in grid order), ``k = (kx, ky, kz)`` ``[P, 3]`` (Fourier pixels, FFT order: index
+    ``i`` is ``i`` or ``i − n``); the redundant half of the ``kx = 0`` plane (the one of each
+    conjugate pair ``(kz, ky) ↔ (−kz, −ky)`` with the larger grid index) is left out (module docstring)."""
+    h = n // 2 + 1
+    kf = torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=torch.float64)
+    kx = torch.arange(h, device=device, dtype=torch.float64)
+    kzz, kyy, kxx = torch.meshgrid(kf, kf, kx, indexing="ij")
+    r = torch.sqrt(kxx * kxx + kyy * kyy + kzz * kzz).reshape(-1)
+    shell = torch.round(r).long()
+    redundant = torch.zeros(n, n, h, dtype=torch.bool, device=device)
+    redundant[..., 0] = _plane_left_out(n, device)
+    redundant = redundant.reshape(-1)
+    keep = (shell <= int(r_max)) & ~redundant
+    idx = torch.nonzero(keep).reshape(-1)
+    idx = idx[torch.argsort(r[idx], stable=True)]
+    k = torch.stack([kxx.reshape(-1)[idx], kyy.reshape(-1)[idx], kzz.reshape(-1)[idx]], dim=-1).to(torch.float32)
+    return CoefficientSet(int(n), int(r_max), idx, k, shell[idx], r[idx].to(torch.float32), volume=True)
+
+
+def _plane_left_out(n: int, device=None) -> torch.Tensor:
+    """``[n, n]`` bool (z, y grid indices) of the ``kx = 0`` plane: True where the conjugate mate
+    ``(−iz mod n, −iy mod n)`` has the smaller flat index (that mate is kept; self-mates are kept)."""
+    i = torch.arange(n, device=device)
+    own = i[:, None] * n + i[None, :]
+    mate = ((-i) % n)[:, None] * n + ((-i) % n)[None, :]
+    return mate < own

@@ -345,7 +345,9 @@ class ClassBackProjectors:
         """Add sums ``S [M, P]`` (complex, ``Σ w·C·X/σ²``) and ``W [M, P]`` (``Σ w·C²/σ²``) of samples with classes
         ``sample_class [M]`` and RELION matrices ``rotations [M, 3, 3]``: ``data += S``, ``weight += W`` at the
         Fourier-slice positions (one :meth:`BackProjector.insert` per class and chunk). With a tilt-stack set
-        (``cset.n_images = F``) each sample's ``F`` slices go in at ``R_f·A``."""
+        (``cset.n_images = F``) each sample's ``F`` slices go in at ``R_f·A``; with a volume set (3D
+        pseudo-subtomograms, ``cset.volume``) every coefficient goes in at ``Aᵀ·k``
+        (:meth:`BackProjector.insert_points`)."""
         if S.shape != W.shape or S.shape[0] != sample_class.numel() or rotations.shape[0] != S.shape[0]:
             raise ValueError(f"inconsistent sums: S {tuple(S.shape)}, W {tuple(W.shape)}, classes "
                              f"{tuple(sample_class.shape)}, rotations {tuple(rotations.shape)}")
@@ -358,6 +360,11 @@ class ClassBackProjectors:
         live = (W > 0).any(dim=1)  # samples without weight (pruned for every image) add nothing
         if not bool(live.all()):
             S, W, kk, rot = S[live], W[live], kk[live], rot[live]
+        if cset.volume:  # 3D pseudo-subtomograms: every coefficient at pad·Aᵀ·k (the volume rotated, no slice)
+            for k in torch.unique(kk).tolist():  # the classes present (K is small)
+                sel = torch.nonzero(kk == k).reshape(-1)
+                self.bps[k].insert_points(S[sel], W[sel], rot[sel], cset.k, self.chunk_elems)
+            return
         F = cset.n_images
         half = self.n * (self.n // 2 + 1) * F
         step = max(1, self.chunk_elems // half)

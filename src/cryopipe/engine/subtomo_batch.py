@@ -1,0 +1,152 @@
+"""3D pseudo-subtomograms as E-step inputs (RELION's default tomographic particles, ``relion_tomo_subtomo``),
+so that :func:`cryopipe.engine.estep.expectation` scores them unchanged.
+
+A pseudo-subtomogram of particle ``b`` is a real-space volume ``d_b`` (``n³``) whose FT is the sum of its tilt
+images' FTs, each premultiplied by ``c = −CTF·W`` (depth-dependent CTF, dose weight) and splatted into 3D along
+``R_f·A_sub``, plus two weight volumes in FFTW half layout (``[2n, n, n//2+1]``: first ``n`` slabs
+``C3 = Σ c²`` splatted the same way, next ``n`` slabs the multiplicity ``M``, the summed splatting weights).
+RELION's likelihood (``ml_optimiser.cpp``: ``get3DCTFAndMulti``, ``applySubtomoCorrection``,
+``precalculateShiftedImagesCtfsAndInvSigma2s``), per coefficient ``k`` of the 3D half-complex set
+(:func:`cryopipe.engine.coefficients.volume_coefficient_set`)::
+
+    X_b(k) = C3_b(k) · V̂(Aᵀk) · e^{−2πi k·t/n} + noise,     E-step weight 1/(σ²(shell)·M_b(k))
+
+with ``A`` the particle's orientation in the subtomogram frame (``rlnAngleRot/Tilt/Psi``; the reference is
+rotated in 3D, no central slice) and ``t`` a 3D translation. So the engine gets ``X`` = the premultiplied data,
+``C = |C3|`` and ``1/σ² → 1/(σ²·M)`` where ``M > 0.1`` (``1/σ²`` elsewhere, as RELION); coefficients with
+``M < multi_thr`` (RELION ``--subtomo_multi_thr``, 0.01) have ``X = C = 0``.
+
+M-step: the engine's sums for these inputs are ``S = Σ w·C3·X/(σ²M)`` and ``W = Σ w·C3²/(σ²M)``, back-projected
+in 3D at ``Aᵀk`` (:meth:`cryopipe.engine.reference3d.ClassBackProjectors.insert_sums` with a volume set): the
+maximum-likelihood reconstruction under the E-step's model. RELION instead back-projects ``X/σ²`` with weight
+``C3/σ²`` (no ``M``; the two agree for a single particle, ``S/W = X/C3``, and differ in how particles are
+weighted per voxel, by ``C3/M``, the mean ``c²`` of the slices that reached the voxel). The noise spectrum is
+RELION's: ``σ² = Σ_b E|X − C3·V̂|² / (2·Σ_b Σ_shell M)`` (:func:`multiplicity_per_shell` gives the denominators).
+
+Units: ``X = FT(d)/n²`` (the engine's unit for volumes, which makes predictions, τ² and reconstructions the same
+numbers as for single particles; RELION normalises 3D transforms by ``n³``, so its σ² are ours ``/n²``). The
+current 3D origin ``o_b`` (pixels, subtomogram frame) is applied as the phase ``e^{−2πi k·o_b/n}`` (the volume is
+translated by ``+o_b``), so translations are searched around it. The DC coefficient is left out of the
+posterior by the E-step itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cryopipe.core.fourier import irfft3_centered, phase_shift_3d, rfft3_centered
+from cryopipe.engine.coefficients import CoefficientSet
+from cryopipe.engine.estep import BatchData
+
+__all__ = ["SUBTOMO_MULTI_THR", "split_subtomo_weights", "prepare_subtomo_batch", "multiplicity_per_shell"]
+
+#: RELION ``--subtomo_multi_thr``: coefficients with a smaller multiplicity are zeroed
+SUBTOMO_MULTI_THR = 0.01
+#: RELION divides 1/σ² by the multiplicity only where it exceeds this
+_MULTI_DIVIDE_MIN = 0.1
+
+
+def split_subtomo_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[..., 2n, n, n//2+1]`` weight volumes (``*_weights.mrc``: FFTW half layout, ``Σc²`` then multiplicity)
+    → ``(C3, M)`` each ``[..., n, n, n//2+1]`` (``|Σc²|`` as RELION takes it)."""
+    n = weights.shape[-2]
+    if weights.shape[-3] != 2 * n or weights.shape[-1] != n // 2 + 1:
+        raise ValueError(f"expected [..., 2n, n, n//2+1] subtomogram weights, got {tuple(weights.shape)}")
+    return weights[..., :n, :, :].abs(), weights[..., n:, :, :]
+
+
+def prepare_subtomo_batch(
+    volumes: torch.Tensor,
+    ctf2: torch.Tensor,
+    multiplicity: torch.Tensor,
+    vset: CoefficientSet,
+    n_coeffs: int,
+    sigma2: torch.Tensor,
+    optics_group: torch.Tensor | None = None,
+    *,
+    origins: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    multi_thr: float = SUBTOMO_MULTI_THR,
+    prior_centre: torch.Tensor | None = None,
+    log_prior_orient: torch.Tensor | None = None,
+    n_classes: int = 1,
+) -> BatchData:
+    """E-step inputs for ``B`` pseudo-subtomograms (module docstring).
+
+    Args:
+        volumes: ``[B, n, n, n]`` real-space data volumes (``*_data.mrc``, CTF·dose-premultiplied).
+        ctf2, multiplicity: ``[B, n, n, n//2+1]`` ``Σc²`` and ``M`` (FFT order, :func:`split_subtomo_weights`).
+        vset: the volume coefficient set of the box (``r_max`` ≥ the iteration's); the iteration uses its first
+            ``n_coeffs`` coefficients, the rest enters the noise power beyond the set.
+        sigma2: ``[G, n//2+1]`` (or ``[n//2+1]``) noise spectra, engine units (module docstring).
+        optics_group: ``[B]`` 0-based (default zeros).
+        origins: ``[B, 3]`` current origins (pixels, subtomogram frame); the volumes are translated by ``+origin``.
+        mask: ``[n, n, n]`` soft spherical mask applied (zero outside) after the translation (RELION masks 3D
+            images in the E-step); None: none.
+        prior_centre: ``[B, K, 3]`` offset-prior centres relative to the origins (default zeros).
+        log_prior_orient: ``[B or 1, K, Rc]`` (default zeros ``[1, K, 1]``).
+    """
+    dev = volumes.device
+    B, n = volumes.shape[0], volumes.shape[-1]
+    if not vset.volume or vset.n != n:
+        raise ValueError(f"need the volume coefficient set of box {n}")
+    ft = rfft3_centered(volumes.to(torch.float32))
+    if origins is not None:
+        ft = phase_shift_3d(ft, origins.to(dev, torch.float32), n)
+    if mask is not None:
+        ft = rfft3_centered(irfft3_centered(ft, n) * mask.to(dev, torch.float32))
+    coeffs = vset.gather(ft) / float(n * n)  # [B, Pfull]
+    C3 = vset.gather(ctf2.to(dev, torch.float64)).abs()
+    M = vset.gather(multiplicity.to(dev, torch.float64))
+    shell = vset.shell.to(dev)
+    ns = n // 2 + 1
+    s2all = sigma2.to(dev, torch.float64)
+    if s2all.dim() == 1:
+        s2all = s2all[None]
+    og = torch.zeros(B, dtype=torch.long, device=dev) if optics_group is None else optics_group.to(dev).long()
+    s2 = s2all[og][:, shell.clamp_max(s2all.shape[1] - 1)]  # [B, Pfull]
+    s2 = torch.where((shell < s2all.shape[1])[None], s2, torch.zeros((), dtype=s2.dtype, device=dev))
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    kept = M >= multi_thr
+    X = torch.where(kept, coeffs, torch.zeros((), dtype=coeffs.dtype, device=dev))
+    C = torch.where(kept, C3, zero)
+    var = torch.where(M > _MULTI_DIVIDE_MIN, s2 * M, s2)  # σ²·M (RELION's E-step noise variance)
+    inv = torch.where(s2 > 0, 1.0 / var.clamp_min(1e-300), zero)
+    outside = X[:, n_coeffs:]
+    pow_out = (outside.real.square() + outside.imag.square()).to(torch.float64)
+    power_outside = torch.zeros(B, ns, device=dev, dtype=torch.float64)
+    sh_out = shell[n_coeffs:]
+    keep_sh = sh_out < ns
+    power_outside.index_add_(1, sh_out[keep_sh], pow_out[:, keep_sh])
+    xi2_outside = 0.5 * (pow_out * inv[:, n_coeffs:]).sum(dim=1)
+    in_set = (shell[:n_coeffs] > 0)[None, :] & (inv[:, :n_coeffs] > 0)
+    logsigma2 = torch.where(in_set, torch.log(2.0 * math.pi * var[:, :n_coeffs].clamp_min(1e-300)), zero).sum(dim=1)
+    if prior_centre is None:
+        prior_centre = torch.zeros(B, n_classes, 3, device=dev)
+    if log_prior_orient is None:
+        log_prior_orient = torch.zeros(1, n_classes, 1, device=dev)
+    return BatchData(
+        X=X[:, :n_coeffs].to(torch.complex64).contiguous(),
+        ctf=C[:, :n_coeffs].to(torch.float32).contiguous(),
+        inv_sigma2=inv[:, :n_coeffs].to(torch.float32).contiguous(),
+        optics_group=og,
+        prior_centre=prior_centre.to(dev, torch.float32),
+        log_prior_orient=log_prior_orient.to(dev, torch.float32),
+        xi2_outside=xi2_outside.to(torch.float32),
+        logsigma2=logsigma2.to(torch.float32),
+        power_outside=power_outside,
+    )
+
+
+def multiplicity_per_shell(multiplicity: torch.Tensor, vset: CoefficientSet, n_shells: int,
+                           multi_thr: float = SUBTOMO_MULTI_THR) -> torch.Tensor:
+    """``[B, n_shells]`` float64 ``Σ M`` per shell over the set's coefficients (``M < multi_thr`` counts 0): the
+    denominator of RELION's subtomogram noise spectrum (``sumw_stMulti``), ``σ² = Σ resid / (2·Σ M)``."""
+    M = vset.gather(multiplicity.to(torch.float64))
+    M = torch.where(M >= multi_thr, M, torch.zeros((), dtype=M.dtype, device=M.device))
+    shell = vset.shell.to(M.device)
+    keep = shell < n_shells
+    out = torch.zeros(M.shape[0], n_shells, dtype=torch.float64, device=M.device)
+    return out.index_add_(1, shell[keep], M[:, keep])
