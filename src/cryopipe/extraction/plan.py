@@ -149,7 +149,7 @@ def _read_coordinates(path: Path) -> pd.DataFrame:
         a = arr.astype(np.int64)
         return pd.DataFrame({"rlnCoordinateX": (a[:, 0] + a[:, 2] // 2).astype(np.float64),
                              "rlnCoordinateY": (a[:, 1] + a[:, 3] // 2).astype(np.float64)})
-    from cryopipe.io.star import read_star
+    from cryopipe.io.star import numeric_column, read_star
 
     blocks = read_star(path)
     if not any(isinstance(b, pd.DataFrame) for b in blocks.values()) and all(
@@ -158,7 +158,10 @@ def _read_coordinates(path: Path) -> pd.DataFrame:
     df = _first_loop_with(blocks, "rlnCoordinateX", path, "coordinate STAR file with rlnCoordinateX/Y")
     if "rlnCoordinateY" not in df.columns:
         raise InputFileError(path, "has rlnCoordinateX but no rlnCoordinateY", "fix the coordinate file")
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    for label in ("rlnCoordinateX", "rlnCoordinateY"):  # finite numbers, checked before anything is written
+        numeric_column(df, label, path, remedy="fix the coordinate file")
+    return df
 
 
 def plan_extraction(micrographs_star: str | os.PathLike, *, options: ExtractOptions,

@@ -106,7 +106,7 @@ def _add_micrograph_columns(plan: ExtractPlan, task: MicrographTask, df: pd.Data
 def _read_micrograph(path: Path, device: torch.device) -> torch.Tensor:
     from cryopipe.io.mrc import mrc_info, read_mrc
 
-    data, _ = read_mrc(path)
+    data, _ = read_mrc(path, finite=True)
     if data.ndim == 3 and data.shape[0] == 1:
         data = data[0]
     if data.ndim != 2:

@@ -145,10 +145,12 @@ def mrc_info(path: str | os.PathLike) -> MrcInfo:
         mrc.close()
 
 
-def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+def read_mrc(path: str | os.PathLike, *, finite: bool = False) -> tuple[np.ndarray, float]:
     """Read a whole MRC/MRCS file: (float32 array, pixel size in Å from ``cella.x / mx``; 0.0 if unset).
 
-    Shapes: volume ``[z, y, x]``, single image ``[y, x]``, ``.mrcs`` stack always ``[n, y, x]``.
+    Shapes: volume ``[z, y, x]``, single image ``[y, x]``, ``.mrcs`` stack always ``[n, y, x]``. ``finite``:
+    NaN/inf values are a one-line :class:`InputFileError` naming the file, how many and where the first is
+    (:func:`require_finite`), so that no job turns them silently into a wrong result.
     """
     path = Path(path)
     mrc = _open_mmap(path)
@@ -156,9 +158,21 @@ def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         data = _float16_to_float32(np.asarray(mrc.data))
         if path.suffix.lower() == ".mrcs" and data.ndim == 2:
             data = data[None]
+        if finite:
+            require_finite(data, path)
         return data, _pixel_size(mrc.header)
     finally:
         mrc.close()
+
+
+def require_finite(data: np.ndarray, path: str | os.PathLike, what: str = "") -> None:
+    """Raise :class:`InputFileError` (one line: file, count, first ``[z, y, x]`` index) when ``data`` holds NaN or
+    inf values; ``what`` names the array in the message (default: the file's values)."""
+    bad = ~np.isfinite(data)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputFileError(path, f"{what + ' ' if what else ''}holds {int(bad.sum())} non-finite value(s) (NaN/inf), "
+                                   f"the first at index {list(first)}", "fix or re-make that file")
 
 
 #: smallest normal float16; RELION reads float16 (mode 12) subnormals as 0

@@ -33,7 +33,7 @@ import pandas as pd
 from cryopipe.errors import InputFileError
 from cryopipe.io.atomic import atomic_path
 
-__all__ = ["read_star", "read_star_with_version", "write_star", "star_version", "is_string_label"]
+__all__ = ["read_star", "read_star_with_version", "write_star", "star_version", "is_string_label", "numeric_column"]
 
 Block = pd.DataFrame | dict[str, object]
 
@@ -83,6 +83,30 @@ def is_string_label(label: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+
+
+def numeric_column(table: pd.DataFrame, label: str, where, *, finite: bool = True,
+                   remedy: str = "fix that row or remove it") -> np.ndarray:
+    """Column ``label`` of a STAR table as float64 ``[rows]``, or a one-line :class:`InputFileError` naming the file
+    ``where``, the column and the first bad row and value: a missing column, a value that is not a number and
+    (with ``finite``) NaN or inf."""
+    if label not in table.columns:
+        raise InputFileError(where, f"no {label} column",
+                             f"the table's columns: {', '.join(map(str, table.columns[:8]))}"
+                             f"{'...' if len(table.columns) > 8 else ''}")
+    raw = table[label]
+    vals = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+    text = np.isnan(vals) & ~raw.isna().to_numpy()
+    if text.any():
+        i = int(np.argmax(text))
+        raise InputFileError(where, f"column {label} is not numeric (row {i + 1}: {raw.iloc[i]!r})", remedy)
+    if finite:
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InputFileError(where, f"{label} in row {i + 1} is {raw.iloc[i]!r}, not a finite number "
+                                        f"({int(bad.sum())} such row(s))", remedy)
+    return vals
 
 
 def _convert_value(label: str, token: str) -> object:

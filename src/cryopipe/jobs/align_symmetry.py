@@ -283,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
         maps = [src]
     best: tuple[AlignSymmetryResult, float, Path] | None = None
     for m in maps:
-        data, apix = read_mrc(m)
+        data, apix = read_mrc(m, finite=True)
         if data.ndim != 3 or len(set(data.shape)) != 1:
             raise InputFileError(m, f"is not a cubic 3D map (shape {data.shape})", "give a 3D map")
         if args.angpix and args.angpix > 0:

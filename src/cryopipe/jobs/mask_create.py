@@ -101,7 +101,7 @@ def _summary(mask: np.ndarray, pixel_size: float) -> MaskResult:
 
 
 def _read_map(path: str | Path, what: str) -> tuple[np.ndarray, float]:
-    data, apix = read_mrc(path)
+    data, apix = read_mrc(path, finite=True)
     if data.ndim not in (2, 3):
         raise InputFileError(path, f"{what} has {data.ndim} dimensions", "give a 3D map (or a 2D image)")
     return data, apix

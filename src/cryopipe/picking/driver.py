@@ -116,7 +116,7 @@ def read_micrograph(path: Path, device: torch.device) -> torch.Tensor:
     """A micrograph as a ``[H, W]`` float32 tensor on ``device`` (first section of a stack/volume)."""
     from cryopipe.io.mrc import read_mrc
 
-    data, _ = read_mrc(path)
+    data, _ = read_mrc(path, finite=True)
     if data.ndim == 3:
         data = data[0]
     if data.ndim != 2:

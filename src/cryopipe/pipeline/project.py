@@ -45,7 +45,8 @@ Where a job writes (:func:`open_job_dir`, called by every job's ``main``) — th
    refused otherwise; if it is not, it is created with that number (the counter moves past it).
 3. any other ``--o`` (e.g. ``results/run1/``): a plain output directory outside any pipeline. The job still
    writes ``job.star``, ``note.txt``, ``run.out``/``run.err`` and the exit marker there, but no pipeline file is
-   read or written.
+   read or written. A directory that holds a finished job (``RELION_JOB_EXIT_SUCCESS``) is refused unless
+   ``--continue`` is given: its results are not silently overwritten.
 
 :func:`output_root` gives, by the same rule, the directory that relative file names in the job's STAR files
 refer to (so that a job can check its inputs before any folder is made).
@@ -68,6 +69,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -265,6 +267,16 @@ class Pipeline:
         self.nodes.setdefault(node_name, type_label)
         if (process_name, node_name) not in self.output_edges:
             self.output_edges.append((process_name, node_name))
+
+    def remove_process(self, name: str) -> None:
+        """Take a process out with its edges, and the nodes that no edge refers to any more (a job that never
+        ran: :class:`Job` removes a job that failed on its input before it made anything of use)."""
+        name = _dir_name(name)
+        self.processes = [p for p in self.processes if p.name != name]
+        self.input_edges = [(n, p) for n, p in self.input_edges if p != name]
+        self.output_edges = [(p, n) for p, n in self.output_edges if p != name]
+        used = {n for n, _ in self.input_edges} | {n for _, n in self.output_edges}
+        self.nodes = {n: t for n, t in self.nodes.items() if n in used}
 
 
 def _dir_name(name: str | os.PathLike) -> str:
@@ -614,6 +626,8 @@ class Job:
         self._stack: contextlib.ExitStack | None = None
         self._lock: Path | None = None
         self._t0 = 0.0
+        self._made_dir = False  # this run made the job folder (a new job): it may take it away again
+        self._made_alias: Path | None = None
 
     # -- paths --
     @property
@@ -704,6 +718,7 @@ class Job:
                             "--continue to continue it, or leave out --o to start a new job)")
                     self.name = self._requested_name
                     self._dir = proj.root / self.name
+                    self._made_dir = not self._dir.exists()
                     self._dir.mkdir(parents=True, exist_ok=True)
                 else:
                     n = pipe.job_counter
@@ -717,6 +732,7 @@ class Job:
                             n += 1
                     self.name = name
                     self._dir = proj.root / name
+                    self._made_dir = True
                 self.alias = alias
                 pipe.add_process(Process(name=self.name, type_label=self.process_label, status=Status.RUNNING,
                                          alias=alias or "None"))
@@ -725,6 +741,7 @@ class Job:
                 if alias:
                     # RELION's link: <Type>/<alias> -> ../<Type>/jobNNN/
                     os.symlink(f"../{self.name}", proj.root / alias.rstrip("/"))
+                    self._made_alias = proj.root / alias.rstrip("/")
             self._write_job_pipeline(pipe)
         for node in pipe.inputs_of(self.name):
             self._touch_node_file(pipe, node)
@@ -776,6 +793,7 @@ class Job:
             self._start_in_project()
         else:
             out = Path(os.path.abspath(self._output_dir if self._output_dir is not None else "."))
+            self._made_dir = not out.exists() and not self.is_continue
             out.mkdir(parents=True, exist_ok=True)
             self._dir = out
             self.name = _dir_name(_relative_to_root(out, self.root))
@@ -846,6 +864,9 @@ class Job:
             if self._stack is not None:
                 self._stack.close()
                 self._stack = None
+        if status == Status.FAILED and isinstance(exc, InputFileError) and self._made_dir and not self.is_continue:
+            self._discard()  # bad input: a new job leaves nothing behind, the error says why
+            return False
         marker = {Status.SUCCEEDED: EXIT_SUCCESS, Status.FAILED: EXIT_FAILURE, Status.ABORTED: EXIT_ABORTED}[status]
         try:
             if self.project is not None:
@@ -860,6 +881,21 @@ class Job:
         if exc is None and error is not None:
             raise error
         return False
+
+    def _discard(self) -> None:
+        """Take away a new job that failed on its input (:class:`cryopipe.errors.InputFileError`): its pipeline
+        entry, its alias link and the folder this run made (nothing else: a folder that existed before is never
+        removed). The error itself is what the user gets to see."""
+        try:
+            if self.project is not None:
+                with self.project.edit(f"cryopipe: job {self.name} failed on its input, removed") as pipe:
+                    pipe.remove_process(self.name)
+                if self._made_alias is not None and self._made_alias.is_symlink():
+                    self._made_alias.unlink()
+        finally:
+            release_job_lock(self._lock)
+            self._lock = None
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def _log_error(self, status: str, error: BaseException | None) -> None:
         """Say why on the terminal (one line) and put the details into run.err only."""
@@ -1014,6 +1050,9 @@ def open_job_dir(output_arg: str | os.PathLike | None, type_dir: str, process_la
         return Job(project=proj, type_dir=job_type_dir, process_label=process_label, alias=alias,
                    inputs=inputs, params=params, command=command, is_tomo=is_tomo, name=name)
     full = Path(os.path.abspath(Path(output_arg) if Path(output_arg).is_absolute() else here / output_arg))
+    if not continue_job and (full / EXIT_SUCCESS).is_file():
+        raise CryopipeError(f"{output_arg}: a finished job is already there ({EXIT_SUCCESS}); add --continue to "
+                            "continue it, or give another --o (nothing was overwritten)")
     if alias:
         raise CryopipeError(f"--alias needs a project job (--o Type/jobNNN/ or no --o); {output_arg} is a plain "
                             "output directory")

@@ -118,15 +118,12 @@ def _insert_before_extension(path: str | os.PathLike, tag: str) -> Path:
 
 
 def _numeric_column(table: pd.DataFrame, label: str, where) -> np.ndarray:
-    if label not in table.columns:
-        raise InputFileError(where, f"no {label} column",
-                             f"choose one of the table's columns: {', '.join(map(str, table.columns[:8]))}...")
-    vals = pd.to_numeric(table[label], errors="coerce").to_numpy(float)
-    if np.isnan(vals).any() and not table[label].isna().any():
-        i = int(np.argmax(np.isnan(vals)))
-        raise InputFileError(where, f"column {label} is not numeric (row {i + 1}: {table[label].iloc[i]!r})",
-                             "select on a numeric column, or use --select_by_str for strings")
-    return vals
+    """:func:`cryopipe.io.star.numeric_column` (finite numbers only) with the STAR tools' remedy."""
+    from cryopipe.io.star import numeric_column
+
+    return numeric_column(table, label, where, finite=True,
+                          remedy="select on a numeric column, or use --select_by_str for strings; fix or remove rows "
+                                 "without a finite number")
 
 
 def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:

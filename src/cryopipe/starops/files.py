@@ -80,6 +80,8 @@ def split_star(input_star, output_star, nr_split: int = -1, size_split: int = -1
                random_seed: int = -1, tablename: str | None = None) -> list[Path]:
     """Write ``<output>_split1.star`` … (other blocks kept in each)."""
     doc = read_doc(input_star, tablename)
+    if len(doc.table) == 0:
+        raise InputFileError(input_star, f"data_{doc.key} has no rows: nothing to split", "check the input file")
     parts = split_indices(len(doc.table), nr_split, size_split, random_order, random_seed)
     outs = []
     for i, idx in enumerate(parts):
