@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from cryopipe.errors import CryopipeError, InputFileError
+from cryopipe.picking.background import ContaminationOptions, contamination_aware_picker
 from cryopipe.picking.common import coordinate_file_name
 from cryopipe.picking.driver import (
     LoGOptions,
@@ -122,9 +123,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read_fom_maps", action="store_true",
                    help="pick from the FOM maps of an earlier --write_fom_maps run (new thresholds/distances in seconds)")
     p.add_argument("--no_fom_limit", action="store_true", help="allow --write_fom_maps for more than 30 micrographs")
+    p.add_argument("--flatten", action="store_true",
+                   help="(not in RELION) pick on the micrograph with its local ice background and noise level normalised "
+                        "and contamination (large dark/bright regions, carbon, their rims) replaced by noise "
+                        "(cryopipe.picking.background; for ice gradients and contamination)")
+    p.add_argument("--contamination_mask", action="store_true",
+                   help="(not in RELION) drop picks on or within --contamination_margin of contamination")
+    p.add_argument("--contamination_threshold", type=float, default=0.75,
+                   help="contamination: regions offset from the ice by more than this many noise σ")
+    p.add_argument("--contamination_edge", type=float, default=1.2,
+                   help="contamination rims: steps steeper than this many noise σ per 100 Å")
+    p.add_argument("--contamination_margin", type=float, default=0.0, help="with --contamination_mask: margin (Å)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--j", dest="threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; on a busy machine 1 is often fastest)")
+
+
+def _contamination_options(args: argparse.Namespace) -> ContaminationOptions:
+    return ContaminationOptions(flatten=args.flatten, reject=args.contamination_mask,
+                                threshold=args.contamination_threshold, edge_threshold=args.contamination_edge,
+                                margin_A=args.contamination_margin)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -166,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
         odir = job.relpath(job.dir)
         odir = odir if odir.endswith("/") else odir + "/"
         writer = _fom_map_writer(job.root, odir, args.pickname, pixel_size) if args.write_fom_maps else None
-        picker = log_picker(opts, writer)
+        picker = contamination_aware_picker(log_picker(opts, writer), _contamination_options(args))
         log(f"autopick: LoG picking of {len(mics)} micrographs from {args.input}, diameters {opts.diam_min:g}-"
             f"{opts.diam_max:g} Å, pixel size {pixel_size:g} Å")
         res = run_autopick(mics, odir, picker, pixel_size=pixel_size, pickname=args.pickname,
@@ -248,6 +266,7 @@ def _main_template(args: argparse.Namespace) -> int:
 
         picker = make_template_picker(refs, opts, maps_base=maps_base, write_maps=args.write_fom_maps,
                                       read_maps=args.read_fom_maps, warn=warn)
+        picker = contamination_aware_picker(picker, _contamination_options(args))
         log(f"autopick: template picking of {len(mics)} micrographs from {args.input} with {len(refs)} "
             f"{'projections of ' + str(args.ref) if is3d else 'references from ' + str(args.ref)} ({apix_ref:g} Å/px, "
             f"box {refs.box} px at {pixel_size:g} Å/px, particle diameter {refs.particle_diameter:g} Å)"
