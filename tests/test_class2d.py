@@ -116,7 +116,9 @@ def test_class_averages_match_true_views(relion_dir):
                         offset_range=3, offset_step=1, random_seed=3, batch_size=N, n_accuracy_particles=20)
     opt = Optimiser2D(ps, s)
     opt.initialise()
-    for _ in range(5):
+    # RELION's start (blobs low-passed to 0.07·box = 2 shells, 72 Å here, first iteration at that resolution) needs
+    # a few more iterations than a start from full-resolution subset averages did
+    for _ in range(8):
         rep = opt.iterate()
     assert rep.changes_classes < 0.1
     pairs = collections.Counter(zip(sim.klass.tolist(), opt.state.klass.tolist()))

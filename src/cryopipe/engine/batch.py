@@ -65,6 +65,7 @@ def prepare_batch(
     n_classes: int = 1,
     allowed_class: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    keep_unmasked: bool = False,
 ) -> BatchData:
     """E-step inputs for images ``[B, n, n]`` (see module docstring).
 
@@ -78,6 +79,8 @@ def prepare_batch(
         mask: ``[n, n]`` soft particle mask (None: no masking).
         prior_centre: ``[B, K, 2]`` offset-prior centres relative to the current origins (default zeros).
         log_prior_orient: ``[B or 1, K, Rc]`` (default zeros ``[1, K, 1]``).
+        keep_unmasked: also keep the unmasked (shifted, norm-corrected) coefficients as ``X_nomask`` (the
+            reference sums are then taken from them, as RELION's back-projection).
     """
     dev = images.device
     B, n, _ = images.shape
@@ -87,6 +90,9 @@ def prepare_batch(
     ft = rfft2_centered(img)
     if origins is not None:
         ft = phase_shift_2d(ft, origins.to(dev, torch.float32), n)
+    X_nomask = None
+    if keep_unmasked and mask is not None:
+        X_nomask = full.gather(ft / float(n * n))[:, :n_coeffs].to(torch.complex64)
     if mask is not None:
         img = irfft2_centered(ft, n)
         img = mask_images(img, mask.to(dev, torch.float32), zero_mask, generator)
@@ -129,4 +135,5 @@ def prepare_batch(
         logsigma2=logsigma2.to(torch.float32),
         power_outside=power_outside,
         allowed_class=None if allowed_class is None else allowed_class.to(dev).long(),
+        X_nomask=X_nomask,
     )

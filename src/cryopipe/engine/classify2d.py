@@ -104,6 +104,14 @@ class Class2DSettings:
     ini_high: float = -1.0  # --ini_high (Å): low-pass of the initial references; <= 0: box·apix/round(0.07·box)
     init_blobs: bool = True  # initial references of random Gaussian blobs (RELION >= 4; --no_init_blobs: False)
     offset_sigma: float = 10.0  # --offset (Å): initial standard deviation of the origin offsets
+    # the offset prior of the posterior as RELION >= 3.1 evaluates it: translations in Å added to the (pixel) old
+    # offset and the squared distance to the class prior (Å) scaled by apix² again, i.e. a Gaussian in the
+    # translation t (pixels) centred at prior − origin/apix with variance σ²_offset/apix² (the M-step's σ²_offset
+    # stays Σw|origin + t − prior|²/2Σw); False: the textbook prior N(origin + t; prior, σ²_offset)
+    relion_offset_prior: bool = False
+    # class averages from the unmasked images (RELION back-projects them; the mask only enters the posterior and
+    # the noise / norm / scale estimates); False: from the masked images
+    unmasked_reconstruction: bool = True
 
 
 ParticleSet2D = ParticleSet  # the 2D name of the engine's particle set (same class)
@@ -366,8 +374,16 @@ class Optimiser2D(ParticleStream):
 
     # -------------------------------------------------------------------------------------- initialisation
     def initialise(self) -> Model2D:
-        """Initial noise spectra and class averages from random subsets with random in-plane angles (RELION's
-        start without references); sets ``self.model`` (iteration 0)."""
+        """RELION's start without references (``MlOptimiser::initialiseSigma2Noise`` / ``initialiseReferences`` /
+        ``MlModel::initialiseDataVersusPrior``); sets ``self.model`` (iteration 0).
+
+        Noise spectra from up to ``sigma_noise_particles`` masked images per optics group (mean power spectrum minus
+        that of the mean image); class averages of random subsets at random in-plane angles, kept only to the low
+        resolution of the start and low-passed to ``ini_high`` (0.07·box shells by default); with ``init_blobs``
+        each becomes random Gaussian blobs weighted by it, low-passed again and masked. ``τ² = T·`` their power
+        spectrum and ``data_vs_prior = N·pdf/⟨σ²⟩·τ²``; the first iteration works at ``ini_high`` (image size
+        ``2·(shell + incr_size)``). A start from full-resolution averages instead puts their noise into τ²
+        (SSNR ≫ 1 to Nyquist) and the first iterations fit noise at full size (issue 11)."""
         s, p, n, dev = self.s, self.p, self.n, self.dev
         K = s.n_classes
         if p.size < K:
@@ -393,9 +409,16 @@ class Optimiser2D(ParticleStream):
         ini_high = self.ini_high
         # RELION starts the random-subset reconstructions at "image size" round(box·apix/ini_high) (7 for the
         # default 0.07·box shells), i.e. it keeps the frequencies |k| <= that size / 2 of each particle
-        r_win = int(round(n * apix / ini_high)) // 2
+        w_ini = int(round(n * apix / ini_high))
+        r_win = w_ini // 2
         csub = cset.prefix(r_win + 1)
         Ps = csub.size
+        # ... and it re-centres the phases of that small transform by the sign (−1)^(row + column) of its array
+        # indices, which for an odd size negates the rows of negative ky (kx > 0; the kx = 0, ky < 0 half-column
+        # is not used): reproduced, because it sets the scale of the initial references (and so τ² of iteration 0)
+        flip = None
+        if w_ini % 2 == 1:
+            flip = torch.where((csub.k[:, 1] < 0) & (csub.k[:, 0] > 0), -1.0, 1.0).to(dev)
         S = torch.zeros(K * Rf, Ps, dtype=torch.complex64, device=dev)
         W = torch.zeros(K * Rf, Ps, dtype=torch.float32, device=dev)
         pow_sum = torch.zeros(G, ns, dtype=torch.float64, device=dev)
@@ -415,7 +438,7 @@ class Optimiser2D(ParticleStream):
             og = torch.as_tensor(p.optics_group[idx], device=dev)
             pow_sum.index_add_(0, og, per / self.npix.to(dev)[None])
             c = self._ctf(idx)
-            Xs = X[:, :Ps]
+            Xs = X[:, :Ps] if flip is None else X[:, :Ps] * flip.to(X.real.dtype)
             cc = torch.ones_like(Xs.real) if c is None else csub.gather(c)
             rows = torch.as_tensor(klass[bidx] * Rf + psi_idx[bidx], device=dev)
             S.index_add_(0, rows, Xs * cc.to(Xs.dtype))
@@ -425,7 +448,7 @@ class Optimiser2D(ParticleStream):
         wsh = csub.shell_sum(weight.to(torch.float64)) / csub.shell_counts().clamp_min(1)[None]
         floor = (wsh[:, csub.shell] / 1000.0).to(weight.dtype)
         F = torch.where(weight > 0, data / torch.maximum(weight, floor).to(data.real.dtype), torch.zeros_like(data))
-        F = torch.where((csub.radius <= r_win + 1e-6)[None], F, torch.zeros_like(F))
+        F = torch.where((csub.radius < r_win - 1e-6)[None], F, torch.zeros_like(F))
         refs = coefficients_to_images(F, csub) / gridding_correction_2d(n, s.pad * n, dev)
         refs = soft_mask_background(refs, n / 2.0, 3.0)  # RELION's reconstruction masks the corners
         nimg = torch.zeros(G, dtype=torch.float64, device=dev).index_add_(
@@ -582,12 +605,11 @@ class Optimiser2D(ParticleStream):
             Pe = self.full.count_upto(min(r_cur, int(round(n * p.pixel_size / s.strict_highres_exp))))
         Pc = self.full.count_upto(csize // 2) if two_pass else Pe
         Pc = min(Pc, Pe)
-        # ---- reference spectra, predictions, accuracies
-        Fref = images_to_coefficients(m.refs.to(dev), cset)
-        m.tau2 = reference_tau2(Fref, cset.shell, ns, r_cur)
+        # ---- predictions, reference spectra (from the padded transform, as RELION's E-step set-up), accuracies
         coarse_psi = samp.coarse_psi(dev)
         fine_psi = samp.psi_children(coarse_psi) if two_pass else None
         src = ClassReferences2D(m.refs.to(dev), cset, Pc, coarse_psi, fine_psi, pad=s.pad)
+        m.tau2 = src.tau2(r_cur)
         self._accuracies(src, cset, m.sigma2_noise)
         tc = samp.coarse_translations(dev)
         trans = TranslationGrid(tc, samp.translation_children(tc) if two_pass else tc[:, None, :])
@@ -595,6 +617,8 @@ class Optimiser2D(ParticleStream):
         scale_mask = (m.data_vs_prior.mean(dim=0) > 3.0).to(dev)[cset.shell]
         est = EStepSettings(n=n, k=cset.k, shell=cset.shell, coarse_size=Pc, n_shells=ns, n_optics_groups=G,
                             sigma2_offset=m.sigma2_offset, adaptive_fraction=s.adaptive_fraction,
+                            sigma2_offset_estep=(m.sigma2_offset / p.pixel_size ** 2 if s.relion_offset_prior
+                                                 else None),
                             max_significant=s.max_significant, oversampling=two_pass,
                             scale_shell_mask=scale_mask, estep_size=Pe, compute_corrections=s.do_norm or s.do_scale)
         Rf = src.final_psi().numel()
@@ -652,7 +676,11 @@ class Optimiser2D(ParticleStream):
         batch = prepare_batch(imgs, self.full, P, m.sigma2_noise, og, origins=origin, norm_factor=normf, ctf=ctf,
                               mask=self.mask, zero_mask=s.zero_mask, prior_centre=centre,
                               log_prior_orient=log_pdf[None, :, None], n_classes=K, allowed_class=allowed,
-                              generator=gen if dev.type == gen.device.type else None)
+                              generator=gen if dev.type == gen.device.type else None,
+                              keep_unmasked=s.unmasked_reconstruction)
+        if s.relion_offset_prior:
+            batch.prior_centre_estep = (m.prior_offset.to(dev, torch.float32)[None, :, :]
+                                        - origin[:, None, :] / float(p.pixel_size))
         return expectation(batch, src, trans, est)
 
     def _accumulate(self, stats: Stats2D, res: BatchResult, idx: np.ndarray) -> None:
@@ -710,7 +738,9 @@ class Optimiser2D(ParticleStream):
         current = images_to_coefficients(m.refs.to(dev) * corr, cset)
         F = self.update_rule(upd_data, upd_weight, current, m.tau2, cset.shell, m.tau2_fudge, s.minres_map, r_cur,
                              pdf.to(dev), self.iteration)
-        refs = coefficients_to_images(F, cset) / corr
+        # RELION's reconstruction masks the corners (radius box/2, 3-pixel edge, background average) before its
+        # gridding correction
+        refs = soft_mask_background(coefficients_to_images(F, cset), n / 2.0, 3.0) / corr
         old_pdf = m.pdf_class.to(pdf.device, pdf.dtype).clone()
         replace = getattr(self.update_rule, "replace_inactive_class", None)
         rep = replace(m.pdf_class, self.iteration) if replace is not None else None

@@ -76,6 +76,11 @@ class BatchData:
         power_outside: ``[B, n_shells]`` ``Σ |X|²`` per shell over coefficients beyond the set (noise spectrum of
             shells beyond the current size, and the norm correction).
         allowed_class: ``[B]`` long, restrict an image to one class (first-iteration seeds); −1 = all classes.
+        prior_centre_estep: ``[B, K, D]`` centre of the offset prior in the posterior only, where it differs from
+            ``prior_centre`` (which the M-step sum ``wsum_sigma2_offset`` is taken about); None: the same.
+        X_nomask: ``[B, P]`` coefficients of the same images without the particle mask: the reference sums ``S``
+            are taken from them (RELION back-projects the unmasked images; the posterior and the noise, norm and
+            scale sums use the masked ones); None: ``X``.
     """
 
     X: torch.Tensor
@@ -88,6 +93,8 @@ class BatchData:
     logsigma2: torch.Tensor
     power_outside: torch.Tensor
     allowed_class: torch.Tensor | None = None
+    prior_centre_estep: torch.Tensor | None = None
+    X_nomask: torch.Tensor | None = None
 
     @property
     def B(self) -> int:
@@ -97,9 +104,11 @@ class BatchData:
         """The sub-batch of images ``idx``."""
         lp = self.log_prior_orient if self.log_prior_orient.shape[0] == 1 else self.log_prior_orient[idx]
         ac = None if self.allowed_class is None else self.allowed_class[idx]
+        pe = None if self.prior_centre_estep is None else self.prior_centre_estep[idx]
+        xn = None if self.X_nomask is None else self.X_nomask[idx]
         return BatchData(self.X[idx], self.ctf[idx], self.inv_sigma2[idx], self.optics_group[idx],
                          self.prior_centre[idx], lp, self.xi2_outside[idx], self.logsigma2[idx],
-                         self.power_outside[idx], ac)
+                         self.power_outside[idx], ac, pe, xn)
 
 
 class PredictionSource(Protocol):
@@ -138,6 +147,8 @@ class EStepSettings:
         k: ``[P, D]`` frequencies (Fourier pixels) of the coefficient set; the coarse pass uses ``k[:Pc]``.
         coarse_size: number of leading coefficients used by the coarse pass (``Pc``).
         sigma2_offset: variance of the Gaussian offset prior (pixels²); ``<= 0`` or inf disables it.
+        sigma2_offset_estep: variance of the offset prior in the posterior where it differs from
+            ``sigma2_offset`` (see ``BatchData.prior_centre_estep``); None: the same.
         adaptive_fraction: posterior mass kept as significant (RELION ``--adaptive_fraction``, 0.999).
         max_significant: at most this many significant samples per image (``--maxsig``; −1 = no limit).
         oversampling: whether the children pass is run (False: the coarse grid is the final grid).
@@ -163,6 +174,7 @@ class EStepSettings:
     n_shells: int
     n_optics_groups: int = 1
     sigma2_offset: float = float("inf")
+    sigma2_offset_estep: float | None = None
     adaptive_fraction: float = 0.999
     max_significant: int = -1
     oversampling: bool = True
@@ -290,6 +302,14 @@ def offset_log_prior(t: torch.Tensor, centre: torch.Tensor, sigma2: float) -> to
     return -(d.square().sum(-1)) / (2.0 * sigma2) - 0.5 * D * math.log(2.0 * math.pi * sigma2)
 
 
+def _estep_centre(batch: BatchData) -> torch.Tensor:
+    return batch.prior_centre if batch.prior_centre_estep is None else batch.prior_centre_estep
+
+
+def _estep_sigma2(settings: EStepSettings) -> float:
+    return float(settings.sigma2_offset if settings.sigma2_offset_estep is None else settings.sigma2_offset_estep)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the E-step of one batch
 # ------------------------------------------------------------------------------------------------------------
@@ -303,7 +323,6 @@ def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid
     n = settings.n
     kvec = settings.k.to(dev)
     Pc = settings.coarse_size
-    sig2o = float(settings.sigma2_offset)
     # the DC term (coefficient 0: the sets are sorted by |k|) is left out of the posterior, as RELION
     inv_score = batch.inv_sigma2.clone()
     inv_score[:, 0] = 0.0
@@ -316,7 +335,7 @@ def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid
     ph_c = shift_phases(kvec[:Pc], tc, n)
     d2 = squared_differences(batch.X[:, :Pc], batch.ctf[:, :Pc], inv_score[:, :Pc],
                              ref_c.reshape(K * Rc, Pc), ph_c).reshape(B, Tc, K, Rc)
-    lp_off_c = offset_log_prior(tc, batch.prior_centre, sig2o)  # [B, Tc, K]
+    lp_off_c = offset_log_prior(tc, _estep_centre(batch), _estep_sigma2(settings))  # [B, Tc, K]
     lpo = batch.log_prior_orient.expand(batch.log_prior_orient.shape[0], K, Rc)
     logp = -d2 + lp_off_c[..., None] + lpo[:, None, :, :]
     if batch.allowed_class is not None:
@@ -403,7 +422,6 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     n = settings.n
     kvec = settings.k.to(dev)
     Pc = settings.coarse_size
-    sig2o = float(settings.sigma2_offset)
     tc = trans.coarse.to(dev)
     Tc = tc.shape[0]
     two_pass = sig is not None
@@ -442,7 +460,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
         d2f, at_f = squared_differences(batch.X[:, :Pe], batch.ctf[:, :Pe], inv_score[:, :Pe],
                                         ref_f.reshape(Msel * So_eff, P)[:, :Pe], shift_phases(kvec[:Pe], t_f, n),
                                         return_shifted=Pe == P)  # [B, Tsel*St, Msel*So]
-        lp_off = offset_log_prior(t_f, batch.prior_centre, sig2o)  # [B, Tf, K]
+        lp_off = offset_log_prior(t_f, _estep_centre(batch), _estep_sigma2(settings))  # [B, Tf, K]
         lp_off = lp_off[:, :, k_sel]  # [B, Tf, Msel]
         lp_or = lpo[:, k_sel, r_sel]  # [B|1, Msel]
         logp_f = d2f.reshape(B, Tsel * St, Msel, So_eff).neg_()
@@ -489,7 +507,13 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     xc0 = X[:, 0] * ctf[:, 0].to(X.dtype)
     at_f[:, :, 0] = (xc0 * inv[:, 0].to(X.dtype))[:, None]
     wt = w.reshape(B * Tf, Mf).T  # [Mf, B*Tf]
-    S = _cmm(wt, at_f.reshape(B * Tf, P))  # [Mf, P]  Σ w·C·X_t/σ²
+    if batch.X_nomask is None:
+        S = _cmm(wt, at_f.reshape(B * Tf, P))  # [Mf, P]  Σ w·C·X_t/σ²
+    else:  # the reference sums from the unmasked images (same weights, shifts, CTF and 1/σ², DC included)
+        Xn = batch.X_nomask[:, :P].to(X.dtype)
+        an = (Xn * (ctf * inv).to(X.dtype))[:, None, :] * shift_phases(kvec[:P], t_f, n)[None]  # [B, Tf, P]
+        S = _cmm(wt, an.reshape(B * Tf, P))
+        del an
     wbm = w.sum(dim=1)  # [B, Mf]
     Wsum = wbm.T @ (ctf.square() * inv)  # [Mf, P]
 
@@ -527,7 +551,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
         for g in torch.unique(og).tolist():  # optics groups of the batch (a handful)
             sel = og == g
             inv_g = inv[sel][0]  # [P]
-            if bool(sel.all()):
+            if bool(sel.all()) and batch.X_nomask is None:
                 S_g, W_g = S, Wsum
             else:
                 w_g = w[sel]

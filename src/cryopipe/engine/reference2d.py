@@ -134,6 +134,32 @@ class ClassReferences2D:
         out = _sample_grid(g, pts.expand(g.shape[0], R * Q, 2))
         return torch.complex(out[:, 0], out[:, 1]).reshape(g.shape[0], R, Q)
 
+    def tau2(self, r_max: int) -> torch.Tensor:
+        """``[K, n//2+1]`` float64 reference spectra ``τ²`` as RELION computes them for the E-step
+        (``Projector::computeFourierTransformMap``): mean ``|F/n²|²/2`` over the points of the padded
+        (gridding-corrected) transform with ``|p| <= round(pad·r_max)``, in shell ``round(|p|/pad)``; zero beyond.
+
+        The padded grid also samples the transform between the integer frequencies, where a reference that is
+        (nearly) zero beyond its resolution still has the small power of its finite support; RELION's τ² (and so
+        its regularisation and its resolution estimate beyond the current resolution) includes it."""
+        n, pad, padn = self.n, self.pad, self.padn
+        ns = n // 2 + 1
+        g = self._grid
+        dev = g.device
+        c = padn // 2
+        ky = torch.arange(padn, device=dev, dtype=torch.float64) - c
+        kx = torch.arange(padn - c, device=dev, dtype=torch.float64)
+        r2 = ky[:, None] ** 2 + kx[None, :] ** 2
+        R = int(round(pad * min(int(r_max), n // 2)))
+        ires = torch.floor(torch.sqrt(r2) / pad + 0.5).long()
+        keep = (r2 <= R * R) & (ires < ns)
+        half = g[:, :, :, c:].to(torch.float64)
+        pw = ((half[:, 0] ** 2 + half[:, 1] ** 2) / 2.0)[:, keep]  # [K, M]
+        idx = ires[keep]
+        sums = torch.zeros(g.shape[0], ns, dtype=torch.float64, device=dev).index_add_(1, idx, pw)
+        cnt = torch.zeros(ns, dtype=torch.float64, device=dev).index_add_(0, idx, torch.ones_like(pw[0]))
+        return torch.where(cnt[None] > 0, sums / cnt.clamp_min(1)[None], torch.zeros_like(sums))
+
     def coarse(self) -> torch.Tensor:
         return self._coarse
 
