@@ -96,3 +96,18 @@ def test_old_settings_do_not_draw_from_the_new_stream(tmp_path, small_volume):
                              blob_dark_fraction=0.7, ice_darkening=0.0, carbon_probability=0.0)
     assert np.array_equal(read_mrc(a.micrograph_paths[0])[0], read_mrc(b.micrograph_paths[0])[0])
     assert np.array_equal(a.geometry[0].blobs, b.geometry[0].blobs)
+
+
+def test_simulate_job_hard_and_carbon_edge(tmp_path, monkeypatch):
+    """``cryopipe simulate --what micrographs --hard --carbon_edge 1``: the recipe's ice columns and the carbon hole
+    are in micrographs_truth.star."""
+    from cryopipe.cli import main as cli
+    from cryopipe.io.star import read_star
+
+    monkeypatch.chdir(tmp_path)
+    rc = cli(["simulate", "--what", "micrographs", "--n", "1", "--mic_size", "512", "--n_per_mic", "4", "--snr", "0.05",
+              "--hard", "--carbon_edge", "1", "--device", "cpu"])
+    assert rc == 0
+    truth = read_star(tmp_path / "Simulate" / "job001" / "micrographs_truth.star")["micrographs"]
+    assert float(truth["cryopipeIceNoiseIncrease"].iloc[0]) == pytest.approx(0.2)
+    assert float(truth["cryopipeCarbonHoleRadius"].iloc[0]) > 0

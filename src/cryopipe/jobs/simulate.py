@@ -35,7 +35,7 @@ import numpy as np
 from cryopipe.core.fourier import good_fft_size
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.sim.atomic import load_model, model_radius, potential_map, symmetric_assembly
-from cryopipe.sim.micrographs import MicrographSimulation, simulate_micrographs
+from cryopipe.sim.micrographs import HARD_MICROGRAPHS, MicrographSimulation, simulate_micrographs
 from cryopipe.sim.particles import ParticleSimulation, simulate_particles
 from cryopipe.sim.tiltseries import Perturbations, TiltSeriesSimulation, simulate_tilt_series
 
@@ -189,6 +189,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ice_gradient", type=float, default=0.0,
                    help="ice ramp across the micrograph (units of the particle signal sd)")
     g.add_argument("--n_blobs", type=int, default=0, help="contamination blobs per micrograph")
+    g.add_argument("--hard", action="store_true",
+                   help="micrographs as hard as real data (issue 11; cryopipe.sim.micrographs.HARD_MICROGRAPHS): thicker ice "
+                        "up to 1.3 noise σ darker and 20 %% noisier (ramp + sinusoid), 2-3 dark blobs of 300-600 Å on 60 %% "
+                        "of the micrographs (replaces --n_blobs)")
+    g.add_argument("--carbon_edge", type=float, default=0.0,
+                   help="fraction of micrographs with a carbon edge (the rim of the hole; carbon 1.5 noise σ darker, no "
+                        "particles on it)")
     _add_tiltseries_arguments(p)
 
 
@@ -279,8 +286,9 @@ def main(args: argparse.Namespace) -> int:
             res = simulate_micrograph_dataset(
                 out, n=n, snr=snr, **map_kw, **_ctf_kwargs(args, what), size=args.mic_size,
                 particles_per_micrograph=args.n_per_mic, min_distance_px=args.min_distance,
-                ice_offset=args.ice_offset, ice_gradient=args.ice_gradient, n_blobs=args.n_blobs,
-                image_root=job.root, progress=True)
+                ice_offset=args.ice_offset, ice_gradient=args.ice_gradient,
+                **({**HARD_MICROGRAPHS} if args.hard else {"n_blobs": args.n_blobs}),
+                carbon_probability=args.carbon_edge, image_root=job.root, progress=True)
             job.add_output(res.micrographs_star, NodeType.MICROGRAPHS_CTF)
             job.add_output(res.coords_list_star, NodeType.COORDS)
             n_parts = sum(len(g.coords) for g in res.geometry)
