@@ -46,7 +46,8 @@ from cryopipe.core.symmetry_search import (  # noqa: E402
     random_orientations,
     symmetry_axis_error,
 )
-from cryopipe.jobs.align_symmetry import align_symmetry_full, centre_of_mass, shift_volume  # noqa: E402
+from cryopipe.core.symmetry_align import align_symmetry_full, centre_of_mass  # noqa: E402
+from cryopipe.core.volume_rotation import shift_volume  # noqa: E402
 from cryopipe.sim.atomic import load_model, model_radius, potential_map, symmetric_assembly  # noqa: E402
 
 BOX = 64

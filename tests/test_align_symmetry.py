@@ -29,7 +29,8 @@ from cryopipe.core.symmetry_search import (
 from cryopipe.core.volume_rotation import rotate_volume
 from cryopipe.io.mrc import read_mrc, write_mrc
 from cryopipe.io.star import read_star, write_star
-from cryopipe.jobs.align_symmetry import align_symmetry, align_symmetry_full, class_maps_from_model
+from cryopipe.core.symmetry_align import align_symmetry, align_symmetry_full
+from cryopipe.jobs.align_symmetry import class_maps_from_model
 from cryopipe.sim.atomic import load_model, model_radius, potential_map, symmetric_assembly
 
 BOX = 32

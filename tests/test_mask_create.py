@@ -20,7 +20,7 @@ from cryopipe.core.mask_ops import (
 )
 from cryopipe.io.mrc import read_mrc
 from cryopipe.io.star import read_star
-from cryopipe.jobs.mask_create import create_mask
+from cryopipe.core.mask_ops import create_mask
 
 FIXTURE_ARGS = ["--ini_threshold", "0.004976", "--extend_inimask", "2", "--width_soft_edge", "3", "--angpix", "3"]
 

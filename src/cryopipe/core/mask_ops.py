@@ -23,9 +23,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from cryopipe.core.device import resolve_device
+from cryopipe.core.fourier import lowpass_map, resolution_shell
+
 __all__ = [
+    "create_mask",
     "threshold_mask",
     "combine_threshold",
     "squared_distance_to",
@@ -159,3 +164,47 @@ def raised_crown_mask(n: int, inner_radius_px: float, outer_radius_px: float, wi
     falling = (d >= outer_radius_px) & (d < outer_border)
     out = torch.where(falling, 0.5 - 0.5 * torch.cos(math.pi * (outer_border - d) / w), out)
     return out.to(dtype)
+
+
+def create_mask(volume: np.ndarray | torch.Tensor, pixel_size: float, *, ini_threshold: float = 0.01,
+                extend_inimask: float = 0.0, width_soft_edge: float = 0.0, lowpass: float = -1.0,
+                invert: bool = False, other: np.ndarray | torch.Tensor | None = None, op: str | None = None,
+                binary: bool = False, device: str | torch.device | None = None) -> np.ndarray:
+    """Mask from a map (RELION ``relion_mask_create`` semantics, the steps of the ``cryopipe mask-create``
+    job, :mod:`cryopipe.jobs.mask_create`).
+
+    Args:
+        volume: map ``[z, y, x]`` (or an image ``[y, x]``); pixel_size: Å/px (used by ``lowpass``).
+        ini_threshold: density threshold of the initial binary mask.
+        extend_inimask: pixels to extend (>0) or shrink (<0) the binary mask.
+        width_soft_edge: pixels of the raised-cosine soft edge.
+        lowpass: Å; low-pass filter the input map first (<= 0: none).
+        invert: ``1 − mask``.
+        other, op: a second map and ``"and" | "or" | "and_not" | "or_not"`` (the second map is not filtered).
+        binary: return ``mask >= 0.5`` as 0/1.
+        device: torch device (default: cuda if available).
+
+    Returns:
+        float32 numpy array in [0, 1], same shape as ``volume``.
+    """
+    dev = resolve_device(device)
+    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32) if not torch.is_tensor(volume) else volume,
+                          device=dev).to(torch.float32)
+    if lowpass is not None and lowpass > 0:
+        # RELION's lowPassFilterMap: rounded shell, edge of 2 shells centred on it
+        vol = lowpass_map(vol, resolution_shell(vol.shape[-1], float(pixel_size), float(lowpass)), 2.0,
+                          ndim=vol.dim())
+    if op is not None:
+        if other is None:
+            raise ValueError(f"--{op} needs a second map")
+        oth = torch.as_tensor(np.asarray(other, dtype=np.float32) if not torch.is_tensor(other) else other,
+                              device=dev).to(torch.float32)
+        seed = combine_threshold(vol, oth, float(ini_threshold), op)
+    else:
+        seed = threshold_mask(vol, float(ini_threshold))
+    mask = auto_mask(vol, float(ini_threshold), float(extend_inimask), float(width_soft_edge), seed=seed)
+    if invert:
+        mask = 1.0 - mask
+    if binary:
+        mask = binarize_soft_mask(mask)
+    return mask.to(torch.float32).cpu().numpy()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from cryopipe.errors import CryopipeError
 
-__all__ = ["rotate_volume"]
+__all__ = ["rotate_volume", "shift_volume"]
 
 
 def rotate_volume(volume: torch.Tensor, rotation: torch.Tensor, *, shift: torch.Tensor | None = None,
@@ -94,3 +94,13 @@ def _rotate_fourier(volume: torch.Tensor, R: torch.Tensor, pad: float, chunk: in
         pts = (k[idx] @ R) * proj.pad  # rows: (Rᵀ k)ᵀ = kᵀ R
         out[idx] = interpolate_half_grid(proj.data, proj.centre, pts.to(proj.dtype), proj.interpolation)
     return irfft3_centered(out.reshape(n, n, half), n)
+
+
+def shift_volume(volume: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
+    """Move the content of a cubic map ``[..., N, N, N]`` by ``shift_px`` ``(dx, dy, dz)`` pixels (Fourier,
+    sub-pixel, periodic): ``V'(x) = V(x − t)``, as :func:`rotate_volume`'s shift but without interpolation."""
+    from cryopipe.core.fourier import irfft3_centered, phase_shift_3d, rfft3_centered
+
+    n = volume.shape[-1]
+    ft = rfft3_centered(volume.to(torch.float64))
+    return irfft3_centered(phase_shift_3d(ft, shift_px.to(torch.float64), n), n).to(volume.dtype)

@@ -23,17 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cryopipe.core.device import resolve_device
-from cryopipe.core.mask_ops import (
-    auto_mask,
-    binarize_soft_mask,
-    combine_threshold,
-    raised_crown_mask,
-    threshold_mask,
-)
-from cryopipe.core.fourier import lowpass_map, resolution_shell
+from cryopipe.core.mask_ops import binarize_soft_mask, create_mask, raised_crown_mask
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.mrc import read_mrc, write_mrc
 
@@ -50,49 +42,6 @@ class MaskResult:
     pixel_size: float  # Å
     fraction_one: float  # fraction of voxels == 1
     fraction_nonzero: float  # fraction of voxels > 0
-
-
-def create_mask(volume: np.ndarray | torch.Tensor, pixel_size: float, *, ini_threshold: float = 0.01,
-                extend_inimask: float = 0.0, width_soft_edge: float = 0.0, lowpass: float = -1.0,
-                invert: bool = False, other: np.ndarray | torch.Tensor | None = None, op: str | None = None,
-                binary: bool = False, device: str | torch.device | None = None) -> np.ndarray:
-    """Mask from a map (RELION ``relion_mask_create`` semantics, see module docstring).
-
-    Args:
-        volume: map ``[z, y, x]`` (or an image ``[y, x]``); pixel_size: Å/px (used by ``lowpass``).
-        ini_threshold: density threshold of the initial binary mask.
-        extend_inimask: pixels to extend (>0) or shrink (<0) the binary mask.
-        width_soft_edge: pixels of the raised-cosine soft edge.
-        lowpass: Å; low-pass filter the input map first (<= 0: none).
-        invert: ``1 − mask``.
-        other, op: a second map and ``"and" | "or" | "and_not" | "or_not"`` (the second map is not filtered).
-        binary: return ``mask >= 0.5`` as 0/1.
-        device: torch device (default: cuda if available).
-
-    Returns:
-        float32 numpy array in [0, 1], same shape as ``volume``.
-    """
-    dev = resolve_device(device)
-    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32) if not torch.is_tensor(volume) else volume,
-                          device=dev).to(torch.float32)
-    if lowpass is not None and lowpass > 0:
-        # RELION's lowPassFilterMap: rounded shell, edge of 2 shells centred on it
-        vol = lowpass_map(vol, resolution_shell(vol.shape[-1], float(pixel_size), float(lowpass)), 2.0,
-                          ndim=vol.dim())
-    if op is not None:
-        if other is None:
-            raise ValueError(f"--{op} needs a second map")
-        oth = torch.as_tensor(np.asarray(other, dtype=np.float32) if not torch.is_tensor(other) else other,
-                              device=dev).to(torch.float32)
-        seed = combine_threshold(vol, oth, float(ini_threshold), op)
-    else:
-        seed = threshold_mask(vol, float(ini_threshold))
-    mask = auto_mask(vol, float(ini_threshold), float(extend_inimask), float(width_soft_edge), seed=seed)
-    if invert:
-        mask = 1.0 - mask
-    if binary:
-        mask = binarize_soft_mask(mask)
-    return mask.to(torch.float32).cpu().numpy()
 
 
 def _summary(mask: np.ndarray, pixel_size: float) -> MaskResult:
