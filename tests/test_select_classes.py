@@ -108,7 +108,7 @@ def test_sort_orders_and_class_averages_star(c2d, tmp_path):
     assert read_star(tmp_path / "dist" / "class_averages.star")[""]["rlnClassNumber"].tolist() == [2, 4, 1]
     with pytest.raises(CryopipeError, match="sort_by"):
         sort_order(run.classes, "rlnNotALabel")
-    from cryopipe.selection.job import SORT_KEYS
+    from cryopipe.jobs.select_classes import SORT_KEYS
 
     assert set(SORT_KEYS) == set(SORT_DIRECTIONS)
 

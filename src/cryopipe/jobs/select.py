@@ -144,7 +144,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--classes", action="store_true",
                       help="select 2D classes of a classification run (see the class selection options below)")
     p.add_argument("--continue", dest="continue_", action="store_true", help="re-run the job given by --o")
-    from cryopipe.selection.job import add_class_arguments
+    from cryopipe.jobs.select_classes import add_class_arguments
 
     add_class_arguments(p)
 
@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
     from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
 
     if getattr(args, "classes", False):
-        from cryopipe.selection.job import main_classes
+        from cryopipe.jobs.select_classes import main_classes
 
         return main_classes(args)
     names = parse_name_list(args.names) if args.names is not None else None

@@ -5,7 +5,6 @@
 * :mod:`cryopipe.selection.files` – reading a classification run (optimiser/model/data STAR, class stack) and
   writing the Select-job outputs (:func:`~cryopipe.selection.files.select_classes`).
 * :mod:`cryopipe.selection.gallery` – PNG gallery of class averages (also for the class2d job).
-* :mod:`cryopipe.selection.job` – the ``--classes`` options and entry point used by :mod:`cryopipe.jobs.select`.
-
-Nothing heavy is imported here (the command line imports :mod:`cryopipe.selection.job` to build its parser).
+The ``--classes`` options and entry point are a job module, :mod:`cryopipe.jobs.select_classes` (used by
+:mod:`cryopipe.jobs.select`). Nothing heavy is imported here.
 """
