@@ -326,6 +326,9 @@ class Optimiser3D(ParticleStream):
     :class:`cryopipe.engine.vdam.GradUpdate` (``settings.grad``).
     """
 
+    #: dimension of the particles' offsets (2: images; 3: pseudo-subtomograms), for the offset-prior update
+    offset_dim = 2
+
     def __init__(self, particles: ParticleSet, settings: Refine3DSettings, *, model: Model3D | None = None,
                  state: ParticleState3D | None = None, sampling: AutoSampling | None = None, iteration: int = 0,
                  device=None, update_rule=None, progress=None, solvent_mask: torch.Tensor | None = None):
@@ -389,7 +392,7 @@ class Optimiser3D(ParticleStream):
         ns = n // 2 + 1
         take = self.rng.permutation(p.size)[:max(1, s.sigma_noise_particles * p.n_optics_groups)]
         take = np.sort(take)
-        sigma2, _ = initial_noise_spectra(self, take, self.state.origin, self.full, self.mask2d, s.zero_mask)
+        sigma2 = self._initial_noise(take)
         gen = torch.Generator().manual_seed(int(s.random_seed) + 101)
         if volume is None:
             r_px = self.particle_diameter / (2.0 * p.pixel_size)
@@ -435,6 +438,12 @@ class Optimiser3D(ParticleStream):
         self.model = model
         self.iteration = 0
         return model
+
+    def _initial_noise(self, idx: np.ndarray) -> torch.Tensor:
+        """``[G, n//2+1]`` initial noise spectra from particles ``idx`` (RELION's start; a hook for other kinds
+        of particle data, e.g. :class:`cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`)."""
+        sigma2, _ = initial_noise_spectra(self, idx, self.state.origin, self.full, self.mask2d, self.s.zero_mask)
+        return sigma2
 
     def _greyscale(self, vols: torch.Tensor, idx: np.ndarray, sigma2: torch.Tensor) -> torch.Tensor:
         """Scale references so that their CTF-modulated projections have the particles' signal power inside
@@ -589,7 +598,8 @@ class Optimiser3D(ParticleStream):
         pdf = sums.wsum_class / sums.wsum_class.sum().clamp_min(1e-300)
         pdf = (pdf / pdf.sum()).cpu()
         m.pdf_class = mu * m.pdf_class.to(pdf.dtype) + (1.0 - mu) * pdf if mu > 0 else pdf
-        update_particle_model(m, sums, self.npix.to(dev), do_norm=s.do_norm, do_scale=s.do_scale, momentum=mu)
+        update_particle_model(m, sums, self.npix.to(dev), do_norm=s.do_norm, do_scale=s.do_scale, momentum=mu,
+                              offset_dim=self.offset_dim)
         # ---- resolution, accuracies, changes, sampling
         self._changes(old, np.concatenate(groups))
         if final:

@@ -12,6 +12,13 @@ Usage mirrors RELION::
 block with ``rlnTomoParticlesFile``, ``rlnTomoReferenceMap1File`` …): its particles are refined and an updated
 ``<prefix>_optimisation_set.star`` points at the new ``run_data.star`` and half maps.
 
+Tomographic particles (a particles file with rlnTomoName, given by ``--ios optimisation_set.star`` or ``--i
+particles.star --tomograms tomograms.star``): 3D pseudo-subtomograms from ``subtomo`` are refined on the same
+engine (:class:`cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`: reference rotated in 3D, CTF² weights and
+multiplicity, 3D offsets); ``run_data.star`` keeps RELION's tomography layout (general/optics/particles blocks,
+rlnOriginX/Y/ZAngst) and ``run_optimisation_set.star`` names it, the tomograms and the half maps. 2D stacks
+(rlnTomoSubTomosAre2DStacks 1) are refused for now, as is ``--continue`` of a tomographic run.
+
 Half-sets: ``rlnRandomSubset`` (1/2) of the input where present, random balanced halves otherwise. Start angles and
 origins (Å → pixels) come from the input where present. Every iteration writes (atomically) RELION-named files
 ``<prefix>_itNNN_half{1,2}_model.star``, ``_half{1,2}_classKKK.mrc``, ``_data.star``, ``_optimiser.star`` and
@@ -129,6 +136,64 @@ def write_optimisation_set(path: str | os.PathLike, values: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ particles
+
+def is_tomo_particles(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a tomography particles STAR file (a ``rlnTomoName`` column in its first 64 kB)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return b"_rlnTomoName" in head
+
+
+def _tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list, solvent_mask, dev, root: Path,
+                    progress, log):
+    """``(optimiser, None, write_data, mask_name)`` for tomographic particles: 3D pseudo-subtomograms on
+    :class:`~cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`, initialised from the reference(s) rescaled to
+    the data's greyscale; 2D stacks are refused (not yet refined here)."""
+    from cryopipe.engine.stream import ParticleSet
+    from cryopipe.engine.tomo_optimiser import SubtomoOptimiser3D
+    from cryopipe.io.tomo_particles import read_tomo_particles
+    from cryopipe.tomo.subtomo_set import particle_form, refined_tomo_particles, subtomo_volumes, \
+        write_refined_particles
+
+    form = particle_form(read_tomo_particles(particles_path))
+    if form == "2d":
+        raise InputFileError(particles_path, "holds 2D stacks (rlnTomoSubTomosAre2DStacks 1); refine3d refines 3D "
+                                             "pseudo-subtomograms only so far",
+                             "run subtomo without --stack2d and refine its optimisation set")
+    if form == "none":
+        raise InputFileError(particles_path, "names no particle images (rlnImageName)",
+                             "run subtomo first and refine its optimisation set")
+    sv = subtomo_volumes(particles_path, root)
+    ps = ParticleSet(sv.n, sv.pixel_size, sv.read_data, None, sv.optics_group, sv.optics_group.copy())
+    vol = torch.stack([load_reference(r, ps.n, ps.pixel_size, "--ref", log) for r in references]).mean(dim=0)
+    mask_t, mask_name = None, "None"
+    if solvent_mask is not None:
+        mask_t = load_reference(solvent_mask, ps.n, ps.pixel_size, "--solvent_mask", log)
+        mask_name = _rel(Path(solvent_mask), root)
+    n = len(sv.subset)
+    state = ParticleState3D(sv.angles.copy(), sv.origins_px.copy(), np.full(n, -1, np.int64), sv.subset.copy(),
+                            np.ones(n), np.zeros(n), np.zeros(n), np.zeros(n, np.int64))
+    opt = SubtomoOptimiser3D(ps, s, sv.read_weights, state=state, device=dev, progress=progress,
+                             solvent_mask=mask_t)
+    opt.initialise(vol, absolute_greyscale=False)
+    n1 = int((opt.state.subset == 1).sum())
+    log(f"3D auto-refine of {ps.size} pseudo-subtomograms (half-sets {n1} / {ps.size - n1}), box {ps.n}, "
+        f"{ps.pixel_size:.3f} Å/px, symmetry {s.symmetry}, reference low-passed to {s.ini_high:g} Å and rescaled "
+        f"to the data's greyscale")
+
+    def write_data(path: Path) -> None:
+        st = opt.state
+        cols = {"rlnGroupNumber": opt.p.group + 1, "rlnClassNumber": np.maximum(st.klass, 0) + 1,
+                "rlnNormCorrection": st.norm, "rlnRandomSubset": st.subset.astype(np.int64),
+                "rlnLogLikeliContribution": st.loglik, "rlnMaxValueProbDistribution": st.pmax,
+                "rlnNrOfSignificantSamples": st.nsig.astype(np.int64)}
+        write_refined_particles(path, refined_tomo_particles(sv.particles, st.angles, st.origin, ps.pixel_size, cols))
+
+    return opt, None, write_data, mask_name
+
 
 def state_from_data(data: ParticleData, origin: np.ndarray, source: str | os.PathLike = "particles STAR file"
                     ) -> ParticleState3D:
@@ -427,14 +492,15 @@ def sampling_from_files(vals: dict, sampling_vals: dict, model_general: dict, pi
 
 def write_iteration_3d(opt: Optimiser3D, data: ParticleData, out_dir: Path, prefix: str, root: Path, n_iter: int,
                        command: str, original: tuple[int, float, float], *, final: bool = False,
-                       solvent_mask: str = "None", input_set: str = "None", extra: dict | None = None
-                       ) -> dict[str, Path]:
+                       solvent_mask: str = "None", input_set: str = "None", extra: dict | None = None,
+                       write_data=None) -> dict[str, Path]:
     """Write one iteration's files (each atomically; the optimiser.star last, so that it only ever names
     complete files). With half-sets: ``_half{1,2}_model.star`` and ``_half{1,2}_classKKK.mrc``; without (initial
     model): ``_model.star`` and ``_classKKK.mrc``. ``final``: RELION's end-of-refinement files without the
     iteration number (joined map, unfiltered half maps, joined model). Returns the paths by kind
     (``data``, ``model``, ``model2``, ``sampling``, ``optimiser``, ``maps``, and for ``final`` ``map``,
-    ``model_joined``, ``half_maps``)."""
+    ``model_joined``, ``half_maps``). ``write_data(path)``: writes the ``_data.star`` instead of the
+    single-particle table (tomographic particles)."""
     m, apix = opt.model, opt.p.pixel_size
     K = m.n_classes
     base = out_dir / (prefix if final else f"{prefix}_it{opt.iteration:03d}")
@@ -489,7 +555,10 @@ def write_iteration_3d(opt: Optimiser3D, data: ParticleData, out_dir: Path, pref
         paths["model"] = Path(f"{base}_model.star")
         write_model_star_3d(paths["model"], m, 0, names, sigma_ang=sigma_ang, pdf_orient=pdf_all)
     paths["maps"] = maps
-    write_particles(paths["data"], data_table_3d(data, opt), star_version=50001)
+    if write_data is not None:  # tomographic particles: their own layout (cryopipe.tomo.subtomo_set)
+        write_data(paths["data"])
+    else:
+        write_particles(paths["data"], data_table_3d(data, opt), star_version=50001)
     write_sampling_star_3d(paths["sampling"], opt.sampling, apix, m.symmetry, original, opt.s.perturb,
                            directions=(d_rot, d_tilt))
     rel = {k: _rel(v, root) for k, v in paths.items() if isinstance(v, Path)}
@@ -541,6 +610,7 @@ def refine_3d(
     command: str = "",
     log=print,
     progress=None,
+    tomograms: str | os.PathLike | None = None,
 ) -> Refine3DResult:
     """Run (or continue) a gold-standard 3D auto-refinement, writing RELION-named files every iteration.
 
@@ -558,8 +628,16 @@ def refine_3d(
         overrides: ``{field: value}`` of :class:`Refine3DSettings` given explicitly (they win over stored ones).
         root: directory that names in the STAR files are relative to (the project directory; default cwd).
         log, progress: a line logger and a progress wrapper (``progress(iterable, desc=...)``).
+        tomograms: tomograms.star of tomographic particles given as ``--i particles.star`` (RELION's
+            ``--tomograms``); recorded in the ``run_optimisation_set.star`` written at the end.
+
+    Tomographic particles (a particles file with rlnTomoName, directly or through an optimisation set) are
+    refined as 3D pseudo-subtomograms (:class:`cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`; the form is
+    chosen as RELION chooses it, :func:`cryopipe.tomo.subtomo_set.particle_form`); their reference is always
+    rescaled to the data's greyscale, and the ``_data.star`` keeps the tomography layout.
     """
     dev = resolve_device(device)
+    write_data = None
     root = Path(root) if root is not None else Path.cwd()
     out_dir, prefix = split_output_prefix(output)
     overrides = dict(overrides or {})
@@ -567,6 +645,7 @@ def refine_3d(
     input_set: str = "None"
     set_values: dict | None = None
     mask_name = "None"
+    opt = None
     if continue_from is not None:
         vals, bases, data_path, model_paths, sv, _ = continue_inputs(continue_from)
         if int(vals.get("rlnDoAutoRefine", 0)) != 1 or int(vals.get("rlnDoSplitRandomHalves", 0)) != 1 \
@@ -577,6 +656,10 @@ def refine_3d(
         if int(vals.get("cryopipeFinalIterationDone", 0)):
             raise InputFileError(continue_from, "the refinement has already finished (final iteration done)",
                                  "start a new refinement from its run_data.star and run_class001.mrc")
+        if is_tomo_particles(data_path):
+            raise InputFileError(continue_from, "is a refinement of tomographic particles; --continue does not "
+                                                "resume those yet", "start a new refine3d from its "
+                                                "run_optimisation_set.star (or the last _data.star)")
         kw = {f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}
         kw.update({k: v for k, v in stored_settings(vals, settings, sv).items() if k not in overrides})
         kw.update({k: v for k, v in overrides.items() if k in kw})
@@ -630,6 +713,19 @@ def refine_3d(
                                 "(e.g. InitialModel/jobNNN/initial_model.mrc)")
         s = Refine3DSettings(**{**{f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)},
                                 "split_halves": True, "auto_refine": True, "grad": False})
+        if is_tomo_particles(particles_path):
+            if set_values is None:
+                set_values = {"rlnTomoParticlesFile": _rel(particles_path, root)}
+                if tomograms is not None:
+                    set_values["rlnTomoTomogramsFile"] = _rel(Path(tomograms), root)
+            ref_list = reference if isinstance(reference, list) else [reference]
+            opt, data, write_data, mask_name = _tomo_optimiser(particles_path, s, ref_list, solvent_mask, dev, root,
+                                                               progress, log)
+            original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
+            ps = opt.p
+        else:
+            opt = None
+    if opt is None:
         data, ps, origin = load_particles(particles_path, "3D refinement")
         if s.do_ctf and ps.ctf is None:
             raise InputFileError(particles_path, "--ctf was given but the particles have no rlnDefocusU column",
@@ -660,7 +756,7 @@ def refine_3d(
     n_iter = int(s.n_iter)
     write = lambda final=False: write_iteration_3d(  # noqa: E731
         opt, data, out_dir, prefix, root, n_iter, command, original, final=final, solvent_mask=mask_name,
-        input_set=input_set)
+        input_set=input_set, write_data=write_data)
     paths = None
     if continue_from is None:
         paths = write()
@@ -708,6 +804,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("input/output")
     g.add_argument("--i", "--ios", dest="i", default=None,
                    help="particles STAR file, or an optimisation set (rlnTomoParticlesFile …)")
+    g.add_argument("--tomograms", default=None,
+                   help="tomograms.star of tomographic particles given with --i particles.star (an optimisation "
+                        "set names its own)")
     g.add_argument("--o", dest="o", default=None,
                    help="output prefix, RELION style (e.g. Refine3D/job011/run); a directory means prefix 'run'")
     g.add_argument("--ref", default=None, help="initial reference map (MRC, the particles' box)")
@@ -826,7 +925,7 @@ def main(args: argparse.Namespace) -> int:
         res = refine_3d(args.i, job.dir / prefix, settings, reference=args.ref, solvent_mask=args.solvent_mask,
                         absolute_greyscale=not args.firstiter_cc, continue_from=args.continue_, overrides=given,
                         device=args.device, root=job.root, command=" ".join(_argv_of(args)), log=log,
-                        progress=lambda it, desc="": progress(it, desc=desc))
+                        progress=lambda it, desc="": progress(it, desc=desc), tomograms=args.tomograms)
         if res.converged:
             job.add_output(res.data_star, NodeType.REFINE3D_PARTICLES)
             job.add_output(res.optimiser_star, NodeType.REFINE3D_OPTIMISER)
