@@ -24,6 +24,9 @@ precision = matched / picks, recall = matched / particles. Picks on contaminatio
 warm-up): wall and CPU time of the picking, and wall time with reading the MRC file; the machine's load average
 is recorded (the cores are shared: under load one thread is often faster than two).
 
+Mode ``robust_flatten`` (issue 11): the robust rule on micrographs flattened by ``autopick --flatten`` with picks
+on contamination dropped (``--contamination_mask``), tuned the same way.
+
 Output: ``bench/results/autopick_log.json`` and a summary on stdout. Targets: precision ≥ 0.9 and recall ≥ 0.85,
 no picks on contamination with the upper threshold, < 1 s per 4096² micrograph on 2 cores.
 """
@@ -45,6 +48,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from cryopipe.io.mrc import read_mrc  # noqa: E402
 from cryopipe.io.star import read_star  # noqa: E402
+from cryopipe.picking.background import flatten_micrograph, micrograph_background, reject_near_contamination  # noqa: E402
 from cryopipe.picking.evaluate import PickScore, score_picks  # noqa: E402
 from cryopipe.picking.log import log_fom_maps, log_pick, log_pick_from_maps  # noqa: E402
 from cryopipe.sim.atomic import load_model, potential_map  # noqa: E402
@@ -61,6 +65,9 @@ MODES = {
                "upper": [99999.0, 10.0, 8.0, 6.0, 5.0, 4.0, 3.0]},
     "robust": {"robust_threshold": True, "adjust": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0],
                "upper": [99999.0, 20.0, 15.0, 12.0, 10.0, 8.0, 6.0, 5.0]},
+    # issue 11: --flatten --contamination_mask (cryopipe.picking.background) with the robust rule
+    "robust_flatten": {"robust_threshold": True, "flatten": True, "adjust": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0],
+                       "upper": [99999.0, 20.0, 15.0, 12.0, 10.0, 8.0, 6.0, 5.0]},
 }
 
 
@@ -100,16 +107,26 @@ def on_blobs(picks_xy: np.ndarray, blobs: np.ndarray) -> int:
 
 
 class DataSet:
-    """A simulated set with its LoG maps computed once (the thresholds only change steps 5–7)."""
+    """A simulated set with its LoG maps computed once (the thresholds only change steps 5–7); with ``flatten``
+    the maps of the flattened micrographs and the contamination masks (``autopick --flatten
+    --contamination_mask``)."""
 
-    def __init__(self, sim, dmin, dmax, opts):
+    def __init__(self, sim, dmin, dmax, opts, flatten: bool = False):
         self.mics, self.truths, self.blobs = load_set(sim)
         self.dmin, self.dmax = dmin, dmax
-        self.maps = [log_fom_maps(m, APIX, dmin, dmax, **opts) for m in self.mics]
+        self.bgs = None
+        mics = self.mics
+        if flatten:
+            self.bgs = [micrograph_background(m, APIX) for m in self.mics]
+            mics = [flatten_micrograph(m, b, pixel_size=APIX, seed=1000003 + i)
+                    for i, (m, b) in enumerate(zip(self.mics, self.bgs))]
+        self.maps = [log_fom_maps(m, APIX, dmin, dmax, **opts) for m in mics]
 
     def evaluate(self, tol, **kw):
-        picks = [log_pick_from_maps(mp, APIX, self.dmin, self.dmax, **kw).xy().numpy() for mp in self.maps]
-        return score(picks, self.truths, tol, self.blobs)
+        picks = [log_pick_from_maps(mp, APIX, self.dmin, self.dmax, **kw) for mp in self.maps]
+        if self.bgs is not None:
+            picks = [reject_near_contamination(p, b, 0.0) for p, b in zip(picks, self.bgs)]
+        return score([p.xy().numpy() for p in picks], self.truths, tol, self.blobs)
 
 
 def fmt(s: dict) -> str:
@@ -143,14 +160,16 @@ def main() -> int:
         big = simulate(volume, tmp / "big", seed=14, n=1, size=4096, per_mic=600)
         result["simulation_s"] = time.perf_counter() - t0
         sets = {k: DataSet(v, dmin, dmax, opts) for k, v in sims.items()}
+        flat_sets = {k: DataSet(v, dmin, dmax, opts, flatten=True) for k, v in sims.items()}
         result["n_contamination_discs"] = {k: int(sum(len(b) for b in s.blobs)) for k, s in sets.items()}
 
         for mode, cfg in MODES.items():
             rob = cfg["robust_threshold"]
-            sweep = [{"adjust_threshold": a, **sets["tune_clean"].evaluate(tol, adjust_threshold=a, robust_threshold=rob)}
+            sets_m = flat_sets if cfg.get("flatten") else sets
+            sweep = [{"adjust_threshold": a, **sets_m["tune_clean"].evaluate(tol, adjust_threshold=a, robust_threshold=rob)}
                      for a in cfg["adjust"]]
             adj = max(sweep, key=lambda r: r["f1"])["adjust_threshold"]
-            sweep_up = [{"upper_threshold": u, **sets["tune_strong"].evaluate(tol, adjust_threshold=adj, upper_threshold=u,
+            sweep_up = [{"upper_threshold": u, **sets_m["tune_strong"].evaluate(tol, adjust_threshold=adj, upper_threshold=u,
                                                                                robust_threshold=rob)}
                         for u in cfg["upper"]]
             # the lowest upper threshold that keeps >= 98 % of the recall without one (as a user lowers it until
@@ -160,10 +179,10 @@ def main() -> int:
             res = {"tuning_adjust_sweep": sweep, "tuning_upper_sweep": sweep_up, "adjust_threshold": adj,
                    "upper_threshold": up, "evaluation": {}}
             print(f"[{mode}] tuned: --LoG_adjust_threshold {adj:g} --LoG_upper_threshold {up:g}"
-                  f"{' --LoG_robust_threshold' if rob else ''}")
+                  f"{' --LoG_robust_threshold' if rob else ''}{' --flatten --contamination_mask' if cfg.get('flatten') else ''}")
             for name in ("clean", "weak", "strong"):
                 for u in (99999.0, up):
-                    s = sets[name].evaluate(tol, adjust_threshold=adj, upper_threshold=u, robust_threshold=rob)
+                    s = sets_m[name].evaluate(tol, adjust_threshold=adj, upper_threshold=u, robust_threshold=rob)
                     res["evaluation"][f"{name}_upper{u:g}"] = s
                     print(f"  {name:6s} upper {u:>6g}: {fmt(s)}")
             result[mode] = res
