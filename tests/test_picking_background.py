@@ -107,3 +107,26 @@ def test_options_off_return_the_picker_itself():
         return None
 
     assert contamination_aware_picker(picker, ContaminationOptions()) is picker
+
+
+def test_autopick_job_flatten_and_contamination_mask(tmp_path, monkeypatch):
+    """``cryopipe autopick --LoG --flatten --contamination_mask`` in a project made by ``simulate --hard
+    --carbon_edge 1``: the options reach the picker (no pick on the carbon film, which the plain run picks on)."""
+    from cryopipe.cli import main as cli
+    from cryopipe.io.star import read_star
+
+    monkeypatch.chdir(tmp_path)
+    assert cli(["simulate", "--what", "micrographs", "--n", "1", "--mic_size", "768", "--n_per_mic", "20",
+                "--snr", "0.2", "--sym", "D2", "--hard", "--carbon_edge", "1", "--seed", "3", "--device", "cpu"]) == 0
+    truth = read_star(tmp_path / "Simulate" / "job001" / "micrographs_truth.star")["micrographs"].iloc[0]
+    hole = (truth.cryopipeCarbonHoleX, truth.cryopipeCarbonHoleY, truth.cryopipeCarbonHoleRadius)
+    common = ["autopick", "--i", "Simulate/job001/micrographs.star", "--LoG", "--LoG_diam_min", "110",
+              "--LoG_diam_max", "150", "--LoG_robust_threshold", "--LoG_adjust_threshold", "2", "--no_png"]
+    on_carbon = []
+    for odir, extra in (("AutoPick/job002/", []), ("AutoPick/job003/", ["--flatten", "--contamination_mask"])):
+        assert cli(common + ["--odir", odir] + extra) == 0
+        files = read_star(tmp_path / odir / "autopick.star")["coordinate_files"]
+        picks = read_star(tmp_path / files["rlnMicrographCoordinates"].iloc[0])[""]
+        xy = picks[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
+        on_carbon.append(int((np.hypot(xy[:, 0] - hole[0], xy[:, 1] - hole[1]) > hole[2]).sum()))
+    assert on_carbon[0] > 0 and on_carbon[1] == 0
