@@ -1,7 +1,7 @@
-"""refine3d on tomographic particles (3D pseudo-subtomograms) on the shared engine: a small simulated tilt-series
-data set with perturbed particle poses, refined through the real command line from `subtomo`'s optimisation set;
-the refined map is closer to the truth than a reconstruction at the perturbed poses, the poses get better, and the
-output STAR files follow RELION's tomography layout."""
+"""refine3d on tomographic particles, both of RELION's forms (3D pseudo-subtomograms and 2D stacks), on the shared
+engine: a small simulated tilt-series data set with perturbed particle poses, refined through the real command line
+from `subtomo`'s optimisation set; the refined map is closer to the truth than a reconstruction at the perturbed
+poses, the poses get better, and the output STAR files follow RELION's tomography layout."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ REFINE_COLUMNS = ["rlnGroupNumber", "rlnClassNumber", "rlnNormCorrection", "rlnR
                   "rlnLogLikeliContribution", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples"]
 
 
-@pytest.fixture(scope="module")
-def refined(tmp_path_factory):
+@pytest.fixture(scope="module", params=["3d", "2d"])
+def refined(request, tmp_path_factory):
     """32 particles of 3ENL (24³ at 6 Å) in two tilt series (21 tilts ±60°, SNR 5), main files with 6° / 4 Å pose
-    errors; subtomo (box 32 → crop 24, bin 1) then refine3d --ios (one local-search iteration and the final one)."""
+    errors; subtomo (box 32 → crop 24, bin 1; ``--stack2d`` for the 2D form) then refine3d --ios (one
+    local-search iteration and the final one)."""
     import os
 
     from cryopipe.jobs.simulate import build_volume
@@ -39,14 +40,15 @@ def refined(tmp_path_factory):
                                    tilt_step=6.0, snr=5.0, device="cpu", seed=3, defocus_range=(20000.0, 30000.0),
                                    perturbations=Perturbations(particle_angle_deg=6.0, particle_shift_A=4.0))
         write_mrc("truth.mrc", np.asarray(vol, dtype=np.float32), apix)
+        stack2d = ["--stack2d"] if request.param == "2d" else []
         assert cli_main(["subtomo", "--i", "Simulate/optimisation_set.star", "--b", "32", "--crop", "24", "--bin",
-                         "1", "--o", "Subtomo"]) == 0
+                         "1", "--o", "Subtomo"] + stack2d) == 0
         assert cli_main(["refine3d", "--ios", "Subtomo/optimisation_set.star", "--ref", "truth.mrc", "--o",
                          "Refine3D/run", "--iter", "2", "--healpix_order", "3", "--sigma_ang", "5", "--offset_range",
                          "2", "--offset_step", "1", "--particle_diameter", "110", "--ini_high", "25"]) == 0
     finally:
         os.chdir(cwd)
-    return here, sim, np.asarray(vol, dtype=np.float32)
+    return here, sim, np.asarray(vol, dtype=np.float32), request.param
 
 
 def _orientations(star, tomograms) -> torch.Tensor:
@@ -61,7 +63,7 @@ def _angle_errors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def test_refinement_improves_map_and_poses(refined):
     from cryopipe.jobs.reconstruct_particle import reconstruct_particle
 
-    here, sim, truth = refined
+    here, sim, truth, _ = refined
     rec, apix = read_mrc(here / "Refine3D" / "run_class001.mrc")
     assert rec.shape == (24, 24, 24) and apix == pytest.approx(6.0)
     ours = fsc(torch.from_numpy(rec), torch.from_numpy(truth)).numpy()
@@ -80,13 +82,17 @@ def test_outputs_follow_relions_tomography_layout(refined, relion_tomo_dir):
     """run_data.star: RELION's subtomo particles layout (general block, the optics columns, the particle columns in
     the fixture's order) plus relion_refine's columns; run_optimisation_set.star: the particles, tomograms and the
     two half maps, for the next job."""
-    here, _, _ = refined
+    here, _, _, form = refined
     ours = read_star(here / "Refine3D" / "run_data.star")
     fixture = read_star(relion_tomo_dir / "Subtomo_bin2" / "particles.star")
-    assert int(ours["general"]["rlnTomoSubTomosAre2DStacks"]) == 0
+    assert int(ours["general"]["rlnTomoSubTomosAre2DStacks"]) == (form == "2d")
     assert list(ours["optics"].columns) == list(fixture["optics"].columns)
+    assert int(ours["optics"]["rlnImageDimensionality"].iloc[0]) == (2 if form == "2d" else 3)
     cols = list(ours["particles"].columns)
-    assert cols[:len(fixture["particles"].columns)] == list(fixture["particles"].columns)
+    # the 2D form names its visible tilts instead of a weights volume (RELION 5's --stack2d layout)
+    expected = [c if c != "rlnCtfImage" or form == "3d" else "rlnTomoVisibleFrames"
+                for c in fixture["particles"].columns]
+    assert cols[:len(expected)] == expected
     assert set(REFINE_COLUMNS) <= set(cols)
     assert (ours["particles"]["rlnOriginZAngst"].abs() > 0).any()  # 3D offsets were refined
     entries = read_optimisation_set(here / "Refine3D" / "run_optimisation_set.star", root=here)

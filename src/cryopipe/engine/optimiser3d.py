@@ -497,6 +497,11 @@ class Optimiser3D(ParticleStream):
         sym = self.model.symmetry if not self.s.grad else "C1"
         return healpix_orientations(smp.healpix_order, None, sym, s.oversampling, smp.perturbation, device=self.dev)
 
+    def _batch_source(self, src: ClassReferences3D, est: EStepSettings, idx: np.ndarray, P: int):
+        """``(predictions, E-step settings, coefficients)`` of one batch: the iteration's for images (a hook for
+        particles whose coefficient set depends on the batch, e.g. the tilt stacks of one tilt series)."""
+        return src, est, P
+
     def _batch_inputs(self, idx: np.ndarray, P: int, log_prior: torch.Tensor, gen: torch.Generator):
         s, p, m, dev = self.s, self.p, self.model, self.dev
         K = m.n_classes
@@ -581,8 +586,9 @@ class Optimiser3D(ParticleStream):
                                                     self.sampling.sigma_ang, m.symmetry)
                     src = refs.with_orientations(subset)
                     lpo = lp.to(dev)[:, None, :] + log_pdf[None, :, None]
-                batch, grp, scale = self._batch_inputs(idx, P, lpo, gen)
-                res = expectation(batch, src, trans, est)
+                src, est_b, P_b = self._batch_source(src, est, idx, P)
+                batch, grp, scale = self._batch_inputs(idx, P_b, lpo, gen)
+                res = expectation(batch, src, trans, est_b)
                 n_samples += float(idx.size) * src.n_coarse * K * trans.coarse.shape[0]
                 bps[gi].add(res, src)
                 sums.add_result(res, grp, scale)

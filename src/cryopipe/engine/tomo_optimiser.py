@@ -102,33 +102,35 @@ class SubtomoOptimiser3D(Optimiser3D):
         ns = self.n // 2 + 1
         tot = torch.zeros(ns, dtype=torch.float64, device=self.dev)
         for b in self._batches(np.arange(self.p.size)):
-            _, M = self._weights(b)
-            tot += multiplicity_per_shell(M, self.full, ns).sum(dim=0)
+            tot += self._noise_counts(b).sum(dim=0)
         self.npix = (tot / max(1, self.p.size)).clamp_min(1e-12)
 
+    def _set_for(self, idx: np.ndarray):
+        """The full coefficient set of particles ``idx`` (here the volume set of the box)."""
+        return self.full
+
+    def _noise_counts(self, idx: np.ndarray) -> torch.Tensor:
+        """``[B, n//2+1]`` noise-spectrum denominators per particle (here ``Σ M`` per shell)."""
+        _, M = self._weights(idx)
+        return multiplicity_per_shell(M, self.full, self.n // 2 + 1)
+
     def _initial_noise(self, idx: np.ndarray) -> torch.Tensor:
-        """Per optics group ``(Σ_b |X_b|² − N·|X̄|²) / (2·Σ_b M_b)`` per shell over the masked, centred volumes
-        ``idx`` (RELION's initial estimate with the subtomogram normalisation), negative values repaired."""
+        """Per optics group ``Σ_b |X_b|² / (2·Σ_b counts_b)`` per shell over the (masked, centred) particles
+        ``idx`` (RELION's initial estimate, without subtracting the average's power, which is negligible for
+        particles in random orientations), negative values repaired."""
         self._ensure_npix()
         p, dev, n = self.p, self.dev, self.n
         G, ns = p.n_optics_groups, n // 2 + 1
-        cset = self.full
         pow_sum = torch.zeros(G, ns, dtype=torch.float64, device=dev)
-        m_sum = torch.zeros(G, ns, dtype=torch.float64, device=dev)
-        x_sum = torch.zeros(cset.size, dtype=torch.complex128, device=dev)
+        c_sum = torch.zeros(G, ns, dtype=torch.float64, device=dev)
         for b in self._batches(np.asarray(idx)):
+            cset = self._set_for(b)
             batch = self._prepare(b, cset.size, torch.ones(G, ns, dtype=torch.float64), None)
             X = batch.X.to(torch.complex128)
             og = torch.as_tensor(p.optics_group[b], device=dev)
-            per = cset.shell_sum((X.real.square() + X.imag.square()), ns)
-            pow_sum.index_add_(0, og, per)
-            _, M = self._weights(b)
-            m_sum.index_add_(0, og, multiplicity_per_shell(M, cset, ns))
-            x_sum += X.sum(dim=0)
-        mean = x_sum / max(1, len(idx))
-        pm = cset.shell_sum((mean.real.square() + mean.imag.square())[None], ns)[0]
-        sigma2 = (pow_sum - float(len(idx)) / G * pm[None]) / (2.0 * m_sum.clamp_min(1e-12))
-        return repair_negative_spectra(sigma2)
+            pow_sum.index_add_(0, og, cset.shell_sum((X.real.square() + X.imag.square()), ns))
+            c_sum.index_add_(0, og, self._noise_counts(b))
+        return repair_negative_spectra(pow_sum / (2.0 * c_sum.clamp_min(1e-12)))
 
     def _prepare(self, idx: np.ndarray, P: int, sigma2: torch.Tensor, log_prior: torch.Tensor | None):
         m = self.model
@@ -144,6 +146,13 @@ class SubtomoOptimiser3D(Optimiser3D):
         grp = torch.as_tensor(self.p.group[idx], device=self.dev)
         return self._prepare(idx, P, self.model.sigma2_noise, log_prior), grp, None
 
+    def _batch_source(self, src, est, idx: np.ndarray, P: int):
+        """The iteration's predictions, with the per-particle residual sums on: the engine's group-level noise
+        shortcut assumes one ``1/σ²`` per optics group, while here it varies per particle (``M``, ``c²``)."""
+        from dataclasses import replace
+
+        return src, replace(est, compute_corrections=True), P
+
     def _translations(self) -> TranslationGrid:
         smp, s = self.sampling, self.s
         tc = translation_grid_3d(smp.offset_range, smp.offset_step, self.dev)
@@ -153,16 +162,15 @@ class SubtomoOptimiser3D(Optimiser3D):
 
     # -------------------------------------------------------------------------------------- references
     def _greyscale(self, vols: torch.Tensor, idx: np.ndarray, sigma2: torch.Tensor) -> torch.Tensor:
-        """Scale references so that ``|Σc²|·V̂(Aᵀk)`` at random orientations carries the volumes' signal power
-        (mean ``|X|²`` minus the noise ``2σ²M``) inside the mask (as the single-particle version)."""
+        """Scale references so that their predictions times the data's ``C`` (``|Σc²|`` or ``c²``) at random
+        orientations carry the particles' signal power (mean ``|X|²`` minus the noise ``2/inv``, i.e. ``2σ²M``
+        or ``2σ²c²``), as the single-particle version."""
         sub = idx[:min(idx.size, 100)]
-        cset = self.full
-        batch = self._prepare(sub, cset.size, torch.ones_like(sigma2), None)
-        X = batch.X
-        _, M = self._weights(sub)
-        Mc = cset.gather(M.to(torch.float64))
-        og = torch.as_tensor(self.p.optics_group[sub], device=self.dev)
-        noise = 2.0 * sigma2.to(self.dev)[og][:, cset.shell] * Mc
+        sub = sub[self._same_set(sub)]
+        cset = self._set_for(sub)
+        batch = self._prepare(sub, cset.size, sigma2, None)
+        X, inv = batch.X, batch.inv_sigma2.to(torch.float64)
+        noise = torch.where(inv > 0, 2.0 / inv.clamp_min(1e-30), torch.zeros_like(inv))
         noise[:, 0] = 0.0
         data_pow = float(((X.real.square() + X.imag.square()) - noise).clamp_min(0)[:, 1:].sum(dim=1).mean())
         out = []
@@ -175,6 +183,10 @@ class SubtomoOptimiser3D(Optimiser3D):
             scale = math.sqrt(data_pow / ref_pow) if ref_pow > 0 and data_pow > 0 else 1.0
             out.append(vols[k] * scale)
         return torch.stack(out)
+
+    def _same_set(self, idx: np.ndarray) -> np.ndarray:
+        """Boolean mask of the particles of ``idx`` that share the first one's coefficient set (all, here)."""
+        return np.ones(len(idx), dtype=bool)
 
     def _grid_for_greyscale(self):
         from cryopipe.engine.orientations3d import healpix_orientations
@@ -190,8 +202,11 @@ class SubtomoOptimiser3D(Optimiser3D):
 
         m, dev, p = self.model, self.dev, self.p
         K = m.n_classes
-        I = min(self.s.n_accuracy_particles, p.size, 10)
-        idx = np.sort(self.rng.choice(p.size, size=I, replace=False))
+        idx = np.sort(self.rng.choice(p.size, size=min(self.s.n_accuracy_particles, p.size, 10), replace=False))
+        idx = idx[self._same_set(idx)]
+        I = idx.size
+        full = self._set_for(idx)
+        cset = full.prefix(cset.r_max)
         batch = self._prepare(idx, cset.size, m.sigma2_noise, None)
         w = (batch.ctf.square() * batch.inv_sigma2).to(torch.float32)  # [I, P]
         w[:, 0] = 0.0
@@ -232,3 +247,106 @@ class SubtomoOptimiser3D(Optimiser3D):
             acc_trans[k] = float(torch.stack(tr).mean()) * m.pixel_size
         m.acc_rot, m.acc_trans = acc_rot, acc_trans
 
+
+
+class StackOptimiser3D(SubtomoOptimiser3D):
+    """:class:`Optimiser3D` on RELION 5's 2D stacks: each particle is its visible tilt images, premultiplied by
+    ``c = −CTF·W`` (:func:`cryopipe.engine.tomo_batch.prepare_stack_batch`, given ``X = c·I`` and ``C = c²`` as
+    plain data: one coefficient vector per particle with 3D frequencies
+    ``k₃ = R_fᵀ(kx, ky, 0)``, the prediction of tilt ``f`` the central slice at ``R_f·A``, the log-likelihood
+    summed over the tilts, 3D origins projected into every tilt by the phases).
+
+    ``stacks`` (:class:`cryopipe.tomo.subtomo_set.TiltStacks`-like) gives ``ts_index [N]``, ``rotations`` (per
+    tilt series ``[F, 3, 3]``), ``read(idx) → (ft [B, F, n, n//2+1], visible [B, F])`` and ``ctf(idx) → c`` of
+    particles of ONE tilt series. Orientations and origins are in the tomogram frame (``A_sub·A_particle``,
+    ``A_sub·origin``; the caller converts); batches never mix tilt series (their coefficient sets differ), and
+    the predictions of a global search are made once per tilt series and iteration. RELION's premultiplied
+    likelihood: ``X = c·I`` against ``c²·V̂(Aᵀk₃)`` with ``1/σ²`` the noise of the premultiplied images (the
+    stored images are real-space crops of the premultiplied ones, so they are not exactly ``c·I`` and dividing
+    by ``c²`` would blow up their residuals near CTF zeros); the noise spectrum counts the visible tilts'
+    coefficients."""
+
+    def __init__(self, particles, settings, stacks, **kw):
+        super().__init__(particles, settings, weights=None, **kw)
+        from cryopipe.engine.coefficients import coefficient_set
+
+        self.stacks = stacks
+        self.full = coefficient_set(self.n, self.n // 2, device=self.dev)  # the 2D set of one tilt image
+        self._stack_sets: dict[int, object] = {}
+        self._views: dict = {}
+        self._radii = (self.n // 2, self.n // 2)
+
+    def _set_for(self, idx: np.ndarray):
+        from cryopipe.engine.coefficients import stack_coefficient_set
+
+        ts = int(self.stacks.ts_index[int(np.asarray(idx)[0])])
+        if ts not in self._stack_sets:
+            self._stack_sets[ts] = stack_coefficient_set(self.full, self.stacks.rotations[ts].to(self.dev))
+        return self._stack_sets[ts]
+
+    def _same_set(self, idx: np.ndarray) -> np.ndarray:
+        ts = self.stacks.ts_index[np.asarray(idx)]
+        return ts == ts[0]
+
+    def _batches(self, idx: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
+        """Batches of at most ``batch_size`` particles, never mixing tilt series (input order kept within one)."""
+        idx = np.asarray(idx)
+        ts = self.stacks.ts_index[idx]
+        out = []
+        for t in np.unique(ts):  # a handful of tilt series
+            out += super()._batches(idx[ts == t], batch_size)
+        return out
+
+    def _noise_counts(self, idx: np.ndarray) -> torch.Tensor:
+        """``[B, n//2+1]`` number of coefficients per shell over the particle's visible tilts."""
+        stack = self._set_for(idx)
+        _, visible = self.stacks.read(idx, data=False)
+        seen = torch.as_tensor(visible, device=self.dev)[:, stack.flat // (self.n * (self.n // 2 + 1))]
+        return stack.shell_sum(seen.to(torch.float64), self.n // 2 + 1)
+
+    def _prepare(self, idx: np.ndarray, P: int, sigma2: torch.Tensor, log_prior: torch.Tensor | None):
+        from cryopipe.engine.tomo_batch import prepare_stack_batch
+
+        m = self.model
+        K = m.n_classes if m is not None else 1
+        stack = self._set_for(idx)
+        ft, visible = self.stacks.read(idx)
+        c = self.stacks.ctf(idx)
+        s2 = sigma2.to(self.dev, torch.float64)
+        og = int(self.p.optics_group[int(np.asarray(idx)[0])])
+        s2 = s2[og] if s2.dim() == 2 else s2
+        origin = torch.as_tensor(self.state.origin[idx], dtype=torch.float64, device=self.dev)
+        # RELION's premultiplied model: X = c·I against c²·V̂ with the noise of the premultiplied images (1/σ², no
+        # division by c²: the stored images are cropped after premultiplication, so they are not exactly c·I)
+        c2 = torch.as_tensor(c, device=self.dev).square()
+        return prepare_stack_batch(torch.as_tensor(ft, device=self.dev), c2, torch.as_tensor(visible, device=self.dev),
+                                   stack, P, s2, premultiplied=False, origins=origin, log_prior_orient=log_prior,
+                                   n_classes=K)
+
+    def _coefficient_sets(self, final: bool):
+        cset, Pc, r_cur = super()._coefficient_sets(final)
+        r_coarse = int(self.full.shell[max(Pc, 1) - 1])
+        self._radii = (r_cur, r_coarse)
+        self._views = {}
+        return cset, Pc, r_cur
+
+    def _batch_source(self, src, est, idx: np.ndarray, P: int):
+        from dataclasses import replace
+
+        r_cur, r_coarse = self._radii
+        stack = self._set_for(idx)
+        ts = int(self.stacks.ts_index[int(idx[0])])
+        Pb, Pcb = stack.count_upto(r_cur), stack.count_upto(r_coarse)
+        key = (id(src), ts)
+        view = self._views.get(key)
+        if view is None:
+            view = src.with_orientations(src.orientations, cset=stack.prefix(r_cur), coarse_size=Pcb)
+            if src.orientations.n_coarse > 0 and not self.sampling.sigma_ang > 0:
+                self._views[key] = view  # global search: the tilt series' predictions serve all its batches
+        return view, replace(est, k=view.cset.k, shell=view.cset.shell, coarse_size=Pcb,
+                             compute_corrections=True), Pb
+
+    def _batch_inputs(self, idx: np.ndarray, P: int, log_prior: torch.Tensor, gen: torch.Generator):
+        self._ensure_npix()
+        grp = torch.as_tensor(self.p.group[idx], device=self.dev)
+        return self._prepare(idx, P, self.model.sigma2_noise, log_prior), grp, None

@@ -17,7 +17,8 @@ particles.star --tomograms tomograms.star``): 3D pseudo-subtomograms from ``subt
 engine (:class:`cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`: reference rotated in 3D, CTF² weights and
 multiplicity, 3D offsets); ``run_data.star`` keeps RELION's tomography layout (general/optics/particles blocks,
 rlnOriginX/Y/ZAngst) and ``run_optimisation_set.star`` names it, the tomograms and the half maps. 2D stacks
-(rlnTomoSubTomosAre2DStacks 1) are refused for now, as is ``--continue`` of a tomographic run.
+(rlnTomoSubTomosAre2DStacks 1) are refined on :class:`cryopipe.engine.tomo_optimiser.StackOptimiser3D` (CTFs from
+the tomograms). ``--continue`` of a tomographic run is refused for now.
 
 Half-sets: ``rlnRandomSubset`` (1/2) of the input where present, random balanced halves otherwise. Start angles and
 origins (Å → pixels) come from the input where present. Every iteration writes (atomically) RELION-named files
@@ -147,40 +148,63 @@ def is_tomo_particles(path: str | os.PathLike) -> bool:
     return b"_rlnTomoName" in head
 
 
+def _to_frame(angles: np.ndarray, origins: np.ndarray, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Angles (degrees) and origins ``[N, 3]`` expressed in another frame: ``Euler⁻¹(F·Euler(angles))``,
+    ``F·origin`` for ``frames [N, 3, 3]`` (``A_sub``: subtomogram → tomogram frame; ``A_subᵀ``: back)."""
+    from cryopipe.core.geometry import euler_to_matrix, matrix_to_euler
+
+    a = torch.as_tensor(angles, dtype=torch.float64)
+    Fm = torch.as_tensor(frames, dtype=torch.float64)
+    A = Fm @ euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
+    return matrix_to_euler(A).numpy(), np.einsum("nij,nj->ni", frames, origins)
+
+
 def _tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list, solvent_mask, dev, root: Path,
-                    progress, log):
+                    progress, log, tomograms_path=None):
     """``(optimiser, None, write_data, mask_name)`` for tomographic particles: 3D pseudo-subtomograms on
-    :class:`~cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`, initialised from the reference(s) rescaled to
-    the data's greyscale; 2D stacks are refused (not yet refined here)."""
+    :class:`~cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D` or 2D stacks on
+    :class:`~cryopipe.engine.tomo_optimiser.StackOptimiser3D` (orientations and origins in the tomogram frame
+    while refining, written back in the subtomogram frame), initialised from the reference(s) rescaled to the
+    data's greyscale."""
     from cryopipe.engine.stream import ParticleSet
-    from cryopipe.engine.tomo_optimiser import SubtomoOptimiser3D
+    from cryopipe.engine.tomo_optimiser import StackOptimiser3D, SubtomoOptimiser3D
     from cryopipe.io.tomo_particles import read_tomo_particles
-    from cryopipe.tomo.subtomo_set import particle_form, refined_tomo_particles, subtomo_volumes, \
+    from cryopipe.tomo.subtomo_set import particle_form, refined_tomo_particles, subtomo_volumes, tilt_stacks, \
         write_refined_particles
 
     form = particle_form(read_tomo_particles(particles_path))
-    if form == "2d":
-        raise InputFileError(particles_path, "holds 2D stacks (rlnTomoSubTomosAre2DStacks 1); refine3d refines 3D "
-                                             "pseudo-subtomograms only so far",
-                             "run subtomo without --stack2d and refine its optimisation set")
     if form == "none":
         raise InputFileError(particles_path, "names no particle images (rlnImageName)",
                              "run subtomo first and refine its optimisation set")
-    sv = subtomo_volumes(particles_path, root)
-    ps = ParticleSet(sv.n, sv.pixel_size, sv.read_data, None, sv.optics_group, sv.optics_group.copy())
+    if form == "2d":
+        if tomograms_path is None:
+            raise InputFileError(particles_path, "holds 2D stacks, whose CTFs come from the tomograms",
+                                 "give the optimisation set (--ios) or --tomograms tomograms.star")
+        sv = tilt_stacks(particles_path, tomograms_path, root)
+        ps = ParticleSet(sv.n, sv.pixel_size, lambda idx: None, None, sv.optics_group, sv.optics_group.copy())
+    else:
+        sv = subtomo_volumes(particles_path, root)
+        ps = ParticleSet(sv.n, sv.pixel_size, sv.read_data, None, sv.optics_group, sv.optics_group.copy())
     vol = torch.stack([load_reference(r, ps.n, ps.pixel_size, "--ref", log) for r in references]).mean(dim=0)
     mask_t, mask_name = None, "None"
     if solvent_mask is not None:
         mask_t = load_reference(solvent_mask, ps.n, ps.pixel_size, "--solvent_mask", log)
         mask_name = _rel(Path(solvent_mask), root)
     n = len(sv.subset)
-    state = ParticleState3D(sv.angles.copy(), sv.origins_px.copy(), np.full(n, -1, np.int64), sv.subset.copy(),
-                            np.ones(n), np.zeros(n), np.zeros(n), np.zeros(n, np.int64))
-    opt = SubtomoOptimiser3D(ps, s, sv.read_weights, state=state, device=dev, progress=progress,
-                             solvent_mask=mask_t)
+    angles, origins = sv.angles.copy(), sv.origins_px.copy()
+    if form == "2d":  # the stacks' rotations R_f refer to the tomogram frame: A_sub·A, A_sub·origin
+        angles, origins = _to_frame(angles, origins, sv.A_sub)
+    state = ParticleState3D(angles, origins, np.full(n, -1, np.int64), sv.subset.copy(), np.ones(n), np.zeros(n),
+                            np.zeros(n), np.zeros(n, np.int64))
+    if form == "2d":
+        opt = StackOptimiser3D(ps, s, sv, state=state, device=dev, progress=progress, solvent_mask=mask_t)
+    else:
+        opt = SubtomoOptimiser3D(ps, s, sv.read_weights, state=state, device=dev, progress=progress,
+                                 solvent_mask=mask_t)
     opt.initialise(vol, absolute_greyscale=False)
     n1 = int((opt.state.subset == 1).sum())
-    log(f"3D auto-refine of {ps.size} pseudo-subtomograms (half-sets {n1} / {ps.size - n1}), box {ps.n}, "
+    what = "2D-stack particles" if form == "2d" else "pseudo-subtomograms"
+    log(f"3D auto-refine of {ps.size} {what} (half-sets {n1} / {ps.size - n1}), box {ps.n}, "
         f"{ps.pixel_size:.3f} Å/px, symmetry {s.symmetry}, reference low-passed to {s.ini_high:g} Å and rescaled "
         f"to the data's greyscale")
 
@@ -190,7 +214,10 @@ def _tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list,
                 "rlnNormCorrection": st.norm, "rlnRandomSubset": st.subset.astype(np.int64),
                 "rlnLogLikeliContribution": st.loglik, "rlnMaxValueProbDistribution": st.pmax,
                 "rlnNrOfSignificantSamples": st.nsig.astype(np.int64)}
-        write_refined_particles(path, refined_tomo_particles(sv.particles, st.angles, st.origin, ps.pixel_size, cols))
+        angles, origins = st.angles, st.origin
+        if form == "2d":
+            angles, origins = _to_frame(angles, origins, np.transpose(sv.A_sub, (0, 2, 1)))
+        write_refined_particles(path, refined_tomo_particles(sv.particles, angles, origins, ps.pixel_size, cols))
 
     return opt, None, write_data, mask_name
 
@@ -697,6 +724,7 @@ def refine_3d(
         particles_path = Path(particles_star)
         if not particles_path.is_file():
             raise InputFileError(particles_path, "not found", "give the particles STAR file or optimisation set (--i)")
+        set_bases: list = []
         if is_optimisation_set(particles_path):
             set_values = read_optimisation_set(particles_path)
             input_set = _rel(particles_path, root)
@@ -719,8 +747,12 @@ def refine_3d(
                 if tomograms is not None:
                     set_values["rlnTomoTomogramsFile"] = _rel(Path(tomograms), root)
             ref_list = reference if isinstance(reference, list) else [reference]
+            tomo_path = tomograms
+            if set_values.get("rlnTomoTomogramsFile") not in (None, "", "None") and tomo_path is None:
+                tomo_path = resolve_relion_path(str(set_values["rlnTomoTomogramsFile"]), root,
+                                                particles_path.resolve().parent, *set_bases)
             opt, data, write_data, mask_name = _tomo_optimiser(particles_path, s, ref_list, solvent_mask, dev, root,
-                                                               progress, log)
+                                                               progress, log, tomo_path)
             original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
             ps = opt.p
         else:
