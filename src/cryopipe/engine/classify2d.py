@@ -541,15 +541,24 @@ class Optimiser2D(ParticleStream):
         acc_trans = torch.zeros(K, dtype=torch.float64)
         orient = torch.zeros(K, ns, dtype=torch.float64)
         kk = cset.k.to(dev)
-        for k in range(K):  # K classes, each one batched GEMM over particles and trials
-            if float(m.pdf_class[k]) <= 0:
-                continue
-            F0 = src.predict(torch.tensor([k], device=dev), torch.zeros(1, device=dev), kk)[0, 0]
-            Fr = src.predict(torch.tensor([k], device=dev), angles, kk)[0]
+        active = [k for k in range(K) if float(m.pdf_class[k]) > 0]
+        if not active:
+            m.acc_rot, m.acc_trans, m.orientability = acc_rot, acc_trans, orient
+            return
+        cls = torch.tensor(active, device=dev)
+        F0s = src.predict(cls, torch.zeros(1, device=dev), kk)[:, 0]  # [K', P]
+        Frs = src.predict(cls, angles, kk)  # [K', J, P]: one sampling for all classes
+        # |F − F·e^{−2πi k·s/n}|² = |F|²·|1 − e^{…}|²: the shift factors are the same for every class
+        one_minus_x = shift_difference_power(torch.ones_like(F0s[0]), kk, self.n, shifts,
+                                             torch.tensor([1.0, 0.0], device=dev))  # [J, P]
+        one_minus_y = shift_difference_power(torch.ones_like(F0s[0]), kk, self.n, shifts,
+                                             torch.tensor([0.0, 1.0], device=dev))
+        for j, k in enumerate(active):  # one small GEMM over particles and trials per class
+            F0, Fr = F0s[j], Frs[j]
             dp = (Fr - F0[None]).abs().square()
             a, orr = expected_accuracy(dp, w, angles, cset.shell, ns)
-            dx = shift_difference_power(F0, kk, self.n, shifts, torch.tensor([1.0, 0.0], device=dev))
-            dy = shift_difference_power(F0, kk, self.n, shifts, torch.tensor([0.0, 1.0], device=dev))
+            f2 = F0.abs().square()[None]
+            dx, dy = one_minus_x * f2, one_minus_y * f2
             tx, _ = expected_accuracy(dx, w[0::2], shifts, cset.shell, ns)
             ty, _ = expected_accuracy(dy, w[1::2], shifts, cset.shell, ns) if I > 1 else (tx, None)
             acc_rot[k] = float(a)

@@ -77,6 +77,20 @@ class CoefficientSet:
         return CoefficientSet(self.n, min(int(r), self.r_max), self.flat[:m], self.k[:m], self.shell[:m],
                               self.radius[:m], self.n_images, self.image_rotations, self.volume)
 
+    def in_box(self, m: int) -> CoefficientSet:
+        """The same coefficients (same order and frequencies) indexed in an ``m × m`` image (2D sets; Fourier
+        cropping or padding: frequency ``k`` keeps its index, only the box changes). ``m`` must hold every
+        frequency of the set (``|ky| <= m/2 − 1``, ``kx <= m/2``)."""
+        if self.volume or self.n_images != 1:
+            raise ValueError("in_box is for single 2D images")
+        m = int(m)
+        kx = self.k[:, 0].round().long()
+        ky = self.k[:, 1].round().long()
+        if self.size and (int(ky.abs().max()) > m // 2 - 1 or int(kx.max()) > m // 2):
+            raise ValueError(f"box {m} is too small for the coefficients of radius {self.r_max}")
+        flat = (ky % m) * (m // 2 + 1) + kx
+        return CoefficientSet(m, self.r_max, flat, self.k, self.shell, self.radius)
+
     @property
     def grid_shape(self) -> tuple[int, ...]:
         """Shape of the half-complex grid(s) the set indexes: ``(n, n//2+1)``, ``(F, n, n//2+1)`` for stacks,

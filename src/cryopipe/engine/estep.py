@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -246,12 +246,6 @@ def _as_real(z: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(z).reshape(*z.shape[:-1], 2 * z.shape[-1])
 
 
-def _cmm(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Real ``[M, N]`` × complex ``[N, P]`` → complex ``[M, P]`` as one real GEMM on the interleaved view."""
-    out = a @ _as_real(z)
-    return torch.view_as_complex(out.reshape(*out.shape[:-1], -1, 2))
-
-
 def squared_differences(X: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, refs: torch.Tensor,
                         phases: torch.Tensor, return_shifted: bool = False):
     """``diff² [B, T, M]`` (see module docstring) for images ``X [B, P]``, CTFs ``[B, P]``, ``1/σ² [B, P]``,
@@ -278,8 +272,14 @@ def significant_mask(w: torch.Tensor, fraction: float, max_significant: int = -1
     (always at least the largest one; at most ``max_significant`` when > 0, ties at the threshold included)."""
     B, N = w.shape
     total = w.sum(dim=1, keepdim=True)
+    # weights below (1 − fraction)·total / N can never be needed: all of them together hold less than the mass
+    # that may be left out, so the threshold lies among the larger ones; sort only as many as the fullest row has
+    n_cand = int((w >= (1.0 - fraction) * total / N).sum(dim=1).max()) if B and N else 0
+    keep = min(N, max(1, n_cand))
     if max_significant is not None and 0 < max_significant < N:
-        srt = torch.topk(w, int(max_significant), dim=1).values  # only the candidates can be kept
+        keep = min(keep, int(max_significant))  # only the candidates can be kept
+    if keep < N:
+        srt = torch.topk(w, keep, dim=1).values
     else:
         srt, _ = torch.sort(w, dim=1, descending=True)
     cs = torch.cumsum(srt, dim=1)
@@ -289,6 +289,46 @@ def significant_mask(w: torch.Tensor, fraction: float, max_significant: int = -1
     n_keep = torch.clamp(n_keep, max=srt.shape[1])
     thr = srt.gather(1, (n_keep - 1)[:, None])
     return (w >= thr) & (w > 0)
+
+
+def children_squared_differences(at: torch.Tensor, X: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor,
+                                  refs: torch.Tensor, parent: torch.Tensor, n_children_t: int,
+                                  chunk_values: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """``diff²`` of the fine samples whose parent is significant, and only of those (RELION scores the children
+    of each image's own significant coarse samples; a dense pass over the batch's union of them does ~1,000×
+    the work once the posteriors are sharp).
+
+    Args:
+        at: ``[B, Tf, P]`` translated, CTF- and noise-weighted images ``X_t·C/σ²`` of the fine translations
+            (``Tf = Tsel·St``: the ``St`` children of each of ``Tsel`` coarse translations, child-fastest).
+        X, ctf, inv_sigma2: ``[B, P]`` as :func:`squared_differences` (the first ``P`` coefficients are used).
+        refs: ``[Msel, So, P]`` predictions of the ``So`` children of each of ``Msel`` coarse samples.
+        parent: ``[B, Tsel, Msel]`` bool, the significant (coarse translation, coarse sample) pairs of each image.
+        n_children_t: ``St``.
+        chunk_values: bound on the complex values gathered at once (memory).
+
+    Returns:
+        ``entries [E, 3]`` long ``(b, coarse translation, coarse sample)`` of the significant parents, and
+        ``diff² [E, St, So]`` of their children (as :func:`squared_differences`).
+    """
+    P = refs.shape[-1]
+    So = refs.shape[1]
+    St = int(n_children_t)
+    entries = torch.nonzero(parent)  # [E, 3]
+    E = entries.shape[0]
+    out = torch.empty(E, St, So, device=at.device, dtype=torch.float32)
+    xi2 = (X[:, :P].real.square() + X[:, :P].imag.square()).mul_(inv_sigma2[:, :P]).sum(-1)  # [B]
+    c2i = ctf[:, :P].square() * inv_sigma2[:, :P]  # [B, P]
+    child_t = torch.arange(St, device=at.device)
+    step = max(1, int(chunk_values) // ((St + So) * P))
+    for e0 in range(0, E, step):
+        b, ti, mi = entries[e0:e0 + step].unbind(1)
+        A = at[b[:, None], ti[:, None] * St + child_t[None, :], :P]  # [e, St, P]
+        R = refs[mi]  # [e, So, P]
+        cross = torch.bmm(_as_real(A), _as_real(R).transpose(1, 2))  # [e, St, So]  Re Σ A·conj(R)
+        norm = torch.einsum("ep,eop->eo", c2i[b], R.real.square() + R.imag.square())  # [e, So]
+        out[e0:e0 + step] = (0.5 * xi2[b])[:, None, None] - cross + 0.5 * norm[:, None, :]
+    return entries, out
 
 
 def offset_log_prior(t: torch.Tensor, centre: torch.Tensor, sigma2: float) -> torch.Tensor:
@@ -410,6 +450,96 @@ def _merge_results(parts: list[BatchResult]) -> BatchResult:
     return BatchResult(**kw, extra=extra)
 
 
+@dataclass
+class _Weights:
+    """The non-zero (significant) posterior weights of a batch as a list: image ``b``, final translation ``t``
+    (index into the translations), final sample ``m`` (index into the samples) and weight ``v``, each ``[nnz]``;
+    the pruned posteriors are ~0.03 % dense, so everything after the weights works on this list."""
+
+    b: torch.Tensor
+    t: torch.Tensor
+    m: torch.Tensor
+    v: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> "_Weights":
+        return _Weights(self.b[keep], self.t[keep], self.m[keep], self.v[keep])
+
+
+def _posterior(logp: torch.Tensor, locate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+               settings: EStepSettings):
+    """Normalised, pruned weights from log posteriors ``logp [B, L]`` (−inf: not a candidate); ``locate(b, j)``
+    maps row positions to (translation, sample) indices. Returns ``(log evidence [B], pmax [B], n_significant [B],
+    best translation [B], best sample [B], weights)``."""
+    B = logp.shape[0]
+    lse = torch.logsumexp(logp, dim=1)  # [B]
+    w = logp.sub_(lse[:, None]).exp_()  # in place: the log posteriors are not needed any more
+    sig = significant_mask(w, settings.adaptive_fraction, settings.max_significant)
+    n_sig = sig.sum(dim=1)
+    pmax, best = w.max(dim=1)
+    b, j = torch.nonzero(sig, as_tuple=True)
+    t, m = locate(b, j)
+    best_t, best_m = locate(torch.arange(B, device=logp.device), best)
+    return lse, pmax, n_sig, best_t, best_m, _Weights(b, t, m, w[b, j])
+
+
+def weighted_row_sums(w: _Weights, rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_out: int,
+                      width: int, chunk_values: int = 1 << 22) -> torch.Tensor:
+    """``out[m] = Σ v · rows(b, t)`` over the weight list (``rows(b, t)`` for index vectors ``[e]`` gives complex
+    rows ``[e, width]``) → ``[n_out, width]`` complex64, added in list order (deterministic)."""
+    out = torch.zeros(n_out, width, dtype=torch.complex64, device=w.v.device)
+    step = max(1, int(chunk_values) // max(1, width))
+    for e0 in range(0, w.v.numel(), step):
+        sl = slice(e0, e0 + step)
+        out.index_add_(0, w.m[sl], rows(w.b[sl], w.t[sl]) * w.v[sl, None].to(out.real.dtype))
+    return out
+
+
+def _expected_cross(w: _Weights, at: torch.Tensor, refs: torch.Tensor, chunk_values: int = 1 << 22
+                    ) -> torch.Tensor:
+    """``[B, P]`` ``Re Σ v · at[b,t] · conj(refs[m])`` over the weight list (``at [B, T, P]``, ``refs [M, P]``)."""
+    B, _, P = at.shape
+    out = torch.zeros(B, P, dtype=torch.float32, device=at.device)
+    step = max(1, int(chunk_values) // max(1, P))
+    for e0 in range(0, w.v.numel(), step):
+        sl = slice(e0, e0 + step)
+        b = w.b[sl]
+        out.index_add_(0, b, (at[b, w.t[sl]] * refs[w.m[sl]].conj()).real * w.v[sl, None])
+    return out
+
+
+def _children_log_posterior(batch: BatchData, inv_score: torch.Tensor, at_f: torch.Tensor, ref_f: torch.Tensor,
+                            parent: torch.Tensor, lp_off: torch.Tensor, lp_or: torch.Tensor, St: int, Pe: int):
+    """Log posteriors of the children of each image's significant parents, packed per image.
+
+    ``parent [B, Tsel, Msel]``; ``lp_off [B, Tsel·St, Msel]`` and ``lp_or [B|1, Msel]`` the offset and
+    orientation log priors. Returns ``logp [B, L]`` (−inf padded; ``L`` = most parents of an image × ``St·So``)
+    and ``locate(b, j)`` → (translation index in ``[0, Tsel·St)``, sample index in ``[0, Msel·So)``)."""
+    dev = at_f.device
+    B = parent.shape[0]
+    Msel, So = ref_f.shape[0], ref_f.shape[1]
+    Tsel = parent.shape[1]
+    entries, d2 = children_squared_differences(at_f[:, :, :Pe], batch.X[:, :Pe], batch.ctf[:, :Pe],
+                                               inv_score[:, :Pe], ref_f[:, :, :Pe], parent, St)
+    b_e, ti_e, mi_e = entries.unbind(1)  # sorted by image (row-major nonzero)
+    off = lp_off.reshape(B, Tsel, St, Msel)[b_e, ti_e, :, mi_e]  # [E, St]
+    orient = lp_or[b_e if lp_or.shape[0] > 1 else torch.zeros_like(b_e), mi_e]  # [E]
+    lp = d2.neg_().add_(off[:, :, None]).add_(orient[:, None, None]).reshape(-1, St * So)  # [E, St·So]
+    counts = torch.bincount(b_e, minlength=B)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(b_e.numel(), device=dev) - first[b_e]
+    per = St * So
+    L = max(1, int(counts.max()) * per) if b_e.numel() else 1
+    logp = torch.full((B, L), -math.inf, device=dev, dtype=torch.float32)
+    logp[b_e[:, None], rank[:, None] * per + torch.arange(per, device=dev)[None, :]] = lp
+
+    def locate(b: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = (first[b] + j // per).clamp_max(max(0, b_e.numel() - 1))
+        r = j % per
+        return ti_e[e] * St + r // So, mi_e[e] * So + r % So
+
+    return logp, locate
+
+
 def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lpo: torch.Tensor,
                refs: PredictionSource, trans: TranslationGrid, settings: EStepSettings,
                sig: torch.Tensor | None) -> BatchResult:
@@ -434,16 +564,19 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
                              f"(coarse_size {Pc} != {Pe})")
         ref_f = refs.fine(torch.arange(K, device=dev).repeat_interleave(Rc),
                           torch.arange(Rc, device=dev).repeat(K))[:, :1]  # full set for the M-step sums
-        So_eff = 1
         t_f = tc
-        logp_f = logp.reshape(B, Tc, K * Rc)
         sample_k = torch.arange(K, device=dev).repeat_interleave(Rc)
         sample_r = torch.arange(Rc, device=dev).repeat(K)
         child_of_sample = torch.zeros(K * Rc, dtype=torch.long, device=dev)
         t_parent = torch.arange(Tc, device=dev)
         t_child = torch.zeros(Tc, dtype=torch.long, device=dev)
+        Mf = K * Rc
+        flat = logp.reshape(B, Tc * Mf)
+
+        def locate(b: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return j // Mf, j % Mf
     else:
-        # ---------------- union over the batch of the significant coarse samples
+        # ---------------- union over the batch of the significant coarse samples and translations
         kr_any = sig.any(dim=1).any(dim=0)  # [K, Rc]
         t_any = sig.any(dim=3).any(dim=2).any(dim=0)  # [Tc]
         kr_idx = torch.nonzero(kr_any)  # [Msel, 2]
@@ -457,19 +590,13 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
         t_f = t_ch.reshape(Tsel * St, -1)
         P = batch.X.shape[1]
         Pe = P if settings.estep_size is None else min(int(settings.estep_size), P)
-        d2f, at_f = squared_differences(batch.X[:, :Pe], batch.ctf[:, :Pe], inv_score[:, :Pe],
-                                        ref_f.reshape(Msel * So_eff, P)[:, :Pe], shift_phases(kvec[:Pe], t_f, n),
-                                        return_shifted=Pe == P)  # [B, Tsel*St, Msel*So]
-        lp_off = offset_log_prior(t_f, _estep_centre(batch), _estep_sigma2(settings))  # [B, Tf, K]
-        lp_off = lp_off[:, :, k_sel]  # [B, Tf, Msel]
-        lp_or = lpo[:, k_sel, r_sel]  # [B|1, Msel]
-        logp_f = d2f.reshape(B, Tsel * St, Msel, So_eff).neg_()
-        logp_f.add_(lp_off[..., None]).add_(lp_or[:, None, :, None])
-        parent = sig[:, t_sel][:, :, k_sel, r_sel]  # [B, Tsel, Msel]
-        parent = parent[:, :, None, :, None].expand(B, Tsel, St, Msel, So_eff).reshape(B, Tsel * St, Msel, So_eff)
-        logp_f.masked_fill_(~parent, -math.inf)
-        logp_f = logp_f.reshape(B, Tsel * St, Msel * So_eff)
-        del d2f, parent
+        # ... but only the children of each image's own significant parents are scored
+        at_f = (batch.X * (batch.ctf * inv_score).to(batch.X.dtype))[:, None, :] \
+            * shift_phases(kvec[:P], t_f, n)[None]  # [B, Tf, P]  X_t·C/σ² (DC left out)
+        lp_off = offset_log_prior(t_f, _estep_centre(batch), _estep_sigma2(settings))[:, :, k_sel]  # [B, Tf, Msel]
+        flat, locate = _children_log_posterior(batch, inv_score, at_f, ref_f, sig[:, t_sel][:, :, k_sel, r_sel],
+                                               lp_off, lpo[:, k_sel, r_sel], St, Pe)
+        del lp_off
         sample_k = k_sel.repeat_interleave(So_eff)
         sample_r = r_sel.repeat_interleave(So_eff)
         child_of_sample = torch.arange(So_eff, device=dev).repeat(Msel)
@@ -478,23 +605,14 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
         ref_f = ref_f.reshape(Msel * So_eff, 1, P)
     del logp
 
-    # ---------------- final weights
+    # ---------------- final weights (a list of the significant ones)
     Tf = t_f.shape[0]
     Mf = sample_k.numel()
-    flat = logp_f.reshape(B, Tf * Mf)
-    lse = torch.logsumexp(flat, dim=1)  # [B]
-    w = flat.sub_(lse[:, None]).exp_()  # in place: logp_f is not needed any more
-    sig_f = significant_mask(w, settings.adaptive_fraction, settings.max_significant)
-    n_sig = sig_f.sum(dim=1)
-    pmax, best = w.max(dim=1)
-    w.masked_fill_(~sig_f, 0.0)
-    w = w.reshape(B, Tf, Mf)
-    del flat, sig_f, logp_f
-    best_t = best // Mf
-    best_m = best % Mf
+    lse, pmax, n_sig, best_t, best_m, w = _posterior(flat, locate, settings)
+    del flat
     loglik = lse - batch.xi2_outside - batch.logsigma2
 
-    # ---------------- M-step sums (GEMMs with the weights)
+    # ---------------- M-step sums over the weight list
     refs_m = ref_f.reshape(Mf, -1)  # [Mf, P]
     P = refs_m.shape[1]
     X = batch.X[:, :P]
@@ -506,19 +624,18 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     # DC term (phase 1): scored without it, summed with it
     xc0 = X[:, 0] * ctf[:, 0].to(X.dtype)
     at_f[:, :, 0] = (xc0 * inv[:, 0].to(X.dtype))[:, None]
-    wt = w.reshape(B * Tf, Mf).T  # [Mf, B*Tf]
     if batch.X_nomask is None:
-        S = _cmm(wt, at_f.reshape(B * Tf, P))  # [Mf, P]  Σ w·C·X_t/σ²
+        S = weighted_row_sums(w, lambda b, t: at_f[b, t], Mf, P)  # [Mf, P]  Σ w·C·X_t/σ²
     else:  # the reference sums from the unmasked images (same weights, shifts, CTF and 1/σ², DC included)
-        Xn = batch.X_nomask[:, :P].to(X.dtype)
-        an = (Xn * (ctf * inv).to(X.dtype))[:, None, :] * shift_phases(kvec[:P], t_f, n)[None]  # [B, Tf, P]
-        S = _cmm(wt, an.reshape(B * Tf, P))
-        del an
-    wbm = w.sum(dim=1)  # [B, Mf]
+        an = batch.X_nomask[:, :P].to(X.dtype) * (ctf * inv).to(X.dtype)  # [B, P]
+        ph = shift_phases(kvec[:P], t_f, n)  # [Tf, P]
+        S = weighted_row_sums(w, lambda b, t: an[b] * ph[t], Mf, P)
+        del an, ph
+    wbm = torch.zeros(B, Mf, device=dev).index_put_((w.b, w.m), w.v, accumulate=True)  # [B, Mf]
     Wsum = wbm.T @ (ctf.square() * inv)  # [Mf, P]
 
     # expected residual power E|X_t − C·Ref|² = sumw·|X|² − 2·E_xa + E_aa per coefficient
-    sumw_b = w.sum(dim=(1, 2))  # [B] (≈1, minus the pruned mass)
+    sumw_b = wbm.sum(dim=1)  # [B] (≈1, minus the pruned mass)
     ex_xx = sumw_b[:, None] * (X.real.square() + X.imag.square())  # [B, P]
     G = settings.n_optics_groups
     ns = settings.n_shells
@@ -527,13 +644,10 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     pw_out = batch.power_outside.to(torch.float64)
     ref_pow = refs_m.real.square() + refs_m.imag.square()  # [Mf, P]
     if settings.compute_corrections:
-        # per image (norm / scale corrections need it): one more GEMM for the weighted mean prediction
-        wbt = w.reshape(B * Tf, Mf)
-        rbar = _cmm(wbt, refs_m).reshape(B, Tf, P)
-        e_xa = (at_f * rbar.conj()).real.sum(dim=1)  # [B, P]: Re Σ_t X_t·C/σ²·conj(E[Ref]) (DC: ·1/σ²_0)
+        # per image (norm / scale corrections need it)
+        e_xa = _expected_cross(w, at_f, refs_m)  # [B, P]: Re Σ_t,m w·X_t·C/σ²·conj(Ref_m) (DC: ·1/σ²_0)
         e_xa = torch.where(inv > 0, e_xa / inv.clamp_min(1e-30), torch.zeros_like(e_xa))  # → Re Σ X_t·C·E[R]*
         e_aa = ctf.square() * (wbm @ ref_pow)  # [B, P]
-        del rbar
         resid = ex_xx - 2.0 * e_xa + e_aa  # [B, P]
         per_shell = torch.zeros(B, ns, device=dev, dtype=torch.float64).index_add_(1, shell, resid.to(torch.float64))
         wsum_noise = torch.zeros(G, ns, device=dev, dtype=torch.float64).index_add_(0, og, per_shell + pw_out)
@@ -554,9 +668,9 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
             if bool(sel.all()) and batch.X_nomask is None:
                 S_g, W_g = S, Wsum
             else:
-                w_g = w[sel]
-                S_g = _cmm(w_g.reshape(-1, Mf).T, at_f[sel].reshape(-1, P))
-                W_g = w_g.sum(dim=1).T @ (ctf[sel].square() * inv[sel])
+                w_g = w.select(sel[w.b])
+                S_g = weighted_row_sums(w_g, lambda b, t: at_f[b, t], Mf, P)
+                W_g = wbm[sel].T @ (ctf[sel].square() * inv[sel])
             xa = (refs_m.conj() * S_g).real.sum(dim=0) / inv_g.clamp_min(1e-30)
             aa = (ref_pow * W_g).sum(dim=0) / inv_g.clamp_min(1e-30)
             resid_g = ex_xx[sel].sum(dim=0) - 2.0 * xa + aa
@@ -571,15 +685,17 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
         0, og, torch.ones(B, device=dev, dtype=torch.float64))
 
     # ---------------- class / orientation / offset sums
-    w_km = torch.zeros(B, K, device=dev).index_add_(1, sample_k, wbm)  # [B, K]
+    wk = sample_k[w.m]
+    w_km = torch.zeros(B, K, device=dev).index_put_((w.b, wk), w.v, accumulate=True)  # [B, K]
     wsum_class = w_km.sum(dim=0)
     wsum_orient = torch.zeros(K * Rc, device=dev, dtype=torch.float64).index_add_(
         0, sample_k * Rc + sample_r, wbm.sum(dim=0).to(torch.float64)).reshape(K, Rc)
-    wtk = torch.zeros(B, Tf, K, device=dev).index_add_(2, sample_k, w)  # [B, Tf, K]
     # Σ w·t per (b, k): translations relative to the image origin
-    wsum_t = torch.einsum("btk,td->bkd", wtk, t_f.to(wtk.dtype))  # [B, K, D]
-    d = t_f[None, :, None, :] - batch.prior_centre[:, None, :, :]  # [B, Tf, K, D]
-    wsum_sigma2_offset = (wtk * d.square().sum(-1)).sum().to(torch.float64)
+    tw = t_f[w.t].to(torch.float32)  # [nnz, D]
+    D = tw.shape[1]
+    wsum_t = torch.zeros(B * K, D, device=dev).index_add_(0, w.b * K + wk, tw * w.v[:, None]).reshape(B, K, D)
+    d = tw - batch.prior_centre[w.b, wk]  # [nnz, D]
+    wsum_sigma2_offset = (w.v * d.square().sum(-1)).sum().to(torch.float64)
 
     best_k = sample_k[best_m]
     return BatchResult(

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cryopipe.core.fourier import irfft2_centered, rfft2_centered
+from cryopipe.core.fourier import good_fft_size, irfft2_centered, rfft2_centered
 from cryopipe.engine.coefficients import CoefficientSet
 
 __all__ = ["ClassReferences2D", "gridding_correction_2d", "rotate_frequencies", "back_rotate_sums",
@@ -188,7 +188,10 @@ def back_rotate_sums(S: torch.Tensor, W: torch.Tensor, psi_deg: torch.Tensor, cs
     """
     K, R, P = S.shape
     dev = S.device
-    n = cset.n
+    # work in the smallest (FFT-friendly, even) box that holds the set: Fourier-cropped images cover the same
+    # physical box, so the sampled values and the real-space attenuation sinc²(x/(pad·n)) are those of box n
+    n = min(cset.n, good_fft_size(2 * int(cset.r_max) + 4))
+    cset = cset.in_box(n) if n != cset.n else cset
     padn = pad * n
     q = cset.k.to(dev)
     obs = rotate_frequencies(q, psi_deg.to(dev), transpose=False)  # [R, P, 2]: observation frame of q

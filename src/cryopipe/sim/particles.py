@@ -67,6 +67,7 @@ JUNK_NONE, JUNK_EMPTY, JUNK_CONTAMINATION = 0, 1, 2
 JUNK_LABEL = "cryopipeJunkType"
 #: truth column of ``views=`` simulations: 1-based index of the particle's (rot, tilt) view, 0 for junk
 VIEW_LABEL = "cryopipeViewIndex"
+SCALE_LABEL = "cryopipeIntensityScale"  # per-micrograph intensity factor (micrograph_scale_spread > 0)
 
 _CTF_COLUMNS = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnCtfBfactor", "rlnCtfScalefactor", "rlnPhaseShift"]
 _TRUTH_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
@@ -287,6 +288,9 @@ def simulate_particles(
     images_per_stack: int = 10000,
     pilot_size: int = 500,
     dtype: str = "float32",
+    intensity_scale: float = 1.0,
+    intensity_offset: float = 0.0,
+    micrograph_scale_spread: float = 0.0,
     particles_per_micrograph: int = 100,
     image_root: str | os.PathLike | None = None,
     stack_dir: str = "Particles",
@@ -320,6 +324,12 @@ def simulate_particles(
         pilot_size: true particles (the first non-junk rows) whose noise-free images set the signal variance of
             the SNR.
         dtype: ``"float32"`` or ``"float16"`` (MRC mode 12, as RELION writes for ``--float16``).
+        intensity_scale, intensity_offset: the written images are ``scale·g_mic·(signal + noise) + offset``, i.e.
+            not normalised (real stacks that were not run through ``relion_preprocess --norm`` have an arbitrary
+            scale and mean; the class2d_hard fixture: mean 0.012, sd 1.6).
+        micrograph_scale_spread: relative standard deviation of a per-micrograph factor ``g_mic`` (mean 1; drawn
+            from its own seed stream, so geometry and noise do not change): what ``--scale`` corrects; the
+            factors go to the truth file as ``cryopipeIntensityScale``.
         particles_per_micrograph: rows sharing one (fictitious) ``rlnMicrographName``.
         image_root: directory that ``rlnImageName`` paths are relative to (default ``out_dir``; RELION resolves
             them relative to the project directory, so a job inside a project passes the project root).
@@ -338,6 +348,10 @@ def simulate_particles(
         raise CryopipeError(f"image dtype {dtype!r}: use float32 or float16")
     if batch_size < 1:
         raise CryopipeError(f"batch size must be >= 1 (got {batch_size})")
+    if not (intensity_scale > 0 and math.isfinite(intensity_scale) and math.isfinite(intensity_offset)
+            and 0 <= micrograph_scale_spread < 0.5):
+        raise CryopipeError(f"intensity scale {intensity_scale} must be > 0, offset {intensity_offset} finite and "
+                            f"micrograph scale spread {micrograph_scale_spread} in [0, 0.5)")
     dev = resolve_device(device)
     vol = _volume_tensor(volume, dev)
     box = vol.shape[-1]
@@ -368,6 +382,11 @@ def simulate_particles(
     junk[perm[n_empty:n_empty + n_cont]] = JUNK_CONTAMINATION
     angles[junk != JUNK_NONE] = 0.0
     origins_A[junk != JUNK_NONE] = 0.0
+    ppm = max(1, particles_per_micrograph)
+    mic_index = np.arange(n) // ppm
+    scale_rng = np.random.default_rng(ss.spawn(1)[0])  # a third stream: geometry and noise stay as they were
+    mic_factor = np.clip(1.0 + micrograph_scale_spread * scale_rng.standard_normal(int(mic_index[-1]) + 1), 0.1, None)
+    gain = torch.as_tensor(intensity_scale * mic_factor[mic_index], dtype=torch.float32, device=dev)
 
     projector = Projector(vol, pad=2)
     origins_px_all = torch.as_tensor(origins_A / pixel_size, dtype=torch.float32, device=dev)
@@ -429,6 +448,8 @@ def simulate_particles(
                     imgs[cont] = contamination_images(n_c, box, math.sqrt(sig_var), gen, device=dev)
             if sigma > 0:
                 imgs = imgs + sigma * torch.randn(imgs.shape, generator=gen, device=dev, dtype=imgs.dtype)
+            if intensity_scale != 1.0 or intensity_offset != 0.0 or micrograph_scale_spread > 0:
+                imgs = imgs * gain[sl, None, None] + float(intensity_offset)
             writer[b0 - s0:b1 - s0] = imgs.cpu().numpy()
             image_names[sl] = format_image_name(np.arange(b0 - s0, b1 - s0), _rel(stack_paths[-1], root))
             if b1 == s1:
@@ -441,7 +462,7 @@ def simulate_particles(
 
     # ---- STAR files
     optics = optics_table(pixel_size, box, voltage, cs, amplitude_contrast, "particles")
-    mic_names = [f"Micrographs/sim_{i // max(1, particles_per_micrograph) + 1:06d}.mrc" for i in range(n)]
+    mic_names = [f"Micrographs/sim_{i + 1:06d}.mrc" for i in mic_index]
     main = pd.DataFrame({"rlnImageName": image_names.astype(str), "rlnMicrographName": mic_names})
     if ctf:
         for col in _CTF_COLUMNS:
@@ -451,6 +472,8 @@ def simulate_particles(
     truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"] = angles[:, 0], angles[:, 1], angles[:, 2]
     truth["rlnOriginXAngst"], truth["rlnOriginYAngst"] = origins_A[:, 0], origins_A[:, 1]
     truth[JUNK_LABEL] = junk
+    if micrograph_scale_spread > 0:
+        truth[SCALE_LABEL] = mic_factor[mic_index]
     if views is not None:
         truth[VIEW_LABEL] = np.where(junk == JUNK_NONE, view_index + 1, 0)
     if truth_in_main:
