@@ -106,6 +106,7 @@ def initial_model(
     command: str = "",
     log=print,
     progress=None,
+    tomograms: str | os.PathLike | None = None,
 ) -> InitialModelResult:
     """Run (or continue) a de novo initial model.
 
@@ -121,6 +122,10 @@ def initial_model(
         continue_from: an ``_itNNN_optimiser.star`` of an initial-model run (its ``_momenta.pt`` is restored).
         overrides: :class:`Refine3DSettings` fields given explicitly (win over stored ones when continuing).
         root: directory that names in the STAR files are relative to (default cwd).
+        tomograms: tomograms.star for tomographic particles given as a particles file (2D stacks need it); an
+            optimisation set (``--ios``) names its own. Tomographic particles (3D pseudo-subtomograms or 2D
+            stacks) run on :mod:`cryopipe.engine.tomo_optimiser`; ``<prefix>_optimisation_set.star`` then names
+            the particles and ``initial_model.mrc`` as the reference of the next job.
     """
     dev = resolve_device(device)
     root = Path(root) if root is not None else Path.cwd()
@@ -130,8 +135,16 @@ def initial_model(
     sym_final = canonical_symmetry_name(symmetry)
     g = dict(grad or {})
     forced = {"symmetry": "C1", "grad": True, "split_halves": False, "auto_refine": False}
+    tomo = None
+    write_data = None
+    set_values = None
     if continue_from is not None:
         vals, bases, data_path, model_paths, sv, _ = continue_inputs(continue_from)
+        from cryopipe.jobs.refine3d import is_tomo_particles
+
+        if is_tomo_particles(data_path):
+            raise InputFileError(continue_from, "is an initial model of tomographic particles; --continue does not "
+                                                "resume those yet", "start a new initialmodel run")
         if int(vals.get("rlnDoGradientRefine", 0)) != 1 or len(model_paths) != 1:
             raise InputFileError(continue_from, "is not from a gradient-driven initial model (rlnDoGradientRefine)",
                                  "continue a refinement with `cryopipe refine3d --continue`")
@@ -179,6 +192,21 @@ def initial_model(
         if not Path(particles_star).is_file():
             raise InputFileError(particles_star, "not found", "give the particles STAR file (--i)")
         s = Refine3DSettings(**{**{f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}, **forced})
+        tomo = _tomo_inputs(Path(particles_star), tomograms, root)
+    if continue_from is None and tomo is not None:
+        from cryopipe.jobs.refine3d import tomo_optimiser
+
+        particles_path, tomograms_path, set_values = tomo
+        rule = _rule(s, g)
+        opt, data, write_data, _ = tomo_optimiser(particles_path, s, None, None, dev, root, progress, log,
+                                                  tomograms_path, update_rule=rule)
+        ps = opt.p
+        ini, fin = default_subset_sizes(ps.size, "initial_model")
+        log(f"3D initial model: {ps.size} tomographic particles, box {ps.n}, {ps.pixel_size:.3f} Å/px, "
+            f"{s.n_classes} class(es) from random blobs, {s.n_iter} iterations, mini-batches "
+            f"{rule.ini_subset or ini} → {rule.fin_subset or fin}; symmetry {sym_final} applied at the end")
+        original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
+    elif continue_from is None:
         data, ps, origin = load_particles(particles_star, "3D initial model")
         if s.do_ctf and ps.ctf is None:
             raise InputFileError(particles_star, "--ctf was given but the particles have no rlnDefocusU column",
@@ -204,7 +232,7 @@ def initial_model(
         _save_momenta(mom, rule)
         return write_iteration_3d(opt, data, out_dir, prefix, root, n_iter, command, original,
                                   extra=_grad_values(rule, opt.iteration, ps.size, _rel(mom, root), write_iter,
-                                                     sym_final))
+                                                     sym_final), write_data=write_data)
 
     paths = None
     if continue_from is None:
@@ -230,8 +258,38 @@ def initial_model(
     log(f"initial model: class {k + 1} ({float(m.pdf_class[k]):.1%} of the particles)"
         + (f" aligned to {sym_final} (symmetry residual {res.residual:.3f}) and symmetrised"
            if sym_final != "C1" else "") + f" -> {out_map}")
+    if tomo is not None:  # the next job's input: the particles and the initial model as the reference
+        from cryopipe.jobs.refine3d import write_optimisation_set
+
+        new = dict(set_values)
+        new["rlnTomoParticlesFile"] = _rel(paths["data"], root)
+        new["rlnTomoReferenceMap1File"] = _rel(out_map, root)
+        write_optimisation_set(out_dir / f"{prefix}_optimisation_set.star", new)
     return InitialModelResult(out_dir / prefix, opt.iteration, paths["data"], paths["model"], paths["optimiser"],
                               list(paths["maps"]), out_map, sym_star, opt)
+
+
+def _tomo_inputs(path: Path, tomograms, root: Path):
+    """``(particles path, tomograms path or None, optimisation-set entries)`` when ``path`` is an optimisation set
+    or a tomography particles file; None for single particles."""
+    from cryopipe.jobs.refine3d import is_optimisation_set, is_tomo_particles, read_optimisation_set
+
+    values: dict = {}
+    tomo_path = Path(tomograms) if tomograms is not None else None
+    if is_optimisation_set(path):
+        values = read_optimisation_set(path)
+        bases = [path.resolve().parent, path.resolve().parent.parent.parent]
+        particles = resolve_relion_path(str(values["rlnTomoParticlesFile"]), root, *bases)
+        if tomo_path is None and values.get("rlnTomoTomogramsFile") not in (None, "", "None"):
+            tomo_path = resolve_relion_path(str(values["rlnTomoTomogramsFile"]), root, *bases)
+    elif is_tomo_particles(path):
+        particles = path
+        values = {"rlnTomoParticlesFile": _rel(path, root)}
+        if tomo_path is not None:
+            values["rlnTomoTomogramsFile"] = _rel(tomo_path, root)
+    else:
+        return None
+    return particles, tomo_path, values
 
 
 def _rule(s: Refine3DSettings, g: dict) -> GradUpdate:
@@ -254,7 +312,10 @@ DEFAULTS = dict(n_iter=100, n_classes=1, tau2_fudge=4.0, particle_diameter=-1.0,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("input/output")
-    g.add_argument("--i", dest="i", default=None, help="particles STAR file")
+    g.add_argument("--i", "--ios", dest="i", default=None,
+                   help="particles STAR file, or a tomography optimisation set (rlnTomoParticlesFile …)")
+    g.add_argument("--tomograms", default=None,
+                   help="tomograms.star of tomographic particles given with --i particles.star")
     g.add_argument("--o", dest="o", default=None,
                    help="output prefix, RELION style (e.g. InitialModel/job009/run); a directory means prefix 'run'")
     g.add_argument("--continue", dest="continue_", default=None, metavar="OPTIMISER_STAR",
@@ -346,7 +407,7 @@ def main(args: argparse.Namespace) -> int:
                             write_iter=args.write_iter if args.write_iter is not None else 10,
                             continue_from=args.continue_, overrides=given, device=args.device, root=job.root,
                             command=" ".join(_argv_of(args)), log=log,
-                            progress=lambda it, desc="": progress(it, desc=desc))
+                            progress=lambda it, desc="": progress(it, desc=desc), tomograms=args.tomograms)
         job.add_output(res.initial_model, NodeType.INITIAL_MODEL)
         job.add_output(res.data_star, NodeType.INITIAL_MODEL_PARTICLES)
         job.add_output(res.optimiser_star, NodeType.INITIAL_MODEL_OPTIMISER)

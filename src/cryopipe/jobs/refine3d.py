@@ -159,18 +159,17 @@ def _to_frame(angles: np.ndarray, origins: np.ndarray, frames: np.ndarray) -> tu
     return matrix_to_euler(A).numpy(), np.einsum("nij,nj->ni", frames, origins)
 
 
-def _tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list, solvent_mask, dev, root: Path,
-                    progress, log, tomograms_path=None):
+def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list | None, solvent_mask, dev,
+                   root: Path, progress, log, tomograms_path=None, update_rule=None):
     """``(optimiser, None, write_data, mask_name)`` for tomographic particles: 3D pseudo-subtomograms on
     :class:`~cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D` or 2D stacks on
     :class:`~cryopipe.engine.tomo_optimiser.StackOptimiser3D` (orientations and origins in the tomogram frame
     while refining, written back in the subtomogram frame), initialised from the reference(s) rescaled to the
-    data's greyscale."""
+    data's greyscale, or de novo from random blobs without ``references`` (``update_rule``: gradient runs)."""
     from cryopipe.engine.stream import ParticleSet
     from cryopipe.engine.tomo_optimiser import StackOptimiser3D, SubtomoOptimiser3D
     from cryopipe.io.tomo_particles import read_tomo_particles
-    from cryopipe.tomo.subtomo_set import particle_form, refined_tomo_particles, subtomo_volumes, tilt_stacks, \
-        write_refined_particles
+    from cryopipe.tomo.subtomo_set import particle_form, subtomo_volumes, tilt_stacks
 
     form = particle_form(read_tomo_particles(particles_path))
     if form == "none":
@@ -185,7 +184,9 @@ def _tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list,
     else:
         sv = subtomo_volumes(particles_path, root)
         ps = ParticleSet(sv.n, sv.pixel_size, sv.read_data, None, sv.optics_group, sv.optics_group.copy())
-    vol = torch.stack([load_reference(r, ps.n, ps.pixel_size, "--ref", log) for r in references]).mean(dim=0)
+    vol = None
+    if references is not None:
+        vol = torch.stack([load_reference(r, ps.n, ps.pixel_size, "--ref", log) for r in references]).mean(dim=0)
     mask_t, mask_name = None, "None"
     if solvent_mask is not None:
         mask_t = load_reference(solvent_mask, ps.n, ps.pixel_size, "--solvent_mask", log)
@@ -196,17 +197,26 @@ def _tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list,
         angles, origins = _to_frame(angles, origins, sv.A_sub)
     state = ParticleState3D(angles, origins, np.full(n, -1, np.int64), sv.subset.copy(), np.ones(n), np.zeros(n),
                             np.zeros(n), np.zeros(n, np.int64))
+    kw = dict(state=state, device=dev, progress=progress, solvent_mask=mask_t, update_rule=update_rule)
     if form == "2d":
-        opt = StackOptimiser3D(ps, s, sv, state=state, device=dev, progress=progress, solvent_mask=mask_t)
+        opt = StackOptimiser3D(ps, s, sv, **kw)
     else:
-        opt = SubtomoOptimiser3D(ps, s, sv.read_weights, state=state, device=dev, progress=progress,
-                                 solvent_mask=mask_t)
+        opt = SubtomoOptimiser3D(ps, s, sv.read_weights, **kw)
     opt.initialise(vol, absolute_greyscale=False)
+    if vol is None:
+        return opt, None, _tomo_data_writer(opt, sv, form), mask_name
     n1 = int((opt.state.subset == 1).sum())
     what = "2D-stack particles" if form == "2d" else "pseudo-subtomograms"
     log(f"3D auto-refine of {ps.size} {what} (half-sets {n1} / {ps.size - n1}), box {ps.n}, "
         f"{ps.pixel_size:.3f} Å/px, symmetry {s.symmetry}, reference low-passed to {s.ini_high:g} Å and rescaled "
         f"to the data's greyscale")
+
+    return opt, None, _tomo_data_writer(opt, sv, form), mask_name
+
+
+def _tomo_data_writer(opt, sv, form: str):
+    """``write_data(path)``: the refined tomographic particles in RELION's layout (subtomogram frame)."""
+    from cryopipe.tomo.subtomo_set import refined_tomo_particles, write_refined_particles
 
     def write_data(path: Path) -> None:
         st = opt.state
@@ -217,9 +227,9 @@ def _tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list,
         angles, origins = st.angles, st.origin
         if form == "2d":
             angles, origins = _to_frame(angles, origins, np.transpose(sv.A_sub, (0, 2, 1)))
-        write_refined_particles(path, refined_tomo_particles(sv.particles, angles, origins, ps.pixel_size, cols))
+        write_refined_particles(path, refined_tomo_particles(sv.particles, angles, origins, opt.p.pixel_size, cols))
 
-    return opt, None, write_data, mask_name
+    return write_data
 
 
 def state_from_data(data: ParticleData, origin: np.ndarray, source: str | os.PathLike = "particles STAR file"
@@ -751,7 +761,7 @@ def refine_3d(
             if set_values.get("rlnTomoTomogramsFile") not in (None, "", "None") and tomo_path is None:
                 tomo_path = resolve_relion_path(str(set_values["rlnTomoTomogramsFile"]), root,
                                                 particles_path.resolve().parent, *set_bases)
-            opt, data, write_data, mask_name = _tomo_optimiser(particles_path, s, ref_list, solvent_mask, dev, root,
+            opt, data, write_data, mask_name = tomo_optimiser(particles_path, s, ref_list, solvent_mask, dev, root,
                                                                progress, log, tomo_path)
             original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
             ps = opt.p
