@@ -255,3 +255,31 @@ def test_fine_pass_sub_batches_give_the_same_statistics(relion_dir):
     for name in ("wsum_class", "wsum_sigma2_noise", "wsum_orient", "loglik", "pmax"):
         assert torch.allclose(getattr(r1, name), getattr(r2, name), rtol=1e-4), name
     assert torch.equal(r1.best_class, r2.best_class) and torch.equal(r1.best_coarse, r2.best_coarse)
+
+
+@pytest.mark.parametrize("noise", [1.0, 5000.0])
+def test_sparse_and_dense_paths_agree(relion_dir, monkeypatch, noise):
+    """The fine pass and the M-step sums take a dense GEMM over the batch's union when many cells are in play and
+    a gather over the significant cells otherwise (estep.DENSE_FRACTION): both give the same weights, poses and
+    sums, for sharp (σ² × 1) and broad (σ² × 5000) posteriors."""
+    import cryopipe.engine.estep as es
+
+    samp, sim = _setup(relion_dir, N=16, seed=4, snr=1.0)
+    cs = coefficient_set(sim.n, 10)
+    full, P, src, tg, st, ctf, sigma2, K = _estep_inputs(samp, sim, cs)
+    imgs = torch.from_numpy(sim.images)
+    B = imgs.shape[0]
+    b = prepare_batch(imgs, full, P, sigma2 * noise, torch.zeros(B, dtype=torch.long), ctf=ctf, n_classes=K)
+    st.compute_corrections = True
+    out = []
+    for frac in (0.0, 2.0):  # 0: always dense; 2: never
+        monkeypatch.setattr(es, "DENSE_FRACTION", frac)
+        out.append(expectation(b, src, tg, st))
+    d, s = out
+    assert torch.allclose(d.S, s.S, rtol=1e-4, atol=1e-5 * float(d.S.abs().max()))
+    assert torch.allclose(d.W, s.W, rtol=1e-5)
+    for name in ("pmax", "loglik", "wsum_class", "wsum_sigma2_noise", "norm_residual", "scale_xa",
+                 "wsum_offset_rel"):
+        assert torch.allclose(getattr(d, name), getattr(s, name), rtol=1e-4, atol=1e-6), name
+    assert torch.equal(d.best_class, s.best_class) and torch.equal(d.best_coarse, s.best_coarse)
+    assert torch.equal(d.n_significant, s.n_significant)

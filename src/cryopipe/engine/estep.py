@@ -246,6 +246,19 @@ def _as_real(z: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(z).reshape(*z.shape[:-1], 2 * z.shape[-1])
 
 
+def _cmm(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Real ``[M, N]`` × complex ``[N, P]`` → complex ``[M, P]`` as one real GEMM on the interleaved view."""
+    out = a @ _as_real(z)
+    return torch.view_as_complex(out.reshape(*out.shape[:-1], -1, 2))
+
+
+#: above this fraction of (image, translation, sample) cells in play, the dense GEMM over the batch's union is
+#: cheaper than gathering the cells one by one (a GEMM cell costs ~4·P flops at full rate, a gathered one a
+#: memory-bound pass over P complex values: measured break-even ~5–10 %); early iterations (flat posteriors)
+#: take the dense path, later ones (sharp posteriors, ~0.03 %) the sparse one. Both give the same numbers.
+DENSE_FRACTION = 0.05
+
+
 def squared_differences(X: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, refs: torch.Tensor,
                         phases: torch.Tensor, return_shifted: bool = False):
     """``diff² [B, T, M]`` (see module docstring) for images ``X [B, P]``, CTFs ``[B, P]``, ``1/σ² [B, P]``,
@@ -316,9 +329,18 @@ def children_squared_differences(at: torch.Tensor, X: torch.Tensor, ctf: torch.T
     St = int(n_children_t)
     entries = torch.nonzero(parent)  # [E, 3]
     E = entries.shape[0]
-    out = torch.empty(E, St, So, device=at.device, dtype=torch.float32)
     xi2 = (X[:, :P].real.square() + X[:, :P].imag.square()).mul_(inv_sigma2[:, :P]).sum(-1)  # [B]
     c2i = ctf[:, :P].square() * inv_sigma2[:, :P]  # [B, P]
+    if E > DENSE_FRACTION * parent.numel():  # flat posteriors: one GEMM over the union, then pick the cells
+        B, Tf = at.shape[0], at.shape[1]
+        Msel = refs.shape[0]
+        R = refs.reshape(Msel * So, P)
+        d = (_as_real(at[:, :, :P]).reshape(B * Tf, 2 * P) @ _as_real(R).T).reshape(B, Tf, Msel * So)
+        norm = c2i @ (R.real.square() + R.imag.square()).T  # [B, Msel·So]
+        d.mul_(-1.0).add_(norm[:, None, :], alpha=0.5).add_(xi2[:, None, None], alpha=0.5)
+        b, ti, mi = entries.unbind(1)
+        return entries, d.reshape(B, Tf // St, St, Msel, So)[b, ti, :, mi, :]
+    out = torch.empty(E, St, So, device=at.device, dtype=torch.float32)
     child_t = torch.arange(St, device=at.device)
     step = max(1, int(chunk_values) // ((St + So) * P))
     for e0 in range(0, E, step):
@@ -483,10 +505,18 @@ def _posterior(logp: torch.Tensor, locate: Callable[[torch.Tensor, torch.Tensor]
 
 
 def weighted_row_sums(w: _Weights, rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_out: int,
-                      width: int, chunk_values: int = 1 << 22) -> torch.Tensor:
+                      width: int, cells: tuple[int, int], chunk_values: int = 1 << 22) -> torch.Tensor:
     """``out[m] = Σ v · rows(b, t)`` over the weight list (``rows(b, t)`` for index vectors ``[e]`` gives complex
-    rows ``[e, width]``) → ``[n_out, width]`` complex64, added in list order (deterministic)."""
-    out = torch.zeros(n_out, width, dtype=torch.complex64, device=w.v.device)
+    rows ``[e, width]``; ``cells = (B, T)`` the image and translation counts) → ``[n_out, width]`` complex64,
+    added in list order (deterministic); a dense GEMM when the list fills more than ``DENSE_FRACTION``."""
+    B, T = cells
+    dev = w.v.device
+    if w.v.numel() > DENSE_FRACTION * B * T * n_out:
+        dense = torch.zeros(n_out, B * T, device=dev).index_put_((w.m, w.b * T + w.t), w.v, accumulate=True)
+        bb = torch.arange(B, device=dev).repeat_interleave(T)
+        tt = torch.arange(T, device=dev).repeat(B)
+        return _cmm(dense, rows(bb, tt).to(torch.complex64))
+    out = torch.zeros(n_out, width, dtype=torch.complex64, device=dev)
     step = max(1, int(chunk_values) // max(1, width))
     for e0 in range(0, w.v.numel(), step):
         sl = slice(e0, e0 + step)
@@ -497,7 +527,12 @@ def weighted_row_sums(w: _Weights, rows: Callable[[torch.Tensor, torch.Tensor], 
 def _expected_cross(w: _Weights, at: torch.Tensor, refs: torch.Tensor, chunk_values: int = 1 << 22
                     ) -> torch.Tensor:
     """``[B, P]`` ``Re Σ v · at[b,t] · conj(refs[m])`` over the weight list (``at [B, T, P]``, ``refs [M, P]``)."""
-    B, _, P = at.shape
+    B, T, P = at.shape
+    M = refs.shape[0]
+    if w.v.numel() > DENSE_FRACTION * B * T * M:  # dense: the weighted mean prediction per (b, t), one GEMM
+        dense = torch.zeros(B * T, M, device=at.device).index_put_((w.b * T + w.t, w.m), w.v, accumulate=True)
+        rbar = _cmm(dense, refs).reshape(B, T, P)
+        return (at * rbar.conj()).real.sum(dim=1)
     out = torch.zeros(B, P, dtype=torch.float32, device=at.device)
     step = max(1, int(chunk_values) // max(1, P))
     for e0 in range(0, w.v.numel(), step):
@@ -625,11 +660,11 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     xc0 = X[:, 0] * ctf[:, 0].to(X.dtype)
     at_f[:, :, 0] = (xc0 * inv[:, 0].to(X.dtype))[:, None]
     if batch.X_nomask is None:
-        S = weighted_row_sums(w, lambda b, t: at_f[b, t], Mf, P)  # [Mf, P]  Σ w·C·X_t/σ²
+        S = weighted_row_sums(w, lambda b, t: at_f[b, t], Mf, P, (B, Tf))  # [Mf, P]  Σ w·C·X_t/σ²
     else:  # the reference sums from the unmasked images (same weights, shifts, CTF and 1/σ², DC included)
         an = batch.X_nomask[:, :P].to(X.dtype) * (ctf * inv).to(X.dtype)  # [B, P]
         ph = shift_phases(kvec[:P], t_f, n)  # [Tf, P]
-        S = weighted_row_sums(w, lambda b, t: an[b] * ph[t], Mf, P)
+        S = weighted_row_sums(w, lambda b, t: an[b] * ph[t], Mf, P, (B, Tf))
         del an, ph
     wbm = torch.zeros(B, Mf, device=dev).index_put_((w.b, w.m), w.v, accumulate=True)  # [B, Mf]
     Wsum = wbm.T @ (ctf.square() * inv)  # [Mf, P]
@@ -669,7 +704,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
                 S_g, W_g = S, Wsum
             else:
                 w_g = w.select(sel[w.b])
-                S_g = weighted_row_sums(w_g, lambda b, t: at_f[b, t], Mf, P)
+                S_g = weighted_row_sums(w_g, lambda b, t: at_f[b, t], Mf, P, (B, Tf))
                 W_g = wbm[sel].T @ (ctf[sel].square() * inv[sel])
             xa = (refs_m.conj() * S_g).real.sum(dim=0) / inv_g.clamp_min(1e-30)
             aa = (ref_pow * W_g).sum(dim=0) / inv_g.clamp_min(1e-30)
