@@ -399,9 +399,12 @@ def main(args: argparse.Namespace) -> int:
     if args.sym != "C1":
         given["symmetry"] = sym
     params = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    from cryopipe.jobs.refine3d import is_optimisation_set
+
+    in_type = NodeType.TOMO_OPTIMISATION_SET if args.i and is_optimisation_set(args.i) else NodeType.PARTICLES
     with open_job_dir(str(out_dir) + "/" if out_dir is not None else None, "InitialModel",
                       ProcessLabel.INITIAL_MODEL, alias=args.alias,
-                      inputs=[(args.i, NodeType.PARTICLES)] if args.continue_ is None else [], params=params,
+                      inputs=[(args.i, in_type)] if args.continue_ is None else [], params=params,
                       continue_job=same_job) as job:
         res = initial_model(args.i, job.dir / prefix, settings, symmetry=sym, grad=grad,
                             write_iter=args.write_iter if args.write_iter is not None else 10,
@@ -411,4 +414,7 @@ def main(args: argparse.Namespace) -> int:
         job.add_output(res.initial_model, NodeType.INITIAL_MODEL)
         job.add_output(res.data_star, NodeType.INITIAL_MODEL_PARTICLES)
         job.add_output(res.optimiser_star, NodeType.INITIAL_MODEL_OPTIMISER)
+        set_path = Path(f"{res.prefix}_optimisation_set.star")
+        if in_type == NodeType.TOMO_OPTIMISATION_SET and set_path.is_file():
+            job.add_output(set_path, NodeType.TOMO_OPTIMISATION_SET)
     return 0
