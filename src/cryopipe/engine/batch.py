@@ -25,16 +25,19 @@ import torch
 from cryopipe.core.fourier import irfft2_centered, phase_shift_2d, rfft2_centered
 from cryopipe.engine.coefficients import CoefficientSet
 from cryopipe.engine.estep import BatchData
+from cryopipe.engine.seeds import particle_normal
 
 __all__ = ["mask_images", "prepare_batch"]
 
 
 def mask_images(images: torch.Tensor, mask: torch.Tensor, zero_mask: bool = True,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, noise_seeds=None) -> torch.Tensor:
     """Apply a soft mask ``[n, n]`` (1 inside, 0 outside) to images ``[B, n, n]``.
 
     ``zero_mask``: ``x·mask``; otherwise the outside is filled with white Gaussian noise of each image's standard
-    deviation where ``mask == 0`` (``x·mask + noise·(1 − mask)``).
+    deviation where ``mask == 0`` (``x·mask + noise·(1 − mask)``). The noise of image ``b`` comes from
+    ``noise_seeds[b]`` (``[B] uint64``, :func:`cryopipe.engine.seeds.particle_seeds`: independent of the batch it
+    is in) when given, else from ``generator`` (or torch's global generator).
     """
     if zero_mask:
         return images * mask
@@ -44,7 +47,10 @@ def mask_images(images: torch.Tensor, mask: torch.Tensor, zero_mask: bool = True
     vals = images[:, bg]
     sd = vals.std(dim=1, keepdim=True)[:, :, None]
     mean = vals.mean(dim=1, keepdim=True)[:, :, None]
-    noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
+    if noise_seeds is not None:
+        noise = particle_normal(noise_seeds, tuple(images.shape[1:]), images.device, images.dtype)
+    else:
+        noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
     return images * mask + (mean + sd * noise) * (1.0 - mask)
 
 
@@ -66,6 +72,7 @@ def prepare_batch(
     allowed_class: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     keep_unmasked: bool = False,
+    noise_seeds=None,
 ) -> BatchData:
     """E-step inputs for images ``[B, n, n]`` (see module docstring).
 
@@ -79,6 +86,8 @@ def prepare_batch(
         mask: ``[n, n]`` soft particle mask (None: no masking).
         prior_centre: ``[B, K, 2]`` offset-prior centres relative to the current origins (default zeros).
         log_prior_orient: ``[B or 1, K, Rc]`` (default zeros ``[1, K, 1]``).
+        noise_seeds: ``[B] uint64`` per-image seeds of the background noise fill (``zero_mask=False``); None:
+            ``generator``.
         keep_unmasked: also keep the unmasked (shifted, norm-corrected) coefficients as ``X_nomask`` (the
             reference sums are then taken from them, as RELION's back-projection).
     """
@@ -95,7 +104,7 @@ def prepare_batch(
         X_nomask = full.gather(ft / float(n * n))[:, :n_coeffs].to(torch.complex64)
     if mask is not None:
         img = irfft2_centered(ft, n)
-        img = mask_images(img, mask.to(dev, torch.float32), zero_mask, generator)
+        img = mask_images(img, mask.to(dev, torch.float32), zero_mask, generator, noise_seeds)
         ft = rfft2_centered(img)
     ft = ft / float(n * n)
     coeffs = full.gather(ft)  # [B, Pfull]

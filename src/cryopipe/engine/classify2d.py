@@ -27,7 +27,10 @@ import torch
 from cryopipe.core.fourier import irfft2_centered, phase_shift_2d, rfft2_centered, shift_images
 from cryopipe.core.masks import soft_circular_mask
 from cryopipe.engine.accuracy import expected_accuracy, shift_difference_power, trial_angles, trial_shifts
-from cryopipe.engine.batch import mask_images, prepare_batch
+from cryopipe.engine.backend import InProcess, split_chunks
+from cryopipe.engine.batch import mask_images
+from cryopipe.engine.class2d_step import Class2DSnapshot, ParticleRows2D, class2d_step
+from cryopipe.engine.seeds import NOISE_FILL_INITIAL, particle_seeds
 from cryopipe.engine.coefficients import CoefficientSet, coefficient_set
 from cryopipe.engine.estep import BatchResult, EStepSettings, TranslationGrid, expectation
 from cryopipe.engine.mstep import (
@@ -345,8 +348,9 @@ class Optimiser2D(ParticleStream):
 
     def __init__(self, particles: ParticleSet2D, settings: Class2DSettings, *, model: Model2D | None = None,
                  state: ParticleState2D | None = None, iteration: int = 0, device=None,
-                 update_rule=None, sampling: InPlaneSampling | None = None, progress=None):
+                 update_rule=None, sampling: InPlaneSampling | None = None, progress=None, backend=None):
         self.p = particles
+        self.backend = backend if backend is not None else InProcess()  # where the E-step chunks run
         self.s = settings
         self.dev = torch.device(device) if device is not None else torch.device("cpu")
         self.model = model
@@ -430,7 +434,8 @@ class Optimiser2D(ParticleStream):
             imgs = self._images(idx)
             ft = phase_shift_2d(rfft2_centered(imgs), torch.as_tensor(self.state.origin[idx], dtype=torch.float32,
                                                                      device=dev), n)
-            im = mask_images(irfft2_centered(ft, n), self.mask, s.zero_mask)
+            im = mask_images(irfft2_centered(ft, n), self.mask, s.zero_mask,
+                             noise_seeds=particle_seeds(s.random_seed, 0, idx, NOISE_FILL_INITIAL))
             img_sum += im.sum(dim=0).to(torch.float64)
             X = cset.gather(rfft2_centered(im)) / float(n * n)
             pw = (X.real.square() + X.imag.square()).to(torch.float64)
@@ -637,18 +642,16 @@ class Optimiser2D(ParticleStream):
         seeds = s.do_generate_seeds and getattr(self, "from_scratch", False) and it == 1 and K > 1
         old = ParticleState2D(self.state.psi.copy(), self.state.origin.copy(), self.state.klass.copy(),
                               self.state.norm.copy(), self.state.loglik, self.state.pmax, self.state.nsig)
-        gen = torch.Generator(device=dev).manual_seed(int(s.random_seed) + it)
-        batches = self._batches(idx_all)
-        it_b = self.progress(batches, desc=f"iteration {it}") if self.progress is not None else batches
-        for idx in it_b:
-            if halves:  # pseudo-halfsets by particle index parity, as RELION's gradient mode
-                for h in (0, 1):
-                    sub_idx = idx[idx % 2 == h]
-                    if sub_idx.size:
-                        self._accumulate(parts[h], self._batch(sub_idx, cset, P, src, trans, est, log_pdf, seeds,
-                                                               gen), sub_idx)
-            else:
-                self._accumulate(parts[0], self._batch(idx, cset, P, src, trans, est, log_pdf, seeds, gen), idx)
+        # ---- E-step: pure chunk steps against a frozen snapshot of the model, reduced in chunk order (issue 15)
+        # first-iteration class seeds drawn once per particle (not per batch: results must not depend on batching)
+        snap = Class2DSnapshot(
+            settings=s, iteration=it, refs=m.refs, r_cur=r_cur, coarse_size=Pc, coarse_psi=coarse_psi,
+            fine_psi=fine_psi, trans=trans, est=est, log_pdf=log_pdf, sigma2_noise=m.sigma2_noise,
+            scale_correction=m.scale_correction if s.do_scale else None,
+            avg_norm_correction=float(m.avg_norm_correction), prior_offset=m.prior_offset,
+            seed_class=self.rng.integers(0, K, size=p.size) if seeds else None, halves=halves,
+            n_groups=p.n_groups, n_optics_groups=G)
+        self._run_chunks(snap, src, idx_all, parts)
         stats = parts[0]
         if halves:
             stats = Stats2D.zeros(K, Rf, P, G, ns, p.n_groups, dev).add(parts[0]).add(parts[1])
@@ -664,61 +667,33 @@ class Optimiser2D(ParticleStream):
                               self.changes["classes"], m.LL, m.ave_pmax, time.perf_counter() - t0)
         return rep
 
-    def _batch(self, idx: np.ndarray, cset: CoefficientSet, P: int, src: ClassReferences2D, trans: TranslationGrid,
-               est: EStepSettings, log_pdf: torch.Tensor, seeds: bool, gen: torch.Generator) -> BatchResult:
-        s, p, m, dev, n = self.s, self.p, self.model, self.dev, self.n
-        K = m.n_classes
-        imgs = self._images(idx)
-        og = torch.as_tensor(p.optics_group[idx], device=dev)
-        grp = torch.as_tensor(p.group[idx], device=dev)
-        scale = m.scale_correction.to(dev)[grp] if s.do_scale else None
-        ctf = self._ctf(idx, scale)
-        origin = torch.as_tensor(self.state.origin[idx], dtype=torch.float32, device=dev)
-        normf = None
-        if s.do_norm:
-            normf = torch.as_tensor(m.avg_norm_correction / np.maximum(self.state.norm[idx], 1e-6),
-                                    dtype=torch.float32, device=dev)
-        centre = m.prior_offset.to(dev, torch.float32)[None, :, :] - origin[:, None, :]
-        allowed = None
-        if seeds:
-            allowed = torch.as_tensor(self.rng.integers(0, K, size=idx.size), device=dev)
-        batch = prepare_batch(imgs, self.full, P, m.sigma2_noise, og, origins=origin, norm_factor=normf, ctf=ctf,
-                              mask=self.mask, zero_mask=s.zero_mask, prior_centre=centre,
-                              log_prior_orient=log_pdf[None, :, None], n_classes=K, allowed_class=allowed,
-                              generator=gen if dev.type == gen.device.type else None,
-                              keep_unmasked=s.unmasked_reconstruction)
-        if s.relion_offset_prior:
-            batch.prior_centre_estep = (m.prior_offset.to(dev, torch.float32)[None, :, :]
-                                        - origin[:, None, :] / float(p.pixel_size))
-        return expectation(batch, src, trans, est)
-
-    def _accumulate(self, stats: Stats2D, res: BatchResult, idx: np.ndarray) -> None:
-        s, p, m, dev = self.s, self.p, self.model, self.dev
-        K, Rf, P = stats.S.shape
-        So = Rf // self.sampling.n_psi
-        f = res.sample_coarse * So + res.sample_child if res.extra.get("two_pass", True) else res.sample_coarse
-        rows = res.sample_class * Rf + f
-        stats.S.view(K * Rf, P).index_add_(0, rows, res.S)
-        stats.W.view(K * Rf, P).index_add_(0, rows, res.W)
-        origin = torch.as_tensor(self.state.origin[idx], dtype=torch.float64, device=dev)
-        stats.wsum_offset += (res.wsum_class_per_image.to(torch.float64)[:, :, None] * origin[:, None, :]
-                              + res.wsum_offset_rel.to(torch.float64)).sum(dim=0)
-        grp = torch.as_tensor(p.group[idx], device=dev)
-        add_particle_result(stats, res, grp, m.scale_correction.to(dev)[grp] if s.do_scale else None)
-        # per-particle assignments
-        st = self.state
-        fpsi = self.sampling.fine_psi(dev) if res.extra.get("two_pass", True) else self.sampling.coarse_psi(dev)
-        best_f = res.best_coarse * So + res.best_child if res.extra.get("two_pass", True) else res.best_coarse
-        st.psi[idx] = fpsi[best_f].cpu().numpy().astype(float) % 360.0
-        st.origin[idx] = st.origin[idx] + res.best_offset.cpu().numpy().astype(float)
-        st.klass[idx] = res.best_class.cpu().numpy()
-        st.pmax[idx] = res.pmax.cpu().numpy()
-        st.nsig[idx] = res.n_significant.cpu().numpy()
-        st.loglik[idx] = res.loglik.cpu().numpy()
-        if s.do_norm:
-            new = (st.norm[idx] / m.avg_norm_correction) * np.sqrt(2.0 * res.norm_residual.cpu().numpy())
-            st.norm[idx] = new
-            stats.wsum_norm += float(new.sum())
+    def _run_chunks(self, snap: Class2DSnapshot, src: ClassReferences2D, idx_all: np.ndarray,
+                    parts: list[Stats2D]) -> None:
+        """The iteration's E-step over ``idx_all`` (in that order) through the backend: in-process one chunk per
+        batch accumulating into ``parts``; distributed a few chunks per worker whose statistics are added to
+        ``parts`` in chunk order. Writes the per-particle assignments into ``self.state``."""
+        s, dev, st = self.s, self.dev, self.state
+        be = self.backend
+        chunks = split_chunks(idx_all, be.n_chunks(-(-idx_all.size // max(1, int(s.batch_size)))), s.batch_size)
+        rows = [ParticleRows2D(c, st.origin[c].copy(), st.norm[c].copy()) for c in chunks]
+        if be.distributed:
+            results = be.map(class2d_step, self.p, snap, rows)
+        else:
+            snap.preset_references(src, dev)
+            it_rows = self.progress(rows, desc=f"iteration {snap.iteration}") if self.progress is not None else rows
+            results = [class2d_step(self.p, snap, r, device=dev, mask=self.mask, into=parts) for r in it_rows]
+        for res in results:
+            if be.distributed:
+                for acc, part in zip(parts, res.stats):
+                    acc.add(part)
+            a = res.assignments
+            st.psi[a.index] = a.psi
+            st.origin[a.index] = a.origin
+            st.klass[a.index] = a.klass
+            st.pmax[a.index] = a.pmax
+            st.nsig[a.index] = a.nsig
+            st.loglik[a.index] = a.loglik
+            st.norm[a.index] = a.norm
 
     def _maximise(self, stats: Stats2D, src: ClassReferences2D, cset: CoefficientSet, r_cur: int,
                   halves: list[Stats2D] | None = None) -> None:

@@ -66,6 +66,7 @@ from cryopipe.engine.reference3d import (
     ssnr_3d,
 )
 from cryopipe.engine.sampling import coarse_image_size, oversample_translations, translation_grid
+from cryopipe.engine.seeds import NOISE_FILL, particle_seeds
 from cryopipe.engine.stream import GRAD_MODEL_MOMENTUM, ParticleSet, ParticleStream, ParticleSums, \
     initial_noise_spectra, update_particle_model
 from cryopipe.errors import CryopipeError
@@ -442,7 +443,8 @@ class Optimiser3D(ParticleStream):
     def _initial_noise(self, idx: np.ndarray) -> torch.Tensor:
         """``[G, n//2+1]`` initial noise spectra from particles ``idx`` (RELION's start; a hook for other kinds
         of particle data, e.g. :class:`cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`)."""
-        sigma2, _ = initial_noise_spectra(self, idx, self.state.origin, self.full, self.mask2d, self.s.zero_mask)
+        sigma2, _ = initial_noise_spectra(self, idx, self.state.origin, self.full, self.mask2d, self.s.zero_mask,
+                                          seed=int(self.s.random_seed))
         return sigma2
 
     def _greyscale(self, vols: torch.Tensor, idx: np.ndarray, sigma2: torch.Tensor) -> torch.Tensor:
@@ -518,7 +520,8 @@ class Optimiser3D(ParticleStream):
         batch = prepare_batch(imgs, self.full, P, m.sigma2_noise, og, origins=origin, norm_factor=normf, ctf=ctf,
                               mask=self.mask2d, zero_mask=s.zero_mask,
                               prior_centre=torch.zeros(idx.size, K, 2, device=dev), log_prior_orient=log_prior,
-                              n_classes=K, generator=gen if dev.type == gen.device.type else None)
+                              n_classes=K,  # noise fill seeded per particle (issue 14): batching-independent
+                              noise_seeds=particle_seeds(s.random_seed, self.iteration, idx, NOISE_FILL))
         return batch, grp, scale
 
     # -------------------------------------------------------------------------------------- one iteration
@@ -563,7 +566,7 @@ class Optimiser3D(ParticleStream):
         bps = [ClassBackProjectors(K, n, s.pad, r_max=bp_rmax, device=dev) for _ in groups]
         sums = ParticleSums.zeros(K, G, ns, p.n_groups, dev)
         old = self.state.copy()
-        gen = torch.Generator(device=dev).manual_seed(int(s.random_seed) + it)
+        gen = None  # the E-step's noise fill is seeded per particle (engine.seeds), not per run of batches
         n_samples = 0.0
         refs_models = [ClassReferences3D.from_volumes(m.vols[h].to(dev), cset, Pc, grid, s.pad)
                        for h in range(m.n_models)]

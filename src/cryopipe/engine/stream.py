@@ -23,6 +23,7 @@ from cryopipe.core.fourier import irfft2_centered, phase_shift_2d, rfft2_centere
 from cryopipe.engine.batch import mask_images
 from cryopipe.engine.coefficients import CoefficientSet
 from cryopipe.engine.mstep import noise_spectrum
+from cryopipe.engine.seeds import NOISE_FILL_INITIAL, particle_seeds
 
 __all__ = ["GRAD_MODEL_MOMENTUM", "ParticleSet", "ParticleStream", "ParticleSums", "add_particle_result",
            "update_particle_model", "initial_noise_spectra",
@@ -188,12 +189,13 @@ def repair_negative_spectra(sigma2: torch.Tensor) -> torch.Tensor:
 
 
 def initial_noise_spectra(stream: ParticleStream, idx: np.ndarray, origins: np.ndarray, full: CoefficientSet,
-                          mask: torch.Tensor, zero_mask: bool, batch_size: int = 256
+                          mask: torch.Tensor, zero_mask: bool, batch_size: int = 256, seed: int = 0
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sigma2 [G, n//2+1], mean_image [n, n])``: per optics group the mean power spectrum of the masked,
     centred images ``idx`` minus the power spectrum of their mean (RELION
     ``calculateSumOfPowerSpectraAndAverageImage`` / ``setSigmaNoiseEstimatesAndSetAverageImage``): ``σ² = ⟨|X|²⟩/2 − |⟨X⟩|²/2`` per shell (FT/n²), negative
-    values repaired; ``mean_image`` is the average masked image (real space)."""
+    values repaired; ``mean_image`` is the average masked image (real space). The background noise fill (without
+    ``zero_mask``) is seeded per particle from ``seed`` (iteration 0)."""
     p, dev, n = stream.p, stream.dev, stream.n
     G = p.n_optics_groups
     ns = n // 2 + 1
@@ -204,7 +206,8 @@ def initial_noise_spectra(stream: ParticleStream, idx: np.ndarray, origins: np.n
     for b in stream._batches(np.asarray(idx), batch_size):
         imgs = stream._images(b)
         ft = phase_shift_2d(rfft2_centered(imgs), torch.as_tensor(origins[b], dtype=torch.float32, device=dev), n)
-        im = mask_images(irfft2_centered(ft, n), mask, zero_mask)
+        im = mask_images(irfft2_centered(ft, n), mask, zero_mask,
+                         noise_seeds=particle_seeds(seed, 0, b, NOISE_FILL_INITIAL))
         img_sum += im.sum(dim=0).to(torch.float64)
         X = full.gather(rfft2_centered(im)) / float(n * n)
         pw = (X.real.square() + X.imag.square()).to(torch.float64)

@@ -1,0 +1,71 @@
+"""Where the chunks of an iteration run (issue 15 item 2): in this process (default) or on Dask workers.
+
+A backend maps a pure step ``fn(static, snapshot, item) -> partial`` over a list of items and returns the partials
+**in the items' order**, so the caller reduces them in a fixed order (deterministic sums). ``static`` is what does
+not change during a run (the particle set: file paths, CTF parameters, groups; sent to each worker once),
+``snapshot`` what changes once per iteration (the model; sent once per iteration), the items are small
+per-chunk inputs (particle indices and their current per-particle state).
+
+:func:`make_backend` reads the ``--dask`` option; ``None`` / ``""`` gives :class:`InProcess` and imports nothing
+(Dask is only imported when asked for: ``pip install cryopipe[dask]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = ["InProcess", "add_dask_arguments", "make_backend", "split_chunks"]
+
+
+def split_chunks(idx: np.ndarray, n_chunks: int, batch_size: int) -> list[np.ndarray]:
+    """Split ``idx [N]`` (kept in order) into at most ``n_chunks`` contiguous pieces of whole batches of
+    ``batch_size`` (the last piece may end with a partial batch); no empty pieces."""
+    idx = np.asarray(idx)
+    bs = max(1, int(batch_size))
+    n_batches = -(-idx.size // bs)
+    n_chunks = max(1, min(int(n_chunks), n_batches))
+    per = -(-n_batches // n_chunks)
+    return [idx[i * per * bs:(i + 1) * per * bs] for i in range(n_chunks) if idx[i * per * bs:(i + 1) * per * bs].size]
+
+
+class InProcess:
+    """Runs the items one after another in this process (no copies: the objects are passed as they are)."""
+
+    n_workers = 1
+    distributed = False
+
+    def n_chunks(self, batches_hint: int) -> int:
+        """Chunks per iteration: in-process, one per batch (so progress and memory stay per batch)."""
+        return max(1, int(batches_hint))
+
+    def map(self, fn: Callable, static, snapshot, items: Sequence, **kwargs) -> list:
+        return [fn(static, snapshot, item, **kwargs) for item in items]
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "in-process"
+
+
+def make_backend(spec: str | None, batches_per_worker: int = 1):
+    """The backend for a ``--dask`` value: None/""/"none" → :class:`InProcess`; ``local:N`` → a loopback
+    ``LocalCluster`` with N single-threaded worker processes (``local:N:threads`` for threads in this process);
+    ``tcp://host:port`` (or any scheduler address, or ``scheduler.json`` path) → that scheduler."""
+    if spec is None or str(spec).strip().lower() in ("", "none", "0", "off"):
+        return InProcess()
+    from cryopipe.engine.dask_backend import DaskBackend
+
+    return DaskBackend(str(spec), batches_per_worker=batches_per_worker)
+
+
+def add_dask_arguments(parser) -> None:
+    """The ``--dask`` options of a job's command line (argparse)."""
+    parser.add_argument("--dask", default=None, metavar="SPEC",
+                        help="run the batches on Dask workers: local:N (N worker processes on this machine), "
+                             "tcp://host:port or scheduler.json (a running cluster, e.g. dask-jobqueue); "
+                             "default: in-process (needs the optional extra cryopipe[dask])")
+    parser.add_argument("--dask_batches_per_worker", type=int, default=1,
+                        help="chunks per worker and iteration with --dask (results do not depend on it)")
