@@ -4,7 +4,8 @@
 #   bash run.sh test [pytest options] set up, then run the test suite
 #   bash run.sh bench [names]         set up, then run the benchmarks in bench/
 # Set-up = a virtual environment in .venv (or $CRYOPIPE_VENV), torch==2.13.0 installed first (CPU build),
-# then cryopipe and its dependencies under a constraints file that pins torch, so nothing pulls CUDA wheels.
+# then cryopipe and its dependencies (with the test and dask extras) under a constraints file that pins torch,
+# so nothing pulls CUDA wheels.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
@@ -22,7 +23,7 @@ setup() {
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "[run.sh] installing torch==2.13.0 then cryopipe (first run only)"
         "$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,dask]"
         echo "$want" > "$stamp"
     fi
 }

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from cryopipe.core.device import resolve_device
+from cryopipe.engine.backend import add_dask_arguments, make_backend
 from cryopipe.engine.classify2d import (
     Class2DSettings,
     Model2D,
@@ -356,6 +357,7 @@ def classify_2d(
     log=print,
     progress=None,
     grad: dict | None = None,
+    backend=None,
 ) -> Class2DResult:
     """Run (or continue) a 2D classification, writing RELION-named files every iteration.
 
@@ -370,6 +372,8 @@ def classify_2d(
             besides the schedule (``ini_frac``, ``fin_frac`` for :class:`~cryopipe.engine.vdam.GradSchedule`,
             ``base_step``, ``ini_subset``, ``fin_subset``, ``grad_em_iters``). Momenta are not stored in the
             output files: a continued gradient run restarts them.
+        backend: where the E-step chunks run (:func:`cryopipe.engine.backend.make_backend`; default
+            in-process). Results do not depend on it (up to float summation order).
     """
     dev = resolve_device(device)
     root = Path(root) if root is not None else Path.cwd()
@@ -429,7 +433,7 @@ def classify_2d(
                 offset_step=float(sv["rlnOffsetStep"]) / apix if "offset_step" not in overrides else s.offset_step,
                 oversampling=s.oversampling, perturbation=float(sv.get("rlnSamplingPerturbInstance", 0.0)))
         opt = Optimiser2D(ps, s, model=model, state=state, iteration=start_iter, device=dev, sampling=samp,
-                          progress=progress, update_rule=rule)
+                          progress=progress, update_rule=rule, backend=backend)
         opt.from_scratch = False
         for key, lab in (("orientations", "rlnChangesOptimalOrientations"), ("offsets", "rlnChangesOptimalOffsets"),
                          ("classes", "rlnChangesOptimalClasses")):
@@ -445,7 +449,7 @@ def classify_2d(
             raise InputFileError(particles_star, "--ctf was given but the particles have no rlnDefocusU column",
                                  "run CTF estimation and extraction with CTF values, or leave out --ctf")
         opt = Optimiser2D(ps, s, state=ParticleState2D.empty(ps.size, origin), device=dev, progress=progress,
-                          update_rule=rule)
+                          update_rule=rule, backend=backend)
         t0 = time.perf_counter()
         opt.initialise()
         log(f"initial references from random subsets: {s.n_classes} classes, {ps.size} particles, box {ps.n}, "
@@ -547,6 +551,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size", type=int, default=None, help="particles per batch (default 128)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--alias", default=None, help="job alias (project jobs)")
+    add_dask_arguments(g)
     for flag in ("--dont_combine_weights_via_disc", "--cpu", "--gpu", "--preread_images", "--no_parallel_disc_io"):
         g.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     g.add_argument("--pool", type=int, default=None, help=argparse.SUPPRESS)
@@ -595,9 +600,16 @@ def main(args: argparse.Namespace) -> int:
     params = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     with open_job_dir(str(out_dir) + "/" if out_dir is not None else None, "Class2D", ProcessLabel.CLASS2D,
                       alias=args.alias, inputs=inputs, params=params, continue_job=same_job) as job:
-        res = classify_2d(args.i, job.dir / prefix, settings, continue_from=args.continue_, overrides=given,
-                          device=args.device, root=job.root, command=" ".join(_argv_of(args)), log=log,
-                          progress=lambda it, desc="": progress(it, desc=desc), grad=_grad_options(args))
+        backend = make_backend(args.dask, args.dask_batches_per_worker)
+        if backend.distributed:
+            log(f"E-step on {backend.describe()}")
+        try:
+            res = classify_2d(args.i, job.dir / prefix, settings, continue_from=args.continue_, overrides=given,
+                              device=args.device, root=job.root, command=" ".join(_argv_of(args)), log=log,
+                              progress=lambda it, desc="": progress(it, desc=desc), grad=_grad_options(args),
+                              backend=backend)
+        finally:
+            backend.close()
         job.add_output(res.data_star, NodeType.CLASS2D_PARTICLES)
         job.add_output(res.optimiser_star, NodeType.CLASS2D_OPTIMISER)
     return 0

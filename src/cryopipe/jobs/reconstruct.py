@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryopipe.core.backprojector import BackProjector
-from cryopipe.core.ctf import ctf_2d
 from cryopipe.core.device import resolve_device
-from cryopipe.core.fourier import fourier_rescale, phase_shift_2d, rfft2_centered
-from cryopipe.core.geometry import euler_to_matrix
 from cryopipe.core.symmetry import symmetry_operators
+from cryopipe.engine.backend import InProcess, add_dask_arguments, make_backend, split_chunks
+from cryopipe.engine.backproject_step import ReconstructInputs, backproject_rows, new_backprojector
 from cryopipe.errors import CryopipeError
 from cryopipe.io.mrc import ImageReader, write_mrc
 from cryopipe.io.particles import ctf_parameters, euler_angles, origins_px, pixel_sizes, read_particles
@@ -54,6 +52,7 @@ def reconstruct_particles(
     batch_size: int = 512,
     device: str | torch.device | None = None,
     progress: bool = True,
+    backend=None,
 ) -> ReconstructionResult:
     """Reconstruct a map from the particles in ``star_path`` (RELION 3.0 or 3.1+ STAR).
 
@@ -67,6 +66,8 @@ def reconstruct_particles(
     maxres: highest resolution (Å) inserted; Nyquist by default.
     box: output box (px); images are Fourier-rescaled to it (pixel size scaled accordingly). Default: image size.
     batch_size: images per streamed batch.
+    backend: where the batches run (:func:`cryopipe.engine.backend.make_backend`; default in-process). Workers
+        read the images themselves (names are sent, not pixels); their sums are added in a fixed order.
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -114,30 +115,26 @@ def reconstruct_particles(
         r_max = min(n_out / 2.0, n_out * apix_out / maxres)
 
     ops = symmetry_operators(sym).to(dev)
-    bp = BackProjector(n_out, pad=pad, r_max=r_max, device=dev)
-    batches = range(0, idx.size, batch_size)
-    it = batches
-    if progress:
-        from cryopipe.pipeline.log import progress as progress_lines
+    inputs = ReconstructInputs(names, str(reader.root_dir), np.ascontiguousarray(angles),
+                               np.ascontiguousarray(origins), None if ctf_par is None else
+                               {k: np.asarray(v)[idx] for k, v in ctf_par.items()}, n_img, n_out, apix_out, pad,
+                               r_max, int(batch_size), _reader=reader)
+    bp = new_backprojector(inputs, dev)
+    be = backend if backend is not None else InProcess()
+    chunks = split_chunks(np.arange(idx.size), be.n_chunks(-(-idx.size // int(batch_size))), int(batch_size))
+    ranges = [(int(c[0]), int(c[-1]) + 1) for c in chunks]
+    if be.distributed:
+        for part in be.map(backproject_rows, inputs, None, ranges):  # added in chunk order: deterministic
+            bp.data += part.data.to(bp.data.device)
+            bp.weight += part.weight.to(bp.weight.device)
+    else:
+        it = ranges
+        if progress:
+            from cryopipe.pipeline.log import progress as progress_lines
 
-        it = progress_lines(batches, desc="reconstruct")
-    for start in it:
-        sl = slice(start, min(start + batch_size, idx.size))
-        imgs = torch.from_numpy(reader.read(np.arange(sl.start, sl.stop))).to(dev)
-        if n_out != n_img:
-            imgs = fourier_rescale(imgs, n_out)
-        ft = rfft2_centered(imgs)
-        # undo the particle's origin: the observation is the prediction shifted by -origin
-        shifts = torch.from_numpy(origins[sl] * (n_out / n_img)).to(dev, torch.float32)
-        ft = phase_shift_2d(ft, shifts, n_out)
-        rot = euler_to_matrix(*[torch.from_numpy(angles[sl, i]).to(dev, torch.float32) for i in range(3)])
-        c = None
-        if ctf_par is not None:
-            p = {k: torch.from_numpy(np.asarray(v)[idx][sl]).to(dev, torch.float32) for k, v in ctf_par.items()}
-            c = ctf_2d(n_out, apix_out, p["defocus_u"], p["defocus_v"], p["defocus_angle"], voltage=p["voltage"],
-                       cs=p["cs"], amplitude_contrast=p["amplitude_contrast"], phase_shift=p["phase_shift"],
-                       bfactor=p["bfactor"], scale=p["scale"])
-        bp.insert(ft, rot, ctf=c, zero_dc=True)
+            it = progress_lines(ranges, desc="reconstruct")
+        for r in it:
+            backproject_rows(inputs, None, r, device=dev, into=bp)
     # symmetry is applied once to the summed statistics (each operator adds a rotated copy of the grids)
     vol = bp.reconstruct(symmetry=ops if ops.shape[0] > 1 else None)
     return ReconstructionResult(vol.float().cpu().numpy(), apix_out, int(idx.size), time.perf_counter() - t0)
@@ -182,15 +179,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--newbox", dest="box", type=int, default=None, help="output box size (Fourier rescaling)")
     p.add_argument("--batch_size", type=int, default=512, help="particles per streamed batch")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_dask_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
-    from cryopipe.pipeline.log import log
-    from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
-
     kwargs = dict(ctf=args.ctf, sym=args.sym, subset=args.subset, class_number=args.class_number,
                   angpix=args.angpix, maxres=args.maxres, pad=args.pad, box=args.box, batch_size=args.batch_size,
                   device=args.device)
+    backend = make_backend(getattr(args, "dask", None), getattr(args, "dask_batches_per_worker", 1))
+    try:
+        return _main(args, kwargs, backend)
+    finally:
+        backend.close()
+
+
+def _main(args: argparse.Namespace, kwargs: dict, backend) -> int:
+    from cryopipe.pipeline.log import log
+    from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
+
+    kwargs = dict(kwargs, backend=backend)
     out_arg = args.output
     if out_arg and str(out_arg).endswith(".mrc"):
         # relion_reconstruct style: --o names the map file; no job folder

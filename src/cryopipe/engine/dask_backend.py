@@ -1,0 +1,133 @@
+"""Dask distributed backend (issue 15 item 2): the chunks of an iteration as Dask tasks.
+
+Imported only when ``--dask`` is given (needs ``pip install cryopipe[dask]``). The static inputs (particle set:
+image *paths*, CTF parameters, groups) are scattered to every worker once per run, the model snapshot once per
+iteration; each task gets a few hundred bytes of particle indices and per-particle state and reads its images
+itself from shared storage. Results come back in submission order and the caller adds them in that order, so a
+run gives the same sums (up to float summation order) whatever the number of workers and chunks. A worker that
+dies has its tasks re-run elsewhere by the scheduler (Dask's own fault tolerance); a task that raises is retried
+``retries`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+from cryopipe.errors import CryopipeError
+
+__all__ = ["DaskBackend"]
+
+
+def _worker_device():
+    """The device a worker computes on: ``$CRYOPIPE_WORKER_DEVICE``, else CUDA when the worker sees a GPU (pin
+    one GPU per worker with ``CUDA_VISIBLE_DEVICES``, e.g. dask-cuda's ``LocalCUDACluster``), else CPU."""
+    import torch
+
+    name = os.environ.get("CRYOPIPE_WORKER_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _run_task(fn: Callable, static, snapshot, item, threads: int | None, kwargs: dict):
+    """One chunk on a worker: set the worker's torch threads once, run ``fn`` on the worker's device and return
+    its result with every tensor on the CPU."""
+    import torch
+
+    from cryopipe.engine.class2d_step import to_device
+
+    if threads:
+        try:
+            from distributed import get_worker
+
+            w = get_worker()
+            if not getattr(w, "_cryopipe_threads", None):
+                torch.set_num_threads(int(threads))
+                w._cryopipe_threads = int(threads)
+        except (ImportError, ValueError):
+            pass
+    out = fn(static, snapshot, item, device=_worker_device(), **kwargs)
+    return to_device(out, torch.device("cpu"))
+
+
+class DaskBackend:
+    """Runs the chunks of each iteration on a Dask cluster.
+
+    Args:
+        spec: ``local:N`` (a loopback ``LocalCluster`` of N worker processes with one thread each),
+            ``local:N:threads`` (N worker threads in this process: no pickling, for tests), or a scheduler
+            address (``tcp://host:8786``) / ``scheduler.json`` file of a running cluster (e.g. dask-jobqueue).
+        batches_per_worker: chunks per worker and iteration (more: better balance, more scheduler round trips).
+        retries: re-runs of a task that raised.
+    """
+
+    distributed = True
+
+    def __init__(self, spec: str, batches_per_worker: int = 1, retries: int = 2):
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise CryopipeError("--dask needs Dask distributed: pip install 'cryopipe[dask]' "
+                                "(or bash run.sh setup)") from e
+        self.spec = spec
+        self.batches_per_worker = max(1, int(batches_per_worker))
+        self.retries = int(retries)
+        self._cluster = None
+        self.threads: int | None = None
+        if spec.startswith("local:"):
+            parts = spec.split(":")
+            try:
+                n = int(parts[1])
+            except ValueError:
+                raise CryopipeError(f"--dask {spec}: expected local:N with N workers, e.g. local:2") from None
+            processes = not (len(parts) > 2 and parts[2] == "threads")
+            where = {"host": "127.0.0.1"} if processes else {}  # threads: in-process transport, no sockets
+            self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
+                                         dashboard_address=":0", silence_logs=logging.ERROR, **where)
+            self.client = Client(self._cluster)
+            if processes:
+                self.threads = 1
+        else:
+            try:
+                if spec.endswith(".json"):
+                    self.client = Client(scheduler_file=spec, timeout="30s")
+                else:
+                    self.client = Client(spec, timeout="30s")
+            except (OSError, TimeoutError) as e:
+                raise CryopipeError(f"--dask {spec}: cannot reach the Dask scheduler ({e})") from None
+        self._static = None
+        self._static_future = None
+
+    @property
+    def n_workers(self) -> int:
+        return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def n_chunks(self, batches_hint: int) -> int:
+        return self.n_workers * self.batches_per_worker
+
+    def map(self, fn: Callable, static, snapshot, items: Sequence, **kwargs) -> list:
+        """``[fn(static, snapshot, item) for item in items]`` on the workers, in the items' order."""
+        c = self.client
+        try:
+            if self._static is not static:
+                self._static_future = c.scatter(static, broadcast=True, hash=False)
+                self._static = static
+            snap = c.scatter(snapshot, broadcast=True, hash=False)
+            futs = [c.submit(_run_task, fn, self._static_future, snap, item, self.threads, kwargs, pure=False,
+                             retries=self.retries) for item in items]
+            out = c.gather(futs)
+        except (OSError, TimeoutError) as e:
+            raise CryopipeError(f"--dask {self.spec}: lost the Dask scheduler ({e}); the last finished iteration's "
+                                "files are intact: --continue from its _optimiser.star") from None
+        del futs, snap
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    def describe(self) -> str:
+        return f"Dask {self.spec} ({self.n_workers} workers, {self.batches_per_worker} chunk(s) per worker)"

@@ -1,0 +1,154 @@
+"""Scale-out through Dask (issue 15): class2d and reconstruct on a 2-worker loopback ``LocalCluster`` (worker
+processes that read the particles themselves from their stack files) equal the in-process run within float
+tolerance, with 1, 2 and 3 chunks per worker; cryopipe does not import Dask unless asked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("distributed")
+
+from cryopipe.engine.backend import InProcess, make_backend, split_chunks  # noqa: E402
+from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleSet2D  # noqa: E402
+from cryopipe.io.mrc import ImageReader, write_mrc  # noqa: E402
+
+from engine_helpers import simulate  # noqa: E402
+
+torch.set_num_threads(2)
+
+N = 64
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    be = make_backend("local:2")
+    assert be.n_workers == 2
+    yield be
+    be.close()
+
+
+@pytest.fixture(scope="module")
+def particles(relion_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dask2d")
+    sim = simulate(relion_dir, N=N, n=32, snr=0.5, seed=2)
+    write_mrc(d / "parts.mrcs", sim.images, sim.pixel_size)
+    reader = ImageReader([f"{i + 1:06d}@parts.mrcs" for i in range(N)], root_dir=d)
+    return ParticleSet2D(sim.n, sim.pixel_size, reader.read, sim.ctf, np.zeros(N, dtype=np.int64),
+                         np.arange(N, dtype=np.int64) % 2)
+
+
+def _class2d(ps, backend, n_iter=2):
+    s = Class2DSettings(n_classes=3, particle_diameter=100, zero_mask=False, psi_step=20, offset_range=2,
+                        offset_step=1, oversampling=0, random_seed=11, batch_size=8, n_accuracy_particles=10,
+                        do_norm=True, do_scale=True)
+    opt = Optimiser2D(ps, s, backend=backend)
+    opt.initialise()
+    for _ in range(n_iter):
+        opt.iterate()
+    return opt
+
+
+def test_split_chunks_whole_batches():
+    idx = np.arange(50)
+    for k in (1, 2, 3, 4, 7, 100):
+        parts = split_chunks(idx, k, 8)
+        assert np.array_equal(np.concatenate(parts), idx)
+        assert all(p.size % 8 == 0 for p in parts[:-1]) and len(parts) <= k
+
+
+def test_class2d_on_two_workers_equals_in_process(particles, cluster):
+    ref = _class2d(particles, InProcess())
+    for per_worker in (1, 2, 3):
+        cluster.batches_per_worker = per_worker
+        got = _class2d(particles, cluster)
+        a, b = ref.model.refs, got.model.refs
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(a.abs().max())), per_worker
+        assert np.array_equal(ref.state.klass, got.state.klass)
+        assert np.allclose(ref.state.psi, got.state.psi, atol=1e-4)
+        assert np.allclose(ref.state.origin, got.state.origin, atol=1e-6)
+        assert np.allclose(ref.state.norm, got.state.norm, rtol=1e-4)  # float32 sums: 1 vs 2 threads
+        assert torch.allclose(ref.model.sigma2_noise, got.model.sigma2_noise, rtol=1e-4)
+        assert torch.allclose(ref.model.scale_correction, got.model.scale_correction, rtol=1e-4)
+        assert got.model.LL == pytest.approx(ref.model.LL, rel=1e-5)
+
+
+def test_reconstruct_on_two_workers_equals_in_process(cluster, tmp_path, monkeypatch):
+    from cryopipe.cli import main as cli
+    from cryopipe.jobs.reconstruct import reconstruct_particles
+
+    monkeypatch.chdir(tmp_path)
+    assert cli(["simulate", "--what", "particles", "--n", "60", "--box", "24", "--angpix", "4", "--snr", "1",
+                "--seed", "3"]) == 0
+    star = "Simulate/job001/particles_truth.star"  
+    ref = reconstruct_particles(star, ctf=True, sym="C2", batch_size=8, progress=False).volume
+    for per_worker in (1, 2, 3):
+        cluster.batches_per_worker = per_worker
+        got = reconstruct_particles(star, ctf=True, sym="C2", batch_size=8, progress=False, backend=cluster).volume
+        assert np.allclose(ref, got, rtol=0, atol=1e-5 * np.abs(ref).max()), per_worker
+
+
+def test_no_dask_import_without_the_option():
+    code = ("import sys, cryopipe.cli, cryopipe.jobs.class2d, cryopipe.jobs.reconstruct, cryopipe.engine.backend;"
+            "assert 'distributed' not in sys.modules and 'dask' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _die_once(fn, marker, static, snapshot, item, **kwargs):
+    """Run ``fn``, except that the first task to get here (atomically: the marker file) kills its worker process
+    mid-iteration, as a crashed node would."""
+    import os
+
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return fn(static, snapshot, item, **kwargs)
+    os._exit(1)
+
+
+class _KillOneWorker:
+    """A Dask backend whose first task of the first iteration kills its worker."""
+
+    distributed = True
+
+    def __init__(self, backend, marker):
+        self.be, self.marker = backend, str(marker)
+
+    def n_chunks(self, hint):
+        return self.be.n_chunks(hint)
+
+    def map(self, fn, static, snapshot, items, **kwargs):
+        import functools
+
+        return self.be.map(functools.partial(_die_once, fn, self.marker), static, snapshot, items, **kwargs)
+
+
+def test_killed_worker_changes_nothing(particles, cluster, tmp_path):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    cluster.batches_per_worker = 2
+    ref = _class2d(particles, InProcess(), n_iter=1)
+    got = _class2d(particles, _KillOneWorker(cluster, tmp_path / "killed"), n_iter=1)
+    assert (tmp_path / "killed").exists()  # a worker did die
+    assert torch.allclose(ref.model.refs, got.model.refs, rtol=0, atol=1e-5 * float(ref.model.refs.abs().max()))
+    assert np.array_equal(ref.state.klass, got.state.klass)
+    assert np.allclose(ref.state.norm, got.state.norm, rtol=1e-4)
+
+
+def test_cli_reconstruct_with_dask(tmp_path, monkeypatch):
+    from cryopipe.cli import main as cli
+    from cryopipe.io.mrc import read_mrc
+
+    monkeypatch.chdir(tmp_path)
+    assert cli(["simulate", "--what", "particles", "--n", "40", "--box", "24", "--angpix", "4", "--seed", "2"]) == 0
+    star = "Simulate/job001/particles_truth.star"
+    assert cli(["reconstruct", "--i", star, "--ctf", "--o", "a.mrc", "--batch_size", "8"]) == 0
+    assert cli(["reconstruct", "--i", star, "--ctf", "--o", "b.mrc", "--batch_size", "8", "--dask", "local:2:threads",
+                "--dask_batches_per_worker", "2"]) == 0
+    a, b = read_mrc("a.mrc")[0], read_mrc("b.mrc")[0]
+    assert np.allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
