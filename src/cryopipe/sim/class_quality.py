@@ -23,7 +23,8 @@ from cryopipe.core.geometry import euler_to_matrix
 from cryopipe.core.masks import soft_circular_mask
 from cryopipe.core.projector import Projector
 
-__all__ = ["high_frequency_power_ratio", "best_projection_correlation", "uniform_rotations"]
+__all__ = ["high_frequency_power_ratio", "best_match_correlation", "best_projection_correlation",
+           "uniform_rotations"]
 
 
 def _disc(n: int, radius_px: float, device) -> torch.Tensor:
@@ -94,32 +95,46 @@ def _rotate(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
     return out.reshape(B, R, n, n)
 
 
-def best_projection_correlation(classes: torch.Tensor, pixel_size: float, volume: torch.Tensor,
-                                volume_pixel_size: float, n_projections: int = 1500, seed: int = 7,
-                                crop: int = 32, lowpass_A: float = 20.0, disc_radius_A: float = 75.0,
-                                psi_step: float = 3.0, max_shift_px: int = 2, chunk: int = 100) -> torch.Tensor:
-    """``[K]`` best normalised correlation of each class ``[K, n, n]`` with ``n_projections`` noise-free
-    projections of ``volume`` ``[N, N, N]`` (uniform directions, ``seed``), both brought to ``crop`` pixels of the
-    class box, low-passed at ``lowpass_A`` and masked by a disc of ``disc_radius_A``; maximised over in-plane
-    rotations of the class (``psi_step`` degrees) and integer shifts up to ``max_shift_px`` (cropped pixels)."""
+def best_match_correlation(classes: torch.Tensor, pixel_size: float, references: torch.Tensor,
+                           reference_pixel_size: float | None = None, crop: int = 32, lowpass_A: float = 20.0,
+                           disc_radius_A: float = 75.0, psi_step: float = 3.0, max_shift_px: int = 2,
+                           chunk: int = 100) -> torch.Tensor:
+    """``[K]`` best normalised correlation of each class ``[K, n, n]`` with any of the ``references`` ``[R, m, m]``
+    (same physical box), both brought to ``crop`` pixels, low-passed at ``lowpass_A`` and masked by a disc of
+    ``disc_radius_A``; maximised over in-plane rotations of the class (``psi_step`` degrees, rotated at the full
+    sampling) and integer shifts up to ``max_shift_px`` (cropped pixels)."""
     K, n, _ = classes.shape
-    if abs(volume.shape[-1] * volume_pixel_size - n * pixel_size) > 1e-3 * n * pixel_size:
-        raise ValueError(f"the volume box ({volume.shape[-1]} × {volume_pixel_size} Å) must span the class box "
+    ref_apix = pixel_size if reference_pixel_size is None else reference_pixel_size
+    if abs(references.shape[-1] * ref_apix - n * pixel_size) > 1e-3 * n * pixel_size:
+        raise ValueError(f"the references' box ({references.shape[-1]} × {ref_apix} Å) must span the class box "
                          f"({n} × {pixel_size} Å)")
-    proj = Projector(volume.to(torch.float32), pad=2.0)
     psis = torch.arange(0.0, 360.0, psi_step, dtype=torch.float64)
     # rotate at the full sampling (bilinear interpolation at the cropped sampling would blur the 20 Å band)
     rot_cls = _rotate(classes.to(torch.float64), psis).reshape(K * psis.numel(), n, n)
     rot_cls = _prepare(rot_cls, pixel_size, crop, lowpass_A, disc_radius_A)
     rot_cls = rot_cls.reshape(K * psis.numel(), crop * crop).to(torch.float32)  # [K·R, c²]
-    rots = uniform_rotations(n_projections, seed)
     shifts = [(dy, dx) for dy in range(-max_shift_px, max_shift_px + 1)
               for dx in range(-max_shift_px, max_shift_px + 1) if dy * dy + dx * dx <= max_shift_px ** 2]
     best = torch.full((K,), -1.0, dtype=torch.float64)
-    for b0 in range(0, n_projections, chunk):
-        p = proj.project_images(rots[b0:b0 + chunk]).to(torch.float64)
-        p = _prepare(p, volume_pixel_size, crop, lowpass_A, disc_radius_A)  # [P, c, c]
+    for b0 in range(0, references.shape[0], chunk):
+        p = _prepare(references[b0:b0 + chunk].to(torch.float64), ref_apix, crop, lowpass_A, disc_radius_A)
         shifted = torch.stack([torch.roll(p, s, dims=(-2, -1)) for s in shifts], dim=1)  # [P, S, c, c]
         cc = rot_cls @ shifted.reshape(-1, crop * crop).to(torch.float32).T  # [K·R, P·S]
         best = torch.maximum(best, cc.reshape(K, -1).amax(dim=1).to(torch.float64))
     return best
+
+
+def best_projection_correlation(classes: torch.Tensor, pixel_size: float, volume: torch.Tensor,
+                                volume_pixel_size: float, n_projections: int = 1500, seed: int = 7,
+                                crop: int = 32, lowpass_A: float = 20.0, disc_radius_A: float = 75.0,
+                                psi_step: float = 3.0, max_shift_px: int = 2, chunk: int = 100) -> torch.Tensor:
+    """``[K]`` :func:`best_match_correlation` of each class ``[K, n, n]`` with ``n_projections`` noise-free
+    projections of ``volume`` ``[N, N, N]`` (uniform directions, ``seed``)."""
+    n = classes.shape[-1]
+    if abs(volume.shape[-1] * volume_pixel_size - n * pixel_size) > 1e-3 * n * pixel_size:
+        raise ValueError(f"the volume box ({volume.shape[-1]} × {volume_pixel_size} Å) must span the class box "
+                         f"({n} × {pixel_size} Å)")
+    proj = Projector(volume.to(torch.float32), pad=2.0)
+    images = proj.project_images(uniform_rotations(n_projections, seed))
+    return best_match_correlation(classes, pixel_size, images, volume_pixel_size, crop, lowpass_A, disc_radius_A,
+                                  psi_step, max_shift_px, chunk)
