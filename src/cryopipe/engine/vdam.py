@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["GradSchedule", "default_subset_sizes", "subset_size", "step_size", "tau2_fudge_value", "class_step",
-           "GradUpdate"]
+           "GradUpdate", "initial_model_rule", "grad_star_values"]
 
 
 @dataclass(frozen=True)
@@ -269,3 +269,32 @@ class GradUpdate:
         self.m2[drop] = self.m2[src]
         self._fresh[drop] = self._fresh[src]
         return drop, src
+
+
+def initial_model_rule(n_iter: int, tau2_fudge: float, options: dict) -> GradUpdate:
+    """The gradient rule of an ``initialmodel`` run of ``n_iter`` iterations (RELION's VDAM schedule; ``options``:
+    ``ini_frac``, ``fin_frac``, ``base_step``, ``ini_subset``, ``fin_subset``, ``grad_em_iters``)."""
+    sched = GradSchedule(int(n_iter), float(options.get("ini_frac", 0.3)), float(options.get("fin_frac", 0.2)))
+    return GradUpdate(sched, options.get("base_step"), kind="initial_model", T=float(tau2_fudge),
+                      ini_subset=options.get("ini_subset"), fin_subset=options.get("fin_subset"),
+                      grad_em_iters=int(options.get("grad_em_iters", 0) or 0))
+
+
+def grad_star_values(rule: GradUpdate, it: int, n: int, momenta: str, write_iter: int, symmetry: str) -> dict:
+    """The optimiser.star values of a gradient run at iteration ``it`` over ``n`` particles (RELION's rlnGrad* /
+    rlnSgd* fields, plus cryopipe's momenta file, write interval and requested symmetry)."""
+    ini, fin = default_subset_sizes(n, rule.kind)
+    return {
+        "rlnGradCurrentStepsize": float(rule.step(max(it, 1))),
+        "rlnSgdStepsize": float(rule.base_step) if rule.base_step else -1.0,
+        "rlnSgdInitialIterationsFraction": float(rule.schedule.ini_frac),
+        "rlnSgdFinalIterationsFraction": float(rule.schedule.fin_frac),
+        "rlnSgdInitialSubsetSize": int(rule.ini_subset or ini),
+        "rlnSgdFinalSubsetSize": int(rule.fin_subset or fin),
+        "rlnSgdSubsetSize": int(rule.subset_size(max(it, 1), n)),
+        "rlnGradEmIters": int(rule.grad_em_iters),
+        "rlnGradHasConverged": 0,
+        "cryopipeGradMomentaFile": momenta,
+        "cryopipeGradWriteIter": int(write_iter),
+        "cryopipeRequestedSymmetry": symmetry,
+    }

@@ -34,7 +34,7 @@ from cryopipe.core.device import resolve_device
 from cryopipe.core.symmetry import canonical_symmetry_name
 from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
 from cryopipe.engine.relion_files import read_model_star, read_optimiser_star, resolve_relion_path
-from cryopipe.engine.vdam import GradSchedule, GradUpdate, default_subset_sizes
+from cryopipe.engine.vdam import GradUpdate, default_subset_sizes, grad_star_values, initial_model_rule
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.atomic import atomic_path
 from cryopipe.jobs.class2d import _argv_of, _rel, load_particles, split_output_prefix
@@ -66,24 +66,6 @@ class InitialModelResult:
     initial_model: Path  # initial_model.mrc (aligned, symmetrised largest class)
     symmetry_star: Path | None  # initial_model_symmetry.star (alignment record)
     optimiser: Optimiser3D
-
-
-def _grad_values(rule: GradUpdate, it: int, n: int, momenta: str, write_iter: int, symmetry: str) -> dict:
-    ini, fin = default_subset_sizes(n, rule.kind)
-    return {
-        "rlnGradCurrentStepsize": float(rule.step(max(it, 1))),
-        "rlnSgdStepsize": float(rule.base_step) if rule.base_step else -1.0,
-        "rlnSgdInitialIterationsFraction": float(rule.schedule.ini_frac),
-        "rlnSgdFinalIterationsFraction": float(rule.schedule.fin_frac),
-        "rlnSgdInitialSubsetSize": int(rule.ini_subset or ini),
-        "rlnSgdFinalSubsetSize": int(rule.fin_subset or fin),
-        "rlnSgdSubsetSize": int(rule.subset_size(max(it, 1), n)),
-        "rlnGradEmIters": int(rule.grad_em_iters),
-        "rlnGradHasConverged": 0,
-        "cryopipeGradMomentaFile": momenta,
-        "cryopipeGradWriteIter": int(write_iter),
-        "cryopipeRequestedSymmetry": symmetry,
-    }
 
 
 def _save_momenta(path: Path, rule: GradUpdate) -> None:
@@ -173,7 +155,7 @@ def initial_model(
         state = state_from_data(data, origin, data_path)
         samp = sampling_from_files(vals, sv, general, ps.pixel_size)
         start = int(vals.get("rlnCurrentIteration", 0))
-        rule = _rule(s, g)
+        rule = initial_model_rule(s.n_iter, s.tau2_fudge, g)
         mom = str(vals.get("cryopipeGradMomentaFile", "None"))
         if mom not in ("", "None"):
             mpath = resolve_relion_path(mom, *bases)
@@ -197,7 +179,7 @@ def initial_model(
         from cryopipe.jobs.refine3d import tomo_optimiser
 
         particles_path, tomograms_path, set_values = tomo
-        rule = _rule(s, g)
+        rule = initial_model_rule(s.n_iter, s.tau2_fudge, g)
         opt, data, write_data, _ = tomo_optimiser(particles_path, s, None, None, dev, root, progress, log,
                                                   tomograms_path, update_rule=rule)
         ps = opt.p
@@ -214,7 +196,7 @@ def initial_model(
         state = state_from_data(data, origin, particles_star)
         state.klass[:] = -1
         state.subset[:] = 0
-        rule = _rule(s, g)
+        rule = initial_model_rule(s.n_iter, s.tau2_fudge, g)
         opt = Optimiser3D(ps, s, state=state, device=dev, update_rule=rule, progress=progress)
         opt.initialise(None)
         ini, fin = default_subset_sizes(ps.size, "initial_model")
@@ -231,7 +213,7 @@ def initial_model(
         mom = Path(f"{base}_momenta.pt")
         _save_momenta(mom, rule)
         return write_iteration_3d(opt, data, out_dir, prefix, root, n_iter, command, original,
-                                  extra=_grad_values(rule, opt.iteration, ps.size, _rel(mom, root), write_iter,
+                                  extra=grad_star_values(rule, opt.iteration, ps.size, _rel(mom, root), write_iter,
                                                      sym_final), write_data=write_data)
 
     paths = None
@@ -290,13 +272,6 @@ def _tomo_inputs(path: Path, tomograms, root: Path):
     else:
         return None
     return particles, tomo_path, values
-
-
-def _rule(s: Refine3DSettings, g: dict) -> GradUpdate:
-    sched = GradSchedule(int(s.n_iter), float(g.get("ini_frac", 0.3)), float(g.get("fin_frac", 0.2)))
-    return GradUpdate(sched, g.get("base_step"), kind="initial_model", T=float(s.tau2_fudge),
-                      ini_subset=g.get("ini_subset"), fin_subset=g.get("fin_subset"),
-                      grad_em_iters=int(g.get("grad_em_iters", 0) or 0))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
