@@ -152,3 +152,28 @@ def test_cli_reconstruct_with_dask(tmp_path, monkeypatch):
                 "--dask_batches_per_worker", "2"]) == 0
     a, b = read_mrc("a.mrc")[0], read_mrc("b.mrc")[0]
     assert np.allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+def test_cli_class2d_with_dask(relion_dir, tmp_path, monkeypatch):
+    from cryopipe.cli import main as cli
+    from cryopipe.io.mrc import read_mrc
+    from cryopipe.io.particles import ParticleData, write_particles
+    import pandas as pd
+
+    sim = simulate(relion_dir, N=32, n=32, snr=0.5, seed=4)
+    write_mrc(tmp_path / "parts.mrcs", sim.images, sim.pixel_size)
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [sim.pixel_size], "rlnImageSize": [32], "rlnImageDimensionality": [2]})
+    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:08d}@parts.mrcs" for i in range(32)], "rlnOpticsGroup": 1,
+                          "rlnDefocusU": sim.ctf["defocus_u"], "rlnDefocusV": sim.ctf["defocus_v"],
+                          "rlnDefocusAngle": sim.ctf["defocus_angle"]})
+    write_particles(tmp_path / "particles.star", ParticleData(optics, parts))
+    monkeypatch.chdir(tmp_path)
+    common = ["class2d", "--i", "particles.star", "--K", "2", "--iter", "2", "--ctf", "--particle_diameter", "110",
+              "--psi_step", "20", "--offset_range", "2", "--offset_step", "1", "--oversampling", "0",
+              "--random_seed", "7", "--batch_size", "8"]
+    assert cli(common + ["--o", "a/run"]) == 0
+    assert cli(common + ["--o", "b/run", "--dask", "local:2:threads", "--dask_batches_per_worker", "2"]) == 0
+    a, b = read_mrc("a/run_it002_classes.mrcs")[0], read_mrc("b/run_it002_classes.mrcs")[0]
+    assert np.allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())

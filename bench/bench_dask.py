@@ -1,0 +1,167 @@
+"""Benchmark: class2d iterations in-process and on a loopback Dask ``LocalCluster`` (issue 15).
+
+Simulates ``BENCH_N`` particles (default 600) of PDB 3ENL (``cryopipe simulate``, box ``BENCH_BOX`` = 40, 4 Å/px,
+SNR 0.1) into a temporary project, then runs ``BENCH_ITERS`` (default 3) iterations of 2D classification
+(``BENCH_K`` = 8 classes, ψ step 10°, offsets ±3 px step 1, no oversampling, batch 32, no --zero_mask) with the
+same seed:
+
+* in-process with torch's default threads (2 here) and with 1 thread;
+* ``--dask local:1`` and ``local:2`` (worker processes with one torch thread each, ``BENCH_CHUNKS`` = 2 chunks per
+  worker), reading the particles themselves from the stack; the client (M-step, accuracies) on 1 thread.
+
+Reports seconds per iteration (iterations 2.., after the first), the speed-up over the in-process runs (default
+threads and 1 thread), efficiency = speed-up over the 1-thread run / workers (each worker has one thread), the scheduler's overhead per iteration (a no-op step through the same
+scatter / submit / gather path: model snapshot sent, chunks returned), and the largest difference between the
+class averages of each run and the in-process ones. The machine is shared: the load average before each run is
+recorded.
+
+Writes bench/results/dask_<tag>.json (``BENCH_TAG``, default ``cpu_2core``) and prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from cryopipe.cli import main as cli  # noqa: E402
+from cryopipe.engine.backend import InProcess, make_backend, split_chunks  # noqa: E402
+from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D  # noqa: E402
+from cryopipe.engine.class2d_step import ParticleRows2D  # noqa: E402
+from cryopipe.jobs.class2d import load_particles  # noqa: E402
+
+N = int(os.environ.get("BENCH_N", 600))
+K = int(os.environ.get("BENCH_K", 8))
+BOX = int(os.environ.get("BENCH_BOX", 40))
+ITERS = int(os.environ.get("BENCH_ITERS", 3))
+CHUNKS = int(os.environ.get("BENCH_CHUNKS", 2))
+TAG = os.environ.get("BENCH_TAG", "cpu_2core")
+
+
+def _noop(static, snapshot, item, device=None):
+    """A step that does nothing: what the scheduler path costs by itself."""
+    return item.index.size
+
+
+class _Timed:
+    """A backend wrapper that adds up the wall time of ``map`` (the distributed E-step, transfers included)."""
+
+    def __init__(self, backend):
+        self.be, self.seconds = backend, 0.0
+        self.distributed = backend.distributed
+
+    def n_chunks(self, hint: int) -> int:
+        return self.be.n_chunks(hint)
+
+    def map(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.be.map(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def settings() -> Class2DSettings:
+    return Class2DSettings(n_classes=K, n_iter=ITERS, particle_diameter=BOX * 4.0 * 0.8, psi_step=10,
+                           offset_range=3, offset_step=1, oversampling=0, random_seed=7, batch_size=32,
+                           zero_mask=False, n_accuracy_particles=20)
+
+
+def run(ps, origin, backend, label: str, threads: int | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    load = os.getloadavg()[0]
+    from cryopipe.engine.classify2d import ParticleState2D
+
+    timed = _Timed(backend) if backend.distributed else backend
+    opt = Optimiser2D(ps, settings(), state=ParticleState2D.empty(ps.size, origin), backend=timed)
+    opt.initialise()
+    secs, estep = [], []
+    for _ in range(ITERS):
+        before = getattr(timed, "seconds", 0.0)
+        secs.append(opt.iterate().seconds)
+        estep.append(getattr(timed, "seconds", 0.0) - before)
+    out = {"label": label, "seconds_per_iteration": secs, "warm_mean_s": float(np.mean(secs[1:] or secs)),
+           "load_average_before": load, "client_threads": torch.get_num_threads()}
+    if backend.distributed:  # the E-step on the workers (map: scatter, tasks, gather); the rest runs on the client
+        out["distributed_estep_s"] = estep
+        out["warm_mean_distributed_estep_s"] = float(np.mean(estep[1:] or estep))
+    overhead = None
+    if backend.distributed:
+        # the scheduler's own cost: the same snapshot and chunking through scatter/submit/gather, no compute
+        snap_like = opt.model
+        chunks = split_chunks(np.arange(ps.size), backend.n_chunks(0), 32)
+        rows = [ParticleRows2D(c, origin[c], np.ones(c.size)) for c in chunks]
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            backend.map(_noop, ps, snap_like, rows)
+            ts.append(time.perf_counter() - t0)
+        overhead = float(np.median(ts))
+    out["scheduler_overhead_s"] = overhead
+    out["refs"] = opt.model.refs.clone()
+    return out
+
+
+def main() -> int:
+    torch.set_num_threads(2)
+    default_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            assert cli(["simulate", "--what", "particles", "--n", str(N), "--box", str(BOX), "--angpix", "4",
+                        "--snr", "0.1", "--seed", "1"]) == 0
+            _, ps, origin = load_particles(Path(tmp) / "Simulate/job001/particles.star")
+            runs = [run(ps, origin, InProcess(), f"in-process, {default_threads} threads", default_threads),
+                    run(ps, origin, InProcess(), "in-process, 1 thread", 1)]
+            # the client (M-step, accuracies, predictions) with 1 thread: on 2 shared cores 2 threads are slower
+            torch.set_num_threads(1)
+            for w in (1, 2):
+                be = make_backend(f"local:{w}", CHUNKS)
+                try:
+                    r = run(ps, origin, be, f"dask local:{w} ({CHUNKS} chunks/worker)")
+                finally:
+                    be.close()
+                r["workers"] = w
+                runs.append(r)
+        finally:
+            os.chdir(cwd)
+    base, base1 = runs[0]["warm_mean_s"], runs[1]["warm_mean_s"]
+    ref = runs[0]["refs"]
+    for r in runs:
+        r["speedup_vs_in_process"] = base / r["warm_mean_s"]
+        r["speedup_vs_in_process_1thread"] = base1 / r["warm_mean_s"]
+        if "workers" in r:  # each worker has one torch thread: efficiency against the 1-thread in-process run
+            r["efficiency"] = r["speedup_vs_in_process_1thread"] / r["workers"]
+        r["max_abs_diff_refs"] = float((r.pop("refs") - ref).abs().max())
+    result = {"benchmark": "dask", "particles": N, "box": BOX, "classes": K, "iterations": ITERS,
+              "chunks_per_worker": CHUNKS, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+              "refs_abs_max": float(ref.abs().max()), "runs": runs}
+    out = HERE / "results" / f"dask_{TAG}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"class2d, {N} particles, box {BOX}, K {K}, {ITERS} iterations (warm = iterations 2..)")
+    for r in runs:
+        extra = ""
+        if r.get("scheduler_overhead_s") is not None:
+            extra = (f", efficiency {r['efficiency']:.2f}, E-step on workers {r['warm_mean_distributed_estep_s']:.2f} s,"
+                     f" scheduler overhead {r['scheduler_overhead_s']:.3f} s/iter")
+        print(f"  {r['label']:<36} {r['warm_mean_s']:6.2f} s/iter  speed-up {r['speedup_vs_in_process']:.2f} "
+              f"(vs 1 thread {r['speedup_vs_in_process_1thread']:.2f}){extra}"
+              f"  (load {r['load_average_before']:.1f}; max |Δrefs| {r['max_abs_diff_refs']:.1e})")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
