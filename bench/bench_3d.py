@@ -159,9 +159,9 @@ def main() -> int:
                   f"-> {path}")
             return 0
         if REF_FROM == "truth":
-            from cryopipe.engine.optimiser3d import lowpass_volume
+            from cryopipe.core.fourier import lowpass_map
 
-            write_mrc(tmp / "initial_model_aligned.mrc", lowpass_volume(truth_t, 30.0, APIX).numpy(), APIX)
+            write_mrc(tmp / "initial_model_aligned.mrc", lowpass_map(truth_t, truth_t.shape[-1] * APIX / 30.0, 2.0, edge="outside").numpy(), APIX)
         out["refine_reference"] = ("truth map low-passed to 30 Å" if REF_FROM == "truth" else
                                    "de novo initial model, aligned to the truth")
         # ---- 2. refine

@@ -186,22 +186,42 @@ def test_resolution_shell_rounds_as_relion():
         resolution_shell(48, 3.0, 0.0)
 
 
-def test_lowpass_map_reproduces_the_optimisers_filters():
-    """The 3D optimiser's ``lowpass_volume`` (edge beyond the cutoff) and class2d's
-    ``lowpass_raised_cosine_2d`` (centred edge, unclamped) are ``lowpass_map`` with options, so their callers can
-    move to it without a change in numbers."""
-    from cryopipe.engine.classify2d import lowpass_raised_cosine_2d
-    from cryopipe.engine.optimiser3d import lowpass_volume
+def test_lowpass_map_reproduces_the_optimisers_former_filters():
+    """The 3D optimiser's former ``lowpass_volume`` (edge beyond the cutoff) and class2d's former
+    ``lowpass_raised_cosine_2d`` (centred edge, unclamped), written out here as they were, are ``lowpass_map`` with
+    options: their callers moved to it without a change in numbers."""
+
+    def former_lowpass_volume(vol, resolution_A, pixel_size, edge_shells=2.0):
+        n = vol.shape[-1]
+        f = torch.fft.fftfreq(n, dtype=torch.float64) * n
+        fx = torch.fft.rfftfreq(n, dtype=torch.float64) * n
+        r = torch.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + fx[None, None, :] ** 2)
+        r0 = n * pixel_size / float(resolution_A)
+        t = ((r - r0) / edge_shells).clamp(0, 1)
+        filt = torch.where(r <= r0, torch.ones_like(r), 0.5 * (1 + torch.cos(math.pi * t)))
+        filt = torch.where(r > r0 + edge_shells, torch.zeros_like(r), filt)
+        return irfft3_centered(rfft3_centered(vol) * filt.to(vol.dtype), n).to(vol.dtype)
+
+    def former_lowpass_raised_cosine_2d(images, radius_shells, width=2.0):
+        n = images.shape[-1]
+        ky = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64)
+        kx = torch.fft.rfftfreq(n, d=1.0 / n, dtype=torch.float64)
+        r = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+        lo = float(radius_shells) - width / 2.0
+        hi = lo + width
+        f = torch.where(r < lo, torch.ones_like(r),
+                        torch.where(r > hi, torch.zeros_like(r), 0.5 - 0.5 * torch.cos(math.pi * (hi - r) / width)))
+        return irfft2_centered(rfft2_centered(images.to(torch.float64)) * f, n).to(images.dtype)
 
     g = torch.Generator().manual_seed(3)
     vol = torch.randn(2, 24, 24, 24, generator=g, dtype=torch.float64)
     for res in (30.0, 17.3):
-        ref = lowpass_volume(vol, res, 4.0)
+        ref = former_lowpass_volume(vol, res, 4.0)
         ours = lowpass_map(vol, 24 * 4.0 / res, 2.0, edge="outside")
         assert torch.allclose(ours, ref, atol=1e-12)
     imgs = torch.randn(3, 20, 20, generator=g, dtype=torch.float64)
     for radius in (0.4, 3.0, 6.7):
-        ref = lowpass_raised_cosine_2d(imgs, radius)
+        ref = former_lowpass_raised_cosine_2d(imgs, radius)
         ours = lowpass_map(imgs, radius, 2.0, ndim=2, clamp_at_zero=False)
         assert torch.allclose(ours, ref, atol=1e-12)
 

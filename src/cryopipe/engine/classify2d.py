@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cryopipe.core.fourier import irfft2_centered, phase_shift_2d, rfft2_centered, shift_images
+from cryopipe.core.fourier import irfft2_centered, lowpass_map, phase_shift_2d, rfft2_centered, shift_images
 from cryopipe.core.masks import soft_circular_mask
 from cryopipe.engine.accuracy import expected_accuracy, shift_difference_power, trial_angles, trial_shifts
 from cryopipe.engine.backend import InProcess, split_chunks
@@ -61,7 +61,7 @@ from cryopipe.engine.sampling import InPlaneSampling, coarse_image_size, psi_ste
 from cryopipe.errors import CryopipeError
 
 __all__ = ["Class2DSettings", "ParticleSet2D", "ParticleState2D", "Model2D", "Stats2D", "IterationReport",
-           "EMUpdate", "Optimiser2D", "fast_subset_size", "lowpass_raised_cosine_2d", "soft_mask_background",
+           "EMUpdate", "Optimiser2D", "fast_subset_size", "soft_mask_background",
            "blob_image"]
 
 
@@ -272,23 +272,6 @@ def fast_subset_size(iteration: int, n_classes: int, n_particles: int, ref_dim: 
 # initial references (RELION MlOptimiser::initialiseReferences for a start without references)
 # ------------------------------------------------------------------------------------------------------------
 
-def lowpass_raised_cosine_2d(images: torch.Tensor, radius_shells: float, width: float = 2.0) -> torch.Tensor:
-    """Low-pass ``[..., n, n]`` images at ``radius_shells`` Fourier pixels with a raised-cosine edge of ``width``
-    pixels centred on it (RELION ``initialLowPassFilterReferences``: factor 1 below ``radius − width/2``, 0 above
-    ``radius + width/2``, 0.5 at ``radius``)."""
-    n = images.shape[-1]
-    dev = images.device
-    ky = torch.fft.fftfreq(n, d=1.0 / n, device=dev, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(n, d=1.0 / n, device=dev, dtype=torch.float64)
-    r = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
-    lo = float(radius_shells) - width / 2.0
-    hi = lo + width
-    f = torch.where(r < lo, torch.ones_like(r),
-                    torch.where(r > hi, torch.zeros_like(r), 0.5 - 0.5 * torch.cos(math.pi * (hi - r) / width)))
-    out = irfft2_centered(rfft2_centered(images.to(torch.float64)) * f, n)
-    return out.to(images.dtype)
-
-
 def soft_mask_background(images: torch.Tensor, radius_px: float, width_px: float) -> torch.Tensor:
     """RELION ``softMaskOutsideMap`` without a noise image: outside ``radius_px`` (raised-cosine edge of
     ``width_px``) each image ``[..., n, n]`` becomes the (edge-weighted) average of its own background."""
@@ -468,11 +451,11 @@ class Optimiser2D(ParticleStream):
         # RELION's start: low-pass the subset averages to ini_high, then (RELION >= 4, --no_init_blobs switches it
         # off) replace each by random Gaussian blobs weighted by it, low-pass again and mask
         r_lp = n * apix / ini_high
-        refs = lowpass_raised_cosine_2d(refs, r_lp)
+        refs = lowpass_map(refs, r_lp, 2.0, ndim=2, clamp_at_zero=False)
         if s.init_blobs:
             diam_px = self.particle_diameter / apix
             refs = torch.stack([blob_image(refs[k], diam_px, self.rng) for k in range(K)])  # K images
-            refs = lowpass_raised_cosine_2d(refs, r_lp)
+            refs = lowpass_map(refs, r_lp, 2.0, ndim=2, clamp_at_zero=False)
             refs = soft_mask_background(refs, diam_px / 2.0, s.width_mask_edge)
         pdf = torch.full((K,), 1.0 / K, dtype=torch.float64, device=dev)
         # RELION initialiseDataVersusPrior: τ² = T·power spectrum, evidence = N·pdf/<σ²>

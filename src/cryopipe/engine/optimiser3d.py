@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cryopipe.core.fourier import lowpass_map
 from cryopipe.core.geometry import euler_to_matrix
 from cryopipe.core.healpix import angular_step
 from cryopipe.core.masks import soft_circular_mask, soft_spherical_mask
@@ -298,22 +299,6 @@ def random_blob_volume(n: int, radius_px: float, generator: torch.Generator, cou
     return vol.to(torch.float32).to(dev)
 
 
-def lowpass_volume(vol: torch.Tensor, resolution_A: float, pixel_size: float, edge_shells: float = 2.0
-                   ) -> torch.Tensor:
-    """Low-pass ``[..., n, n, n]`` to ``resolution_A`` with a raised-cosine edge of ``edge_shells`` Fourier pixels."""
-    n = vol.shape[-1]
-    from cryopipe.core.fourier import irfft3_centered, rfft3_centered
-
-    f = torch.fft.fftfreq(n, device=vol.device, dtype=torch.float64) * n
-    fx = torch.fft.rfftfreq(n, device=vol.device, dtype=torch.float64) * n
-    r = torch.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + fx[None, None, :] ** 2)
-    r0 = n * pixel_size / float(resolution_A)
-    t = ((r - r0) / edge_shells).clamp(0, 1)
-    filt = torch.where(r <= r0, torch.ones_like(r), 0.5 * (1 + torch.cos(math.pi * t)))
-    filt = torch.where(r > r0 + edge_shells, torch.zeros_like(r), filt)
-    return irfft3_centered(rfft3_centered(vol) * filt.to(vol.dtype), n).to(vol.dtype)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the optimiser
 # ------------------------------------------------------------------------------------------------------------
@@ -399,7 +384,8 @@ class Optimiser3D(ParticleStream):
             r_px = self.particle_diameter / (2.0 * p.pixel_size)
             vols = torch.stack([random_blob_volume(n, r_px, gen) for _ in range(K)]).to(dev)
             lp = s.ini_high if s.ini_high > 0 else n * p.pixel_size / max(1, round(0.07 * n))  # as RELION
-            vols = lowpass_volume(vols, max(lp, 2.5 * p.pixel_size), p.pixel_size) * self.mask3d
+            vols = lowpass_map(vols, n * p.pixel_size / max(lp, 2.5 * p.pixel_size), 2.0, edge="outside")
+            vols = vols * self.mask3d
             absolute_greyscale = False
         else:
             v = torch.as_tensor(volume, dtype=torch.float32, device=dev)
@@ -409,7 +395,7 @@ class Optimiser3D(ParticleStream):
             if vols.shape[-1] != n:
                 raise CryopipeError(f"reference box {vols.shape[-1]} differs from the particle box {n}")
             if s.ini_high > 0:
-                vols = lowpass_volume(vols, s.ini_high, p.pixel_size)
+                vols = lowpass_map(vols, n * p.pixel_size / s.ini_high, 2.0, edge="outside")
         if not absolute_greyscale:
             vols = self._greyscale(vols, take, sigma2)
         model = Model3D(
