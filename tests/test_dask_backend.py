@@ -177,3 +177,11 @@ def test_cli_class2d_with_dask(relion_dir, tmp_path, monkeypatch):
     assert cli(common + ["--o", "b/run", "--dask", "local:2:threads", "--dask_batches_per_worker", "2"]) == 0
     a, b = read_mrc("a/run_it002_classes.mrcs")[0], read_mrc("b/run_it002_classes.mrcs")[0]
     assert np.allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+def test_unreachable_scheduler_is_a_one_line_error():
+    from cryopipe.engine.dask_backend import DaskBackend
+    from cryopipe.errors import CryopipeError
+
+    with pytest.raises(CryopipeError, match="cannot reach the Dask scheduler"):
+        DaskBackend("tcp://127.0.0.1:9", timeout="2s")

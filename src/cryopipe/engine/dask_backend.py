@@ -65,11 +65,12 @@ class DaskBackend:
             address (``tcp://host:8786``) / ``scheduler.json`` file of a running cluster (e.g. dask-jobqueue).
         batches_per_worker: chunks per worker and iteration (more: better balance, more scheduler round trips).
         retries: re-runs of a task that raised.
+        timeout: how long to try reaching an existing scheduler.
     """
 
     distributed = True
 
-    def __init__(self, spec: str, batches_per_worker: int = 1, retries: int = 2):
+    def __init__(self, spec: str, batches_per_worker: int = 1, retries: int = 2, timeout: str = "30s"):
         try:
             from distributed import Client, LocalCluster
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -101,9 +102,9 @@ class DaskBackend:
         else:
             try:
                 if spec.endswith(".json"):
-                    self.client = Client(scheduler_file=spec, timeout="30s")
+                    self.client = Client(scheduler_file=spec, timeout=timeout)
                 else:
-                    self.client = Client(spec, timeout="30s")
+                    self.client = Client(spec, timeout=timeout)
             except (OSError, TimeoutError) as e:
                 raise CryopipeError(f"--dask {spec}: cannot reach the Dask scheduler ({e})") from None
         self._static = None
