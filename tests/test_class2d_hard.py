@@ -30,7 +30,8 @@ from cryopipe.engine.relion_files import read_model_star
 from cryopipe.io.mrc import read_mrc
 from cryopipe.io.particles import read_particles, write_particles
 from cryopipe.jobs.class2d import classify_2d
-from cryopipe.sim.class_quality import best_projection_correlation, high_frequency_power_ratio
+from cryopipe.sim.class_quality import (best_match_correlation, best_projection_correlation,
+                                        high_frequency_power_ratio)
 
 torch.set_num_threads(2)
 
@@ -122,9 +123,10 @@ def test_resolution_and_pmax_follow_relion(hard_run):
 
 
 def test_class_averages_are_clean(hard_run):
-    """Fixture README §11 (c): no noise texture beyond the resolution (power at 12–6 Å over power at 100–20 Å inside a
-    75 Å disc ≤ 0.005 per class; RELION's it008 classes: ≤ 0.0013; a noise-fitting run: ≫ 0.01), and the classes
-    look like projections of the truth. The projection correlation (20 Å) is measured on RELION's own classes by the
+    """Fixture README §11 (c), and the issue's "correlate with RELION's after in-plane alignment": no noise texture
+    beyond the resolution (power at 12–6 Å over power at 100–20 Å inside a 75 Å disc ≤ 0.005 per class; RELION's
+    it008 classes: ≤ 0.0013; a noise-fitting run: ≫ 0.01), and the classes look like projections of the truth and
+    like RELION's classes. The projection correlation (20 Å) is measured on RELION's own classes by the
     same code (median 0.96); our subset has 3 classes of ~200 particles after 6 iterations where RELION has 10 after
     8, so each of ours mixes more views: its threshold is lower here (measured: median 0.91); the full-size run with
     RELION's K and iterations is `bench/bench_class2d_hard.py` (target median ≥ 0.93)."""
@@ -137,6 +139,9 @@ def test_class_averages_are_clean(hard_run):
     vol = torch.as_tensor(read_mrc(d / "ref_map.mrc")[0])
     cc = best_projection_correlation(ours, 3.0, vol, 3.0, n_projections=500)
     assert float(cc.median()) >= 0.85 and float(cc.min()) >= 0.8, cc
+    # each of our classes looks like one of RELION's after in-plane alignment (measured 0.89, 0.93, 0.95)
+    match = best_match_correlation(ours, 3.0, relion)
+    assert float(match.min()) >= 0.85, match
 
 
 def test_pmax_stays_low_on_pure_noise():
