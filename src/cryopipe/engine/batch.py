@@ -27,7 +27,7 @@ from cryopipe.engine.coefficients import CoefficientSet
 from cryopipe.engine.estep import BatchData
 from cryopipe.engine.seeds import particle_normal
 
-__all__ = ["mask_images", "prepare_batch"]
+__all__ = ["mask_images", "prepare_batch", "batch_from_coefficients"]
 
 
 def mask_images(images: torch.Tensor, mask: torch.Tensor, zero_mask: bool = True,
@@ -52,6 +52,54 @@ def mask_images(images: torch.Tensor, mask: torch.Tensor, zero_mask: bool = True
     else:
         noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
     return images * mask + (mean + sd * noise) * (1.0 - mask)
+
+
+def batch_from_coefficients(X: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, noise_var: torch.Tensor,
+                            scored: torch.Tensor, shell: torch.Tensor, n_coeffs: int, n_shells: int,
+                            optics_group: torch.Tensor, prior_centre: torch.Tensor | None,
+                            log_prior_orient: torch.Tensor | None, n_classes: int, offset_dim: int,
+                            **extra) -> BatchData:
+    """The :class:`BatchData` of prepared coefficients, for every kind of particle (images, tilt stacks,
+    pseudo-subtomograms): the first ``n_coeffs`` enter the E-step, the rest only the sums beyond the set.
+
+    Args:
+        X: ``[B, P_full]`` complex coefficients (masked / translated / zeroed where unusable, as the data type needs).
+        ctf: ``[B, >= n_coeffs]`` the factor the predictions are multiplied by (CTF, or ``Σc²`` for subtomograms).
+        inv_sigma2: ``[B, P_full]`` ``1/σ²`` of each coefficient as it enters the E-step (0: not used).
+        noise_var: ``[B, >= n_coeffs]`` that variance, for the log-likelihood normalisation ``Σ log(2πσ²)`` over
+            the ``scored`` ``[B, >= n_coeffs]`` coefficients.
+        shell: ``[P_full]`` shell of each coefficient; ``n_shells``: length of the noise spectra.
+        optics_group: ``[B]`` long; ``prior_centre`` ``[B, K, offset_dim]`` and ``log_prior_orient`` (default
+            zeros); ``extra``: further :class:`BatchData` fields (``allowed_class``, ``X_nomask``).
+    """
+    dev = X.device
+    B = X.shape[0]
+    outside = X[:, n_coeffs:]
+    pow_out = (outside.real.square() + outside.imag.square()).to(torch.float64)
+    power_outside = torch.zeros(B, n_shells, device=dev, dtype=torch.float64)
+    sh_out = shell[n_coeffs:]
+    keep = sh_out < n_shells
+    power_outside.index_add_(1, sh_out[keep], pow_out[:, keep])
+    xi2_outside = 0.5 * (pow_out * inv_sigma2[:, n_coeffs:]).sum(dim=1)
+    var = noise_var[:, :n_coeffs]
+    logsigma2 = torch.where(scored[:, :n_coeffs], torch.log(2.0 * math.pi * var.clamp_min(1e-300)),
+                            torch.zeros((), dtype=var.dtype, device=dev)).sum(dim=1)
+    if prior_centre is None:
+        prior_centre = torch.zeros(B, n_classes, offset_dim, device=dev)
+    if log_prior_orient is None:
+        log_prior_orient = torch.zeros(1, n_classes, 1, device=dev)
+    return BatchData(
+        X=X[:, :n_coeffs].to(torch.complex64).contiguous(),
+        ctf=ctf[:, :n_coeffs].to(torch.float32).contiguous(),
+        inv_sigma2=inv_sigma2[:, :n_coeffs].to(torch.float32).contiguous(),
+        optics_group=optics_group,
+        prior_centre=prior_centre.to(dev, torch.float32),
+        log_prior_orient=log_prior_orient.to(dev, torch.float32),
+        xi2_outside=xi2_outside.to(torch.float32),
+        logsigma2=logsigma2.to(torch.float32),
+        power_outside=power_outside,
+        **extra,
+    )
 
 
 def prepare_batch(
@@ -108,41 +156,16 @@ def prepare_batch(
         ft = rfft2_centered(img)
     ft = ft / float(n * n)
     coeffs = full.gather(ft)  # [B, Pfull]
-    X = coeffs[:, :n_coeffs].to(torch.complex64)
-    outside = coeffs[:, n_coeffs:]
     og = optics_group.to(dev).long()
     shell = full.shell.to(dev)
     s2 = sigma2.to(dev, torch.float64)[og][:, shell]  # [B, Pfull]
     inv = torch.where(s2 > 0, 1.0 / s2.clamp_min(1e-300), torch.zeros((), dtype=s2.dtype, device=dev))
-    pow_out = (outside.real.square() + outside.imag.square()).to(torch.float64)
-    ns = sigma2.shape[1]
-    power_outside = torch.zeros(B, ns, device=dev, dtype=torch.float64)
-    sh_out = shell[n_coeffs:]
-    keep = sh_out < ns
-    power_outside.index_add_(1, sh_out[keep], pow_out[:, keep])
-    xi2_outside = 0.5 * (pow_out * inv[:, n_coeffs:]).sum(dim=1)
-    s2_in = s2[:, :n_coeffs]
-    in_set = (shell[:n_coeffs] > 0)[None, :] & (s2_in > 0)
-    logsigma2 = torch.where(in_set, torch.log(2.0 * math.pi * s2_in.clamp_min(1e-300)),
-                            torch.zeros((), dtype=s2.dtype, device=dev)).sum(dim=1)
     if ctf is None:
         c = torch.ones(B, n_coeffs, device=dev, dtype=torch.float32)
     else:
         c = full.gather(ctf.to(dev, torch.float32))[:, :n_coeffs]
-    if prior_centre is None:
-        prior_centre = torch.zeros(B, n_classes, 2, device=dev)
-    if log_prior_orient is None:
-        log_prior_orient = torch.zeros(1, n_classes, 1, device=dev)
-    return BatchData(
-        X=X,
-        ctf=c.contiguous(),
-        inv_sigma2=inv[:, :n_coeffs].to(torch.float32).contiguous(),
-        optics_group=og,
-        prior_centre=prior_centre.to(dev, torch.float32),
-        log_prior_orient=log_prior_orient.to(dev, torch.float32),
-        xi2_outside=xi2_outside.to(torch.float32),
-        logsigma2=logsigma2.to(torch.float32),
-        power_outside=power_outside,
-        allowed_class=None if allowed_class is None else allowed_class.to(dev).long(),
-        X_nomask=X_nomask,
-    )
+    scored = (shell > 0)[None, :] & (s2 > 0)
+    return batch_from_coefficients(coeffs, c, inv, s2, scored, shell, n_coeffs, sigma2.shape[1], og, prior_centre,
+                                   log_prior_orient, n_classes, 2,
+                                   allowed_class=None if allowed_class is None else allowed_class.to(dev).long(),
+                                   X_nomask=X_nomask)

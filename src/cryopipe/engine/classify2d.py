@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from cryopipe.engine.batch import mask_images
 from cryopipe.engine.class2d_step import Class2DSnapshot, ParticleRows2D, class2d_step
 from cryopipe.engine.seeds import NOISE_FILL_INITIAL, particle_seeds
 from cryopipe.engine.coefficients import CoefficientSet, coefficient_set
-from cryopipe.engine.estep import BatchResult, EStepSettings, TranslationGrid, expectation
+from cryopipe.engine.estep import EStepSettings, TranslationGrid
 from cryopipe.engine.mstep import (
     current_resolution_shell,
     estimated_resolution_shell,
@@ -53,7 +53,6 @@ from cryopipe.engine.stream import (
     GRAD_MODEL_MOMENTUM,
     ParticleSet,
     ParticleStream,
-    add_particle_result,
     repair_negative_spectra,
     update_particle_model,
 )
@@ -681,7 +680,7 @@ class Optimiser2D(ParticleStream):
     def _maximise(self, stats: Stats2D, src: ClassReferences2D, cset: CoefficientSet, r_cur: int,
                   halves: list[Stats2D] | None = None) -> None:
         s, m, dev, n = self.s, self.model, self.dev, self.n
-        K, ns = m.n_classes, m.n_shells
+        ns = m.n_shells
         sum_w = float(stats.wsum_class.sum())
         if sum_w <= 0:
             raise CryopipeError("no particle contributed to any class in this iteration (check the input images)")

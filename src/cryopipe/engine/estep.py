@@ -260,24 +260,23 @@ DENSE_FRACTION = 0.05
 
 
 def squared_differences(X: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, refs: torch.Tensor,
-                        phases: torch.Tensor, return_shifted: bool = False):
+                        phases: torch.Tensor) -> torch.Tensor:
     """``diff² [B, T, M]`` (see module docstring) for images ``X [B, P]``, CTFs ``[B, P]``, ``1/σ² [B, P]``,
-    predictions ``refs [M, P]`` and translation phases ``[T, P]``. Two GEMMs; float32.
-
-    With ``return_shifted`` also returns the translated, CTF- and noise-weighted images ``X_t·C/σ² [B, T, P]``
-    (what the M-step sums need, so they are not computed twice)."""
-    B, P = X.shape
-    T = phases.shape[0]
-    M = refs.shape[0]
+    predictions ``refs [M, P]`` and translation phases ``[T, P]``. Two GEMMs; float32."""
     xi2 = (X.real.square() + X.imag.square()).mul_(inv_sigma2).sum(-1)  # [B]
-    a = X * (ctf * inv_sigma2).to(X.dtype)  # [B, P]
-    at = a[:, None, :] * phases[None, :, :]  # [B, T, P]
+    at = (X * (ctf * inv_sigma2).to(X.dtype))[:, None, :] * phases[None, :, :]  # [B, T, P]  X_t·C/σ²
+    return _squared_differences_shifted(at, xi2, ctf.square() * inv_sigma2, refs)
+
+
+def _squared_differences_shifted(at: torch.Tensor, xi2: torch.Tensor, ctf2_inv_sigma2: torch.Tensor,
+                                 refs: torch.Tensor) -> torch.Tensor:
+    """``diff² [B, T, M]`` from the translated, weighted images ``at = X_t·C/σ² [B, T, P]``, ``Σ|X|²/σ² [B]``,
+    ``C²/σ² [B, P]`` and predictions ``refs [M, P]``: the cross term is one real GEMM, the norm term another."""
+    B, T, P = at.shape
+    M = refs.shape[0]
     d = (_as_real(at).reshape(B * T, 2 * P) @ _as_real(refs).T).reshape(B, T, M)  # Re Σ X_t·C/σ²·conj(R)
-    if not return_shifted:
-        del at
-    norm = (ctf.square() * inv_sigma2) @ (refs.real.square() + refs.imag.square()).T  # [B, M]
-    d.mul_(-1.0).add_(norm[:, None, :], alpha=0.5).add_(xi2[:, None, None], alpha=0.5)
-    return (d, at) if return_shifted else d
+    norm = ctf2_inv_sigma2 @ (refs.real.square() + refs.imag.square()).T  # [B, M]
+    return d.mul_(-1.0).add_(norm[:, None, :], alpha=0.5).add_(xi2[:, None, None], alpha=0.5)
 
 
 def significant_mask(w: torch.Tensor, fraction: float, max_significant: int = -1) -> torch.Tensor:
@@ -334,10 +333,7 @@ def children_squared_differences(at: torch.Tensor, X: torch.Tensor, ctf: torch.T
     if E > DENSE_FRACTION * parent.numel():  # flat posteriors: one GEMM over the union, then pick the cells
         B, Tf = at.shape[0], at.shape[1]
         Msel = refs.shape[0]
-        R = refs.reshape(Msel * So, P)
-        d = (_as_real(at[:, :, :P]).reshape(B * Tf, 2 * P) @ _as_real(R).T).reshape(B, Tf, Msel * So)
-        norm = c2i @ (R.real.square() + R.imag.square()).T  # [B, Msel·So]
-        d.mul_(-1.0).add_(norm[:, None, :], alpha=0.5).add_(xi2[:, None, None], alpha=0.5)
+        d = _squared_differences_shifted(at[:, :, :P], xi2, c2i, refs.reshape(Msel * So, P))  # [B, Tf, Msel·So]
         b, ti, mi = entries.unbind(1)
         return entries, d.reshape(B, Tf // St, St, Msel, So)[b, ti, :, mi, :]
     out = torch.empty(E, St, So, device=at.device, dtype=torch.float32)
@@ -583,7 +579,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     M-step sums."""
     dev = batch.X.device
     B = batch.B
-    K, Rc, So = refs.n_classes, refs.n_coarse, refs.n_children
+    K, Rc = refs.n_classes, refs.n_coarse
     n = settings.n
     kvec = settings.k.to(dev)
     Pc = settings.coarse_size

@@ -17,7 +17,6 @@ Scale: predictions and sums are ``FT / n²`` (RELION's normalisation), class ima
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

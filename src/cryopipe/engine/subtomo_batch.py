@@ -32,12 +32,11 @@ posterior by the E-step itself.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from cryopipe.core.fourier import irfft3_centered, phase_shift_3d, rfft3_centered
 from cryopipe.engine.coefficients import CoefficientSet
+from cryopipe.engine.batch import batch_from_coefficients
 from cryopipe.engine.estep import BatchData
 
 __all__ = ["SUBTOMO_MULTI_THR", "split_subtomo_weights", "prepare_subtomo_batch", "multiplicity_per_shell"]
@@ -114,30 +113,9 @@ def prepare_subtomo_batch(
     C = torch.where(kept, C3, zero)
     var = torch.where(M > _MULTI_DIVIDE_MIN, s2 * M, s2)  # σ²·M (RELION's E-step noise variance)
     inv = torch.where(s2 > 0, 1.0 / var.clamp_min(1e-300), zero)
-    outside = X[:, n_coeffs:]
-    pow_out = (outside.real.square() + outside.imag.square()).to(torch.float64)
-    power_outside = torch.zeros(B, ns, device=dev, dtype=torch.float64)
-    sh_out = shell[n_coeffs:]
-    keep_sh = sh_out < ns
-    power_outside.index_add_(1, sh_out[keep_sh], pow_out[:, keep_sh])
-    xi2_outside = 0.5 * (pow_out * inv[:, n_coeffs:]).sum(dim=1)
-    in_set = (shell[:n_coeffs] > 0)[None, :] & (inv[:, :n_coeffs] > 0)
-    logsigma2 = torch.where(in_set, torch.log(2.0 * math.pi * var[:, :n_coeffs].clamp_min(1e-300)), zero).sum(dim=1)
-    if prior_centre is None:
-        prior_centre = torch.zeros(B, n_classes, 3, device=dev)
-    if log_prior_orient is None:
-        log_prior_orient = torch.zeros(1, n_classes, 1, device=dev)
-    return BatchData(
-        X=X[:, :n_coeffs].to(torch.complex64).contiguous(),
-        ctf=C[:, :n_coeffs].to(torch.float32).contiguous(),
-        inv_sigma2=inv[:, :n_coeffs].to(torch.float32).contiguous(),
-        optics_group=og,
-        prior_centre=prior_centre.to(dev, torch.float32),
-        log_prior_orient=log_prior_orient.to(dev, torch.float32),
-        xi2_outside=xi2_outside.to(torch.float32),
-        logsigma2=logsigma2.to(torch.float32),
-        power_outside=power_outside,
-    )
+    scored = (shell > 0)[None, :] & (inv > 0)
+    return batch_from_coefficients(X, C, inv, var, scored, shell, n_coeffs, ns, og, prior_centre, log_prior_orient,
+                                   n_classes, 3)
 
 
 def multiplicity_per_shell(multiplicity: torch.Tensor, vset: CoefficientSet, n_shells: int,

@@ -26,6 +26,7 @@ import math
 import torch
 
 from cryopipe.engine.coefficients import CoefficientSet
+from cryopipe.engine.batch import batch_from_coefficients
 from cryopipe.engine.estep import BatchData
 
 __all__ = ["prepare_stack_batch"]
@@ -79,27 +80,7 @@ def prepare_stack_batch(
         inv = torch.where(usable, 1.0 / s2.clamp_min(1e-300), torch.zeros((), dtype=s2.dtype, device=dev))
     C = torch.where(usable, C, torch.zeros((), dtype=C.dtype, device=dev))
     X = torch.where(usable, coeffs, torch.zeros((), dtype=coeffs.dtype, device=dev))
-    outside = X[:, n_coeffs:]
-    pow_out = (outside.real.square() + outside.imag.square()).to(torch.float64)
-    ns = sigma2.shape[0]
-    power_outside = torch.zeros(B, ns, device=dev, dtype=torch.float64)
-    power_outside.index_add_(1, shell[n_coeffs:], pow_out)
-    xi2_outside = 0.5 * (pow_out * inv[:, n_coeffs:]).sum(dim=1)
     noise_var = C * s2 if premultiplied else s2  # variance of the coefficient as it enters the E-step
-    logsigma2 = torch.where(usable[:, :n_coeffs], torch.log(2.0 * math.pi * noise_var[:, :n_coeffs].clamp_min(1e-300)),
-                            torch.zeros((), dtype=s2.dtype, device=dev)).sum(dim=1)
-    if prior_centre is None:
-        prior_centre = torch.zeros(B, n_classes, 3, device=dev)
-    if log_prior_orient is None:
-        log_prior_orient = torch.zeros(1, n_classes, 1, device=dev)
-    return BatchData(
-        X=X[:, :n_coeffs].to(torch.complex64).contiguous(),
-        ctf=C[:, :n_coeffs].to(torch.float32).contiguous(),
-        inv_sigma2=inv[:, :n_coeffs].to(torch.float32).contiguous(),
-        optics_group=torch.zeros(B, dtype=torch.long, device=dev),
-        prior_centre=prior_centre.to(dev, torch.float32),
-        log_prior_orient=log_prior_orient.to(dev, torch.float32),
-        xi2_outside=xi2_outside.to(torch.float32),
-        logsigma2=logsigma2.to(torch.float32),
-        power_outside=power_outside,
-    )
+    return batch_from_coefficients(X, C, inv, noise_var, usable, shell, n_coeffs, sigma2.shape[0],
+                                   torch.zeros(B, dtype=torch.long, device=dev), prior_centre, log_prior_orient,
+                                   n_classes, 3)

@@ -27,11 +27,6 @@ __all__ = ["high_frequency_power_ratio", "best_match_correlation", "best_project
            "uniform_rotations"]
 
 
-def _disc(n: int, radius_px: float, device) -> torch.Tensor:
-    y = torch.arange(n, device=device, dtype=torch.float64) - n // 2
-    return ((y[:, None] ** 2 + y[None, :] ** 2) <= radius_px ** 2).to(torch.float64)
-
-
 def high_frequency_power_ratio(images: torch.Tensor, pixel_size: float, disc_radius_A: float = 75.0,
                                high_band_A: tuple[float, float] = (12.0, 6.0),
                                low_band_A: tuple[float, float] = (100.0, 20.0)) -> torch.Tensor:
@@ -40,7 +35,7 @@ def high_frequency_power_ratio(images: torch.Tensor, pixel_size: float, disc_rad
     are rings of spatial frequency ``1/d`` for ``d`` between the two limits."""
     x = images.to(torch.float64)
     n = x.shape[-1]
-    x = x * _disc(n, disc_radius_A / pixel_size, x.device)
+    x = x * soft_circular_mask(n, disc_radius_A / pixel_size, 0.0, device=x.device, dtype=torch.float64)
     ft = rfft2_centered(x)
     ky = torch.fft.fftfreq(n, d=pixel_size, device=x.device, dtype=torch.float64)
     kx = torch.fft.rfftfreq(n, d=pixel_size, device=x.device, dtype=torch.float64)
@@ -72,7 +67,7 @@ def _prepare(images: torch.Tensor, pixel_size: float, crop: int, lowpass_A: floa
     apix = pixel_size * n / crop
     ft = lowpass(ft, lowpass_A, apix)
     y = irfft2_centered(ft, crop)
-    d = _disc(crop, disc_radius_A / apix, y.device)
+    d = soft_circular_mask(crop, disc_radius_A / apix, 0.0, device=y.device, dtype=torch.float64)
     y = y - (y * d).sum(dim=(-2, -1), keepdim=True) / d.sum()
     y = y * d
     return y / y.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
