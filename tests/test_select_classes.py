@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cryopipe.core.fourier import irfft2_centered, radius_2d, rfft2_centered
+from cryopipe.core.fourier import irfft2_centered, radius_2d, rfft2_centered, shift_images
 from cryopipe.errors import CryopipeError
 from cryopipe.io.mrc import MrcStack, parse_image_name, read_mrc, write_mrc
 from cryopipe.io.star import read_star, read_star_with_version, write_star
@@ -170,6 +170,34 @@ def test_recenter_synthetic_offcentre_and_centred():
     assert float((out[1] - imgs[1]).abs().max()) < 1e-4 * float(imgs[1].max())
     # the peak of the two-lobe object moved with it (shape kept, sub-pixel shift)
     assert abs(float((out[0] * x).sum() / out[0].sum()) - 32) < 0.1
+
+
+def test_recenter_ignores_a_neighbour_in_the_box():
+    """Crowded box (issue 11): a particle 3 px off-centre and a neighbour of the same size ~27 px away at the box
+    edge. The whole-box centre of mass is pulled several px towards the neighbour; the iterated centre of mass
+    inside the soft particle mask puts the particle itself on the box centre."""
+    n, radius = 64, 12.0
+    y, x = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")
+
+    def blob(cx, cy):   # two lobes and a smaller third (asymmetric, ~20 px across), placed at (cx, cy)
+        return (torch.exp(-((x - cx + 3) ** 2 + (y - cy) ** 2) / 14) + torch.exp(-((x - cx - 3) ** 2 + (y - cy) ** 2) / 14)
+                + 0.6 * torch.exp(-((x - cx) ** 2 + (y - cy - 4) ** 2) / 10))
+
+    particle = blob(34.5, 30.0)
+    neighbour = blob(34.5 + 25.0, 30.0 - 12.0)
+    noise = 0.02 * torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    img = (particle + neighbour + noise)[None].float()
+    true_com = np.array([float((particle * x).sum() / particle.sum()), float((particle * y).sum() / particle.sum())])
+    pulled = center_of_mass(img, radius)[0].numpy() - true_com
+    assert np.hypot(*pulled) > 3.0                          # the whole-box centre of mass is pulled off
+    out, shifts = recenter_images(img, radius)
+    np.testing.assert_allclose(shifts[0].numpy(), 32.0 - true_com, atol=0.4)
+    moved = shift_images(particle[None], shifts)[0]        # the particle alone, moved by the shift applied
+    cx, cy = float((moved * x).sum() / moved.sum()), float((moved * y).sum() / moved.sum())
+    assert abs(cx - 32) < 0.4 and abs(cy - 32) < 0.4, (cx, cy)
+    # the particle alone gets the same shift (the neighbour no longer matters)
+    _, alone = recenter_images(particle[None].float(), radius)
+    np.testing.assert_allclose(alone[0].numpy(), shifts[0].numpy(), atol=0.2)
 
 
 # ------------------------------------------------------------------------------------------------ regrouping

@@ -43,8 +43,9 @@ def add_class_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--select_min_nr_classes", type=int, default=-1,
                    help="--auto: keep at least this many classes, adding the best-scoring ones (-1: off)")
     g.add_argument("--recenter", action="store_true",
-                   help="re-centre the selected averages on the centre of mass of their white density (sub-pixel "
-                        "Fourier shift) into class_averages.mrcs, e.g. for template picking")
+                   help="re-centre the selected averages on the centre of mass of their white density inside a soft "
+                        "circular mask of --particle_diameter (iterated; sub-pixel Fourier shift) into "
+                        "class_averages.mrcs, e.g. for template picking")
     g.add_argument("--sort_by", "--sort", dest="sort_by", default="rlnClassDistribution",
                    choices=list(SORT_KEYS) + ["none"],
                    help="order of class_averages.star and the gallery (distribution and score: largest first; "

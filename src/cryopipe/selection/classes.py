@@ -54,8 +54,8 @@ from cryopipe.errors import CryopipeError
 
 __all__ = [
     "SCORE_WEIGHTS", "SORT_DIRECTIONS", "ImageFeatures", "parse_class_numbers", "class_counts", "solvent_radius",
-    "center_of_mass", "recenter_images", "image_features", "score_classes", "auto_select", "sort_order",
-    "regroup_particles",
+    "center_of_mass", "masked_center_of_mass", "recenter_images", "image_features", "score_classes", "auto_select",
+    "sort_order", "regroup_particles",
 ]
 
 #: weights of the metadata terms of the automatic score (see the module docstring)
@@ -64,6 +64,7 @@ _CONTRAST_SCALE = 6.0
 _ANISOTROPY_SCALE = 0.015
 _HOLLOW_START, _HOLLOW_RANGE = 0.25, 0.35
 _RING_INNER = 0.8
+MASK_EDGE_PX = 5.0                 # soft edge of the re-centring mask (RELION's default --width_mask_edge)
 _CHUNK_ELEMENTS = 8_000_000          # pixels per batch in image_features (~64 MB per float64 temporary)
 
 #: sort keys for ``--sort_by``: label -> True when larger values come first
@@ -181,26 +182,69 @@ def center_of_mass(images: torch.Tensor, mask_radius_px: float | None = None) ->
     return com
 
 
-def recenter_images(images: torch.Tensor, mask_radius_px: float | None = None, n_iter: int = 3,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Translate each image so that the centre of mass of its white density (:func:`center_of_mass`) lands on
-    the box centre ``(N//2, N//2)``, with sub-pixel Fourier (periodic) shifts.
+def masked_center_of_mass(images: torch.Tensor, mask_radius_px: float, edge_px: float = MASK_EDGE_PX
+                          ) -> torch.Tensor:
+    """Centre of mass ``[K, 2]`` = ``(x, y)`` pixels of the white density *inside a soft circular mask* about the
+    box centre ``N // 2`` (radius ``mask_radius_px``, raised-cosine edge ``edge_px`` outside it, as
+    :func:`cryopipe.core.masks.soft_circular_mask`).
 
-    The shift is refined ``n_iter`` times (the centre of mass of the shifted image is measured again), so the
-    result is centred to ~0.01 px although clipping at the background level and Fourier ringing make the centre
-    of mass not move exactly with the image.
+    The background (median of the solvent ring ``0.8 r_m <= r <= r_m``) is subtracted, the result multiplied by
+    the mask, negative values set to 0, and the centre of mass of what remains taken. Density outside the mask (a
+    neighbouring particle in a crowded box) does not count. An image with no positive density in the mask gives
+    the box centre.
+    """
+    from cryopipe.core.masks import soft_circular_mask
+
+    images = _check_images(images)
+    k, n, _ = images.shape
+    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    x = images.to(dtype)
+    xx, yy, r = _grid(n, x.device, dtype)
+    bg, _ = _ring_background(x, r, float(mask_radius_px))
+    mask = soft_circular_mask(n, float(mask_radius_px), float(edge_px), device=x.device, dtype=dtype)
+    w = torch.clamp((x - bg[:, None, None]) * mask, min=0.0)
+    total = w.sum(dim=(1, 2))
+    tiny = torch.finfo(dtype).tiny
+    com = torch.stack([(w * xx).sum(dim=(1, 2)) / total.clamp(min=tiny),
+                       (w * yy).sum(dim=(1, 2)) / total.clamp(min=tiny)], dim=1)
+    empty = total <= 0
+    if bool(empty.any()):
+        com[empty] = float(n // 2)
+    return com
+
+
+def recenter_images(images: torch.Tensor, mask_radius_px: float | None = None, n_iter: int = 20,
+                    edge_px: float = MASK_EDGE_PX, tol_px: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Translate each image so that the centre of mass of its white density inside a soft circular mask of the
+    particle radius lands on the box centre ``(N//2, N//2)``, with sub-pixel Fourier (periodic) shifts.
+
+    As RELION's centre-of-mass re-centring within the particle mask, the estimate is iterated: the image is
+    shifted by the current estimate, the masked centre of mass (:func:`masked_center_of_mass`, mask about the
+    box centre, i.e. about the current estimate in the input frame) is measured again and the shift updated,
+    until it changes by less than ``tol_px`` or after ``n_iter`` rounds. A neighbour at the edge of a crowded
+    box therefore no longer pulls the centre off the particle, as the whole-box :func:`center_of_mass` does.
+
+    Args:
+        images: class averages ``[K, N, N]`` (white = protein).
+        mask_radius_px: particle radius in pixels (:func:`solvent_radius`; default ``N/2 − 1``).
+        n_iter: maximum number of rounds; edge_px: raised-cosine edge of the mask (pixels, RELION's default 5);
+        tol_px: stop when no shift changes by more than this (pixels).
 
     Returns:
         ``(recentred images [K, N, N] in the input dtype, shifts [K, 2] = (dx, dy) pixels applied)``.
     """
     images = _check_images(images)
     n = images.shape[-1]
+    radius = float(mask_radius_px) if mask_radius_px is not None else n / 2.0 - 1.0
     x = images.to(torch.float64)
     shifts = torch.zeros(images.shape[0], 2, dtype=torch.float64, device=images.device)
     out = x
     for _ in range(max(1, int(n_iter))):
-        shifts = shifts + (float(n // 2) - center_of_mass(out, mask_radius_px))
+        step = float(n // 2) - masked_center_of_mass(out, radius, edge_px)
+        shifts = shifts + step
         out = shift_images(x, shifts)
+        if float(step.abs().max()) < tol_px:
+            break
     return out.to(images.dtype), shifts
 
 

@@ -18,7 +18,8 @@ Outputs of :func:`select_classes` in ``output_dir`` (what RELION's Select job wr
   ``rlnAccuracyRotations``, ``rlnEstimatedResolution`` …) plus ``rlnClassNumber`` and ``rlnClassScore``
   (when the class averages could be read). Usable directly as template-picking references.
 * ``class_averages.mrcs`` (with ``recenter``) – the selected averages re-centred on the centre of mass of their
-  white density (:func:`cryopipe.selection.classes.recenter_images`), referenced by ``class_averages.star``.
+  white density inside a soft mask of the particle diameter, iterated
+  (:func:`cryopipe.selection.classes.recenter_images`), referenced by ``class_averages.star``.
 * ``backup_selection.star`` – ``rlnSelected`` 0/1 per class in class order (as RELION's Select writes).
 * ``class_scores.star`` – every class with its score and score components (2D runs with readable images).
 * ``class_averages.png`` – gallery of all classes in ``sort_by`` order, selected ones framed
