@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleSet2D, ParticleState2D
+from cryopipe.engine.class2d_files import model_from_files_2d
 from cryopipe.engine.relion_files import model_blocks, read_model_star, read_optimiser_star, read_sampling_star
 from cryopipe.io.mrc import read_mrc, write_mrc
 from cryopipe.io.particles import read_particles, write_particles
 from cryopipe.io.star import read_star
-from cryopipe.jobs.class2d import _model_from_files, classify_2d, load_particles
+from cryopipe.jobs.class2d import classify_2d, load_particles
 
 from engine_helpers import best_aligned_correlation, simulate
 
@@ -34,7 +35,7 @@ def test_read_relion_class2d_fixture(relion_dir):
     assert float(smp["rlnPsiStep"]) == pytest.approx(11.25)
     data, ps, origin = load_particles(d / "run_it005_data.star")
     assert ps.size == 600 and ps.n == 48 and ps.pixel_size == pytest.approx(3.0)
-    model = _model_from_files(d / "run_it005_model.star", ps, [d], None, torch.device("cpu"))
+    model = model_from_files_2d(d / "run_it005_model.star", ps, [d], None, torch.device("cpu"))
     assert model.refs.shape == (4, 48, 48)
     assert float(model.pdf_class.sum()) == pytest.approx(1.0, abs=1e-5)
     assert 1.0 / model.current_resolution == pytest.approx(24.0)
@@ -45,7 +46,7 @@ def test_model_star_has_relion_tables_and_columns(relion_dir, tmp_path):
     d = relion_dir / "class2d"
     ref = read_star(d / "run_it005_model.star")
     _, ps, _ = load_particles(d / "run_it005_data.star")
-    model = _model_from_files(d / "run_it005_model.star", ps, [d], None, torch.device("cpu"))
+    model = model_from_files_2d(d / "run_it005_model.star", ps, [d], None, torch.device("cpu"))
     ours = model_blocks(model, "run_it005_classes.mrcs")
     assert list(ours) == list(ref)
     for name, block in ref.items():
