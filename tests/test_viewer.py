@@ -120,7 +120,7 @@ def small_project(tmp_path_factory, relion_dir) -> Path:
     steps = [
         ["simulate", "--what", "micrographs", "--n", "2", "--mic_size", "512", "--n_per_mic", "12", "--seed", "1"],
         ["autopick", "--i", "Simulate/job001/micrographs.star", "--LoG", "--LoG_diam_min", "50", "--LoG_diam_max",
-         "80"],
+         "80", "--write_fom_maps"],
         ["extract", "--i", "Simulate/job001/micrographs.star", "--coord_list", "AutoPick/job002/autopick.star",
          "--extract_size", "48", "--scale", "32", "--norm", "--invert_contrast", "--minimum_pick_fom", "0.4"],
         ["class2d", "--i", "Extract/job003/particles.star", "--K", "3", "--iter", "2", "--particle_diameter", "100",
@@ -500,6 +500,21 @@ def test_browser_every_page_loads_without_javascript_errors(browser, small_serve
                 assert not broken, (page, broken)
 
 
+def test_fom_map_candidates_cut_at_the_job_threshold_are_the_stored_picks(small_server):
+    """The slider's points come from the stored LoG FOM maps (every maximum, in picking order); cut at the job's
+    own threshold (the lowest stored pick) they are exactly the stored picks, and below it there are more."""
+    m = _json(small_server.url, "/api/picks/mic?" + _q("AutoPick/job002/") + "&i=0")
+    picks, cands = m["picks"], m["candidates"]
+    assert len(cands) > len(picks) > 5
+    cut = min(p[2] for p in picks)
+    kept = [c for c in cands if c[2] >= cut - 1e-6]
+    assert len(kept) == len(picks)
+    for (x, y, f), (px, py, pf) in zip(kept, picks):
+        assert abs(x - px) < 0.02 and abs(y - py) < 0.02 and abs(f - pf) < 1e-4 * max(1.0, abs(pf))
+    foms = [c[2] for c in cands]
+    assert foms == sorted(foms, reverse=True)
+
+
 def test_browser_threshold_slider_changes_the_picks_shown(browser, small_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -511,20 +526,23 @@ def test_browser_threshold_slider_changes_the_picks_shown(browser, small_server)
     t0 = time.monotonic()
     while shown() == 0 and time.monotonic() - t0 < 20:
         time.sleep(0.1)
-    total = _json(small_server.url, "/api/picks/mic?" + _q("AutoPick/job002/") + "&i=0")["picks"]
-    all_shown = shown()
-    assert all_shown == len(total) > 10
+    m = _json(small_server.url, "/api/picks/mic?" + _q("AutoPick/job002/") + "&i=0")
+    stored, cands = m["picks"], sorted(c[2] for c in m["candidates"])
     slider = browser.find_element(By.ID, "fom-threshold")
+    # the slider starts at the job's threshold (the lowest stored pick, up to the slider's step)
+    start = shown()
+    assert start == sum(f >= float(slider.get_attribute("value")) for f in cands)
+    step = float(slider.get_attribute("step"))
+    assert abs(float(slider.get_attribute("value")) - min(p[2] for p in stored)) <= step * 1.001
     slider.send_keys(Keys.END)  # the highest figure of merit: only the best pick is left
     assert shown() == 1
     for _ in range(60):
         slider.send_keys(Keys.LEFT)
     middle = shown()
-    foms = sorted(p[2] for p in total)
     thr = float(slider.get_attribute("value"))
-    assert 1 < middle < all_shown and middle == sum(f >= thr for f in foms)
-    slider.send_keys(Keys.HOME)
-    assert shown() == all_shown
+    assert 1 < middle < len(cands) and middle == sum(f >= thr for f in cands)
+    slider.send_keys(Keys.HOME)  # below the job's threshold: maxima of the FOM maps that the job did not pick
+    assert shown() == len(cands) > len(stored)
 
 
 def test_browser_map_viewer_draws(browser, small_server):

@@ -353,7 +353,8 @@ class JobData:
 
     def picks(self, name: str, i: int) -> dict[str, Any]:
         """Micrograph ``i`` and its picks: ``{"micrograph", "width", "height", "pixel_size", "diameter_px",
-        "picks": [[x, y, fom], ...] (pixels of the micrograph, fom None when not stored), "has_fom"}``."""
+        "picks": [[x, y, fom], ...] (pixels of the micrograph, fom None when not stored), "has_fom",
+        "candidates": [[x, y, fom], ...] (only with stored LoG FOM maps: every maximum, for re-thresholding)}``."""
         kind, path, mics, coords = self._pick_table(name)
         if not 0 <= i < len(mics):
             raise KeyError(f"{name}: no micrograph {i}")
@@ -371,9 +372,42 @@ class JobData:
                 picks, has_fom = self.cache.get("picks", cpath, lambda: _read_picks(cpath))
                 out["picks"], out["has_fom"] = picks, has_fom
                 out["coordinates"] = coords[i]
+                if out.get("found"):
+                    cands = self._fom_map_candidates(name, cpath, (out["height"], out["width"]), out["pixel_size"])
+                    if cands is not None:
+                        out["candidates"] = cands
         out["diameter_px"] = self._pick_diameter_px(name, out.get("pixel_size") or 0.0, out.get("width") or 0,
                                                     out.get("height") or 0)
         return out
+
+    def _fom_map_candidates(self, name: str, coordinate_file: Path, shape: tuple[int, int],
+                            pixel_size: float) -> list[list[float]] | None:
+        """``[[x, y, fom], ...]`` from the LoG FOM maps stored next to ``coordinate_file`` by ``autopick
+        --write_fom_maps`` (all maxima in picking order, :mod:`cryopipe.picking.fom_candidates`), so the threshold
+        slider re-thresholds the maps rather than the stored picks; None without maps or LoG options."""
+        from cryopipe.picking.fom_candidates import log_candidates, log_map_paths, read_log_maps
+
+        def number(default: float | None, *names: str) -> float | None:
+            v = self.index.job_option(name, *names)
+            try:
+                return float(v) if v is not None else default
+            except ValueError:
+                return default
+        dmin, dmax = number(None, "LoG_diam_min", "log_diam_min"), number(None, "LoG_diam_max", "log_diam_max")
+        paths = log_map_paths(coordinate_file)
+        if dmin is None or dmax is None or not pixel_size > 0 or not all(p.is_file() for p in paths):
+            return None
+        robust = str(self.index.job_option(name, "LoG_robust_threshold") or "").lower() in ("1", "true", "yes")
+
+        def compute() -> list[list[float]]:
+            maps = read_log_maps(coordinate_file, shape, dmin, dmax, number(5.0, "log_max_search"))
+            c = log_candidates(maps, pixel_size, dmin, dmax,
+                               upper_threshold=number(99999.0, "LoG_upper_threshold", "log_upper_thr"),
+                               neighbour=number(100.0, "LoG_neighbour"), skip_side=int(number(0.0, "skip_side")),
+                               robust_threshold=robust)
+            return [[round(float(x), 2), round(float(y), 2), float(f)]
+                    for x, y, f in zip(c.x.tolist(), c.y.tolist(), c.fom.tolist())]
+        return self.cache.get("fom-candidates", paths, compute, extra=(dmin, dmax, robust, tuple(shape)))
 
     def _pick_diameter_px(self, name: str, apix: float, w: int, h: int) -> float:
         for opts in (("LoG_diam_max", "log_diam_max"), ("particle_diameter", "topaz_particle_diameter"),

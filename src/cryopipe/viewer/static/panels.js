@@ -129,20 +129,24 @@ Panels.picks = async function (body, job) {
     const ctx = canvas.getContext("2d");
     ctx.clearRect(0, 0, canvas.width, canvas.height);
     const scale = img.naturalWidth / (m.width || img.naturalWidth);
-    const thr = m.has_fom ? Number(slider.value) : -Infinity;
+    // with stored FOM maps the slider cuts every maximum of the maps (picking order), else the stored picks
+    const pts = m.candidates || m.picks;
+    const graded = Boolean(m.candidates) || m.has_fom;
+    const thr = graded ? Number(slider.value) : -Infinity;
     let n = 0;
     ctx.lineWidth = Math.max(1.5, canvas.width / 500);
     ctx.strokeStyle = "#38e27a";
     const r = Math.max(3, (m.diameter_px / 2) * scale);
-    for (const [x, y, f] of m.picks) {
-      if (m.has_fom && !(f >= thr)) continue;
+    for (const [x, y, f] of pts) {
+      if (graded && !(f >= thr)) continue;
       n++;
       if (!showPicks.checked) continue;
       ctx.beginPath(); ctx.arc(x * scale, y * scale, r, 0, 2 * Math.PI); ctx.stroke();
     }
     count.dataset.n = String(n);
-    count.textContent = m.has_fom ? `${n} of ${m.picks.length} picks shown` : `${n} picks (no figure of merit stored)`;
-    thrText.textContent = m.has_fom ? `≥ ${Number(slider.value).toFixed(3)}` : "";
+    count.textContent = m.candidates ? `${n} picks at this threshold (FOM maps; ${m.picks.length} stored)`
+      : m.has_fom ? `${n} of ${m.picks.length} picks shown` : `${n} picks (no figure of merit stored)`;
+    thrText.textContent = graded ? `≥ ${Number(slider.value).toFixed(3)}` : "";
   }
 
   async function select(i) {
@@ -153,11 +157,15 @@ Panels.picks = async function (body, job) {
     st.mic = m;
     title.textContent = `${i + 1} of ${st.total}: ${m.micrograph}` + (m.pixel_size ? ` · ${m.width}×${m.height} px, ${m.pixel_size} Å/px` : "") +
       (m.coordinates ? ` · ${m.coordinates}` : "");
-    if (m.has_fom && m.picks.length) {
-      const foms = m.picks.map((p) => p[2]).filter((f) => f !== null);
+    const pts = m.candidates || m.picks;
+    if ((m.candidates || m.has_fom) && pts.length) {
+      const foms = pts.map((p) => p[2]).filter((f) => f !== null);
       const lo = Math.min(...foms), hi = Math.max(...foms);
+      // the job's own threshold first: the lowest stored pick
+      const stored = m.picks.map((p) => p[2]).filter((f) => f !== null);
+      const start = stored.length ? Math.min(...stored) : lo;
       slider.min = lo; slider.max = hi; slider.step = Math.max((hi - lo) / 500, 1e-6);
-      slider.value = st.thr === null ? lo : Math.min(Math.max(st.thr, lo), hi);
+      slider.value = st.thr === null ? start : Math.min(Math.max(st.thr, lo), hi);
       slider.disabled = false;
     } else {
       slider.disabled = true;
