@@ -113,7 +113,8 @@ def _exercise_job(base: str, job: str) -> dict:
 @pytest.fixture(scope="module")
 def small_project(tmp_path_factory, relion_dir) -> Path:
     """A project made by cheap cryopipe jobs: simulate micrographs, LoG picking, extraction, 2D classification,
-    class selection, and post-processing of the RELION fixtures' half maps (about 15 s on 2 CPU cores)."""
+    class selection, post-processing of the RELION fixtures' half maps and a two-class 3D initial model (about
+    25 s on 2 CPU cores)."""
     root = tmp_path_factory.mktemp("viewproj") / "proj"
     root.mkdir()
     pp = relion_dir / "postprocess"
@@ -128,6 +129,9 @@ def small_project(tmp_path_factory, relion_dir) -> Path:
         None,  # select: the classes that got particles (filled in below)
         ["postprocess", "--i", str(pp / "half1.mrc"), "--i2", str(pp / "half2.mrc"), "--mask",
          str(relion_dir / "mask.mrc"), "--auto_bfac", "--autob_lowres", "10"],
+        # two 3D classes (a 3D class gallery): a short de novo run
+        ["initialmodel", "--i", "Extract/job003/particles.star", "--K", "2", "--iter", "2", "--grad_write_iter", "1",
+         "--particle_diameter", "100", "--healpix_order", "1", "--offset_range", "2", "--j", "1"],
     ]
     old = os.getcwd()
     os.chdir(root)
@@ -335,8 +339,8 @@ def test_every_endpoint_of_a_small_project_answers_and_nothing_is_written(small_
     proj = _json(base, "/api/project")
     names = [j["name"] for j in proj["jobs"]]
     assert names == ["Simulate/job001/", "AutoPick/job002/", "Extract/job003/", "Class2D/job004/",
-                     "Select/job005/", "PostProcess/job006/"]
-    assert proj["counts"] == {"succeeded": 6}
+                     "Select/job005/", "PostProcess/job006/", "InitialModel/job007/"]
+    assert proj["counts"] == {"succeeded": 7}
     assert ["AutoPick/job002/", "Extract/job003/"] in proj["edges"]
     assert ["Class2D/job004/", "Select/job005/"] in proj["edges"]
     assert all(j["seconds"] is not None and j["seconds"] >= 0 for j in proj["jobs"])
@@ -357,6 +361,17 @@ def test_every_endpoint_of_a_small_project_answers_and_nothing_is_written(small_
     assert [c["selected"] for c in cl["classes"]] == [c["k"] in keep for c in cl["classes"]]
     n_particles = len(read_star(small_project / "Extract/job003/particles.star")["particles"])
     assert sum(c["count"] for c in cl["classes"]) == n_particles
+    # 3D classes: the gallery lists both classes of the last iteration, each drawn as a projection of its map
+    assert {"iterations", "classes", "maps"} <= set(panels["InitialModel/job007/"])
+    cl3 = _json(base, "/api/classes?" + _q("InitialModel/job007/"))
+    assert cl3["dimensionality"] == 3 and [c["k"] for c in cl3["classes"]] == [1, 2]
+    assert sum(c["count"] for c in cl3["classes"]) == n_particles
+    pngs = []
+    for k in (1, 2):
+        s, ct, b = _get(base, f"/img/class.png?{_q('InitialModel/job007/')}&it={cl3['iteration']}&k={k}")
+        assert s == 200 and b.startswith(PNG)
+        pngs.append(b)
+    assert pngs[0] != pngs[1]
     mic = _json(base, "/api/picks/mic?" + _q("AutoPick/job002/") + "&i=0")
     assert mic["has_fom"] and len(mic["picks"]) > 10 and mic["width"] == 512 and mic["diameter_px"] > 0
     pp = _json(base, "/api/postprocess?" + _q("PostProcess/job006/"))
