@@ -34,6 +34,7 @@ JOBS: dict[str, str] = {
     "reconstruct-tomogram": "cryopipe.jobs.reconstruct_tomogram",
     "subtomo": "cryopipe.jobs.subtomo",
     "reconstruct-particle": "cryopipe.jobs.reconstruct_particle",
+    "mpr": "cryopipe.jobs.mpr",
     "align-symmetry": "cryopipe.jobs.align_symmetry",
     "mask-create": "cryopipe.jobs.mask_create",
     "postprocess": "cryopipe.jobs.postprocess",

@@ -1,0 +1,275 @@
+"""Multi-particle refinement of tilt series, end to end: stages of parameter groups, sub-iterations with a ramped
+resolution limit, L-BFGS per tilt series, new half-maps and masked gold-standard FSC before and after (as M).
+
+Schedule (M's ``PerformMultiParticleRefinement``): for each stage (a set of groups and a number of sub-iterations)
+and each sub-iteration ``i`` of ``n``, the refinement limit is the fraction ``f₀ + (1 − f₀)·i/(n − 1)`` of
+``k_max = box·px/resolution`` (``f₀`` = ``first_fraction``, M's 80 %), and every tilt series is refined in turn
+(its corrections then applied to its metadata and reset to zero). CTF refinement is refused when the species'
+masked FSC resolution is worse than ``ctf_minresolution`` (M: ``MinimumCTFRefinementResolution``).
+
+Mask (as M): the user's binary mask is softened by a raised cosine of ``3·max(1, resolution/(2·px))`` px; without a
+mask, a sphere of the particle diameter. The references are the masked half-maps; the FSC before (``iter 0``:
+half-maps reconstructed at the input metadata) and after (at the refined metadata) is the masked FSC (0.143).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cryopipe.core.fsc import fsc, resolution_at
+from cryopipe.core.geometry import matrix_to_euler
+from cryopipe.core.mask_ops import soft_edge
+from cryopipe.core.masks import soft_spherical_mask
+from cryopipe.core.projector import Projector
+from cryopipe.core.tilt_geometry import project_points, projection_matrices, visible_in_tilts
+from cryopipe.errors import CryopipeError
+from cryopipe.io.tomography import TiltSeries, TomogramSet
+from cryopipe.io.tomo_particles import TomoParticles, to_centered_coordinates
+from cryopipe.mpr.forward import Species, TiltSeriesData, bake
+from cryopipe.mpr.optimise import RefineStats, refine_tilt_series
+from cryopipe.mpr.parameters import GROUPS, TiltSeriesParameters
+from cryopipe.mpr.reconstruct import reconstruct_halves
+from cryopipe.tomo.particle_sets import particles_per_tilt_series
+
+__all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "make_species", "species_mask",
+           "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    groups: tuple[str, ...]
+    iterations: int = 3
+
+
+@dataclass
+class MprOptions:
+    stages: list[Stage]
+    resolution_A: float = 0.0  # refinement limit (Å); <= 0: the species' masked FSC resolution
+    first_tilts: int = 0  # use only the N lowest-dose tilts (0: all)
+    ctf_minresolution: float = 8.0  # Å (M's CLI default)
+    first_fraction: float = 0.8
+    lbfgs_iterations: int = 10
+    warp_grid: tuple[int, int] = (3, 3)
+    symmetry: str = "C1"
+    batch_pairs: int = 256
+    reconstruct: bool = True  # new half-maps + FSC after
+
+
+@dataclass
+class MprResult:
+    data: dict[str, TiltSeriesData]  # refined metadata per tilt series
+    half1: torch.Tensor | None  # new half-maps (refined metadata)
+    half2: torch.Tensor | None
+    baseline_half1: torch.Tensor | None  # half-maps at the input metadata
+    baseline_half2: torch.Tensor | None
+    mask: torch.Tensor
+    pixel_size: float  # map pixel (Å)
+    species_resolution: float  # masked FSC of the given half-maps (Å)
+    fsc_before: torch.Tensor | None
+    fsc_after: torch.Tensor | None
+    resolution_before: float
+    resolution_after: float
+    log: list[str] = field(default_factory=list)
+    stats: list[dict] = field(default_factory=list)
+
+
+def prepare_tilt_series(ts: TiltSeries, positions: torch.Tensor, orientations: torch.Tensor,
+                        half_sets: torch.Tensor, box: int, binning: float, first_tilts: int = 0,
+                        warp_grid: tuple[int, int] = (1, 1), device=None) -> TiltSeriesData:
+    """:class:`TiltSeriesData` of one tilt series: its images and metadata, and the (particle, tilt) pairs used —
+    centre at least ``box·binning/2`` px inside the image, among the ``first_tilts`` lowest-dose tilts (0: all)."""
+    def t(x):
+        return torch.as_tensor(np.array(x, dtype=np.float64), device=device)
+
+    images = torch.from_numpy(ts.read_images()).to(device=device, dtype=torch.float32)
+    angles, shifts = t(ts.tilt_angles()), t(ts.shifts_angst())
+    pre = t(ts.pre_exposure())
+    F = len(pre)
+    P = projection_matrices(angles[:, 0], angles[:, 1], angles[:, 2], shifts, ts.pixel_size, ts.tomogram_size,
+                            ts.image_size).to(device)
+    pos = positions.to(device=device, dtype=torch.float64)
+    q = project_points(P, pos)
+    visible = visible_in_tilts(q[..., :2], ts.image_size, box * binning / 2.0)
+    if first_tilts and first_tilts < F:
+        keep = torch.zeros(F, dtype=torch.bool, device=device)
+        keep[torch.argsort(pre, stable=True)[:first_tilts]] = True
+        visible &= keep[None, :]
+    gx, gy = warp_grid
+    return TiltSeriesData(images, angles, shifts, t(ts.defocus()), pre, t(ts.ctf_scale()),
+                          torch.zeros(F, 2, gy, gx, dtype=torch.float64, device=device), pos,
+                          orientations.to(device=device, dtype=torch.float64), half_sets.to(device).long(),
+                          torch.nonzero(visible), ts.pixel_size, ts.tomogram_size, ts.hand, ts.defocus_slope,
+                          ts.voltage, ts.cs, ts.amplitude_contrast, ts.bfactor_per_dose)
+
+
+def species_mask(mask: torch.Tensor | None, box: int, pixel_size: float, diameter_A: float,
+                 resolution_A: float) -> torch.Tensor:
+    """Soft mask ``[box³]``: the binary ``mask`` (> 0.5) with a raised-cosine edge of ``3·max(1, res/(2·px))`` px,
+    or (no mask) a sphere of ``diameter_A`` with a 3-px edge."""
+    if mask is None:
+        return soft_spherical_mask(box, diameter_A / (2.0 * pixel_size), 3.0).float()
+    width = 3.0 * max(1.0, resolution_A / (2.0 * pixel_size))
+    return soft_edge(mask > 0.5, width).float()
+
+
+def masked_fsc(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, pixel_size: float
+               ) -> tuple[torch.Tensor, float]:
+    """(masked FSC curve ``[box//2+1]``, resolution at 0.143 in Å)."""
+    curve = fsc(half1 * mask, half2 * mask)
+    return curve, resolution_at(curve, 0.143, pixel_size, half1.shape[-1])
+
+
+def make_species(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, binning: float, pad: float = 2.0,
+                 dtype=torch.float32) -> Species:
+    """Padded Fourier grids of the masked half-maps (:class:`cryopipe.core.projector.Projector`)."""
+    projs = [Projector(h * mask, pad=pad, dtype=dtype) for h in (half1, half2)]
+    return Species(torch.stack([p.data for p in projs]), projs[0].centre, projs[0].pad, half1.shape[-1], binning)
+
+
+def _check_groups(stages) -> None:
+    for st in stages:
+        bad = [g for g in st.groups if g not in GROUPS]
+        if bad or not st.groups:
+            raise CryopipeError(f"--stage {','.join(st.groups)}: unknown group {bad[0] if bad else '(none)'}; "
+                                f"use a comma-separated list of {', '.join(GROUPS)}")
+        if st.iterations < 0:
+            raise CryopipeError(f"--iter {st.iterations}: must be >= 0")
+
+
+def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tensor, half2: torch.Tensor,
+            map_pixel_size: float, mask: torch.Tensor | None, diameter_A: float, options: MprOptions,
+            device=None, log: Callable[[str], None] = print) -> MprResult:
+    """Refine ``particles`` in ``tomograms`` against the half-maps (``[b³]``, pixel ``map_pixel_size`` Å)."""
+    _check_groups(options.stages)
+    t0 = time.perf_counter()
+    box = int(half1.shape[-1])
+    half1, half2 = half1.to(device=device, dtype=torch.float32), half2.to(device=device, dtype=torch.float32)
+    lines: list[str] = []
+
+    def say(msg: str) -> None:
+        lines.append(msg)
+        log(msg)
+
+    res_mask = species_mask(None if mask is None else mask.to(device), box, map_pixel_size, diameter_A,
+                            max(options.resolution_A, 2 * map_pixel_size))
+    species_curve, species_res = masked_fsc(half1, half2, res_mask.to(device), map_pixel_size)
+    say(f"species: masked FSC of the given half-maps reaches {species_res:.2f} Å (0.143)")
+    wants_ctf = any("ctf" in st.groups and st.iterations > 0 for st in options.stages)
+    if wants_ctf and species_res > options.ctf_minresolution:
+        raise CryopipeError(f"--stage ...ctf: the species resolution {species_res:.2f} Å is worse than "
+                            f"--ctf_minresolution {options.ctf_minresolution:g} Å; refine geometry first (M refuses "
+                            "CTF refinement then) or raise --ctf_minresolution")
+    resolution = options.resolution_A if options.resolution_A > 0 else species_res
+    k_full = min(box * map_pixel_size / resolution, box // 2 - 1)
+    soft = species_mask(None if mask is None else mask.to(device), box, map_pixel_size, diameter_A, resolution)
+
+    datas: dict[str, TiltSeriesData] = {}
+    binning = None
+    for group in particles_per_tilt_series(particles, tomograms):
+        ts = group.tilt_series
+        b = map_pixel_size / ts.pixel_size
+        if binning is not None and abs(b - binning) > 1e-4:
+            raise CryopipeError(f"tomogram {ts.name}: pixel size {ts.pixel_size} Å differs from the other tilt "
+                                "series; refine tilt series of one pixel size together")
+        binning = b
+        if binning < 1 - 1e-4:
+            raise CryopipeError(f"half-map pixel {map_pixel_size} Å is smaller than tomogram {ts.name}'s pixel "
+                                f"{ts.pixel_size} Å; give half-maps at the tilt-series pixel size or binned")
+        datas[ts.name] = prepare_tilt_series(ts, group.positions_px, group.orientations, group.half_sets, box,
+                                             binning, options.first_tilts, options.warp_grid, device)
+    if not datas:
+        raise CryopipeError("no particles in the given tomograms")
+    n_pairs = sum(len(d.pairs) for d in datas.values())
+    say(f"{len(particles)} particles, {len(datas)} tilt series, {n_pairs} particle-tilt pairs, box {box}, "
+        f"{map_pixel_size:.3f} Å/px, refinement limit {resolution:.2f} Å")
+
+    fsc_before = fsc_after = h1_before = h2_before = h1_after = h2_after = None
+    res_before = res_after = float("nan")
+    if options.reconstruct:
+        h1_before, h2_before, _ = reconstruct_halves(datas.values(), box, binning, options.symmetry, device=device)
+        fsc_before, res_before = masked_fsc(h1_before, h2_before, soft, map_pixel_size)
+        say(f"iter 0: half-maps at the input metadata: masked FSC resolution {res_before:.2f} Å")
+
+    species = make_species(half1, half2, soft, binning)
+    stats: list[dict] = []
+    for si, stage in enumerate(options.stages, start=1):
+        for it in range(stage.iterations):
+            frac = 1.0 if stage.iterations == 1 else \
+                options.first_fraction + (1 - options.first_fraction) * it / (stage.iterations - 1)
+            k_max = max(2.5, frac * k_full)
+            res_it = box * map_pixel_size / k_max
+            before = after = 0.0
+            run = RefineStats(0, 0, 0, 0, 0.0, 0.0)
+            for name, data in datas.items():
+                params = TiltSeriesParameters.zeros(len(data.positions), len(data.angles), options.warp_grid,
+                                                    device=device)
+                r = refine_tilt_series(data, species, params, stage.groups, k_max,
+                                       lbfgs_iterations=options.lbfgs_iterations, batch_pairs=options.batch_pairs)
+                datas[name] = bake(data, params, stage.groups)
+                w = len(data.pairs) / n_pairs
+                before += w * r.score_before
+                after += w * r.score_after
+                run = RefineStats(0, 0, run.evaluations + r.evaluations, run.pair_evaluations + r.pair_evaluations,
+                                  run.seconds + r.seconds, run.cpu_seconds + r.cpu_seconds)
+            stats.append({"stage": si, "groups": list(stage.groups), "subiteration": it + 1, "resolution_A": res_it,
+                          "score_before": before, "score_after": after, "evaluations": run.evaluations,
+                          "pair_evaluations": run.pair_evaluations, "seconds": run.seconds,
+                          "cpu_seconds": run.cpu_seconds})
+            say(f"stage {si} ({','.join(stage.groups)}) sub-iteration {it + 1}/{stage.iterations}: limit "
+                f"{res_it:.2f} Å, score {before:.4f} -> {after:.4f}, {run.evaluations} evaluations, "
+                f"{run.pair_evaluations / max(run.seconds, 1e-9):.0f} pair evaluations/s, {run.seconds:.1f} s")
+    if options.reconstruct and any(st.iterations > 0 for st in options.stages):
+        h1_after, h2_after, _ = reconstruct_halves(datas.values(), box, binning, options.symmetry, device=device)
+        fsc_after, res_after = masked_fsc(h1_after, h2_after, soft, map_pixel_size)
+        say(f"after refinement: masked FSC resolution {res_after:.2f} Å (before {res_before:.2f} Å); "
+            f"{time.perf_counter() - t0:.1f} s in all")
+    return MprResult(datas, h1_after, h2_after, h1_before, h2_before, soft, map_pixel_size, species_res, fsc_before,
+                     fsc_after, res_before, res_after, lines, stats)
+
+
+def updated_particles(particles: TomoParticles, tomograms: TomogramSet,
+                      datas: dict[str, TiltSeriesData]) -> TomoParticles:
+    """RELION 5 particles (centred Å coordinates) with the refined positions and orientations; origins and
+    subtomogram angles kept (``coordinate = (p − size/2)·px + A_sub·origin``, ``rlnAngle* = Euler(A_subᵀ·A)``)."""
+    out = to_centered_coordinates(particles, tomograms)
+    t = out.particles
+    names = out.tomo_names
+    sub = out.subtomogram_matrices()
+    origins = out._columns(("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"), 0.0)
+    for name, data in datas.items():
+        rows = np.flatnonzero(names == name)
+        px = data.pixel_size
+        half = np.array([s / 2.0 for s in data.tomogram_size])
+        pos = data.positions.cpu().numpy()
+        centred = (pos - half) * px + np.einsum("nij,nj->ni", sub[rows], origins[rows])
+        A = data.orientations.cpu()
+        angles = matrix_to_euler(torch.from_numpy(np.swapaxes(sub[rows], 1, 2)).to(A.dtype) @ A).numpy()
+        for j, axis in enumerate("XYZ"):
+            t.iloc[rows, t.columns.get_loc(f"rlnCenteredCoordinate{axis}Angst")] = centred[:, j]
+        for j, lab in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+            if lab not in t.columns:
+                t[lab] = 0.0
+            t.iloc[rows, t.columns.get_loc(lab)] = angles[:, j]
+    return out
+
+
+def updated_tomograms(tomograms: TomogramSet, datas: dict[str, TiltSeriesData]) -> TomogramSet:
+    """A copy of the tomogram set with the refined per-tilt angles, shifts and defocus."""
+    series = {}
+    for ts in tomograms:
+        tilts = ts.tilts.copy()
+        if ts.name in datas:
+            d = datas[ts.name]
+            values = {"rlnTomoXTilt": d.angles[:, 0], "rlnTomoYTilt": d.angles[:, 1], "rlnTomoZRot": d.angles[:, 2],
+                      "rlnTomoXShiftAngst": d.shifts[:, 0], "rlnTomoYShiftAngst": d.shifts[:, 1],
+                      "rlnDefocusU": d.defocus[:, 0], "rlnDefocusV": d.defocus[:, 1],
+                      "rlnDefocusAngle": d.defocus[:, 2]}
+            for lab, v in values.items():
+                tilts[lab] = v.cpu().numpy()
+        series[ts.name] = TiltSeries(ts.name, dict(ts.globals), tilts, ts.root, ts.star_file)
+    return TomogramSet(series, tomograms.path)

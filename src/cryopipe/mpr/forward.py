@@ -1,0 +1,205 @@
+"""Differentiable forward model and score of multi-particle refinement for one tilt series (as Warp's M).
+
+For every (particle ``n``, tilt ``f``) pair of a batch:
+
+* geometry (RELION 5, :mod:`cryopipe.core.tilt_geometry`): ``R_f = Rz·Ry·Rx`` of the refined stage angles, the
+  projected position ``q = R_f·(p − c) + shift_f/px + (W//2, H//2)`` of the refined particle centre ``p`` plus the
+  tilt's image warp at ``q``, the depth ``q_z`` and the single-particle matrix ``R_f·A_n``;
+* reference: the central slice ``V̂_h((R_f·A_n)ᵀ·(kx, ky, 0))`` of the particle's **own** half-map ``h``
+  (rlnRandomSubset: gold standard), times ``c = −CTF·W`` (depth-corrected, refined defocus and astigmatism;
+  dose weight ``W``; −1 because the raw images have dark protein), moved by ``(q − q₀)/bin`` px with a phase ramp;
+* data: the particle's FT cut around the fixed centre ``q₀`` (the position at the start of the sub-iteration;
+  :func:`cryopipe.tomo.particle_images.cut_particle_slices`, phase origin exactly at ``q₀``).
+
+Score (M's ``MultiParticleDiffKernel``): with whitening weights ``w(k) = 1/⟨|X(k)|²⟩`` (the average particle power
+spectrum of the tilt series, per shell) inside the band ``k_min ≤ |k| ≤ k_max``,
+``NCC = Σ w·Re(X·R̄) / sqrt(Σ w|X|² · Σ w|R|²)`` over all pairs and pixels of the tilt series (half-complex
+pixels with ``kx > 0`` count twice). Sums add over batches, so a tilt series is streamed in batches of pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from cryopipe.core.ctf import ctf_gamma
+from cryopipe.core.projector import slice_coordinates
+from cryopipe.core.slice_sampling import central_slice_points, sample_half_grids
+from cryopipe.core.tilt_geometry import dose_weights, tilt_rotation
+from cryopipe.mpr.parameters import (
+    DEFOCUS_UNIT_A,
+    TiltSeriesParameters,
+    gauge_fixed,
+    rotation_from_vector,
+    warp_at,
+)
+from cryopipe.tomo.particle_images import cut_particle_slices
+
+__all__ = ["TiltSeriesData", "Species", "Band", "PairGeometry", "pair_geometry", "make_band", "batch_sums",
+           "bake", "astigmatism_components", "defocus_from_components"]
+
+
+@dataclass
+class TiltSeriesData:
+    """One tilt series' images and the metadata the corrections apply to (float64 except the images)."""
+
+    images: torch.Tensor  # [F, H, W] float32 raw tilt images
+    angles: torch.Tensor  # [F, 3] rlnTomoXTilt/YTilt/ZRot (deg)
+    shifts: torch.Tensor  # [F, 2] rlnTomoX/YShiftAngst (Å)
+    defocus: torch.Tensor  # [F, 3] rlnDefocusU, V (Å), angle (deg)
+    pre_exposure: torch.Tensor  # [F] e/Å²
+    ctf_scale: torch.Tensor  # [F]
+    warp: torch.Tensor  # [F, 2, gy, gx] image warp (Å)
+    positions: torch.Tensor  # [N, 3] decentred unbinned px
+    orientations: torch.Tensor  # [N, 3, 3] A_sub·A_particle
+    half_sets: torch.Tensor  # [N] 1 or 2
+    pairs: torch.Tensor  # [P, 2] long (particle, tilt) pairs used
+    pixel_size: float
+    tomogram_size: tuple[int, int, int]
+    hand: float
+    defocus_slope: float
+    voltage: float
+    cs: float
+    amplitude_contrast: float
+    bfactor_per_dose: float = 0.0
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[1])
+
+
+@dataclass
+class Species:
+    """The two half-maps as padded centred half grids (:class:`cryopipe.core.projector.Projector` layout)."""
+
+    grids: torch.Tensor  # [2, Z, Y, X] complex: half 1, half 2
+    centre: int
+    pad: float
+    box: int  # binned px
+    binning: float  # map pixel / tilt-series pixel
+
+
+@dataclass
+class Band:
+    """The Fourier pixels scored, their weights and the per-tilt dose weights at them."""
+
+    flat: torch.Tensor  # [M] indices into the flattened [b, b//2+1] half-complex image
+    k: torch.Tensor  # [M, 2] (kx, ky) Fourier px
+    weights: torch.Tensor  # [M] whitening × half-complex multiplicity
+    dose: torch.Tensor  # [F, M] dose weights
+
+
+@dataclass
+class PairGeometry:
+    xy: torch.Tensor  # [P, 2] projected centre incl. warp (unbinned px)
+    depth: torch.Tensor  # [P] px
+    matrices: torch.Tensor  # [P, 3, 3] R_f·A_n
+    defocus: torch.Tensor  # [P, 3] U, V (Å, depth-corrected), angle (deg)
+
+
+def astigmatism_components(defocus: torch.Tensor) -> torch.Tensor:
+    """``[..., 3]`` (U, V, angle°) → (mean, (U−V)/2·cos 2θ, (U−V)/2·sin 2θ) in Å."""
+    u, v, a = defocus.unbind(-1)
+    dev, a2 = 0.5 * (u - v), 2.0 * torch.deg2rad(a)
+    return torch.stack([0.5 * (u + v), dev * torch.cos(a2), dev * torch.sin(a2)], -1)
+
+
+def defocus_from_components(c: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`astigmatism_components` (U ≥ V; angle in (−90°, 90°])."""
+    mean, c1, c2 = c.unbind(-1)
+    dev = torch.sqrt(c1 * c1 + c2 * c2 + 1e-12)
+    return torch.stack([mean + dev, mean - dev, torch.rad2deg(0.5 * torch.atan2(c2, c1))], -1)
+
+
+def pair_geometry(data: TiltSeriesData, params: TiltSeriesParameters, n: torch.Tensor, f: torch.Tensor
+                  ) -> PairGeometry:
+    """Refined geometry and defocus of pairs ``(n [P], f [P])`` (differentiable in ``params``)."""
+    px = data.pixel_size
+    R = tilt_rotation(*(data.angles[f] + params.tilt_angles[f]).unbind(-1))  # [P, 3, 3]
+    c = torch.tensor([s // 2 for s in data.tomogram_size], dtype=R.dtype, device=R.device)
+    W, H = data.image_size
+    p = data.positions[n] + params.particle_shifts[n] / px
+    q = torch.einsum("pij,pj->pi", R, p - c)
+    xy = q[:, :2] + (data.shifts[f] + params.tilt_shifts[f]) / px
+    xy = xy + torch.tensor([W // 2, H // 2], dtype=R.dtype, device=R.device)
+    xy = xy + warp_at(data.warp + params.warp, f, xy, (W, H)) / px
+    A = data.orientations[n] @ rotation_from_vector(params.particle_angles[n])
+    comp = astigmatism_components(data.defocus[f]) + params.defocus[f] * DEFOCUS_UNIT_A
+    dz = q[:, 2] * (data.hand * px * data.defocus_slope)
+    comp = torch.stack([comp[:, 0] + dz, comp[:, 1], comp[:, 2]], -1)
+    return PairGeometry(xy, q[:, 2], R @ A, defocus_from_components(comp))
+
+
+def make_band(data: TiltSeriesData, species: Species, k_max: float, k_min: float = 2.0,
+              batch_pairs: int = 256) -> Band:
+    """Band pixels ``k_min ≤ |k| ≤ k_max`` (Fourier px of the species box) with whitening weights from the average
+    power spectrum of the tilt series' particle images (cut at the current, uncorrected positions)."""
+    b = species.box
+    flat, k = slice_coordinates(b, min(k_max, b // 2 - 1), device=data.images.device)
+    r = torch.sqrt((k * k).sum(-1))
+    keep = r >= k_min
+    flat, k, r = flat[keep], k[keep], r[keep]
+    shell = torch.round(r).long()
+    power = torch.zeros(b // 2 + 2, dtype=torch.float64, device=k.device)
+    count = torch.zeros_like(power)
+    zero = TiltSeriesParameters.zeros(len(data.positions), len(data.angles), tuple(data.warp.shape[-1:-3:-1]),
+                                      device=k.device)
+    with torch.no_grad():
+        for s in range(0, len(data.pairs), batch_pairs):
+            n, f = data.pairs[s:s + batch_pairs].unbind(-1)
+            xy = pair_geometry(data, zero, n, f).xy
+            X = cut_particle_slices(data.images, f, xy, b, species.binning).reshape(len(n), -1)[:, flat]
+            power.index_add_(0, shell, (X.abs() ** 2).sum(0).to(torch.float64))
+            count.index_add_(0, shell, torch.full_like(r, float(len(n))))
+    ps = power / count.clamp(min=1)
+    w = 1.0 / ps[shell].clamp(min=1e-30)
+    w = w * torch.where(k[:, 0] > 0, 2.0, 1.0) / w.mean()
+    pixel = data.pixel_size * species.binning
+    dose = dose_weights(b, pixel, data.pre_exposure, data.bfactor_per_dose, device=k.device).reshape(
+        len(data.pre_exposure), -1)[:, flat]
+    return Band(flat, k, w.to(torch.float64), dose.to(torch.float64))
+
+
+def _model_and_data(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters,
+                    n: torch.Tensor, f: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference ``[P, M]``, data ``[P, M]``) complex for pairs ``(n, f)``; ``centres`` ``[P, 2]`` = ``q₀``."""
+    b = species.box
+    geo = pair_geometry(data, params, n, f)
+    rdt = species.grids.real.dtype
+    points = central_slice_points(geo.matrices, band.k, species.pad).to(rdt)
+    ref = sample_half_grids(species.grids, species.centre, points, data.half_sets[n] - 1)
+    pixel = data.pixel_size * species.binning
+    kA = band.k / (b * pixel)
+    gamma = ctf_gamma(kA[None, :, 0], kA[None, :, 1], geo.defocus[:, :1], geo.defocus[:, 1:2], geo.defocus[:, 2:],
+                      data.voltage, data.cs, data.amplitude_contrast)
+    c = torch.sin(gamma) * band.dose[f] * data.ctf_scale[f, None]  # −(−sin γ)·W: contrast inverted
+    d = (geo.xy - centres) / species.binning  # model moves by +d (binned px)
+    phase = (-2.0 * math.pi / b) * (d @ band.k.T.to(d.dtype))
+    model = ref * torch.complex((c * torch.cos(phase)).to(rdt), (c * torch.sin(phase)).to(rdt))
+    X = cut_particle_slices(data.images, f, centres, b, species.binning).reshape(len(n), -1)[:, band.flat]
+    return model, X.to(model.dtype)
+
+
+def batch_sums(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters,
+               rows: slice, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Σ w·Re(X·R̄), Σ w|R|², Σ w|X|²)`` (float64 scalars) over the pairs ``data.pairs[rows]``; ``centres``
+    ``[P_all, 2]`` are the fixed cut centres of all pairs. Differentiable in ``params``."""
+    n, f = data.pairs[rows].unbind(-1)
+    model, X = _model_and_data(data, species, band, params, n, f, centres[rows])
+    w = band.weights.to(model.real.dtype)
+    s_ab = ((X.real * model.real + X.imag * model.imag) * w).sum()
+    s_bb = ((model.real ** 2 + model.imag ** 2) * w).sum()
+    s_aa = ((X.real ** 2 + X.imag ** 2) * w).sum()
+    return s_ab.to(torch.float64), s_bb.to(torch.float64), s_aa.to(torch.float64)
+
+
+def bake(data: TiltSeriesData, params: TiltSeriesParameters, groups) -> TiltSeriesData:
+    """The metadata with the (gauge-fixed) corrections applied; corrections can then restart from zero."""
+    p = gauge_fixed(params.detached(), groups)
+    comp = astigmatism_components(data.defocus) + p.defocus * DEFOCUS_UNIT_A
+    return replace(data, angles=data.angles + p.tilt_angles, shifts=data.shifts + p.tilt_shifts,
+                   defocus=defocus_from_components(comp), warp=data.warp + p.warp,
+                   positions=data.positions + p.particle_shifts / data.pixel_size,
+                   orientations=data.orientations @ rotation_from_vector(p.particle_angles))
