@@ -132,6 +132,9 @@ def small_project(tmp_path_factory, relion_dir) -> Path:
         # two 3D classes (a 3D class gallery): a short de novo run
         ["initialmodel", "--i", "Extract/job003/particles.star", "--K", "2", "--iter", "2", "--grad_write_iter", "1",
          "--particle_diameter", "100", "--healpix_order", "1", "--offset_range", "2", "--j", "1"],
+        # template picking with the selected averages, FOM maps kept (the threshold slider re-picks them)
+        ["autopick", "--i", "Simulate/job001/micrographs.star", "--ref", "Select/job005/class_averages.star",
+         "--invert", "--lowpass", "20", "--threshold", "0.2", "--write_fom_maps"],
     ]
     old = os.getcwd()
     os.chdir(root)
@@ -339,8 +342,8 @@ def test_every_endpoint_of_a_small_project_answers_and_nothing_is_written(small_
     proj = _json(base, "/api/project")
     names = [j["name"] for j in proj["jobs"]]
     assert names == ["Simulate/job001/", "AutoPick/job002/", "Extract/job003/", "Class2D/job004/",
-                     "Select/job005/", "PostProcess/job006/", "InitialModel/job007/"]
-    assert proj["counts"] == {"succeeded": 7}
+                     "Select/job005/", "PostProcess/job006/", "InitialModel/job007/", "AutoPick/job008/"]
+    assert proj["counts"] == {"succeeded": 8}
     assert ["AutoPick/job002/", "Extract/job003/"] in proj["edges"]
     assert ["Class2D/job004/", "Select/job005/"] in proj["edges"]
     assert all(j["seconds"] is not None and j["seconds"] >= 0 for j in proj["jobs"])
@@ -530,6 +533,27 @@ def test_fom_map_candidates_cut_at_the_job_threshold_are_the_stored_picks(small_
     assert foms == sorted(foms, reverse=True)
 
 
+def test_template_fom_maps_are_re_picked_at_the_asked_threshold(small_project, small_server):
+    """Template picking's FOM maps are re-picked at the slider's threshold (RELION's peak search and cluster
+    pruning depend on it): at the job's own threshold the stored picks come back, higher thresholds give fewer."""
+    from cryopipe.picking.template import read_template_maps, template_pick_from_maps
+
+    url = "/api/picks/mic?" + _q("AutoPick/job008/") + "&i=0"
+    m = _json(small_server.url, url)
+    assert m["repick"]["threshold"] == pytest.approx(0.2) and "candidates" not in m
+    same = _json(small_server.url, url + "&threshold=0.2")["candidates"]
+    assert len(same) == len(m["picks"]) > 3
+    assert all(abs(a[0] - b[0]) < 0.02 and abs(a[1] - b[1]) < 0.02 for a, b in zip(same, m["picks"]))
+    low = _json(small_server.url, url + "&threshold=0")["candidates"]
+    high = _json(small_server.url, url + "&threshold=1.2")["candidates"]
+    assert len(low) >= len(same) > len(high) > 0 and min(c[2] for c in high) >= 1.2
+    # the same as picking the stored maps directly
+    base = small_project / m["coordinates"][: -len(".star")]
+    direct = template_pick_from_maps(read_template_maps(base)[0], threshold=1.2)
+    assert len(direct.x) == len(high)
+    assert _get(small_server.url, url + "&threshold=abc")[0] == 400
+
+
 def test_browser_threshold_slider_changes_the_picks_shown(browser, small_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -558,6 +582,31 @@ def test_browser_threshold_slider_changes_the_picks_shown(browser, small_server)
     assert 1 < middle < len(cands) and middle == sum(f >= thr for f in cands)
     slider.send_keys(Keys.HOME)  # below the job's threshold: maxima of the FOM maps that the job did not pick
     assert shown() == len(cands) > len(stored)
+
+    # template picking: moving the slider re-picks the stored FOM maps on the server
+    _load(browser, small_server.url.rstrip("/") + "/job/AutoPick/job008/")
+    t0 = time.monotonic()
+    while shown() == 0 and time.monotonic() - t0 < 20:
+        time.sleep(0.1)
+    stored = len(_json(small_server.url, "/api/picks/mic?" + _q("AutoPick/job008/") + "&i=0")["picks"])
+    assert shown() == stored
+    slider = browser.find_element(By.ID, "fom-threshold")
+    count = browser.find_element(By.ID, "pick-count")
+
+    def settle(source: str) -> int:
+        t0 = time.monotonic()
+        last, stable = -1, 0
+        while time.monotonic() - t0 < 20 and stable < 5:
+            n = shown() if count.get_attribute("data-source") == source else -1
+            stable = stable + 1 if n == last and n >= 0 else 0
+            last = n
+            time.sleep(0.1)
+        return last
+    slider.send_keys(Keys.HOME)
+    lowest = settle("maps")
+    slider.send_keys(Keys.END)
+    highest = settle("maps")
+    assert lowest >= stored > highest >= 0
 
 
 def test_browser_map_viewer_draws(browser, small_server):

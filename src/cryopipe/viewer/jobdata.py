@@ -351,10 +351,12 @@ class JobData:
             raise FileNotFoundError(f"{mics[i]}: micrograph not found")
         return p
 
-    def picks(self, name: str, i: int) -> dict[str, Any]:
+    def picks(self, name: str, i: int, threshold: float | None = None) -> dict[str, Any]:
         """Micrograph ``i`` and its picks: ``{"micrograph", "width", "height", "pixel_size", "diameter_px",
         "picks": [[x, y, fom], ...] (pixels of the micrograph, fom None when not stored), "has_fom",
-        "candidates": [[x, y, fom], ...] (only with stored LoG FOM maps: every maximum, for re-thresholding)}``."""
+        "candidates": [[x, y, fom], ...] (only with stored LoG FOM maps: every maximum, for re-thresholding),
+        "repick": {"min", "max", "threshold"} (only with stored template FOM maps: ``threshold`` given re-picks
+        the maps at it, as ``autopick --read_fom_maps --threshold`` would, into "candidates")}``."""
         kind, path, mics, coords = self._pick_table(name)
         if not 0 <= i < len(mics):
             raise KeyError(f"{name}: no micrograph {i}")
@@ -376,6 +378,7 @@ class JobData:
                     cands = self._fom_map_candidates(name, cpath, (out["height"], out["width"]), out["pixel_size"])
                     if cands is not None:
                         out["candidates"] = cands
+                    self._template_repick(name, cpath, threshold, out)
         out["diameter_px"] = self._pick_diameter_px(name, out.get("pixel_size") or 0.0, out.get("width") or 0,
                                                     out.get("height") or 0)
         return out
@@ -408,6 +411,38 @@ class JobData:
             return [[round(float(x), 2), round(float(y), 2), float(f)]
                     for x, y, f in zip(c.x.tolist(), c.y.tolist(), c.fom.tolist())]
         return self.cache.get("fom-candidates", paths, compute, extra=(dmin, dmax, robust, tuple(shape)))
+
+    def _template_repick(self, name: str, coordinate_file: Path, threshold: float | None,
+                         out: dict[str, Any]) -> None:
+        """With template FOM maps next to ``coordinate_file`` (``autopick --ref --write_fom_maps``): the slider's
+        range in ``out["repick"]`` and, for a ``threshold``, the picks of the maps at it in ``out["candidates"]``
+        (RELION's peak search and cluster pruning depend on the threshold, so the maps are re-picked, not cut)."""
+        from cryopipe.picking.template import read_template_maps, template_maps_paths, template_pick_from_maps
+
+        base = str(coordinate_file)[: -len(".star")] if str(coordinate_file).endswith(".star") else str(coordinate_file)
+        paths = template_maps_paths(base)
+        if not all(p.is_file() for p in paths):
+            return
+        maps = self.cache.get("template-maps", paths, lambda: read_template_maps(base)[0])
+
+        def option(default: float, *names: str) -> float:
+            v = self.index.job_option(name, *names)
+            try:
+                return float(v) if v is not None else default
+            except ValueError:
+                return default
+        job_threshold = option(0.25, "threshold", "threshold_autopick")
+        best = float(maps.fom.max())
+        out["repick"] = {"min": min(0.0, job_threshold), "max": max(best, job_threshold), "threshold": job_threshold}
+        if threshold is None:
+            return
+        t = self.cache.get("template-repick", paths, lambda: template_pick_from_maps(
+            maps, threshold=float(threshold), min_distance=option(-1.0, "min_distance", "mindist_autopick"),
+            max_stddev_noise=option(-1.0, "max_stddev_noise", "maxstddevnoise_autopick"),
+            min_avg_noise=option(-999.0, "min_avg_noise", "minavgnoise_autopick"),
+            skip_side=int(option(0.0, "skip_side"))), extra=(float(threshold),))
+        out["candidates"] = [[round(float(x), 2), round(float(y), 2), float(f)]
+                             for x, y, f in zip(t.x.tolist(), t.y.tolist(), t.fom.tolist())]
 
     def _pick_diameter_px(self, name: str, apix: float, w: int, h: int) -> float:
         for opts in (("LoG_diam_max", "log_diam_max"), ("particle_diameter", "topaz_particle_diameter"),

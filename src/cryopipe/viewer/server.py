@@ -11,7 +11,7 @@ JSON (``?job=<Type>/<jobNNN>/`` names the job)::
     /api/job               one job: summary, panels, note, options, up- and downstream jobs
     /api/log               &file=run.out|run.err&offset=N: new log text since byte N
     /api/iterations        per-iteration curves          /api/classes     class gallery (+ selection)
-    /api/picks             &offset=&limit=: micrographs  /api/picks/mic   &i=: one micrograph's picks
+    /api/picks             &offset=&limit=: micrographs  /api/picks/mic   &i=[&threshold=]: picks
     /api/postprocess       FSC, Guinier                  /api/fsc         gold-standard FSC (3D refine)
     /api/angles            angular histogram             /api/maps        maps, tomograms, stacks
 
@@ -172,7 +172,8 @@ class ViewerApp:
         if path == "/api/picks":
             return _json(d.picks_list(name, int(q.get("offset", 0) or 0), int(q.get("limit", 100) or 100)))
         if path == "/api/picks/mic":
-            return _json(d.picks(name, int(q.get("i", 0))))
+            thr = q.get("threshold")
+            return _json(d.picks(name, int(q.get("i", 0)), float(thr) if thr not in (None, "") else None))
         if path == "/api/postprocess":
             return _json(d.postprocess(name))
         if path == "/api/fsc":

@@ -144,6 +144,7 @@ Panels.picks = async function (body, job) {
       ctx.beginPath(); ctx.arc(x * scale, y * scale, r, 0, 2 * Math.PI); ctx.stroke();
     }
     count.dataset.n = String(n);
+    count.dataset.source = m.candidates ? "maps" : "stored";
     count.textContent = m.candidates ? `${n} picks at this threshold (FOM maps; ${m.picks.length} stored)`
       : m.has_fom ? `${n} of ${m.picks.length} picks shown` : `${n} picks (no figure of merit stored)`;
     thrText.textContent = graded ? `≥ ${Number(slider.value).toFixed(3)}` : "";
@@ -158,7 +159,14 @@ Panels.picks = async function (body, job) {
     title.textContent = `${i + 1} of ${st.total}: ${m.micrograph}` + (m.pixel_size ? ` · ${m.width}×${m.height} px, ${m.pixel_size} Å/px` : "") +
       (m.coordinates ? ` · ${m.coordinates}` : "");
     const pts = m.candidates || m.picks;
-    if ((m.candidates || m.has_fom) && pts.length) {
+    if (m.repick) {
+      // template FOM maps: the server re-picks the maps at the slider's threshold (RELION's peak search)
+      const { min: lo, max: hi } = m.repick;
+      slider.min = lo; slider.max = hi; slider.step = Math.max((hi - lo) / 500, 1e-6);
+      slider.value = st.thr === null ? m.repick.threshold : Math.min(Math.max(st.thr, lo), hi);
+      slider.disabled = false;
+      if (st.thr !== null) await repick(i);
+    } else if ((m.candidates || m.has_fom) && pts.length) {
       const foms = pts.map((p) => p[2]).filter((f) => f !== null);
       const lo = Math.min(...foms), hi = Math.max(...foms);
       // the job's own threshold first: the lowest stored pick
@@ -200,7 +208,23 @@ Panels.picks = async function (body, job) {
     renderItems();
   }
 
-  slider.addEventListener("input", () => { st.thr = Number(slider.value); draw(); });
+  async function repick(i) {
+    const t = Number(slider.value);
+    const r = await CP.api("/api/picks/mic", { job: job.name, i, threshold: t });
+    if (st.cur !== i || Number(slider.value) !== t) return;  // a newer request is on its way
+    st.mic.candidates = r.candidates;
+    draw();
+  }
+  let repickTimer = null;
+  slider.addEventListener("input", () => {
+    st.thr = Number(slider.value);
+    if (st.mic && st.mic.repick) {
+      clearTimeout(repickTimer);
+      repickTimer = setTimeout(() => repick(st.cur), 120);
+    } else {
+      draw();
+    }
+  });
   showPicks.addEventListener("change", draw);
   lp.addEventListener("change", () => select(st.cur));
   prevB.addEventListener("click", () => select(st.cur - 1));
