@@ -75,8 +75,9 @@ def _candidates(truth: torch.Tensor) -> torch.Tensor:
 def _estep(volumes, weights, orient, reference):
     vset = volume_coefficient_set(CROP, CROP // 2 - 1)
     ctf2, multi = split_subtomo_weights(weights)
-    # noise-free data: a flat σ² of the order of the data power gives a sharp, well-defined posterior
-    sigma2 = torch.full((CROP // 2 + 1,), 1e-5, dtype=torch.float64)
+    # noise-free data: a flat σ² of the order of the data power gives a sharp, well-defined posterior (RELION's
+    # units: the engine's 1e-5 for its FT/n² volume coefficients is 1e-5/n² for RELION's FT/n³)
+    sigma2 = torch.full((CROP // 2 + 1,), 1e-5 / CROP ** 2, dtype=torch.float64)
     mask = soft_spherical_mask(CROP, 11.0, 3.0)  # ~180 Å: the particle, not its neighbours
     batch = prepare_subtomo_batch(volumes, ctf2, multi, vset, vset.size, sigma2, mask=mask)
     orientations = _orientations(_candidates(orient))
@@ -136,3 +137,83 @@ def test_m_step_sums_rebuild_the_particle(fixture_subtomos, relion_tomo_dir):
     # RELION's noise-spectrum denominator: Σ multiplicity per shell, positive where the set has coefficients
     counts = multiplicity_per_shell(split_subtomo_weights(weights)[1], vset, CROP // 2 + 1)
     assert counts.shape == (data.shape[0], CROP // 2 + 1) and bool((counts[:, 1:CROP // 2] > 0).all())
+
+
+def test_m_step_sums_are_relions_back_projection(fixture_subtomos, relion_tomo_dir):
+    """RELION's M-step for pseudo-subtomograms (``storeWeightedSums`` with premultiplied data): each particle adds
+    its unmasked data ``X/σ²`` and the weight ``Σc²/σ²`` (no multiplicity, no further CTF factor) at ``Aᵀk``. At
+    the true poses (one orientation per particle, no shifts: every weight is 1) the engine's sums equal that
+    accumulation computed directly from the volumes (RELION's ``FT/n³`` and σ²; the engine's coefficients are
+    ``FT/n²``, so ``S = data_R/n`` and ``W = weight_R/n²``), and the map correlates with RELION's
+    relion_tomo_reconstruct_particle map at the same poses (>= 0.98; 0.99 measured)."""
+    data, weights, orient, reference, _ = fixture_subtomos
+    n = CROP
+    vset = volume_coefficient_set(n, n // 2 - 1)
+    ctf2, multi = split_subtomo_weights(weights)
+    sigma2 = torch.full((n // 2 + 1,), 1e-5 / n ** 2, dtype=torch.float64)  # RELION's units
+    mask = soft_spherical_mask(n, 11.0, 3.0)
+    batch = prepare_subtomo_batch(data, ctf2, multi, vset, vset.size, sigma2, mask=mask)
+    refs = ClassReferences3D.from_volumes(reference[None], vset, vset.size, _orientations(orient))
+    zero = torch.zeros(1, 3)
+    settings = EStepSettings(n=n, k=vset.k, shell=vset.shell, coarse_size=vset.size, n_shells=n // 2 + 1,
+                             oversampling=False)
+    result = expectation(batch, refs, TranslationGrid(zero, zero[:, None]), settings)
+    N = data.shape[0]
+    assert result.best_coarse.tolist() == list(range(N)) and float(result.pmax.min()) > 0.999
+    # RELION's accumulation, from the files: X_R = FT(d)/n³ (unmasked), zero where M < 0.01
+    X_R = vset.gather(torch.fft.rfftn(torch.fft.ifftshift(data.double(), dim=(-3, -2, -1)), dim=(-3, -2, -1)))
+    X_R = X_R / float(n ** 3)
+    C3 = vset.gather(ctf2.double()).abs()
+    kept = vset.gather(multi.double()) >= 0.01
+    data_R = torch.where(kept, X_R / 1e-5 * n ** 2, torch.zeros((), dtype=X_R.dtype))
+    weight_R = torch.where(kept, C3 / 1e-5 * n ** 2, torch.zeros((), dtype=C3.dtype))
+    order = torch.argsort(result.sample_coarse)  # sample of particle b
+    S, W = result.S[order].to(torch.complex128), result.W[order].double()
+    # (the DC term included: the engine's sums keep it for every kind of particle; RELION's weight there is 0)
+    assert torch.allclose(S * n, data_R, rtol=1e-4, atol=1e-5 * float(data_R.abs().max()))
+    assert torch.allclose(W * n ** 2, weight_R, rtol=1e-4, atol=1e-6 * float(weight_R.max()))
+    # inserted at Aᵀk they are the back-projector's data and weight volumes, and the map is RELION's
+    bp = ClassBackProjectors(1, n)
+    bp.add(result, refs)
+    from cryopipe.core.backprojector import BackProjector
+
+    direct = BackProjector(n, pad=bp.pad, r_max=bp.r_max)
+    direct.insert_points(data_R / n, weight_R / n ** 2, orient, vset.k)
+    w_ours, w_direct = bp.bps[0].weight.double(), direct.weight.double()
+    assert torch.allclose(w_ours, w_direct, rtol=1e-4, atol=1e-6 * float(w_direct.max()))
+    d_ours, d_direct = bp.bps[0].data.to(torch.complex128), direct.data.to(torch.complex128)
+    assert torch.allclose(d_ours, d_direct, rtol=1e-4, atol=1e-5 * float(d_direct.abs().max()))
+    rec = bp.reconstruct()[0]
+    relion, _ = read_mrc(relion_tomo_dir / "ReconstructParticle_bin2" / "merged.mrc")  # 40³, 8 Å, tapered
+    relion = torch.from_numpy(relion.copy())[4:36, 4:36, 4:36]
+    cc = np.corrcoef((rec * mask).numpy().ravel(), (relion * mask).numpy().ravel())[0, 1]
+    assert cc >= 0.98, cc
+
+
+def test_noise_spectrum_in_relions_units():
+    """σ² of pseudo-subtomograms follows RELION's normalisation (3D transforms divided by ``n³``; per real /
+    imaginary component; E-step variance ``σ²·M``): white-noise volumes of variance ``v`` per voxel with
+    multiplicity ``M`` and ``Σc² = 1`` everywhere have ``σ² = v/(2·n³·M)`` in every shell, both in the initial
+    estimate and after an iteration's noise update (a zero reference: the residuals are the data). The engine's
+    own ``FT/n²`` coefficients would give ``n²`` times that."""
+    from cryopipe.engine.optimiser3d import Refine3DSettings
+    from cryopipe.engine.stream import ParticleSet
+    from cryopipe.engine.tomo_optimiser import SubtomoOptimiser3D
+
+    n, N, v, M = 16, 24, 4.0, 2.0
+    gen = torch.Generator().manual_seed(5)
+    vols = (torch.randn(N, n, n, n, generator=gen, dtype=torch.float64) * math.sqrt(v)).float().numpy()
+    w = np.zeros((N, 2 * n, n, n // 2 + 1), np.float32)
+    w[:, :n], w[:, n:] = 1.0, M
+    ps = ParticleSet(n, 5.0, lambda idx: vols[idx], None, np.zeros(N, np.int64), np.zeros(N, np.int64))
+    s = Refine3DSettings(particle_diameter=2 * n * 5.0, healpix_order=0, offset_range=0.0, oversampling=0,
+                         batch_size=12, ini_high=-1.0, do_ctf=False, flatten_solvent=False, n_iter=1)
+    opt = SubtomoOptimiser3D(ps, s, lambda idx: w[idx])  # particle sphere larger than the box: no masking
+    opt.initialise(torch.zeros(n, n, n), absolute_greyscale=True)
+    expected = v / (2.0 * n ** 3 * M)
+    ratio = (opt.model.sigma2_noise[0] / expected)[1:].numpy()
+    assert np.all(np.abs(ratio - 1.0) < 0.08), ratio.round(3)
+    opt.model.sigma2_noise = opt.model.sigma2_noise * 10.0  # the update must bring it back
+    opt.iterate()
+    ratio = (opt.model.sigma2_noise[0] / expected)[1:].numpy()
+    assert np.all(np.abs(ratio - 1.0) < 0.08), ratio.round(3)

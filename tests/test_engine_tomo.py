@@ -59,15 +59,14 @@ def _candidates(truth: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _estep(ts01, premultiplied: bool):
+def _estep(ts01):
     group, geometry, ft, c, visible, reference = ts01
     cset = coefficient_set(BOX, BOX // 2 - 1)
     stack = stack_coefficient_set(cset, geometry.projections[:, :3, :3])
     assert stack.size == cset.size * geometry.projections.shape[0] and stack.k.shape[1] == 3
     # noise-free fixture: a flat σ² of the order of the data power gives a sharp, well-defined posterior
     sigma2 = torch.full((BOX // 2 + 1,), 1e-6, dtype=torch.float64)
-    data = ft * c if premultiplied else ft
-    batch = prepare_stack_batch(data, c, visible, stack, stack.size, sigma2, premultiplied=premultiplied)
+    batch = prepare_stack_batch(ft * c, c, visible, stack, stack.size, sigma2)  # premultiplied, as --stack2d
     orientations = _orientations(_candidates(group.orientations.double()))
     refs = ClassReferences3D.from_volumes(reference[None], stack, stack.size, orientations)
     steps = torch.tensor([-1.0, 0.0, 1.0])
@@ -78,12 +77,11 @@ def _estep(ts01, premultiplied: bool):
     return expectation(batch, refs, trans, settings), refs, stack
 
 
-@pytest.mark.parametrize("premultiplied", [False, True])
-def test_true_poses_win(ts01, premultiplied):
+def test_true_poses_win(ts01):
     """Every particle's posterior peaks at its own true orientation (not 10° away, nor another particle's) and at
     zero 3D offset. (Finer: single particles of this fixture score best up to 3° from their true pose, because
     their neighbours, 150–220 Å away, overlap them in the tilted views; the model does not know about them.)"""
-    result, _, _ = _estep(ts01, premultiplied)
+    result, _, _ = _estep(ts01)
     n = ts01[0].positions_px.shape[0]
     assert result.best_coarse.tolist() == [4 * b for b in range(n)]
     assert torch.all(result.best_offset.abs() < 1e-6), result.best_offset
@@ -93,7 +91,7 @@ def test_true_poses_win(ts01, premultiplied):
 def test_m_step_sums_rebuild_the_particle(ts01):
     """The E-step's sums, inserted at R_f·A for every tilt, give the particle: FSC with the truth map ≥ 0.8 to
     24 Å from these 12 particles (the same sums single-particle refinement uses)."""
-    result, refs, stack = _estep(ts01, premultiplied=True)
+    result, refs, stack = _estep(ts01)
     bp = ClassBackProjectors(1, BOX)
     bp.add(result, refs)
     rec = bp.reconstruct()[0]

@@ -81,6 +81,9 @@ class BatchData:
         X_nomask: ``[B, P]`` coefficients of the same images without the particle mask: the reference sums ``S``
             are taken from them (RELION back-projects the unmasked images; the posterior and the noise, norm and
             scale sums use the masked ones); None: ``X``.
+        inv_sigma2_sums: ``[B, P]`` the ``1/σ²`` the M-step sums ``S``, ``W`` are weighted with where it differs
+            from ``inv_sigma2`` (3D pseudo-subtomograms: RELION back-projects ``X/σ²`` with weight ``Σc²/σ²``,
+            i.e. ``1/(σ²·Σc²)`` in the sums' ``C·X/σ²``, ``C²/σ²`` form); None: ``inv_sigma2``.
     """
 
     X: torch.Tensor
@@ -95,6 +98,7 @@ class BatchData:
     allowed_class: torch.Tensor | None = None
     prior_centre_estep: torch.Tensor | None = None
     X_nomask: torch.Tensor | None = None
+    inv_sigma2_sums: torch.Tensor | None = None
 
     @property
     def B(self) -> int:
@@ -106,9 +110,10 @@ class BatchData:
         ac = None if self.allowed_class is None else self.allowed_class[idx]
         pe = None if self.prior_centre_estep is None else self.prior_centre_estep[idx]
         xn = None if self.X_nomask is None else self.X_nomask[idx]
+        iv = None if self.inv_sigma2_sums is None else self.inv_sigma2_sums[idx]
         return BatchData(self.X[idx], self.ctf[idx], self.inv_sigma2[idx], self.optics_group[idx],
                          self.prior_centre[idx], lp, self.xi2_outside[idx], self.logsigma2[idx],
-                         self.power_outside[idx], ac, pe, xn)
+                         self.power_outside[idx], ac, pe, xn, iv)
 
 
 class PredictionSource(Protocol):
@@ -655,15 +660,17 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     # DC term (phase 1): scored without it, summed with it
     xc0 = X[:, 0] * ctf[:, 0].to(X.dtype)
     at_f[:, :, 0] = (xc0 * inv[:, 0].to(X.dtype))[:, None]
-    if batch.X_nomask is None:
+    inv_bp = inv if batch.inv_sigma2_sums is None else batch.inv_sigma2_sums[:, :P]  # the sums' 1/σ²
+    if batch.X_nomask is None and batch.inv_sigma2_sums is None:
         S = weighted_row_sums(w, lambda b, t: at_f[b, t], Mf, P, (B, Tf))  # [Mf, P]  Σ w·C·X_t/σ²
-    else:  # the reference sums from the unmasked images (same weights, shifts, CTF and 1/σ², DC included)
-        an = batch.X_nomask[:, :P].to(X.dtype) * (ctf * inv).to(X.dtype)  # [B, P]
+    else:  # from the unmasked images and/or with the sums' own 1/σ² (same weights, shifts, CTF; DC included)
+        xs = X if batch.X_nomask is None else batch.X_nomask[:, :P]
+        an = xs.to(X.dtype) * (ctf * inv_bp).to(X.dtype)  # [B, P]
         ph = shift_phases(kvec[:P], t_f, n)  # [Tf, P]
         S = weighted_row_sums(w, lambda b, t: an[b] * ph[t], Mf, P, (B, Tf))
         del an, ph
     wbm = torch.zeros(B, Mf, device=dev).index_put_((w.b, w.m), w.v, accumulate=True)  # [B, Mf]
-    Wsum = wbm.T @ (ctf.square() * inv)  # [Mf, P]
+    Wsum = wbm.T @ (ctf.square() * inv_bp)  # [Mf, P]
 
     # expected residual power E|X_t − C·Ref|² = sumw·|X|² − 2·E_xa + E_aa per coefficient
     sumw_b = wbm.sum(dim=1)  # [B] (≈1, minus the pruned mass)
@@ -696,7 +703,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
         for g in torch.unique(og).tolist():  # optics groups of the batch (a handful)
             sel = og == g
             inv_g = inv[sel][0]  # [P]
-            if bool(sel.all()) and batch.X_nomask is None:
+            if bool(sel.all()) and batch.X_nomask is None and batch.inv_sigma2_sums is None:
                 S_g, W_g = S, Wsum
             else:
                 w_g = w.select(sel[w.b])

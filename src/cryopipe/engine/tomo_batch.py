@@ -4,13 +4,15 @@ vector with 3D frequencies, so that :func:`cryopipe.engine.estep.expectation` sc
 Per particle ``b`` of one tilt series (``F`` tilts with rotations ``R_f``, the particle frame's tilt-``f``
 projection; see :func:`cryopipe.engine.coefficients.stack_coefficient_set`):
 
-* the images are the particle's tilt images ``I_bf`` (centred FT / ``n²``) cut at its projected position, either
-  plain or **premultiplied** by ``c_bf = −CTF_bf·W_bf`` (CTF with the depth-dependent defocus, dose weight
-  ``W``; what ``subtomo --stack2d`` writes);
-* model per coefficient: ``I = c·V̂(Aᵀk₃)·e^{−2πi k₃·t/n} + noise`` (variance σ² per component);
-* plain images enter the E-step as ``X = I``, ``C = c``, ``1/σ²``; premultiplied ones as ``X = c·I``,
-  ``C = c²`` and ``1/(c²σ²)``, which gives the same cross and norm terms (``X·C/(c²σ²) = c·I·c²/(c²σ²)`` …) and
-  leaves out the coefficients where ``c = 0`` (dose cut-off, beyond Nyquist) exactly as the data do;
+* the images are the particle's tilt images cut at its projected position, **premultiplied** by
+  ``c_bf = −CTF_bf·W_bf`` (CTF with the depth-dependent defocus, dose weight ``W``; what ``subtomo --stack2d``
+  writes: real-space crops of the premultiplied images, so not exactly ``c·I`` where ``c`` is small; plain
+  images are premultiplied by the caller, ``ft·c``);
+* RELION's premultiplied model (``ml_optimiser.cpp`` with ``ctf_premultiplied``), one path for every stack:
+  ``X = c·I`` against ``c²·V̂(Aᵀk₃)·e^{−2πi k₃·t/n}`` with the noise ``σ²`` of the premultiplied images
+  (``C = c²``, ``1/σ²``: no division by ``c²``, which would blow up the cropped data's residuals near CTF
+  zeros); the M-step sums are RELION's ``Σ w·X/σ²`` with weight ``Σ w·c²/σ²`` (``BatchData.inv_sigma2_sums``
+  ``= 1/(σ²c²)``; coefficients with ``c = 0`` add nothing);
 * tilts in which the particle is not visible get ``C = 0`` and ``1/σ² = 0``;
 * the particle's current 3D origin ``o_b`` (pixels, in the frame the rotations ``R_f`` refer to) is applied as
   the phase ``e^{−2πi k₃·o_b/n}`` (the images are translated by ``+o_b``, as
@@ -40,7 +42,6 @@ def prepare_stack_batch(
     n_coeffs: int,
     sigma2: torch.Tensor,
     *,
-    premultiplied: bool,
     origins: torch.Tensor | None = None,
     prior_centre: torch.Tensor | None = None,
     log_prior_orient: torch.Tensor | None = None,
@@ -49,13 +50,13 @@ def prepare_stack_batch(
     """E-step inputs for ``B`` particles of one tilt series (see module docstring).
 
     Args:
-        ft: ``[B, F, n, n//2+1]`` complex centred FTs of the particles' tilt images (not yet divided by ``n²``).
+        ft: ``[B, F, n, n//2+1]`` complex centred FTs of the particles' premultiplied tilt images (not yet
+            divided by ``n²``).
         c: ``[B, F, n, n//2+1]`` real ``−CTF·W`` of every tilt image (0 where a frequency is dropped).
         visible: ``[B, F]`` bool, tilts in which the particle is seen.
         stack: the stack coefficient set of this tilt series (``n_images = F``); the iteration uses its first
             ``n_coeffs`` coefficients.
         sigma2: ``[n//2+1]`` noise spectrum (per real/imaginary component, RELION units).
-        premultiplied: whether ``ft`` holds ``c·I`` (2D stacks as written by ``subtomo --stack2d``).
         origins: ``[B, 3]`` current 3D origins (pixels); the images are translated by ``+origin``.
         prior_centre: ``[B, K, 3]`` offset-prior centres relative to the origins (default zeros).
         log_prior_orient: ``[B or 1, K, Rc]`` (default zeros ``[1, K, 1]``).
@@ -71,16 +72,11 @@ def prepare_stack_batch(
     shell = stack.shell.to(dev)
     s2 = sigma2.to(dev, torch.float64)[shell][None, :].expand(B, -1)
     usable = seen & (s2 > 0) & (shell > 0)[None, :]
-    if premultiplied:
-        usable = usable & (cc != 0)
-        C = cc * cc
-        inv = torch.where(usable, 1.0 / (C * s2).clamp_min(1e-300), torch.zeros((), dtype=s2.dtype, device=dev))
-    else:
-        C = cc
-        inv = torch.where(usable, 1.0 / s2.clamp_min(1e-300), torch.zeros((), dtype=s2.dtype, device=dev))
-    C = torch.where(usable, C, torch.zeros((), dtype=C.dtype, device=dev))
+    zero = torch.zeros((), dtype=s2.dtype, device=dev)
+    C = torch.where(usable, cc * cc, zero)
+    inv = torch.where(usable, 1.0 / s2.clamp_min(1e-300), zero)
+    inv_sums = torch.where(C > 0, 1.0 / (s2 * C).clamp_min(1e-300), zero)
     X = torch.where(usable, coeffs, torch.zeros((), dtype=coeffs.dtype, device=dev))
-    noise_var = C * s2 if premultiplied else s2  # variance of the coefficient as it enters the E-step
-    return batch_from_coefficients(X, C, inv, noise_var, usable, shell, n_coeffs, sigma2.shape[0],
+    return batch_from_coefficients(X, C, inv, s2, usable, shell, n_coeffs, sigma2.shape[0],
                                    torch.zeros(B, dtype=torch.long, device=dev), prior_centre, log_prior_orient,
-                                   n_classes, 3)
+                                   n_classes, 3, inv_sigma2_sums=inv_sums[:, :n_coeffs].to(torch.float32).contiguous())

@@ -11,7 +11,10 @@ What differs from single particles, and only that, is overridden:
 * translations: a 3D grid in a sphere of ``offset_range`` (RELION ``setTranslations`` in 3D), with ``8^order``
   oversampled children;
 * noise spectra: RELION's subtomogram normalisation, ``σ² = Σ resid / (2·Σ M)`` per shell (the multiplicity per
-  shell replaces the pixel count; it is a property of the data, computed once);
+  shell replaces the pixel count; it is a property of the data, computed once), in RELION's units (3D transforms
+  normalised by ``n³``: the engine's residuals are divided by ``n²·Σ M``,
+  :func:`cryopipe.engine.subtomo_batch.engine_sigma2_scale`);
+* M-step: RELION's back-projection of premultiplied data, ``Σ w·X/σ²`` with weight ``Σ w·C3/σ²``;
 * offsets are 3D (origins ``[N, 3]`` in pixels, the offset prior over 3 dimensions);
 * initial noise spectra, the reference greyscale and the expected accuracies from the volumes.
 
@@ -33,7 +36,12 @@ from cryopipe.engine.estep import TranslationGrid
 from cryopipe.engine.optimiser3d import Optimiser3D, ParticleState3D
 from cryopipe.engine.reference3d import ClassReferences3D
 from cryopipe.engine.stream import repair_negative_spectra
-from cryopipe.engine.subtomo_batch import multiplicity_per_shell, prepare_subtomo_batch, split_subtomo_weights
+from cryopipe.engine.subtomo_batch import (
+    engine_sigma2_scale,
+    multiplicity_per_shell,
+    prepare_subtomo_batch,
+    split_subtomo_weights,
+)
 
 __all__ = ["translation_grid_3d", "oversample_translations_3d", "SubtomoOptimiser3D"]
 
@@ -110,9 +118,10 @@ class SubtomoOptimiser3D(Optimiser3D):
         return self.full
 
     def _noise_counts(self, idx: np.ndarray) -> torch.Tensor:
-        """``[B, n//2+1]`` noise-spectrum denominators per particle (here ``Σ M`` per shell)."""
+        """``[B, n//2+1]`` noise-spectrum denominators per particle (here ``n²·Σ M`` per shell: RELION's ``Σ M``
+        and the engine → RELION unit factor of the residuals)."""
         _, M = self._weights(idx)
-        return multiplicity_per_shell(M, self.full, self.n // 2 + 1)
+        return multiplicity_per_shell(M, self.full, self.n // 2 + 1) * engine_sigma2_scale(self.n)
 
     def _initial_noise(self, idx: np.ndarray) -> torch.Tensor:
         """Per optics group ``Σ_b |X_b|² / (2·Σ_b counts_b)`` per shell over the (masked, centred) particles
@@ -251,8 +260,8 @@ class SubtomoOptimiser3D(Optimiser3D):
 
 class StackOptimiser3D(SubtomoOptimiser3D):
     """:class:`Optimiser3D` on RELION 5's 2D stacks: each particle is its visible tilt images, premultiplied by
-    ``c = −CTF·W`` (:func:`cryopipe.engine.tomo_batch.prepare_stack_batch`, given ``X = c·I`` and ``C = c²`` as
-    plain data: one coefficient vector per particle with 3D frequencies
+    ``c = −CTF·W`` (:func:`cryopipe.engine.tomo_batch.prepare_stack_batch`: ``X = c·I``, ``C = c²``, RELION's
+    premultiplied model and M-step sums; one coefficient vector per particle with 3D frequencies
     ``k₃ = R_fᵀ(kx, ky, 0)``, the prediction of tilt ``f`` the central slice at ``R_f·A``, the log-likelihood
     summed over the tilts, 3D origins projected into every tilt by the phases).
 
@@ -316,12 +325,10 @@ class StackOptimiser3D(SubtomoOptimiser3D):
         og = int(self.p.optics_group[int(np.asarray(idx)[0])])
         s2 = s2[og] if s2.dim() == 2 else s2
         origin = torch.as_tensor(self.state.origin[idx], dtype=torch.float64, device=self.dev)
-        # RELION's premultiplied model: X = c·I against c²·V̂ with the noise of the premultiplied images (1/σ², no
-        # division by c²: the stored images are cropped after premultiplication, so they are not exactly c·I)
-        c2 = torch.as_tensor(c, device=self.dev).square()
-        return prepare_stack_batch(torch.as_tensor(ft, device=self.dev), c2, torch.as_tensor(visible, device=self.dev),
-                                   stack, P, s2, premultiplied=False, origins=origin, log_prior_orient=log_prior,
-                                   n_classes=K)
+        # RELION's premultiplied model: X = c·I against c²·V̂ with the noise of the premultiplied images
+        return prepare_stack_batch(torch.as_tensor(ft, device=self.dev), torch.as_tensor(c, device=self.dev),
+                                   torch.as_tensor(visible, device=self.dev), stack, P, s2, origins=origin,
+                                   log_prior_orient=log_prior, n_classes=K)
 
     def _coefficient_sets(self, final: bool):
         cset, Pc, r_cur = super()._coefficient_sets(final)
