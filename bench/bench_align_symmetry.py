@@ -39,11 +39,10 @@ from scipy.spatial.transform import Rotation
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cryopipe.core.geometry import euler_to_matrix  # noqa: E402
+from cryopipe.core.geometry import euler_to_matrix, random_orientations  # noqa: E402
 from cryopipe.core.symmetry import symmetry_group_order  # noqa: E402
 from cryopipe.core.symmetry_search import (  # noqa: E402
     SymmetryScorer,
-    random_orientations,
     symmetry_axis_error,
 )
 from cryopipe.core.symmetry_align import align_symmetry_full, centre_of_mass  # noqa: E402
@@ -78,7 +77,7 @@ def relion_like(vol: np.ndarray, sym: str, seed: int) -> tuple[torch.Tensor, flo
     v = torch.from_numpy(vol)
     v = shift_volume(v, -centre_of_mass(v))
     sc = SymmetryScorer(v, sym, pad=2.0)
-    ang = random_orientations(400, generator=torch.Generator().manual_seed(seed))
+    ang = random_orientations(400, torch.Generator().manual_seed(seed))
     res = sc.residual(euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]))
     rot, tilt, psi = ang[int(torch.argmin(res))].tolist()
     rng, step = 2, 2.0

@@ -10,7 +10,7 @@ import torch
 
 from cryopipe.core.ctf import ctf_2d
 from cryopipe.core.fourier import irfft2_centered
-from cryopipe.core.geometry import euler_to_matrix
+from cryopipe.core.geometry import euler_to_matrix, random_orientations
 from cryopipe.core.projector import Projector
 from cryopipe.errors import CryopipeError
 from cryopipe.io.mrc import ImageReader, MrcStack, read_mrc
@@ -23,7 +23,6 @@ from cryopipe.sim.particles import (
     estimate_particle_radius,
     particle_images,
     random_ctf_parameters,
-    random_orientations,
     simulate_particles,
 )
 
@@ -63,7 +62,7 @@ def test_particle_images_match_relion_project(relion_dir, ref_map, name, with_ct
 
 def test_random_geometry_distributions():
     rng = np.random.default_rng(5)
-    ang = random_orientations(20000, rng)
+    ang = random_orientations(20000, rng).numpy()
     assert ang[:, 0].min() >= 0 and ang[:, 0].max() < 360 and ang[:, 2].max() < 360
     # uniform on SO(3): cos(tilt) uniform on [-1, 1] (mean 0, variance 1/3)
     ct = np.cos(np.radians(ang[:, 1]))

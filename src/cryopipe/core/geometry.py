@@ -32,6 +32,7 @@ __all__ = [
     "direction_to_angles",
     "axis_angle_matrix",
     "recenter_origins",
+    "random_orientations",
 ]
 
 # RELION compares |sin(tilt)| against 16 * FLT_EPSILON to detect gimbal lock (src/euler.cpp).
@@ -223,6 +224,34 @@ def local_rotation_grid(step_deg: float, search_range: int = 1, only_rot: bool =
     axis = torch.where(mag[:, None] > 0, w / mag.clamp_min(1e-30)[:, None],
                        torch.tensor([0.0, 0.0, 1.0], dtype=dtype, device=device))
     return axis_angle_matrix(axis, mag)
+
+
+def random_orientations(n: int, rng=None, *, only_rot: bool = False, device=None) -> torch.Tensor:
+    """``[n, 3]`` float64 RELION Euler angles ``(rot, tilt, psi)`` in degrees, uniform on SO(3): ``rot, psi ~
+    U[0, 360)``, ``tilt = acos(U[−1, 1])`` (density ∝ sin tilt; RELION's ``--nr_uniform`` draw and the fixtures'
+    recipe). ``only_rot``: ``tilt = psi = 0``.
+
+    ``rng``: a ``numpy.random.Generator`` (three draws of ``n`` in the order rot, tilt, psi: the simulators'
+    stream), a ``torch.Generator`` or None (one ``[n, 3]`` ``torch.rand`` draw, columns rot, tilt, psi).
+    """
+    if rng is not None and not isinstance(rng, torch.Generator):   # numpy Generator
+        import numpy as np
+
+        rot = torch.from_numpy(np.asarray(rng.uniform(0.0, 360.0, n), dtype=np.float64))
+        if only_rot:
+            zero = torch.zeros(n, dtype=torch.float64)
+            return torch.stack([rot, zero, zero], dim=-1).to(device)
+        tilt = torch.from_numpy(np.degrees(np.arccos(rng.uniform(-1.0, 1.0, n))))
+        psi = torch.from_numpy(np.asarray(rng.uniform(0.0, 360.0, n), dtype=np.float64))
+        return torch.stack([rot, tilt, psi], dim=-1).to(device)
+    u = torch.rand(n, 3, generator=rng, dtype=torch.float64)
+    rot = 360.0 * u[:, 0]
+    if only_rot:
+        zero = torch.zeros(n, dtype=torch.float64)
+        return torch.stack([rot, zero, zero], dim=-1).to(device)
+    tilt = torch.rad2deg(torch.acos(1.0 - 2.0 * u[:, 1]))
+    psi = 360.0 * u[:, 2]
+    return torch.stack([rot, tilt, psi], dim=-1).to(device)
 
 
 def recenter_origins(angles_deg, origins_A, center_px, pixel_size) -> torch.Tensor:

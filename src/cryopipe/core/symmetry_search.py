@@ -14,8 +14,9 @@ Re-derivation used here. ``S`` is the orthogonal projector onto ``G``-invariant 
 
 is ``‖V_R − S V_R‖² / ‖V_R‖²`` of the mean-free map, band-limited to ``r_max`` Fourier pixels: 0 for a perfectly
 ``G``-symmetric map in the standard orientation, ≈ ``1 − 1/|G|`` for a map with no relation between its copies. It
-only needs ``V̂`` at the points ``Rᵀ g R·k``, sampled (trilinear, torch ``grid_sample``) from the padded,
-gridding-corrected Fourier grid of :class:`cryopipe.core.projector.Projector`, batched over orientations ×
+only needs ``V̂`` at the points ``Rᵀ g R·k``, sampled by the projector's own sampler
+(:func:`cryopipe.core.projector.interpolate_half_grid`, trilinear or nearest) from the padded, gridding-corrected
+Fourier grid of :class:`cryopipe.core.projector.Projector`, batched over orientations ×
 operators × frequencies — no rotated volumes are formed. Since ``⟨V, V∘M⟩ = ⟨V, V∘Mᵀ⟩``, one operator of each
 pair ``{g, g⁻¹}`` is evaluated (weight 2).
 
@@ -41,15 +42,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from cryopipe.core.geometry import euler_to_matrix, local_rotation_grid, matrix_to_euler
+from cryopipe.core.geometry import euler_to_matrix, local_rotation_grid, matrix_to_euler, random_orientations
 from cryopipe.core.projector import Projector, interpolate_half_grid
 from cryopipe.core.symmetry import canonical_symmetry_name, symmetry_operators
 from cryopipe.errors import CryopipeError
 
 __all__ = [
-    "SymmetryScorer", "SymmetrySearchResult", "random_orientations", "search_symmetry_axes",
+    "SymmetryScorer", "SymmetrySearchResult", "search_symmetry_axes",
     "rotation_axes", "symmetry_axis_error",
 ]
 
@@ -116,13 +116,6 @@ class SymmetryScorer:
         self.k = k[order].contiguous()
         self.radius = rad[order].contiguous()
         self.fdtype = self.projector.dtype
-        # full (both kx signs) padded grid as 2 real channels for torch's fused trilinear grid_sample:
-        # V̂(−p) = conj(V̂(p)) fills kx < 0; centre index c = R+1 on every axis
-        data = self.projector.data
-        mate = torch.flip(data, dims=(0, 1)).conj()[..., 1:].flip(-1)
-        full = torch.cat([mate, data], dim=-1)  # x = −(R+1) … R+1
-        self._grid = torch.view_as_real(full).permute(3, 0, 1, 2).unsqueeze(0).contiguous()  # [1, 2, Z, Y, X]
-        self._c = float(self.projector.centre)
         self.ref = self._sample(self.k[None])[0]  # V̂(k)  [K]
         self.power_cumsum = torch.cumsum(self.ref.abs().double() ** 2, dim=0)
 
@@ -138,14 +131,11 @@ class SymmetryScorer:
                                                                  device=self.device), right=True))
 
     def _sample(self, pts: torch.Tensor) -> torch.Tensor:
-        """V̂ at frequency points ``[..., 3]`` (Fourier pixels of the unpadded box), trilinear (or nearest) on the
-        padded grid (``align_corners`` coordinates: index ``c + p`` ↔ ``p / c``)."""
-        shape = pts.shape[:-1]
-        g = (pts.reshape(1, 1, 1, -1, 3) * (self.projector.pad / self._c)).to(self._grid.dtype)
-        mode = "bilinear" if self.interpolation == "trilinear" else "nearest"
-        out = F.grid_sample(self._grid, g, mode=mode, padding_mode="zeros", align_corners=True)  # [1, 2, 1, 1, P]
-        out = out.reshape(2, -1)
-        return torch.complex(out[0], out[1]).reshape(shape)
+        """V̂ at frequency points ``[..., 3]`` (Fourier pixels of the unpadded box): the projector's own sampler
+        (:func:`cryopipe.core.projector.interpolate_half_grid`, trilinear or RELION's nearest neighbour) on its
+        padded half grid, the mate ``−p`` conjugated for ``x < 0``."""
+        return interpolate_half_grid(self.projector.data, self.projector.centre, pts * self.projector.pad,
+                                     self.interpolation)
 
     def residual(self, rotations: torch.Tensor, r_max: float | None = None) -> torch.Tensor:
         """``ρ(R)`` for rotations ``[B, 3, 3]`` (or ``[3, 3]``) → ``[B]`` float64 (module doc)."""
@@ -182,23 +172,6 @@ class SymmetryScorer:
                 corr[b0:b0 + step] = (ref.conj() * vals).real.double().sum(-1)
         # identity term contributes 1 − 1 = 0 exactly
         return ((1.0 - corr / norm) * self.op_weights).sum(-1) / self.order
-
-
-# ------------------------------------------------------------------------------------------------ sampling
-
-
-def random_orientations(n: int, only_rot: bool = False, generator: torch.Generator | None = None,
-                        device=None) -> torch.Tensor:
-    """``[n, 3]`` (rot, tilt, psi) degrees, RELION's ``--nr_uniform`` draw: rot, psi ~ U[0, 360), tilt with density
-    ∝ sin(tilt) on [0, 180] (uniform on SO(3)); ``only_rot``: tilt = psi = 0."""
-    u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
-    rot = 360.0 * u[:, 0]
-    if only_rot:
-        z = torch.zeros(n, dtype=torch.float64)
-        return torch.stack([rot, z, z], dim=-1).to(device)
-    tilt = torch.rad2deg(torch.acos(1.0 - 2.0 * u[:, 1]))
-    psi = 360.0 * u[:, 2]
-    return torch.stack([rot, tilt, psi], dim=-1).to(device)
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -292,7 +265,7 @@ def search_symmetry_axes(volume: torch.Tensor, sym: str, *, nr_uniform: int = 40
     else:
         if nr_uniform < 1:
             raise CryopipeError(f"--nr_uniform {nr_uniform}: need at least one orientation")
-        angles = random_orientations(nr_uniform, only_rot, gen)
+        angles = random_orientations(nr_uniform, gen, only_rot=only_rot)
     rots = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]).to(dev)
     res = coarse.residual(rots, rg)
     n_eval = rots.shape[0]

@@ -44,7 +44,7 @@ import torch
 from cryopipe.core.ctf import ctf_2d
 from cryopipe.core.device import resolve_device
 from cryopipe.core.fourier import irfft2_centered
-from cryopipe.core.geometry import euler_to_matrix
+from cryopipe.core.geometry import euler_to_matrix, random_orientations
 from cryopipe.core.projector import Projector
 from cryopipe.errors import CryopipeError
 from cryopipe.io.mrc import write_mrc
@@ -55,7 +55,6 @@ from cryopipe.sim.particles import (
     noise_sigma_for_snr,
     optics_table,
     random_ctf_parameters,
-    random_orientations,
 )
 
 __all__ = [
@@ -501,7 +500,7 @@ def simulate_micrographs(
             allowed = np.hypot(gx - hole[0], gy - hole[1]) < hole[2] - radius
         coords = place_particles(particles_per_micrograph, shape, min_d, edge, rng, exclude=blobs,
                                  exclude_margin_px=radius + max(BLOB_EDGE_PX, blob_edge_px), allowed=allowed)
-        angles = random_orientations(len(coords), rng)
+        angles = random_orientations(len(coords), rng).numpy()
         geom = MicrographGeometry(shape=shape, coords=coords, angles=angles, blobs=blobs, carbon_hole=hole)
         coords_t = torch.as_tensor(coords, device=dev)
         img = render_projections(projector, torch.as_tensor(angles, dtype=torch.float32, device=dev), coords_t,

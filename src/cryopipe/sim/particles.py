@@ -3,7 +3,7 @@
 The simulation is split in two stages, so that later simulators (micrographs, tilt series) reuse them:
 
 * **geometry** — *what projects where*: orientations (uniform on SO(3)), origins (Å), which rows are junk
-  (:func:`random_orientations`, :func:`random_origins`, :func:`project_particles`);
+  (:func:`cryopipe.core.geometry.random_orientations`, :func:`random_origins`, :func:`project_particles`);
 * **image formation** — CTF (:func:`random_ctf_parameters`, :func:`ctf_images`), additive white Gaussian noise
   at a requested SNR (:func:`signal_variance`, :func:`noise_sigma_for_snr`), junk images
   (:func:`contamination_images`).
@@ -34,7 +34,7 @@ import torch
 from cryopipe.core.ctf import ctf_2d
 from cryopipe.core.device import resolve_device
 from cryopipe.core.fourier import irfft2_centered
-from cryopipe.core.geometry import euler_to_matrix
+from cryopipe.core.geometry import euler_to_matrix, random_orientations
 from cryopipe.core.projector import Projector
 from cryopipe.errors import CryopipeError
 from cryopipe.io.mrc import MrcStackWriter, format_image_name, write_mrc
@@ -46,7 +46,6 @@ __all__ = [
     "JUNK_CONTAMINATION",
     "JUNK_LABEL",
     "ParticleSimulation",
-    "random_orientations",
     "random_origins",
     "random_ctf_parameters",
     "estimate_particle_radius",
@@ -74,17 +73,6 @@ _TRUTH_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst
 
 
 # ------------------------------------------------------------------------------------------------ geometry
-
-
-def random_orientations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """``[n, 3]`` RELION Euler angles ``(rot, tilt, psi)`` in degrees, uniform on SO(3).
-
-    ``rot, psi ~ U[0, 360)``, ``tilt = acos(U[−1, 1])`` (the fixtures' recipe).
-    """
-    rot = rng.uniform(0.0, 360.0, n)
-    tilt = np.degrees(np.arccos(rng.uniform(-1.0, 1.0, n)))
-    psi = rng.uniform(0.0, 360.0, n)
-    return np.stack([rot, tilt, psi], axis=1)
 
 
 def random_origins(n: int, max_shift_A: float, rng: np.random.Generator) -> np.ndarray:
@@ -364,7 +352,7 @@ def simulate_particles(
     ss = np.random.SeedSequence(int(seed))
     geo_seed, noise_seed = ss.spawn(2)
     rng = np.random.default_rng(geo_seed)
-    angles = random_orientations(n, rng)
+    angles = random_orientations(n, rng).numpy()
     view_index = np.full(n, -1, dtype=np.int64)
     if views is not None:
         v = np.asarray(views, dtype=np.float64).reshape(-1, 2)
@@ -404,8 +392,8 @@ def simulate_particles(
         pilot = clean_images(torch.as_tensor(real, device=dev))
     else:  # only junk: the signal of particles that would have had the first rows' CTFs
         m = min(n, max(1, pilot_size))
-        pilot = particle_images(projector, torch.as_tensor(random_orientations(m, rng), dtype=torch.float32,
-                                                           device=dev), None, pixel_size,
+        pilot = particle_images(projector, random_orientations(m, rng).to(device=dev, dtype=torch.float32),
+                                None, pixel_size,
                                 {k: v[:m] for k, v in ctf_all.items()} if ctf else None,
                                 voltage, cs, amplitude_contrast)
     sig_var = signal_variance(pilot, radius)

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from cryopipe.core.device import resolve_device
-from cryopipe.core.geometry import axis_angle_matrix, euler_to_matrix, matrix_to_euler
+from cryopipe.core.geometry import axis_angle_matrix, euler_to_matrix, matrix_to_euler, random_orientations
 from cryopipe.core.projector import Projector
 from cryopipe.core.tilt_geometry import centered_angstrom, project_points, projection_matrices
 from cryopipe.errors import CryopipeError
@@ -47,7 +47,7 @@ from cryopipe.io.mrc import MrcStackWriter, format_image_name, write_mrc
 from cryopipe.io.tomography import TiltSeries, TomogramSet, path_for_star, write_tomograms
 from cryopipe.io.tomo_particles import TomoParticles, write_optimisation_set, write_tomo_particles
 from cryopipe.sim.micrographs import particle_signal_variance
-from cryopipe.sim.particles import _volume_tensor, estimate_particle_radius, noise_sigma_for_snr, random_orientations
+from cryopipe.sim.particles import _volume_tensor, estimate_particle_radius, noise_sigma_for_snr
 from cryopipe.sim.tiltseries_forward import TiltOptics, default_render_box, render_tilt_series
 from cryopipe.sim.tiltseries_geometry import (
     LATTICES,
@@ -147,7 +147,7 @@ def place_tomogram_particles(n: int, lattice: str, tomogram_size, thickness_px: 
     X, Y, Z = (float(s) for s in tomogram_size)
     if lattice == "random":
         pos = random_slab_positions(n, tomogram_size, thickness_px, radius_px, 2.0 * radius_px, rng)
-        A = euler_to_matrix(*torch.as_tensor(random_orientations(len(pos), rng)).unbind(-1)).numpy()
+        A = euler_to_matrix(*random_orientations(len(pos), rng).unbind(-1)).numpy()
         return pos, A, np.broadcast_to(np.eye(3), A.shape).copy()
     radius = lattice_radius_px if lattice_radius_px is not None else thickness_px / 2 - radius_px
     spacing = spacing_px if spacing_px is not None else 2.2 * radius_px
