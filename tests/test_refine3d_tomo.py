@@ -24,7 +24,8 @@ REFINE_COLUMNS = ["rlnGroupNumber", "rlnClassNumber", "rlnNormCorrection", "rlnR
 def refined(request, tmp_path_factory):
     """32 particles of 3ENL (24³ at 6 Å) in two tilt series (21 tilts ±60°, SNR 5), main files with 6° / 4 Å pose
     errors; subtomo (box 32 → crop 24, bin 1; ``--stack2d`` for the 2D form) then refine3d --ios (one
-    local-search iteration and the final one)."""
+    local-search iteration and the final one; ``--sigma_tilt`` is accepted, and as in RELION not used by local
+    searches)."""
     import os
 
     from cryopipe.jobs.simulate import build_volume
@@ -45,7 +46,8 @@ def refined(request, tmp_path_factory):
                          "1", "--o", "Subtomo"] + stack2d) == 0
         assert cli_main(["refine3d", "--ios", "Subtomo/optimisation_set.star", "--ref", "truth.mrc", "--o",
                          "Refine3D/run", "--iter", "2", "--healpix_order", "3", "--sigma_ang", "5", "--offset_range",
-                         "2", "--offset_step", "1", "--particle_diameter", "110", "--ini_high", "25"]) == 0
+                         "2", "--offset_step", "1", "--particle_diameter", "110", "--ini_high", "25",
+                         "--sigma_tilt", "30"]) == 0
     finally:
         os.chdir(cwd)
     return here, sim, np.asarray(vol, dtype=np.float32), request.param
@@ -102,3 +104,42 @@ def test_outputs_follow_relions_tomography_layout(refined, relion_tomo_dir):
     assert entries["rlnTomoTomogramsFile"].name == "tomograms.star"
     for key in read_optimisation_set(relion_tomo_dir / "optimisation_set.star", root=relion_tomo_dir):
         assert key in entries
+
+
+def _mrc_header(path) -> dict:
+    """The layout fields of an MRC header (dimensions, mode, start, sampling, cell, angles, axis order, space
+    group, extended header, origin, MAP stamp)."""
+    h = np.fromfile(path, dtype=np.int32, count=256)
+    f = h.view(np.float32)
+    return {"n": tuple(int(v) for v in h[0:3]), "mode": int(h[3]), "start": tuple(int(v) for v in h[4:7]),
+            "sampling": tuple(int(v) for v in h[7:10]), "voxel": tuple(float(f[10 + i] / h[7 + i]) for i in range(3)),
+            "angles": tuple(float(v) for v in f[13:16]), "axes": tuple(int(v) for v in h[16:19]),
+            "ispg": int(h[22]), "nsymbt": int(h[23]), "origin": tuple(float(v) for v in f[49:52]),
+            "map": bytes(h[52:53].view(np.uint8))}
+
+
+def test_run_log_and_subtomogram_headers(refined, relion_tomo_dir):
+    """The run log states the peak memory per batch and the angle prior; the pseudo-subtomograms the refinement
+    read have the fixture's MRC header layout: data ``crop³`` float32 at the binned pixel size, weights FFTW half
+    layout ``(crop/2+1) × crop × 2·crop`` with voxel ``1/pixel size``, same mode, axis order, start, angles,
+    origin and extended header as RELION's ``Subtomo_bin2`` files. (Not compared: the space group, 1 in ours
+    as MRC2014 volumes, 0 in RELION's; RELION does not read it.)"""
+    here, _, _, form = refined
+    log = (here / "Refine3D" / "run.out").read_text()
+    assert "peak memory per batch" in log and "σ_tilt 30" in log
+    if form == "2d":
+        return
+    star = read_star(here / "Refine3D" / "run_data.star")["particles"]
+    ours_d = _mrc_header(here / star["rlnImageName"].iloc[0])
+    ours_w = _mrc_header(here / star["rlnCtfImage"].iloc[0])
+    ref = relion_tomo_dir / "Subtomo_bin2" / "Subtomograms" / "TS_01"
+    rel_d, rel_w = _mrc_header(ref / "1_data.mrc"), _mrc_header(ref / "1_weights.mrc")
+    crop, apix = 24, 6.0
+    assert ours_d["n"] == (crop,) * 3 and ours_w["n"] == (crop // 2 + 1, crop, 2 * crop)
+    assert ours_d["voxel"] == pytest.approx((apix,) * 3) and ours_w["voxel"] == pytest.approx((1 / apix,) * 3)
+    rc = rel_d["n"][0]  # RELION's crop, 8 Å voxels: the same relations
+    assert rel_w["n"] == (rc // 2 + 1, rc, 2 * rc) and rel_w["voxel"] == pytest.approx((1 / 8.0,) * 3)
+    for ours, rel in ((ours_d, rel_d), (ours_w, rel_w)):
+        for key in ("mode", "start", "angles", "axes", "nsymbt", "origin", "map"):
+            assert ours[key] == rel[key], (key, ours[key], rel[key])
+        assert ours["sampling"] == ours["n"]

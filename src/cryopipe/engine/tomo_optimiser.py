@@ -36,6 +36,8 @@ from cryopipe.engine.estep import TranslationGrid
 from cryopipe.engine.optimiser3d import Optimiser3D, ParticleState3D
 from cryopipe.engine.reference3d import ClassReferences3D
 from cryopipe.engine.stream import repair_negative_spectra
+from cryopipe.engine.tomo_memory import BatchMemory
+from cryopipe.engine.tomo_priors import AnglePriors, angle_log_prior
 from cryopipe.engine.subtomo_batch import (
     engine_sigma2_scale,
     multiplicity_per_shell,
@@ -93,6 +95,23 @@ class SubtomoOptimiser3D(Optimiser3D):
         r_px = self.particle_diameter / (2.0 * particles.pixel_size)
         self.mask_data = soft_spherical_mask(n, r_px, settings.width_mask_edge, device=self.dev)
         self.npix = None  # Σ multiplicity per shell per particle: set from the data (initialise / first use)
+        self.memory = BatchMemory(self.dev)  # peak memory per batch, for the log (memory_line)
+        #: priors on the subtomogram-frame tilt / psi in global searches (RELION --sigma_tilt / --sigma_psi)
+        self.angle_priors: AnglePriors | None = None
+        self._src = None  # the current batch's predictions (their orientations carry the priors)
+
+    def iterate(self):
+        """One iteration (:meth:`Optimiser3D.iterate`), measuring the peak memory of its batches."""
+        self.memory.new_iteration()
+        return super().iterate()
+
+    def memory_line(self) -> str:
+        """The last iteration's peak memory per batch (:class:`cryopipe.engine.tomo_memory.BatchMemory`)."""
+        return self.memory.line()
+
+    def _record(self, res, src, idx: np.ndarray, sums) -> None:
+        super()._record(res, src, idx, sums)
+        self.memory.stop()
 
     # -------------------------------------------------------------------------------------- data
     def _volumes(self, idx: np.ndarray) -> torch.Tensor:
@@ -152,7 +171,9 @@ class SubtomoOptimiser3D(Optimiser3D):
 
     def _batch_inputs(self, idx: np.ndarray, P: int, log_prior: torch.Tensor, gen: torch.Generator):
         self._ensure_npix()
+        self.memory.start()
         grp = torch.as_tensor(self.p.group[idx], device=self.dev)
+        log_prior = self._with_angle_priors(idx, log_prior)
         return self._prepare(idx, P, self.model.sigma2_noise, log_prior), grp, None
 
     def _batch_source(self, src, est, idx: np.ndarray, P: int):
@@ -160,7 +181,20 @@ class SubtomoOptimiser3D(Optimiser3D):
         shortcut assumes one ``1/σ²`` per optics group, while here it varies per particle (``M``, ``c²``)."""
         from dataclasses import replace
 
+        self._src = src
         return src, replace(est, compute_corrections=True), P
+
+    def _with_angle_priors(self, idx: np.ndarray, log_prior: torch.Tensor) -> torch.Tensor:
+        """``log_prior [1 or B, K, Rc]`` plus the tilt / psi priors ``[B, 1, Rc]`` of a global search
+        (:mod:`cryopipe.engine.tomo_priors`; local searches keep their own Gaussian, as RELION)."""
+        pr = self.angle_priors
+        if pr is None or not pr.active or self._src is None or self.sampling.sigma_ang > 0 or self.s.grad:
+            return log_prior
+        from cryopipe.engine.reference3d import symmetry_ops
+
+        coarse = self._src.orientations.coarse.to(self.dev)
+        lp = angle_log_prior(coarse, pr, idx, symmetry_ops(self.model.symmetry, self.dev))
+        return log_prior.to(lp.device) + lp[:, None, :]
 
     def _translations(self) -> TranslationGrid:
         smp, s = self.sampling, self.s
@@ -340,6 +374,7 @@ class StackOptimiser3D(SubtomoOptimiser3D):
     def _batch_source(self, src, est, idx: np.ndarray, P: int):
         from dataclasses import replace
 
+        self._src = src
         r_cur, r_coarse = self._radii
         stack = self._set_for(idx)
         ts = int(self.stacks.ts_index[int(idx[0])])
@@ -355,5 +390,7 @@ class StackOptimiser3D(SubtomoOptimiser3D):
 
     def _batch_inputs(self, idx: np.ndarray, P: int, log_prior: torch.Tensor, gen: torch.Generator):
         self._ensure_npix()
+        self.memory.start()
         grp = torch.as_tensor(self.p.group[idx], device=self.dev)
+        log_prior = self._with_angle_priors(idx, log_prior)
         return self._prepare(idx, P, self.model.sigma2_noise, log_prior), grp, None

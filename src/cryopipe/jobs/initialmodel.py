@@ -225,6 +225,8 @@ def initial_model(
     while opt.iteration < n_iter:
         rep = opt.iterate()
         log(rep.line())
+        if hasattr(opt, "memory_line"):  # tomographic particles: peak memory per batch
+            log(opt.memory_line())
         if opt.iteration % write_iter == 0 or opt.iteration == n_iter:
             paths = write()
     # the largest class, aligned to the symmetry axes and symmetrised

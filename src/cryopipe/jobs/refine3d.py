@@ -160,12 +160,16 @@ def _to_frame(angles: np.ndarray, origins: np.ndarray, frames: np.ndarray) -> tu
 
 
 def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list | None, solvent_mask, dev,
-                   root: Path, progress, log, tomograms_path=None, update_rule=None):
+                   root: Path, progress, log, tomograms_path=None, update_rule=None,
+                   angle_sigmas: tuple[float, float] = (0.0, 0.0)):
     """``(optimiser, None, write_data, mask_name)`` for tomographic particles: 3D pseudo-subtomograms on
     :class:`~cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D` or 2D stacks on
     :class:`~cryopipe.engine.tomo_optimiser.StackOptimiser3D` (orientations and origins in the tomogram frame
     while refining, written back in the subtomogram frame), initialised from the reference(s) rescaled to the
-    data's greyscale, or de novo from random blobs without ``references`` (``update_rule``: gradient runs)."""
+    data's greyscale, or de novo from random blobs without ``references`` (``update_rule``: gradient runs).
+    ``angle_sigmas``: RELION's ``--sigma_tilt`` / ``--sigma_psi`` (degrees; 0 = none), priors on the
+    subtomogram-frame tilt / psi in global searches centred on rlnAngleTiltPrior / rlnAnglePsiPrior or the
+    input angles (:mod:`cryopipe.engine.tomo_priors`)."""
     from cryopipe.engine.stream import ParticleSet
     from cryopipe.engine.tomo_optimiser import StackOptimiser3D, SubtomoOptimiser3D
     from cryopipe.io.tomo_particles import read_tomo_particles
@@ -202,6 +206,14 @@ def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list |
         opt = StackOptimiser3D(ps, s, sv, **kw)
     else:
         opt = SubtomoOptimiser3D(ps, s, sv.read_weights, **kw)
+    if angle_sigmas[0] > 0 or angle_sigmas[1] > 0:
+        from cryopipe.engine.tomo_priors import AnglePriors, prior_centres
+
+        tilt_c, psi_c = prior_centres(sv.particles.particles)
+        opt.angle_priors = AnglePriors(tilt_c, psi_c, float(angle_sigmas[0]), float(angle_sigmas[1]),
+                                       frames=sv.A_sub if form == "2d" else None)
+        log(f"priors on the subtomogram-frame angles in global searches: σ_tilt {angle_sigmas[0]:g}°, "
+            f"σ_psi {angle_sigmas[1]:g}° (centres: rlnAngleTiltPrior / rlnAnglePsiPrior, else the input angles)")
     opt.initialise(vol, absolute_greyscale=False)
     if vol is None:
         return opt, None, _tomo_data_writer(opt, sv, form), mask_name
@@ -648,6 +660,7 @@ def refine_3d(
     log=print,
     progress=None,
     tomograms: str | os.PathLike | None = None,
+    angle_sigmas: tuple[float, float] = (0.0, 0.0),
 ) -> Refine3DResult:
     """Run (or continue) a gold-standard 3D auto-refinement, writing RELION-named files every iteration.
 
@@ -667,6 +680,8 @@ def refine_3d(
         log, progress: a line logger and a progress wrapper (``progress(iterable, desc=...)``).
         tomograms: tomograms.star of tomographic particles given as ``--i particles.star`` (RELION's
             ``--tomograms``); recorded in the ``run_optimisation_set.star`` written at the end.
+        angle_sigmas: ``(σ_tilt, σ_psi)`` degrees, RELION's ``--sigma_tilt`` / ``--sigma_psi`` priors for
+            tomographic particles (0: none; :mod:`cryopipe.engine.tomo_priors`).
 
     Tomographic particles (a particles file with rlnTomoName, directly or through an optimisation set) are
     refined as 3D pseudo-subtomograms (:class:`cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`; the form is
@@ -762,12 +777,15 @@ def refine_3d(
                 tomo_path = resolve_relion_path(str(set_values["rlnTomoTomogramsFile"]), root,
                                                 particles_path.resolve().parent, *set_bases)
             opt, data, write_data, mask_name = tomo_optimiser(particles_path, s, ref_list, solvent_mask, dev, root,
-                                                               progress, log, tomo_path)
+                                                               progress, log, tomo_path, angle_sigmas=angle_sigmas)
             original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
             ps = opt.p
         else:
             opt = None
     if opt is None:
+        if angle_sigmas[0] > 0 or angle_sigmas[1] > 0:
+            raise CryopipeError("--sigma_tilt / --sigma_psi are implemented for tomographic particles only (an "
+                                "optimisation set or particles with rlnTomoName); use --sigma_ang for local searches")
         data, ps, origin = load_particles(particles_path, "3D refinement")
         if s.do_ctf and ps.ctf is None:
             raise InputFileError(particles_path, "--ctf was given but the particles have no rlnDefocusU column",
@@ -809,6 +827,8 @@ def refine_3d(
             opt.finish_next()
         rep = opt.iterate()
         log(rep.line())
+        if hasattr(opt, "memory_line"):  # tomographic particles: peak memory per batch
+            log(opt.memory_line())
         paths = write(final=opt.converged)
     if paths is None:
         raise CryopipeError(f"--iter {n_iter}: nothing to do, the run is already at iteration {opt.iteration} "
@@ -892,6 +912,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--oversampling", type=int, default=None, help="adaptive oversampling order (default 1)")
     g.add_argument("--sigma_ang", type=float, default=None,
                    help="local angular searches from the start with this σ (degrees)")
+    g.add_argument("--sigma_tilt", type=float, default=0.0,
+                   help="tomographic particles: Gaussian prior (degrees) on the tilt angle in global searches, "
+                        "centred on rlnAngleTiltPrior or the input tilt (orientations from surface normals)")
+    g.add_argument("--sigma_psi", type=float, default=0.0,
+                   help="tomographic particles: the same prior on the in-plane angle (rlnAnglePsiPrior)")
     g.add_argument("--auto_ignore_angles", action="store_true", default=None,
                    help="refine the sampling without waiting for the angles to settle")
     g.add_argument("--auto_resol_angles", action="store_true", default=None,
@@ -967,7 +992,8 @@ def main(args: argparse.Namespace) -> int:
         res = refine_3d(args.i, job.dir / prefix, settings, reference=args.ref, solvent_mask=args.solvent_mask,
                         absolute_greyscale=not args.firstiter_cc, continue_from=args.continue_, overrides=given,
                         device=args.device, root=job.root, command=" ".join(_argv_of(args)), log=log,
-                        progress=lambda it, desc="": progress(it, desc=desc), tomograms=args.tomograms)
+                        progress=lambda it, desc="": progress(it, desc=desc), tomograms=args.tomograms,
+                        angle_sigmas=(float(args.sigma_tilt or 0.0), float(args.sigma_psi or 0.0)))
         if res.converged:
             job.add_output(res.data_star, NodeType.REFINE3D_PARTICLES)
             job.add_output(res.optimiser_star, NodeType.REFINE3D_OPTIMISER)

@@ -1,0 +1,117 @@
+"""Priors on the tilt and in-plane angles of tomographic particles (RELION ``--sigma_tilt`` / ``--sigma_psi``).
+
+Particles picked on surfaces (membranes, capsids, lattices) come with an orientation from the surface normal:
+the pseudo-subtomogram frame ``A_sub`` (rlnTomoSubtomogramRot/Tilt/Psi) or rlnAngleTiltPrior/rlnAnglePsiPrior.
+RELION then restrains the global search with a Gaussian prior on the tilt (and psi) of each direction
+(``HealpixSampling::selectOrientationsWithNonZeroPriorProbability`` with only ``sigma_tilt`` / ``sigma_psi``
+set): for coarse orientation ``ω`` and particle ``b``::
+
+    log p(ω | b) = −Δtilt² / (2σ_tilt²) − Δpsi² / (2σ_psi²),   Δ < 3σ (otherwise the orientation is left out)
+
+with ``Δtilt = min over symmetry mates |tilt(ω·S) − tilt_prior_b|`` (psi differences wrapped to [0, 180]).
+Angles are those of the subtomogram frame (rlnAngle*, what the priors refer to): for 3D pseudo-subtomograms the
+grid's own angles; for 2D stacks, whose orientations are refined in the tomogram frame, ``A_subᵀ·R(ω)``.
+
+Centres (``prior_centres``): rlnAngleTiltPrior / rlnAnglePsiPrior where the particles file has them (RELION's
+999 = none), otherwise the particle's input rlnAngleTilt / rlnAnglePsi — its orientation relative to the
+subtomogram (surface-normal) frame. They are fixed for the run (RELION re-centres a missing prior on the current
+angle every iteration). As in RELION, the prior applies to global searches; local searches (auto-refine from
+``--auto_local_healpix_order``, or ``--sigma_ang``) use their own Gaussian around the current orientation.
+A particle for which no coarse orientation lies within ``3σ`` keeps the Gaussian without the cut (RELION stops
+with "Zero orientations fall within the local angular search").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryopipe.core.geometry import euler_to_matrix
+
+__all__ = ["AnglePriors", "prior_centres", "angle_log_prior"]
+
+#: RELION's cut-off of the prior, in standard deviations (``sigma_cutoff`` = 3)
+SIGMA_CUTOFF = 3.0
+
+
+@dataclass
+class AnglePriors:
+    """Per-particle priors on the subtomogram-frame tilt / psi (degrees): ``tilt [N]``, ``psi [N]``, their
+    standard deviations (``<= 0``: no prior on that angle) and, for particles refined in another frame,
+    ``frames [N, 3, 3]`` (``A_sub``: refined orientation ``R`` → subtomogram frame ``A_subᵀ·R``; None: the same
+    frame)."""
+
+    tilt: np.ndarray
+    psi: np.ndarray
+    sigma_tilt: float = 0.0
+    sigma_psi: float = 0.0
+    frames: np.ndarray | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.sigma_tilt > 0 or self.sigma_psi > 0
+
+
+def prior_centres(particles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """``(tilt [N], psi [N])`` prior centres (degrees) from a particles table: rlnAngleTiltPrior /
+    rlnAnglePsiPrior where present and not RELION's 999 ("none"), else rlnAngleTilt / rlnAnglePsi (0 where
+    absent)."""
+    n = len(particles)
+
+    def col(label: str, fill: float) -> np.ndarray:
+        if label not in particles.columns:
+            return np.full(n, np.nan)
+        v = pd.to_numeric(particles[label], errors="coerce").to_numpy(dtype=np.float64)
+        return np.where(np.abs(v - 999.0) < 0.01, np.nan, v) if fill is None else np.nan_to_num(v, nan=fill)
+
+    out = []
+    for prior, angle in (("rlnAngleTiltPrior", "rlnAngleTilt"), ("rlnAnglePsiPrior", "rlnAnglePsi")):
+        p = col(prior, None)
+        a = col(angle, 0.0)
+        a = np.where(np.isnan(a), 0.0, a)
+        out.append(np.where(np.isnan(p), a, p))
+    return out[0], out[1]
+
+
+def _wrap180(d: torch.Tensor) -> torch.Tensor:
+    """``|d|`` folded to [0, 180] degrees."""
+    d = torch.remainder(d, 360.0)
+    return torch.minimum(d, 360.0 - d)
+
+
+def angle_log_prior(coarse: torch.Tensor, priors: AnglePriors, idx: np.ndarray,
+                    symmetry_ops: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, R]`` float32 log prior of the coarse orientations ``coarse [R, 3]`` (rot, tilt, psi degrees, in the
+    frame the particles are refined in) for particles ``idx`` (module docstring); ``symmetry_ops [S, 3, 3]``
+    (None: C1) give the mates ``R(ω)·S`` whose nearest tilt / psi counts."""
+    dev = coarse.device
+    c = coarse.to(torch.float64)
+    R = euler_to_matrix(c[:, 0], c[:, 1], c[:, 2]).to(dev, torch.float64)  # [R, 3, 3]
+    mates = R[None]
+    if symmetry_ops is not None:
+        mates = R[None] @ symmetry_ops.to(dev, torch.float64)[:, None]  # [S, R, 3, 3]
+    col = mates[..., :, 2]  # [S, R, 3] last column: tilt and psi of RELION's Euler angles
+    idx = np.asarray(idx)
+    if priors.frames is not None:
+        Fr = torch.as_tensor(priors.frames[idx], dtype=torch.float64, device=dev)  # [B, 3, 3]
+        col = torch.einsum("bji,srj->bsri", Fr, col)  # A_subᵀ·(R·S) last column  [B, S, R, 3]
+    else:
+        col = col[None]  # [1, S, R, 3]
+    tilt = torch.rad2deg(torch.atan2(torch.sqrt(col[..., 0] ** 2 + col[..., 1] ** 2), col[..., 2]))
+    psi = torch.rad2deg(torch.atan2(col[..., 1], -col[..., 0]))
+    B = idx.size
+    logp = torch.zeros(B, tilt.shape[-1], dtype=torch.float64, device=dev)
+    inside = torch.ones(B, tilt.shape[-1], dtype=torch.bool, device=dev)
+    for sig, ang, centre in ((priors.sigma_tilt, tilt, priors.tilt), (priors.sigma_psi, psi, priors.psi)):
+        if sig <= 0:
+            continue
+        ctr = torch.as_tensor(centre[idx], dtype=torch.float64, device=dev)[:, None, None]
+        d = _wrap180(ang - ctr).amin(dim=1)  # [B, R] nearest symmetry mate
+        logp = logp - d.square() / (2.0 * sig * sig)
+        inside &= d < SIGMA_CUTOFF * sig
+    none = ~inside.any(dim=1, keepdim=True)  # no orientation within the cut: keep the Gaussian alone
+    logp = torch.where(inside | none, logp, torch.full_like(logp, -torch.inf))
+    return logp.to(torch.float32)
