@@ -37,7 +37,8 @@ from cryopipe.mpr.parameters import (
 )
 from cryopipe.tomo.particle_images import cut_particle_slices
 
-__all__ = ["TiltSeriesData", "Species", "Band", "PairGeometry", "pair_geometry", "make_band", "batch_sums",
+__all__ = ["TiltSeriesData", "Species", "Band", "PairGeometry", "pair_geometry", "make_band", "data_slices",
+           "batch_sums",
            "bake", "astigmatism_components", "defocus_from_components"]
 
 
@@ -162,9 +163,18 @@ def make_band(data: TiltSeriesData, species: Species, k_max: float, k_min: float
     return Band(flat, k, w.to(torch.float64), dose.to(torch.float64))
 
 
+def data_slices(data: TiltSeriesData, species: Species, band: Band, f: torch.Tensor, centres: torch.Tensor
+                ) -> torch.Tensor:
+    """Band pixels ``[P, M]`` (complex) of the particle FTs cut at ``centres`` ``[P, 2]`` in tilts ``f`` ``[P]``."""
+    X = cut_particle_slices(data.images, f, centres, species.box, species.binning)
+    return X.reshape(len(f), -1)[:, band.flat]
+
+
 def _model_and_data(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters,
-                    n: torch.Tensor, f: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference ``[P, M]``, data ``[P, M]``) complex for pairs ``(n, f)``; ``centres`` ``[P, 2]`` = ``q₀``."""
+                    n: torch.Tensor, f: torch.Tensor, centres: torch.Tensor, X: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference ``[P, M]``, data ``[P, M]``) complex for pairs ``(n, f)``; ``centres`` ``[P, 2]`` = ``q₀``;
+    ``X``: the data slices if already cut (:func:`data_slices`)."""
     b = species.box
     geo = pair_geometry(data, params, n, f)
     rdt = species.grids.real.dtype
@@ -178,16 +188,19 @@ def _model_and_data(data: TiltSeriesData, species: Species, band: Band, params: 
     d = (geo.xy - centres) / species.binning  # model moves by +d (binned px)
     phase = (-2.0 * math.pi / b) * (d @ band.k.T.to(d.dtype))
     model = ref * torch.complex((c * torch.cos(phase)).to(rdt), (c * torch.sin(phase)).to(rdt))
-    X = cut_particle_slices(data.images, f, centres, b, species.binning).reshape(len(n), -1)[:, band.flat]
+    if X is None:
+        X = data_slices(data, species, band, f, centres)
     return model, X.to(model.dtype)
 
 
 def batch_sums(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters,
-               rows: slice, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               rows: slice, centres: torch.Tensor, X: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(Σ w·Re(X·R̄), Σ w|R|², Σ w|X|²)`` (float64 scalars) over the pairs ``data.pairs[rows]``; ``centres``
-    ``[P_all, 2]`` are the fixed cut centres of all pairs. Differentiable in ``params``."""
+    ``[P_all, 2]`` are the fixed cut centres of all pairs; ``X`` these pairs' data slices if cached.
+    Differentiable in ``params``."""
     n, f = data.pairs[rows].unbind(-1)
-    model, X = _model_and_data(data, species, band, params, n, f, centres[rows])
+    model, X = _model_and_data(data, species, band, params, n, f, centres[rows], X)
     w = band.weights.to(model.real.dtype)
     s_ab = ((X.real * model.real + X.imag * model.imag) * w).sum()
     s_bb = ((model.real ** 2 + model.imag ** 2) * w).sum()

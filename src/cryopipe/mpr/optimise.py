@@ -6,7 +6,8 @@ batches, but its gradient is a combination of batch gradients:
 constant). Each evaluation therefore makes one gradient-free pass over the batches for the global sums, then a
 second pass that back-propagates that combination batch by batch: memory holds one batch's graph, and the
 gradient is exact. The loss handed to ``torch.optim.LBFGS`` is ``−NCC·P`` (``P`` pairs; M scales its score by
-particles × tilts as well), so per-parameter gradients are O(1).
+particles × tilts as well), so per-parameter gradients are O(1). The data slices (cut at centres fixed for the
+sub-iteration) are cut once and kept while they fit :data:`CACHE_BYTES`, else cut again batch by batch.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from cryopipe.mpr.forward import Band, Species, TiltSeriesData, batch_sums, make_band, pair_geometry
+from cryopipe.mpr.forward import Band, Species, TiltSeriesData, batch_sums, data_slices, make_band, pair_geometry
 from cryopipe.mpr.parameters import TiltSeriesParameters, gauge_fixed
 
-__all__ = ["RefineStats", "pair_centres", "tilt_series_score", "score_and_gradient", "refine_tilt_series"]
+#: data slices of a tilt series are kept for a sub-iteration when they take at most this many bytes
+CACHE_BYTES = 512e6
+
+__all__ = ["CACHE_BYTES", "cached_slices", "RefineStats", "pair_centres", "tilt_series_score", "score_and_gradient",
+           "refine_tilt_series"]
 
 
 @dataclass
@@ -41,34 +46,52 @@ def pair_centres(data: TiltSeriesData) -> torch.Tensor:
         return pair_geometry(data, zero, n, f).xy
 
 
-def _global_sums(data, species, band, params, groups, centres, batch_pairs):
+def cached_slices(data: TiltSeriesData, species: Species, band: Band, centres: torch.Tensor, batch_pairs: int,
+                  max_bytes: float = CACHE_BYTES) -> list[torch.Tensor] | None:
+    """The data slices of every batch (cut once per sub-iteration: the cut centres are fixed), or None when they
+    would take more than ``max_bytes`` (then every evaluation cuts them again, batch by batch)."""
+    if len(data.pairs) * band.flat.numel() * 8 > max_bytes:
+        return None
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(data.pairs), batch_pairs):
+            out.append(data_slices(data, species, band, data.pairs[s:s + batch_pairs, 1], centres[s:s + batch_pairs]))
+    return out
+
+
+def _batches(n_pairs: int, batch_pairs: int, cache):
+    for i, s in enumerate(range(0, n_pairs, batch_pairs)):
+        yield slice(s, s + batch_pairs), (cache[i] if cache is not None else None)
+
+
+def _global_sums(data, species, band, params, groups, centres, batch_pairs, cache=None):
     tot = torch.zeros(3, dtype=torch.float64, device=centres.device)
     with torch.no_grad():
         p = gauge_fixed(params, groups)
-        for s in range(0, len(data.pairs), batch_pairs):
-            tot += torch.stack(batch_sums(data, species, band, p, slice(s, s + batch_pairs), centres))
+        for rows, X in _batches(len(data.pairs), batch_pairs, cache):
+            tot += torch.stack(batch_sums(data, species, band, p, rows, centres, X))
     return tot
 
 
 def tilt_series_score(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters,
-                      groups, centres: torch.Tensor, batch_pairs: int = 256) -> float:
-    """Global NCC ×100 of the tilt series at ``params``."""
-    s_ab, s_bb, s_aa = _global_sums(data, species, band, params, groups, centres, batch_pairs).tolist()
+                      groups, centres: torch.Tensor, batch_pairs: int = 256, cache=None) -> float:
+    """Global NCC ×100 of the tilt series at ``params`` (``cache``: :func:`cached_slices`)."""
+    s_ab, s_bb, s_aa = _global_sums(data, species, band, params, groups, centres, batch_pairs, cache).tolist()
     return 100.0 * s_ab / max((s_aa * s_bb) ** 0.5, 1e-300)
 
 
 def score_and_gradient(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters, groups,
-                       centres: torch.Tensor, batch_pairs: int = 256) -> torch.Tensor:
+                       centres: torch.Tensor, batch_pairs: int = 256, cache=None) -> torch.Tensor:
     """Loss ``−NCC·P`` (a float64 scalar) of the tilt series; its exact gradient is *added* to ``.grad`` of the
     parameter tensors that require it, batch by batch (module docstring)."""
     n_pairs = len(data.pairs)
-    s_ab, s_bb, s_aa = _global_sums(data, species, band, params, groups, centres, batch_pairs).tolist()
+    s_ab, s_bb, s_aa = _global_sums(data, species, band, params, groups, centres, batch_pairs, cache).tolist()
     norm = max(s_aa * s_bb, 1e-300) ** 0.5
     a = -n_pairs / norm
     b = n_pairs * s_ab / (2.0 * s_aa ** 0.5 * max(s_bb, 1e-300) ** 1.5)
-    for s in range(0, n_pairs, batch_pairs):
+    for rows, X in _batches(n_pairs, batch_pairs, cache):
         p = gauge_fixed(params, groups)
-        ab, bb, _ = batch_sums(data, species, band, p, slice(s, s + batch_pairs), centres)
+        ab, bb, _ = batch_sums(data, species, band, p, rows, centres, X)
         (a * ab + b * bb).backward()
     return torch.tensor(-n_pairs * s_ab / norm, dtype=torch.float64)
 
@@ -81,7 +104,8 @@ def refine_tilt_series(data: TiltSeriesData, species: Species, params: TiltSerie
     centres = pair_centres(data)
     band = band if band is not None else make_band(data, species, k_max, batch_pairs=batch_pairs)
     tensors = params.for_groups(groups)
-    before = tilt_series_score(data, species, band, params, groups, centres, batch_pairs)
+    cache = cached_slices(data, species, band, centres, batch_pairs)
+    before = tilt_series_score(data, species, band, params, groups, centres, batch_pairs, cache)
     n_pairs = len(data.pairs)
     evaluations = 0
     if tensors and n_pairs:
@@ -92,10 +116,10 @@ def refine_tilt_series(data: TiltSeriesData, species: Species, params: TiltSerie
             nonlocal evaluations
             evaluations += 1
             opt.zero_grad()
-            return score_and_gradient(data, species, band, params, groups, centres, batch_pairs)
+            return score_and_gradient(data, species, band, params, groups, centres, batch_pairs, cache)
 
         opt.step(closure)
     params.for_groups(())
-    after = tilt_series_score(data, species, band, params, groups, centres, batch_pairs)
+    after = tilt_series_score(data, species, band, params, groups, centres, batch_pairs, cache)
     return RefineStats(before, after, evaluations, n_pairs * (2 * evaluations + 2),
                        time.perf_counter() - t0, time.process_time() - c0)
