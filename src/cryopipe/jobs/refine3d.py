@@ -18,7 +18,9 @@ engine (:class:`cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`: reference ro
 multiplicity, 3D offsets); ``run_data.star`` keeps RELION's tomography layout (general/optics/particles blocks,
 rlnOriginX/Y/ZAngst) and ``run_optimisation_set.star`` names it, the tomograms and the half maps. 2D stacks
 (rlnTomoSubTomosAre2DStacks 1) are refined on :class:`cryopipe.engine.tomo_optimiser.StackOptimiser3D` (CTFs from
-the tomograms). ``--continue`` of a tomographic run is refused for now.
+the tomograms). ``--continue`` resumes a tomographic run from its ``_itNNN_optimiser.star`` (the last
+``_data.star``, half models and sampling state; ``--sigma_tilt`` / ``--sigma_psi`` are not stored: give them
+again).
 
 Half-sets: ``rlnRandomSubset`` (1/2) of the input where present, random balanced halves otherwise. Start angles and
 origins (Å → pixels) come from the input where present. Every iteration writes (atomically) RELION-named files
@@ -161,7 +163,7 @@ def _to_frame(angles: np.ndarray, origins: np.ndarray, frames: np.ndarray) -> tu
 
 def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list | None, solvent_mask, dev,
                    root: Path, progress, log, tomograms_path=None, update_rule=None,
-                   angle_sigmas: tuple[float, float] = (0.0, 0.0)):
+                   angle_sigmas: tuple[float, float] = (0.0, 0.0), resume=None):
     """``(optimiser, None, write_data, mask_name)`` for tomographic particles: 3D pseudo-subtomograms on
     :class:`~cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D` or 2D stacks on
     :class:`~cryopipe.engine.tomo_optimiser.StackOptimiser3D` (orientations and origins in the tomogram frame
@@ -169,7 +171,8 @@ def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list |
     data's greyscale, or de novo from random blobs without ``references`` (``update_rule``: gradient runs).
     ``angle_sigmas``: RELION's ``--sigma_tilt`` / ``--sigma_psi`` (degrees; 0 = none), priors on the
     subtomogram-frame tilt / psi in global searches centred on rlnAngleTiltPrior / rlnAnglePsiPrior or the
-    input angles (:mod:`cryopipe.engine.tomo_priors`)."""
+    input angles (:mod:`cryopipe.engine.tomo_priors`). ``resume(particle_set) → (model, sampling, iteration)``:
+    continue a run (no initialisation; the particles file is the run's last ``_data.star``)."""
     from cryopipe.engine.stream import ParticleSet
     from cryopipe.engine.tomo_optimiser import StackOptimiser3D, SubtomoOptimiser3D
     from cryopipe.io.tomo_particles import read_tomo_particles
@@ -202,6 +205,9 @@ def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list |
     state = ParticleState3D(angles, origins, np.full(n, -1, np.int64), sv.subset.copy(), np.ones(n), np.zeros(n),
                             np.zeros(n), np.zeros(n, np.int64))
     kw = dict(state=state, device=dev, progress=progress, solvent_mask=mask_t, update_rule=update_rule)
+    if resume is not None:  # --continue: the stored model, sampling state and iteration
+        model, sampling, start = resume(ps)
+        kw.update(model=model, sampling=sampling, iteration=start)
     if form == "2d":
         opt = StackOptimiser3D(ps, s, sv, **kw)
     else:
@@ -214,6 +220,8 @@ def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list |
                                        frames=sv.A_sub if form == "2d" else None)
         log(f"priors on the subtomogram-frame angles in global searches: σ_tilt {angle_sigmas[0]:g}°, "
             f"σ_psi {angle_sigmas[1]:g}° (centres: rlnAngleTiltPrior / rlnAnglePsiPrior, else the input angles)")
+    if resume is not None:
+        return opt, None, _tomo_data_writer(opt, sv, form), mask_name
     opt.initialise(vol, absolute_greyscale=False)
     if vol is None:
         return opt, None, _tomo_data_writer(opt, sv, form), mask_name
@@ -708,17 +716,46 @@ def refine_3d(
         if int(vals.get("cryopipeFinalIterationDone", 0)):
             raise InputFileError(continue_from, "the refinement has already finished (final iteration done)",
                                  "start a new refinement from its run_data.star and run_class001.mrc")
-        if is_tomo_particles(data_path):
-            raise InputFileError(continue_from, "is a refinement of tomographic particles; --continue does not "
-                                                "resume those yet", "start a new refine3d from its "
-                                                "run_optimisation_set.star (or the last _data.star)")
         kw = {f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}
         kw.update({k: v for k, v in stored_settings(vals, settings, sv).items() if k not in overrides})
         kw.update({k: v for k, v in overrides.items() if k in kw})
-        data, ps, origin = load_particles(data_path, "3D refinement")
         model_general = read_model_star(model_paths[0]).general
         kw["n_classes"] = int(model_general.get("rlnNrClasses", 1))
         s = Refine3DSettings(**{**kw, "split_halves": True, "auto_refine": True, "grad": False})
+        if is_tomo_particles(data_path):  # the last _data.star (tomography layout) and the stored model
+            start = int(vals.get("rlnCurrentIteration", 0))
+            input_set = str(vals.get("cryopipeInputOptimisationSet", "None"))
+            if input_set not in ("", "None"):
+                set_values = read_optimisation_set(resolve_relion_path(input_set, *bases))
+            tomo_name = str(vals.get("cryopipeTomogramsFile", (set_values or {}).get("rlnTomoTomogramsFile", "None")))
+            tomo_path = resolve_relion_path(tomo_name, *bases) if tomo_name not in ("", "None") else None
+            if set_values is None:
+                set_values = {"rlnTomoParticlesFile": _rel(data_path, root)}
+                if tomo_path is not None:
+                    set_values["rlnTomoTomogramsFile"] = tomo_name
+            mask_name = _rel(Path(solvent_mask), root) if solvent_mask is not None else \
+                str(vals.get("rlnSolventMaskName", "None"))
+            mask_path = resolve_relion_path(mask_name, *bases) if mask_name not in ("", "None") else None
+
+            def resume(ps):
+                model = model3d_from_files(model_paths, ps, bases, dev, s.symmetry, overrides.get("tau2_fudge"))
+                return model, sampling_from_files(vals, sv, model_general, ps.pixel_size), start
+
+            opt, data, write_data, _ = tomo_optimiser(data_path, s, None, mask_path, dev, root, progress, log,
+                                                      tomo_path, angle_sigmas=angle_sigmas, resume=resume)
+            ps = opt.p
+            for key, lab in _CHANGE_LABELS:
+                if lab in vals:
+                    opt.changes[key] = float(vals[lab])
+            original = (int(sv.get("rlnHealpixOrderOriginal", opt.sampling.healpix_order)),
+                        float(sv.get("rlnOffsetRangeOriginal", opt.sampling.offset_range * ps.pixel_size))
+                        / ps.pixel_size,
+                        float(sv.get("rlnOffsetStepOriginal", opt.sampling.offset_step * ps.pixel_size))
+                        / ps.pixel_size)
+            log(f"continuing from {continue_from} (iteration {start}, {ps.size} tomographic particles, HEALPix "
+                f"order {opt.sampling.healpix_order}{', local searches' if opt.sampling.sigma_ang > 0 else ''})")
+    if continue_from is not None and opt is None:
+        data, ps, origin = load_particles(data_path, "3D refinement")
         model = model3d_from_files(model_paths, ps, bases, dev, s.symmetry, overrides.get("tau2_fudge"))
         state = state_from_data(data, origin, data_path)
         samp = sampling_from_files(vals, sv, model_general, ps.pixel_size)
@@ -743,7 +780,7 @@ def refine_3d(
                     float(sv.get("rlnOffsetStepOriginal", samp.offset_step * ps.pixel_size)) / ps.pixel_size)
         log(f"continuing from {continue_from} (iteration {start}, {ps.size} particles, HEALPix order "
             f"{samp.healpix_order}{', local searches' if samp.sigma_ang > 0 else ''})")
-    else:
+    elif continue_from is None:
         if particles_star is None:
             raise CryopipeError("--i (particles STAR file or optimisation set) is required unless --continue is given")
         particles_path = Path(particles_star)
@@ -814,9 +851,13 @@ def refine_3d(
             f"({ps.n * ps.pixel_size:g} Å)")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_iter = int(s.n_iter)
+    extra = None
+    if write_data is not None and set_values is not None and \
+            set_values.get("rlnTomoTomogramsFile") not in (None, "", "None"):  # for --continue
+        extra = {"cryopipeTomogramsFile": str(set_values["rlnTomoTomogramsFile"])}
     write = lambda final=False: write_iteration_3d(  # noqa: E731
         opt, data, out_dir, prefix, root, n_iter, command, original, final=final, solvent_mask=mask_name,
-        input_set=input_set, write_data=write_data)
+        input_set=input_set, write_data=write_data, extra=extra)
     paths = None
     if continue_from is None:
         paths = write()
