@@ -7,6 +7,7 @@ masked FSC, M's baseline). Groups: poses (particle angles + positions), shifts (
 (per-tilt defocus + astigmatism; refused when the species is worse than ``--ctf_minresolution``).
 
 Outputs in ``--o`` (each file written atomically): ``particles.star`` (RELION 5 tomography, refined poses),
+``particles_relion30.star`` (the same as M's RELION 3.0 species table, :func:`cryopipe.mpr.driver.relion30_table`),
 ``tomograms.star`` + ``tilt_series/<TS>.star`` (refined per-tilt angles, shifts, defocus; image names unchanged),
 ``image_warp.star`` (with imagewarp: one table per tilt series, one row per tilt, columns
 ``cryopipeWarpX1..K`` / ``cryopipeWarpY1..K`` = node displacements in Å, nodes row-major (y, then x) on a
@@ -34,7 +35,7 @@ from cryopipe.io.mrc import read_mrc, write_mrc
 from cryopipe.io.star import write_star
 from cryopipe.io.tomo_particles import check_inside, read_optimisation_set, read_tomo_particles, write_tomo_particles
 from cryopipe.io.tomography import read_tomograms, write_tomograms
-from cryopipe.mpr.driver import MprOptions, Stage, run_mpr, updated_particles, updated_tomograms
+from cryopipe.mpr.driver import MprOptions, Stage, relion30_table, run_mpr, updated_particles, updated_tomograms
 from cryopipe.mpr.parameters import GROUPS
 
 HELP = "multi-particle refinement of tilt series (poses, per-tilt shifts/warp/angles, CTF) against half-maps, as M"
@@ -187,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
         write_mrc(out / "half2_iter0.mrc", result.baseline_half2.cpu().numpy(), px)
     if refined:
         write_tomo_particles(out / "particles.star", updated_particles(particles, tomograms, result.data))
+        write_star(out / "particles_relion30.star", {"": relion30_table(result.data)}, version=None)
         write_tomograms(out / "tomograms.star", updated_tomograms(tomograms, result.data), out / "tilt_series")
         write_mrc(out / "half1.mrc", result.half1.cpu().numpy(), px)
         write_mrc(out / "half2.mrc", result.half2.cpu().numpy(), px)

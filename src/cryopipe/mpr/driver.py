@@ -37,7 +37,7 @@ from cryopipe.mpr.reconstruct import reconstruct_halves
 from cryopipe.tomo.particle_sets import particles_per_tilt_series
 
 __all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "make_species", "species_mask",
-           "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms"]
+           "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms", "relion30_table"]
 
 
 @dataclass(frozen=True)
@@ -256,6 +256,25 @@ def updated_particles(particles: TomoParticles, tomograms: TomogramSet,
                 t[lab] = 0.0
             t.iloc[rows, t.columns.get_loc(lab)] = angles[:, j]
     return out
+
+
+def relion30_table(datas: dict[str, TiltSeriesData]) -> "pd.DataFrame":
+    """The refined particles as M's RELION 3.0 species table (``CreateSpecies``): rlnMicrographName
+    ``<TomoName>.tomostar``, rlnCoordinateX/Y/Z (decentred unbinned px, origins applied), rlnAngleRot/Tilt/Psi of the
+    full orientation ``A_sub·A_particle``, rlnRandomSubset, and rlnMagnification 10000 with rlnDetectorPixelSize = the
+    tilt-series pixel (µm·1e-4 = Å), so that pixel size = rlnDetectorPixelSize·1e4/rlnMagnification."""
+    import pandas as pd
+
+    rows = []
+    for name, d in datas.items():
+        pos = d.positions.cpu().numpy()
+        ang = matrix_to_euler(d.orientations.cpu()).numpy().reshape(-1, 3)
+        rows.append(pd.DataFrame({"rlnMicrographName": [f"{name}.tomostar"] * len(pos),
+                                  "rlnCoordinateX": pos[:, 0], "rlnCoordinateY": pos[:, 1], "rlnCoordinateZ": pos[:, 2],
+                                  "rlnAngleRot": ang[:, 0], "rlnAngleTilt": ang[:, 1], "rlnAnglePsi": ang[:, 2],
+                                  "rlnRandomSubset": d.half_sets.cpu().numpy().astype(int),
+                                  "rlnMagnification": 10000.0, "rlnDetectorPixelSize": d.pixel_size}))
+    return pd.concat(rows, ignore_index=True)
 
 
 def updated_tomograms(tomograms: TomogramSet, datas: dict[str, TiltSeriesData]) -> TomogramSet:
