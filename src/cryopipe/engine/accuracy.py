@@ -17,9 +17,10 @@ import math
 
 import torch
 
+from cryopipe.core.geometry import axis_angle_matrix
 from cryopipe.engine.estep import shift_phases
 
-__all__ = ["THRESHOLD", "trial_angles", "trial_shifts", "first_crossing", "expected_accuracy",
+__all__ = ["THRESHOLD", "trial_angles", "trial_shifts", "trial_rotations", "first_crossing", "expected_accuracy",
            "shift_difference_power"]
 
 #: −ln(0.01): the difference must be significant at p = 0.01.
@@ -31,6 +32,16 @@ def trial_angles(max_deg: float = 180.0, device=None, ratio: float = 1.04) -> to
     n = int(math.ceil(math.log(max_deg / 0.05) / math.log(ratio))) + 1
     return torch.exp(torch.linspace(math.log(0.05), math.log(max_deg), n, device=device, dtype=torch.float64)
                      ).to(torch.float32)
+
+
+def trial_rotations(angles_deg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3D trial rotations RELION probes, ``([J, 3, 3] about z (in-plane), [J, 3, 3] about x (out of plane))``
+    for ``angles_deg`` ``[J]`` (right-handed, :func:`cryopipe.core.geometry.axis_angle_matrix`); applied on the
+    left of a particle's matrix ``A`` (the view rotated in the image frame)."""
+    z = torch.tensor([0.0, 0.0, 1.0], dtype=angles_deg.dtype, device=angles_deg.device)
+    x = torch.tensor([1.0, 0.0, 0.0], dtype=angles_deg.dtype, device=angles_deg.device)
+    return axis_angle_matrix(z.expand(angles_deg.numel(), 3), angles_deg), \
+        axis_angle_matrix(x.expand(angles_deg.numel(), 3), angles_deg)
 
 
 def trial_shifts(max_px: float, device=None, ratio: float = 1.04) -> torch.Tensor:

@@ -54,7 +54,6 @@ from cryopipe.engine.orientations3d import (
     healpix_orientations,
     local_batch_order,
     local_orientations,
-    orientation_distances,
     proper_symmetry_operators,
 )
 from cryopipe.engine.reference3d import (
@@ -444,7 +443,12 @@ class Optimiser3D(ParticleStream):
         og = torch.as_tensor(p.optics_group[sub], device=dev)
         noise = 2.0 * sigma2.to(dev)[og][:, cset.shell]
         noise[:, 0] = 0.0
-        data_pow = float(((X.real.square() + X.imag.square()) - noise).clamp_min(0)[:, 1:].sum(dim=1).mean())
+        # signal power = data power − noise power, clamped only after summing: a clamp per coefficient would keep
+        # ~0.37·σ² of every noise-dominated coefficient (E max(|X|² − σ², 0) for pure noise) and give pure noise,
+        # or low-SNR data, a bright reference that makes the first posteriors sharp on noise
+        # (floor: 0.1 % of the noise power, so that pure noise gives faint references rather than none)
+        data_pow = max(float(((X.real.square() + X.imag.square()) - noise)[:, 1:].sum(dim=1).mean()),
+                       1e-3 * float(noise[:, 1:].sum(dim=1).mean()))
         c = self._ctf(sub)
         C = torch.ones_like(X.real) if c is None else cset.gather(c)
         out = []
@@ -640,10 +644,9 @@ class Optimiser3D(ParticleStream):
                      refs_models: list[ClassReferences3D]) -> None:
         """EM / gold-standard M-step; ``refs_models`` (the iteration's references, already in projectors) give the
         reference spectra τ² (RELION computes them from the current reference at the start of the iteration)."""
-        s, m, n, dev = self.s, self.model, self.n, self.dev
+        s, m, n = self.s, self.model, self.n
         sym = m.symmetry
         T = m.tau2_fudge
-        K = m.n_classes
         if s.split_halves:
             h1, h2 = bps
             lowres = int(math.ceil(n * self.p.pixel_size / s.low_resol_join_halves)) if s.low_resol_join_halves > 0 \
@@ -791,7 +794,7 @@ class Optimiser3D(ParticleStream):
         """RELION ``calculateExpectedAngularErrors`` (re-derived, batched): for a random subset of particles at
         their current orientations, the smallest rotation (about the in-plane and an in-plane axis) and shift
         whose difference power ``Σ C²|F − F_δ|²/(2σ²)`` exceeds ``−ln(0.01)``; the mean over particles."""
-        from cryopipe.engine.accuracy import THRESHOLD, first_crossing, trial_angles, trial_shifts
+        from cryopipe.engine.accuracy import THRESHOLD, first_crossing, trial_angles, trial_rotations, trial_shifts
         from cryopipe.engine.estep import shift_phases
 
         m, dev, p = self.model, self.dev, self.p
@@ -809,11 +812,7 @@ class Optimiser3D(ParticleStream):
         J = ang.numel()
         A = torch.as_tensor(self.state.angles[idx], dtype=torch.float64, device=dev)
         A0 = euler_to_matrix(A[:, 0], A[:, 1], A[:, 2])  # [I, 3, 3]
-        rad = torch.deg2rad(ang)
-        cz, sz = torch.cos(rad), torch.sin(rad)
-        one, zero = torch.ones_like(cz), torch.zeros_like(cz)
-        Rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], -1).reshape(J, 3, 3)  # in-plane
-        Rx = torch.stack([one, zero, zero, zero, cz, -sz, zero, sz, cz], -1).reshape(J, 3, 3)  # out of plane
+        Rz, Rx = trial_rotations(ang)  # in-plane, out of plane
         kk = cset.k.to(dev)
         acc_rot = torch.zeros(K, dtype=torch.float64)
         acc_trans = torch.zeros(K, dtype=torch.float64)
