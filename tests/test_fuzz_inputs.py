@@ -4,7 +4,11 @@ and nothing left behind (no job folder, no pipeline entry, no output file). A fi
 folder is not silently overwritten by a second run without ``--continue``.
 
 The inputs are generated here: a tiny RELION 3.1 particle set (8 particles, 16 px, 4 Å/px, with its stack), two
-64 px micrographs with a micrographs STAR and coordinate files, and two half maps; each case mutates one file.
+64 px micrographs with a micrographs STAR and coordinate files, and two half maps; for the tomography jobs a RELION 5
+tilt series (5 tilts of 64 px) with its tomograms.star, 2 particles and an optimisation set; for ``select
+--classes`` a copy of RELION's class2d fixture. Each case mutates one file. A user error found *during* a job
+(not only while checking its inputs) takes the half-made job folder and pipeline entry away as well, except when
+continuing a job (its finished work stays).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import pytest
 
 from cryopipe.cli import main as cli_main
 from cryopipe.io.mrc import write_mrc
-from cryopipe.io.star import write_star
+from cryopipe.io.star import read_star, write_star
 
 BOX = 16
 APIX = 4.0
@@ -243,13 +247,105 @@ MIC_JOBS = {
 }
 
 
+TOMO_PX = 4.0
+TOMO_W = 64
+TOMO_NT = 5
+
+
+def _tomo_dataset(d: Path) -> None:
+    """A RELION 5 tomography set in ``d``: ``tilt_series/TS_01.{mrcs,star}`` (5 tilts −30…30°, 64², 4 Å/px),
+    ``tomograms.star`` (one 64×64×32 px tomogram), ``particles.star`` (2 particles) and
+    ``optimisation_set.star``."""
+    rng = np.random.default_rng(1)
+    (d / "tilt_series").mkdir()
+    write_mrc(d / "tilt_series" / "TS_01.mrcs",
+              rng.standard_normal((TOMO_NT, TOMO_W, TOMO_W)).astype(np.float32), TOMO_PX)
+    tilts = np.linspace(-30.0, 30.0, TOMO_NT)
+    ts = pd.DataFrame({
+        "rlnMicrographName": [f"{i + 1:06d}@tilt_series/TS_01.mrcs" for i in range(TOMO_NT)],
+        "rlnTomoNominalStageTiltAngle": tilts, "rlnTomoNominalTiltAxisAngle": np.full(TOMO_NT, 85.0),
+        "rlnMicrographPreExposure": 3.0 * np.abs(np.arange(TOMO_NT) - TOMO_NT // 2),
+        "rlnDefocusU": np.full(TOMO_NT, 30000.0), "rlnDefocusV": np.full(TOMO_NT, 29500.0),
+        "rlnDefocusAngle": np.zeros(TOMO_NT), "rlnTomoXTilt": np.zeros(TOMO_NT), "rlnTomoYTilt": tilts,
+        "rlnTomoZRot": np.full(TOMO_NT, 85.0), "rlnTomoXShiftAngst": np.zeros(TOMO_NT),
+        "rlnTomoYShiftAngst": np.zeros(TOMO_NT)})
+    write_star(d / "tilt_series" / "TS_01.star", {"TS_01": ts}, version=50001)
+    tomos = pd.DataFrame({
+        "rlnTomoName": ["TS_01"], "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7],
+        "rlnAmplitudeContrast": [0.07], "rlnMicrographOriginalPixelSize": [TOMO_PX / 2], "rlnTomoHand": [-1],
+        "rlnTomoTiltSeriesPixelSize": [TOMO_PX], "rlnTomoTiltSeriesStarFile": ["tilt_series/TS_01.star"],
+        "rlnTomoSizeX": [TOMO_W], "rlnTomoSizeY": [TOMO_W], "rlnTomoSizeZ": [32], "rlnOpticsGroupName": ["optics1"]})
+    write_star(d / "tomograms.star", {"global": tomos}, version=50001)
+    parts = pd.DataFrame({
+        "rlnTomoName": ["TS_01", "TS_01"], "rlnTomoParticleName": ["TS_01/1", "TS_01/2"],
+        "rlnCenteredCoordinateXAngst": [-20.0, 24.0], "rlnCenteredCoordinateYAngst": [16.0, -12.0],
+        "rlnCenteredCoordinateZAngst": [4.0, -8.0], "rlnAngleRot": [0.0, 30.0], "rlnAngleTilt": [0.0, 60.0],
+        "rlnAnglePsi": [0.0, 90.0], "rlnRandomSubset": [1, 2]})
+    write_star(d / "particles.star", {"particles": parts}, version=50001)
+    write_star(d / "optimisation_set.star", {"optimisation_set": pd.DataFrame(
+        {"rlnTomoParticlesFile": ["particles.star"], "rlnTomoTomogramsFile": ["tomograms.star"]})}, version=50001)
+
+
+def _tilt_stack_minus_one(path: Path) -> None:
+    from cryopipe.io.mrc import read_mrc
+
+    data, apix = read_mrc(path)
+    write_mrc(path, np.array(data[:-1], dtype=np.float32), apix)
+
+
+def _tilt_stack_pixel(path: Path) -> None:
+    from cryopipe.io.mrc import read_mrc
+
+    data, _ = read_mrc(path)
+    write_mrc(path, np.array(data, dtype=np.float32), 3.0)
+
+
+TOMO_CASES = {
+    "tilt_image_missing": ("tilt_series/TS_01.mrcs", lambda p: p.unlink(), (("TS_01.mrcs",), ("not found",))),
+    "tilt_count_mismatch": ("tilt_series/TS_01.mrcs", _tilt_stack_minus_one, (("TS_01.mrcs",), ("5",), ("4",))),
+    "no_pre_exposure": ("tilt_series/TS_01.star",
+                        lambda p: _edit_column(p, "TS_01", "rlnMicrographPreExposure", _DROP),
+                        (("TS_01.star",), ("rlnMicrographPreExposure",))),
+    "pixel_size_mismatch": ("tilt_series/TS_01.mrcs", _tilt_stack_pixel,
+                            (("TS_01.mrcs",), ("rlnTomoTiltSeriesPixelSize",))),
+    "particle_outside_tomogram": ("particles.star",
+                                  lambda p: _edit_column(p, "particles", "rlnCenteredCoordinateXAngst", "900"),
+                                  (("particles.star",), ("TS_01/2",), ("outside",))),
+    "unknown_tomo_name": ("particles.star", lambda p: _edit_column(p, "particles", "rlnTomoName", "TS_09"),
+                          (("particles.star",), ("TS_09",))),
+}
+
+TOMO_JOBS = {
+    "subtomo": ["subtomo", "--i", "optimisation_set.star", "--b", "16", "--o", "out/"],
+    "reconstruct-particle": ["reconstruct-particle", "--i", "optimisation_set.star", "--b", "16", "--o", "out/"],
+    "reconstruct-tomogram": ["reconstruct-tomogram", "--t", "tomograms.star", "--bin", "4", "--o", "out/"],
+}
+
+
+def _write_cube(shape, value: float):
+    def mutate(path: Path) -> None:
+        write_mrc(path, np.full(shape, value, dtype=np.float32), APIX)
+    return mutate
+
+
+SIM_CASES = {
+    **MAP_CASES,
+    "map_nan": ("h2.mrc", _mrc_nan, (("h2.mrc",), ("NaN",))),
+    "map_not_cubic": ("h2.mrc", _write_cube((BOX, BOX, BOX - 4), 1.0), (("h2.mrc",), ("cube",))),
+    "map_constant": ("h2.mrc", _write_cube((BOX, BOX, BOX), 0.0), (("h2.mrc",), ("constant",))),
+}
+
+SIM_JOBS = {"simulate": ["simulate", "--map", "h2.mrc", "--n", "4", "--o", "out/"]}
+
+
 def _tree(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*")}
 
 
-def _run_case(tmp_path: Path, monkeypatch, capsys, argv: list[str], target: str, mutate, words) -> None:
+def _run_case(tmp_path: Path, monkeypatch, capsys, argv: list[str], target: str, mutate, words,
+              dataset=_dataset) -> None:
     monkeypatch.chdir(tmp_path)
-    _dataset(tmp_path)
+    dataset(tmp_path)
     mutate(tmp_path / target)
     before = _tree(tmp_path)
     rc = cli_main(argv)
@@ -342,3 +438,113 @@ def test_project_job_with_bad_input_leaves_no_entry(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "Extract" / "job001").exists()
     pipe = Project(tmp_path).read()
     assert pipe.processes == [] and pipe.input_edges == [] and pipe.nodes == {}
+
+
+@pytest.mark.parametrize("argv,target,mutate,words", _cases(
+    TOMO_CASES, TOMO_JOBS,
+    skip={"reconstruct-tomogram": {"particle_outside_tomogram", "unknown_tomo_name"}}))
+def test_bad_tomography_input(argv, target, mutate, words, tmp_path, monkeypatch, capsys):
+    _run_case(tmp_path, monkeypatch, capsys, argv, target, mutate, words, dataset=_tomo_dataset)
+
+
+def test_tomography_dataset_is_valid(tmp_path, monkeypatch, capsys):
+    """The unmutated tomography set runs through every tomography job (so each case fails for its mutation)."""
+    monkeypatch.chdir(tmp_path)
+    _tomo_dataset(tmp_path)
+    for job, argv in TOMO_JOBS.items():
+        assert cli_main([a if a != "out/" else f"ok_{job}/" for a in argv]) == 0, job
+        assert (tmp_path / f"ok_{job}" / "RELION_JOB_EXIT_SUCCESS").is_file()
+
+
+@pytest.mark.parametrize("argv,target,mutate,words", _cases(SIM_CASES, SIM_JOBS))
+def test_bad_simulate_input(argv, target, mutate, words, tmp_path, monkeypatch, capsys):
+    _run_case(tmp_path, monkeypatch, capsys, argv, target, mutate, words)
+
+
+def test_simulate_bad_atomic_model(tmp_path, monkeypatch, capsys):
+    _run_case(tmp_path, monkeypatch, capsys, ["simulate", "--model", "bad.pdb", "--n", "4", "--o", "out/"],
+              "bad.pdb", lambda p: p.write_text("ATOM garbage\nnot a PDB file\n"), (("bad.pdb",),))
+
+
+def test_simulate_map_takes_its_header_pixel_size(tmp_path, monkeypatch, capsys):
+    """``--map`` without ``--angpix``: the map's own pixel size (was: the particle default 3 Å, refused)."""
+    monkeypatch.chdir(tmp_path)
+    _dataset(tmp_path)
+    assert cli_main(["simulate", "--map", "ref.mrc", "--n", "4", "--o", "sim/"]) == 0
+    assert read_star(tmp_path / "sim" / "particles.star")["optics"]["rlnImagePixelSize"].tolist() == [APIX]
+
+
+SELECT_MIC_CASES = {k: MIC_CASES[k] for k in ("mics_truncated", "mics_no_name")}
+SELECT_MIC_CASES["mics_empty"] = ("mics.star", lambda p: p.write_text(""), (("mics.star",),))
+
+SELECT_MIC_JOBS = {"select": ["select", "--i", "mics.star", "--list", "mic1", "--o", "out/"]}
+
+
+@pytest.mark.parametrize("argv,target,mutate,words", _cases(SELECT_MIC_CASES, SELECT_MIC_JOBS))
+def test_bad_select_micrographs_input(argv, target, mutate, words, tmp_path, monkeypatch, capsys):
+    _run_case(tmp_path, monkeypatch, capsys, argv, target, mutate, words)
+
+
+def test_select_unknown_micrograph_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A user error found during the job (the names are matched inside the job): no folder left."""
+    _run_case(tmp_path, monkeypatch, capsys, ["select", "--i", "mics.star", "--list", "mic1,mic7", "--o", "out/"],
+              "mics.star", lambda p: None, (("mic7",),))
+
+
+_RUN = "run_it005_optimiser.star"
+SELECT_CLASS_CASES = {
+    "classes_missing": ("run_it005_classes.mrcs", lambda p: p.unlink(), (("run_it005_classes.mrcs",),)),
+    "classes_truncated": ("run_it005_classes.mrcs", _mrc_truncate, (("run_it005_classes.mrcs",),)),
+    "classes_nan": ("run_it005_classes.mrcs", _mrc_nan, (("run_it005_classes.mrcs",), ("NaN",))),
+    "model_missing": ("run_it005_model.star", lambda p: p.unlink(), (("run_it005_model.star",),)),
+    "data_no_class": ("run_it005_data.star", lambda p: _edit_column(p, "particles", "rlnClassNumber", _DROP),
+                      (("run_it005_data.star",), ("rlnClassNumber",))),
+    "data_text_class": ("run_it005_data.star", lambda p: _edit_column(p, "particles", "rlnClassNumber", "abc"),
+                        (("run_it005_data.star",), ("rlnClassNumber",), ("abc",))),
+    "data_cut_row": ("run_it005_data.star", _cut_bytes, (("run_it005_data.star",),)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SELECT_CLASS_CASES))
+def test_bad_select_classes_input(case, relion_dir, tmp_path, monkeypatch, capsys):
+    def dataset(d: Path) -> None:
+        import shutil
+
+        for name in ("run_it005_classes.mrcs", "run_it005_data.star", "run_it005_model.star", _RUN):
+            shutil.copyfile(relion_dir / "class2d" / name, d / name)
+
+    target, mutate, words = SELECT_CLASS_CASES[case]
+    _run_case(tmp_path, monkeypatch, capsys, ["select", "--classes", "--i", _RUN, "--auto", "--recenter",
+                                              "--o", "out/"], target, mutate, words, dataset=dataset)
+
+
+def test_select_class_out_of_range_leaves_nothing(relion_dir, tmp_path, monkeypatch, capsys):
+    """A user error found during the job (the class list is checked against the run, inside the job)."""
+    import shutil
+
+    for name in ("run_it005_classes.mrcs", "run_it005_data.star", "run_it005_model.star", _RUN):
+        shutil.copyfile(relion_dir / "class2d" / name, tmp_path / name)
+    _run_case(tmp_path, monkeypatch, capsys, ["select", "--classes", "--i", _RUN, "--select_classes", "2,9",
+                                              "--o", "out/"], _RUN, lambda p: None, (("9",),), dataset=lambda d: None)
+
+
+def test_error_during_job_removes_new_project_job_but_not_continued_work(tmp_path, monkeypatch, capsys):
+    """A CryopipeError raised inside a running job (after its folder and pipeline entry were made): a new job is
+    taken away again (folder, pipeline entry); a continued job keeps its folder and finished outputs."""
+    from cryopipe.pipeline.project import Project
+
+    monkeypatch.chdir(tmp_path)
+    _dataset(tmp_path)
+    assert cli_main(["select", "--i", "mics.star", "--first", "1", "--o", "Select/job001/"]) == 0
+    capsys.readouterr()
+    # new job: the unknown name is found while selecting, inside the job
+    assert cli_main(["select", "--i", "mics.star", "--list", "mic1,mic7"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "mic7" in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "Select" / "job002").exists()
+    assert [p.name for p in Project(tmp_path).read().processes] == ["Select/job001/"]
+    # continued job: the error leaves its folder, its earlier output and its pipeline entry
+    assert cli_main(["select", "--i", "mics.star", "--list", "mic7", "--o", "Select/job001/", "--continue"]) == 1
+    assert (tmp_path / "Select" / "job001" / "micrographs_selected.star").is_file()
+    assert (tmp_path / "Select" / "job001" / "RELION_JOB_EXIT_FAILURE").is_file()
+    assert [p.name for p in Project(tmp_path).read().processes] == ["Select/job001/"]

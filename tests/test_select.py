@@ -97,7 +97,10 @@ def test_select_job_in_project(tmp_path, monkeypatch):
     nodes = dict(zip(pipe["pipeline_nodes"]["rlnPipeLineNodeName"], pipe["pipeline_nodes"]["rlnPipeLineNodeTypeLabel"]))
     assert nodes["Select/job005/micrographs_selected.star"] == "MicrographGroupMetadata.star.relion"
     assert pipe["pipeline_processes"]["rlnPipeLineProcessTypeLabel"].tolist() == ["relion.select.interactive"]
-    # a list that names an unknown micrograph fails the job, with a one-line error
+    # a list that names an unknown micrograph fails the job, with a one-line error, and (a user error in a new
+    # job) takes the half-made job folder and its pipeline entry away again
     with pytest.raises(CryopipeError, match="mic099"):
         _run(["--i", "mics.star", "--o", "Select/job006/", "--list", "mic001,mic099"])
-    assert Path("Select/job006/RELION_JOB_EXIT_FAILURE").exists()
+    assert not Path("Select/job006").exists()
+    pipe = read_star(Path("default_pipeline.star"))
+    assert pipe["pipeline_processes"]["rlnPipeLineProcessName"].tolist() == ["Select/job005/"]

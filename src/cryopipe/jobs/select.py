@@ -122,6 +122,11 @@ def select_micrographs(input_star: str | os.PathLike, output_star: str | os.Path
     blocks, version = read_star_with_version(input_star)
     key = _micrograph_block(blocks, input_star)
     table = blocks[key]
+    if "rlnMicrographName" not in table:
+        raise InputFileError(input_star, f"data_{key} has no rlnMicrographName column", "give a micrographs STAR file")
+    if len(table) == 0:
+        raise InputFileError(input_star, f"data_{key} has no rows (an empty or cut-off file?)",
+                             "give a micrographs STAR file with micrographs")
     mask = select_rows(table, first=first, names=names)
     out = dict(blocks)
     out[key] = table.loc[mask].reset_index(drop=True)

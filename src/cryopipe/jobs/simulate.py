@@ -81,7 +81,15 @@ def build_volume(
         apix = pixel_size if apix <= 0 else apix
         if apix is None or apix <= 0:
             raise InputFileError(map_path, "the header has no pixel size", "give --angpix")
-        return np.asarray(vol, dtype=np.float32), float(apix)
+        vol = np.asarray(vol, dtype=np.float32)
+        bad = ~np.isfinite(vol)
+        if bad.any():
+            raise InputFileError(map_path, f"{int(bad.sum())} voxels are NaN or infinite (first at index "
+                                 f"{tuple(int(i) for i in np.argwhere(bad)[0])} z, y, x)", "give a finite map")
+        if float(vol.max()) == float(vol.min()):
+            raise InputFileError(map_path, f"the map is constant ({float(vol.min()):g} everywhere): nothing to "
+                                 "project", "give a map with density")
+        return vol, float(apix)
     if pixel_size is None or pixel_size <= 0:
         raise CryopipeError(f"--angpix must be > 0 Å (got {pixel_size})")
     st = load_model(model)
@@ -149,7 +157,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="3enl", help="atomic model: built-in name (3enl) or a PDB/mmCIF file")
     g.add_argument("--map", dest="map_path", default=None, help="use this MRC map instead of an atomic model")
     g.add_argument("--box", type=int, default=None, help="box size (px); default 1.8 particle diameters")
-    g.add_argument("--angpix", type=float, default=None, help="pixel size (Å; default 3, tilt series 6)")
+    g.add_argument("--angpix", type=float, default=None,
+                   help="pixel size (Å; default: the --map header, else 3, tilt series 6)")
     g.add_argument("--blur", type=float, default=20.0, help="B-factor (Å²) added to every atom")
     g.add_argument("--sym", default="C1", help="build a point-group assembly of the model (C1: the model itself)")
     g.add_argument("--sym_offset", type=float, default=None,
@@ -260,7 +269,9 @@ def main(args: argparse.Namespace) -> int:
     what = args.what
     n = args.n if args.n is not None else (1000 if what == "particles" else 10)
     snr = args.snr if args.snr is not None else (0.5 if what == "micrographs" else 0.1)
-    angpix = args.angpix if args.angpix is not None else (6.0 if what == "tiltseries" else 3.0)
+    angpix = args.angpix
+    if angpix is None and not args.map_path:   # with --map: the map header's pixel size
+        angpix = 6.0 if what == "tiltseries" else 3.0
     map_kw = dict(model=args.model, map_path=args.map_path, box=args.box, pixel_size=angpix,
                   blur_B=args.blur, sym=args.sym, sym_offset_A=args.sym_offset)
     with open_job_dir(args.output, "Simulate", ProcessLabel.SIMULATE, params=vars(args)) as job:

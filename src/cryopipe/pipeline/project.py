@@ -33,7 +33,11 @@ Failure handling: a job's output nodes are registered only when the job finishes
 that raises gets ``Failed`` (``RELION_JOB_EXIT_FAILURE``, error text appended to ``run.err``), Ctrl-C or a RELION
 abort request gives ``Aborted``. Output *files* are written atomically by the job code
 (:func:`cryopipe.io.atomic.atomic_path`), so a failed job never leaves a complete-looking file, and the marker
-says how the job ended.
+says how the job ended. A *new* job (this run made its folder, no ``--continue``) that fails with a user error
+(:class:`cryopipe.errors.CryopipeError`: bad input, impossible options, found while checking the inputs or later
+during the work) is taken away again — folder, pipeline entry and alias — since the one-line error says what to
+fix and nothing in it can be continued; other failures (a bug, a full disk, Ctrl-C) and continued jobs keep their
+folder and exit marker.
 
 Where a job writes (:func:`open_job_dir`, called by every job's ``main``) — the ``--o`` rule:
 
@@ -864,8 +868,8 @@ class Job:
             if self._stack is not None:
                 self._stack.close()
                 self._stack = None
-        if status == Status.FAILED and isinstance(exc, InputFileError) and self._made_dir and not self.is_continue:
-            self._discard()  # bad input: a new job leaves nothing behind, the error says why
+        if status == Status.FAILED and isinstance(exc, CryopipeError) and self._made_dir and not self.is_continue:
+            self._discard()  # user error in a new job: nothing is left behind, the one-line error says why
             return False
         marker = {Status.SUCCEEDED: EXIT_SUCCESS, Status.FAILED: EXIT_FAILURE, Status.ABORTED: EXIT_ABORTED}[status]
         try:
@@ -883,12 +887,12 @@ class Job:
         return False
 
     def _discard(self) -> None:
-        """Take away a new job that failed on its input (:class:`cryopipe.errors.InputFileError`): its pipeline
+        """Take away a new job that failed with a user error (:class:`cryopipe.errors.CryopipeError`): its pipeline
         entry, its alias link and the folder this run made (nothing else: a folder that existed before is never
         removed). The error itself is what the user gets to see."""
         try:
             if self.project is not None:
-                with self.project.edit(f"cryopipe: job {self.name} failed on its input, removed") as pipe:
+                with self.project.edit(f"cryopipe: job {self.name} failed with a user error, removed") as pipe:
                     pipe.remove_process(self.name)
                 if self._made_alias is not None and self._made_alias.is_symlink():
                     self._made_alias.unlink()

@@ -174,6 +174,17 @@ def _particles_key(blocks: dict) -> str | None:
     return None
 
 
+def _class_numbers(values: pd.Series, path: Path) -> np.ndarray:
+    """``rlnClassNumber`` as int64, or a one-line error naming the first particle whose value is not an integer."""
+    num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(num) | (num != np.round(num))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputFileError(path, f"rlnClassNumber of particle {i + 1} is {values.iloc[i]!r}, not a class number",
+                             "give the data.star of a classification")
+    return num.astype(np.int64)
+
+
 def find_class2d_run(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Class2DRun:
     """Read a classification run from its optimiser, model or data STAR file.
 
@@ -247,6 +258,9 @@ def find_class2d_run(path: str | os.PathLike, root: str | os.PathLike | None = N
         raise InputFileError(data, "has no particles table (rlnImageName)", "give the run_itNNN_data.star")
     if "rlnClassNumber" not in dblocks[key]:
         raise InputFileError(data, "particles have no rlnClassNumber column", "give the data.star of a classification")
+    dblocks = dict(dblocks)
+    dblocks[key] = dblocks[key].copy()
+    dblocks[key]["rlnClassNumber"] = _class_numbers(dblocks[key]["rlnClassNumber"], data)
     run = Class2DRun(model_star=model, data_star=data, optimiser_star=optimiser, root=root, general=dict(general),
                      classes=classes, groups=groups, model_version=mversion, data_blocks=dict(dblocks),
                      data_version=dversion, particles_key=key, particle_diameter=diameter)
@@ -280,6 +294,12 @@ def read_class_images(run: Class2DRun, device: torch.device | str | None = None)
         for j, r in enumerate(rows.tolist()):
             out[r] = imgs[j]
     stack = np.stack(out).astype(np.float32, copy=False)
+    finite = np.isfinite(stack).reshape(len(stack), -1).all(axis=1)
+    if not finite.all():
+        k = int(np.flatnonzero(~finite)[0])
+        raise InputFileError(resolve_name(str(files[k]), run.bases(run.model_star)) or files[k],
+                             f"the average of class {k + 1} (image {int(idx[k]) + 1}) has NaN or infinite pixels",
+                             "re-run the classification, or select classes by number without --auto/--recenter")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return torch.from_numpy(stack).to(dev), (run.pixel_size or apix)
 

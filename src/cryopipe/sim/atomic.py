@@ -65,7 +65,8 @@ def load_model(name_or_path: str | os.PathLike = "3enl") -> gemmi.Structure:
     try:
         st = gemmi.read_structure(str(path))
     except Exception as exc:  # gemmi raises RuntimeError/ValueError with a message
-        raise InputFileError(path, f"cannot read atomic model ({exc})", "give a valid PDB or mmCIF file") from None
+        raise InputFileError(path, f"cannot read atomic model ({' '.join(str(exc).split())})",
+                             "give a valid PDB or mmCIF file") from None
     if len(st) == 0:
         raise InputFileError(path, "the file contains no model", "give a PDB/mmCIF file with coordinates")
     while len(st) > 1:
