@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -36,8 +36,9 @@ from cryopipe.mpr.parameters import GROUPS, TiltSeriesParameters
 from cryopipe.mpr.reconstruct import reconstruct_halves
 from cryopipe.tomo.particle_sets import particles_per_tilt_series
 
-__all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "make_species", "species_mask",
-           "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms", "relion30_table"]
+__all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "tilt_images", "without_images",
+           "make_species", "species_mask", "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms",
+           "relion30_table"]
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,30 @@ class MprResult:
     stats: list[dict] = field(default_factory=list)
 
 
+def tilt_images(ts: TiltSeries, device=None) -> torch.Tensor:
+    """The tilt images ``[F, H, W]`` (float32) of one tilt series."""
+    return torch.from_numpy(ts.read_images()).to(device=device, dtype=torch.float32)
+
+
+def without_images(data: TiltSeriesData) -> TiltSeriesData:
+    """``data`` with a zero-memory stand-in of its images' shape (tilt series are loaded one at a time)."""
+    F, H, W = data.images.shape
+    return replace(data, images=torch.zeros(1, 1, 1, device=data.images.device).expand(F, H, W))
+
+
 def prepare_tilt_series(ts: TiltSeries, positions: torch.Tensor, orientations: torch.Tensor,
                         half_sets: torch.Tensor, box: int, binning: float, first_tilts: int = 0,
-                        warp_grid: tuple[int, int] = (1, 1), device=None) -> TiltSeriesData:
-    """:class:`TiltSeriesData` of one tilt series: its images and metadata, and the (particle, tilt) pairs used —
-    centre at least ``box·binning/2`` px inside the image, among the ``first_tilts`` lowest-dose tilts (0: all)."""
+                        warp_grid: tuple[int, int] = (1, 1), device=None, load_images: bool = True
+                        ) -> TiltSeriesData:
+    """:class:`TiltSeriesData` of one tilt series: its images (``load_images``; else a zero-memory stand-in, see
+    :func:`without_images`) and metadata, and the (particle, tilt) pairs used — centre at least ``box·binning/2`` px
+    inside the image, among the ``first_tilts`` lowest-dose tilts (0: all)."""
     def t(x):
         return torch.as_tensor(np.array(x, dtype=np.float64), device=device)
 
-    images = torch.from_numpy(ts.read_images()).to(device=device, dtype=torch.float32)
+    W, H = ts.image_size
+    images = tilt_images(ts, device) if load_images else \
+        torch.zeros(1, 1, 1, device=device).expand(ts.n_tilts, H, W)
     angles, shifts = t(ts.tilt_angles()), t(ts.shifts_angst())
     pre = t(ts.pre_exposure())
     F = len(pre)
@@ -169,6 +185,7 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
     soft = species_mask(None if mask is None else mask.to(device), box, map_pixel_size, diameter_A, resolution)
 
     datas: dict[str, TiltSeriesData] = {}
+    series: dict[str, TiltSeries] = {}
     binning = None
     for group in particles_per_tilt_series(particles, tomograms):
         ts = group.tilt_series
@@ -180,18 +197,24 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
         if binning < 1 - 1e-4:
             raise CryopipeError(f"half-map pixel {map_pixel_size} Å is smaller than tomogram {ts.name}'s pixel "
                                 f"{ts.pixel_size} Å; give half-maps at the tilt-series pixel size or binned")
+        series[ts.name] = ts
         datas[ts.name] = prepare_tilt_series(ts, group.positions_px, group.orientations, group.half_sets, box,
-                                             binning, options.first_tilts, options.warp_grid, device)
+                                             binning, options.first_tilts, options.warp_grid, device,
+                                             load_images=False)
     if not datas:
         raise CryopipeError("no particles in the given tomograms")
     n_pairs = sum(len(d.pairs) for d in datas.values())
     say(f"{len(particles)} particles, {len(datas)} tilt series, {n_pairs} particle-tilt pairs, box {box}, "
         f"{map_pixel_size:.3f} Å/px, refinement limit {resolution:.2f} Å")
 
+    def loaded():  # one tilt series' images in memory at a time
+        for name, d in datas.items():
+            yield replace(d, images=tilt_images(series[name], device))
+
     fsc_before = fsc_after = h1_before = h2_before = h1_after = h2_after = None
     res_before = res_after = float("nan")
     if options.reconstruct:
-        h1_before, h2_before, _ = reconstruct_halves(datas.values(), box, binning, options.symmetry, device=device)
+        h1_before, h2_before, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device)
         fsc_before, res_before = masked_fsc(h1_before, h2_before, soft, map_pixel_size)
         say(f"iter 0: half-maps at the input metadata: masked FSC resolution {res_before:.2f} Å")
 
@@ -205,12 +228,13 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
             res_it = box * map_pixel_size / k_max
             before = after = 0.0
             run = RefineStats(0, 0, 0, 0, 0.0, 0.0)
-            for name, data in datas.items():
+            for name in datas:
+                data = replace(datas[name], images=tilt_images(series[name], device))
                 params = TiltSeriesParameters.zeros(len(data.positions), len(data.angles), options.warp_grid,
                                                     device=device)
                 r = refine_tilt_series(data, species, params, stage.groups, k_max,
                                        lbfgs_iterations=options.lbfgs_iterations, batch_pairs=options.batch_pairs)
-                datas[name] = bake(data, params, stage.groups)
+                datas[name] = without_images(bake(data, params, stage.groups))
                 w = len(data.pairs) / n_pairs
                 before += w * r.score_before
                 after += w * r.score_after
@@ -224,7 +248,7 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
                 f"{res_it:.2f} Å, score {before:.4f} -> {after:.4f}, {run.evaluations} evaluations, "
                 f"{run.pair_evaluations / max(run.seconds, 1e-9):.0f} pair evaluations/s, {run.seconds:.1f} s")
     if options.reconstruct and any(st.iterations > 0 for st in options.stages):
-        h1_after, h2_after, _ = reconstruct_halves(datas.values(), box, binning, options.symmetry, device=device)
+        h1_after, h2_after, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device)
         fsc_after, res_after = masked_fsc(h1_after, h2_after, soft, map_pixel_size)
         say(f"after refinement: masked FSC resolution {res_after:.2f} Å (before {res_before:.2f} Å); "
             f"{time.perf_counter() - t0:.1f} s in all")
