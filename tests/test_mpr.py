@@ -168,6 +168,19 @@ def test_ctf_refinement_refused_below_minresolution(sim):
     assert not (here / "refused" / "particles.star").exists()
     assert cli_main(common + ["--o", str(here / "base"), "--iter", "0"]) == 0
     assert (here / "base" / "fsc.star").exists() and (here / "base" / "half1_iter0.mrc").exists()
+    assert not (here / "base" / "particles.star").exists()
+    # a short geometry run through the command: every output, FSC before and after, one log line per sub-iteration
+    assert cli_main(common + ["--o", str(here / "run"), "--stage", "shifts,imagewarp", "--iter", "1", "--lbfgs_iter",
+                              "2", "--warp_grid", "2", "2", "--resolution", "14"]) == 0
+    for name in ("particles.star", "particles_relion30.star", "tomograms.star", "tilt_series/TS_01.star",
+                 "image_warp.star", "half1.mrc", "half2.mrc", "fsc.png", "mpr_stats.json"):
+        assert (here / "run" / name).exists(), name
+    from cryopipe.io.star import read_star
+
+    fsc_table = read_star(here / "run" / "fsc.star")["fsc"]
+    assert {"cryopipeFscMaskedBefore", "cryopipeFscMaskedAfter"} <= set(fsc_table.columns)
+    log = (here / "run" / "mpr_log.txt").read_text()
+    assert log.count("sub-iteration 1/1") == 1 and "score" in log
 
 
 def test_refined_metadata_round_trips_through_relion_files(sim, tmp_path):
