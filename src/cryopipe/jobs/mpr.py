@@ -35,7 +35,8 @@ from cryopipe.io.mrc import read_mrc, write_mrc
 from cryopipe.io.star import write_star
 from cryopipe.io.tomo_particles import check_inside, read_optimisation_set, read_tomo_particles, write_tomo_particles
 from cryopipe.io.tomography import read_tomograms, write_tomograms
-from cryopipe.mpr.driver import MprOptions, Stage, relion30_table, run_mpr, updated_particles, updated_tomograms
+from cryopipe.mpr.driver import (MprOptions, Stage, check_stages, relion30_table, run_mpr, updated_particles,
+                                 updated_tomograms)
 from cryopipe.mpr.parameters import GROUPS
 
 HELP = "multi-particle refinement of tilt series (poses, per-tilt shifts/warp/angles, CTF) against half-maps, as M"
@@ -159,6 +160,7 @@ def _write_warp(out: Path, datas, grid) -> None:
 
 def main(args: argparse.Namespace) -> int:
     stages = _stages(args)
+    check_stages(stages)
     files = _inputs(args)
     if args.diameter <= 0:
         raise CryopipeError(f"--diameter {args.diameter:g}: must be > 0 Å")

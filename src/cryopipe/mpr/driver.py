@@ -38,7 +38,7 @@ from cryopipe.tomo.particle_sets import particles_per_tilt_series
 
 __all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "tilt_images", "without_images",
            "make_species", "species_mask", "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms",
-           "relion30_table"]
+           "relion30_table", "check_stages"]
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,8 @@ def make_species(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, b
     return Species(torch.stack([p.data for p in projs]), projs[0].centre, projs[0].pad, half1.shape[-1], binning)
 
 
-def _check_groups(stages) -> None:
+def check_stages(stages) -> None:
+    """One-line error for an unknown or empty group list or a negative sub-iteration count."""
     for st in stages:
         bad = [g for g in st.groups if g not in GROUPS]
         if bad or not st.groups:
@@ -161,7 +162,7 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
             map_pixel_size: float, mask: torch.Tensor | None, diameter_A: float, options: MprOptions,
             device=None, log: Callable[[str], None] = print) -> MprResult:
     """Refine ``particles`` in ``tomograms`` against the half-maps (``[b³]``, pixel ``map_pixel_size`` Å)."""
-    _check_groups(options.stages)
+    check_stages(options.stages)
     t0 = time.perf_counter()
     box = int(half1.shape[-1])
     half1, half2 = half1.to(device=device, dtype=torch.float32), half2.to(device=device, dtype=torch.float32)
