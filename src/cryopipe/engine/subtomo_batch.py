@@ -131,7 +131,8 @@ def prepare_subtomo_batch(
     inv = torch.where(s2 > 0, 1.0 / var.clamp_min(1e-300), zero)
     scored = (shell > 0)[None, :] & (inv > 0)
     # M-step: Σ w·X/σ² with weight Σ w·C3/σ² (RELION), i.e. 1/(σ²·C3) in the engine's C·X·ι, C²·ι sums
-    inv_sums = torch.where((C > 0) & (s2 > 0), 1.0 / (s2 * C).clamp_min(1e-300), zero)
+    # (float32 in the E-step: coefficients with C or σ²·C below 1e-30 add nothing, instead of 0·inf)
+    inv_sums = torch.where((C > 1e-30) & (s2 * C > 1e-30), 1.0 / (s2 * C).clamp_min(1e-30), zero)
     if nomask is not None:
         nomask = torch.where(kept[:, :n_coeffs], nomask, torch.zeros((), dtype=nomask.dtype, device=dev))
         nomask = nomask.to(torch.complex64)

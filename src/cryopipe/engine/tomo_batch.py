@@ -75,7 +75,8 @@ def prepare_stack_batch(
     zero = torch.zeros((), dtype=s2.dtype, device=dev)
     C = torch.where(usable, cc * cc, zero)
     inv = torch.where(usable, 1.0 / s2.clamp_min(1e-300), zero)
-    inv_sums = torch.where(C > 0, 1.0 / (s2 * C).clamp_min(1e-300), zero)
+    # (float32 in the E-step: coefficients with c² or σ²·c² below 1e-30 add nothing, instead of 0·inf)
+    inv_sums = torch.where((C > 1e-30) & (s2 * C > 1e-30), 1.0 / (s2 * C).clamp_min(1e-30), zero)
     X = torch.where(usable, coeffs, torch.zeros((), dtype=coeffs.dtype, device=dev))
     return batch_from_coefficients(X, C, inv, s2, usable, shell, n_coeffs, sigma2.shape[0],
                                    torch.zeros(B, dtype=torch.long, device=dev), prior_centre, log_prior_orient,
