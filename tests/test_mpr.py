@@ -215,3 +215,30 @@ def test_refined_metadata_round_trips_through_relion_files(sim, tmp_path):
     few = prepare_tilt_series(g.tilt_series, g.positions_px, g.orientations, g.half_sets, BOX, 1.0, first_tilts=5)
     lowest = set(torch.argsort(back.pre_exposure)[:5].tolist())
     assert set(few.pairs[:, 1].tolist()) <= lowest and len(few.pairs) >= 5 * len(few.positions) // 2
+
+
+def test_updated_particles_keep_origins_and_subtomogram_angles():
+    """RELION 5 fixture particles (non-zero origins, subtomogram angles, two hands) written back unchanged by
+    updated_particles: same positions and orientations after re-reading, origins and subtomogram angles kept."""
+    from pathlib import Path
+
+    from cryopipe.mpr.driver import updated_particles
+
+    fx = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "relion_tomo"
+    if not fx.exists():
+        pytest.skip("shared RELION tomography fixtures not present")
+    cwd = os.getcwd()
+    os.chdir(fx)
+    try:
+        tomos = read_tomograms("tomograms.star")
+        parts = read_tomo_particles("particles.star", tomos)
+        datas = {g.tilt_series.name: prepare_tilt_series(g.tilt_series, g.positions_px, g.orientations, g.half_sets,
+                                                         32, 1.0, load_images=False)
+                 for g in particles_per_tilt_series(parts, tomos)}
+        out = updated_particles(parts, tomos, datas)
+        assert np.allclose(out.positions_px(tomos), parts.positions_px(tomos), atol=1e-8)
+        assert np.allclose(out.orientations(), parts.orientations(), atol=1e-8)
+        for lab in ("rlnOriginXAngst", "rlnTomoSubtomogramRot", "rlnTomoSubtomogramTilt"):
+            assert np.array_equal(out.particles[lab].to_numpy(), parts.particles[lab].to_numpy())
+    finally:
+        os.chdir(cwd)
