@@ -180,7 +180,8 @@ def test_recenter_ignores_a_neighbour_in_the_box():
     y, x = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")
 
     def blob(cx, cy):   # two lobes and a smaller third (asymmetric, ~20 px across), placed at (cx, cy)
-        return (torch.exp(-((x - cx + 3) ** 2 + (y - cy) ** 2) / 14) + torch.exp(-((x - cx - 3) ** 2 + (y - cy) ** 2) / 14)
+        return (torch.exp(-((x - cx + 3) ** 2 + (y - cy) ** 2) / 14)
+                + torch.exp(-((x - cx - 3) ** 2 + (y - cy) ** 2) / 14)
                 + 0.6 * torch.exp(-((x - cx) ** 2 + (y - cy - 4) ** 2) / 10))
 
     particle = blob(34.5, 30.0)

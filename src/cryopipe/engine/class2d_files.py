@@ -157,8 +157,8 @@ def write_iteration_2d(opt: Optimiser2D, data: ParticleData, out_dir: Path, pref
     write_model_star(paths["model"], m, project_relative(paths["classes"], root), group_names=opt.p.group_names)
     write_sampling_star(paths["sampling"], opt.sampling, opt.p.pixel_size, original_sampling, opt.s.perturb)
     rel = {k: project_relative(v, root) for k, v in paths.items()}
-    write_optimiser_star(paths["optimiser"], optimiser_values_2d(opt, project_relative(out_dir / prefix, root), rel, n_iter),
-                         command)
+    values = optimiser_values_2d(opt, project_relative(out_dir / prefix, root), rel, n_iter)
+    write_optimiser_star(paths["optimiser"], values, command)
     return paths
 
 
