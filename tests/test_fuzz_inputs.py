@@ -548,3 +548,36 @@ def test_error_during_job_removes_new_project_job_but_not_continued_work(tmp_pat
     assert (tmp_path / "Select" / "job001" / "micrographs_selected.star").is_file()
     assert (tmp_path / "Select" / "job001" / "RELION_JOB_EXIT_FAILURE").is_file()
     assert [p.name for p in Project(tmp_path).read().processes] == ["Select/job001/"]
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_error_after_continuable_work_keeps_the_job(fail_at, tmp_path, monkeypatch, capsys):
+    """class2d marks its job continuable once an iteration's files are written: a user error in iteration 1
+    takes the new job away, one in iteration 2 leaves it (failed) with iteration 1 to continue from."""
+    from cryopipe.engine.classify2d import Optimiser2D
+    from cryopipe.errors import CryopipeError
+
+    monkeypatch.chdir(tmp_path)
+    _dataset(tmp_path)
+    real = Optimiser2D.iterate
+    calls = []
+
+    def iterate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise CryopipeError("parts.mrcs: simulated user error during iteration")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Optimiser2D, "iterate", iterate)
+    argv = ["class2d", "--i", "parts.star", "--o", "c2d/", "--K", "2", "--iter", "2", "--particle_diameter", "50"]
+    assert cli_main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
+    assert len(err) == 1 and "simulated user error" in err[0], err
+    if fail_at == 1:
+        assert not (tmp_path / "c2d").exists()
+    else:
+        assert (tmp_path / "c2d" / "run_it001_optimiser.star").is_file()
+        assert (tmp_path / "c2d" / "RELION_JOB_EXIT_FAILURE").is_file()
+        monkeypatch.setattr(Optimiser2D, "iterate", real)
+        assert cli_main(["class2d", "--continue", "c2d/run_it001_optimiser.star", "--o", "c2d/", "--iter", "2"]) == 0
+        assert (tmp_path / "c2d" / "run_it002_optimiser.star").is_file()

@@ -78,6 +78,7 @@ def classify_2d(
     progress=None,
     grad: dict | None = None,
     backend=None,
+    on_written=None,
 ) -> Class2DResult:
     """Run (or continue) a 2D classification, writing RELION-named files every iteration.
 
@@ -94,6 +95,8 @@ def classify_2d(
             output files: a continued gradient run restarts them.
         backend: where the E-step chunks run (:func:`cryopipe.engine.backend.make_backend`; default
             in-process). Results do not depend on it (up to float summation order).
+        on_written: called (no arguments) after each iteration's files are written (the run can be continued
+            from them; the job then keeps its folder on a later error).
     """
     dev = resolve_device(device)
     root = Path(root) if root is not None else Path.cwd()
@@ -138,6 +141,8 @@ def classify_2d(
     while opt.iteration < n_iter:
         rep = opt.iterate()
         paths = write_iteration_2d(opt, data, out_dir, prefix, root, n_iter, command, original)
+        if on_written is not None:
+            on_written()
         log(rep.line())
         if opt.replaced is not None:
             drop, src = opt.replaced
@@ -278,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
             res = classify_2d(args.i, job.dir / prefix, settings, continue_from=args.continue_, overrides=given,
                               device=args.device, root=job.root, command=" ".join(_argv_of(args)), log=log,
                               progress=lambda it, desc="": progress(it, desc=desc), grad=_grad_options(args),
-                              backend=backend)
+                              backend=backend, on_written=job.mark_continuable)
         finally:
             backend.close()
         job.add_output(res.data_star, NodeType.CLASS2D_PARTICLES)

@@ -36,8 +36,8 @@ abort request gives ``Aborted``. Output *files* are written atomically by the jo
 says how the job ended. A *new* job (this run made its folder, no ``--continue``) that fails with a user error
 (:class:`cryopipe.errors.CryopipeError`: bad input, impossible options, found while checking the inputs or later
 during the work) is taken away again — folder, pipeline entry and alias — since the one-line error says what to
-fix and nothing in it can be continued; other failures (a bug, a full disk, Ctrl-C) and continued jobs keep their
-folder and exit marker.
+fix, unless it has already written work that ``--continue`` can resume (:meth:`Job.mark_continuable`, e.g. after
+an iteration); other failures (a bug, a full disk, Ctrl-C) and continued jobs keep their folder and exit marker.
 
 Where a job writes (:func:`open_job_dir`, called by every job's ``main``) — the ``--o`` rule:
 
@@ -631,6 +631,7 @@ class Job:
         self._lock: Path | None = None
         self._t0 = 0.0
         self._made_dir = False  # this run made the job folder (a new job): it may take it away again
+        self._continuable = False  # the job wrote work that --continue can resume (see mark_continuable)
         self._made_alias: Path | None = None
 
     # -- paths --
@@ -647,6 +648,11 @@ class Job:
     def relpath(self, path: str | os.PathLike) -> str:
         """``path`` relative to the project root (what RELION writes into STAR files, e.g. rlnImageName)."""
         return _relative_to_root(path, self.root)
+
+    def mark_continuable(self) -> None:
+        """Say that the folder now holds work that ``--continue`` can resume (e.g. an iteration's files): a user
+        error raised later no longer takes the new job away (it is marked failed and can be continued)."""
+        self._continuable = True
 
     def add_output(self, path: str | os.PathLike, node_type: str) -> str:
         """Declare an output file of this job (registered as an output node only if the job succeeds).
@@ -868,7 +874,8 @@ class Job:
             if self._stack is not None:
                 self._stack.close()
                 self._stack = None
-        if status == Status.FAILED and isinstance(exc, CryopipeError) and self._made_dir and not self.is_continue:
+        if (status == Status.FAILED and isinstance(exc, CryopipeError) and self._made_dir and not self.is_continue
+                and not self._continuable):
             self._discard()  # user error in a new job: nothing is left behind, the one-line error says why
             return False
         marker = {Status.SUCCEEDED: EXIT_SUCCESS, Status.FAILED: EXIT_FAILURE, Status.ABORTED: EXIT_ABORTED}[status]
