@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first_iteration_fraction", type=float, default=0.8,
                    help="resolution limit of a stage's first sub-iteration, as a fraction of the final one")
     p.add_argument("--lbfgs_iter", type=int, default=10, help="L-BFGS iterations per tilt series and sub-iteration")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="stop L-BFGS when 2 iterations raise the NCC by less than this (0: always --lbfgs_iter)")
     p.add_argument("--warp_grid", type=int, nargs=2, default=(3, 3), metavar=("GX", "GY"),
                    help="image-warp grid nodes (x, y)")
     p.add_argument("--batch_size", type=int, default=256, help="particle-tilt pairs per batch (memory bound)")
@@ -180,7 +182,8 @@ def main(args: argparse.Namespace) -> int:
 
     options = MprOptions(stages=stages, resolution_A=args.resolution, first_tilts=args.first_tilts,
                          ctf_minresolution=args.ctf_minresolution, first_fraction=args.first_iteration_fraction,
-                         lbfgs_iterations=args.lbfgs_iter, warp_grid=tuple(args.warp_grid), symmetry=args.sym,
+                         lbfgs_iterations=args.lbfgs_iter, tolerance=args.tolerance,
+                         warp_grid=tuple(args.warp_grid), symmetry=args.sym,
                          batch_pairs=args.batch_size)
     result = run_mpr(particles, tomograms, half1, half2, px, mask, args.diameter, options,
                      device=resolve_device(args.device), log=log)

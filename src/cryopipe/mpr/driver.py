@@ -55,6 +55,7 @@ class MprOptions:
     ctf_minresolution: float = 8.0  # Å (M's CLI default)
     first_fraction: float = 0.8
     lbfgs_iterations: int = 10
+    tolerance: float = 1e-4  # stop L-BFGS after 2 iterations that gained < this NCC (0: all lbfgs_iterations)
     warp_grid: tuple[int, int] = (3, 3)
     symmetry: str = "C1"
     batch_pairs: int = 256
@@ -234,7 +235,8 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
                 params = TiltSeriesParameters.zeros(len(data.positions), len(data.angles), options.warp_grid,
                                                     device=device)
                 r = refine_tilt_series(data, species, params, stage.groups, k_max,
-                                       lbfgs_iterations=options.lbfgs_iterations, batch_pairs=options.batch_pairs)
+                                       lbfgs_iterations=options.lbfgs_iterations, batch_pairs=options.batch_pairs,
+                                       tolerance=options.tolerance)
                 datas[name] = without_images(bake(data, params, stage.groups))
                 w = len(data.pairs) / n_pairs
                 before += w * r.score_before

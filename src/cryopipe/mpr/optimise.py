@@ -98,8 +98,11 @@ def score_and_gradient(data: TiltSeriesData, species: Species, band: Band, param
 
 def refine_tilt_series(data: TiltSeriesData, species: Species, params: TiltSeriesParameters, groups,
                        k_max: float, *, lbfgs_iterations: int = 10, batch_pairs: int = 256,
-                       band: Band | None = None) -> RefineStats:
-    """Refine ``params`` (in place) for the ``groups`` within ``|k| ≤ k_max`` Fourier px of the species box."""
+                       band: Band | None = None, tolerance: float = 0.0) -> RefineStats:
+    """Refine ``params`` (in place) for the ``groups`` within ``|k| ≤ k_max`` Fourier px of the species box.
+    ``tolerance`` > 0: L-BFGS runs in chunks of 2 iterations and stops after a chunk that raised the NCC by less
+    than ``tolerance`` (against drifting along flat, noise-dominated directions); 0: the full ``lbfgs_iterations``
+    (M's fixed iteration counts)."""
     t0, c0 = time.perf_counter(), time.process_time()
     centres = pair_centres(data)
     band = band if band is not None else make_band(data, species, k_max, batch_pairs=batch_pairs)
@@ -109,8 +112,9 @@ def refine_tilt_series(data: TiltSeriesData, species: Species, params: TiltSerie
     n_pairs = len(data.pairs)
     evaluations = 0
     if tensors and n_pairs:
-        opt = torch.optim.LBFGS(tensors, lr=1.0, max_iter=lbfgs_iterations, history_size=10,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-12)
+        chunk = 2 if tolerance > 0 else lbfgs_iterations
+        opt = torch.optim.LBFGS(tensors, lr=1.0, max_iter=chunk, history_size=10, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-10, tolerance_change=1e-12)
 
         def closure():
             nonlocal evaluations
@@ -118,7 +122,12 @@ def refine_tilt_series(data: TiltSeriesData, species: Species, params: TiltSerie
             opt.zero_grad()
             return score_and_gradient(data, species, band, params, groups, centres, batch_pairs, cache)
 
-        opt.step(closure)
+        previous = None
+        for _ in range(0, lbfgs_iterations, chunk):  # L-BFGS keeps its history across step() calls
+            start = float(opt.step(closure))  # the loss before this chunk = after the previous one
+            if tolerance > 0 and previous is not None and previous - start < tolerance * n_pairs:
+                break
+            previous = start
     params.for_groups(())
     after = tilt_series_score(data, species, band, params, groups, centres, batch_pairs, cache)
     return RefineStats(before, after, evaluations, n_pairs * (2 * evaluations + 2),
