@@ -581,3 +581,21 @@ def test_error_after_continuable_work_keeps_the_job(fail_at, tmp_path, monkeypat
         monkeypatch.setattr(Optimiser2D, "iterate", real)
         assert cli_main(["class2d", "--continue", "c2d/run_it001_optimiser.star", "--o", "c2d/", "--iter", "2"]) == 0
         assert (tmp_path / "c2d" / "run_it002_optimiser.star").is_file()
+
+
+def test_error_after_an_optimiser_iteration_keeps_the_job(tmp_path, monkeypatch):
+    """Jobs that do not mark themselves continuable (refine3d, initialmodel) keep a new folder holding an
+    iteration >= 1 (``run_it001_optimiser.star``) on a user error; with only iteration 0 it is taken away."""
+    from cryopipe.errors import CryopipeError
+    from cryopipe.pipeline.project import ProcessLabel, Project
+
+    monkeypatch.chdir(tmp_path)
+    proj = Project(tmp_path)
+    for it, kept in ((0, False), (1, True)):
+        with pytest.raises(CryopipeError):
+            with proj.new_job("Refine3D", ProcessLabel.REFINE3D) as job:
+                (job.dir / f"run_it{it:03d}_optimiser.star").write_text("data_optimiser_general\n")
+                name = job.name
+                raise CryopipeError("ref.mrc: simulated user error")
+        assert (tmp_path / name).exists() == kept, (it, name)
+        assert (proj.read().process(name) is not None) == kept

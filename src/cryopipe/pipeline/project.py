@@ -36,8 +36,8 @@ abort request gives ``Aborted``. Output *files* are written atomically by the jo
 says how the job ended. A *new* job (this run made its folder, no ``--continue``) that fails with a user error
 (:class:`cryopipe.errors.CryopipeError`: bad input, impossible options, found while checking the inputs or later
 during the work) is taken away again — folder, pipeline entry and alias — since the one-line error says what to
-fix, unless it has already written work that ``--continue`` can resume (:meth:`Job.mark_continuable`, e.g. after
-an iteration); other failures (a bug, a full disk, Ctrl-C) and continued jobs keep their folder and exit marker.
+fix, unless it has already written work that ``--continue`` can resume (:meth:`Job.mark_continuable`, or an
+optimiser's ``*_itNNN_optimiser.star`` with NNN >= 1); other failures (a bug, a full disk, Ctrl-C) and continued jobs keep their folder and exit marker.
 
 Where a job writes (:func:`open_job_dir`, called by every job's ``main``) — the ``--o`` rule:
 
@@ -589,6 +589,9 @@ def _validate_alias(alias: str, type_dir: str) -> str:
 # a job
 # ----------------------------------------------------------------------------------------------------------
 
+_RESUMABLE_RE = re.compile(r"_it(\d{3})_optimiser\.star$")
+
+
 class Job:
     """One job folder: a context manager that runs the job's bookkeeping around its work.
 
@@ -648,6 +651,12 @@ class Job:
     def relpath(self, path: str | os.PathLike) -> str:
         """``path`` relative to the project root (what RELION writes into STAR files, e.g. rlnImageName)."""
         return _relative_to_root(path, self.root)
+
+    def _has_resumable_iteration(self) -> bool:
+        """An optimiser job wrote an iteration after the initial one (``*_itNNN_optimiser.star``, NNN >= 1): work
+        that ``--continue`` resumes, kept even by jobs that do not call :meth:`mark_continuable`."""
+        return any(int(m.group(1)) >= 1 for f in self.dir.glob("*_it[0-9][0-9][0-9]_optimiser.star")
+                   if (m := _RESUMABLE_RE.search(f.name)) is not None)
 
     def mark_continuable(self) -> None:
         """Say that the folder now holds work that ``--continue`` can resume (e.g. an iteration's files): a user
@@ -875,7 +884,7 @@ class Job:
                 self._stack.close()
                 self._stack = None
         if (status == Status.FAILED and isinstance(exc, CryopipeError) and self._made_dir and not self.is_continue
-                and not self._continuable):
+                and not self._continuable and not self._has_resumable_iteration()):
             self._discard()  # user error in a new job: nothing is left behind, the one-line error says why
             return False
         marker = {Status.SUCCEEDED: EXIT_SUCCESS, Status.FAILED: EXIT_FAILURE, Status.ABORTED: EXIT_ABORTED}[status]
