@@ -208,6 +208,7 @@ def main() -> None:
                                 "after_geometry_ctf_B": fsc_truth(b.half1, b.half2, truth, apix),
                                 "true_metadata": fsc_truth(ht1, ht2, truth, apix)},
             "species_resolution_A": a.species_resolution,
+            "lbfgs": {"iterations": common["lbfgs_iterations"], "tolerance": MprOptions(stages=[]).tolerance},
             "speed": {"threads": args.threads, "pair_evaluations_per_s": pe / max(sec, 1e-9),
                       "pair_evaluations_per_cpu_s": pe / max(cpu, 1e-9),
                       "seconds_per_subiteration": sec / len(subs), "cpu_seconds_per_subiteration": cpu / len(subs),
