@@ -1,7 +1,8 @@
 """Running a planned extraction (:mod:`cryopipe.extraction.plan`): one micrograph at a time (memory: one
-micrograph plus one batch of particles), one stack and ``_extract.star`` per micrograph, then ``particles.star``
-(RELION 3.1 layout) with the micrographs' CTF and every column of the coordinate files; ``--continue`` keeps the
-micrographs already done."""
+micrograph plus one batch of particles; the per-micrograph step is :mod:`cryopipe.extraction.extract_step`, in this
+process or on Dask workers), one stack and ``_extract.star`` per micrograph, then ``particles.star`` (RELION 3.1
+layout) with the micrographs' CTF and every column of the coordinate files; ``--continue`` keeps the micrographs
+already done."""
 
 from __future__ import annotations
 
@@ -13,108 +14,18 @@ import pandas as pd
 import torch
 
 from cryopipe.core.device import resolve_device
-from cryopipe.errors import CryopipeError, InputFileError
-from cryopipe.extraction.extract import (
-    extract_particles,
-    flush_float16_subnormals,
-    output_pixel_size,
-    reextract_geometry,
+from cryopipe.engine.backend import InProcess, split_chunks
+from cryopipe.errors import CryopipeError
+from cryopipe.extraction.extract import output_pixel_size
+from cryopipe.extraction.extract_step import (
+    ExtractedMicrograph,
+    ExtractInputs,
+    extract_micrographs,
+    micrograph_output_root,
 )
-from cryopipe.extraction.plan import (
-    _CTF_DEFAULTS,
-    _CTF_FROM_MIC,
-    ExtractOptions,
-    ExtractPlan,
-    MicrographTask,
-    _first_loop_with,
-    _read_coordinates,
-    _resolve,
-    output_root,
-    plan_extraction,
-)
+from cryopipe.extraction.plan import ExtractOptions, ExtractPlan, _first_loop_with, _resolve, plan_extraction
 
 __all__ = ["run_extraction", "extract"]
-
-
-def _coordinates_for(plan: ExtractPlan, task: MicrographTask) -> pd.DataFrame:
-    """The particle table of one micrograph (coordinates + carried-over columns), after FOM threshold, bias and
-    re-extraction geometry."""
-    opt = plan.options
-    if task.particles is None:
-        df = _read_coordinates(_resolve(plan.root, task.coord_file))
-    else:
-        df = task.particles.reset_index(drop=True).copy()
-    if opt.minimum_pick_fom is not None and len(df):
-        if "rlnAutopickFigureOfMerit" not in df.columns:
-            src = task.coord_file or "the re-extraction STAR file"
-            raise CryopipeError(f"{src}: --minimum_pick_fom needs rlnAutopickFigureOfMerit "
-                                "(leave out the threshold for these coordinates)")
-        df = df[df["rlnAutopickFigureOfMerit"].astype(float) > opt.minimum_pick_fom].reset_index(drop=True)
-    if len(df) and (opt.extract_bias[0] or opt.extract_bias[1]):
-        df["rlnCoordinateX"] = df["rlnCoordinateX"].astype(float) + opt.extract_bias[0]
-        df["rlnCoordinateY"] = df["rlnCoordinateY"].astype(float) + opt.extract_bias[1]
-    if task.particles is not None and len(df):
-        has_o = {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(df.columns)
-        po = plan.part_optics
-        p_apix_lut = dict(zip(po["rlnOpticsGroup"].astype(int), po["rlnImagePixelSize"].astype(float))) \
-            if po is not None and "rlnImagePixelSize" in po.columns else {}
-        mic_apix = float(plan.mics["_apix"].iloc[task.row])
-        p_apix = df["rlnOpticsGroup"].astype(int).map(lambda g: p_apix_lut.get(g, mic_apix)).to_numpy(np.float64)
-        ang = None
-        if {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"} <= set(df.columns):
-            ang = torch.tensor(df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64))
-        coords, origins = reextract_geometry(
-            torch.tensor(df[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(np.float64)),
-            torch.tensor(df[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)) if has_o else None,
-            torch.tensor(p_apix), torch.full((len(df),), mic_apix), angles_deg=ang, recenter=opt.recenter,
-            recenter_xyz=opt.recenter_xyz, ref_pixel_size=opt.ref_angpix, reset_offsets=opt.reset_offsets)
-        df["rlnCoordinateX"] = coords[:, 0].numpy()
-        df["rlnCoordinateY"] = coords[:, 1].numpy()
-        if origins is not None:
-            df["rlnOriginXAngst"] = origins[:, 0].numpy()
-            df["rlnOriginYAngst"] = origins[:, 1].numpy()
-    return df
-
-
-def _add_micrograph_columns(plan: ExtractPlan, task: MicrographTask, df: pd.DataFrame, image_names: list[str]
-                            ) -> pd.DataFrame:
-    """rlnImageName, rlnMicrographName, rlnOpticsGroup and the micrograph's CTF (RELION's column order)."""
-    mic = plan.mics.iloc[task.row]
-    out = df.copy()
-    out["rlnImageName"] = image_names
-    out["rlnMicrographName"] = task.name
-    if "rlnOpticsGroup" not in out.columns:
-        out["rlnOpticsGroup"] = int(mic["rlnOpticsGroup"])
-    mic_has_ctf = "rlnDefocusU" in plan.mics.columns
-    in_has_ctf = "rlnDefocusU" in df.columns
-    keep = plan.options.keep_ctfs_micrographs
-    if mic_has_ctf and (not in_has_ctf or keep):
-        for col in ("rlnCtfMaxResolution", "rlnCtfFigureOfMerit"):
-            if col in plan.mics.columns:
-                out[col] = float(mic[col])
-        for col in _CTF_FROM_MIC:
-            out[col] = float(mic[col]) if col in plan.mics.columns else 0.0
-        for col, default in _CTF_DEFAULTS:
-            out[col] = float(mic[col]) if col in plan.mics.columns else default
-    if mic_has_ctf:
-        for col in ("rlnBeamTiltX", "rlnBeamTiltY"):
-            if col in plan.mics.columns and (col not in df.columns or keep):
-                out[col] = float(mic[col])
-    return out
-
-
-def _read_micrograph(path: Path, device: torch.device) -> torch.Tensor:
-    from cryopipe.io.mrc import mrc_info, read_mrc
-
-    data, _ = read_mrc(path, finite=True)
-    if data.ndim == 3 and data.shape[0] == 1:
-        data = data[0]
-    if data.ndim != 2:
-        raise InputFileError(path, f"is not a 2D micrograph (shape {data.shape})", "give summed 2D micrographs")
-    mic = torch.from_numpy(data).to(device)
-    if mrc_info(path).mode == 12:  # RELION reads float16 subnormals as 0
-        mic = flush_float16_subnormals(mic)
-    return mic
 
 
 def _output_optics(plan: ExtractPlan) -> pd.DataFrame:
@@ -170,7 +81,7 @@ def _join_tables(tables: list[pd.DataFrame]) -> pd.DataFrame:
 
 def run_extraction(plan: ExtractPlan, output_dir: str | os.PathLike, *, part_star: str | os.PathLike | None = None,
                    continue_: bool = False, device: str | torch.device | None = None,
-                   progress_bar: bool | None = None) -> tuple[Path, int]:
+                   progress_bar: bool | None = None, backend=None) -> tuple[Path, int]:
     """Extract every micrograph of ``plan`` into ``output_dir`` and write the joined particles STAR.
 
     Args:
@@ -181,11 +92,13 @@ def run_extraction(plan: ExtractPlan, output_dir: str | os.PathLike, *, part_sta
         continue_: keep micrographs whose stack and ``_extract.star`` already exist.
         device: torch device (default: CUDA if available).
         progress_bar: terminal progress bar (default: when stderr is a terminal).
+        backend: where the micrographs are extracted (:func:`cryopipe.engine.backend.make_backend`; default in
+            this process): chunks of micrographs go to :func:`cryopipe.extraction.extract_step.extract_micrographs`,
+            which writes their stacks; the ``_extract.star`` files and ``particles.star`` are written here.
 
     Returns:
         ``(path of particles.star, number of particles)``.
     """
-    from cryopipe.io.mrc import MrcStackWriter, format_image_name
     from cryopipe.io.particles import ParticleData, write_particles
     from cryopipe.io.star import read_star, write_star
     from cryopipe.pipeline.log import log, progress, warn
@@ -200,45 +113,36 @@ def run_extraction(plan: ExtractPlan, output_dir: str | os.PathLike, *, part_sta
     part_star = Path(part_star) if part_star is not None else out_dir / "particles.star"
     bg_radius = opt.effective_bg_radius() if opt.norm else -1
     out_size = opt.out_size
-    dtype = np.float16 if opt.float16 else np.float32
-    gen = torch.Generator(device=dev)
     log(f"extracting from {len(plan.tasks)} micrographs: box {opt.extract_size} px"
         + (f", rescaled to {opt.scale}" if opt.scale else "") + (f", window {opt.window}" if opt.window else "")
         + (f", normalised (bg radius {bg_radius} px)" if opt.norm else "")
         + (", contrast inverted" if opt.invert_contrast else "") + f", on {dev}")
-    star_files: list[Path] = []
-    n_done = n_skipped = 0
-    for task in progress(plan.tasks, desc="extracting", bar=progress_bar):
-        root_rel = f"{out_rel.rstrip('/')}/{output_root(task.name)}"
-        stack_path = _resolve(plan.root, root_rel + ".mrcs")
-        star_path = _resolve(plan.root, root_rel + "_extract.star")
-        if continue_ and stack_path.exists() and star_path.exists():
-            star_files.append(star_path)
-            n_skipped += 1
-            continue
-        df = _coordinates_for(plan, task)
-        if len(df) == 0:
-            warn(f"no particles on micrograph {task.name}: skipped")
-            continue
-        stack_path.parent.mkdir(parents=True, exist_ok=True)
-        mic = _read_micrograph(_resolve(plan.root, task.name), dev)
-        coords = torch.tensor(df[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(np.float64), device=dev)
-        gen.manual_seed(int(opt.seed) * 1_000_003 + task.row)
-        apix = output_pixel_size(float(plan.mics["_apix"].iloc[task.row]), opt.extract_size, opt.scale)
-        with MrcStackWriter(stack_path, len(df), (out_size, out_size), apix, dtype=dtype) as w:
-            for i0 in range(0, len(df), opt.batch_size):
-                i1 = min(len(df), i0 + opt.batch_size)
-                imgs = extract_particles(
-                    mic, coords[i0:i1], opt.extract_size, name=task.name, scale=opt.scale, window=opt.window,
-                    norm=opt.norm, bg_radius=bg_radius, white_dust=opt.white_dust, black_dust=opt.black_dust,
-                    ramp=opt.ramp, invert=opt.invert_contrast, generator=gen)
-                w[i0:i1] = imgs.to(torch.float32).cpu().numpy()
-        stack_rel = root_rel + ".mrcs"
-        table = _add_micrograph_columns(plan, task, df, format_image_name(np.arange(len(df)), stack_rel))
-        write_star(star_path, {"images": table})
-        star_files.append(star_path)
-        n_done += 1
-        del mic
+    inputs = ExtractInputs(plan, out_rel)
+    roots = [micrograph_output_root(out_rel, t.name) for t in plan.tasks]
+    star_of = [_resolve(plan.root, r + "_extract.star") for r in roots]
+    done = [continue_ and star_of[k].exists() and _resolve(plan.root, roots[k] + ".mrcs").exists()
+            for k in range(len(roots))]
+    n_skipped = int(sum(done))
+    todo = [k for k in range(len(plan.tasks)) if not done[k]]
+    be = backend if backend is not None else InProcess()
+
+    def write_tables(results: list[ExtractedMicrograph]) -> None:
+        for r in results:  # in micrograph order
+            if r.table is None:
+                warn(f"no particles on micrograph {plan.tasks[r.task].name}: skipped")
+            else:
+                write_star(star_of[r.task], {"images": r.table})
+                written[r.task] = True
+
+    written = list(done)
+    if be.distributed and todo:
+        chunks = split_chunks(np.asarray(todo), be.n_chunks(len(todo)), 1)
+        write_tables([r for part in be.map(extract_micrographs, inputs, None, [c.tolist() for c in chunks])
+                      for r in part])
+    else:
+        for k in progress(todo, desc="extracting", bar=progress_bar):
+            write_tables(extract_micrographs(inputs, None, [k], device=dev))
+    star_files = [star_of[k] for k in range(len(plan.tasks)) if written[k]]
     if n_skipped:
         log(f"kept {n_skipped} micrographs extracted before (--continue)")
     if not star_files:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from cryopipe.engine.backend import add_dask_arguments, make_backend
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.picking.background import ContaminationOptions, contamination_aware_picker
 from cryopipe.picking.common import coordinate_file_name
@@ -135,8 +136,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="contamination rims: steps steeper than this many noise σ per 100 Å")
     p.add_argument("--contamination_margin", type=float, default=0.0, help="with --contamination_mask: margin (Å)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_dask_arguments(p)
     p.add_argument("--j", dest="threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; on a busy machine 1 is often fastest)")
+
+
+def _run_autopick(args: argparse.Namespace, *a, **kw):
+    """:func:`run_autopick` on the ``--dask`` backend (micrographs picked by Dask workers; default in-process)."""
+    from cryopipe.pipeline.log import log
+
+    backend = make_backend(args.dask, args.dask_batches_per_worker)
+    try:
+        if backend.distributed:
+            log(f"autopick: micrographs picked on {backend.describe()}")
+        return run_autopick(*a, backend=backend, **kw)
+    finally:
+        backend.close()
 
 
 def _contamination_options(args: argparse.Namespace) -> ContaminationOptions:
@@ -187,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
         picker = contamination_aware_picker(log_picker(opts, writer), _contamination_options(args))
         log(f"autopick: LoG picking of {len(mics)} micrographs from {args.input}, diameters {opts.diam_min:g}-"
             f"{opts.diam_max:g} Å, pixel size {pixel_size:g} Å")
-        res = run_autopick(mics, odir, picker, pixel_size=pixel_size, pickname=args.pickname,
+        res = _run_autopick(args, mics, odir, picker, pixel_size=pixel_size, pickname=args.pickname,
                            only_unfinished=args.continue_ or args.only_do_unfinished, root=job.root,
                            device=args.device, png=not args.no_png, png_per_mic=args.png_per_mic,
                            display_diameter=0.5 * (opts.diam_min + opts.diam_max))
@@ -272,7 +287,7 @@ def _main_template(args: argparse.Namespace) -> int:
             f"box {refs.box} px at {pixel_size:g} Å/px, particle diameter {refs.particle_diameter:g} Å)"
             + (", re-picking from FOM maps" if args.read_fom_maps else ""))
         fom_maps = args.write_fom_maps or args.read_fom_maps
-        res = run_autopick(mics, odir, picker, pixel_size=pixel_size, pickname=args.pickname,
+        res = _run_autopick(args, mics, odir, picker, pixel_size=pixel_size, pickname=args.pickname,
                            only_unfinished=(args.continue_ and not fom_maps) or args.only_do_unfinished,
                            root=job.root, device=args.device, png=not args.no_png, png_per_mic=args.png_per_mic,
                            display_diameter=refs.particle_diameter)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryopipe.engine.backend import add_dask_arguments, make_backend
 from cryopipe.errors import CryopipeError
 from cryopipe.extraction.plan import ExtractOptions, plan_extraction
 from cryopipe.extraction.run import run_extraction
@@ -99,6 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--seed", "--random_seed", dest="seed", type=int, default=0, help="seed for dust-replacement noise")
     c.add_argument("--batch", type=int, default=256, help="particles per batch on the device")
     c.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
+    add_dask_arguments(c)
 
 
 def _options_from_args(args: argparse.Namespace) -> ExtractOptions:
@@ -114,6 +116,7 @@ def _options_from_args(args: argparse.Namespace) -> ExtractOptions:
 
 
 def main(args: argparse.Namespace) -> int:
+    from cryopipe.pipeline.log import log
     from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir, output_root
 
     options = _options_from_args(args)
@@ -132,7 +135,14 @@ def main(args: argparse.Namespace) -> int:
     with open_job_dir(args.o, "Extract", label, alias=args.alias, inputs=inputs, params=params,
                       continue_job=args.continue_) as job:
         part_star = Path(args.part_star) if args.part_star else job.path("particles.star")
-        path, _ = run_extraction(plan, job.dir, part_star=part_star, continue_=args.continue_, device=args.device)
+        backend = make_backend(args.dask, args.dask_batches_per_worker)
+        try:
+            if backend.distributed:
+                log(f"extract: micrographs extracted on {backend.describe()}")
+            path, _ = run_extraction(plan, job.dir, part_star=part_star, continue_=args.continue_,
+                                     device=args.device, backend=backend)
+        finally:
+            backend.close()
         try:
             job.add_output(path, NodeType.EXTRACT_PARTICLES)
         except CryopipeError:

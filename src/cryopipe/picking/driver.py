@@ -22,7 +22,6 @@ from cryopipe.picking.common import (
     read_coordinate_file,
     save_picks_png,
     thumbnail,
-    write_coordinate_file,
     write_coordinate_list,
     write_summary,
 )
@@ -199,7 +198,7 @@ def pick_one_micrograph(path: Path, picker: PickFunction, pixel_size: float, ctx
 def run_autopick(mics: MicrographSet, odir: str, picker: PickFunction, *, pixel_size: float,
                  pickname: str = "autopick", only_unfinished: bool = False, root: str | os.PathLike = ".",
                  device: torch.device | str | None = None, png: bool = True, png_per_mic: bool = False,
-                 display_diameter: float | None = None) -> AutopickResult:
+                 display_diameter: float | None = None, backend=None) -> AutopickResult:
     """Pick every micrograph of ``mics`` and write RELION's outputs into ``odir``.
 
     Args:
@@ -213,6 +212,9 @@ def run_autopick(mics: MicrographSet, odir: str, picker: PickFunction, *, pixel_
         device: torch device for the picking.
         png, png_per_mic: write ``<odir>/picks.png`` / one PNG per micrograph.
         display_diameter: circle diameter (Å) in the pictures (default: 20 pixels).
+        backend: where the micrographs are picked (:func:`cryopipe.engine.backend.make_backend`; default in this
+            process): chunks of micrographs go to :func:`cryopipe.picking.pick_step.pick_micrographs`, which
+            writes their coordinate files; the list file, summary and pictures are written here, in input order.
     """
     from cryopipe.core.device import resolve_device
     from cryopipe.pipeline.log import log, progress
@@ -230,15 +232,20 @@ def run_autopick(mics: MicrographSet, odir: str, picker: PickFunction, *, pixel_
     todo = [i for i, c in enumerate(coord_names) if not (only_unfinished and (root / c).exists())]
     if len(todo) < len(mics):
         log(f"autopick: {len(mics) - len(todo)} micrograph(s) already have coordinate files, skipped (continue)")
+    from cryopipe.engine.backend import split_chunks
+    from cryopipe.picking.pick_step import PickInputs, PickItem, pick_micrographs
+
     t0 = time.perf_counter()
-    for i in progress(todo, desc="picking"):
-        name = mics.names[i]
-        path = resolve_micrograph(name, mics.star_path, root)
-        ctx = MicrographContext(index=i, name=name, ctf=mics.ctf[i] if mics.ctf is not None else None)
-        picks = pick_one_micrograph(path, picker, pixel_size, ctx, dev)
-        write_coordinate_file(root / coord_names[i], picks)
-        if png_per_mic:
-            _png_for(root / coord_names[i], [(path, name, root / coord_names[i])], pixel_size, display_diameter)
+    inputs = PickInputs(picker, float(pixel_size), png_per_mic, display_diameter)
+    items = [PickItem(MicrographContext(index=i, name=mics.names[i], ctf=mics.ctf[i] if mics.ctf is not None else None),
+                      str(resolve_micrograph(mics.names[i], mics.star_path, root)), str(root / coord_names[i]))
+             for i in todo]
+    if backend is not None and backend.distributed and items:
+        chunks = split_chunks(np.arange(len(items)), backend.n_chunks(len(items)), 1)
+        backend.map(pick_micrographs, inputs, None, [[items[k] for k in c] for c in chunks])
+    else:
+        for it in progress(items, desc="picking"):
+            pick_micrographs(inputs, None, [it], device=dev)
     per_mic = (time.perf_counter() - t0) / max(len(todo), 1)
 
     # list file, summary and picture over everything that has a coordinate file
