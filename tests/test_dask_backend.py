@@ -77,6 +77,47 @@ def test_class2d_on_two_workers_equals_in_process(particles, cluster):
         assert got.model.LL == pytest.approx(ref.model.LL, rel=1e-5)
 
 
+def _optimiser3d(ps, backend, relion_dir, grad: bool):
+    from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
+    from cryopipe.core.fourier import fourier_rescale
+    from cryopipe.engine.vdam import initial_model_rule
+    from cryopipe.io.mrc import read_mrc
+
+    s = Refine3DSettings(n_iter=4, healpix_order=1, oversampling=0, offset_range=2.0, offset_step=1.0,
+                         particle_diameter=100.0, batch_size=8, ini_high=25.0, sigma_noise_particles=N,
+                         n_accuracy_particles=10, random_seed=3, do_norm=True, do_scale=True, grad=grad,
+                         split_halves=not grad, auto_refine=not grad, max_significant=40)
+    rule = initial_model_rule(s.n_iter, s.tau2_fudge, {"ini_subset": 40, "fin_subset": N}) if grad else None
+    opt = Optimiser3D(ps, s, backend=backend, update_rule=rule)
+    if grad:
+        opt.initialise()
+    else:
+        vol = fourier_rescale(torch.from_numpy(read_mrc(relion_dir / "ref_map.mrc")[0]), ps.n)
+        opt.initialise(vol, absolute_greyscale=False)
+    for _ in range(2):
+        opt.iterate()
+    return opt
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["gold_standard", "initial_model"])
+def test_refine3d_on_two_workers_equals_in_process(particles, cluster, relion_dir, grad):
+    """3D iterations (gold-standard halves, or VDAM pseudo-halves) as chunks on two worker processes give the
+    in-process maps, poses and noise spectra (issue 15)."""
+    ref = _optimiser3d(particles, InProcess(), relion_dir, grad)
+    for per_worker in (3,):  # more chunks than workers: results come back and are added in chunk order
+        cluster.batches_per_worker = per_worker
+        got = _optimiser3d(particles, cluster, relion_dir, grad)
+        a, b = ref.model.vols, got.model.vols
+        assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(a.abs().max())), (grad, per_worker)
+        assert np.allclose(ref.state.angles, got.state.angles, atol=1e-3)
+        assert np.allclose(ref.state.origin, got.state.origin, atol=1e-5)
+        assert np.array_equal(ref.state.klass, got.state.klass)
+        # norm corrections: square roots of float32 residual sums (2 threads here, 1 per worker): ~1e-3
+        assert np.allclose(ref.state.norm, got.state.norm, rtol=3e-3)
+        assert torch.allclose(ref.model.sigma2_noise, got.model.sigma2_noise, rtol=1e-3)
+        assert got.model.ave_pmax == pytest.approx(ref.model.ave_pmax, rel=1e-4, abs=1e-6)
+
+
 def test_reconstruct_on_two_workers_equals_in_process(cluster, tmp_path, monkeypatch):
     from cryopipe.cli import main as cli
     from cryopipe.jobs.reconstruct import reconstruct_particles
@@ -177,6 +218,32 @@ def test_cli_class2d_with_dask(relion_dir, tmp_path, monkeypatch):
     assert cli(common + ["--o", "b/run", "--dask", "local:2:threads", "--dask_batches_per_worker", "2"]) == 0
     a, b = read_mrc("a/run_it002_classes.mrcs")[0], read_mrc("b/run_it002_classes.mrcs")[0]
     assert np.allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+def test_cli_initialmodel_with_dask(relion_dir, tmp_path, monkeypatch):
+    """``cryopipe initialmodel --dask``: the same map as in-process (issue 15)."""
+    from cryopipe.cli import main as cli
+    from cryopipe.io.mrc import read_mrc
+    from cryopipe.io.particles import ParticleData, write_particles
+    import pandas as pd
+
+    sim = simulate(relion_dir, N=32, n=32, snr=0.5, seed=4)
+    write_mrc(tmp_path / "parts.mrcs", sim.images, sim.pixel_size)
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [sim.pixel_size], "rlnImageSize": [32], "rlnImageDimensionality": [2]})
+    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:08d}@parts.mrcs" for i in range(32)], "rlnOpticsGroup": 1,
+                          "rlnDefocusU": sim.ctf["defocus_u"], "rlnDefocusV": sim.ctf["defocus_v"],
+                          "rlnDefocusAngle": sim.ctf["defocus_angle"]})
+    write_particles(tmp_path / "particles.star", ParticleData(optics, parts))
+    monkeypatch.chdir(tmp_path)
+    common = ["initialmodel", "--i", "particles.star", "--iter", "2", "--ctf", "--particle_diameter", "110",
+              "--healpix_order", "1", "--offset_range", "2", "--offset_step", "1", "--oversampling", "0",
+              "--random_seed", "7", "--batch_size", "8", "--grad_ini_subset", "16", "--grad_fin_subset", "32"]
+    assert cli(common + ["--o", "a/run"]) == 0
+    assert cli(common + ["--o", "b/run", "--dask", "local:2:threads", "--dask_batches_per_worker", "2"]) == 0
+    a, b = read_mrc("a/initial_model.mrc")[0], read_mrc("b/initial_model.mrc")[0]
+    assert np.allclose(a, b, rtol=0, atol=1e-4 * np.abs(a).max())
 
 
 def test_unreachable_scheduler_is_a_one_line_error():

@@ -12,11 +12,12 @@ per-chunk inputs (particle indices and their current per-particle state).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["InProcess", "add_dask_arguments", "make_backend", "split_chunks"]
+__all__ = ["InProcess", "add_dask_arguments", "job_backend", "make_backend", "split_chunks"]
 
 
 def split_chunks(idx: np.ndarray, n_chunks: int, batch_size: int) -> list[np.ndarray]:
@@ -69,3 +70,16 @@ def add_dask_arguments(parser) -> None:
                              "default: in-process (needs the optional extra cryopipe[dask])")
     parser.add_argument("--dask_batches_per_worker", type=int, default=1,
                         help="chunks per worker and iteration with --dask (results do not depend on it)")
+
+
+@contextmanager
+def job_backend(args, log=print) -> Iterator:
+    """The backend of a job's ``--dask`` / ``--dask_batches_per_worker`` options for the duration of a ``with``
+    block (announced in the log when distributed; closed at the end)."""
+    backend = make_backend(getattr(args, "dask", None), getattr(args, "dask_batches_per_worker", 1))
+    try:
+        if backend.distributed:
+            log(f"E-step on {backend.describe()}")
+        yield backend
+    finally:
+        backend.close()

@@ -41,6 +41,7 @@ from cryopipe.core.geometry import euler_to_matrix
 from cryopipe.core.healpix import angular_step
 from cryopipe.core.masks import soft_circular_mask, soft_spherical_mask
 from cryopipe.core.projector import Projector
+from cryopipe.engine.backend import InProcess
 from cryopipe.engine.batch import prepare_batch
 from cryopipe.engine.coefficients import CoefficientSet, coefficient_set
 from cryopipe.engine.estep import BatchResult, EStepSettings, TranslationGrid, expectation
@@ -277,6 +278,16 @@ def gold_standard_resolution_shell(fsc: torch.Tensor, tau2_fudge: float, ori_siz
     return max(best, int(minres_map))
 
 
+def signal_power(X: torch.Tensor, noise: torch.Tensor) -> float:
+    """Mean signal power per particle of coefficients ``X [B, P]`` (complex) with noise power ``noise [B, P]``
+    (``E|X|²`` of pure noise; column 0, the DC term, is left out): ``Σ(|X|² − noise)``, clamped only after
+    summing. A clamp per coefficient would keep ~0.37·noise of every noise-dominated coefficient
+    (``E max(|X|² − σ², 0)`` for pure noise) and give pure noise, or low-SNR data, a bright initial reference whose
+    first posteriors are sharp on noise. Floor: 0.1 % of the noise power (faint references, not none)."""
+    data = float(((X.real.square() + X.imag.square()) - noise)[:, 1:].sum(dim=1).mean())
+    return max(data, 1e-3 * float(noise[:, 1:].sum(dim=1).mean()))
+
+
 def random_blob_volume(n: int, radius_px: float, generator: torch.Generator, count: int = 40,
                        device=None) -> torch.Tensor:
     """RELION's de novo start (``--denovo_3dref`` with init blobs): ``count`` positive and ``count/2`` negative
@@ -302,6 +313,24 @@ def random_blob_volume(n: int, radius_px: float, generator: torch.Generator, cou
 # the optimiser
 # ------------------------------------------------------------------------------------------------------------
 
+@dataclass
+class IterationSetup:
+    """What every batch of one iteration shares: the coefficient set ``cset`` (``coarse_size`` of them in the
+    first pass, radius ``r_cur``), the orientation ``grid`` and translations ``trans``, whether searches are
+    ``local``, the E-step settings ``est``, ``log_pdf [K]`` class priors and one :class:`ClassReferences3D` per
+    model (half-set)."""
+
+    cset: CoefficientSet
+    coarse_size: int
+    r_cur: int
+    grid: object
+    trans: TranslationGrid
+    local: bool
+    est: EStepSettings
+    log_pdf: torch.Tensor
+    refs_models: list
+
+
 class Optimiser3D(ParticleStream):
     """3D iterations on a :class:`ParticleSet` (module docstring).
 
@@ -316,7 +345,8 @@ class Optimiser3D(ParticleStream):
 
     def __init__(self, particles: ParticleSet, settings: Refine3DSettings, *, model: Model3D | None = None,
                  state: ParticleState3D | None = None, sampling: AutoSampling | None = None, iteration: int = 0,
-                 device=None, update_rule=None, progress=None, solvent_mask: torch.Tensor | None = None):
+                 device=None, update_rule=None, progress=None, solvent_mask: torch.Tensor | None = None,
+                 backend=None):
         self.p = particles
         self.s = settings
         self.dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -332,6 +362,7 @@ class Optimiser3D(ParticleStream):
         if settings.grad and settings.split_halves:
             raise CryopipeError("gradient mode (--grad) cannot be combined with --split_random_halves")
         self.progress = progress
+        self.backend = backend if backend is not None else InProcess()  # where the E-step chunks run (issue 15)
         self.full = coefficient_set(n, n // 2, device=self.dev)
         self.npix = self.full.shell_counts(n // 2 + 1)
         diam = settings.particle_diameter if settings.particle_diameter > 0 else 0.8 * n * particles.pixel_size
@@ -443,12 +474,7 @@ class Optimiser3D(ParticleStream):
         og = torch.as_tensor(p.optics_group[sub], device=dev)
         noise = 2.0 * sigma2.to(dev)[og][:, cset.shell]
         noise[:, 0] = 0.0
-        # signal power = data power − noise power, clamped only after summing: a clamp per coefficient would keep
-        # ~0.37·σ² of every noise-dominated coefficient (E max(|X|² − σ², 0) for pure noise) and give pure noise,
-        # or low-SNR data, a bright reference that makes the first posteriors sharp on noise
-        # (floor: 0.1 % of the noise power, so that pure noise gives faint references rather than none)
-        data_pow = max(float(((X.real.square() + X.imag.square()) - noise)[:, 1:].sum(dim=1).mean()),
-                       1e-3 * float(noise[:, 1:].sum(dim=1).mean()))
+        data_pow = signal_power(X, noise)
         c = self._ctf(sub)
         C = torch.ones_like(X.real) if c is None else cset.gather(c)
         out = []
@@ -458,8 +484,7 @@ class Optimiser3D(ParticleStream):
             refs = ClassReferences3D([pr], cset, cset.size, healpix_orientations(0, device=dev))
             Pv = refs.predict(0, rot.to(dev), cset.k) * C.to(torch.complex64)
             ref_pow = float((Pv.real.square() + Pv.imag.square())[:, 1:].sum(dim=1).mean())
-            scale = math.sqrt(data_pow / ref_pow) if ref_pow > 0 and data_pow > 0 else 1.0
-            out.append(vols[k] * scale)
+            out.append(vols[k] * (math.sqrt(data_pow / ref_pow) if ref_pow > 0 else 1.0))
         return torch.stack(out)
 
     # -------------------------------------------------------------------------------------- helpers
@@ -481,11 +506,16 @@ class Optimiser3D(ParticleStream):
             return TranslationGrid(tc, oversample_translations(tc, smp.offset_step, s.oversampling))
         return TranslationGrid(tc, tc[:, None, :])
 
-    def _grid(self):
+    def _perturb_grid(self) -> None:
+        """Draw the iteration's random perturbation of the orientation grid (RELION ``--perturb``), once per
+        iteration in the main process (workers build their grid from it)."""
         s, smp = self.s, self.sampling
         if s.perturb > 0:
             pert = smp.perturbation + self.rng.uniform(0.5 * s.perturb, s.perturb)
             smp.perturbation = float((pert + s.perturb) % (2 * s.perturb) - s.perturb)
+
+    def _grid(self):
+        s, smp = self.s, self.sampling
         sym = self.model.symmetry if not self.s.grad else "C1"
         return healpix_orientations(smp.healpix_order, None, sym, s.oversampling, smp.perturbation, device=self.dev)
 
@@ -541,51 +571,21 @@ class Optimiser3D(ParticleStream):
         else:
             groups = [np.arange(p.size)]
         # ---- sampling, coefficient sets, references
-        cset, Pc, r_cur = self._coefficient_sets(final)
-        P = cset.size
-        grid = self._grid()
-        trans = self._translations()
-        local = self.sampling.sigma_ang > 0 and not grad
-        est = EStepSettings(n=n, k=cset.k, shell=cset.shell, coarse_size=Pc, n_shells=ns, n_optics_groups=G,
-                            sigma2_offset=m.sigma2_offset, adaptive_fraction=s.adaptive_fraction,
-                            max_significant=s.max_significant, oversampling=s.oversampling > 0,
-                            compute_corrections=s.do_norm or s.do_scale)
-        log_pdf = torch.where(m.pdf_class > 0, torch.log(m.pdf_class.clamp_min(1e-300)),
-                              torch.full_like(m.pdf_class, -math.inf)).to(dev, torch.float32)
+        self._perturb_grid()
+        setup = self._iteration_setup(final)
+        cset, r_cur, grid, local, refs_models = setup.cset, setup.r_cur, setup.grid, setup.local, setup.refs_models
         bp_rmax = n // 2 if grad else r_cur
         bps = [ClassBackProjectors(K, n, s.pad, r_max=bp_rmax, device=dev) for _ in groups]
         sums = ParticleSums.zeros(K, G, ns, p.n_groups, dev)
         old = self.state.copy()
-        gen = None  # the E-step's noise fill is seeded per particle (engine.seeds), not per run of batches
-        n_samples = 0.0
-        refs_models = [ClassReferences3D.from_volumes(m.vols[h].to(dev), cset, Pc, grid, s.pad)
-                       for h in range(m.n_models)]
-        if local:
-            for r in refs_models:
-                r.enable_coarse_cache(grid.n_coarse)
-        for gi, idx_g in enumerate(groups):
-            refs = refs_models[0 if (grad or m.n_models == 1) else gi]
-            if local:
-                order = local_batch_order(torch.as_tensor(self.state.angles[idx_g]))
-                idx_g = idx_g[order.numpy()]
-            batches = self._batches(idx_g)
-            label = f" half {gi + 1}" if s.split_halves else ""
-            it_b = self.progress(batches, desc=f"iteration {it}{label}") if self.progress is not None else batches
-            for idx in it_b:
-                src = refs
-                lpo = log_pdf[None, :, None]
-                if local:
-                    subset, lp = local_orientations(grid, torch.as_tensor(self.state.angles[idx], device=dev),
-                                                    self.sampling.sigma_ang, m.symmetry)
-                    src = refs.with_orientations(subset)
-                    lpo = lp.to(dev)[:, None, :] + log_pdf[None, :, None]
-                src, est_b, P_b = self._batch_source(src, est, idx, P)
-                batch, grp, scale = self._batch_inputs(idx, P_b, lpo, gen)
-                res = expectation(batch, src, trans, est_b)
-                n_samples += float(idx.size) * src.n_coarse * K * trans.coarse.shape[0]
-                bps[gi].add(res, src)
-                sums.add_result(res, grp, scale)
-                self._record(res, src, idx, sums)
+        if self.backend.distributed:
+            n_samples = self._estep_distributed(setup, groups, bps, sums, final)
+        else:
+            n_samples = 0.0
+            for gi, idx_g in enumerate(groups):
+                label = f" half {gi + 1}" if s.split_halves else ""
+                n_samples += self._estep_batches(setup, self._model_index(gi), self._group_order(setup, idx_g),
+                                                 bps[gi], sums, desc=f"iteration {it}{label}")
         self.samples_evaluated = n_samples
         # ---- M-step
         if grad:
@@ -618,6 +618,99 @@ class Optimiser3D(ParticleStream):
             local, float(m.acc_rot.min()), float(m.acc_trans.min()), self.changes["orientations"],
             self.changes["offsets"], self.changes["classes"], m.ave_pmax, secs, int(sum(g.size for g in groups)),
             n_samples / max(secs, 1e-9), final, {"sigma_ang": smp.sigma_ang})
+
+    # -------------------------------------------------------------------------------------- E-step
+    def _iteration_setup(self, final: bool) -> IterationSetup:
+        """The iteration's coefficient sets, grids, E-step settings, class priors and references (step 1)."""
+        s, p, m, dev, n = self.s, self.p, self.model, self.dev, self.n
+        cset, Pc, r_cur = self._coefficient_sets(final)
+        grid = self._grid()
+        trans = self._translations()
+        local = self.sampling.sigma_ang > 0 and not s.grad
+        est = EStepSettings(n=n, k=cset.k, shell=cset.shell, coarse_size=Pc, n_shells=m.n_shells,
+                            n_optics_groups=p.n_optics_groups, sigma2_offset=m.sigma2_offset,
+                            adaptive_fraction=s.adaptive_fraction, max_significant=s.max_significant,
+                            oversampling=s.oversampling > 0, compute_corrections=s.do_norm or s.do_scale)
+        log_pdf = torch.where(m.pdf_class > 0, torch.log(m.pdf_class.clamp_min(1e-300)),
+                              torch.full_like(m.pdf_class, -math.inf)).to(dev, torch.float32)
+        refs_models = [ClassReferences3D.from_volumes(m.vols[h].to(dev), cset, Pc, grid, s.pad)
+                       for h in range(m.n_models)]
+        if local:
+            for r in refs_models:
+                r.enable_coarse_cache(grid.n_coarse)
+        return IterationSetup(cset, Pc, r_cur, grid, trans, local, est, log_pdf, refs_models)
+
+    def _group_order(self, setup: IterationSetup, idx_g: np.ndarray) -> np.ndarray:
+        """Particles of one model in batch order (local searches: grouped by orientation, so that neighbouring
+        particles share the cached coarse predictions)."""
+        if not setup.local:
+            return idx_g
+        return idx_g[local_batch_order(torch.as_tensor(self.state.angles[idx_g])).numpy()]
+
+    def _model_index(self, group: int) -> int:
+        """Which model's references the particles of ``group`` are aligned to (half-sets: their own)."""
+        return 0 if (self.s.grad or self.model.n_models == 1) else int(group)
+
+    def _estep_batches(self, setup: IterationSetup, model_index: int, idx_g: np.ndarray, bps: ClassBackProjectors,
+                       sums: ParticleSums, desc: str | None = None) -> float:
+        """E-step of the particles ``idx_g`` (in this order) against model ``model_index``, batch by batch: sums
+        into ``bps`` and ``sums``, each particle's best pose into ``self.state``. Returns the samples evaluated."""
+        m, dev = self.model, self.dev
+        K = m.n_classes
+        refs = setup.refs_models[model_index]
+        batches = self._batches(idx_g)
+        it_b = self.progress(batches, desc=desc) if (self.progress is not None and desc) else batches
+        n_samples = 0.0
+        for idx in it_b:
+            src = refs
+            lpo = setup.log_pdf[None, :, None]
+            if setup.local:
+                subset, lp = local_orientations(setup.grid, torch.as_tensor(self.state.angles[idx], device=dev),
+                                                self.sampling.sigma_ang, m.symmetry)
+                src = refs.with_orientations(subset)
+                lpo = lp.to(dev)[:, None, :] + setup.log_pdf[None, :, None]
+            src, est_b, P_b = self._batch_source(src, setup.est, idx, setup.cset.size)
+            batch, grp, scale = self._batch_inputs(idx, P_b, lpo, None)
+            res = expectation(batch, src, setup.trans, est_b)
+            n_samples += float(idx.size) * src.n_coarse * K * setup.trans.coarse.shape[0]
+            bps.add(res, src)
+            sums.add_result(res, grp, scale)
+            self._record(res, src, idx, sums)
+        return n_samples
+
+    def _estep_distributed(self, setup: IterationSetup, groups: list[np.ndarray], bps: list[ClassBackProjectors],
+                           sums: ParticleSums, final: bool) -> float:
+        """The E-step of ``groups`` as chunks on the backend's workers (:mod:`cryopipe.engine.refine3d_step`),
+        reduced in chunk order into ``bps`` / ``sums``; the chunks' poses are written into ``self.state``."""
+        from cryopipe.engine.backend import split_chunks
+        from cryopipe.engine.class2d_step import to_device
+        from cryopipe.engine.refine3d_step import Refine3DItem, Refine3DSnapshot, refine3d_chunk
+
+        be, s = self.backend, self.s
+        if type(self) is not Optimiser3D:
+            raise CryopipeError("--dask runs single-particle 3D jobs; tomographic particles run in-process for now "
+                                "(leave out --dask)")
+        snap = Refine3DSnapshot(self.iteration, self.model, self.state, self.sampling, final)
+        items = []
+        for gi, idx_g in enumerate(groups):
+            order = self._group_order(setup, idx_g)
+            n_chunks = be.n_chunks(-(-order.size // max(1, int(s.batch_size))))
+            items += [Refine3DItem(gi, c) for c in split_chunks(order, n_chunks, s.batch_size)]
+        n_samples = 0.0
+        for part in be.map(refine3d_chunk, self, snap, items):
+            bps[part.group].add_sums(part.data, part.weight)
+            sums.add(to_device(part.sums, self.dev))
+            part.records.apply(self.state)
+            n_samples += part.n_samples
+        return n_samples
+
+    def __getstate__(self):
+        """What a worker needs (:func:`cryopipe.engine.refine3d_step.refine3d_chunk`): the particles, settings and
+        masks; the model, state and sampling come with each iteration's snapshot."""
+        d = dict(self.__dict__)
+        for k in ("model", "state", "backend", "progress", "update_rule", "rng", "last_halves"):
+            d[k] = None
+        return d
 
     def _record(self, res: BatchResult, src: ClassReferences3D, idx: np.ndarray, sums: ParticleSums) -> None:
         st, s, m = self.state, self.s, self.model

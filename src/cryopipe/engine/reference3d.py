@@ -340,6 +340,16 @@ class ClassBackProjectors:
     def r_max(self) -> int:
         return self.bps[0].r_max
 
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(data [K, ...], weight [K, ...])``: the accumulated grids of all classes (a chunk's partial sums)."""
+        return torch.stack([bp.data for bp in self.bps]), torch.stack([bp.weight for bp in self.bps])
+
+    def add_sums(self, data: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add the grids of :meth:`sums` of another accumulator with the same classes, box, padding and r_max."""
+        for k, bp in enumerate(self.bps):
+            bp.data += data[k].to(bp.data.device)
+            bp.weight += weight[k].to(bp.weight.device)
+
     def insert_sums(self, S: torch.Tensor, W: torch.Tensor, sample_class: torch.Tensor, rotations: torch.Tensor,
                     cset: CoefficientSet) -> None:
         """Add sums ``S [M, P]`` (complex, ``Σ w·C·X/σ²``) and ``W [M, P]`` (``Σ w·C²/σ²``) of samples with classes

@@ -27,10 +27,10 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cryopipe.core.device import resolve_device
+from cryopipe.engine.backend import add_dask_arguments, job_backend
 from cryopipe.core.symmetry import canonical_symmetry_name
 from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
 from cryopipe.engine.relion_files import read_model_star, read_optimiser_star, resolve_relion_path
@@ -89,6 +89,7 @@ def initial_model(
     log=print,
     progress=None,
     tomograms: str | os.PathLike | None = None,
+    backend=None,
 ) -> InitialModelResult:
     """Run (or continue) a de novo initial model.
 
@@ -222,6 +223,7 @@ def initial_model(
     if opt.iteration >= n_iter and continue_from is not None:
         raise CryopipeError(f"--iter {n_iter}: nothing to do, the run is already at iteration {opt.iteration} "
                             "(give a larger --iter to continue)")
+    opt.backend = backend if backend is not None else opt.backend  # where the E-step chunks run (--dask)
     while opt.iteration < n_iter:
         rep = opt.iterate()
         log(rep.line())
@@ -338,6 +340,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size", type=int, default=None, help="particles per batch (default 32)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--alias", default=None, help="job alias (project jobs)")
+    add_dask_arguments(g)
     g.add_argument("--auto_sampling", action="store_true", default=None,
                    help="RELION's automatic sampling in gradient runs: every 10th iteration without a resolution gain, "
                         "one HEALPix order finer (up to order 3) and finer offsets (off by default: each order costs "
@@ -382,8 +385,8 @@ def main(args: argparse.Namespace) -> int:
     with open_job_dir(str(out_dir) + "/" if out_dir is not None else None, "InitialModel",
                       ProcessLabel.INITIAL_MODEL, alias=args.alias,
                       inputs=[(args.i, in_type)] if args.continue_ is None else [], params=params,
-                      continue_job=same_job) as job:
-        res = initial_model(args.i, job.dir / prefix, settings, symmetry=sym, grad=grad,
+                      continue_job=same_job) as job, job_backend(args, log) as backend:
+        res = initial_model(args.i, job.dir / prefix, settings, symmetry=sym, grad=grad, backend=backend,
                             write_iter=args.write_iter if args.write_iter is not None else 10,
                             continue_from=args.continue_, overrides=given, device=args.device, root=job.root,
                             command=" ".join(_argv_of(args)), log=log,

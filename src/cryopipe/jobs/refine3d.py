@@ -44,7 +44,6 @@ rlnBestResolutionThusFar (as RELION); degrees for angles. The algorithm is
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -54,6 +53,7 @@ import pandas as pd
 import torch
 
 from cryopipe.core.device import resolve_device
+from cryopipe.engine.backend import add_dask_arguments, job_backend
 from cryopipe.engine.optimiser3d import (
     AutoSampling,
     Model3D,
@@ -669,6 +669,7 @@ def refine_3d(
     progress=None,
     tomograms: str | os.PathLike | None = None,
     angle_sigmas: tuple[float, float] = (0.0, 0.0),
+    backend=None,
 ) -> Refine3DResult:
     """Run (or continue) a gold-standard 3D auto-refinement, writing RELION-named files every iteration.
 
@@ -690,6 +691,7 @@ def refine_3d(
             ``--tomograms``); recorded in the ``run_optimisation_set.star`` written at the end.
         angle_sigmas: ``(σ_tilt, σ_psi)`` degrees, RELION's ``--sigma_tilt`` / ``--sigma_psi`` priors for
             tomographic particles (0: none; :mod:`cryopipe.engine.tomo_priors`).
+        backend: where the E-step chunks run (:func:`cryopipe.engine.backend.make_backend`; default in-process).
 
     Tomographic particles (a particles file with rlnTomoName, directly or through an optimisation set) are
     refined as 3D pseudo-subtomograms (:class:`cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D`; the form is
@@ -861,6 +863,7 @@ def refine_3d(
     paths = None
     if continue_from is None:
         paths = write()
+    opt.backend = backend if backend is not None else opt.backend
     while not opt.converged and opt.iteration < n_iter:
         if opt.iteration >= n_iter - 1 and not opt.sampling.has_converged:
             log(f"warning: not converged after {opt.iteration} iterations; iteration {opt.iteration + 1} "
@@ -977,6 +980,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size", type=int, default=None, help="particles per batch (default 32)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--alias", default=None, help="job alias (project jobs)")
+    add_dask_arguments(g)
     # RELION options that cryopipe accepts and does not need
     for flag in ("--auto_refine", "--split_random_halves", "--dont_combine_weights_via_disc", "--cpu", "--gpu",
                  "--preread_images", "--no_parallel_disc_io", "--skip_gridding", "--pipeline_control",
@@ -1029,12 +1033,13 @@ def main(args: argparse.Namespace) -> int:
     params = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     with open_job_dir(str(out_dir) + "/" if out_dir is not None else None, "Refine3D", ProcessLabel.REFINE3D,
                       alias=args.alias, inputs=inputs if args.continue_ is None else [], params=params,
-                      continue_job=same_job) as job:
+                      continue_job=same_job) as job, job_backend(args, log) as backend:
         res = refine_3d(args.i, job.dir / prefix, settings, reference=args.ref, solvent_mask=args.solvent_mask,
                         absolute_greyscale=not args.firstiter_cc, continue_from=args.continue_, overrides=given,
                         device=args.device, root=job.root, command=" ".join(_argv_of(args)), log=log,
                         progress=lambda it, desc="": progress(it, desc=desc), tomograms=args.tomograms,
-                        angle_sigmas=(float(args.sigma_tilt or 0.0), float(args.sigma_psi or 0.0)))
+                        angle_sigmas=(float(args.sigma_tilt or 0.0), float(args.sigma_psi or 0.0)),
+                        backend=backend)
         if res.converged:
             job.add_output(res.data_star, NodeType.REFINE3D_PARTICLES)
             job.add_output(res.optimiser_star, NodeType.REFINE3D_OPTIMISER)

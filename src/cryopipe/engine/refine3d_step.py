@@ -1,0 +1,151 @@
+"""The unit of work of a 3D iteration (refine3d, initialmodel) as a pure function (issue 15).
+
+``refine3d_chunk(optimiser, snapshot, item)`` runs the E-step of the particles ``item.index`` (one half-set or
+pseudo-half, ``item.group``) in batches against the frozen model of a :class:`Refine3DSnapshot`, and returns a
+:class:`Refine3DPartial`: the chunk's back-projector grids (additive), its :class:`~cryopipe.engine.stream.
+ParticleSums` (additive) and the chunk's new per-particle poses. It reads the images itself through the particle
+set's ``load`` (file paths), changes nothing it is given (it works on a shallow copy of the optimiser with the
+snapshot's model, state and sampling), and its random numbers come from per-particle seeds, so the sums over a
+union of chunks equal the sum of the chunks' sums whatever the chunking (up to float summation order).
+:meth:`cryopipe.engine.optimiser3d.Optimiser3D.iterate` sends these chunks to a Dask backend and reduces them in
+chunk order; in-process it runs the same batch loop (:meth:`~cryopipe.engine.optimiser3d.Optimiser3D.
+_estep_batches`) directly.
+
+The optimiser is sent to each worker once per run (its pickled form leaves out the model, state and backend:
+``Optimiser3D.__getstate__``); the snapshot once per iteration; the items are index arrays.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["Refine3DSnapshot", "Refine3DItem", "PoseRecords", "Refine3DPartial", "refine3d_chunk"]
+
+_POSE_FIELDS = ("angles", "origin", "klass", "pmax", "nsig", "loglik", "norm")
+
+
+@dataclass
+class Refine3DSnapshot:
+    """The frozen model of one iteration: ``iteration`` (1-based; enters the per-particle seeds), ``model``
+    (:class:`~cryopipe.engine.optimiser3d.Model3D`), the particles' ``state`` at the start of the iteration (poses
+    for local searches and origins), the ``sampling`` and whether this is the ``final`` iteration."""
+
+    iteration: int
+    model: object
+    state: object
+    sampling: object
+    final: bool
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_cache"] = {}
+        d.pop("_lock", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def worker(self, optimiser, device: torch.device | None = None) -> tuple[object, object]:
+        """``(copy of optimiser bound to this snapshot and moved to device, its iteration set-up)``, built once
+        per snapshot, optimiser object and device (a worker builds the references for its first chunk only)."""
+        key = (id(optimiser), str(device))
+        with self._lock:
+            got = self._cache.get(key)
+            if got is None:
+                w = _shallow_copy(optimiser)
+                if device is not None and torch.device(device) != w.dev:
+                    _move(w, torch.device(device))
+                w.model, w.sampling, w.iteration = self.model, self.sampling, self.iteration
+                w.progress = None
+                got = (w, w._iteration_setup(self.final))
+                self._cache[key] = got
+            return got
+
+
+def _shallow_copy(obj):
+    """A shallow copy that keeps every attribute (``copy.copy`` would go through the optimiser's
+    ``__getstate__``, which leaves out the model and state for pickling)."""
+    out = object.__new__(type(obj))
+    out.__dict__.update(obj.__dict__)
+    return out
+
+
+def _move(optimiser, device: torch.device) -> None:
+    """Rebind an optimiser copy's device-bound members (coefficient set, shell counts, masks) to ``device``."""
+    from cryopipe.engine.coefficients import coefficient_set
+
+    n = optimiser.n
+    optimiser.dev = device
+    optimiser.full = coefficient_set(n, n // 2, device=device)
+    optimiser.npix = optimiser.npix.to(device)
+    optimiser.mask2d = optimiser.mask2d.to(device)
+    optimiser.mask3d = optimiser.mask3d.to(device)
+
+
+@dataclass
+class Refine3DItem:
+    """One chunk: ``group`` (index of the half-set / pseudo-half) and ``index [B]`` (0-based particle rows, in
+    batch order)."""
+
+    group: int
+    index: np.ndarray
+
+
+@dataclass
+class PoseRecords:
+    """Per-particle results of a chunk (rows ``index``): the :class:`~cryopipe.engine.optimiser3d.
+    ParticleState3D` fields ``angles [B, 3]``, ``origin [B, D]``, ``klass``, ``pmax``, ``nsig``, ``loglik``,
+    ``norm`` (``values`` maps each field to its rows)."""
+
+    index: np.ndarray
+    values: dict
+
+    @classmethod
+    def take(cls, state, index: np.ndarray) -> PoseRecords:
+        return cls(index.copy(), {f: np.array(getattr(state, f)[index]) for f in _POSE_FIELDS})
+
+    def apply(self, state) -> None:
+        """Write the records into ``state`` (the main process's)."""
+        for f, v in self.values.items():
+            getattr(state, f)[self.index] = v
+
+
+@dataclass
+class Refine3DPartial:
+    """What a chunk returns: ``group``, the back-projector grids ``data`` / ``weight`` ``[K, ...]``, the particle
+    ``sums``, the pose ``records`` and the number of (orientation × class × translation) samples evaluated."""
+
+    group: int
+    data: torch.Tensor
+    weight: torch.Tensor
+    sums: object
+    records: PoseRecords
+    n_samples: float
+
+
+def refine3d_chunk(optimiser, snap: Refine3DSnapshot, item: Refine3DItem,
+                   device: torch.device | str | None = None) -> Refine3DPartial:
+    """E-step of ``item`` against ``snap`` (module docstring) on ``device`` (default: the optimiser's); the
+    returned tensors live there."""
+    from cryopipe.engine.reference3d import ClassBackProjectors
+    from cryopipe.engine.stream import ParticleSums
+
+    base, setup = snap.worker(optimiser, None if device is None else torch.device(device))
+    w = _shallow_copy(base)
+    w.state = snap.state.copy()  # this chunk's poses are written here, then returned
+    s, m, p, n = w.s, w.model, w.p, w.n
+    K = m.n_classes
+    bp_rmax = n // 2 if s.grad else setup.r_cur
+    bps = ClassBackProjectors(K, n, s.pad, r_max=bp_rmax, device=w.dev)
+    sums = ParticleSums.zeros(K, p.n_optics_groups, m.n_shells, p.n_groups, w.dev)
+    index = np.asarray(item.index)
+    n_samples = w._estep_batches(setup, w._model_index(item.group), index, bps, sums)
+    data, weight = bps.sums()
+    return Refine3DPartial(int(item.group), data, weight, sums, PoseRecords.take(w.state, index), n_samples)
