@@ -378,11 +378,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_tomo", action="store_true", help="skip the tilt-series path (steps 14-17)")
     p.add_argument("--n_tomograms", type=int, default=2, help="simulated tilt series in the tilt-series path")
     p.add_argument("--particles_per_tomogram", type=int, default=40, help="particles per simulated tomogram")
+    p.add_argument("--tomo", action="store_true", help="only the subtomogram-averaging path (C6 lattice; demo_tomo)")
     p.add_argument("--keep", action="store_true", help="do not replace an existing project folder (adds jobs)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.tomo:  # the subtomogram-averaging tutorial path only
+        from cryopipe.jobs.demo_tomo import main_tomo
+        return main_tomo(args)
     s = run_demo(args.output, n_particles=args.n_particles, n_micrographs=args.n_micrographs, device=args.device,
                  keep=args.keep, seed=args.seed, class2d_k=args.class2d_k, class2d_iter=args.class2d_iter,
                  n_per_mic=args.n_per_mic, initial_iter=args.initial_iter, refine_iter=args.refine_iter,

@@ -13,7 +13,7 @@ import torch
 
 from cryopipe.core.fourier import lowpass_real
 
-__all__ = ["dark_centroids", "position_errors"]
+__all__ = ["dark_centroids", "pose_errors", "position_errors"]
 
 
 def dark_centroids(volume: torch.Tensor, positions_voxels: torch.Tensor, radius_voxels: float = 4.0,
@@ -43,3 +43,37 @@ def position_errors(volume: torch.Tensor, positions_px: torch.Tensor, binning: f
     dark density around it in the bin-``binning`` tomogram ``volume`` (:func:`dark_centroids`)."""
     voxels = positions_px.to(torch.float64) / float(binning)
     return torch.linalg.norm(dark_centroids(volume, voxels, radius_voxels, lowpass_voxels) - voxels, dim=-1)
+
+
+def pose_errors(A_est: torch.Tensor, A_true: torch.Tensor, sym: str = "C1", n_candidates: int = 64
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angular error (degrees) of each particle's orientation after the best global rotation of the estimated
+    frame onto the true one, up to the symmetry of the truth: ``(errors [N], Q [3, 3])``.
+
+    ``A_est``, ``A_true``: ``[N, 3, 3]`` total orientations (A = A_sub·A_particle, reference → tomogram frame) of
+    the same particles. A map ``V`` that is the truth ``T`` in another frame, ``V(y) = T(Q·y)``, gives
+    ``A_est = A_true·S·Q`` (``S`` any operator of the truth's point group ``sym``), so ``M_i = S·Q`` with
+    ``M_i = A_trueᵢᵀ·A_estᵢ``. ``Q`` is chosen among ``n_candidates`` particles' ``M_i`` (smallest median
+    error), then refined twice by the projected mean of ``S_iᵀ·M_i``; ``errors[i] = min_S ∠(M_i, S·Q)``. A map
+    of the wrong hand cannot be matched by a rotation: its errors stay large."""
+    from cryopipe.core.geometry import angular_distance
+    from cryopipe.core.symmetry import symmetry_operators
+
+    M = A_true.to(torch.float64).transpose(-1, -2) @ A_est.to(torch.float64)  # [N, 3, 3]
+    ops = symmetry_operators(sym, device=M.device, dtype=torch.float64)
+    ops = ops[torch.linalg.det(ops) > 0]  # [G, 3, 3]
+
+    def errors_for(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = angular_distance(M[:, None], ops[None] @ Q)  # [N, G]
+        return d.min(dim=1)
+
+    cands = M[torch.linspace(0, len(M) - 1, min(n_candidates, len(M))).round().long()]
+    best = min(cands, key=lambda Q: float(errors_for(Q)[0].median()))
+    for _ in range(2):  # refine: mean of the symmetry-reduced M_i over the inliers, projected onto SO(3)
+        err, k = errors_for(best)
+        inl = err <= max(float(err.median()) * 3.0, 1.0)
+        mean = (ops[k[inl]].transpose(-1, -2) @ M[inl]).mean(dim=0)
+        U, _, Vt = torch.linalg.svd(mean)
+        D = torch.diag(torch.tensor([1.0, 1.0, float(torch.linalg.det(U @ Vt))], dtype=torch.float64))
+        best = U @ D @ Vt
+    return errors_for(best)[0], best
