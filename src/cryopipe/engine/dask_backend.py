@@ -65,17 +65,21 @@ class DaskBackend:
             address (``tcp://host:8786``) / ``scheduler.json`` file of a running cluster (e.g. dask-jobqueue).
         batches_per_worker: chunks per worker and iteration (more: better balance, more scheduler round trips).
         retries: re-runs of a task that raised.
-        timeout: how long to try reaching an existing scheduler.
+        timeout: how long to try reaching (or re-reaching, after a lost connection) an existing scheduler;
+            default: Dask's ``distributed.comm.timeouts.connect`` (30 s; ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT``).
     """
 
     distributed = True
 
-    def __init__(self, spec: str, batches_per_worker: int = 1, retries: int = 2, timeout: str = "30s"):
+    def __init__(self, spec: str, batches_per_worker: int = 1, retries: int = 2, timeout: str | None = None):
         try:
+            import dask
             from distributed import Client, LocalCluster
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise CryopipeError("--dask needs Dask distributed: pip install 'cryopipe[dask]' "
                                 "(or bash run.sh setup)") from e
+        if timeout is None:
+            timeout = dask.config.get("distributed.comm.timeouts.connect", "30s")
         self.spec = spec
         self.batches_per_worker = max(1, int(batches_per_worker))
         self.retries = int(retries)
@@ -91,8 +95,6 @@ class DaskBackend:
             where = {"host": "127.0.0.1"} if processes else {}  # threads: in-process transport, no sockets
             # Dask's default MALLOC_TRIM_THRESHOLD_ for worker processes turns off glibc's adaptive mmap threshold:
             # every large temporary of the E-step is then a fresh mmap (page faults), ~1.6x slower here
-            import dask
-
             with dask.config.set({"distributed.nanny.pre-spawn-environ": _WORKER_ENVIRON}):
                 self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
                                              dashboard_address=":0", silence_logs=logging.ERROR, **where)
@@ -128,11 +130,26 @@ class DaskBackend:
             futs = [c.submit(_run_task, fn, self._static_future, snap, item, self.threads, kwargs, pure=False,
                              retries=self.retries) for item in items]
             out = c.gather(futs)
-        except (OSError, TimeoutError) as e:
-            raise CryopipeError(f"--dask {self.spec}: lost the Dask scheduler ({e}); the last finished iteration's "
-                                "files are intact: --continue from its _optimiser.star") from None
+        except CryopipeError:
+            raise  # a user error raised by a task: as it is
+        except Exception as e:
+            if not self._scheduler_lost(e):
+                raise
+            raise CryopipeError(f"--dask {self.spec}: lost the Dask scheduler ({type(e).__name__}: {e}); the files "
+                                "written so far are intact: rerun with --continue (class2d, refine3d: --continue "
+                                "from the last iteration's _optimiser.star)") from None
         del futs, snap
         return out
+
+    def _scheduler_lost(self, e: Exception) -> bool:
+        """Whether ``e`` (raised while scattering or gathering) means the scheduler is gone: a closed connection
+        (OSError, timeout), a closed connection pool, futures cancelled because the connection was lost, or a
+        client that is no longer running (Dask gave up reconnecting)."""
+        from distributed.utils import CancelledError
+
+        if isinstance(e, (OSError, TimeoutError, CancelledError)) or "ConnectionPool" in str(e):
+            return True
+        return getattr(self.client, "status", "running") != "running"
 
     def close(self) -> None:
         self.client.close()
