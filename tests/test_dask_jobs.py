@@ -190,3 +190,30 @@ def test_lost_scheduler_then_continue_in_process(relion_dir, tmp_path, monkeypat
     db = read_particles(tmp_path / "d/run_it003_data.star").particles
     assert np.array_equal(da["rlnClassNumber"].to_numpy(), db["rlnClassNumber"].to_numpy())
     np.testing.assert_allclose(db["rlnAnglePsi"].to_numpy(float), da["rlnAnglePsi"].to_numpy(float), atol=1e-3)
+
+
+def _echo_or_raise(static, snapshot, item, device=None):
+    """A chunk step for the error tests: returns ``item``, raises it when it is an exception."""
+    if isinstance(item, Exception):
+        raise item
+    return item
+
+
+def test_task_errors_pass_through_and_a_closed_cluster_is_a_lost_scheduler(monkeypatch):
+    """A task's own error reaches the caller as it is (a user error stays a one-line CryopipeError, a bug its own
+    type); once the scheduler is gone (here: its cluster closed, so the client has no scheduler connection) the
+    next iteration's map is the one-line "lost the Dask scheduler" error, whatever Dask raised."""
+    from cryopipe.errors import CryopipeError
+
+    be = make_backend("local:1:threads")
+    try:
+        assert be.map(_echo_or_raise, None, None, [1, 2, 3]) == [1, 2, 3]
+        with pytest.raises(CryopipeError, match="^bad micrograph$"):
+            be.map(_echo_or_raise, None, None, [1, CryopipeError("bad micrograph")])
+        with pytest.raises(ZeroDivisionError):
+            be.map(_echo_or_raise, None, None, [ZeroDivisionError("bug")])
+        be._cluster.close()
+        with pytest.raises(CryopipeError, match="lost the Dask scheduler.*--continue"):
+            be.map(_echo_or_raise, None, None, [1])
+    finally:
+        be.client.close()
