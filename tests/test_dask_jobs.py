@@ -217,3 +217,12 @@ def test_task_errors_pass_through_and_a_closed_cluster_is_a_lost_scheduler(monke
             be.map(_echo_or_raise, None, None, [1])
     finally:
         be.client.close()
+
+
+def test_no_dask_import_for_picking_and_extraction():
+    import subprocess
+    import sys
+
+    code = ("import sys, cryopipe.jobs.autopick, cryopipe.jobs.extract, cryopipe.picking.pick_step, "
+            "cryopipe.extraction.extract_step; assert 'distributed' not in sys.modules and 'dask' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
