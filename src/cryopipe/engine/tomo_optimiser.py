@@ -33,7 +33,7 @@ from cryopipe.core.geometry import euler_to_matrix
 from cryopipe.core.masks import soft_spherical_mask
 from cryopipe.engine.coefficients import volume_coefficient_set
 from cryopipe.engine.estep import TranslationGrid
-from cryopipe.engine.optimiser3d import Optimiser3D, ParticleState3D
+from cryopipe.engine.optimiser3d import Optimiser3D, ParticleState3D, signal_power
 from cryopipe.engine.reference3d import ClassReferences3D
 from cryopipe.engine.stream import repair_negative_spectra
 from cryopipe.engine.tomo_memory import BatchMemory
@@ -215,7 +215,7 @@ class SubtomoOptimiser3D(Optimiser3D):
         X, inv = batch.X, batch.inv_sigma2.to(torch.float64)
         noise = torch.where(inv > 0, 2.0 / inv.clamp_min(1e-30), torch.zeros_like(inv))
         noise[:, 0] = 0.0
-        data_pow = float(((X.real.square() + X.imag.square()) - noise).clamp_min(0)[:, 1:].sum(dim=1).mean())
+        data_pow = signal_power(X, noise)
         out = []
         for k in range(vols.shape[0]):  # K classes
             refs = ClassReferences3D.from_volumes(vols[k][None] * self.mask3d, cset, cset.size,
@@ -223,8 +223,7 @@ class SubtomoOptimiser3D(Optimiser3D):
             rot = euler_to_matrix(*(torch.as_tensor(self.rng.uniform(0, 360, sub.size)) for _ in range(3)))
             Pv = refs.predict(0, rot.to(self.dev), cset.k) * batch.ctf.to(torch.complex64)
             ref_pow = float((Pv.real.square() + Pv.imag.square())[:, 1:].sum(dim=1).mean())
-            scale = math.sqrt(data_pow / ref_pow) if ref_pow > 0 and data_pow > 0 else 1.0
-            out.append(vols[k] * scale)
+            out.append(vols[k] * (math.sqrt(data_pow / ref_pow) if ref_pow > 0 else 1.0))
         return torch.stack(out)
 
     def _same_set(self, idx: np.ndarray) -> np.ndarray:
@@ -240,7 +239,7 @@ class SubtomoOptimiser3D(Optimiser3D):
         """RELION ``calculateExpectedAngularErrors`` for volumes: for a few particles at their orientations, the
         smallest rotation (about two axes) and 3D shift whose difference power ``Σ C3²|F − F_δ|²/(2σ²M)`` exceeds
         ``−ln(0.01)``; the mean over (at most 10) particles, the sums over every ``stride``-th coefficient."""
-        from cryopipe.engine.accuracy import THRESHOLD, first_crossing, trial_angles, trial_shifts
+        from cryopipe.engine.accuracy import THRESHOLD, first_crossing, trial_angles, trial_rotations, trial_shifts
         from cryopipe.engine.estep import shift_phases
 
         m, dev, p = self.model, self.dev, self.p
@@ -262,11 +261,7 @@ class SubtomoOptimiser3D(Optimiser3D):
         J = ang.numel()
         A = torch.as_tensor(self.state.angles[idx], dtype=torch.float64, device=dev)
         A0 = euler_to_matrix(A[:, 0], A[:, 1], A[:, 2])
-        rad = torch.deg2rad(ang)
-        cz, sz = torch.cos(rad), torch.sin(rad)
-        one, zero = torch.ones_like(cz), torch.zeros_like(cz)
-        Rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], -1).reshape(J, 3, 3)
-        Rx = torch.stack([one, zero, zero, zero, cz, -sz, zero, sz, cz], -1).reshape(J, 3, 3)
+        Rz, Rx = trial_rotations(ang)  # in-plane, out of plane
         kk = cset.k.to(dev)[::stride]
         acc_rot = torch.zeros(K, dtype=torch.float64)
         acc_trans = torch.zeros(K, dtype=torch.float64)
