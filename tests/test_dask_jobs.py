@@ -87,6 +87,23 @@ def test_autopick_and_extract_on_two_workers_equal_in_process(project, scheduler
     assert pa == pb and pa.count("@Extract") == 0 and pa.count("@JOB/") == n_picks
 
 
+def test_template_autopick_on_two_workers_equals_in_process(project, scheduler, monkeypatch):
+    """Template picking (``--ref gauss``; the picker holds its prepared references) with FOM maps written by the
+    workers gives the in-process coordinate files and maps."""
+    monkeypatch.chdir(project)
+    base = ["autopick", "--i", "Simulate/job001/micrographs.star", "--ref", "gauss", "--particle_diameter", "90",
+            "--no_png", "--write_fom_maps"]
+    assert cli(base + ["--odir", "AutoPick/job006/"]) == 0
+    assert cli(base + ["--odir", "AutoPick/job007/", "--dask", scheduler]) == 0
+    a = _files(project / "AutoPick/job006", "*_autopick.star")
+    b = _files(project / "AutoPick/job007", "*_autopick.star")
+    assert len(a) == 3 and a.keys() == b.keys()
+    assert all(a[k].read_text() == b[k].read_text() for k in a)
+    ma, mb = _files(project / "AutoPick/job006", "*_fom.mrcs"), _files(project / "AutoPick/job007", "*_fom.mrcs")
+    assert len(ma) == 3 and ma.keys() == mb.keys()
+    assert all(np.array_equal(read_mrc(ma[k])[0], read_mrc(mb[k])[0]) for k in ma)
+
+
 def test_continue_with_dask_keeps_finished_micrographs(project, monkeypatch):
     """``--continue`` with ``--dask``: only the micrographs without outputs are redone
     (the others keep their files), and the job's STAR files equal a complete run's."""
