@@ -14,11 +14,12 @@ import torch
 from cryopipe.cli import main as cli
 from cryopipe.core.fsc import fsc
 from cryopipe.engine.optimiser3d import Refine3DSettings
+from cryopipe.engine.refine3d_files import read_optimisation_set, write_optimisation_set
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.mrc import read_mrc, write_mrc
 from cryopipe.io.particles import read_particles, write_particles
 from cryopipe.io.star import read_star
-from cryopipe.jobs.refine3d import read_optimisation_set, refine_3d, write_optimisation_set
+from cryopipe.jobs.refine3d import refine_3d
 from cryopipe.pipeline.project import NodeType, read_pipeline
 
 torch.set_num_threads(2)

@@ -28,15 +28,11 @@ import torch
 
 from cryopipe.core.device import resolve_device
 from cryopipe.engine.backend import add_dask_arguments, make_backend
-from cryopipe.engine.class2d_files import (
-    project_relative,
-    resume_optimiser_2d,
-    split_output_prefix,
-    write_iteration_2d,
-)
+from cryopipe.engine.class2d_files import resume_optimiser_2d, split_output_prefix, write_iteration_2d
 from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleState2D
 from cryopipe.engine.particle_input import load_particles, particle_groups
 from cryopipe.engine.relion_files import read_optimiser_star
+from cryopipe.engine.run_command import command_arguments
 from cryopipe.engine.sampling import InPlaneSampling
 from cryopipe.errors import CryopipeError, InputFileError
 
@@ -44,9 +40,6 @@ HELP = "2D classification (like relion_refine without a reference, 2D)"
 
 __all__ = ["HELP", "Class2DResult", "classify_2d", "load_particles", "particle_groups", "split_output_prefix",
            "add_arguments", "main"]
-
-#: the project-relative name helper under its old name (refine3d and initialmodel import it from here)
-_rel = project_relative
 
 
 @dataclass
@@ -281,7 +274,7 @@ def main(args: argparse.Namespace) -> int:
             log(f"E-step on {backend.describe()}")
         try:
             res = classify_2d(args.i, job.dir / prefix, settings, continue_from=args.continue_, overrides=given,
-                              device=args.device, root=job.root, command=" ".join(_argv_of(args)), log=log,
+                              device=args.device, root=job.root, command=" ".join(command_arguments()), log=log,
                               progress=lambda it, desc="": progress(it, desc=desc), grad=_grad_options(args),
                               backend=backend, on_written=job.mark_continuable)
         finally:
@@ -299,9 +292,3 @@ def _grad_options(args: argparse.Namespace) -> dict | None:
                 ini_subset=args.grad_ini_subset if args.grad_ini_subset > 0 else None,
                 fin_subset=args.grad_fin_subset if args.grad_fin_subset > 0 else None,
                 grad_em_iters=args.grad_em_iters, class_inactivity_threshold=args.class_inactivity_threshold)
-
-
-def _argv_of(args: argparse.Namespace) -> list[str]:
-    import sys
-
-    return sys.argv[2:] if len(sys.argv) > 2 else []

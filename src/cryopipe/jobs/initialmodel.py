@@ -32,21 +32,28 @@ import torch
 from cryopipe.core.device import resolve_device
 from cryopipe.engine.backend import add_dask_arguments, job_backend
 from cryopipe.core.symmetry import canonical_symmetry_name
+from cryopipe.engine.class2d_files import project_relative, split_output_prefix
 from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
-from cryopipe.engine.relion_files import read_model_star, read_optimiser_star, resolve_relion_path
-from cryopipe.engine.vdam import GradUpdate, default_subset_sizes, grad_star_values, initial_model_rule
-from cryopipe.errors import CryopipeError, InputFileError
-from cryopipe.io.atomic import atomic_path
-from cryopipe.jobs.class2d import _argv_of, _rel, load_particles, split_output_prefix
-from cryopipe.jobs.refine3d import (
+from cryopipe.engine.particle_input import load_particles
+from cryopipe.engine.refine3d_files import (
     continue_inputs,
+    is_optimisation_set,
+    is_tomo_particles,
     model3d_from_files,
+    original_sampling,
+    read_optimisation_set,
     sampling_from_files,
-    settings_from_args,
     state_from_data,
     stored_settings,
     write_iteration_3d,
+    write_optimisation_set,
 )
+from cryopipe.engine.relion_files import read_model_star, read_optimiser_star, resolve_relion_path
+from cryopipe.engine.run_command import command_arguments
+from cryopipe.engine.vdam import GradUpdate, default_subset_sizes, grad_star_values, initial_model_rule
+from cryopipe.errors import CryopipeError, InputFileError
+from cryopipe.io.atomic import atomic_path
+from cryopipe.jobs.refine3d import settings_from_args
 
 HELP = "de novo 3D initial model (like relion_refine --grad --denovo_3dref, then relion_align_symmetry)"
 
@@ -123,8 +130,6 @@ def initial_model(
     set_values = None
     if continue_from is not None:
         vals, bases, data_path, model_paths, sv, _ = continue_inputs(continue_from)
-        from cryopipe.jobs.refine3d import is_tomo_particles
-
         if is_tomo_particles(data_path):
             raise InputFileError(continue_from, "is an initial model of tomographic particles; --continue does not "
                                                 "resume those yet", "start a new initialmodel run")
@@ -165,9 +170,7 @@ def initial_model(
             log(f"warning: {continue_from} names no momenta file; the gradient moments restart from zero")
         opt = Optimiser3D(ps, s, model=model, state=state, sampling=samp, iteration=start, device=dev,
                           update_rule=rule, progress=progress)
-        original = (int(sv.get("rlnHealpixOrderOriginal", samp.healpix_order)),
-                    float(sv.get("rlnOffsetRangeOriginal", samp.offset_range * ps.pixel_size)) / ps.pixel_size,
-                    float(sv.get("rlnOffsetStepOriginal", samp.offset_step * ps.pixel_size)) / ps.pixel_size)
+        original = original_sampling(sv, samp, ps.pixel_size)
         log(f"continuing from {continue_from} (iteration {start}, {s.n_classes} class(es), {ps.size} particles)")
     else:
         if particles_star is None:
@@ -177,7 +180,7 @@ def initial_model(
         s = Refine3DSettings(**{**{f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}, **forced})
         tomo = _tomo_inputs(Path(particles_star), tomograms, root)
     if continue_from is None and tomo is not None:
-        from cryopipe.jobs.refine3d import tomo_optimiser
+        from cryopipe.tomo.refine_setup import tomo_optimiser
 
         particles_path, tomograms_path, set_values = tomo
         rule = initial_model_rule(s.n_iter, s.tau2_fudge, g)
@@ -214,8 +217,8 @@ def initial_model(
         mom = Path(f"{base}_momenta.pt")
         _save_momenta(mom, rule)
         return write_iteration_3d(opt, data, out_dir, prefix, root, n_iter, command, original,
-                                  extra=grad_star_values(rule, opt.iteration, ps.size, _rel(mom, root), write_iter,
-                                                     sym_final), write_data=write_data)
+                                  extra=grad_star_values(rule, opt.iteration, ps.size, project_relative(mom, root),
+                                                         write_iter, sym_final), write_data=write_data)
 
     paths = None
     if continue_from is None:
@@ -245,11 +248,9 @@ def initial_model(
         + (f" aligned to {sym_final} (symmetry residual {res.residual:.3f}) and symmetrised"
            if sym_final != "C1" else "") + f" -> {out_map}")
     if tomo is not None:  # the next job's input: the particles and the initial model as the reference
-        from cryopipe.jobs.refine3d import write_optimisation_set
-
         new = dict(set_values)
-        new["rlnTomoParticlesFile"] = _rel(paths["data"], root)
-        new["rlnTomoReferenceMap1File"] = _rel(out_map, root)
+        new["rlnTomoParticlesFile"] = project_relative(paths["data"], root)
+        new["rlnTomoReferenceMap1File"] = project_relative(out_map, root)
         write_optimisation_set(out_dir / f"{prefix}_optimisation_set.star", new)
     return InitialModelResult(out_dir / prefix, opt.iteration, paths["data"], paths["model"], paths["optimiser"],
                               list(paths["maps"]), out_map, sym_star, opt)
@@ -258,8 +259,6 @@ def initial_model(
 def _tomo_inputs(path: Path, tomograms, root: Path):
     """``(particles path, tomograms path or None, optimisation-set entries)`` when ``path`` is an optimisation set
     or a tomography particles file; None for single particles."""
-    from cryopipe.jobs.refine3d import is_optimisation_set, is_tomo_particles, read_optimisation_set
-
     values: dict = {}
     tomo_path = Path(tomograms) if tomograms is not None else None
     if is_optimisation_set(path):
@@ -270,9 +269,9 @@ def _tomo_inputs(path: Path, tomograms, root: Path):
             tomo_path = resolve_relion_path(str(values["rlnTomoTomogramsFile"]), root, *bases)
     elif is_tomo_particles(path):
         particles = path
-        values = {"rlnTomoParticlesFile": _rel(path, root)}
+        values = {"rlnTomoParticlesFile": project_relative(path, root)}
         if tomo_path is not None:
-            values["rlnTomoTomogramsFile"] = _rel(tomo_path, root)
+            values["rlnTomoTomogramsFile"] = project_relative(tomo_path, root)
     else:
         return None
     return particles, tomo_path, values
@@ -379,8 +378,6 @@ def main(args: argparse.Namespace) -> int:
     if args.sym != "C1":
         given["symmetry"] = sym
     params = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    from cryopipe.jobs.refine3d import is_optimisation_set
-
     in_type = NodeType.TOMO_OPTIMISATION_SET if args.i and is_optimisation_set(args.i) else NodeType.PARTICLES
     with open_job_dir(str(out_dir) + "/" if out_dir is not None else None, "InitialModel",
                       ProcessLabel.INITIAL_MODEL, alias=args.alias,
@@ -389,7 +386,7 @@ def main(args: argparse.Namespace) -> int:
         res = initial_model(args.i, job.dir / prefix, settings, symmetry=sym, grad=grad, backend=backend,
                             write_iter=args.write_iter if args.write_iter is not None else 10,
                             continue_from=args.continue_, overrides=given, device=args.device, root=job.root,
-                            command=" ".join(_argv_of(args)), log=log,
+                            command=" ".join(command_arguments()), log=log,
                             progress=lambda it, desc="": progress(it, desc=desc), tomograms=args.tomograms)
         job.add_output(res.initial_model, NodeType.INITIAL_MODEL)
         job.add_output(res.data_star, NodeType.INITIAL_MODEL_PARTICLES)
