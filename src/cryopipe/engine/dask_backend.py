@@ -142,12 +142,16 @@ class DaskBackend:
         return out
 
     def _scheduler_lost(self, e: Exception) -> bool:
-        """Whether ``e`` (raised while scattering or gathering) means the scheduler is gone: a closed connection
-        (OSError, timeout), a closed connection pool, futures cancelled because the connection was lost, or a
-        client that is no longer running (Dask gave up reconnecting)."""
+        """Whether ``e`` (raised while scattering or gathering) means the scheduler is gone: a closed connection,
+        a connection timeout, a closed connection pool, futures cancelled because the connection was lost, or a
+        client that is no longer running (Dask gave up reconnecting). A task's own error (e.g. a missing file: an
+        OSError raised on a worker) is not."""
+        from distributed.comm.core import CommClosedError
         from distributed.utils import CancelledError
 
-        if isinstance(e, (OSError, TimeoutError, CancelledError)) or "ConnectionPool" in str(e):
+        if isinstance(e, (CommClosedError, ConnectionError, TimeoutError, CancelledError)):
+            return True
+        if "ConnectionPool" in str(e) or "trying to connect" in str(e):
             return True
         return getattr(self.client, "status", "running") != "running"
 
