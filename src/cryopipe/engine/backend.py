@@ -12,12 +12,36 @@ per-chunk inputs (particle indices and their current per-particle state).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["InProcess", "add_dask_arguments", "job_backend", "make_backend", "split_chunks"]
+__all__ = ["CachedSnapshot", "InProcess", "add_dask_arguments", "job_backend", "make_backend", "split_chunks"]
+
+
+class CachedSnapshot:
+    """Mixin of the per-iteration snapshots sent to workers: objects built from the snapshot on a worker (e.g. its
+    references on a device) are kept in ``self._cache`` under a lock; neither travels when the snapshot is
+    pickled. The dataclass using it declares ``_cache: dict`` and ``_lock: threading.Lock`` fields."""
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_cache"] = {}
+        d.pop("_lock", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def cached(self, key, build: Callable):
+        """``build()`` once per ``key`` for this snapshot (thread-safe)."""
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+            return self._cache[key]
 
 
 def split_chunks(idx: np.ndarray, n_chunks: int, batch_size: int) -> list[np.ndarray]:

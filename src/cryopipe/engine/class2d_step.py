@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 import numpy as np
 import torch
 
+from cryopipe.engine.backend import CachedSnapshot
 from cryopipe.engine.batch import prepare_batch
 from cryopipe.engine.coefficients import coefficient_set
 from cryopipe.engine.estep import EStepSettings, TranslationGrid, expectation
@@ -54,7 +55,7 @@ def to_device(obj, device: torch.device):
 
 
 @dataclass
-class Class2DSnapshot:
+class Class2DSnapshot(CachedSnapshot):
     """The frozen model of one iteration: everything a batch needs, picklable (sent once per iteration).
 
     Attributes:
@@ -94,16 +95,6 @@ class Class2DSnapshot:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_cache"] = {}
-        d.pop("_lock", None)
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._lock = threading.Lock()
-
     @property
     def n(self) -> int:
         return int(self.refs.shape[-1])
@@ -120,17 +111,13 @@ class Class2DSnapshot:
     def references(self, device: torch.device) -> tuple[ClassReferences2D, EStepSettings, TranslationGrid]:
         """Predictions, E-step settings and translations on ``device``, built once per snapshot and device (a
         worker that holds the snapshot builds them for its first chunk only)."""
-        key = str(device)
-        with self._lock:
-            got = self._cache.get(key)
-            if got is None:
-                cset = coefficient_set(self.n, self.n // 2, device=device).prefix(self.r_cur)
-                src = ClassReferences2D(self.refs.to(device), cset, self.coarse_size, self.coarse_psi.to(device),
-                                        None if self.fine_psi is None else self.fine_psi.to(device),
-                                        pad=self.settings.pad)
-                got = (src, to_device(self.est, device), to_device(self.trans, device))
-                self._cache[key] = got
-            return got
+        def build():
+            cset = coefficient_set(self.n, self.n // 2, device=device).prefix(self.r_cur)
+            src = ClassReferences2D(self.refs.to(device), cset, self.coarse_size, self.coarse_psi.to(device),
+                                    None if self.fine_psi is None else self.fine_psi.to(device),
+                                    pad=self.settings.pad)
+            return src, to_device(self.est, device), to_device(self.trans, device)
+        return self.cached(str(device), build)
 
     def preset_references(self, src: ClassReferences2D, device: torch.device) -> None:
         """Use predictions already built for this iteration (the in-process path; saves building them twice)."""

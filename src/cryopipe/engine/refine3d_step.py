@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cryopipe.engine.backend import CachedSnapshot
+
 __all__ = ["Refine3DSnapshot", "Refine3DItem", "PoseRecords", "Refine3DPartial", "refine3d_chunk"]
 
 _POSE_FIELDS = ("angles", "origin", "klass", "pmax", "nsig", "loglik", "norm")
 
 
 @dataclass
-class Refine3DSnapshot:
+class Refine3DSnapshot(CachedSnapshot):
     """The frozen model of one iteration: ``iteration`` (1-based; enters the per-particle seeds), ``model``
     (:class:`~cryopipe.engine.optimiser3d.Model3D`), the particles' ``state`` at the start of the iteration (poses
     for local searches and origins), the ``sampling`` and whether this is the ``final`` iteration."""
@@ -42,31 +44,17 @@ class Refine3DSnapshot:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_cache"] = {}
-        d.pop("_lock", None)
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._lock = threading.Lock()
-
     def worker(self, optimiser, device: torch.device | None = None) -> tuple[object, object]:
         """``(copy of optimiser bound to this snapshot and moved to device, its iteration set-up)``, built once
         per snapshot, optimiser object and device (a worker builds the references for its first chunk only)."""
-        key = (id(optimiser), str(device))
-        with self._lock:
-            got = self._cache.get(key)
-            if got is None:
-                w = _shallow_copy(optimiser)
-                if device is not None and torch.device(device) != w.dev:
-                    _move(w, torch.device(device))
-                w.model, w.sampling, w.iteration = self.model, self.sampling, self.iteration
-                w.progress = None
-                got = (w, w._iteration_setup(self.final))
-                self._cache[key] = got
-            return got
+        def build():
+            w = _shallow_copy(optimiser)
+            if device is not None and torch.device(device) != w.dev:
+                _move(w, torch.device(device))
+            w.model, w.sampling, w.iteration = self.model, self.sampling, self.iteration
+            w.progress = None
+            return w, w._iteration_setup(self.final)
+        return self.cached((id(optimiser), str(device)), build)
 
 
 def _shallow_copy(obj):
