@@ -35,6 +35,7 @@ __all__ = [
     "ctf_2d",
     "ctf_1d",
     "first_peak_mask",
+    "beam_tilt_phase",
 ]
 
 _PARAM_NAMES = (
@@ -392,3 +393,23 @@ def first_peak_mask(
         gamma, _ = _gamma(kx, ky, p)
         return gamma.abs() < math.pi / 2.0
     return _first_peak_from_gamma_params(kx, ky, p)
+
+
+def beam_tilt_phase(kx_per_A, ky_per_A, beam_tilt_x_mrad, beam_tilt_y_mrad, voltage=300.0, cs=2.7
+                    ) -> torch.Tensor:
+    """Antisymmetric phase error (radians) of a beam tilt at frequencies ``(kx, ky)`` (Å⁻¹), RELION's
+    ``selfApplyBeamTilt`` (rlnBeamTiltX/Y in mrad, Cs in mm, voltage in kV):
+
+    ``φ(k) = 2π·Cs·λ²·|k|²·(kx·τx + ky·τy)`` with ``τ = beam tilt / 1000`` (radians) and Cs in Å, i.e. RELION's
+    ``0.360·Cs·1e7·λ²/L³·(i² + j²)·(i·τy + j·τx)`` degrees for Fourier pixels ``(j, i)`` of an ``L`` Å box.
+    The image of a tilted beam is the untilted one with its FT multiplied by ``exp(i·φ)`` (the phase is odd in
+    ``k``, so a real image stays real). Every argument broadcasts; differentiable in the beam tilt; float64 (the
+    dtype of the inputs if they are tensors of another floating dtype)."""
+    lam = wavelength_A(voltage if not isinstance(voltage, torch.Tensor) else voltage.to(torch.float64))
+    tensors = [t for t in (kx_per_A, ky_per_A, beam_tilt_x_mrad, beam_tilt_y_mrad) if isinstance(t, torch.Tensor)]
+    dtype = tensors[0].dtype if tensors and tensors[0].is_floating_point() else torch.float64
+    device = tensors[0].device if tensors else None
+    kx, ky, tx, ty = (t.to(dtype) if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=dtype, device=device)
+                      for t in (kx_per_A, ky_per_A, beam_tilt_x_mrad, beam_tilt_y_mrad))
+    factor = 2.0 * math.pi * float(cs) * 1e7 * lam * lam * 1e-3
+    return factor * (kx * kx + ky * ky) * (kx * tx + ky * ty)

@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryopipe.core.ctf import ctf_2d
+from cryopipe.core.ctf import beam_tilt_phase, ctf_2d
 from cryopipe.core.device import resolve_device
-from cryopipe.core.fourier import irfft2_centered
+from cryopipe.core.fourier import freq_grid_2d, irfft2_centered
 from cryopipe.core.geometry import euler_to_matrix, random_orientations
 from cryopipe.core.projector import Projector
 from cryopipe.errors import CryopipeError
@@ -136,14 +136,21 @@ def project_particles(projector, angles_deg: torch.Tensor, origins_px: torch.Ten
 
 def particle_images(projector, angles_deg: torch.Tensor, origins_px: torch.Tensor | None, pixel_size: float,
                     ctf_params: dict[str, torch.Tensor] | None = None, voltage: float = 300.0, cs: float = 2.7,
-                    amplitude_contrast: float = 0.1) -> torch.Tensor:
-    """Noise-free particle images ``[B, N, N]``: ``IFT[CTF · shift(P_A V̂, −origin)]`` — what ``relion_project
-    --ctf`` writes for these STAR rows (no CTF when ``ctf_params`` is None). ``ctf_params``: RELION CTF columns as
-    ``[B]`` tensors (see :func:`random_ctf_parameters`)."""
+                    amplitude_contrast: float = 0.1, beam_tilt_mrad: tuple[float, float] | None = None
+                    ) -> torch.Tensor:
+    """Noise-free particle images ``[B, N, N]``: ``IFT[CTF · exp(i·φ_bt) · shift(P_A V̂, −origin)]`` — what
+    ``relion_project --ctf`` writes for these STAR rows (no CTF when ``ctf_params`` is None). ``ctf_params``:
+    RELION CTF columns as ``[B]`` tensors (see :func:`random_ctf_parameters`); ``beam_tilt_mrad``: (x, y) beam
+    tilt (rlnBeamTiltX/Y) whose phase :func:`cryopipe.core.ctf.beam_tilt_phase` the images carry (None: none)."""
     ft = project_particles(projector, angles_deg, origins_px)
     n = ft.shape[-2]
     if ctf_params is not None:
         ft = ft * ctf_images(n, pixel_size, ctf_params, voltage, cs, amplitude_contrast).to(ft.device)
+    if beam_tilt_mrad is not None and any(float(t) != 0.0 for t in beam_tilt_mrad):
+        kx, ky = freq_grid_2d(n, device=ft.device, dtype=torch.float64)
+        phi = beam_tilt_phase(kx / (n * pixel_size), ky / (n * pixel_size), float(beam_tilt_mrad[0]),
+                              float(beam_tilt_mrad[1]), voltage, cs)
+        ft = ft * torch.polar(torch.ones_like(phi), phi).to(ft.dtype)
     return irfft2_centered(ft, n)
 
 
@@ -267,6 +274,7 @@ def simulate_particles(
     voltage: float = 300.0,
     cs: float = 2.7,
     amplitude_contrast: float = 0.1,
+    beam_tilt_mrad: tuple[float, float] | None = None,
     signal_radius_px: float | None = None,
     frac_empty: float = 0.0,
     frac_contamination: float = 0.0,
@@ -301,6 +309,9 @@ def simulate_particles(
         ctf: apply a CTF (and write CTF columns); ``False`` gives plain projections.
         defocus_range, astigmatism_A, phase_shift_range, bfactor_range: see :func:`random_ctf_parameters`.
         voltage, cs, amplitude_contrast: optics (kV, mm, fraction).
+        beam_tilt_mrad: (x, y) beam tilt of the (one) optics group in mrad: every particle image carries its
+            antisymmetric phase (:func:`cryopipe.core.ctf.beam_tilt_phase`); written as rlnBeamTiltX/Y to the
+            truth file's optics table only (the user's ``particles.star`` does not know it).
         signal_radius_px: radius of the SNR measurement (default: :func:`estimate_particle_radius` of ``volume``).
         frac_empty, frac_contamination: fractions of junk images (noise only / bright blobs), at random rows.
         views: optional ``[V, 2]`` (rot, tilt) degrees: every particle takes one of these views at random (psi
@@ -384,7 +395,7 @@ def simulate_particles(
     def clean_images(sel: slice | torch.Tensor) -> torch.Tensor:
         params = {k: v[sel] for k, v in ctf_all.items()} if ctf else None
         return particle_images(projector, angles_all[sel], origins_px_all[sel], pixel_size, params,
-                               voltage, cs, amplitude_contrast)
+                               voltage, cs, amplitude_contrast, beam_tilt_mrad)
 
     # ---- noise level from a pilot: the noise-free images of the first `pilot_size` true particles
     real = np.flatnonzero(junk == JUNK_NONE)[:max(1, pilot_size)]
@@ -469,7 +480,10 @@ def simulate_particles(
             main[col] = truth[col]
     star_path = out / "particles.star"
     truth_path = out / "particles_truth.star"
-    write_star(truth_path, {"optics": optics, "particles": truth})
+    truth_optics = optics.copy()
+    if beam_tilt_mrad is not None:
+        truth_optics["rlnBeamTiltX"], truth_optics["rlnBeamTiltY"] = float(beam_tilt_mrad[0]), float(beam_tilt_mrad[1])
+    write_star(truth_path, {"optics": truth_optics, "particles": truth})
     write_star(star_path, {"optics": optics, "particles": main})
     map_path = None
     if write_map:
