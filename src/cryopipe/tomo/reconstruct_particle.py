@@ -30,8 +30,8 @@ from cryopipe.core.tilt_geometry import (
 )
 from cryopipe.tomo.particle_images import ctf_dose_weights, cut_particle_slices
 
-__all__ = ["ParticleAccumulator", "TiltSeriesGeometry", "insert_tilt_series_particles", "finalise_map",
-           "taper_sphere"]
+__all__ = ["ParticleAccumulator", "TiltSeriesGeometry", "insert_particle_pairs", "insert_tilt_series_particles",
+           "finalise_map", "taper_sphere"]
 
 
 @dataclass
@@ -121,6 +121,36 @@ def _trilinear_half(data: torch.Tensor, weight: torch.Tensor, p: torch.Tensor):
     return out_d, out_w
 
 
+def insert_particle_pairs(accumulator: ParticleAccumulator, images: torch.Tensor, tilt_index: torch.Tensor,
+                          centres_px: torch.Tensor, defocus: torch.Tensor, matrices: torch.Tensor,
+                          half_sets: torch.Tensor, pre_exposure: torch.Tensor, ctf_scale: torch.Tensor, *,
+                          pixel_size: float, binning: float, voltage: float, cs: float, amplitude_contrast: float,
+                          bfactor_per_dose: float = 0.0, do_ctf: bool = True, cutoff_fraction: float = 0.01,
+                          phase: torch.Tensor | None = None, flip_contrast: bool = True) -> None:
+    """Insert ``P`` (particle, tilt) pairs given one by one (one batch; callers loop over batches).
+
+    ``images`` ``[F, H, W]``; per pair: ``tilt_index`` ``[P]`` (long), ``centres_px`` ``[P, 2]`` projected centre
+    (unbinned px, warp included), ``defocus`` ``[P, 3]`` (U, V Å depth-corrected, angle deg), ``matrices``
+    ``[P, 3, 3]`` (``R_f·A``), ``half_sets`` ``[P]`` (1 or 2), ``pre_exposure`` ``[P]`` (e/Å²), ``ctf_scale``
+    ``[P]``; ``pixel_size`` unbinned Å. ``phase``: optional ``[P, b, b//2+1]`` antisymmetric aberration phase
+    (radians, e.g. beam tilt, :func:`cryopipe.core.ctf.beam_tilt_phase`) that the data carry relative to the
+    reference; the slices are multiplied by ``exp(−i·phase)`` before insertion (RELION's demodulation).
+    ``flip_contrast``: premultiply by ``−CTF·W`` (raw tilt images, dark protein) or, False, ``+CTF·W``."""
+    box = accumulator.box
+    slices = cut_particle_slices(images, tilt_index, centres_px, box, binning)
+    if phase is not None:
+        slices = slices * torch.polar(torch.ones_like(phase), -phase).to(slices.dtype)
+    c = ctf_dose_weights(box, pixel_size * binning, defocus[:, 0], defocus[:, 1], defocus[:, 2], pre_exposure,
+                         voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast, scale=ctf_scale,
+                         bfactor_per_dose=bfactor_per_dose, cutoff_fraction=cutoff_fraction, do_ctf=do_ctf,
+                         flip_contrast=flip_contrast)
+    for h in (1, 2):
+        sel = half_sets == h
+        if bool(sel.any()):
+            gather_insert_slices(accumulator.data[h - 1], accumulator.weight[h - 1], slices[sel] * c[sel],
+                                 c[sel] * c[sel], matrices[sel])
+
+
 def insert_tilt_series_particles(accumulator: ParticleAccumulator, images: torch.Tensor,
                                  geometry: TiltSeriesGeometry, positions_px: torch.Tensor,
                                  orientations: torch.Tensor, half_sets: torch.Tensor, binning: float,
@@ -131,7 +161,7 @@ def insert_tilt_series_particles(accumulator: ParticleAccumulator, images: torch
     ``images``: ``[F, H, W]`` tilt images; ``positions_px``: ``[N, 3]`` decentred unbinned px;
     ``orientations``: ``[N, 3, 3]`` (A_sub·A_particle); ``half_sets``: ``[N]`` 1 or 2. A particle is used in a
     tilt when its centre is at least ``box/2`` unbinned px inside the image (and the tilt's dose ≤
-    ``max_dose``). Pairs are processed ``batch_pairs`` at a time."""
+    ``max_dose``). Pairs are processed ``batch_pairs`` at a time (:func:`insert_particle_pairs`)."""
     box = accumulator.box
     F, H, W = images.shape
     q = project_points(geometry.projections.to(positions_px.device), positions_px.to(torch.float64))  # [N, F, 3]
@@ -140,20 +170,16 @@ def insert_tilt_series_particles(accumulator: ParticleAccumulator, images: torch
     u, v = depth_defocus(geometry.defocus[:, 0], geometry.defocus[:, 1], q[..., 2], geometry.hand,
                          geometry.pixel_size, geometry.defocus_slope)
     matrices = particle_tilt_matrices(geometry.projections[:, :3, :3], orientations.to(torch.float64))
-    binned_px = geometry.pixel_size * binning
     for start in range(0, particle.numel(), batch_pairs):
         n_idx, f_idx = particle[start:start + batch_pairs], tilt[start:start + batch_pairs]
-        slices = cut_particle_slices(images, f_idx, q[n_idx, f_idx, :2], box, binning)
-        c = ctf_dose_weights(box, binned_px, u[n_idx, f_idx], v[n_idx, f_idx], geometry.defocus[f_idx, 2],
-                             geometry.pre_exposure[f_idx], voltage=geometry.voltage, cs=geometry.cs,
-                             amplitude_contrast=geometry.amplitude_contrast, scale=geometry.ctf_scale[f_idx],
-                             bfactor_per_dose=geometry.bfactor_per_dose, cutoff_fraction=cutoff_fraction,
-                             do_ctf=do_ctf)
-        for h in (1, 2):
-            sel = half_sets[n_idx] == h
-            if bool(sel.any()):
-                gather_insert_slices(accumulator.data[h - 1], accumulator.weight[h - 1], slices[sel] * c[sel],
-                                     c[sel] * c[sel], matrices[n_idx[sel], f_idx[sel]])
+        insert_particle_pairs(accumulator, images, f_idx, q[n_idx, f_idx, :2],
+                              torch.stack([u[n_idx, f_idx], v[n_idx, f_idx], geometry.defocus[f_idx, 2]], -1),
+                              matrices[n_idx, f_idx], half_sets[n_idx], geometry.pre_exposure[f_idx],
+                              geometry.ctf_scale[f_idx], pixel_size=geometry.pixel_size, binning=binning,
+                              voltage=geometry.voltage, cs=geometry.cs,
+                              amplitude_contrast=geometry.amplitude_contrast,
+                              bfactor_per_dose=geometry.bfactor_per_dose, do_ctf=do_ctf,
+                              cutoff_fraction=cutoff_fraction)
     return int(particle.numel())
 
 
