@@ -15,6 +15,12 @@ Outputs in ``--o`` (each file written atomically): ``particles.star`` (RELION 5 
 ``half2.mrc`` (refined), ``half1_iter0.mrc``, ``half2_iter0.mrc`` (input metadata), ``fsc.star`` + ``fsc.png``
 (masked FSC before/after), ``mpr_log.txt`` (one line per sub-iteration: score, resolution) and
 ``mpr_stats.json``.
+
+Single particles (no ``--tomograms`` / ``--ios``): ``--i`` is a RELION 3.0/3.1 particles STAR with rlnImageName
+stacks, CTF columns and rlnRandomSubset (:mod:`cryopipe.mpr.spa`); groups poses, defocus (per particle), ctf
+(per-particle defocus + astigmatism) and beamtilt (per optics group). Outputs: ``particles.star`` (RELION 3.1,
+refined angles, origins, per-particle rlnDefocusU/V/Angle, rlnBeamTiltX/Y in the optics table), the half-maps,
+FSC, log and stats as above. Half-maps use a Wiener division (``--wiener_snr``, default 1 for single particles).
 """
 
 from __future__ import annotations
@@ -32,18 +38,22 @@ from cryopipe.core.fsc import shell_resolutions
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.atomic import atomic_path
 from cryopipe.io.mrc import read_mrc, write_mrc
+from cryopipe.io.particles import read_particles, write_particles
 from cryopipe.io.star import write_star
 from cryopipe.io.tomo_particles import check_inside, read_optimisation_set, read_tomo_particles, write_tomo_particles
 from cryopipe.io.tomography import read_tomograms, write_tomograms
 from cryopipe.mpr.driver import (MprOptions, Stage, check_stages, relion30_table, run_mpr, updated_particles,
                                  updated_tomograms)
 from cryopipe.mpr.parameters import GROUPS
+from cryopipe.mpr.spa import SPA_NAME, check_spa_stages, run_mpr_spa, updated_spa_particles
 
-HELP = "multi-particle refinement of tilt series (poses, per-tilt shifts/warp/angles, CTF) against half-maps, as M"
+HELP = ("multi-particle refinement of tilt series (poses, per-tilt shifts/warp/angles, CTF) or single particles "
+        "(poses, per-particle defocus, beam tilt) against half-maps, as M")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--i", dest="particles", default=None, help="particles STAR (RELION 5, or 4 coordinates)")
+    p.add_argument("--i", dest="particles", default=None,
+                   help="particles STAR (RELION 5, or 4 coordinates; or single particles when no --tomograms/--ios)")
     p.add_argument("--tomograms", default=None, help="tomograms.star")
     p.add_argument("--ios", default=None, help="optimisation_set.star (particles, tomograms, reference half-maps)")
     p.add_argument("--half1", default=None, help="unfiltered half-map 1 (default: the optimisation set's)")
@@ -70,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image-warp grid nodes (x, y)")
     p.add_argument("--batch_size", type=int, default=256, help="particle-tilt pairs per batch (memory bound)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--wiener_snr", type=float, default=None,
+                   help="half-maps: divide by Σc² + 1/SNR (> 0) instead of RELION's heuristic (<= 0); default 1 "
+                        "for single particles, heuristic for tilt series")
 
 
 def _stages(args) -> list[Stage]:
@@ -87,7 +100,23 @@ def _stages(args) -> list[Stage]:
     return [Stage(tuple(g.strip() for g in s.split(",") if g.strip()), it) for s, it in zip(groups, iters)]
 
 
+def _is_spa(args) -> bool:
+    """Single-particle mode: particles given without tomograms or an optimisation set."""
+    return args.tomograms is None and args.ios is None
+
+
 def _inputs(args):
+    if _is_spa(args):
+        files = {"particles": args.particles, "half1": args.half1, "half2": args.half2}
+        for key, value in files.items():
+            if value is None:
+                raise CryopipeError(f"no {key} file: give --{'i' if key == 'particles' else key} (single particles; "
+                                    "give --tomograms or --ios for tilt series)")
+            if not Path(value).exists():
+                raise CryopipeError(f"{value}: no such file (--{'i' if key == 'particles' else key})")
+        if args.mask and not Path(args.mask).exists():
+            raise CryopipeError(f"{args.mask}: no such file (--mask)")
+        return files
     entries = read_optimisation_set(args.ios) if args.ios else {}
     files = {"particles": args.particles or entries.get("rlnTomoParticlesFile"),
              "tomograms": args.tomograms or entries.get("rlnTomoTomogramsFile"),
@@ -163,14 +192,20 @@ def _write_warp(out: Path, datas, grid) -> None:
 def main(args: argparse.Namespace) -> int:
     stages = _stages(args)
     check_stages(stages)
+    spa = _is_spa(args)
+    if spa:
+        check_spa_stages(stages)
     files = _inputs(args)
     if args.diameter <= 0:
         raise CryopipeError(f"--diameter {args.diameter:g}: must be > 0 Å")
     if args.first_tilts < 0 or args.batch_size < 1 or args.lbfgs_iter < 1 or min(args.warp_grid) < 1:
         raise CryopipeError("--first_tilts must be >= 0, --batch_size, --lbfgs_iter and --warp_grid >= 1")
-    tomograms = read_tomograms(files["tomograms"])
-    particles = read_tomo_particles(files["particles"], tomograms)
-    check_inside(particles, tomograms)
+    if spa:
+        spa_particles = read_particles(files["particles"])
+    else:
+        tomograms = read_tomograms(files["tomograms"])
+        particles = read_tomo_particles(files["particles"], tomograms)
+        check_inside(particles, tomograms)
     half1, half2, px, mask = _maps(files, args.mask)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,14 +219,23 @@ def main(args: argparse.Namespace) -> int:
                          ctf_minresolution=args.ctf_minresolution, first_fraction=args.first_iteration_fraction,
                          lbfgs_iterations=args.lbfgs_iter, tolerance=args.tolerance,
                          warp_grid=tuple(args.warp_grid), symmetry=args.sym,
-                         batch_pairs=args.batch_size)
-    result = run_mpr(particles, tomograms, half1, half2, px, mask, args.diameter, options,
-                     device=resolve_device(args.device), log=log)
+                         batch_pairs=args.batch_size,
+                         reconstruct_snr=args.wiener_snr if args.wiener_snr is not None else (1.0 if spa else -1.0))
+    if spa:
+        result = run_mpr_spa(spa_particles, half1, half2, px, mask, args.diameter, options,
+                             root_dir=Path(files["particles"]).parent, device=resolve_device(args.device), log=log)
+    else:
+        result = run_mpr(particles, tomograms, half1, half2, px, mask, args.diameter, options,
+                         device=resolve_device(args.device), log=log)
     refined = any(st.iterations > 0 for st in stages)
     if result.baseline_half1 is not None:
         write_mrc(out / "half1_iter0.mrc", result.baseline_half1.cpu().numpy(), px)
         write_mrc(out / "half2_iter0.mrc", result.baseline_half2.cpu().numpy(), px)
-    if refined:
+    if refined and spa:
+        write_particles(out / "particles.star", updated_spa_particles(spa_particles, result.data[SPA_NAME]))
+        write_mrc(out / "half1.mrc", result.half1.cpu().numpy(), px)
+        write_mrc(out / "half2.mrc", result.half2.cpu().numpy(), px)
+    elif refined:
         write_tomo_particles(out / "particles.star", updated_particles(particles, tomograms, result.data))
         write_star(out / "particles_relion30.star", {"": relion30_table(result.data)}, version=None)
         write_tomograms(out / "tomograms.star", updated_tomograms(tomograms, result.data), out / "tilt_series")

@@ -30,15 +30,15 @@ from cryopipe.core.tilt_geometry import project_points, projection_matrices, vis
 from cryopipe.errors import CryopipeError
 from cryopipe.io.tomography import TiltSeries, TomogramSet
 from cryopipe.io.tomo_particles import TomoParticles, to_centered_coordinates
-from cryopipe.mpr.forward import Species, TiltSeriesData, bake
+from cryopipe.mpr.forward import Species, TiltSeriesData, bake, zero_parameters
 from cryopipe.mpr.optimise import RefineStats, refine_tilt_series
-from cryopipe.mpr.parameters import GROUPS, TiltSeriesParameters
+from cryopipe.mpr.parameters import CTF_GROUPS, GROUPS
 from cryopipe.mpr.reconstruct import reconstruct_halves
 from cryopipe.tomo.particle_sets import particles_per_tilt_series
 
 __all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "tilt_images", "without_images",
            "make_species", "species_mask", "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms",
-           "relion30_table", "check_stages"]
+           "relion30_table", "check_stages", "species_setup", "refine_data_sets"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class MprOptions:
     symmetry: str = "C1"
     batch_pairs: int = 256
     reconstruct: bool = True  # new half-maps + FSC after
+    reconstruct_snr: float = -1.0  # > 0: Wiener division Σc² + 1/snr in the half-maps (<= 0: RELION's heuristic)
 
 
 @dataclass
@@ -159,6 +160,27 @@ def check_stages(stages) -> None:
             raise CryopipeError(f"--iter {st.iterations}: must be >= 0")
 
 
+def species_setup(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor | None, map_pixel_size: float,
+                  diameter_A: float, options: MprOptions, say: Callable[[str], None], device=None
+                  ) -> tuple[float, float, float, torch.Tensor]:
+    """``(species resolution Å, refinement resolution Å, k_full Fourier px, soft mask)`` of the half-maps; a
+    one-line error when CTF groups are asked for on a species worse than ``options.ctf_minresolution``."""
+    box = int(half1.shape[-1])
+    res_mask = species_mask(None if mask is None else mask.to(device), box, map_pixel_size, diameter_A,
+                            max(options.resolution_A, 2 * map_pixel_size))
+    species_curve, species_res = masked_fsc(half1, half2, res_mask.to(device), map_pixel_size)
+    say(f"species: masked FSC of the given half-maps reaches {species_res:.2f} Å (0.143)")
+    wants_ctf = any(set(CTF_GROUPS) & set(st.groups) and st.iterations > 0 for st in options.stages)
+    if wants_ctf and species_res > options.ctf_minresolution:
+        raise CryopipeError(f"--stage ...{'/'.join(CTF_GROUPS)}: the species resolution {species_res:.2f} Å is worse "
+                            f"than --ctf_minresolution {options.ctf_minresolution:g} Å; refine geometry first (M "
+                            "refuses CTF refinement then) or raise --ctf_minresolution")
+    resolution = options.resolution_A if options.resolution_A > 0 else species_res
+    k_full = min(box * map_pixel_size / resolution, box // 2 - 1)
+    soft = species_mask(None if mask is None else mask.to(device), box, map_pixel_size, diameter_A, resolution)
+    return species_res, resolution, k_full, soft
+
+
 def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tensor, half2: torch.Tensor,
             map_pixel_size: float, mask: torch.Tensor | None, diameter_A: float, options: MprOptions,
             device=None, log: Callable[[str], None] = print) -> MprResult:
@@ -173,19 +195,8 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
         lines.append(msg)
         log(msg)
 
-    res_mask = species_mask(None if mask is None else mask.to(device), box, map_pixel_size, diameter_A,
-                            max(options.resolution_A, 2 * map_pixel_size))
-    species_curve, species_res = masked_fsc(half1, half2, res_mask.to(device), map_pixel_size)
-    say(f"species: masked FSC of the given half-maps reaches {species_res:.2f} Å (0.143)")
-    wants_ctf = any("ctf" in st.groups and st.iterations > 0 for st in options.stages)
-    if wants_ctf and species_res > options.ctf_minresolution:
-        raise CryopipeError(f"--stage ...ctf: the species resolution {species_res:.2f} Å is worse than "
-                            f"--ctf_minresolution {options.ctf_minresolution:g} Å; refine geometry first (M refuses "
-                            "CTF refinement then) or raise --ctf_minresolution")
-    resolution = options.resolution_A if options.resolution_A > 0 else species_res
-    k_full = min(box * map_pixel_size / resolution, box // 2 - 1)
-    soft = species_mask(None if mask is None else mask.to(device), box, map_pixel_size, diameter_A, resolution)
-
+    species_res, resolution, k_full, soft = species_setup(half1, half2, mask, map_pixel_size, diameter_A, options,
+                                                          say, device)
     datas: dict[str, TiltSeriesData] = {}
     series: dict[str, TiltSeries] = {}
     binning = None
@@ -208,15 +219,31 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
     n_pairs = sum(len(d.pairs) for d in datas.values())
     say(f"{len(particles)} particles, {len(datas)} tilt series, {n_pairs} particle-tilt pairs, box {box}, "
         f"{map_pixel_size:.3f} Å/px, refinement limit {resolution:.2f} Å")
+    return refine_data_sets(datas, lambda name: tilt_images(series[name], device), half1, half2, soft, species_res,
+                            k_full, map_pixel_size, binning, options, say, lines, t0)
 
-    def loaded():  # one tilt series' images in memory at a time
+
+def refine_data_sets(datas: dict[str, TiltSeriesData], load_images: Callable[[str], torch.Tensor],
+                     half1: torch.Tensor, half2: torch.Tensor, soft: torch.Tensor, species_res: float,
+                     k_full: float, map_pixel_size: float, binning: float, options: MprOptions,
+                     say: Callable[[str], None], lines: list[str], t0: float) -> MprResult:
+    """The schedule of the module docstring on prepared data sets (tilt series, or particle stacks from
+    :mod:`cryopipe.mpr.spa`) whose images ``load_images(name)`` gives, one data set in memory at a time:
+    baseline half-maps, stages × sub-iterations of :func:`refine_tilt_series` per data set (corrections baked
+    into ``datas`` in place), half-maps and FSC after."""
+    box = int(half1.shape[-1])
+    device = half1.device
+    n_pairs = sum(len(d.pairs) for d in datas.values())
+
+    def loaded():  # one data set's images in memory at a time
         for name, d in datas.items():
-            yield replace(d, images=tilt_images(series[name], device))
+            yield replace(d, images=load_images(name))
 
     fsc_before = fsc_after = h1_before = h2_before = h1_after = h2_after = None
     res_before = res_after = float("nan")
     if options.reconstruct:
-        h1_before, h2_before, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device)
+        h1_before, h2_before, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device,
+                                                 snr=options.reconstruct_snr)
         fsc_before, res_before = masked_fsc(h1_before, h2_before, soft, map_pixel_size)
         say(f"iter 0: half-maps at the input metadata: masked FSC resolution {res_before:.2f} Å")
 
@@ -231,9 +258,8 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
             before = after = 0.0
             run = RefineStats(0, 0, 0, 0, 0.0, 0.0)
             for name in datas:
-                data = replace(datas[name], images=tilt_images(series[name], device))
-                params = TiltSeriesParameters.zeros(len(data.positions), len(data.angles), options.warp_grid,
-                                                    device=device)
+                data = replace(datas[name], images=load_images(name))
+                params = zero_parameters(data)
                 r = refine_tilt_series(data, species, params, stage.groups, k_max,
                                        lbfgs_iterations=options.lbfgs_iterations, batch_pairs=options.batch_pairs,
                                        tolerance=options.tolerance)
@@ -251,7 +277,8 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
                 f"{res_it:.2f} Å, score {before:.4f} -> {after:.4f}, {run.evaluations} evaluations, "
                 f"{run.pair_evaluations / max(run.seconds, 1e-9):.0f} pair evaluations/s, {run.seconds:.1f} s")
     if options.reconstruct and any(st.iterations > 0 for st in options.stages):
-        h1_after, h2_after, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device)
+        h1_after, h2_after, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device,
+                                                 snr=options.reconstruct_snr)
         fsc_after, res_after = masked_fsc(h1_after, h2_after, soft, map_pixel_size)
         say(f"after refinement: masked FSC resolution {res_after:.2f} Å (before {res_before:.2f} Å); "
             f"{time.perf_counter() - t0:.1f} s in all")

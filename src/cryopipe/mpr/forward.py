@@ -7,7 +7,10 @@ For every (particle ``n``, tilt ``f``) pair of a batch:
   tilt's image warp at ``q``, the depth ``q_z`` and the single-particle matrix ``R_f·A_n``;
 * reference: the central slice ``V̂_h((R_f·A_n)ᵀ·(kx, ky, 0))`` of the particle's **own** half-map ``h``
   (rlnRandomSubset: gold standard), times ``c = −CTF·W`` (depth-corrected, refined defocus and astigmatism;
-  dose weight ``W``; −1 because the raw images have dark protein), moved by ``(q − q₀)/bin`` px with a phase ramp;
+  dose weight ``W``; −1 because the raw images have dark protein; ``+CTF`` for extracted single particles,
+  ``flip_contrast=False``), moved by ``(q − q₀)/bin`` px with a phase ramp;
+* beam tilt (when the data carry one or it is refined): the reference times ``exp(i·φ)``, ``φ`` the antisymmetric
+  phase of the pair's beam-tilt group (:func:`cryopipe.core.ctf.beam_tilt_phase`, RELION's convention);
 * data: the particle's FT cut around the fixed centre ``q₀`` (the position at the start of the sub-iteration;
   :func:`cryopipe.tomo.particle_images.cut_particle_slices`, phase origin exactly at ``q₀``).
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cryopipe.core.ctf import ctf_gamma
+from cryopipe.core.ctf import beam_tilt_phase, ctf_gamma
 from cryopipe.core.projector import slice_coordinates
 from cryopipe.core.slice_sampling import central_slice_points, sample_half_grids
 from cryopipe.core.tilt_geometry import dose_weights, tilt_rotation
@@ -38,7 +41,7 @@ from cryopipe.mpr.parameters import (
 from cryopipe.tomo.particle_images import cut_particle_slices
 
 __all__ = ["TiltSeriesData", "Species", "Band", "PairGeometry", "pair_geometry", "make_band", "data_slices",
-           "batch_sums",
+           "batch_sums", "pair_beam_tilt", "uses_beam_tilt", "zero_parameters",
            "bake", "astigmatism_components", "defocus_from_components"]
 
 
@@ -65,10 +68,36 @@ class TiltSeriesData:
     cs: float
     amplitude_contrast: float
     bfactor_per_dose: float = 0.0
+    beam_tilt: torch.Tensor | None = None  # [G, 2] rlnBeamTiltX/Y (mrad) per beam-tilt group; None: none
+    beam_group: torch.Tensor | None = None  # [F] long: each tilt's group (None: group 0)
+    flip_contrast: bool = True  # raw tilt images (dark protein): model −CTF·W; False: +CTF (extracted particles)
 
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[2]), int(self.images.shape[1])
+
+    @property
+    def n_beam_groups(self) -> int:
+        return 1 if self.beam_tilt is None else int(self.beam_tilt.shape[0])
+
+
+def zero_parameters(data: TiltSeriesData) -> TiltSeriesParameters:
+    """All-zero corrections shaped for ``data`` (its warp grid and beam-tilt groups)."""
+    return TiltSeriesParameters.zeros(len(data.positions), len(data.angles),
+                                      (data.warp.shape[-1], data.warp.shape[-2]), device=data.positions.device,
+                                      n_beam_groups=data.n_beam_groups)
+
+
+def uses_beam_tilt(data: TiltSeriesData, params: TiltSeriesParameters) -> bool:
+    """Whether the forward model needs the beam-tilt phase (the data carry a beam tilt, or it is refined/set)."""
+    return data.beam_tilt is not None or params.beam_tilt.requires_grad or bool((params.beam_tilt != 0).any())
+
+
+def pair_beam_tilt(data: TiltSeriesData, params: TiltSeriesParameters, f: torch.Tensor) -> torch.Tensor:
+    """Beam tilt ``[P, 2]`` (mrad) of the tilts ``f`` ``[P]``: metadata + correction of their groups."""
+    g = data.beam_group[f] if data.beam_group is not None else torch.zeros_like(f)
+    bt = params.beam_tilt if data.beam_tilt is None else data.beam_tilt + params.beam_tilt
+    return bt[g]
 
 
 @dataclass
@@ -128,7 +157,7 @@ def pair_geometry(data: TiltSeriesData, params: TiltSeriesParameters, n: torch.T
     xy = xy + warp_at(data.warp + params.warp, f, xy, (W, H)) / px
     A = data.orientations[n] @ rotation_from_vector(params.particle_angles[n])
     comp = astigmatism_components(data.defocus[f]) + params.defocus[f] * DEFOCUS_UNIT_A
-    dz = q[:, 2] * (data.hand * px * data.defocus_slope)
+    dz = q[:, 2] * (data.hand * px * data.defocus_slope) + params.defocus_mean[f] * DEFOCUS_UNIT_A
     comp = torch.stack([comp[:, 0] + dz, comp[:, 1], comp[:, 2]], -1)
     return PairGeometry(xy, q[:, 2], R @ A, defocus_from_components(comp))
 
@@ -145,8 +174,7 @@ def make_band(data: TiltSeriesData, species: Species, k_max: float, k_min: float
     shell = torch.round(r).long()
     power = torch.zeros(b // 2 + 2, dtype=torch.float64, device=k.device)
     count = torch.zeros_like(power)
-    zero = TiltSeriesParameters.zeros(len(data.positions), len(data.angles), tuple(data.warp.shape[-1:-3:-1]),
-                                      device=k.device)
+    zero = zero_parameters(data)
     with torch.no_grad():
         for s in range(0, len(data.pairs), batch_pairs):
             n, f = data.pairs[s:s + batch_pairs].unbind(-1)
@@ -185,8 +213,13 @@ def _model_and_data(data: TiltSeriesData, species: Species, band: Band, params: 
     gamma = ctf_gamma(kA[None, :, 0], kA[None, :, 1], geo.defocus[:, :1], geo.defocus[:, 1:2], geo.defocus[:, 2:],
                       data.voltage, data.cs, data.amplitude_contrast)
     c = torch.sin(gamma) * band.dose[f] * data.ctf_scale[f, None]  # −(−sin γ)·W: contrast inverted
+    if not data.flip_contrast:
+        c = -c
     d = (geo.xy - centres) / species.binning  # model moves by +d (binned px)
     phase = (-2.0 * math.pi / b) * (d @ band.k.T.to(d.dtype))
+    if uses_beam_tilt(data, params):
+        bt = pair_beam_tilt(data, params, f)
+        phase = phase + beam_tilt_phase(kA[None, :, 0], kA[None, :, 1], bt[:, :1], bt[:, 1:], data.voltage, data.cs)
     model = ref * torch.complex((c * torch.cos(phase)).to(rdt), (c * torch.sin(phase)).to(rdt))
     if X is None:
         X = data_slices(data, species, band, f, centres)
@@ -212,7 +245,11 @@ def bake(data: TiltSeriesData, params: TiltSeriesParameters, groups) -> TiltSeri
     """The metadata with the (gauge-fixed) corrections applied; corrections can then restart from zero."""
     p = gauge_fixed(params.detached(), groups)
     comp = astigmatism_components(data.defocus) + p.defocus * DEFOCUS_UNIT_A
+    comp[:, 0] += p.defocus_mean * DEFOCUS_UNIT_A
+    beam_tilt = data.beam_tilt
+    if beam_tilt is not None or bool((p.beam_tilt != 0).any()):
+        beam_tilt = p.beam_tilt if beam_tilt is None else beam_tilt + p.beam_tilt
     return replace(data, angles=data.angles + p.tilt_angles, shifts=data.shifts + p.tilt_shifts,
-                   defocus=defocus_from_components(comp), warp=data.warp + p.warp,
+                   defocus=defocus_from_components(comp), warp=data.warp + p.warp, beam_tilt=beam_tilt,
                    positions=data.positions + p.particle_shifts / data.pixel_size,
                    orientations=data.orientations @ rotation_from_vector(p.particle_angles))

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cryopipe.mpr.forward import Band, Species, TiltSeriesData, batch_sums, data_slices, make_band, pair_geometry
+from cryopipe.mpr.forward import (Band, Species, TiltSeriesData, batch_sums, data_slices, make_band, pair_geometry,
+                                  zero_parameters)
 from cryopipe.mpr.parameters import TiltSeriesParameters, gauge_fixed
 
 #: data slices of a tilt series are kept for a sub-iteration when they take at most this many bytes
@@ -39,11 +40,9 @@ class RefineStats:
 
 def pair_centres(data: TiltSeriesData) -> torch.Tensor:
     """``[P, 2]`` projected centres of all pairs at the current metadata (the fixed cut centres ``q₀``)."""
-    zero = TiltSeriesParameters.zeros(len(data.positions), len(data.angles), (data.warp.shape[-1],
-                                      data.warp.shape[-2]), device=data.positions.device)
     with torch.no_grad():
         n, f = data.pairs.unbind(-1)
-        return pair_geometry(data, zero, n, f).xy
+        return pair_geometry(data, zero_parameters(data), n, f).xy
 
 
 def cached_slices(data: TiltSeriesData, species: Species, band: Band, centres: torch.Tensor, batch_pairs: int,

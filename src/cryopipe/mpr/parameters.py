@@ -9,7 +9,11 @@ Every group is a *correction* added to the metadata the refinement started from 
 * ``ctf`` — per tilt ``[F, 3]`` in units of :data:`DEFOCUS_UNIT_A` (1000 Å = 0.1 µm, as M): mean defocus and
   the two astigmatism components ``((U−V)/2·cos 2θ, (U−V)/2·sin 2θ)``;
 * ``imagewarp`` — per tilt a cubic B-spline grid ``[F, 2, gy, gx]`` of image displacements (Å, x then y) over
-  the image (uniform nodes at the image corners and in between, end nodes repeated).
+  the image (uniform nodes at the image corners and in between, end nodes repeated);
+* ``defocus`` — per tilt the mean defocus only ``[F]`` (:data:`DEFOCUS_UNIT_A`); in a single-particle data set
+  (:mod:`cryopipe.mpr.spa`: one "tilt" per particle) this is M's / RELION's per-particle defocus;
+* ``beamtilt`` — per beam-tilt group (optics group) ``[G, 2]`` (mrad, added to rlnBeamTiltX/Y): the
+  antisymmetric phase :func:`cryopipe.core.ctf.beam_tilt_phase` of the reference.
 
 Gauges: a translation of all particles equals a change of every tilt's shift, a common rotation of all particles
 one of every tilt's angles, and a constant warp a tilt shift. :func:`gauge_fixed` removes those means, so the
@@ -22,11 +26,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["GROUPS", "DEFOCUS_UNIT_A", "TiltSeriesParameters", "rotation_from_vector", "bspline_weights",
+__all__ = ["GROUPS", "CTF_GROUPS", "DEFOCUS_UNIT_A", "TiltSeriesParameters", "rotation_from_vector", "bspline_weights",
            "warp_at", "gauge_fixed"]
 
 #: parameter groups, in the order they are usually added (M's staging)
-GROUPS = ("poses", "shifts", "imagewarp", "stageangles", "ctf")
+GROUPS = ("poses", "shifts", "imagewarp", "stageangles", "ctf", "defocus", "beamtilt")
+#: groups that change the CTF (refused on a species worse than ``ctf_minresolution``, as M)
+CTF_GROUPS = ("ctf", "defocus", "beamtilt")
 #: defocus change per unit of the ``ctf`` group (Å)
 DEFOCUS_UNIT_A = 1000.0
 
@@ -41,19 +47,22 @@ class TiltSeriesParameters:
     tilt_angles: torch.Tensor  # [F, 3] deg
     defocus: torch.Tensor  # [F, 3] DEFOCUS_UNIT_A
     warp: torch.Tensor  # [F, 2, gy, gx] Å
+    defocus_mean: torch.Tensor  # [F] DEFOCUS_UNIT_A
+    beam_tilt: torch.Tensor  # [G, 2] mrad
 
     @classmethod
     def zeros(cls, n_particles: int, n_tilts: int, warp_grid: tuple[int, int] = (1, 1), dtype=torch.float64,
-              device=None) -> "TiltSeriesParameters":
+              device=None, n_beam_groups: int = 1) -> "TiltSeriesParameters":
         gx, gy = int(warp_grid[0]), int(warp_grid[1])
         z = lambda *s: torch.zeros(s, dtype=dtype, device=device)  # noqa: E731
         return cls(z(n_particles, 3), z(n_particles, 3), z(n_tilts, 2), z(n_tilts, 3), z(n_tilts, 3),
-                   z(n_tilts, 2, gy, gx))
+                   z(n_tilts, 2, gy, gx), z(n_tilts), z(max(1, int(n_beam_groups)), 2))
 
     def for_groups(self, groups) -> list[torch.Tensor]:
         """The tensors the groups refine (set ``requires_grad`` on them; the others are frozen)."""
         by_group = {"poses": [self.particle_angles, self.particle_shifts], "shifts": [self.tilt_shifts],
-                    "stageangles": [self.tilt_angles], "ctf": [self.defocus], "imagewarp": [self.warp]}
+                    "stageangles": [self.tilt_angles], "ctf": [self.defocus], "imagewarp": [self.warp],
+                    "defocus": [self.defocus_mean], "beamtilt": [self.beam_tilt]}
         out = []
         for f in fields(self):
             getattr(self, f.name).requires_grad_(False)
@@ -122,4 +131,5 @@ def gauge_fixed(params: TiltSeriesParameters, groups) -> TiltSeriesParameters:
         angles = angles - angles.mean(0, keepdim=True)
     if "imagewarp" in groups and "shifts" in groups and warp[0].numel() > 2:
         warp = warp - warp.mean(dim=(-1, -2), keepdim=True)
-    return TiltSeriesParameters(angles, shifts, params.tilt_shifts, params.tilt_angles, params.defocus, warp)
+    return TiltSeriesParameters(angles, shifts, params.tilt_shifts, params.tilt_angles, params.defocus, warp,
+                                params.defocus_mean, params.beam_tilt)

@@ -1,0 +1,183 @@
+"""Single-particle data sets in multi-particle refinement: a particle stack as a "tilt series" of one tilt per
+particle, so that the forward model, optimiser and reconstruction of :mod:`cryopipe.mpr` refine it unchanged.
+
+Mapping (``N`` particles of an ``S × S`` stack, RELION 3.1 particles STAR):
+
+* extracted particles have light protein: the model is ``+CTF`` (``flip_contrast=False``), as RELION's;
+* tilt ``n`` = image ``n`` (``images [N, S, S]``), stage angles 0, no tilt shift, no dose (pre-exposure 0: dose
+  weight 1), no image warp; the only pair of particle ``n`` is ``(n, n)``;
+* the particle's centre: ``(S//2, S//2) − origin/px`` (rlnOriginX/YAngst), held as the position
+  ``(S//2 − ox, S//2 − oy, 0)`` in a "tomogram" of ``(S, S, 1)`` px with no defocus slope (so the z position has
+  no effect); the pose group refines rotation vectors (deg) and x/y shifts (Å) of it;
+* per-"tilt" CTF groups are per-particle: ``defocus`` the mean defocus (M's / RELION's per-particle defocus),
+  ``ctf`` defocus and astigmatism; ``beamtilt`` one (x, y) beam tilt per optics group (rlnBeamTiltX/Y, mrad;
+  RELION keeps beam tilt in the optics table).
+
+Groups ``shifts``, ``imagewarp`` and ``stageangles`` have no meaning here and are refused. The CTF B-factor
+(rlnCtfBfactor) is not modelled; a non-zero rlnPhaseShift is refused (phase plates are not modelled). All
+particle images are held in memory (float32, ``4·N·S²`` bytes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryopipe.core.geometry import euler_to_matrix, matrix_to_euler
+from cryopipe.errors import CryopipeError, InputFileError
+from cryopipe.io.mrc import ImageReader
+from cryopipe.io.particles import ParticleData, ctf_parameters, euler_angles, optics_values, origins_px, pixel_sizes
+from cryopipe.mpr.driver import (MprOptions, MprResult, check_stages, refine_data_sets, species_setup,
+                                 without_images)
+from cryopipe.mpr.forward import TiltSeriesData
+
+__all__ = ["SPA_GROUPS", "SPA_NAME", "check_spa_stages", "prepare_particles", "run_mpr_spa", "updated_spa_particles"]
+
+#: parameter groups that apply to single-particle data
+SPA_GROUPS = ("poses", "defocus", "ctf", "beamtilt")
+#: the name of the one data set in :attr:`MprResult.data`
+SPA_NAME = "particles"
+
+
+def _one_value(values: np.ndarray, label: str, where) -> float:
+    if np.ptp(values) > 1e-6 * max(1.0, float(np.abs(values).max())):
+        raise InputFileError(where, f"{label} differs between optics groups ({values.min():g} … {values.max():g})",
+                             "refine optics groups of one pixel size, voltage and Cs separately")
+    return float(values[0])
+
+
+def prepare_particles(particles: ParticleData, box: int, binning: float, root_dir: str | Path = ".",
+                      device=None) -> tuple[TiltSeriesData, np.ndarray]:
+    """``(data, optics group ids [G])``: the particles as one :class:`TiltSeriesData` (module docstring) with its
+    images loaded, and the rlnOpticsGroup of each beam-tilt group. ``box`` (map px) × ``binning`` (map pixel /
+    image pixel) must fit the particle images."""
+    where = particles.path if particles.path is not None else "<particles>"
+    t = particles.particles
+    n = len(t)
+    if n == 0:
+        raise InputFileError(where, "has no particles", "give a particles STAR with rows")
+    if "rlnImageName" not in t.columns:
+        raise InputFileError(where, "no rlnImageName column", "give extracted particles (image stacks)")
+    px = _one_value(pixel_sizes(particles), "rlnImagePixelSize", where)
+    ctf = ctf_parameters(particles)
+    voltage = _one_value(ctf["voltage"], "rlnVoltage", where)
+    cs = _one_value(ctf["cs"], "rlnSphericalAberration", where)
+    q0 = _one_value(ctf["amplitude_contrast"], "rlnAmplitudeContrast", where)
+    if np.abs(ctf["phase_shift"]).max() > 0:
+        raise InputFileError(where, "non-zero rlnPhaseShift", "phase-plate data are not modelled by cryopipe mpr")
+    reader = ImageReader(t["rlnImageName"].to_numpy(), root_dir)
+    H, W = reader.image_shape
+    s0 = int(binning * box + 0.5)
+    if H != W or s0 > W:
+        raise InputFileError(where, f"particle images are {W}×{H} px, the half-maps need {s0}×{s0}",
+                             "give square particle images at least as large as the half-maps' box")
+
+    def tt(x):
+        return torch.as_tensor(np.array(x, dtype=np.float64), device=device)
+
+    images = torch.from_numpy(reader.read(np.arange(n))).to(device)
+    origins = origins_px(particles)[:, :2]
+    positions = np.stack([W // 2 - origins[:, 0], H // 2 - origins[:, 1], np.zeros(n)], 1)
+    ang = euler_angles(particles)
+    orientations = euler_to_matrix(tt(ang[:, 0]), tt(ang[:, 1]), tt(ang[:, 2]))
+    if "rlnRandomSubset" in t.columns:
+        halves = pd.to_numeric(t["rlnRandomSubset"], errors="coerce").to_numpy()
+        if not np.isin(halves, (1, 2)).all():
+            raise InputFileError(where, "rlnRandomSubset values other than 1 and 2", "give each particle 1 or 2")
+    else:
+        halves = np.arange(n) % 2 + 1  # M: alternating when absent
+    groups = pd.to_numeric(t["rlnOpticsGroup"], errors="coerce").to_numpy() if "rlnOpticsGroup" in t.columns \
+        else np.ones(n)
+    ids, beam_group = np.unique(groups, return_inverse=True)
+    btx, bty = optics_values(particles, "rlnBeamTiltX", 0.0), optics_values(particles, "rlnBeamTiltY", 0.0)
+    first = np.array([np.flatnonzero(beam_group == g)[0] for g in range(len(ids))])
+    beam_tilt = np.stack([btx[first], bty[first]], 1)
+    defocus = np.stack([ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle"]], 1)
+    data = TiltSeriesData(
+        images=images, angles=tt(np.zeros((n, 3))), shifts=tt(np.zeros((n, 2))), defocus=tt(defocus),
+        pre_exposure=tt(np.zeros(n)), ctf_scale=tt(ctf["scale"]),
+        warp=torch.zeros(n, 2, 1, 1, dtype=torch.float64, device=device), positions=tt(positions),
+        orientations=orientations, half_sets=torch.as_tensor(halves, device=device).long(),
+        pairs=torch.arange(n, device=device)[:, None].expand(n, 2).contiguous(), pixel_size=px,
+        tomogram_size=(W, H, 1), hand=1.0, defocus_slope=0.0, voltage=voltage, cs=cs, amplitude_contrast=q0,
+        beam_tilt=tt(beam_tilt), beam_group=torch.as_tensor(beam_group, device=device).long(), flip_contrast=False)
+    return data, ids
+
+
+def check_spa_stages(stages) -> None:
+    """:func:`~cryopipe.mpr.driver.check_stages`, and a one-line error for a tilt-series-only group."""
+    check_stages(stages)
+    for st in stages:
+        bad = [g for g in st.groups if g not in SPA_GROUPS]
+        if bad:
+            raise CryopipeError(f"--stage {','.join(st.groups)}: group {bad[0]} applies to tilt series only; for "
+                                f"single particles use {', '.join(SPA_GROUPS)}")
+
+
+def run_mpr_spa(particles: ParticleData, half1: torch.Tensor, half2: torch.Tensor, map_pixel_size: float,
+                mask: torch.Tensor | None, diameter_A: float, options: MprOptions, root_dir: str | Path = ".",
+                device=None, log: Callable[[str], None] = print) -> MprResult:
+    """Refine single particles (``particles``: RELION 3.1 model with rlnImageName, CTF, optics) against the
+    half-maps (``[b³]``, pixel ``map_pixel_size`` Å); stages of :data:`SPA_GROUPS`. ``result.data[SPA_NAME]`` holds
+    the refined metadata (:func:`updated_spa_particles` writes it back)."""
+    check_spa_stages(options.stages)
+    t0 = time.perf_counter()
+    box = int(half1.shape[-1])
+    half1, half2 = half1.to(device=device, dtype=torch.float32), half2.to(device=device, dtype=torch.float32)
+    lines: list[str] = []
+
+    def say(msg: str) -> None:
+        lines.append(msg)
+        log(msg)
+
+    species_res, resolution, k_full, soft = species_setup(half1, half2, mask, map_pixel_size, diameter_A, options,
+                                                          say, device)
+    px = float(pixel_sizes(particles)[0])
+    binning = map_pixel_size / px
+    if binning < 1 - 1e-4:
+        raise CryopipeError(f"half-map pixel {map_pixel_size} Å is smaller than the particles' {px} Å; give "
+                            "half-maps at the particles' pixel size or binned")
+    data, _ = prepare_particles(particles, box, binning, root_dir, device)
+    images = data.images
+    say(f"{len(data.pairs)} particles (single-particle images), {data.n_beam_groups} optics group(s), box {box}, "
+        f"{map_pixel_size:.3f} Å/px, refinement limit {resolution:.2f} Å")
+    return refine_data_sets({SPA_NAME: without_images(data)}, lambda name: images, half1, half2, soft, species_res,
+                            k_full, map_pixel_size, binning, options, say, lines, t0)
+
+
+def updated_spa_particles(particles: ParticleData, data: TiltSeriesData, optics_ids: np.ndarray | None = None
+                          ) -> ParticleData:
+    """A copy of ``particles`` with the refined rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, rlnDefocusU/V/Angle (per
+    particle) and rlnBeamTiltX/Y (optics table, per optics group ``optics_ids`` [G]; default: the sorted unique
+    rlnOpticsGroup values, as :func:`prepare_particles` numbers them)."""
+    out = particles.copy()
+    t = out.particles
+    W, H = data.image_size
+    pos = data.positions.cpu().numpy()
+    px = data.pixel_size
+    t["rlnOriginXAngst"] = (W // 2 - pos[:, 0]) * px
+    t["rlnOriginYAngst"] = (H // 2 - pos[:, 1]) * px
+    ang = matrix_to_euler(data.orientations.cpu()).numpy().reshape(-1, 3)
+    for j, lab in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+        t[lab] = ang[:, j]
+    d = data.defocus.cpu().numpy()
+    for j, lab in enumerate(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")):
+        t[lab] = d[:, j]
+    if data.beam_tilt is not None:
+        if optics_ids is None:
+            groups = pd.to_numeric(t["rlnOpticsGroup"], errors="coerce").to_numpy() \
+                if "rlnOpticsGroup" in t.columns else np.ones(len(t))
+            optics_ids = np.unique(groups)
+        bt = data.beam_tilt.cpu().numpy()
+        o = out.optics
+        rows = pd.Series(np.arange(len(optics_ids)), index=np.asarray(optics_ids))
+        g = rows.reindex(pd.to_numeric(o["rlnOpticsGroup"], errors="coerce").to_numpy()).to_numpy()
+        for j, lab in enumerate(("rlnBeamTiltX", "rlnBeamTiltY")):
+            old = o[lab].to_numpy(float) if lab in o.columns else np.zeros(len(o))
+            o[lab] = np.where(np.isnan(g), old, bt[np.nan_to_num(g).astype(int), j])
+    return out
