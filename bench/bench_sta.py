@@ -35,7 +35,8 @@ from cryopipe.jobs.demo import _chdir
 from cryopipe.jobs.demo_tomo import Runner, StaConfig, _cpu_seconds, _fresh_project, run_sta_path, simulate_lattice
 
 HERE = Path(__file__).resolve().parent
-_ITER = re.compile(r"iteration (\d+): resolution ([\d.]+) Å.*?; ([\d.]+) s \(([\d.e+-]+) orientation×translation/s\)")
+_ITER = re.compile(r"iteration (\d+)(?: \(final[^)]*\))?: resolution ([\d.]+) Å.*?; ([\d.]+) s "
+                   r"\(([\d.e+-]+) orientation×translation/s\)")
 
 
 def iteration_log(run_out: Path) -> dict:
