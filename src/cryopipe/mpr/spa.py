@@ -102,7 +102,7 @@ def prepare_particles(particles: ParticleData, box: int, binning: float, root_di
         images=images, angles=tt(np.zeros((n, 3))), shifts=tt(np.zeros((n, 2))), defocus=tt(defocus),
         pre_exposure=tt(np.zeros(n)), ctf_scale=tt(ctf["scale"]),
         warp=torch.zeros(n, 2, 1, 1, dtype=torch.float64, device=device), positions=tt(positions),
-        orientations=orientations, half_sets=torch.as_tensor(halves, device=device).long(),
+        orientations=orientations, half_sets=torch.as_tensor(np.array(halves, dtype=np.int64), device=device),
         pairs=torch.arange(n, device=device)[:, None].expand(n, 2).contiguous(), pixel_size=px,
         tomogram_size=(W, H, 1), hand=1.0, defocus_slope=0.0, voltage=voltage, cs=cs, amplitude_contrast=q0,
         beam_tilt=tt(beam_tilt), beam_group=torch.as_tensor(beam_group, device=device).long(), flip_contrast=False)
