@@ -217,16 +217,12 @@ def test_refined_metadata_round_trips_through_relion_files(sim, tmp_path):
     assert set(few.pairs[:, 1].tolist()) <= lowest and len(few.pairs) >= 5 * len(few.positions) // 2
 
 
-def test_updated_particles_keep_origins_and_subtomogram_angles():
+def test_updated_particles_keep_origins_and_subtomogram_angles(relion_tomo_dir):
     """RELION 5 fixture particles (non-zero origins, subtomogram angles, two hands) written back unchanged by
     updated_particles: same positions and orientations after re-reading, origins and subtomogram angles kept."""
-    from pathlib import Path
-
     from cryopipe.mpr.driver import updated_particles
 
-    fx = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "relion_tomo"
-    if not fx.exists():
-        pytest.skip("shared RELION tomography fixtures not present")
+    fx = relion_tomo_dir
     cwd = os.getcwd()
     os.chdir(fx)
     try:
