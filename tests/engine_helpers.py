@@ -87,3 +87,23 @@ def best_aligned_correlation(img: torch.Tensor, target: torch.Tensor, step: floa
     cc = irfft2_centered(rfft2_centered(t).conj() * rfft2_centered(a)[None], n)
     cc = cc / (a.norm() * t.norm(dim=(1, 2)))[:, None, None]
     return float(cc.max())
+
+
+def write_particle_stack(relion_dir: Path, folder: Path, N: int = 32, seed: int = 4) -> SimData:
+    """``N`` simulated 32² particles (3 views, SNR 0.5, CTF) as ``folder/parts.mrcs`` + a RELION 3.1
+    ``folder/particles.star`` (one optics group; image names relative to ``folder``), for command-line tests."""
+    import pandas as pd
+
+    from cryopipe.io.mrc import write_mrc
+    from cryopipe.io.particles import ParticleData, write_particles
+
+    sim = simulate(relion_dir, N=N, n=32, snr=0.5, seed=seed)
+    write_mrc(folder / "parts.mrcs", sim.images, sim.pixel_size)
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [sim.pixel_size], "rlnImageSize": [32], "rlnImageDimensionality": [2]})
+    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:08d}@parts.mrcs" for i in range(N)], "rlnOpticsGroup": 1,
+                          "rlnDefocusU": sim.ctf["defocus_u"], "rlnDefocusV": sim.ctf["defocus_v"],
+                          "rlnDefocusAngle": sim.ctf["defocus_angle"]})
+    write_particles(folder / "particles.star", ParticleData(optics, parts))
+    return sim

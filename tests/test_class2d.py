@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleSet2D, ParticleState2D
+from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleSet2D
 from cryopipe.engine.class2d_files import model_from_files_2d
 from cryopipe.engine.relion_files import model_blocks, read_model_star, read_optimiser_star, read_sampling_star
-from cryopipe.io.mrc import read_mrc, write_mrc
+from cryopipe.io.mrc import read_mrc
 from cryopipe.io.particles import read_particles, write_particles
 from cryopipe.io.star import read_star
 from cryopipe.jobs.class2d import classify_2d, load_particles
 
-from engine_helpers import best_aligned_correlation, simulate
+from engine_helpers import best_aligned_correlation, simulate, write_particle_stack
 
 torch.set_num_threads(2)
 
@@ -135,26 +135,10 @@ def test_class_averages_match_true_views(relion_dir):
     assert 1.0 / opt.model.current_resolution < 15.0
 
 
-def _write_particle_set(relion_dir, tmp_path, seed: int):
-    """40 simulated 32² particles (3 views, SNR 0.5) as ``parts.mrcs`` + a 3.1 ``particles.star`` in ``tmp_path``."""
-    from cryopipe.io.particles import ParticleData
-
-    sim = simulate(relion_dir, N=40, n=32, snr=0.5, seed=seed)
-    write_mrc(tmp_path / "parts.mrcs", sim.images, sim.pixel_size)
-    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
-                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-                           "rlnImagePixelSize": [sim.pixel_size], "rlnImageSize": [32], "rlnImageDimensionality": [2]})
-    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:08d}@parts.mrcs" for i in range(40)],
-                          "rlnOpticsGroup": 1, "rlnDefocusU": sim.ctf["defocus_u"], "rlnDefocusV": sim.ctf["defocus_v"],
-                          "rlnDefocusAngle": sim.ctf["defocus_angle"]})
-    write_particles(tmp_path / "particles.star", ParticleData(optics, parts))
-    return sim
-
-
 def test_cli_writes_relion_named_files_and_continues(relion_dir, tmp_path, monkeypatch):
     from cryopipe.cli import main
 
-    sim = _write_particle_set(relion_dir, tmp_path, seed=4)
+    sim = write_particle_stack(relion_dir, tmp_path, N=40, seed=4)
     monkeypatch.chdir(tmp_path)
     rc = main(["class2d", "--i", "particles.star", "--o", "out/run", "--K", "2", "--iter", "2", "--ctf",
                "--particle_diameter", "110", "--zero_mask", "--psi_step", "20", "--offset_range", "2",
@@ -181,7 +165,7 @@ def test_continue_equals_uninterrupted_run(relion_dir, tmp_path, monkeypatch):
     """Issue: continuing from an _optimiser.star gives the same result as an uninterrupted run with the same seed."""
     from cryopipe.cli import main
 
-    _write_particle_set(relion_dir, tmp_path, seed=5)
+    write_particle_stack(relion_dir, tmp_path, N=40, seed=5)
     monkeypatch.chdir(tmp_path)
     common = ["--i", "particles.star", "--K", "2", "--ctf", "--particle_diameter", "110", "--zero_mask",
               "--psi_step", "20", "--offset_range", "2", "--offset_step", "1", "--random_seed", "7"]
@@ -202,7 +186,7 @@ def test_cli_gradient_mode_with_class_replacement(relion_dir, tmp_path, monkeypa
     records the threshold and the gradient mode in the optimiser STAR file."""
     from cryopipe.cli import main
 
-    _write_particle_set(relion_dir, tmp_path, seed=5)
+    write_particle_stack(relion_dir, tmp_path, N=40, seed=5)
     monkeypatch.chdir(tmp_path)
     assert main(["class2d", "--i", "particles.star", "--o", "g/run", "--K", "3", "--iter", "6", "--ctf", "--grad",
                  "--class_inactivity_threshold", "0.1", "--grad_ini_subset", "20", "--grad_fin_subset", "30",

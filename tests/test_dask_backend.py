@@ -17,7 +17,7 @@ from cryopipe.engine.backend import InProcess, make_backend, split_chunks  # noq
 from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleSet2D  # noqa: E402
 from cryopipe.io.mrc import ImageReader, write_mrc  # noqa: E402
 
-from engine_helpers import simulate  # noqa: E402
+from engine_helpers import simulate, write_particle_stack  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -195,28 +195,11 @@ def test_cli_reconstruct_with_dask(tmp_path, monkeypatch):
     assert np.allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
 
 
-def _write_particles_star(relion_dir, folder) -> None:
-    """``folder/particles.star`` + ``parts.mrcs``: 32 simulated CTF-modulated particles (box 32) for CLI runs."""
-    import pandas as pd
-
-    from cryopipe.io.particles import ParticleData, write_particles
-
-    sim = simulate(relion_dir, N=32, n=32, snr=0.5, seed=4)
-    write_mrc(folder / "parts.mrcs", sim.images, sim.pixel_size)
-    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [300.0],
-                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-                           "rlnImagePixelSize": [sim.pixel_size], "rlnImageSize": [32], "rlnImageDimensionality": [2]})
-    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:08d}@parts.mrcs" for i in range(32)], "rlnOpticsGroup": 1,
-                          "rlnDefocusU": sim.ctf["defocus_u"], "rlnDefocusV": sim.ctf["defocus_v"],
-                          "rlnDefocusAngle": sim.ctf["defocus_angle"]})
-    write_particles(folder / "particles.star", ParticleData(optics, parts))
-
-
 def test_cli_class2d_with_dask(relion_dir, tmp_path, monkeypatch):
     from cryopipe.cli import main as cli
     from cryopipe.io.mrc import read_mrc
 
-    _write_particles_star(relion_dir, tmp_path)
+    write_particle_stack(relion_dir, tmp_path)
     monkeypatch.chdir(tmp_path)
     common = ["class2d", "--i", "particles.star", "--K", "2", "--iter", "2", "--ctf", "--particle_diameter", "110",
               "--psi_step", "20", "--offset_range", "2", "--offset_step", "1", "--oversampling", "0",
@@ -232,7 +215,7 @@ def test_cli_initialmodel_with_dask(relion_dir, tmp_path, monkeypatch):
     from cryopipe.cli import main as cli
     from cryopipe.io.mrc import read_mrc
 
-    _write_particles_star(relion_dir, tmp_path)
+    write_particle_stack(relion_dir, tmp_path)
     monkeypatch.chdir(tmp_path)
     common = ["initialmodel", "--i", "particles.star", "--iter", "2", "--ctf", "--particle_diameter", "110",
               "--healpix_order", "1", "--offset_range", "2", "--offset_step", "1", "--oversampling", "0",

@@ -137,25 +137,6 @@ def test_continue_with_dask_keeps_finished_micrographs(project, monkeypatch):
     assert (ejob / "particles.star").read_text() == whole
 
 
-def _particle_set(relion_dir, d: Path) -> None:
-    """32 simulated 32² particle images with CTF parameters: ``d/particles.star`` + ``d/parts.mrcs``."""
-    import pandas as pd
-
-    from cryopipe.io.mrc import write_mrc
-    from cryopipe.io.particles import ParticleData, write_particles
-    from engine_helpers import simulate
-
-    sim = simulate(relion_dir, N=32, n=32, snr=0.5, seed=4)
-    write_mrc(d / "parts.mrcs", sim.images, sim.pixel_size)
-    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [300.0],
-                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-                           "rlnImagePixelSize": [sim.pixel_size], "rlnImageSize": [32], "rlnImageDimensionality": [2]})
-    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:08d}@parts.mrcs" for i in range(32)], "rlnOpticsGroup": 1,
-                          "rlnDefocusU": sim.ctf["defocus_u"], "rlnDefocusV": sim.ctf["defocus_v"],
-                          "rlnDefocusAngle": sim.ctf["defocus_angle"]})
-    write_particles(d / "particles.star", ParticleData(optics, parts))
-
-
 def test_lost_scheduler_then_continue_in_process(relion_dir, tmp_path, monkeypatch):
     """class2d on a scheduler that is shut down mid-run ends with the one-line "lost the Dask scheduler" error
     (no traceback through cryopipe; Dask's client logs its failed reconnection) and keeps its finished
@@ -171,7 +152,9 @@ def test_lost_scheduler_then_continue_in_process(relion_dir, tmp_path, monkeypat
 
     from cryopipe.io.particles import read_particles
 
-    _particle_set(relion_dir, tmp_path)
+    from engine_helpers import write_particle_stack
+
+    write_particle_stack(relion_dir, tmp_path)
     monkeypatch.chdir(tmp_path)
     common = ["class2d", "--i", "particles.star", "--K", "2", "--iter", "3", "--ctf", "--particle_diameter", "110",
               "--psi_step", "20", "--offset_range", "2", "--offset_step", "1", "--random_seed", "7",

@@ -27,8 +27,7 @@ FSC 0.5 against the truth, and the gold-standard 0.143 resolution the job report
 Tilt-series path (``--no_tomo`` skips it):
 14. ``simulate --what tiltseries``: tilt series (41 tilts, ±60°, dose-symmetric, 3 e/Å² per tilt) of the D2
     assembly at random positions and orientations in a slab, RELION 5 files, truth particles.
-15. ``reconstruct-tomogram``: bin-4 tomograms; the dark density around each true particle position should be
-    centred on it (distance in voxels).
+15. ``reconstruct-tomogram``: bin-4 tomograms; the dark density near each true particle is centred on it (voxels).
 16. ``subtomo``: pseudo-subtomograms of the particles (CTF·dose-premultiplied, with weights).
 17. ``reconstruct-particle``: half maps from the tilt series at the particles' (true) poses with the subtomo
     job's optimisation set, D2 applied; FSC against the truth map and between the half maps.
@@ -158,13 +157,8 @@ def _aligned_fsc_summary(map_path: Path, truth_path: Path, sym: str = "C1") -> d
     return out
 
 
-def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int = 3000, n_micrographs: int = 8,
-             device: str | None = None, keep: bool = False, seed: int = 1, class2d_k: int = 6,
-             class2d_iter: int = 15, n_per_mic: int = 40, initial_iter: int = 60, refine_iter: int = 12,
-             do_3d: bool = True, sym: str = "D2", do_tomo: bool = True, n_tomograms: int = 2,
-             particles_per_tomogram: int = 40) -> dict:
-    """Run the demo in a fresh project ``out_dir`` (replaced unless ``keep``) and return the summary."""
-    root = Path(out_dir).resolve()
+def fresh_demo_project(root: Path, keep: bool) -> None:
+    """Create ``root`` (replacing an earlier demo's folder unless ``keep``; never anything else)."""
     if root.exists() and not keep:
         if root == Path.cwd().resolve() or root in Path.cwd().resolve().parents:
             raise CryopipeError(f"{root}: refusing to replace the current directory; pass another --o")
@@ -174,6 +168,16 @@ def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int =
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text("made by cryopipe demo: the demo may replace this folder\n")
+
+
+def run_demo(out_dir: str | os.PathLike = "cryopipe_demo", *, n_particles: int = 3000, n_micrographs: int = 8,
+             device: str | None = None, keep: bool = False, seed: int = 1, class2d_k: int = 6,
+             class2d_iter: int = 15, n_per_mic: int = 40, initial_iter: int = 60, refine_iter: int = 12,
+             do_3d: bool = True, sym: str = "D2", do_tomo: bool = True, n_tomograms: int = 2,
+             particles_per_tomogram: int = 40) -> dict:
+    """Run the demo in a fresh project ``out_dir`` (replaced unless ``keep``) and return the summary."""
+    root = Path(out_dir).resolve()
+    fresh_demo_project(root, keep)
     dev = ["--device", device] if device else []
     steps: list[dict] = []
     summary: dict = {"project": str(root)}

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import subprocess as sp
 import sys
 import time
@@ -274,29 +273,14 @@ def run_sta_path(cfg: StaConfig, run: Runner, sim: str = "Simulate/job001/", job
     return s
 
 
-def _fresh_project(root: Path, keep: bool) -> None:
-    """Create ``root`` (replacing an earlier demo's folder unless ``keep``; never anything else)."""
-    from cryopipe.jobs.demo import DEMO_MARKER
-
-    if root.exists() and not keep:
-        if root == Path.cwd().resolve() or root in Path.cwd().resolve().parents:
-            raise CryopipeError(f"{root}: refusing to replace the current directory; pass another --o")
-        if not root.is_dir() or (any(root.iterdir()) and not (root / DEMO_MARKER).exists()):
-            raise CryopipeError(f"{root}: exists and was not made by cryopipe demo; refusing to replace it (pass "
-                                "another --o, or --keep to add the demo's jobs to it)")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / DEMO_MARKER).write_text("made by cryopipe demo: the demo may replace this folder\n")
-
-
 def run_demo_tomo(out_dir: str | os.PathLike = "cryopipe_demo_tomo", cfg: StaConfig = StaConfig(), *,
                   subprocess: bool = True, device: str | None = None, keep: bool = False) -> dict:
     """Run the tutorial's path (module docstring) in a fresh project ``out_dir``; writes and returns the summary."""
     from cryopipe.io.atomic import atomic_path
-    from cryopipe.jobs.demo import _chdir
+    from cryopipe.jobs.demo import _chdir, fresh_demo_project
 
     root = Path(out_dir).resolve()
-    _fresh_project(root, keep)
+    fresh_demo_project(root, keep)
     run = Runner(subprocess=subprocess, device=device)
     t0, c0 = time.perf_counter(), _cpu_seconds()
     with _chdir(root):
