@@ -38,7 +38,7 @@ from cryopipe.tomo.particle_sets import particles_per_tilt_series
 
 __all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "tilt_images", "without_images",
            "make_species", "species_mask", "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms",
-           "relion30_table", "check_stages", "species_setup", "refine_data_sets"]
+           "relion30_table", "check_stages", "species_setup", "RunStart", "start_run", "refine_data_sets"]
 
 
 @dataclass(frozen=True)
@@ -181,13 +181,30 @@ def species_setup(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor |
     return species_res, resolution, k_full, soft
 
 
-def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tensor, half2: torch.Tensor,
-            map_pixel_size: float, mask: torch.Tensor | None, diameter_A: float, options: MprOptions,
-            device=None, log: Callable[[str], None] = print) -> MprResult:
-    """Refine ``particles`` in ``tomograms`` against the half-maps (``[b³]``, pixel ``map_pixel_size`` Å)."""
-    check_stages(options.stages)
+@dataclass
+class RunStart:
+    """What every run (tilt series or particle stacks) starts from: the half-maps on the device, the species
+    (:func:`species_setup`), the log lines and their writer ``say``, and the start time."""
+
+    half1: torch.Tensor
+    half2: torch.Tensor
+    species_res: float
+    resolution: float
+    k_full: float
+    soft: torch.Tensor
+    lines: list[str]
+    say: Callable[[str], None]
+    t0: float
+
+    @property
+    def box(self) -> int:
+        return int(self.half1.shape[-1])
+
+
+def start_run(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor | None, map_pixel_size: float,
+              diameter_A: float, options: MprOptions, device=None, log: Callable[[str], None] = print) -> RunStart:
+    """The half-maps as float32 on ``device``, a logger that also keeps the lines, and the species set-up."""
     t0 = time.perf_counter()
-    box = int(half1.shape[-1])
     half1, half2 = half1.to(device=device, dtype=torch.float32), half2.to(device=device, dtype=torch.float32)
     lines: list[str] = []
 
@@ -197,6 +214,16 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
 
     species_res, resolution, k_full, soft = species_setup(half1, half2, mask, map_pixel_size, diameter_A, options,
                                                           say, device)
+    return RunStart(half1, half2, species_res, resolution, k_full, soft, lines, say, t0)
+
+
+def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tensor, half2: torch.Tensor,
+            map_pixel_size: float, mask: torch.Tensor | None, diameter_A: float, options: MprOptions,
+            device=None, log: Callable[[str], None] = print) -> MprResult:
+    """Refine ``particles`` in ``tomograms`` against the half-maps (``[b³]``, pixel ``map_pixel_size`` Å)."""
+    check_stages(options.stages)
+    run = start_run(half1, half2, mask, map_pixel_size, diameter_A, options, device, log)
+    box = run.box
     datas: dict[str, TiltSeriesData] = {}
     series: dict[str, TiltSeries] = {}
     binning = None
@@ -217,20 +244,20 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
     if not datas:
         raise CryopipeError("no particles in the given tomograms")
     n_pairs = sum(len(d.pairs) for d in datas.values())
-    say(f"{len(particles)} particles, {len(datas)} tilt series, {n_pairs} particle-tilt pairs, box {box}, "
-        f"{map_pixel_size:.3f} Å/px, refinement limit {resolution:.2f} Å")
-    return refine_data_sets(datas, lambda name: tilt_images(series[name], device), half1, half2, soft, species_res,
-                            k_full, map_pixel_size, binning, options, say, lines, t0)
+    run.say(f"{len(particles)} particles, {len(datas)} tilt series, {n_pairs} particle-tilt pairs, box {box}, "
+            f"{map_pixel_size:.3f} Å/px, refinement limit {run.resolution:.2f} Å")
+    return refine_data_sets(datas, lambda name: tilt_images(series[name], device), run, map_pixel_size, binning,
+                            options)
 
 
-def refine_data_sets(datas: dict[str, TiltSeriesData], load_images: Callable[[str], torch.Tensor],
-                     half1: torch.Tensor, half2: torch.Tensor, soft: torch.Tensor, species_res: float,
-                     k_full: float, map_pixel_size: float, binning: float, options: MprOptions,
-                     say: Callable[[str], None], lines: list[str], t0: float) -> MprResult:
+def refine_data_sets(datas: dict[str, TiltSeriesData], load_images: Callable[[str], torch.Tensor], run: RunStart,
+                     map_pixel_size: float, binning: float, options: MprOptions) -> MprResult:
     """The schedule of the module docstring on prepared data sets (tilt series, or particle stacks from
     :mod:`cryopipe.mpr.spa`) whose images ``load_images(name)`` gives, one data set in memory at a time:
     baseline half-maps, stages × sub-iterations of :func:`refine_tilt_series` per data set (corrections baked
     into ``datas`` in place), half-maps and FSC after."""
+    half1, half2, soft, species_res, k_full = run.half1, run.half2, run.soft, run.species_res, run.k_full
+    say, lines, t0 = run.say, run.lines, run.t0
     box = int(half1.shape[-1])
     device = half1.device
     n_pairs = sum(len(d.pairs) for d in datas.values())

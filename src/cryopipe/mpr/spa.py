@@ -20,7 +20,6 @@ particle images are held in memory (float32, ``4·N·S²`` bytes).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from cryopipe.core.geometry import euler_to_matrix, matrix_to_euler
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.mrc import ImageReader
 from cryopipe.io.particles import ParticleData, ctf_parameters, euler_angles, optics_values, origins_px, pixel_sizes
-from cryopipe.mpr.driver import (MprOptions, MprResult, check_stages, refine_data_sets, species_setup,
+from cryopipe.mpr.driver import (MprOptions, MprResult, check_stages, refine_data_sets, start_run,
                                  without_images)
 from cryopipe.mpr.forward import TiltSeriesData
 
@@ -126,17 +125,8 @@ def run_mpr_spa(particles: ParticleData, half1: torch.Tensor, half2: torch.Tenso
     half-maps (``[b³]``, pixel ``map_pixel_size`` Å); stages of :data:`SPA_GROUPS`. ``result.data[SPA_NAME]`` holds
     the refined metadata (:func:`updated_spa_particles` writes it back)."""
     check_spa_stages(options.stages)
-    t0 = time.perf_counter()
-    box = int(half1.shape[-1])
-    half1, half2 = half1.to(device=device, dtype=torch.float32), half2.to(device=device, dtype=torch.float32)
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        lines.append(msg)
-        log(msg)
-
-    species_res, resolution, k_full, soft = species_setup(half1, half2, mask, map_pixel_size, diameter_A, options,
-                                                          say, device)
+    run = start_run(half1, half2, mask, map_pixel_size, diameter_A, options, device, log)
+    box = run.box
     px = float(pixel_sizes(particles)[0])
     binning = map_pixel_size / px
     if binning < 1 - 1e-4:
@@ -144,10 +134,10 @@ def run_mpr_spa(particles: ParticleData, half1: torch.Tensor, half2: torch.Tenso
                             "half-maps at the particles' pixel size or binned")
     data, _ = prepare_particles(particles, box, binning, root_dir, device)
     images = data.images
-    say(f"{len(data.pairs)} particles (single-particle images), {data.n_beam_groups} optics group(s), box {box}, "
-        f"{map_pixel_size:.3f} Å/px, refinement limit {resolution:.2f} Å")
-    return refine_data_sets({SPA_NAME: without_images(data)}, lambda name: images, half1, half2, soft, species_res,
-                            k_full, map_pixel_size, binning, options, say, lines, t0)
+    run.say(f"{len(data.pairs)} particles (single-particle images), {data.n_beam_groups} optics group(s), box "
+            f"{box}, {map_pixel_size:.3f} Å/px, refinement limit {run.resolution:.2f} Å")
+    return refine_data_sets({SPA_NAME: without_images(data)}, lambda name: images, run, map_pixel_size, binning,
+                            options)
 
 
 def updated_spa_particles(particles: ParticleData, data: TiltSeriesData, optics_ids: np.ndarray | None = None
