@@ -97,13 +97,13 @@ def add_dask_arguments(parser) -> None:
 
 
 @contextmanager
-def job_backend(args, log=print) -> Iterator:
+def job_backend(args, log=print, what: str = "E-step") -> Iterator:
     """The backend of a job's ``--dask`` / ``--dask_batches_per_worker`` options for the duration of a ``with``
-    block (announced in the log when distributed; closed at the end)."""
+    block (announced in the log as "<what> on <backend>" when distributed; closed at the end)."""
     backend = make_backend(getattr(args, "dask", None), getattr(args, "dask_batches_per_worker", 1))
     try:
         if backend.distributed:
-            log(f"E-step on {backend.describe()}")
+            log(f"{what} on {backend.describe()}")
         yield backend
     finally:
         backend.close()

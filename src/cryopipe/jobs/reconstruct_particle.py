@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cryopipe.core.device import resolve_device
+from cryopipe.engine.backend import add_dask_arguments, job_backend
 from cryopipe.errors import CryopipeError
 from cryopipe.io.mrc import write_mrc
 from cryopipe.io.tomo_particles import (
@@ -72,37 +73,92 @@ def check_inputs(particles_file: Path, tomograms_file: Path) -> None:
         tomograms[name].check_images()
 
 
+@dataclass
+class ParticleInsertion:
+    """What every per-tilt-series task of :func:`reconstruct_particle` needs (sent once per run): box, binning and
+    the insertion options of :func:`reconstruct_particle`."""
+
+    box: int
+    binning: float
+    batch_pairs: int
+    do_ctf: bool
+    cutoff_fraction: float
+    max_dose: float | None
+    device: str | None
+
+
+@dataclass
+class TiltSeriesSums:
+    """One tilt series' additive sums: ``data`` ``[2, b, b, b//2+1]`` (complex128, Σ c·X per half set),
+    ``weight`` (float64, Σ c²) and the number of (particle, tilt) images inserted."""
+
+    data: torch.Tensor
+    weight: torch.Tensor
+    n_images: int
+
+
+def insert_tilt_series(inputs: ParticleInsertion, snapshot, group, device=None,
+                       into: ParticleAccumulator | None = None) -> TiltSeriesSums | int:
+    """The unit of work of ``reconstruct-particle`` (issue 15): insert the particles of one tilt series
+    (:class:`~cryopipe.tomo.particle_sets.TiltSeriesParticles`; a worker reads the tilt images itself) into a
+    fresh accumulator and return its :class:`TiltSeriesSums`, or into ``into`` (the in-process loop) and return the
+    number of images inserted. ``snapshot`` is unused; ``device`` (a Dask worker's) overrides ``inputs.device``."""
+    dev = resolve_device(device if device is not None else inputs.device)
+    accumulator = into if into is not None else ParticleAccumulator(inputs.box, device=dev)
+    dev = accumulator.data.device
+    ts = group.tilt_series
+    images = torch.from_numpy(ts.read_images()).to(dev)
+    used = insert_tilt_series_particles(accumulator, images, tilt_series_geometry(ts, dev), group.positions_px.to(dev),
+                                        group.orientations.to(dev), group.half_sets.to(dev), inputs.binning,
+                                        batch_pairs=inputs.batch_pairs, do_ctf=inputs.do_ctf,
+                                        cutoff_fraction=inputs.cutoff_fraction, max_dose=inputs.max_dose)
+    if into is not None:
+        return used
+    return TiltSeriesSums(accumulator.data, accumulator.weight, used)
+
+
 def reconstruct_particle(particles_file, tomograms_file, *, box: int, crop: int | None = None, binning: float = 1.0,
                          symmetry: str = "C1", snr: float = -1.0, taper: float = 10.0, do_ctf: bool = True,
                          cutoff_fraction: float = 0.01, max_dose: float | None = None, batch_pairs: int = 512,
-                         device=None, progress: bool = True) -> ParticleMaps:
-    """Reconstruct the particles of ``particles_file`` from the tilt series of ``tomograms_file``."""
+                         device=None, progress: bool = True, backend=None) -> ParticleMaps:
+    """Reconstruct the particles of ``particles_file`` from the tilt series of ``tomograms_file``. ``backend``
+    (:func:`cryopipe.engine.backend.make_backend`; default in-process, one accumulator): where the tilt series are
+    inserted, one task per tilt series (:func:`insert_tilt_series`) whose sums are added here in the set's order."""
     t0 = time.perf_counter()
     check_box_sizes(box, crop, binning)
     dev = resolve_device(device)
     tomograms = read_tomograms(tomograms_file)
     particles = read_tomo_particles(particles_file, tomograms)
-    accumulator = ParticleAccumulator(box, device=dev)
-    n_images = 0
-    pixel_size = None
     groups = list(particles_per_tilt_series(particles, tomograms))
-    for k, group in enumerate(groups, start=1):
+    if not groups:
+        raise CryopipeError(f"{particles_file}: no particles")
+    pixel_size = groups[0].tilt_series.pixel_size
+    for group in groups:
         ts = group.tilt_series
-        if pixel_size is not None and abs(ts.pixel_size - pixel_size) > 1e-4 * pixel_size:
+        if abs(ts.pixel_size - pixel_size) > 1e-4 * pixel_size:
             raise CryopipeError(f"{tomograms_file}: tomogram {ts.name} has pixel size {ts.pixel_size} Å, others "
                                 f"{pixel_size} Å; reconstruct tilt series of one pixel size together")
-        pixel_size = ts.pixel_size
-        images = torch.from_numpy(ts.read_images()).to(dev)
-        used = insert_tilt_series_particles(accumulator, images, tilt_series_geometry(ts, dev),
-                                            group.positions_px.to(dev), group.orientations.to(dev),
-                                            group.half_sets.to(dev), binning, batch_pairs=batch_pairs,
-                                            do_ctf=do_ctf, cutoff_fraction=cutoff_fraction, max_dose=max_dose)
-        n_images += used
+    inputs = ParticleInsertion(int(box), float(binning), int(batch_pairs), bool(do_ctf), float(cutoff_fraction),
+                               max_dose, None if device is None else str(device))
+    accumulator = ParticleAccumulator(box, device=dev)
+    n_images = 0
+
+    def report(k: int, group, used: int) -> None:
         if progress:
-            print(f"reconstruct-particle: tilt series {k}/{len(groups)} {ts.name}: {group.rows.size} particles, "
-                  f"{used} images ({time.perf_counter() - t0:.1f} s)", flush=True)
-    if pixel_size is None:
-        raise CryopipeError(f"{particles_file}: no particles")
+            print(f"reconstruct-particle: tilt series {k}/{len(groups)} {group.tilt_series.name}: "
+                  f"{group.rows.size} particles, {used} images ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    if backend is None or not backend.distributed:
+        for k, group in enumerate(groups, start=1):
+            used = insert_tilt_series(inputs, None, group, device=dev, into=accumulator)
+            n_images += used
+            report(k, group, used)
+    else:
+        for k, (group, sums) in enumerate(zip(groups, backend.map(insert_tilt_series, inputs, None, groups)), 1):
+            accumulator.data += sums.data.to(dev)  # added in the set's order: deterministic
+            accumulator.weight += sums.weight.to(dev)
+            n_images += sums.n_images
+            report(k, group, sums.n_images)
     if symmetry.upper() != "C1":
         accumulator = accumulator.symmetrised(symmetry)
     halves = [finalise_map(accumulator.data[h], accumulator.weight[h], snr, crop, taper)[0] for h in range(2)]
@@ -134,6 +190,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="(particle, tilt) images per batch")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--j", type=int, default=1, help="accepted for RELION compatibility (threads: torch decides)")
+    add_dask_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -146,14 +203,14 @@ def main(args: argparse.Namespace) -> int:
     check_box_sizes(args.box, crop, args.binning)
     with open_job_dir(args.output, "ReconstructParticleTomo", ProcessLabel.RECONSTRUCT_PARTICLE_TOMO,
                       inputs=[(particles_file, NodeType.PARTICLES), (tomograms_file, NodeType.TOMOGRAMS)],
-                      params=vars(args), is_tomo=True) as job:
+                      params=vars(args), is_tomo=True) as job, job_backend(args, log, "tilt series") as backend:
         log(f"reconstructing the particles of {particles_file} from {tomograms_file} (box {args.box}, "
             f"crop {crop or args.box}, bin {args.binning:g}, sym {args.sym})")
         maps = reconstruct_particle(particles_file, tomograms_file, box=args.box, crop=crop, binning=args.binning,
                                     symmetry=args.sym, snr=args.snr, taper=args.taper, do_ctf=not args.no_ctf,
                                     cutoff_fraction=args.cutoff_fraction,
                                     max_dose=args.max_dose if args.max_dose > 0 else None,
-                                    batch_pairs=args.batch_pairs, device=args.device)
+                                    batch_pairs=args.batch_pairs, device=args.device, backend=backend)
         for name, volume in (("half1", maps.half1), ("half2", maps.half2), ("merged", maps.merged)):
             write_mrc(job.path(f"{name}.mrc"), volume, maps.pixel_size)
         if crop:

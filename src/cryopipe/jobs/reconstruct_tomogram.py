@@ -27,6 +27,7 @@ import torch
 
 from cryopipe.core.device import resolve_device
 from cryopipe.core.tilt_geometry import projection_matrices
+from cryopipe.engine.backend import add_dask_arguments, job_backend
 from cryopipe.errors import CryopipeError
 from cryopipe.io.mrc import MrcStack, mrc_info
 from cryopipe.io.tomography import TiltSeries, TomogramSet, path_for_star, read_tomograms, write_tomograms
@@ -146,68 +147,133 @@ def save_sections_png(mrc_path: Path, png_path: Path, title: str) -> None:
     os.replace(tmp, png_path)
 
 
+@dataclass
+class TomogramJob:
+    """What every per-tilt-series task of :func:`reconstruct_tomograms` needs (sent once per run; paths, not
+    pixels): the tomogram set's STAR file (absolute; a worker reads it and the tilt images itself), the output
+    folder (absolute) and the options (see :func:`reconstruct_tomograms`)."""
+
+    tomograms_star: str
+    out_dir: str
+    binning: float
+    binned_angpix: float | None
+    w: int | None
+    h: int | None
+    d: int | None
+    ctf: bool
+    snr: float
+    split: bool
+    slab_mb: float
+    device: str | None
+    png: bool
+    only_do_unfinished: bool
+    progress: bool
+    _tset: object = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_tset"] = None  # a worker reads the STAR files itself
+        return d
+
+    def tomograms(self) -> TomogramSet:
+        if self._tset is None:
+            self._tset = read_tomograms(self.tomograms_star)
+        return self._tset
+
+    def binning_for(self, ts: TiltSeries) -> float:
+        """The binning of ``ts``: ``--binned_angpix`` / pixel size when given, else ``--bin``."""
+        b = float(self.binned_angpix) / ts.pixel_size if self.binned_angpix and self.binned_angpix > 0 else float(
+            self.binning)
+        if b <= 0:
+            raise CryopipeError(f"--bin {b:g}: must be > 0")
+        return b
+
+
+def reconstruct_tilt_series(job: TomogramJob, snapshot, name: str, device=None) -> TomogramResult:
+    """The unit of work of ``reconstruct-tomogram`` (issue 15): tomogram ``name`` (and its halves, its PNG) written
+    under ``job.out_dir/tomograms/`` (atomically; with ``only_do_unfinished`` files already there are kept).
+    ``snapshot`` is unused (no model); ``device`` (a Dask worker's) overrides ``job.device``. Runs in this process
+    or on a Dask worker (:mod:`cryopipe.engine.backend`)."""
+    from cryopipe.pipeline.log import log
+
+    ts = job.tomograms()[name]
+    t0 = time.perf_counter()
+    b = job.binning_for(ts)
+    size = _size(ts, job.w, job.h, job.d)
+    shape = output_shape(size, b)
+    slab_voxels = max(shape[1] * shape[2], int(job.slab_mb * 2**20 / 4))
+    progress = job.progress
+    if progress:
+        log(f"reconstructing {name}: {ts.n_tilts} tilts of {ts.image_size[0]}x{ts.image_size[1]} px -> "
+            f"{shape[2]}x{shape[1]}x{shape[0]} voxels of {ts.pixel_size * b:.3g} Å (bin {b:g}"
+            f"{', CTF phase flip' if job.ctf else ''}, SNR {job.snr:g})")
+    path = Path(job.out_dir) / "tomograms" / f"rec_{name}.mrc"
+    kw = dict(binning=b, size=size, ctf=job.ctf, snr=job.snr, slab_voxels=slab_voxels,
+              device=device if device is not None else job.device, progress=progress)
+    stats = reconstruct_unless_done(ts, path, job.only_do_unfinished, **kw)
+    if progress and stats.get("skipped"):
+        log(f"  {name}: {path} is already there (--only_do_unfinished)")
+    halves = None
+    if job.split:
+        first, second = split_by_dose(ts.pre_exposure())
+        if first.size == 0 or second.size == 0:
+            raise CryopipeError(f"tomogram {name}: --generate_split_tomograms needs at least 2 tilts")
+        halves = (path.with_name(f"rec_{name}_half1.mrc"), path.with_name(f"rec_{name}_half2.mrc"))
+        for rows, half in zip((first, second), halves):
+            if progress:
+                log(f"  {name}: half tomogram {half.name} from {rows.size} tilts")
+            reconstruct_unless_done(ts, half, job.only_do_unfinished, tilts=rows, **kw)
+    png_path = None
+    if job.png:
+        png_path = path.with_suffix(".png")
+        if not (stats.get("skipped") and png_path.exists()):
+            save_sections_png(path, png_path, f"rec_{name}")
+    return TomogramResult(name, path, halves, png_path, tuple(stats["shape"]), ts.pixel_size * b,
+                          time.perf_counter() - t0, {k: v for k, v in stats.items() if k not in ("shape",)})
+
+
 def reconstruct_tomograms(tomograms_star: str | Path, output_dir: str | Path, *, tomo_name: str | None = None,
                           binning: float = 8.0, binned_angpix: float | None = None, w: int | None = None,
                           h: int | None = None, d: int | None = None, ctf: bool = False, snr: float = 10.0,
                           split: bool = False, slab_mb: float = 256.0, device: str | torch.device | None = None,
                           png: bool = True, only_do_unfinished: bool = False,
-                          progress: bool = True) -> list[TomogramResult]:
+                          progress: bool = True, backend=None) -> list[TomogramResult]:
     """Reconstruct the tomograms of ``tomograms_star`` (all, or ``tomo_name``) into ``output_dir/tomograms/`` and
     write ``output_dir/tomograms.star`` (see the module docstring). ``slab_mb``: size of one output slab;
-    ``only_do_unfinished``: keep tomograms (and halves, PNGs) already written by an interrupted run."""
+    ``only_do_unfinished``: keep tomograms (and halves, PNGs) already written by an interrupted run. ``backend``
+    (:func:`cryopipe.engine.backend.make_backend`; default in-process): where the tilt series are reconstructed,
+    one task per tilt series; ``tomograms.star`` is written here, in the set's order."""
+    from cryopipe.engine.backend import InProcess
     from cryopipe.pipeline.log import log
 
+    backend = backend if backend is not None else InProcess()
     tset = read_tomograms(tomograms_star)
     names = tset.names if tomo_name in (None, "", "*") else [tset[tomo_name].name]
     out_dir = Path(output_dir)
     (out_dir / "tomograms").mkdir(parents=True, exist_ok=True)
     if snr <= 0:
         raise CryopipeError(f"--SNR {snr:g}: must be > 0")
-    results = []
-    for name in names:
-        ts = tset[name]
-        t0 = time.perf_counter()
-        b = float(binned_angpix) / ts.pixel_size if binned_angpix and binned_angpix > 0 else float(binning)
-        if b <= 0:
-            raise CryopipeError(f"--bin {b:g}: must be > 0")
+    job = TomogramJob(str(Path(tomograms_star).absolute()), str(out_dir.absolute()), binning, binned_angpix, w, h,
+                      d, ctf, snr, split, slab_mb, None if device is None else str(device), png, only_do_unfinished,
+                      progress and not backend.distributed)
+    for name in names:  # bad options fail here, before any task runs
+        job.binning_for(tset[name])
+        _size(tset[name], w, h, d)
+    job._tset = tset
+    results = backend.map(reconstruct_tilt_series, job, None, list(names))
+    for r in results:
+        ts = tset[r.name]
+        ts.globals["rlnTomoReconstructedTomogram"] = path_for_star(r.path)
+        if r.halves is not None:
+            ts.globals["rlnTomoReconstructedTomogramHalf1"] = path_for_star(r.halves[0])
+            ts.globals["rlnTomoReconstructedTomogramHalf2"] = path_for_star(r.halves[1])
+        b = job.binning_for(ts)
         size = _size(ts, w, h, d)
-        shape = output_shape(size, b)
-        slab_voxels = max(shape[1] * shape[2], int(slab_mb * 2**20 / 4))
-        if progress:
-            log(f"reconstructing {name}: {ts.n_tilts} tilts of {ts.image_size[0]}x{ts.image_size[1]} px -> "
-                f"{shape[2]}x{shape[1]}x{shape[0]} voxels of {ts.pixel_size * b:.3g} Å (bin {b:g}"
-                f"{', CTF phase flip' if ctf else ''}, SNR {snr:g})")
-        path = out_dir / "tomograms" / f"rec_{name}.mrc"
-        kw = dict(binning=b, size=size, ctf=ctf, snr=snr, slab_voxels=slab_voxels, device=device, progress=progress)
-        stats = reconstruct_unless_done(ts, path, only_do_unfinished, **kw)
-        if progress and stats.get("skipped"):
-            log(f"  {name}: {path} is already there (--only_do_unfinished)")
-        halves = None
-        if split:
-            first, second = split_by_dose(ts.pre_exposure())
-            if first.size == 0 or second.size == 0:
-                raise CryopipeError(f"tomogram {name}: --generate_split_tomograms needs at least 2 tilts")
-            halves = (path.with_name(f"rec_{name}_half1.mrc"), path.with_name(f"rec_{name}_half2.mrc"))
-            for rows, half in zip((first, second), halves):
-                if progress:
-                    log(f"  {name}: half tomogram {half.name} from {rows.size} tilts")
-                reconstruct_unless_done(ts, half, only_do_unfinished, tilts=rows, **kw)
-        png_path = None
-        if png:
-            png_path = path.with_suffix(".png")
-            if not (stats.get("skipped") and png_path.exists()):
-                save_sections_png(path, png_path, f"rec_{name}")
-        seconds = time.perf_counter() - t0
-        results.append(TomogramResult(name, path, halves, png_path, tuple(stats["shape"]), ts.pixel_size * b,
-                                      seconds, {k: v for k, v in stats.items() if k not in ("shape", "skipped")}))
-        ts.globals["rlnTomoReconstructedTomogram"] = path_for_star(path)
-        if halves is not None:
-            ts.globals["rlnTomoReconstructedTomogramHalf1"] = path_for_star(halves[0])
-            ts.globals["rlnTomoReconstructedTomogramHalf2"] = path_for_star(halves[1])
         ts.globals["rlnTomoTomogramBinning"] = b
         ts.globals.update(rlnTomoSizeX=size[0], rlnTomoSizeY=size[1], rlnTomoSizeZ=size[2])
+        skipped = r.stats.pop("skipped", False)
         if progress:
-            log(f"  {name}: wrote {path} in {seconds:.1f} s (sd {stats['rms']:.3g})")
+            log(f"  {r.name}: {'kept' if skipped else 'wrote'} {r.path} in {r.seconds:.1f} s (sd {r.stats['rms']:.3g})")
     done = TomogramSet({r.name: tset[r.name] for r in results}, out_dir / "tomograms.star")
     write_tomograms(out_dir / "tomograms.star", done, tilt_series_dir=out_dir / "tilt_series")
     if progress:
@@ -236,6 +302,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted job: keep the tomograms it already wrote")
     p.add_argument("--no_png", dest="png", action="store_false", help="do not write the central-section PNGs")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_dask_arguments(p)
 
 
 def _continuing(args: argparse.Namespace) -> bool:
@@ -259,12 +326,12 @@ def main(args: argparse.Namespace) -> int:
         raise CryopipeError(f"--bin {args.binning:g}: must be > 0")
     with open_job_dir(args.output, "Tomograms", ProcessLabel.RECONSTRUCT_TOMOGRAMS,
                       inputs=[(tomograms_file, NodeType.TOMOGRAMS)], params=vars(args), is_tomo=True,
-                      continue_job=_continuing(args)) as job:
+                      continue_job=_continuing(args)) as job, job_backend(args, log, "tilt series") as backend:
         t0 = time.perf_counter()
         results = reconstruct_tomograms(tomograms_file, job.dir, tomo_name=args.tomo_name, binning=args.binning,
                                         binned_angpix=args.binned_angpix, w=args.w, h=args.h, d=args.d, ctf=args.ctf,
                                         snr=args.snr, split=args.split, slab_mb=args.slab_mb, device=args.device,
-                                        png=args.png, only_do_unfinished=args.only_do_unfinished)
+                                        png=args.png, only_do_unfinished=args.only_do_unfinished, backend=backend)
         job.add_output(job.path("tomograms.star"), NodeType.TOMOGRAMS)
         log(f"{len(results)} tomogram(s) in {time.perf_counter() - t0:.1f} s")
     return 0
