@@ -14,11 +14,11 @@ import torch
 from cryopipe.cli import main as cli
 from cryopipe.core.fsc import fsc
 from cryopipe.engine.optimiser3d import Refine3DSettings
-from cryopipe.engine.refine3d_files import read_optimisation_set, write_optimisation_set
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.mrc import read_mrc, write_mrc
 from cryopipe.io.particles import read_particles, write_particles
 from cryopipe.io.star import read_star
+from cryopipe.io.tomo_particles import optimisation_set_entries, write_optimisation_set
 from cryopipe.jobs.refine3d import refine_3d
 from cryopipe.pipeline.project import NodeType, read_pipeline
 
@@ -166,7 +166,7 @@ def test_optimisation_set_round_trip(project, monkeypatch):
         "rlnTomoReferenceMap1File": sim + "truth_map.mrc", "rlnTomoReferenceMap2File": sim + "truth_map.mrc"})
     res = refine_3d("in_optimisation_set.star", project / "OS" / "run", _settings(n_iter=1))
     assert res.converged and res.optimisation_set == project / "OS" / "run_optimisation_set.star"
-    out = read_optimisation_set(res.optimisation_set)
+    out = optimisation_set_entries(res.optimisation_set)
     assert out["rlnTomoParticlesFile"] == "OS/run_data.star"
     assert out["rlnTomoReferenceMap1File"] == "OS/run_half1_class001_unfil.mrc"
     assert out["rlnTomoReferenceMap2File"] == "OS/run_half2_class001_unfil.mrc"

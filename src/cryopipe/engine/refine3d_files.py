@@ -32,58 +32,10 @@ from cryopipe.engine.relion_files import (
 from cryopipe.errors import InputFileError
 from cryopipe.io.mrc import read_mrc, write_mrc
 from cryopipe.io.particles import ParticleData, euler_angles, write_particles
-from cryopipe.io.star import read_star, write_star
 
-__all__ = ["OPTIMISATION_SET_LABELS", "is_optimisation_set", "read_optimisation_set", "write_optimisation_set",
-           "is_tomo_particles", "state_from_data", "data_table_3d", "load_reference", "model3d_from_files",
+__all__ = ["state_from_data", "data_table_3d", "load_reference", "model3d_from_files",
            "optimiser_values_3d", "stored_settings", "sampling_from_files", "write_iteration_3d", "continue_inputs",
            "CHANGE_LABELS", "restore_changes", "original_sampling", "continued_settings"]
-#: labels of a RELION optimisation set (``data_`` key-value block), in RELION's order
-OPTIMISATION_SET_LABELS = ("rlnTomoTomogramsFile", "rlnTomoParticlesFile", "rlnTomoTrajectoriesFile",
-                           "rlnTomoManifoldsFile", "rlnTomoReferenceMap1File", "rlnTomoReferenceMap2File",
-                           "rlnTomoReferenceMaskFile", "rlnTomoReferenceFscFile")
-
-
-# ------------------------------------------------------------------------------------------------ optimisation sets
-
-def is_optimisation_set(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a STAR file with a ``rlnTomoParticlesFile`` entry (a RELION optimisation set); looks
-    at the first 64 kB only, so a large particles file is not parsed twice."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(65536)
-    except OSError:
-        return False
-    return b"_rlnTomoParticlesFile" in head
-
-
-def read_optimisation_set(path: str | os.PathLike) -> dict:
-    """The key-value entries of a RELION optimisation set (``rlnTomoParticlesFile``, ``rlnTomoTomogramsFile``,
-    ``rlnTomoReferenceMap1File`` …) as a dict; raises InputFileError without ``rlnTomoParticlesFile``."""
-    path = Path(path)
-    for block in read_star(path).values():
-        if isinstance(block, dict) and "rlnTomoParticlesFile" in block:
-            return dict(block)
-    raise InputFileError(path, "no rlnTomoParticlesFile entry",
-                         "give a particles STAR file or an optimisation set from a RELION 4/5 tomography job")
-
-
-def write_optimisation_set(path: str | os.PathLike, values: dict) -> None:
-    """Write an optimisation set (one unnamed ``data_`` key-value block, RELION's layout) atomically; known labels
-    first in RELION's order, then any others as given."""
-    ordered = {k: values[k] for k in OPTIMISATION_SET_LABELS if k in values}
-    ordered.update({k: v for k, v in values.items() if k not in ordered})
-    write_star(path, {"": ordered}, version=50001)
-
-
-def is_tomo_particles(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a tomography particles STAR file (a ``rlnTomoName`` column in its first 64 kB)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(65536)
-    except OSError:
-        return False
-    return b"_rlnTomoName" in head
 
 
 # ------------------------------------------------------------------------------------------------ particles

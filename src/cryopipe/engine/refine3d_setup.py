@@ -20,11 +20,9 @@ from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
 from cryopipe.engine.particle_input import load_particles
 from cryopipe.engine.refine3d_files import (
     continue_inputs,
-    is_optimisation_set,
     load_reference,
     model3d_from_files,
     original_sampling,
-    read_optimisation_set,
     restore_changes,
     sampling_from_files,
     state_from_data,
@@ -32,6 +30,7 @@ from cryopipe.engine.refine3d_files import (
 from cryopipe.engine.relion_files import read_model_star, resolve_relion_path
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.particles import ParticleData
+from cryopipe.io.tomo_particles import is_optimisation_set, optimisation_set_entries
 
 __all__ = ["FORCED", "ContinuedRun", "RefineInputs", "RefineStart", "read_refine_continue", "refine_inputs",
            "resume_refine3d", "start_refine3d"]
@@ -105,7 +104,7 @@ def refine_inputs(particles_star: str | os.PathLike | None, reference, solvent_m
     set_bases: list = []
     set_values, input_set = None, "None"
     if is_optimisation_set(particles_path):
-        set_values = read_optimisation_set(particles_path)
+        set_values = optimisation_set_entries(particles_path)
         input_set = _rel(particles_path, root)
         set_bases = [particles_path.resolve().parent, particles_path.resolve().parent.parent.parent]
         particles_path = resolve_relion_path(str(set_values["rlnTomoParticlesFile"]), *set_bases)
@@ -140,7 +139,7 @@ def resume_refine3d(run: ContinuedRun, s: Refine3DSettings, overrides: dict, sol
     set_values = None
     input_set = str(vals.get("cryopipeInputOptimisationSet", "None"))
     if input_set not in ("", "None"):
-        set_values = read_optimisation_set(resolve_relion_path(input_set, *bases))
+        set_values = optimisation_set_entries(resolve_relion_path(input_set, *bases))
     start = int(vals.get("rlnCurrentIteration", 0))
     opt = Optimiser3D(ps, s, model=model, state=state, sampling=samp, iteration=start, device=dev,
                       progress=progress, solvent_mask=mask_t)

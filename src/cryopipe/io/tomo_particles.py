@@ -39,7 +39,8 @@ from cryopipe.io.star import read_star, write_star
 from cryopipe.io.tomography import RELION5_VERSION, TomogramSet, path_for_star, project_root
 
 __all__ = ["TomoParticles", "read_tomo_particles", "write_tomo_particles", "check_inside", "to_centered_coordinates",
-           "read_optimisation_set", "write_optimisation_set", "OPTIMISATION_SET_LABELS"]
+           "read_optimisation_set", "write_optimisation_set", "OPTIMISATION_SET_LABELS", "optimisation_set_entries",
+           "is_optimisation_set", "is_tomo_particles"]
 
 _CENTERED = ("rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst", "rlnCenteredCoordinateZAngst")
 _DECENTRED = ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ")
@@ -290,23 +291,51 @@ def check_inside(particles: TomoParticles, tomograms: TomogramSet) -> None:
 # ================================================================================================ optimisation set
 
 
-def read_optimisation_set(path: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Path]:
-    """The file entries of an optimisation set (every ``rln…File`` label, e.g. rlnTomoParticlesFile,
-    rlnTomoTomogramsFile, …) → resolved paths (``root`` or the rule of
-    :func:`cryopipe.io.tomography.project_root`). The entries may be a key-value block or a one-row table. Files
-    are not required to exist (a missing one resolves to its working-directory path)."""
+def is_optimisation_set(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a STAR file with a ``rlnTomoParticlesFile`` entry (a RELION optimisation set); looks
+    at the first 64 kB only, so a large particles file is not parsed twice. False for an unreadable path."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return b"_rlnTomoParticlesFile" in head
+
+
+def is_tomo_particles(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a tomography particles STAR file (a ``rlnTomoName`` column in its first 64 kB)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return b"_rlnTomoName" in head
+
+
+def optimisation_set_entries(path: str | os.PathLike) -> dict[str, str]:
+    """The file entries of an optimisation set as written in it (every ``rln…File`` label → its text, unresolved),
+    from a key-value block (RELION 5 writes one) or a one-row table (as in the RELION fixture's
+    ``optimisation_set.star``); raises InputFileError when there are none."""
     path = Path(path)
     for block in read_star(path).values():
         if isinstance(block, pd.DataFrame):
             if len(block) != 1:
                 continue
             block = {k: v for k, v in block.iloc[0].items()}
-        entries = {k: str(v) for k, v in block.items() if str(k).endswith("File")}
+        entries = {str(k): str(v) for k, v in block.items() if str(k).endswith("File")}
         if entries:
-            return {k: Path(v) if Path(v).is_absolute() else project_root(v, path, root) / v
-                    for k, v in entries.items()}
+            return entries
     raise InputFileError(path, "no optimisation-set entries (rlnTomoParticlesFile, rlnTomoTomogramsFile, …)",
                          "give a RELION optimisation_set.star")
+
+
+def read_optimisation_set(path: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The file entries of an optimisation set (:func:`optimisation_set_entries`) → resolved paths (``root`` or the
+    rule of :func:`cryopipe.io.tomography.project_root`). Files are not required to exist (a missing one resolves
+    to its working-directory path)."""
+    path = Path(path)
+    return {k: Path(v) if Path(v).is_absolute() else project_root(v, path, root) / v
+            for k, v in optimisation_set_entries(path).items()}
 
 
 def write_optimisation_set(path: str | os.PathLike, entries: dict[str, str | os.PathLike]) -> None:

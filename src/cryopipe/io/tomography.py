@@ -55,7 +55,8 @@ __all__ = [
     "path_for_star", "parse_vector", "RELION5_VERSION",
     # re-exported from cryopipe.io.tomo_particles
     "TomoParticles", "read_tomo_particles", "write_tomo_particles", "check_inside", "to_centered_coordinates",
-    "read_optimisation_set", "write_optimisation_set", "OPTIMISATION_SET_LABELS",
+    "read_optimisation_set", "write_optimisation_set", "OPTIMISATION_SET_LABELS", "optimisation_set_entries",
+    "is_optimisation_set", "is_tomo_particles",
 ]
 
 RELION5_VERSION = 50001
@@ -532,7 +533,8 @@ def write_tomograms(path: str | os.PathLike, tomograms: TomogramSet, tilt_series
 # lazily so that either module can be imported first.
 _REEXPORTED = frozenset({"TomoParticles", "read_tomo_particles", "write_tomo_particles", "check_inside",
                          "to_centered_coordinates", "read_optimisation_set", "write_optimisation_set",
-                         "OPTIMISATION_SET_LABELS"})
+                         "OPTIMISATION_SET_LABELS", "optimisation_set_entries", "is_optimisation_set",
+                         "is_tomo_particles"})
 
 
 def __getattr__(name: str):

@@ -36,6 +36,7 @@ import numpy as np
 
 from cryopipe.core.symmetry import canonical_symmetry_name
 from cryopipe.core.symmetry_align import AlignSymmetryResult, align_symmetry_full
+from cryopipe.engine.symmetry_files import write_symmetry_outputs
 from cryopipe.errors import CryopipeError, InputFileError
 
 HELP = "rotate a map so that its symmetry axes follow RELION's conventions (relion_align_symmetry), --apply_sym"
@@ -174,6 +175,6 @@ def main(args: argparse.Namespace) -> int:
     if res.residual > 0.25:
         log(f"align-symmetry: warning: residual {res.residual:.3f} is high — the map may not have {res.sym} symmetry")
     out = Path(args.output)
-    jpath, spath = _write_outputs(out, res, apix, m)
+    jpath, spath = write_symmetry_outputs(out, res, apix, m)
     log(f"align-symmetry: the aligned map has been written to {out} (rotation in {spath}, {jpath})")
     return 0

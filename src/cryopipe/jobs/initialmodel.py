@@ -37,22 +37,24 @@ from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
 from cryopipe.engine.particle_input import load_particles
 from cryopipe.engine.refine3d_files import (
     continue_inputs,
-    is_optimisation_set,
-    is_tomo_particles,
     model3d_from_files,
     original_sampling,
-    read_optimisation_set,
     sampling_from_files,
     state_from_data,
     stored_settings,
     write_iteration_3d,
-    write_optimisation_set,
 )
 from cryopipe.engine.relion_files import read_model_star, read_optimiser_star, resolve_relion_path
 from cryopipe.engine.run_command import command_arguments
 from cryopipe.engine.vdam import GradUpdate, default_subset_sizes, grad_star_values, initial_model_rule
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.atomic import atomic_path
+from cryopipe.io.tomo_particles import (
+    is_optimisation_set,
+    is_tomo_particles,
+    optimisation_set_entries,
+    write_optimisation_set,
+)
 from cryopipe.jobs.refine3d import settings_from_args
 
 HELP = "de novo 3D initial model (like relion_refine --grad --denovo_3dref, then relion_align_symmetry)"
@@ -235,7 +237,8 @@ def initial_model(
         if opt.iteration % write_iter == 0 or opt.iteration == n_iter:
             paths = write()
     # the largest class, aligned to the symmetry axes and symmetrised
-    from cryopipe.jobs.align_symmetry import _write_outputs, align_symmetry_full
+    from cryopipe.core.symmetry_align import align_symmetry_full
+    from cryopipe.engine.symmetry_files import write_symmetry_outputs
 
     m = opt.model
     k = int(torch.argmax(m.pdf_class))
@@ -243,7 +246,7 @@ def initial_model(
     res = align_symmetry_full(vol, sym_final, pixel_size=ps.pixel_size, keep_centre=sym_final == "C1",
                               apply_sym=True, seed=int(s.random_seed), device=dev)
     out_map = out_dir / "initial_model.mrc"
-    _, sym_star = _write_outputs(out_map, res, ps.pixel_size, paths["maps"][k])
+    _, sym_star = write_symmetry_outputs(out_map, res, ps.pixel_size, paths["maps"][k])
     log(f"initial model: class {k + 1} ({float(m.pdf_class[k]):.1%} of the particles)"
         + (f" aligned to {sym_final} (symmetry residual {res.residual:.3f}) and symmetrised"
            if sym_final != "C1" else "") + f" -> {out_map}")
@@ -262,7 +265,7 @@ def _tomo_inputs(path: Path, tomograms, root: Path):
     values: dict = {}
     tomo_path = Path(tomograms) if tomograms is not None else None
     if is_optimisation_set(path):
-        values = read_optimisation_set(path)
+        values = optimisation_set_entries(path)
         bases = [path.resolve().parent, path.resolve().parent.parent.parent]
         particles = resolve_relion_path(str(values["rlnTomoParticlesFile"]), root, *bases)
         if tomo_path is None and values.get("rlnTomoTomogramsFile") not in (None, "", "None"):

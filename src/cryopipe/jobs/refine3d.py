@@ -58,15 +58,13 @@ from cryopipe.engine.class2d_files import project_relative, split_output_prefix
 from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
 from cryopipe.engine.refine3d_files import (
     continued_settings,
-    is_optimisation_set,
-    is_tomo_particles,
     write_iteration_3d,
-    write_optimisation_set,
 )
 from cryopipe.engine.refine3d_setup import FORCED, read_refine_continue, refine_inputs, resume_refine3d, start_refine3d
 from cryopipe.engine.relion_files import read_optimiser_star
 from cryopipe.engine.run_command import command_arguments
 from cryopipe.errors import CryopipeError
+from cryopipe.io.tomo_particles import is_optimisation_set, is_tomo_particles, write_optimisation_set
 from cryopipe.tomo.refine_setup import resume_tomo_refine3d, start_tomo_refine3d
 
 HELP = "3D auto-refinement with gold-standard half-sets (like relion_refine --auto_refine --split_random_halves)"

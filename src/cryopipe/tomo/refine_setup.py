@@ -20,13 +20,13 @@ from cryopipe.engine.refine3d_files import (
     load_reference,
     model3d_from_files,
     original_sampling,
-    read_optimisation_set,
     restore_changes,
     sampling_from_files,
 )
 from cryopipe.engine.refine3d_setup import ContinuedRun, RefineInputs, RefineStart
 from cryopipe.engine.relion_files import resolve_relion_path
 from cryopipe.errors import InputFileError
+from cryopipe.io.tomo_particles import optimisation_set_entries
 
 __all__ = ["tomo_optimiser", "resume_tomo_refine3d", "start_tomo_refine3d"]
 
@@ -144,7 +144,7 @@ def resume_tomo_refine3d(run: ContinuedRun, s: Refine3DSettings, overrides: dict
     start = int(vals.get("rlnCurrentIteration", 0))
     input_set = str(vals.get("cryopipeInputOptimisationSet", "None"))
     if input_set not in ("", "None"):
-        set_values = read_optimisation_set(resolve_relion_path(input_set, *bases))
+        set_values = optimisation_set_entries(resolve_relion_path(input_set, *bases))
     tomo_name = str(vals.get("cryopipeTomogramsFile", (set_values or {}).get("rlnTomoTomogramsFile", "None")))
     tomo_path = resolve_relion_path(tomo_name, *bases) if tomo_name not in ("", "None") else None
     if set_values is None:
