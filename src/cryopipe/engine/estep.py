@@ -576,6 +576,147 @@ def _children_log_posterior(batch: BatchData, inv_score: torch.Tensor, at_f: tor
     return logp, locate
 
 
+@dataclass
+class _FinalGrid:
+    """The final (fine) grid of a batch and the log posteriors on it: ``ref_f [Mf, 1, P]`` the predictions of the
+    final samples (class ``sample_k``, coarse sample ``sample_r``, child ``child_of_sample``, each ``[Mf]``);
+    ``t_f [Tf, D]`` the final translations (coarse parent ``t_parent``, child ``t_child``); ``flat [B, L]`` the log
+    posteriors, ``locate(b, j)`` → (translation, sample) of a row position; ``at_f [B, Tf, P]`` X_t·C/σ² (DC
+    left out) when scoring made it, else None."""
+
+    ref_f: torch.Tensor
+    t_f: torch.Tensor
+    sample_k: torch.Tensor
+    sample_r: torch.Tensor
+    child_of_sample: torch.Tensor
+    t_parent: torch.Tensor
+    t_child: torch.Tensor
+    flat: torch.Tensor
+    locate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    at_f: torch.Tensor | None
+
+
+def _single_pass_grid(batch: BatchData, logp: torch.Tensor, refs: PredictionSource, trans: TranslationGrid,
+                      settings: EStepSettings) -> _FinalGrid:
+    """Single pass: the coarse grid is the final grid (samples = all (k, r), "child" 0 = the sample itself) and
+    the coarse scores ``logp [B, Tc, K, Rc]`` are the log posteriors."""
+    dev = batch.X.device
+    K, Rc = refs.n_classes, refs.n_coarse
+    Pc = settings.coarse_size
+    Pe = batch.X.shape[1] if settings.estep_size is None else min(int(settings.estep_size), batch.X.shape[1])
+    if Pc != Pe:
+        raise ValueError("without oversampling the coarse pass must use the E-step coefficient set "
+                         f"(coarse_size {Pc} != {Pe})")
+    tc = trans.coarse.to(dev)
+    Tc = tc.shape[0]
+    ref_f = refs.fine(torch.arange(K, device=dev).repeat_interleave(Rc),
+                      torch.arange(Rc, device=dev).repeat(K))[:, :1]  # full set for the M-step sums
+    Mf = K * Rc
+
+    def locate(b: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return j // Mf, j % Mf
+
+    return _FinalGrid(ref_f=ref_f, t_f=tc, sample_k=torch.arange(K, device=dev).repeat_interleave(Rc),
+                      sample_r=torch.arange(Rc, device=dev).repeat(K),
+                      child_of_sample=torch.zeros(Mf, dtype=torch.long, device=dev),
+                      t_parent=torch.arange(Tc, device=dev), t_child=torch.zeros(Tc, dtype=torch.long, device=dev),
+                      flat=logp.reshape(batch.B, Tc * Mf), locate=locate, at_f=None)
+
+
+def _children_grid(batch: BatchData, inv_score: torch.Tensor, lpo: torch.Tensor, refs: PredictionSource,
+                   trans: TranslationGrid, settings: EStepSettings, sig: torch.Tensor) -> _FinalGrid:
+    """Two passes: the final grid is the children of the union over the batch of the significant coarse samples
+    and translations ``sig [B, Tc, K, Rc]``, but only the children of each image's own significant parents are
+    scored (:func:`_children_log_posterior`)."""
+    dev = batch.X.device
+    kr_any = sig.any(dim=1).any(dim=0)  # [K, Rc]
+    t_any = sig.any(dim=3).any(dim=2).any(dim=0)  # [Tc]
+    kr_idx = torch.nonzero(kr_any)  # [Msel, 2]
+    k_sel, r_sel = kr_idx[:, 0], kr_idx[:, 1]
+    t_sel = torch.nonzero(t_any).reshape(-1)
+    Msel, Tsel = k_sel.numel(), t_sel.numel()
+    ref_f = refs.fine(k_sel, r_sel)  # [Msel, So, P]
+    So_eff = ref_f.shape[1]
+    t_ch = trans.children.to(dev)[t_sel]  # [Tsel, St, D]
+    St = t_ch.shape[1]
+    t_f = t_ch.reshape(Tsel * St, -1)
+    P = batch.X.shape[1]
+    Pe = P if settings.estep_size is None else min(int(settings.estep_size), P)
+    at_f = (batch.X * (batch.ctf * inv_score).to(batch.X.dtype))[:, None, :] \
+        * shift_phases(settings.k.to(dev)[:P], t_f, settings.n)[None]  # [B, Tf, P]  X_t·C/σ² (DC left out)
+    lp_off = offset_log_prior(t_f, _estep_centre(batch), _estep_sigma2(settings))[:, :, k_sel]  # [B, Tf, Msel]
+    flat, locate = _children_log_posterior(batch, inv_score, at_f, ref_f, sig[:, t_sel][:, :, k_sel, r_sel],
+                                           lp_off, lpo[:, k_sel, r_sel], St, Pe)
+    del lp_off
+    return _FinalGrid(ref_f=ref_f.reshape(Msel * So_eff, 1, P), t_f=t_f,
+                      sample_k=k_sel.repeat_interleave(So_eff), sample_r=r_sel.repeat_interleave(So_eff),
+                      child_of_sample=torch.arange(So_eff, device=dev).repeat(Msel),
+                      t_parent=t_sel.repeat_interleave(St), t_child=torch.arange(St, device=dev).repeat(Tsel),
+                      flat=flat, locate=locate, at_f=at_f)
+
+
+def _per_image_noise_sums(batch: BatchData, settings: EStepSettings, w: _Weights, wbm: torch.Tensor,
+                          at_f: torch.Tensor, refs_m: torch.Tensor, ex_xx: torch.Tensor):
+    """σ² sums and per-image norm / scale corrections from the expected residual power
+    ``E|X_t − C·Ref|² = sumw·|X|² − 2·E_xa + E_aa`` per coefficient. Returns ``(wsum_sigma2_noise [G, shells],
+    norm_residual [B], scale_xa [B], scale_aa [B])``."""
+    dev = batch.X.device
+    B, P = wbm.shape[0], refs_m.shape[1]
+    ctf = batch.ctf[:, :P]
+    inv = batch.inv_sigma2[:, :P]
+    shell = settings.shell[:P].to(dev)
+    og = batch.optics_group.to(dev)
+    pw_out = batch.power_outside.to(torch.float64)
+    ref_pow = refs_m.real.square() + refs_m.imag.square()  # [Mf, P]
+    e_xa = _expected_cross(w, at_f, refs_m)  # [B, P]: Re Σ_t,m w·X_t·C/σ²·conj(Ref_m) (DC: ·1/σ²_0)
+    e_xa = torch.where(inv > 0, e_xa / inv.clamp_min(1e-30), torch.zeros_like(e_xa))  # → Re Σ X_t·C·E[R]*
+    e_aa = ctf.square() * (wbm @ ref_pow)  # [B, P]
+    resid = ex_xx - 2.0 * e_xa + e_aa  # [B, P]
+    per_shell = torch.zeros(B, settings.n_shells, device=dev, dtype=torch.float64).index_add_(
+        1, shell, resid.to(torch.float64))
+    wsum_noise = torch.zeros(settings.n_optics_groups, settings.n_shells, device=dev, dtype=torch.float64
+                             ).index_add_(0, og, per_shell + pw_out)
+    norm_residual = resid.sum(dim=1).to(torch.float64) + pw_out.sum(dim=1)
+    if settings.scale_shell_mask is not None:
+        smask = settings.scale_shell_mask[:P].to(dev).to(e_xa.dtype)
+        return wsum_noise, norm_residual, (e_xa * smask).sum(dim=1), (e_aa * smask).sum(dim=1)
+    return wsum_noise, norm_residual, e_xa.sum(dim=1), e_aa.sum(dim=1)
+
+
+def _per_group_noise_sums(batch: BatchData, settings: EStepSettings, w: _Weights, wbm: torch.Tensor,
+                          at_f: torch.Tensor, refs_m: torch.Tensor, ex_xx: torch.Tensor, S: torch.Tensor,
+                          Wsum: torch.Tensor, n_translations: int) -> torch.Tensor:
+    """σ² sums per optics group only (σ² is the same for all images of a group), from the sample sums ``S``,
+    ``Wsum`` (recomputed per group when the batch mixes groups or the sums use other images / 1/σ²) →
+    ``wsum_sigma2_noise [G, shells]``."""
+    dev = batch.X.device
+    B, P = wbm.shape[0], refs_m.shape[1]
+    Mf = refs_m.shape[0]
+    ctf = batch.ctf[:, :P]
+    inv = batch.inv_sigma2[:, :P]
+    shell = settings.shell[:P].to(dev)
+    og = batch.optics_group.to(dev)
+    pw_out = batch.power_outside.to(torch.float64)
+    ref_pow = refs_m.real.square() + refs_m.imag.square()  # [Mf, P]
+    wsum_noise = torch.zeros(settings.n_optics_groups, settings.n_shells, device=dev, dtype=torch.float64)
+    for g in torch.unique(og).tolist():  # optics groups of the batch (a handful)
+        sel = og == g
+        inv_g = inv[sel][0]  # [P]
+        if bool(sel.all()) and batch.X_nomask is None and batch.inv_sigma2_sums is None:
+            S_g, W_g = S, Wsum
+        else:
+            w_g = w.select(sel[w.b])
+            S_g = weighted_row_sums(w_g, lambda b, t: at_f[b, t], Mf, P, (B, n_translations))
+            W_g = wbm[sel].T @ (ctf[sel].square() * inv[sel])
+        xa = (refs_m.conj() * S_g).real.sum(dim=0) / inv_g.clamp_min(1e-30)
+        aa = (ref_pow * W_g).sum(dim=0) / inv_g.clamp_min(1e-30)
+        resid_g = ex_xx[sel].sum(dim=0) - 2.0 * xa + aa
+        resid_g = torch.where(inv_g > 0, resid_g, torch.zeros_like(resid_g)).to(torch.float64)
+        wsum_noise[g].index_add_(0, shell, resid_g)
+        wsum_noise[g] += pw_out[sel].sum(dim=0)
+    return wsum_noise
+
+
 def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lpo: torch.Tensor,
                refs: PredictionSource, trans: TranslationGrid, settings: EStepSettings,
                sig: torch.Tensor | None) -> BatchResult:
@@ -587,69 +728,23 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     K, Rc = refs.n_classes, refs.n_coarse
     n = settings.n
     kvec = settings.k.to(dev)
-    Pc = settings.coarse_size
-    tc = trans.coarse.to(dev)
-    Tc = tc.shape[0]
     two_pass = sig is not None
-    at_f = None  # X_t·C/σ² of the final grid (DC left out), when the scoring pass already made it
-    if not two_pass:
-        # single pass: the coarse grid is the final grid (samples = all (k, r), "child" 0 = the sample itself)
-        Pe = batch.X.shape[1] if settings.estep_size is None else min(int(settings.estep_size), batch.X.shape[1])
-        if Pc != Pe:
-            raise ValueError("without oversampling the coarse pass must use the E-step coefficient set "
-                             f"(coarse_size {Pc} != {Pe})")
-        ref_f = refs.fine(torch.arange(K, device=dev).repeat_interleave(Rc),
-                          torch.arange(Rc, device=dev).repeat(K))[:, :1]  # full set for the M-step sums
-        t_f = tc
-        sample_k = torch.arange(K, device=dev).repeat_interleave(Rc)
-        sample_r = torch.arange(Rc, device=dev).repeat(K)
-        child_of_sample = torch.zeros(K * Rc, dtype=torch.long, device=dev)
-        t_parent = torch.arange(Tc, device=dev)
-        t_child = torch.zeros(Tc, dtype=torch.long, device=dev)
-        Mf = K * Rc
-        flat = logp.reshape(B, Tc * Mf)
-
-        def locate(b: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return j // Mf, j % Mf
-    else:
-        # ---------------- union over the batch of the significant coarse samples and translations
-        kr_any = sig.any(dim=1).any(dim=0)  # [K, Rc]
-        t_any = sig.any(dim=3).any(dim=2).any(dim=0)  # [Tc]
-        kr_idx = torch.nonzero(kr_any)  # [Msel, 2]
-        k_sel, r_sel = kr_idx[:, 0], kr_idx[:, 1]
-        t_sel = torch.nonzero(t_any).reshape(-1)
-        Msel, Tsel = k_sel.numel(), t_sel.numel()
-        ref_f = refs.fine(k_sel, r_sel)  # [Msel, So, P]
-        So_eff = ref_f.shape[1]
-        t_ch = trans.children.to(dev)[t_sel]  # [Tsel, St, D]
-        St = t_ch.shape[1]
-        t_f = t_ch.reshape(Tsel * St, -1)
-        P = batch.X.shape[1]
-        Pe = P if settings.estep_size is None else min(int(settings.estep_size), P)
-        # ... but only the children of each image's own significant parents are scored
-        at_f = (batch.X * (batch.ctf * inv_score).to(batch.X.dtype))[:, None, :] \
-            * shift_phases(kvec[:P], t_f, n)[None]  # [B, Tf, P]  X_t·C/σ² (DC left out)
-        lp_off = offset_log_prior(t_f, _estep_centre(batch), _estep_sigma2(settings))[:, :, k_sel]  # [B, Tf, Msel]
-        flat, locate = _children_log_posterior(batch, inv_score, at_f, ref_f, sig[:, t_sel][:, :, k_sel, r_sel],
-                                               lp_off, lpo[:, k_sel, r_sel], St, Pe)
-        del lp_off
-        sample_k = k_sel.repeat_interleave(So_eff)
-        sample_r = r_sel.repeat_interleave(So_eff)
-        child_of_sample = torch.arange(So_eff, device=dev).repeat(Msel)
-        t_parent = t_sel.repeat_interleave(St)
-        t_child = torch.arange(St, device=dev).repeat(Tsel)
-        ref_f = ref_f.reshape(Msel * So_eff, 1, P)
+    grid = (_children_grid(batch, inv_score, lpo, refs, trans, settings, sig) if two_pass
+            else _single_pass_grid(batch, logp, refs, trans, settings))
     del logp
+    t_f, sample_k, sample_r = grid.t_f, grid.sample_k, grid.sample_r
+    at_f = grid.at_f  # X_t·C/σ² of the final grid (DC left out), when the scoring pass already made it
 
     # ---------------- final weights (a list of the significant ones)
     Tf = t_f.shape[0]
     Mf = sample_k.numel()
-    lse, pmax, n_sig, best_t, best_m, w = _posterior(flat, locate, settings)
-    del flat
+    lse, pmax, n_sig, best_t, best_m, w = _posterior(grid.flat, grid.locate, settings)
+    grid.flat = None
     loglik = lse - batch.xi2_outside - batch.logsigma2
 
     # ---------------- M-step sums over the weight list
-    refs_m = ref_f.reshape(Mf, -1)  # [Mf, P]
+    refs_m = grid.ref_f.reshape(Mf, -1)  # [Mf, P]
+    grid.at_f = None
     P = refs_m.shape[1]
     X = batch.X[:, :P]
     ctf = batch.ctf[:, :P]
@@ -676,49 +771,16 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     sumw_b = wbm.sum(dim=1)  # [B] (≈1, minus the pruned mass)
     ex_xx = sumw_b[:, None] * (X.real.square() + X.imag.square())  # [B, P]
     G = settings.n_optics_groups
-    ns = settings.n_shells
-    shell = settings.shell[:P].to(dev)
     og = batch.optics_group.to(dev)
-    pw_out = batch.power_outside.to(torch.float64)
-    ref_pow = refs_m.real.square() + refs_m.imag.square()  # [Mf, P]
-    if settings.compute_corrections:
-        # per image (norm / scale corrections need it)
-        e_xa = _expected_cross(w, at_f, refs_m)  # [B, P]: Re Σ_t,m w·X_t·C/σ²·conj(Ref_m) (DC: ·1/σ²_0)
-        e_xa = torch.where(inv > 0, e_xa / inv.clamp_min(1e-30), torch.zeros_like(e_xa))  # → Re Σ X_t·C·E[R]*
-        e_aa = ctf.square() * (wbm @ ref_pow)  # [B, P]
-        resid = ex_xx - 2.0 * e_xa + e_aa  # [B, P]
-        per_shell = torch.zeros(B, ns, device=dev, dtype=torch.float64).index_add_(1, shell, resid.to(torch.float64))
-        wsum_noise = torch.zeros(G, ns, device=dev, dtype=torch.float64).index_add_(0, og, per_shell + pw_out)
-        norm_residual = resid.sum(dim=1).to(torch.float64) + pw_out.sum(dim=1)
-        if settings.scale_shell_mask is not None:
-            smask = settings.scale_shell_mask[:P].to(dev).to(e_xa.dtype)
-            scale_xa = (e_xa * smask).sum(dim=1)
-            scale_aa = (e_aa * smask).sum(dim=1)
-        else:
-            scale_xa = e_xa.sum(dim=1)
-            scale_aa = e_aa.sum(dim=1)
+    if settings.compute_corrections:  # per image (norm / scale corrections need it)
+        wsum_noise, norm_residual, scale_xa, scale_aa = _per_image_noise_sums(batch, settings, w, wbm, at_f,
+                                                                              refs_m, ex_xx)
     else:
-        # per optics group only (σ² is the same for all images of a group): from the sample sums S, W
-        wsum_noise = torch.zeros(G, ns, device=dev, dtype=torch.float64)
-        for g in torch.unique(og).tolist():  # optics groups of the batch (a handful)
-            sel = og == g
-            inv_g = inv[sel][0]  # [P]
-            if bool(sel.all()) and batch.X_nomask is None and batch.inv_sigma2_sums is None:
-                S_g, W_g = S, Wsum
-            else:
-                w_g = w.select(sel[w.b])
-                S_g = weighted_row_sums(w_g, lambda b, t: at_f[b, t], Mf, P, (B, Tf))
-                W_g = wbm[sel].T @ (ctf[sel].square() * inv[sel])
-            xa = (refs_m.conj() * S_g).real.sum(dim=0) / inv_g.clamp_min(1e-30)
-            aa = (ref_pow * W_g).sum(dim=0) / inv_g.clamp_min(1e-30)
-            resid_g = ex_xx[sel].sum(dim=0) - 2.0 * xa + aa
-            resid_g = torch.where(inv_g > 0, resid_g, torch.zeros_like(resid_g)).to(torch.float64)
-            wsum_noise[g].index_add_(0, shell, resid_g)
-            wsum_noise[g] += pw_out[sel].sum(dim=0)
+        wsum_noise = _per_group_noise_sums(batch, settings, w, wbm, at_f, refs_m, ex_xx, S, Wsum, Tf)
         norm_residual = torch.full((B,), float("nan"), dtype=torch.float64, device=dev)
         scale_xa = torch.zeros(B, dtype=torch.float64, device=dev)
         scale_aa = torch.zeros(B, dtype=torch.float64, device=dev)
-    del at_f
+    at_f = None  # free the [B, Tf, P] products before the class / offset sums
     sumw_group = torch.zeros(G, device=dev, dtype=torch.float64).index_add_(
         0, og, torch.ones(B, device=dev, dtype=torch.float64))
 
@@ -739,7 +801,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     return BatchResult(
         best_class=best_k,
         best_coarse=sample_r[best_m],
-        best_child=child_of_sample[best_m],
+        best_child=grid.child_of_sample[best_m],
         best_offset=t_f[best_t],
         pmax=pmax,
         n_significant=n_sig,
@@ -749,7 +811,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
         scale_aa=scale_aa.to(torch.float64),
         sample_class=sample_k,
         sample_coarse=sample_r,
-        sample_child=child_of_sample,
+        sample_child=grid.child_of_sample,
         S=S,
         W=Wsum,
         wsum_class=wsum_class.to(torch.float64),
@@ -759,5 +821,5 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
         wsum_sigma2_offset=wsum_sigma2_offset,
         wsum_sigma2_noise=wsum_noise,
         sumw_group=sumw_group,
-        extra={"t_parent": t_parent, "t_child": t_child, "two_pass": two_pass, "translations": t_f},
+        extra={"t_parent": grid.t_parent, "t_child": grid.t_child, "two_pass": two_pass, "translations": t_f},
     )
