@@ -5,7 +5,6 @@ minimum distance, RELION's peak pruning against a literal re-implementation, ref
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -49,7 +49,8 @@ def test_read_only_output_is_one_line(relion_tomo_dir, tmp_path, monkeypatch, ca
 def test_angpix_must_be_positive(job, value, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     required = {"simulate": [], "reconstruct": ["--i", "x.star", "--o", "x.mrc"], "postprocess": ["--i", "h1.mrc"],
-                "mask-create": ["--i", "m.mrc", "--o", "mask.mrc"], "align-symmetry": ["--i", "m.mrc", "--o", "a.mrc", "--sym", "C2"]}
+                "mask-create": ["--i", "m.mrc", "--o", "mask.mrc"],
+                "align-symmetry": ["--i", "m.mrc", "--o", "a.mrc", "--sym", "C2"]}
     rc = cli_main([job, *required[job], "--angpix", value])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and f"--angpix {float(value):g}" in err[0], err

@@ -201,7 +201,8 @@ def _echo_or_raise(static, snapshot, item, device=None):
 
 def test_task_errors_pass_through_and_a_closed_cluster_is_a_lost_scheduler(monkeypatch):
     """A task's own error reaches the caller as it is (a user error stays a one-line CryopipeError, a bug or a
-    missing file its own type); once the scheduler is gone (here: its cluster closed, so the client has no scheduler connection) the
+    missing file its own type); once the scheduler is gone (here: its cluster closed, so the client has no scheduler
+    connection) the
     next iteration's map is the one-line "lost the Dask scheduler" error, whatever Dask raised."""
     from cryopipe.errors import CryopipeError
 

@@ -1,4 +1,5 @@
-"""The package's layering (issue 14): io/ and core/ (io's tomography readers use core's geometry) → engine/ → sim/picking/extraction/tomo/selection → jobs →
+"""The package's layering (issue 14): io/ and core/ (io's tomography readers use core's geometry) → engine/ →
+sim/picking/extraction/tomo/selection → jobs →
 pipeline → cli. A module may import its own layer and the layers below it, never one above (checked on the
 import statements, lazy imports inside functions included); job modules stay thin."""
 

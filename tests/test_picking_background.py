@@ -25,7 +25,8 @@ APIX = 3.0
 
 @pytest.fixture(scope="module")
 def hard_set(tmp_path_factory):
-    """Two 1024² micrographs at 3 Å/px of the D2 assembly of 3ENL (~135 Å), SNR 0.2 (the noise per Å² of SNR 0.05 at 1.5 Å/px), the hard recipe: the first
+    """Two 1024² micrographs at 3 Å/px of the D2 assembly of 3ENL (~135 Å), SNR 0.2 (the noise per Å² of SNR 0.05 at
+    1.5 Å/px), the hard recipe: the first
     with 2-3 dark blobs and a carbon edge, the second with the ice gradient only."""
     vol, _ = build_volume("3enl", None, APIX, sym="D2")
     out = tmp_path_factory.mktemp("hard")

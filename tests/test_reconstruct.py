@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -101,7 +103,6 @@ def test_subset_and_symmetry_options(relion_dir, tmp_path, monkeypatch):
     assert float(f[1:20].min()) > 0.9  # noise-free halves agree
     # a C2-symmetrised map is invariant under the 2-fold about z (map axes z, y, x: rotate y, x by 180°)
     c2 = reconstruct_particles(star, sym="C2", progress=False).volume
-    n = c2.shape[0]
     rolled = np.roll(np.flip(c2, axis=(1, 2)), shift=(1, 1), axis=(1, 2))  # x -> n - x about centre n//2
     assert _corr(c2, rolled) > 0.98
     assert _corr(c2, reconstruct_particles(star, progress=False).volume) < 0.95  # 3ENL is not C2

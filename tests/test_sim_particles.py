@@ -158,7 +158,6 @@ def test_bad_input(tmp_path, ref_map):
 
 def test_views_option_draws_only_given_views(tmp_path):
     """``views=``: every true particle has one of the given (rot, tilt) views, psi free; junk rows get view 0."""
-    import numpy as np
 
     from cryopipe.io.star import read_star
     from cryopipe.sim.atomic import load_model, potential_map

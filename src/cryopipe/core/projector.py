@@ -286,7 +286,8 @@ class Projector:
 
         ``shifts_px`` ``[B, 2]`` = ``(dx, dy)`` pixels moves the projected content by ``+shift`` (as
         :func:`cryopipe.core.fourier.phase_shift_2d`, except that the Nyquist row counts as ``ky = +N/2``, as
-        in RELION); **to predict a particle with origin ``o`` (pixels) pass ``-o``**. ``r_max`` (Fourier pixels, default ``N//2``): coefficients with ``|k| > r_max`` are zero.
+        in RELION); **to predict a particle with origin ``o`` (pixels) pass ``-o``**. ``r_max`` (Fourier pixels,
+        default ``N//2``): coefficients with ``|k| > r_max`` are zero.
         Orientations are processed in chunks of at most ``chunk_pixels`` sampled coefficients (memory bound; at
         most 2¹⁸ on CPU).
         """

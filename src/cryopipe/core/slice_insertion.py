@@ -1,6 +1,7 @@
 """Fourier-slice insertion into unpadded half-complex volumes, the two ways RELION's tomography programs do it.
 
-* :func:`gather_insert_slices` (``relion_tomo_reconstruct_particle``): every 3D voxel within one voxel of a slice's plane takes the
+* :func:`gather_insert_slices` (``relion_tomo_reconstruct_particle``): every 3D voxel within one voxel of a slice's
+plane takes the
 bilinearly interpolated value of the 2D Fourier transform, weighted by ``1 − |distance|`` (a tent of width 2
 across the plane). This is the insertion RELION's tomography programs use (``relion_tomo_reconstruct_particle``);
 the single-particle :class:`cryopipe.core.backprojector.BackProjector` instead splats slices with trilinear

@@ -193,7 +193,8 @@ def initial_noise_spectra(stream: ParticleStream, idx: np.ndarray, origins: np.n
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sigma2 [G, n//2+1], mean_image [n, n])``: per optics group the mean power spectrum of the masked,
     centred images ``idx`` minus the power spectrum of their mean (RELION
-    ``calculateSumOfPowerSpectraAndAverageImage`` / ``setSigmaNoiseEstimatesAndSetAverageImage``): ``σ² = ⟨|X|²⟩/2 − |⟨X⟩|²/2`` per shell (FT/n²), negative
+    ``calculateSumOfPowerSpectraAndAverageImage`` / ``setSigmaNoiseEstimatesAndSetAverageImage``): ``σ² = ⟨|X|²⟩/2 −
+    |⟨X⟩|²/2`` per shell (FT/n²), negative
     values repaired; ``mean_image`` is the average masked image (real space). The background noise fill (without
     ``zero_mask``) is seeded per particle from ``seed`` (iteration 0)."""
     p, dev, n = stream.p, stream.dev, stream.n

@@ -83,10 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="0 = work at the --lowpass resolution; 0 < s <= 1 = fraction of the size; s > 1 = size in "
                         "pixels (RELION GUI value 0; relion_autopick's own default is 1)")
     p.add_argument("--skip_optimise_scale", action="store_true", help="keep the work size even if its FFT is slow")
-    p.add_argument("--outlier_removal_zscore", type=float, default=8.0, help="pixels this many σ from the mean are set to the mean")
+    p.add_argument("--outlier_removal_zscore", type=float, default=8.0,
+                   help="pixels this many σ from the mean are set to the mean")
     p.add_argument("--skip_side", type=int, default=0, help="extra pixels to skip at the edges (at least dmin/2 is skipped)")
     p.add_argument("--random_seed", type=int, default=1, help="seed of the noise that pads non-square micrographs")
-    p.add_argument("--write_fom_maps", action="store_true", help="also write the FOM maps (MRC; LoG: best-LoG and best-diameter maps; --ref: one "
+    p.add_argument("--write_fom_maps", action="store_true",
+                   help="also write the FOM maps (MRC; LoG: best-LoG and best-diameter maps; --ref: one "
                         "<root>_fom.mrcs stack with the per-reference FOM/ψ maps and the local background σ/mean)")
     p.add_argument("--only_do_unfinished", action="store_true", help="skip micrographs that have a coordinate file")
     p.add_argument("--continue", dest="continue_", action="store_true",

@@ -9,7 +9,6 @@ so memory is bounded by one batch plus the 3D grids, and batches could be spread
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -44,7 +44,8 @@ def greedy_disc_suppression(fom: torch.Tensor, radius: torch.Tensor,
         order of the repeated-global-maximum loop, i.e. decreasing FOM).
     """
     if fom.ndim != 2 or radius.shape != fom.shape:
-        raise ValueError(f"greedy_disc_suppression: fom {tuple(fom.shape)} and radius {tuple(radius.shape)} must be equal 2D shapes")
+        raise ValueError(f"greedy_disc_suppression: fom {tuple(fom.shape)} and radius {tuple(radius.shape)} "
+                         "must be equal 2D shapes")
     device = fom.device
     h, w = fom.shape
     values = fom.detach().cpu().numpy()

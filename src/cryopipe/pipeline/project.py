@@ -37,7 +37,8 @@ says how the job ended. A *new* job (this run made its folder, no ``--continue``
 (:class:`cryopipe.errors.CryopipeError`: bad input, impossible options, found while checking the inputs or later
 during the work) is taken away again — folder, pipeline entry and alias — since the one-line error says what to
 fix, unless it has already written work that ``--continue`` can resume (:meth:`Job.mark_continuable`, or an
-optimiser's ``*_itNNN_optimiser.star`` with NNN >= 1); other failures (a bug, a full disk, Ctrl-C) and continued jobs keep their folder and exit marker.
+optimiser's ``*_itNNN_optimiser.star`` with NNN >= 1); other failures (a bug, a full disk, Ctrl-C) and continued jobs
+keep their folder and exit marker.
 
 Where a job writes (:func:`open_job_dir`, called by every job's ``main``) — the ``--o`` rule:
 

@@ -48,7 +48,8 @@ operated on is ``data_particles`` / ``data_micrographs`` / ``data_movies`` / the
 ``data_model_classes``, or the one named by ``--i_tablename``.
 
 Modules: :mod:`~cryopipe.starops.document` (the file read for editing), :mod:`~cryopipe.starops.tables` (the
-operations on tables) and :mod:`~cryopipe.starops.files` (file in → file out). Python API: the pure table functions (:func:`recenter_table`, :func:`select_range_mask`, :func:`select_str_mask`,
+operations on tables) and :mod:`~cryopipe.starops.files` (file in → file out). Python API: the pure table functions
+(:func:`recenter_table`, :func:`select_range_mask`, :func:`select_str_mask`,
 :func:`split_indices`, :func:`duplicate_mask`, :func:`image_stats_mask`, :func:`combine_tables`,
 :func:`downgrade_table`) and the file-level ones (:func:`center_star`, :func:`select_star`, :func:`split_star`,
 :func:`combine_stars`, :func:`remove_duplicates_star`, :func:`discard_on_stats_star`, :func:`convert_star`,
