@@ -196,3 +196,31 @@ def test_cli_gradient_mode_with_class_replacement(relion_dir, tmp_path, monkeypa
     assert int(opt["rlnDoGradientRefine"]) == 1 and float(opt["rlnSgdClassInactivityThreshold"]) == 0.1
     mf = read_model_star(tmp_path / "g" / "run_it006_model.star")
     assert mf.classes["rlnClassDistribution"].sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_em_keeps_an_empty_class_empty_as_relion(relion_dir):
+    """RELION's EM (``MlOptimiser::maximization``, no ``--grad``) never re-seeds a class: a class whose
+    ``pdf_class`` is 0 is skipped in the E-step and its reference is set to zeros (``Iref.initZeros()``);
+    re-seeding exists only in the gradient mode (``--class_inactivity_threshold``, see test_engine_vdam). This is
+    why one of our 10 classes on ``class2d_hard`` ends as an empty (zero) image after falling to 0.9 % in
+    iteration 1 (issue 11): RELION's rule is the same, its run's smallest class had 2.6 % there."""
+    N = 120
+    sim = simulate(relion_dir, N=N, n=32, snr=0.5, seed=1, max_shift=2.0)
+    ps = ParticleSet2D(sim.n, sim.pixel_size, lambda i: sim.images[i], sim.ctf, np.zeros(N, dtype=np.int64),
+                       np.zeros(N, dtype=np.int64))
+    s = Class2DSettings(n_classes=4, particle_diameter=110, zero_mask=True, psi_step=15, offset_range=2,
+                        offset_step=1, random_seed=3, batch_size=N, n_accuracy_particles=10, n_iter=3)
+    opt = Optimiser2D(ps, s)
+    opt.initialise()
+    opt.from_scratch = False
+    # classes 1-3 the true views; class 4 a copy of view 1 that has emptied (pdf 0, as after an EM iteration)
+    opt.model.refs = torch.cat([sim.views.clone(), sim.views[:1].clone()])
+    opt.model.pdf_class = torch.tensor([0.34, 0.33, 0.33, 0.0], dtype=torch.float64)
+    for _ in range(2):
+        opt.iterate()
+        assert opt.replaced is None
+        assert float(opt.model.pdf_class[3]) == 0.0
+        assert not (opt.state.klass == 3).any()
+        assert float(opt.model.refs[3].abs().max()) == 0.0
+    # the three live classes keep all particles (each ~1/3)
+    assert torch.all(opt.model.pdf_class[:3] > 0.2), opt.model.pdf_class
