@@ -183,6 +183,27 @@ def test_ctf_refinement_refused_below_minresolution(sim):
     assert log.count("sub-iteration 1/1") == 1 and "score" in log
 
 
+def test_mpr_is_a_project_job(sim, tmp_path, monkeypatch):
+    """Without --o, ``cryopipe mpr`` makes a new MultiParticle/job001/ in the project here, entered in
+    default_pipeline.star as process cryopipe.mpr with its inputs, job.star and the success marker (baseline run)."""
+    from cryopipe.io.mrc import write_mrc
+    from cryopipe.pipeline.project import read_pipeline
+
+    here = sim["dir"]
+    write_mrc(tmp_path / "h1.mrc", sim["half1"].numpy(), sim["apix"])
+    write_mrc(tmp_path / "h2.mrc", sim["half2"].numpy(), sim["apix"])
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["mpr", "--i", str(here / "sim/particles.star"), "--tomograms", str(here / "sim/tomograms.star"),
+                     "--half1", "h1.mrc", "--half2", "h2.mrc", "--diameter", "120", "--iter", "0"]) == 0
+    job = tmp_path / "MultiParticle" / "job001"
+    for name in ("job.star", "note.txt", "run.out", "RELION_JOB_EXIT_SUCCESS", "fsc.star", "half1_iter0.mrc"):
+        assert (job / name).exists(), name
+    pipe = read_pipeline(tmp_path / "default_pipeline.star")
+    proc = pipe.process("MultiParticle/job001/")
+    assert proc is not None and proc.type_label == "cryopipe.mpr"
+    assert any(n.endswith("h1.mrc") for n in pipe.inputs_of("MultiParticle/job001/"))
+
+
 def test_refined_metadata_round_trips_through_relion_files(sim, tmp_path):
     """Refined poses, per-tilt angles, shifts and defocus written as RELION 5 particles + tomograms STARs read back
     to the same geometry (positions to 1e-6 px, orientations, per-tilt values), and the 3.0 table has the same

@@ -6,7 +6,11 @@ masked FSC, M's baseline). Groups: poses (particle angles + positions), shifts (
 (per-tilt cubic B-spline displacement grid, ``--warp_grid``), stageangles (per-tilt XTilt/YTilt/ZRot), ctf
 (per-tilt defocus + astigmatism; refused when the species is worse than ``--ctf_minresolution``).
 
-Outputs in ``--o`` (each file written atomically): ``particles.star`` (RELION 5 tomography, refined poses),
+A project job like the others (:func:`cryopipe.pipeline.project.open_job_dir`): without ``--o`` a new
+``MultiParticle/jobNNN/`` in the project here, entered in ``default_pipeline.star`` as process ``cryopipe.mpr``
+(inputs: particles, tomograms, half-maps, mask; output nodes: particles.star, tomograms.star, half1.mrc) with its
+``job.star``, ``note.txt``, ``run.out`` and exit marker; ``--o Type/jobNNN/`` or any directory as for every job.
+Outputs in the job folder (each file written atomically): ``particles.star`` (RELION 5 tomography, refined poses),
 ``particles_relion30.star`` (the same as M's RELION 3.0 species table, :func:`cryopipe.mpr.driver.relion30_table`),
 ``tomograms.star`` + ``tilt_series/<TS>.star`` (refined per-tilt angles, shifts, defocus; image names unchanged),
 ``image_warp.star`` (with imagewarp: one table per tilt series, one row per tilt, columns
@@ -47,6 +51,10 @@ from cryopipe.mpr.driver import (MprOptions, Stage, check_stages, relion30_table
 from cryopipe.mpr.parameters import GROUPS
 from cryopipe.mpr.spa import SPA_NAME, check_spa_stages, run_mpr_spa, updated_spa_particles
 
+#: job folder type and pipeline process label (RELION has no multi-particle refinement job: a cryopipe.* label)
+JOB_TYPE_DIR = "MultiParticle"
+PROCESS_LABEL = "cryopipe.mpr"
+
 HELP = ("multi-particle refinement of tilt series (poses, per-tilt shifts/warp/angles, CTF) or single particles "
         "(poses, per-particle defocus, beam tilt) against half-maps, as M")
 
@@ -61,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", default=None, help="binary mask (softened internally); default: sphere of --diameter")
     p.add_argument("--diameter", type=float, required=True, help="particle diameter (Å)")
     p.add_argument("--sym", default="C1", help="point-group symmetry of the reconstructions")
-    p.add_argument("--o", dest="output", required=True, help="output directory")
+    p.add_argument("--o", dest="output", default=None,
+                   help="output: MultiParticle/jobNNN/ of the project here (default: a new job), or any directory")
     p.add_argument("--stage", action="append", default=None,
                    help=f"comma-separated groups refined together ({', '.join(GROUPS)}); repeat for stages")
     p.add_argument("--iter", action="append", type=int, default=None,
@@ -162,9 +171,7 @@ def _write_fsc(out: Path, result) -> None:
     general = {"cryopipeResolutionBefore": result.resolution_before, "cryopipeResolutionAfter": result.resolution_after,
                "cryopipeSpeciesResolution": result.species_resolution}
     write_star(out / "fsc.star", {"general": general, "fsc": table}, version=50001)
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a bare Figure rendered by Agg (as cryopipe.plots): no global backend
 
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot(111)
@@ -207,8 +214,22 @@ def main(args: argparse.Namespace) -> int:
         particles = read_tomo_particles(files["particles"], tomograms)
         check_inside(particles, tomograms)
     half1, half2, px, mask = _maps(files, args.mask)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    from cryopipe.pipeline.project import NodeType, open_job_dir
+
+    inputs = [(files["particles"], NodeType.PARTICLES), (files.get("tomograms"), NodeType.TOMOGRAMS),
+              (files["half1"], NodeType.HALFMAP), (files["half2"], NodeType.HALFMAP), (args.mask, NodeType.MASK3D)]
+    with open_job_dir(args.output, JOB_TYPE_DIR, PROCESS_LABEL, inputs=inputs, params=vars(args),
+                      is_tomo=not spa) as job:
+        _run(args, job, spa, stages, files, half1, half2, px, mask,
+             spa_particles if spa else None, None if spa else (particles, tomograms))
+    return 0
+
+
+def _run(args, job, spa: bool, stages, files, half1, half2, px, mask, spa_particles, tomo) -> None:
+    """The refinement and its files in the job folder (module docstring); outputs declared as pipeline nodes."""
+    from cryopipe.pipeline.project import NodeType
+
+    out = job.path()
     log_lines: list[str] = []
 
     def log(msg: str) -> None:
@@ -225,6 +246,7 @@ def main(args: argparse.Namespace) -> int:
         result = run_mpr_spa(spa_particles, half1, half2, px, mask, args.diameter, options,
                              root_dir=Path(files["particles"]).parent, device=resolve_device(args.device), log=log)
     else:
+        particles, tomograms = tomo
         result = run_mpr(particles, tomograms, half1, half2, px, mask, args.diameter, options,
                          device=resolve_device(args.device), log=log)
     refined = any(st.iterations > 0 for st in stages)
@@ -233,16 +255,18 @@ def main(args: argparse.Namespace) -> int:
         write_mrc(out / "half2_iter0.mrc", result.baseline_half2.cpu().numpy(), px)
     if refined and spa:
         write_particles(out / "particles.star", updated_spa_particles(spa_particles, result.data[SPA_NAME]))
-        write_mrc(out / "half1.mrc", result.half1.cpu().numpy(), px)
-        write_mrc(out / "half2.mrc", result.half2.cpu().numpy(), px)
     elif refined:
         write_tomo_particles(out / "particles.star", updated_particles(particles, tomograms, result.data))
         write_star(out / "particles_relion30.star", {"": relion30_table(result.data)}, version=None)
         write_tomograms(out / "tomograms.star", updated_tomograms(tomograms, result.data), out / "tilt_series")
-        write_mrc(out / "half1.mrc", result.half1.cpu().numpy(), px)
-        write_mrc(out / "half2.mrc", result.half2.cpu().numpy(), px)
+        job.add_output(out / "tomograms.star", NodeType.TOMOGRAMS)
         if any("imagewarp" in st.groups for st in stages):
             _write_warp(out, result.data, args.warp_grid)
+    if refined:
+        write_mrc(out / "half1.mrc", result.half1.cpu().numpy(), px)
+        write_mrc(out / "half2.mrc", result.half2.cpu().numpy(), px)
+        job.add_output(out / "particles.star", NodeType.PARTICLES)
+        job.add_output(out / "half1.mrc", NodeType.HALFMAP)
     _write_fsc(out, result)
     with atomic_path(out / "mpr_log.txt") as tmp:
         tmp.write_text("\n".join(log_lines) + "\n")
@@ -250,4 +274,3 @@ def main(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps({"subiterations": result.stats, "resolution_before": result.resolution_before,
                                    "resolution_after": result.resolution_after,
                                    "species_resolution": result.species_resolution}, indent=1))
-    return 0
