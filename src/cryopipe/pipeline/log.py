@@ -7,6 +7,13 @@ job prints goes to the terminal **and** is appended to the job's ``run.out`` / `
 * :func:`log` – one timestamped line, e.g. ``[2025-01-31 14:02:07] Class2D: iteration 3/25``, on stdout
   (so terminal + ``run.out``).
 * :func:`warn` – the same on stderr (terminal + ``run.err``).
+
+Both go through the standard logger ``logging.getLogger("cryopipe")`` (:data:`LOGGER`; INFO for :func:`log`,
+WARNING for :func:`warn`). Its handler (:class:`StdStreamHandler`, installed once, ``propagate`` off so that a
+root handler does not print every line twice) writes each record to the *current* ``sys.stdout`` /
+``sys.stderr``, so inside a job the lines reach ``run.out`` / ``run.err`` as before. A notebook or script can
+quieten cryopipe (``LOGGER.setLevel(logging.WARNING)``), or send its messages elsewhere (remove the handler,
+add its own, or set ``LOGGER.propagate = True``).
 * :func:`progress` – wraps an iterable: a tqdm bar on the **real terminal only** (never into ``run.out``: no
   carriage-return spam), plus a bounded number of plain progress lines written to ``run.out``: one per item
   for short loops (≤ 50 items, e.g. EM iterations), otherwise one per ~10 %. When stderr is not a terminal (a
@@ -21,6 +28,7 @@ original streams on exit) and the list of bars currently drawn (so that :func:`l
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -30,7 +38,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TypeVar
 
-__all__ = ["log", "log_file_only", "warn", "progress", "tee_output", "terminal_stream", "JobAborted", "ABORT_REQUEST_FILE"]
+__all__ = ["log", "log_file_only", "warn", "progress", "tee_output", "terminal_stream", "JobAborted", "ABORT_REQUEST_FILE",
+           "LOGGER", "StdStreamHandler"]
 
 T = TypeVar("T")
 
@@ -46,8 +55,50 @@ class JobAborted(KeyboardInterrupt):
 _BARS: list = []
 
 
-def _timestamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
+def _timestamp(when: float | None = None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+#: the package's logger: every :func:`log` / :func:`warn` line is a record of it
+LOGGER = logging.getLogger("cryopipe")
+
+
+class StdStreamHandler(logging.Handler):
+    """Writes ``cryopipe`` records as the jobs always printed them: ``[YYYY-mm-dd HH:MM:SS] line`` per line on the
+    current ``sys.stdout`` (below WARNING), ``[…] WARNING: message`` on the current ``sys.stderr`` (WARNING and
+    above, with the level's name); the streams are looked up per record, so a job's tee gets them, and drawn
+    progress bars are cleared and redrawn around each line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            stamp = _timestamp(record.created)
+            if record.levelno >= logging.WARNING:
+                stream, text = sys.stderr, f"[{stamp}] {record.levelname}: {msg}\n"
+            else:
+                stream = sys.stdout
+                text = "".join(f"[{stamp}] {line}\n" for line in msg.splitlines() or [""])
+            for b in _BARS:  # keep progress bars intact: clear, print the line, redraw
+                b.clear()
+            stream.write(text)
+            with contextlib.suppress(Exception):
+                stream.flush()
+            for b in _BARS:
+                b.refresh()
+        except Exception:  # a logging call must never kill a job
+            self.handleError(record)
+
+
+def _install_handler() -> None:
+    """Give :data:`LOGGER` its stream handler once (INFO level unless the user set one)."""
+    if not any(isinstance(h, StdStreamHandler) for h in LOGGER.handlers):
+        LOGGER.addHandler(StdStreamHandler())
+        LOGGER.propagate = False
+    if LOGGER.level == logging.NOTSET:
+        LOGGER.setLevel(logging.INFO)
+
+
+_install_handler()
 
 
 class _Tee:
@@ -143,28 +194,21 @@ def tee_output(out_path: str | os.PathLike, err_path: str | os.PathLike,
 
 
 def log(msg: str, *, file_only: bool = False) -> None:
-    """Print ``[YYYY-mm-dd HH:MM:SS] msg`` on stdout (terminal and, inside a job, ``run.out``).
+    """Print ``[YYYY-mm-dd HH:MM:SS] msg`` on stdout (terminal and, inside a job, ``run.out``): an INFO record of
+    :data:`LOGGER`.
 
     Args:
         msg: the message (may contain newlines; each line gets the timestamp).
         file_only: inside a job, write only to ``run.out`` (used for progress lines while a bar is drawn).
             Outside a job this prints nothing.
     """
-    stamp = _timestamp()
-    text = "".join(f"[{stamp}] {line}\n" for line in str(msg).splitlines() or [""])
-    out = sys.stdout
     if file_only:
-        tee = _active_tee(out)
+        tee = _active_tee(sys.stdout)
         if tee is not None:
-            tee.write_file_only(text)
+            stamp = _timestamp()
+            tee.write_file_only("".join(f"[{stamp}] {line}\n" for line in str(msg).splitlines() or [""]))
         return
-    for b in _BARS:  # keep progress bars intact: clear, print the line, redraw
-        b.clear()
-    out.write(text)
-    with contextlib.suppress(Exception):
-        out.flush()
-    for b in _BARS:
-        b.refresh()
+    LOGGER.info("%s", msg)
 
 
 def log_file_only(text: str, *, stderr: bool = False) -> None:
@@ -178,10 +222,9 @@ def log_file_only(text: str, *, stderr: bool = False) -> None:
 
 
 def warn(msg: str) -> None:
-    """Print ``[timestamp] WARNING: msg`` on stderr (terminal and, inside a job, ``run.err``)."""
-    sys.stderr.write(f"[{_timestamp()}] WARNING: {msg}\n")
-    with contextlib.suppress(Exception):
-        sys.stderr.flush()
+    """Print ``[timestamp] WARNING: msg`` on stderr (terminal and, inside a job, ``run.err``): a WARNING record
+    of :data:`LOGGER`."""
+    LOGGER.warning("%s", msg)
 
 
 def _fmt_seconds(s: float) -> str:
