@@ -70,6 +70,12 @@ def _settings(n_iter: int) -> Class2DSettings:
                            random_seed=1)
 
 
+def _sorted_pdf(model_star: Path) -> list[float]:
+    """The class distribution of a model.star, largest first (empty classes show as 0)."""
+    pdf = read_model_star(model_star).classes["rlnClassDistribution"].to_numpy(float)
+    return [round(float(x), 4) for x in sorted(pdf, reverse=True)]
+
+
 def _particles(out: Path) -> Path:
     d = FIXTURE / "class2d_hard"
     data = read_particles(d / "particles.star")
@@ -130,7 +136,9 @@ def main() -> None:
                          image_size=int(go["rlnCurrentImageSize"]), pmax=float(go["rlnAveragePmax"]),
                          relion_resolution_A=None if gr is None else float(gr["rlnCurrentResolution"]),
                          relion_image_size=None if gr is None else int(gr["rlnCurrentImageSize"]),
-                         relion_pmax=None if gr is None else float(gr["rlnAveragePmax"])))
+                         relion_pmax=None if gr is None else float(gr["rlnAveragePmax"]),
+                         class_distribution_sorted=_sorted_pdf(OUT / f"run_it{it:03d}_model.star"),
+                         relion_class_distribution_sorted=_sorted_pdf(rel) if rel.exists() else None))
     ours = torch.as_tensor(read_mrc(OUT / f"run_it{ITERS:03d}_classes.mrcs")[0])
     relion = torch.as_tensor(read_mrc(d / "run_it008_classes.mrcs")[0])
     vol = torch.as_tensor(read_mrc(d / "ref_map.mrc")[0])
@@ -167,6 +175,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['iteration']:2d}  {r['resolution_A']:6.2f} ({r['relion_resolution_A']})  {r['image_size']:3d} "
               f"({r['relion_image_size']})  {r['pmax']:.3f} ({r['relion_pmax']})")
+    print("class distribution (largest first), last iteration: ours", rows[-1]["class_distribution_sorted"],
+          "RELION", rows[-1]["relion_class_distribution_sorted"])
     print(f"seconds per iteration: {np.round(per_it, 1).tolist()} (mean {result['mean_seconds_per_iteration']:.1f};"
           f" {result['particles_per_second']:.1f} particles/s; RELION ≈ {3000 / RELION_S_PER_IT_3000:.0f}/s)")
     print(f"CPU seconds per iteration: {np.round(cpu_it, 1).tolist()} ({result['cpu_seconds_per_1000_particles_per_iteration']:.1f}"
