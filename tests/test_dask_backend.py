@@ -118,6 +118,31 @@ def test_refine3d_on_two_workers_equals_in_process(particles, cluster, relion_di
         assert got.model.ave_pmax == pytest.approx(ref.model.ave_pmax, rel=1e-4, abs=1e-6)
 
 
+def test_3d_chunk_is_pure_and_carries_only_its_rows(particles, relion_dir):
+    """A 3D chunk (issue 15) run twice on the same snapshot and item gives the same sums and poses (what a task
+    re-run by Dask does), changes neither its item's poses nor the optimiser's state, returns poses for its own
+    rows only (O(chunk)), and its state refuses rows of other chunks."""
+    from cryopipe.engine.refine3d_step import ChunkState, PoseRecords, Refine3DItem, Refine3DSnapshot, refine3d_chunk
+
+    opt = _optimiser3d(particles, InProcess(), relion_dir, False)
+    snap = Refine3DSnapshot(opt.iteration + 1, opt.model, opt.sampling, False)
+    rows = np.nonzero(opt.state.subset == 1)[0][:12]
+    item = Refine3DItem(0, rows, PoseRecords.take(opt.state, rows))
+    start = {f: v.copy() for f, v in item.start.values.items()}
+    state = opt.state.copy()
+    a, b = refine3d_chunk(opt, snap, item), refine3d_chunk(opt, snap, item)
+    assert torch.equal(a.data, b.data) and torch.equal(a.weight, b.weight)
+    assert np.array_equal(a.records.index, rows)
+    for f, v in a.records.values.items():
+        assert v.shape[0] == rows.size and np.array_equal(v, b.records.values[f]), f
+        assert np.array_equal(item.start.values[f], start[f]), f  # the item is not written
+        assert np.array_equal(getattr(opt.state, f), getattr(state, f)), f  # nor the optimiser's state
+    assert not np.array_equal(a.records.values["origin"], start["origin"])  # the chunk did move its particles
+    other = np.setdiff1d(np.arange(N), rows)[:1]
+    with pytest.raises(IndexError):
+        ChunkState(item.start).angles[other]
+
+
 def test_reconstruct_on_two_workers_equals_in_process(cluster, tmp_path, monkeypatch):
     from cryopipe.cli import main as cli
     from cryopipe.jobs.reconstruct import reconstruct_particles
@@ -232,3 +257,39 @@ def test_unreachable_scheduler_is_a_one_line_error():
 
     with pytest.raises(CryopipeError, match="cannot reach the Dask scheduler"):
         DaskBackend("tcp://127.0.0.1:9", timeout="2s")
+
+
+def test_gpu_pinning_round_robin():
+    """``--dask local:N`` on a machine with G GPUs: worker i computes on cuda:(i mod G); without GPUs on the CPU
+    (issue 15, multi-GPU nodes)."""
+    from cryopipe.engine.dask_backend import worker_device_name
+
+    assert [worker_device_name(i, 3) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0", "cuda:1"]
+    assert [worker_device_name(i, 1) for i in range(3)] == ["cuda:0"] * 3
+    assert [worker_device_name(i, 0) for i in range(2)] == ["cpu", "cpu"]
+
+
+def _device_of_this_worker():
+    from cryopipe.engine.dask_backend import _worker_device
+
+    return str(_worker_device())
+
+
+def test_local_workers_are_pinned_to_fake_gpus(monkeypatch):
+    """A ``local:3:threads`` cluster told that the machine has 2 GPUs pins its workers 0, 1, 2 to cuda:0, cuda:1,
+    cuda:0 (what each task is then given as its device; nothing runs on a GPU here); with 0 GPUs nothing is pinned."""
+    monkeypatch.delenv("CRYOPIPE_WORKER_DEVICE", raising=False)
+    be = make_backend("local:3:threads", gpus=2)
+    try:
+        info = be.client.scheduler_info()["workers"]
+        names = {addr: int(w["name"]) for addr, w in info.items()}
+        got = {a: be.client.submit(_device_of_this_worker, workers=[a], pure=False).result() for a in names}
+        assert sorted((names[a], d) for a, d in got.items()) == [(0, "cuda:0"), (1, "cuda:1"), (2, "cuda:0")]
+        assert "pinned round-robin to 2 GPU(s)" in be.describe()
+    finally:
+        be.close()
+    be = make_backend("local:1:threads", gpus=0)
+    try:
+        assert be.client.submit(_device_of_this_worker, pure=False).result() == "cpu"
+    finally:
+        be.close()

@@ -99,3 +99,53 @@ def test_reconstruct_particle_per_tilt_series(relion_tomo_dir, scheduler, tmp_pa
         y, py = read_mrc(tmp_path / "rp2" / name)
         assert px == py and np.abs(x).max() > 0
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * np.abs(x).max(), err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def subtomograms(relion_tomo_dir, tmp_path_factory):
+    """The fixture's 24 particles as 3D pseudo-subtomograms and as 2D stacks (crop 16 at 16 Å/px), and the true
+    map at that size as the reference."""
+    import os
+
+    import torch
+
+    from cryopipe.core.fourier import fourier_rescale
+    from cryopipe.io.mrc import write_mrc
+
+    here = tmp_path_factory.mktemp("dask_tomo_refine")
+    cwd = os.getcwd()
+    os.chdir(here)
+    try:
+        for name, extra in (("S3d", []), ("S2d", ["--stack2d"])):
+            assert cli(["subtomo", "--i", str(relion_tomo_dir / "optimisation_set.star"), "--b", "32", "--crop",
+                        "16", "--bin", "4", "--o", name] + extra) == 0
+    finally:
+        os.chdir(cwd)
+    truth, apix = read_mrc(relion_tomo_dir / "truth" / "truth_map.mrc")
+    write_mrc(here / "ref16.mrc", fourier_rescale(torch.from_numpy(truth), 16).numpy(), apix * truth.shape[0] / 16)
+    return here
+
+
+@pytest.mark.parametrize("form", ["3d", "2d"])
+def test_tomographic_refine3d_on_two_workers_equals_in_process(subtomograms, scheduler, tmp_path, monkeypatch,
+                                                                form):
+    """refine3d --ios on pseudo-subtomograms (SubtomoOptimiser3D; a global-search iteration then the final one)
+    and on 2D stacks (StackOptimiser3D; local searches from the start, so the chunks read their particles' poses)
+    with its chunks on two worker processes gives the in-process map and poses."""
+    from cryopipe.io.star import read_star
+
+    monkeypatch.chdir(subtomograms)
+    base = ["refine3d", "--ios", f"S{form}/optimisation_set.star", "--ref", "ref16.mrc", "--iter", "2",
+            "--healpix_order", "1", "--offset_range", "2", "--offset_step", "1", "--particle_diameter", "180",
+            "--ini_high", "40"] + (["--sigma_ang", "10"] if form == "2d" else [])
+    out = tmp_path / "a"
+    assert cli(base + ["--o", f"{out}/run"]) == 0
+    assert cli(base + ["--o", f"{tmp_path}/b/run", "--dask", scheduler, "--dask_batches_per_worker", "2"]) == 0
+    for name in ("run_class001.mrc", "run_half1_class001_unfil.mrc"):
+        x, y = read_mrc(out / name)[0], read_mrc(tmp_path / "b" / name)[0]
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-4 * np.abs(x).max(), err_msg=name)
+    a, b = read_star(out / "run_data.star")["particles"], read_star(tmp_path / "b/run_data.star")["particles"]
+    assert len(a) == 24
+    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+                "rlnOriginZAngst", "rlnMaxValueProbDistribution"):
+        np.testing.assert_allclose(b[col].to_numpy(float), a[col].to_numpy(float), atol=1e-3, err_msg=col)

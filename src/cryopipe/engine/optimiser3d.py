@@ -684,18 +684,18 @@ class Optimiser3D(ParticleStream):
         reduced in chunk order into ``bps`` / ``sums``; the chunks' poses are written into ``self.state``."""
         from cryopipe.engine.backend import split_chunks
         from cryopipe.engine.class2d_step import to_device
-        from cryopipe.engine.refine3d_step import Refine3DItem, Refine3DSnapshot, refine3d_chunk
+        from cryopipe.engine.refine3d_step import PoseRecords, Refine3DItem, Refine3DSnapshot, refine3d_chunk
 
         be, s = self.backend, self.s
-        if type(self) is not Optimiser3D:
-            raise CryopipeError("--dask runs single-particle 3D jobs; tomographic particles run in-process for now "
-                                "(leave out --dask)")
-        snap = Refine3DSnapshot(self.iteration, self.model, self.state, self.sampling, final)
+        if hasattr(self, "_ensure_npix"):
+            self._ensure_npix()  # tomographic data: computed here once, not by every worker
+        snap = Refine3DSnapshot(self.iteration, self.model, self.sampling, final)
         items = []
         for gi, idx_g in enumerate(groups):
             order = self._group_order(setup, idx_g)
             n_chunks = be.n_chunks(-(-order.size // max(1, int(s.batch_size))))
-            items += [Refine3DItem(gi, c) for c in split_chunks(order, n_chunks, s.batch_size)]
+            items += [Refine3DItem(gi, c, PoseRecords.take(self.state, c))
+                      for c in split_chunks(order, n_chunks, s.batch_size)]
         n_samples = 0.0
         for part in be.map(refine3d_chunk, self, snap, items):
             bps[part.group].add_sums(part.data, part.weight)

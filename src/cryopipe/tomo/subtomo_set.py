@@ -95,8 +95,9 @@ def subtomo_volumes(path: str | os.PathLike, root: str | os.PathLike | None = No
                              "refine one pixel size and box at a time")
     bases = [Path(root) if root is not None else Path.cwd(), path.resolve().parent, path.resolve().parent.parent,
              path.resolve().parent.parent.parent]
-    data = [resolve_relion_path(str(v), *bases) for v in t["rlnImageName"]]
-    weights = [resolve_relion_path(str(v), *bases) for v in t["rlnCtfImage"]]
+    # absolute: Dask workers read them, whatever their working directory (issue 15)
+    data = [resolve_relion_path(str(v), *bases).absolute() for v in t["rlnImageName"]]
+    weights = [resolve_relion_path(str(v), *bases).absolute() for v in t["rlnCtfImage"]]
     apix = float(optics["rlnImagePixelSize"].iloc[0])
     n = int(optics["rlnImageSize"].iloc[0])
     labels = optics["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in optics.columns else np.array([1])
@@ -220,7 +221,7 @@ def tilt_stacks(path: str | os.PathLike, tomograms_path: str | os.PathLike,
     n = int(optics["rlnImageSize"].iloc[0])
     bases = [Path(root) if root is not None else Path.cwd(), path.resolve().parent, path.resolve().parent.parent,
              path.resolve().parent.parent.parent]
-    files = [resolve_relion_path(str(v), *bases) for v in t["rlnImageName"]]
+    files = [resolve_relion_path(str(v), *bases).absolute() for v in t["rlnImageName"]]  # for Dask workers too
     names = particles.tomo_names
     order = [ts.name for ts in tomograms if ts.name in set(names.tolist())]
     ts_index = np.array([order.index(nm) for nm in names], dtype=np.int64)
