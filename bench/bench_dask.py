@@ -6,8 +6,12 @@ SNR 0.1) into a temporary project, then runs ``BENCH_ITERS`` (default 3) iterati
 same seed:
 
 * in-process with torch's default threads (2 here) and with 1 thread;
-* ``--dask local:1`` and ``local:2`` (worker processes with one torch thread each, ``BENCH_CHUNKS`` = 2 chunks per
-  worker), reading the particles themselves from the stack; the client (M-step, accuracies) on 1 thread.
+* ``--dask local:W`` for W in ``BENCH_WORKERS`` (default ``1,2``; on the 16-core device machine ``1,2,4,8``):
+  CPU worker processes with one torch thread each (``BENCH_CHUNKS`` = 2 chunks per worker), reading the particles
+  themselves from the stack; the client (M-step, accuracies) on 1 thread;
+* with ``BENCH_GPU=1`` (a machine with a GPU): in-process on ``cuda`` and ``--dask local:G`` for G in
+  ``BENCH_GPU_WORKERS`` (default ``1``) workers pinned round-robin to the GPUs (worker i on cuda:(i mod GPUs)),
+  the speed-up of those against the in-process 1-thread CPU run and the in-process GPU run.
 
 Reports seconds per iteration (iterations 2.., after the first), the speed-up over the in-process runs (default
 threads and 1 thread), efficiency = speed-up over the 1-thread run / workers (each worker has one thread), the scheduler's overhead per iteration (a no-op step through the same
@@ -45,6 +49,9 @@ BOX = int(os.environ.get("BENCH_BOX", 40))
 ITERS = int(os.environ.get("BENCH_ITERS", 3))
 CHUNKS = int(os.environ.get("BENCH_CHUNKS", 2))
 TAG = os.environ.get("BENCH_TAG", "cpu_2core")
+WORKERS = [int(w) for w in os.environ.get("BENCH_WORKERS", "1,2").split(",") if w.strip()]
+GPU = os.environ.get("BENCH_GPU", "0") not in ("", "0")
+GPU_WORKERS = [int(w) for w in os.environ.get("BENCH_GPU_WORKERS", "1").split(",") if w.strip()]
 
 
 def _noop(static, snapshot, item, device=None):
@@ -76,14 +83,14 @@ def settings() -> Class2DSettings:
                            zero_mask=False, n_accuracy_particles=20)
 
 
-def run(ps, origin, backend, label: str, threads: int | None = None) -> dict:
+def run(ps, origin, backend, label: str, threads: int | None = None, device: str | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     load = os.getloadavg()[0]
     from cryopipe.engine.classify2d import ParticleState2D
 
     timed = _Timed(backend) if backend.distributed else backend
-    opt = Optimiser2D(ps, settings(), state=ParticleState2D.empty(ps.size, origin), backend=timed)
+    opt = Optimiser2D(ps, settings(), state=ParticleState2D.empty(ps.size, origin), backend=timed, device=device)
     opt.initialise()
     secs, estep = [], []
     for _ in range(ITERS):
@@ -108,7 +115,7 @@ def run(ps, origin, backend, label: str, threads: int | None = None) -> dict:
             ts.append(time.perf_counter() - t0)
         overhead = float(np.median(ts))
     out["scheduler_overhead_s"] = overhead
-    out["refs"] = opt.model.refs.clone()
+    out["refs"] = opt.model.refs.detach().cpu().clone()
     return out
 
 
@@ -126,14 +133,24 @@ def main() -> int:
                     run(ps, origin, InProcess(), "in-process, 1 thread", 1)]
             # the client (M-step, accuracies, predictions) with 1 thread: on 2 shared cores 2 threads are slower
             torch.set_num_threads(1)
-            for w in (1, 2):
-                be = make_backend(f"local:{w}", CHUNKS)
+            for w in WORKERS:
+                be = make_backend(f"local:{w}", CHUNKS, gpus=0)  # CPU workers, even where GPUs exist
                 try:
-                    r = run(ps, origin, be, f"dask local:{w} ({CHUNKS} chunks/worker)")
+                    r = run(ps, origin, be, f"dask local:{w} CPU ({CHUNKS} chunks/worker)")
                 finally:
                     be.close()
                 r["workers"] = w
                 runs.append(r)
+            if GPU:
+                runs.append(run(ps, origin, InProcess(), "in-process, cuda", 1, device="cuda"))
+                for w in GPU_WORKERS:
+                    be = make_backend(f"local:{w}", CHUNKS)  # pinned: worker i on cuda:(i mod GPUs)
+                    try:
+                        r = run(ps, origin, be, f"dask local:{w} GPU-pinned ({be.gpus} GPUs, {CHUNKS} chunks/worker)")
+                    finally:
+                        be.close()
+                    r["gpu_workers"] = w
+                    runs.append(r)
         finally:
             os.chdir(cwd)
     base, base1 = runs[0]["warm_mean_s"], runs[1]["warm_mean_s"]
@@ -143,9 +160,14 @@ def main() -> int:
         r["speedup_vs_in_process_1thread"] = base1 / r["warm_mean_s"]
         if "workers" in r:  # each worker has one torch thread: efficiency against the 1-thread in-process run
             r["efficiency"] = r["speedup_vs_in_process_1thread"] / r["workers"]
+        if "gpu_workers" in r:  # against the in-process GPU run: speed-up / workers
+            gpu_base = next(x["warm_mean_s"] for x in runs if x["label"] == "in-process, cuda")
+            r["speedup_vs_in_process_cuda"] = gpu_base / r["warm_mean_s"]
+            r["efficiency"] = r["speedup_vs_in_process_cuda"] / r["gpu_workers"]
         r["max_abs_diff_refs"] = float((r.pop("refs") - ref).abs().max())
     result = {"benchmark": "dask", "particles": N, "box": BOX, "classes": K, "iterations": ITERS,
               "chunks_per_worker": CHUNKS, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+              "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
               "refs_abs_max": float(ref.abs().max()), "runs": runs}
     out = HERE / "results" / f"dask_{TAG}.json"
     out.parent.mkdir(exist_ok=True)
@@ -153,7 +175,7 @@ def main() -> int:
     print(f"class2d, {N} particles, box {BOX}, K {K}, {ITERS} iterations (warm = iterations 2..)")
     for r in runs:
         extra = ""
-        if r.get("scheduler_overhead_s") is not None:
+        if r.get("scheduler_overhead_s") is not None and "efficiency" in r:
             extra = (f", efficiency {r['efficiency']:.2f}, E-step on workers {r['warm_mean_distributed_estep_s']:.2f} s,"
                      f" scheduler overhead {r['scheduler_overhead_s']:.3f} s/iter")
         print(f"  {r['label']:<36} {r['warm_mean_s']:6.2f} s/iter  speed-up {r['speedup_vs_in_process']:.2f} "

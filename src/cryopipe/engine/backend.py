@@ -75,15 +75,17 @@ class InProcess:
         return "in-process"
 
 
-def make_backend(spec: str | None, batches_per_worker: int = 1):
+def make_backend(spec: str | None, batches_per_worker: int = 1, gpus: int | None = None):
     """The backend for a ``--dask`` value: None/""/"none" → :class:`InProcess`; ``local:N`` → a loopback
-    ``LocalCluster`` with N single-threaded worker processes (``local:N:threads`` for threads in this process);
-    ``tcp://host:port`` (or any scheduler address, or ``scheduler.json`` path) → that scheduler."""
+    ``LocalCluster`` with N single-threaded worker processes (``local:N:threads`` for threads in this process),
+    worker ``i`` pinned to ``cuda:(i mod G)`` on a machine with G GPUs (``gpus``: G instead of the GPUs this process
+    sees; 0: CPU workers); ``tcp://host:port`` (or any scheduler address, or ``scheduler.json`` path) → that
+    scheduler."""
     if spec is None or str(spec).strip().lower() in ("", "none", "0", "off"):
         return InProcess()
     from cryopipe.engine.dask_backend import DaskBackend
 
-    return DaskBackend(str(spec), batches_per_worker=batches_per_worker)
+    return DaskBackend(str(spec), batches_per_worker=batches_per_worker, gpus=gpus)
 
 
 def add_dask_arguments(parser) -> None:

@@ -17,21 +17,61 @@ from collections.abc import Callable, Sequence
 
 from cryopipe.errors import CryopipeError
 
-__all__ = ["DaskBackend"]
+__all__ = ["DaskBackend", "worker_device_name", "local_gpu_count"]
 
 
 #: environment of local worker processes: one BLAS/OpenMP thread each (Dask's default), glibc malloc untouched
 _WORKER_ENVIRON = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
 
 
+def worker_device_name(index: int, n_gpus: int) -> str:
+    """The device of local worker ``index`` (0-based) on a machine with ``n_gpus`` GPUs: ``cuda:(index mod
+    n_gpus)`` (workers beyond the GPU count share GPUs round-robin), ``cpu`` without GPUs."""
+    return f"cuda:{int(index) % int(n_gpus)}" if int(n_gpus) > 0 else "cpu"
+
+
+def local_gpu_count() -> int:
+    """GPUs this process sees (``CUDA_VISIBLE_DEVICES`` applies); 0 without CUDA."""
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+class _PinDevice:
+    """Worker plugin of a ``local:N`` cluster: worker ``i`` (LocalCluster names its workers 0..N-1) computes on
+    :func:`worker_device_name` ``(i, n_gpus)``, kept on the worker as ``_cryopipe_device``."""
+
+    name = "cryopipe-pin-device"
+
+    def __init__(self, n_gpus: int):
+        self.n_gpus = int(n_gpus)
+
+    def setup(self, worker) -> None:
+        try:
+            index = int(worker.name)
+        except (TypeError, ValueError):
+            return  # not a LocalCluster worker: no pinning
+        worker._cryopipe_device = worker_device_name(index, self.n_gpus)
+
+
 def _worker_device():
-    """The device a worker computes on: ``$CRYOPIPE_WORKER_DEVICE``, else CUDA when the worker sees a GPU (pin
-    one GPU per worker with ``CUDA_VISIBLE_DEVICES``, e.g. dask-cuda's ``LocalCUDACluster``), else CPU."""
+    """The device a worker computes on: ``$CRYOPIPE_WORKER_DEVICE``, else the device its ``local:N`` cluster
+    pinned it to (:func:`worker_device_name`), else CUDA when the worker sees a GPU (pin one GPU per worker job with
+    ``CUDA_VISIBLE_DEVICES``, e.g. dask-jobqueue's ``--gres=gpu:1`` or dask-cuda's ``LocalCUDACluster``), else
+    CPU."""
     import torch
 
     name = os.environ.get("CRYOPIPE_WORKER_DEVICE")
     if name:
         return torch.device(name)
+    try:
+        from distributed import get_worker
+
+        pinned = getattr(get_worker(), "_cryopipe_device", None)
+    except (ImportError, ValueError):
+        pinned = None
+    if pinned:
+        return torch.device(pinned)
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -67,11 +107,14 @@ class DaskBackend:
         retries: re-runs of a task that raised.
         timeout: how long to try reaching (or re-reaching, after a lost connection) an existing scheduler;
             default: Dask's ``distributed.comm.timeouts.connect`` (30 s; ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT``).
+        gpus: ``local:N`` only: GPUs to pin the workers to, worker ``i`` on ``cuda:(i mod gpus)``
+            (:func:`worker_device_name`); default: the GPUs this process sees (:func:`local_gpu_count`); 0: CPU.
     """
 
     distributed = True
 
-    def __init__(self, spec: str, batches_per_worker: int = 1, retries: int = 2, timeout: str | None = None):
+    def __init__(self, spec: str, batches_per_worker: int = 1, retries: int = 2, timeout: str | None = None,
+                 gpus: int | None = None):
         try:
             import dask
             from distributed import Client, LocalCluster
@@ -85,6 +128,7 @@ class DaskBackend:
         self.retries = int(retries)
         self._cluster = None
         self.threads: int | None = None
+        self.gpus = 0  # GPUs the workers of a local:N cluster are pinned to
         if spec.startswith("local:"):
             parts = spec.split(":")
             try:
@@ -101,6 +145,9 @@ class DaskBackend:
             self.client = Client(self._cluster)
             if processes:
                 self.threads = 1
+            self.gpus = local_gpu_count() if gpus is None else int(gpus)
+            if self.gpus > 0:
+                self.client.register_plugin(_as_worker_plugin(_PinDevice(self.gpus)))
         else:
             try:
                 if spec.endswith(".json"):
@@ -161,4 +208,18 @@ class DaskBackend:
             self._cluster.close()
 
     def describe(self) -> str:
-        return f"Dask {self.spec} ({self.n_workers} workers, {self.batches_per_worker} chunk(s) per worker)"
+        pinned = f", pinned round-robin to {self.gpus} GPU(s)" if self.gpus else ""
+        return f"Dask {self.spec} ({self.n_workers} workers, {self.batches_per_worker} chunk(s) per worker{pinned})"
+
+
+def _as_worker_plugin(plugin):
+    """``plugin`` as a ``distributed.WorkerPlugin`` (what ``Client.register_plugin`` dispatches on)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class Plugin(WorkerPlugin):
+        name = plugin.name
+
+        def setup(self, worker):
+            plugin.setup(worker)
+
+    return Plugin()
