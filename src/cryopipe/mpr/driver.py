@@ -4,7 +4,9 @@ resolution limit, L-BFGS per tilt series, new half-maps and masked gold-standard
 Schedule (M's ``PerformMultiParticleRefinement``): for each stage (a set of groups and a number of sub-iterations)
 and each sub-iteration ``i`` of ``n``, the refinement limit is the fraction ``f₀ + (1 − f₀)·i/(n − 1)`` of
 ``k_max = box·px/resolution`` (``f₀`` = ``first_fraction``, M's 80 %), and every tilt series is refined in turn
-(its corrections then applied to its metadata and reset to zero). CTF refinement is refused when the species'
+(its corrections then applied to its metadata and reset to zero). A stage with ``ctf`` or ``defocus`` starts, in
+its first sub-iteration, with M's exhaustive defocus search (``defocus_search_A``: every tilt's defocus tried on a
+1D grid, the best kept, then L-BFGS). CTF refinement is refused when the species'
 masked FSC resolution is worse than ``ctf_minresolution`` (M: ``MinimumCTFRefinementResolution``).
 
 Mask (as M): the user's binary mask is softened by a raised cosine of ``3·max(1, resolution/(2·px))`` px; without a
@@ -61,6 +63,8 @@ class MprOptions:
     batch_pairs: int = 256
     reconstruct: bool = True  # new half-maps + FSC after
     reconstruct_snr: float = -1.0  # > 0: Wiener division Σc² + 1/snr in the half-maps (<= 0: RELION's heuristic)
+    defocus_search_A: float = 0.0  # > 0: M's exhaustive per-tilt defocus search over ±this (Å) before L-BFGS
+    defocus_search_step_A: float = 100.0  # its grid step (Å)
 
 
 @dataclass
@@ -250,6 +254,14 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
                             options)
 
 
+def defocus_offsets(options: MprOptions) -> torch.Tensor | None:
+    """The defocus offsets (Å) of the exhaustive search at a CTF stage's first sub-iteration, or None (off)."""
+    if options.defocus_search_A <= 0:
+        return None
+    n = int(options.defocus_search_A // options.defocus_search_step_A)
+    return torch.arange(-n, n + 1, dtype=torch.float64) * options.defocus_search_step_A
+
+
 def refine_data_sets(datas: dict[str, TiltSeriesData], load_images: Callable[[str], torch.Tensor], run: RunStart,
                      map_pixel_size: float, binning: float, options: MprOptions) -> MprResult:
     """The schedule of the module docstring on prepared data sets (tilt series, or particle stacks from
@@ -284,12 +296,13 @@ def refine_data_sets(datas: dict[str, TiltSeriesData], load_images: Callable[[st
             res_it = box * map_pixel_size / k_max
             before = after = 0.0
             run = RefineStats(0, 0, 0, 0, 0.0, 0.0)
+            search = defocus_offsets(options) if it == 0 else None
             for name in datas:
                 data = replace(datas[name], images=load_images(name))
                 params = zero_parameters(data)
                 r = refine_tilt_series(data, species, params, stage.groups, k_max,
                                        lbfgs_iterations=options.lbfgs_iterations, batch_pairs=options.batch_pairs,
-                                       tolerance=options.tolerance)
+                                       tolerance=options.tolerance, defocus_search_A=search)
                 datas[name] = without_images(bake(data, params, stage.groups))
                 w = len(data.pairs) / n_pairs
                 before += w * r.score_before

@@ -41,7 +41,7 @@ from cryopipe.mpr.parameters import (
 from cryopipe.tomo.particle_images import cut_particle_slices
 
 __all__ = ["TiltSeriesData", "Species", "Band", "PairGeometry", "pair_geometry", "make_band", "data_slices",
-           "batch_sums", "pair_beam_tilt", "uses_beam_tilt", "zero_parameters",
+           "batch_sums", "pair_sums", "pair_beam_tilt", "uses_beam_tilt", "zero_parameters",
            "bake", "astigmatism_components", "defocus_from_components"]
 
 
@@ -226,19 +226,25 @@ def _model_and_data(data: TiltSeriesData, species: Species, band: Band, params: 
     return model, X.to(model.dtype)
 
 
-def batch_sums(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters,
-               rows: slice, centres: torch.Tensor, X: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Σ w·Re(X·R̄), Σ w|R|², Σ w|X|²)`` (float64 scalars) over the pairs ``data.pairs[rows]``; ``centres``
-    ``[P_all, 2]`` are the fixed cut centres of all pairs; ``X`` these pairs' data slices if cached.
-    Differentiable in ``params``."""
+def pair_sums(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters,
+              rows: slice, centres: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
+    """Per pair ``[P, 3]`` (float64): ``Σ_k w·Re(X·R̄)``, ``Σ_k w|R|²``, ``Σ_k w|X|²`` over the band, for the pairs
+    ``data.pairs[rows]``; ``centres`` ``[P_all, 2]`` are the fixed cut centres of all pairs; ``X`` these pairs'
+    data slices if cached. Differentiable in ``params``."""
     n, f = data.pairs[rows].unbind(-1)
     model, X = _model_and_data(data, species, band, params, n, f, centres[rows], X)
     w = band.weights.to(model.real.dtype)
-    s_ab = ((X.real * model.real + X.imag * model.imag) * w).sum()
-    s_bb = ((model.real ** 2 + model.imag ** 2) * w).sum()
-    s_aa = ((X.real ** 2 + X.imag ** 2) * w).sum()
-    return s_ab.to(torch.float64), s_bb.to(torch.float64), s_aa.to(torch.float64)
+    s_ab = ((X.real * model.real + X.imag * model.imag) * w).sum(-1)
+    s_bb = ((model.real ** 2 + model.imag ** 2) * w).sum(-1)
+    s_aa = ((X.real ** 2 + X.imag ** 2) * w).sum(-1)
+    return torch.stack([s_ab, s_bb, s_aa], -1).to(torch.float64)
+
+
+def batch_sums(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters,
+               rows: slice, centres: torch.Tensor, X: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Σ w·Re(X·R̄), Σ w|R|², Σ w|X|²)`` (float64 scalars): :func:`pair_sums` summed over the pairs."""
+    return tuple(pair_sums(data, species, band, params, rows, centres, X).sum(0).unbind(0))
 
 
 def bake(data: TiltSeriesData, params: TiltSeriesParameters, groups) -> TiltSeriesData:

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from cryopipe.mpr.forward import (Band, Species, TiltSeriesData, batch_sums, data_slices, make_band, pair_geometry,
-                                  zero_parameters)
-from cryopipe.mpr.parameters import TiltSeriesParameters, gauge_fixed
+                                  pair_sums, zero_parameters)
+from cryopipe.mpr.parameters import DEFOCUS_UNIT_A, TiltSeriesParameters, gauge_fixed
 
 #: data slices of a tilt series are kept for a sub-iteration when they take at most this many bytes
 CACHE_BYTES = 512e6
 
-__all__ = ["CACHE_BYTES", "cached_slices", "RefineStats", "pair_centres", "tilt_series_score", "score_and_gradient",
+__all__ = ["CACHE_BYTES", "cached_slices", "defocus_grid_search", "RefineStats", "pair_centres", "tilt_series_score", "score_and_gradient",
            "refine_tilt_series"]
 
 
@@ -95,13 +95,43 @@ def score_and_gradient(data: TiltSeriesData, species: Species, band: Band, param
     return torch.tensor(-n_pairs * s_ab / norm, dtype=torch.float64)
 
 
+def defocus_grid_search(data: TiltSeriesData, species: Species, band: Band, params: TiltSeriesParameters, groups,
+                        centres: torch.Tensor, offsets_A: torch.Tensor, batch_pairs: int = 256, cache=None
+                        ) -> torch.Tensor:
+    """M's exhaustive defocus search before the gradient steps: every tilt's mean defocus is tried at each of the
+    ``offsets_A`` ``[D]`` (Å, added to the current correction), each tilt keeps the offset with the highest NCC
+    of its own pairs (``S_ab,f / sqrt(S_aa,f·S_bb,f)``: the tilts are independent here, so one pass per offset
+    scores all of them), and the best offsets ``[F]`` (Å) are written into ``params`` (``defocus`` group: the mean
+    defocus; ``ctf`` group: the mean-defocus component). A tilt series of one tilt per particle
+    (:mod:`cryopipe.mpr.spa`) gets a per-particle search. Cost: ``D`` forward passes without gradients."""
+    target = params.defocus_mean if "defocus" in groups else params.defocus[:, 0]
+    F = len(data.angles)
+    f_all = data.pairs[:, 1]
+    scores = torch.zeros(len(offsets_A), F, dtype=torch.float64, device=centres.device)
+    start = target.detach().clone()
+    with torch.no_grad():
+        for j, off in enumerate(offsets_A.tolist()):
+            target.copy_(start + off / DEFOCUS_UNIT_A)
+            p = gauge_fixed(params, groups)
+            sums = torch.zeros(F, 3, dtype=torch.float64, device=centres.device)
+            for rows, X in _batches(len(data.pairs), batch_pairs, cache):
+                sums.index_add_(0, f_all[rows], pair_sums(data, species, band, p, rows, centres, X))
+            scores[j] = sums[:, 0] / (sums[:, 1] * sums[:, 2]).clamp(min=1e-300).sqrt()
+        best = offsets_A.to(scores.device, torch.float64)[scores.argmax(0)]
+        best = torch.where(torch.bincount(f_all, minlength=F) > 0, best, torch.zeros_like(best))
+        target.copy_(start + best / DEFOCUS_UNIT_A)
+    return best
+
+
 def refine_tilt_series(data: TiltSeriesData, species: Species, params: TiltSeriesParameters, groups,
                        k_max: float, *, lbfgs_iterations: int = 10, batch_pairs: int = 256,
-                       band: Band | None = None, tolerance: float = 0.0) -> RefineStats:
+                       band: Band | None = None, tolerance: float = 0.0,
+                       defocus_search_A: torch.Tensor | None = None) -> RefineStats:
     """Refine ``params`` (in place) for the ``groups`` within ``|k| ≤ k_max`` Fourier px of the species box.
     ``tolerance`` > 0: L-BFGS runs in chunks of 2 iterations and stops after a chunk that raised the NCC by less
     than ``tolerance`` (against drifting along flat, noise-dominated directions); 0: the full ``lbfgs_iterations``
-    (M's fixed iteration counts)."""
+    (M's fixed iteration counts). ``defocus_search_A`` (offsets in Å; with a ``ctf`` or ``defocus`` group):
+    :func:`defocus_grid_search` first, then L-BFGS from the best offsets."""
     t0, c0 = time.perf_counter(), time.process_time()
     centres = pair_centres(data)
     band = band if band is not None else make_band(data, species, k_max, batch_pairs=batch_pairs)
@@ -110,6 +140,10 @@ def refine_tilt_series(data: TiltSeriesData, species: Species, params: TiltSerie
     before = tilt_series_score(data, species, band, params, groups, centres, batch_pairs, cache)
     n_pairs = len(data.pairs)
     evaluations = 0
+    searched = 0
+    if defocus_search_A is not None and len(defocus_search_A) and {"ctf", "defocus"} & set(groups) and n_pairs:
+        defocus_grid_search(data, species, band, params, groups, centres, defocus_search_A, batch_pairs, cache)
+        searched = len(defocus_search_A)
     if tensors and n_pairs:
         chunk = 2 if tolerance > 0 else lbfgs_iterations
         opt = torch.optim.LBFGS(tensors, lr=1.0, max_iter=chunk, history_size=10, line_search_fn="strong_wolfe",
@@ -129,5 +163,5 @@ def refine_tilt_series(data: TiltSeriesData, species: Species, params: TiltSerie
             previous = start
     params.for_groups(())
     after = tilt_series_score(data, species, band, params, groups, centres, batch_pairs, cache)
-    return RefineStats(before, after, evaluations, n_pairs * (2 * evaluations + 2),
+    return RefineStats(before, after, evaluations, n_pairs * (2 * evaluations + 2 + searched),
                        time.perf_counter() - t0, time.process_time() - c0)
