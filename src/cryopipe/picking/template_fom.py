@@ -195,6 +195,85 @@ def _work_ctf(w: int, n: int, pixel_size: float, ctf: Mapping[str, float], intac
                   scale=float(ctf.get("scale", 1.0)), intact_until_first_peak=intact_first_peak, device=device)[0]
 
 
+def _background_statistics(Xw: torch.Tensor, X2w: torch.Tensor, n: int, w: int, b: int, radius: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local background mean and σ ``[w, w]`` (float32 σ; 1 where the variance is ~0) of the micrograph under the
+    mask ``r² >= radius²`` of a ``b``-pixel reference box, from the work-grid FTs of the micrograph ``Xw`` and of
+    its square ``X2w`` (the ``n``-pixel square, windowed to ``w``). Returns ``(disc [b, b] bool (r² < radius²),
+    mean, stddev)``."""
+    device = Xw.device
+    c = torch.arange(b, device=device) - b // 2
+    r2 = c[:, None] ** 2 + c[None, :] ** 2
+    bg = (r2 >= radius * radius).to(torch.float64)
+    disc = r2 < radius * radius
+    n_bg = int(bg.sum())
+    if n_bg == 0:
+        raise CryopipeError(f"particle radius {radius} px leaves no background in the {b} px reference box; give a "
+                            "smaller --particle_diameter")
+    norm_w = float(w * w) / float(n * n)  # irfft2 on the work grid divides by w², the N-square sum needs 1/N²
+    ey, ex = _dft_matrices(n, w, b, device)
+    mask_ft = (ey @ bg.to(ey.dtype) @ ex).conj().to(torch.complex64)
+    mean = torch.fft.irfft2(Xw * mask_ft, s=(w, w)) * (norm_w / n_bg)
+    sq = torch.fft.irfft2(X2w * mask_ft, s=(w, w)) * (norm_w / n_bg)
+    var = sq.double() - mean.double() ** 2
+    stddev = torch.where(var > 1e-10, torch.sqrt(var.clamp(min=0)), torch.ones_like(var)).to(torch.float32)
+    return disc, mean, stddev
+
+
+def _reference_disc_sums(ft: torch.Tensor, grid0: torch.Tensor, inside: torch.Tensor, ctf_box: torch.Tensor | None,
+                         inverse_dft: tuple[torch.Tensor, torch.Tensor], disc: torch.Tensor, n: int,
+                         relion_mean_term: bool) -> tuple[float, float]:
+    """``(Σ A, Σ A²)`` terms of one reference (padded FT ``ft``) at ψ = 0: band-limited (``inside``), × CTF, back in
+    real space by the separable inverse DFT ``inverse_dft = (ey_inv, ex_inv)``; ``Σ A²`` over the particle
+    ``disc`` / (n_disc + 1); ``Σ A`` likewise with ``relion_mean_term``, else the whole reference's DC / n_disc
+    (module docstring)."""
+    n_disc = int(disc.sum())
+    v0 = _sample_ft(ft, grid0)
+    a0 = torch.complex(v0[0, 0], v0[1, 0]) * inside
+    if ctf_box is not None:
+        a0 = a0 * ctf_box
+    ey_inv, ex_inv = inverse_dft
+    a_real = (ey_inv @ a0.to(torch.complex128) @ ex_inv).real / float(n * n)
+    a_disc = a_real[disc]
+    sum_a2 = float((a_disc * a_disc).sum()) / (n_disc + 1)
+    if relion_mean_term:
+        sum_a = float(a_disc.sum()) / (n_disc + 1)
+    else:
+        # Σ A over the whole (band-limited, CTF-multiplied) reference = its DC coefficient, / n like C
+        sum_a = float(a0[0, 0].real) / n_disc
+    return sum_a, sum_a2
+
+
+def _best_over_psi(ft: torch.Tensor, grid_all: torch.Tensor, Y: torch.Tensor, psi: torch.Tensor, chunk: int, w: int,
+                   prod: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best cross-correlation ``[w, w]`` over the ψ angles ``psi`` and its ψ, of one reference (padded FT ``ft``,
+    sampled at ``grid_all [n_psi, rows, kx, 2]``) with the band box of the micrograph ``Y`` (× CTF), ``chunk``
+    angles at a time. ``prod``: the zeroed ``[chunk, w, w//2+1]`` buffer when the band box is smaller than the work
+    grid (None: it is the whole grid)."""
+    device = Y.device
+    rb = (Y.shape[0] - 1) // 2
+    nkx = Y.shape[1]
+    best = torch.full((w, w), -math.inf, dtype=torch.float32, device=device)
+    best_psi = torch.zeros((w, w), dtype=torch.float32, device=device)
+    for j0 in range(0, psi.numel(), chunk):
+        grid = grid_all[j0:j0 + chunk]
+        nb = grid.shape[0]
+        v = _sample_ft(ft, grid)               # [2, B, rows, kx]
+        spec = torch.complex(v[0], v[1].neg_()).mul_(Y)  # conj(A_ψ)·(CTF·X) on the box
+        if prod is None:
+            cc = torch.fft.irfft2(spec, s=(w, w))
+        else:
+            prod[:nb, : rb + 1, :nkx] = spec[:, : rb + 1]
+            prod[:nb, w - rb:, :nkx] = spec[:, rb + 1:]
+            cc = torch.fft.irfft2(prod[:nb], s=(w, w))
+        cmax, carg = cc.max(dim=0)
+        upd = cmax > best
+        best = torch.where(upd, cmax, best)
+        best_psi = torch.where(upd, psi[j0:j0 + nb][carg], best_psi)
+        del cc, v, spec
+    return best, best_psi
+
+
 def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, lowpass: float | None = None,
                       highpass: float | None = None, shrink: float = 1.0, ctf: Mapping[str, float] | None = None,
                       ctf_intact_first_peak: bool = False, outlier_zscore: float = 8.0, optimise_scale: bool = True,
@@ -253,24 +332,10 @@ def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, low
     del X, X2
     norm_w = float(w * w) / float(n * n)  # irfft2 on the work grid divides by w², the N-square sum needs 1/N²
 
-    # background statistics under the mask r² >= R² of the reference box
     R = refs.radius_px
-    c = torch.arange(b, device=device) - b // 2
-    r2 = c[:, None] ** 2 + c[None, :] ** 2
-    bg = (r2 >= R * R).to(torch.float64)
-    disc = r2 < R * R
-    n_bg = int(bg.sum())
+    disc, mean, stddev = _background_statistics(Xw, X2w, n, w, b, R)
     n_disc = int(disc.sum())
-    if n_bg == 0:
-        raise CryopipeError(f"particle radius {R} px leaves no background in the {b} px reference box; give a "
-                            "smaller --particle_diameter")
-    ey, ex = _dft_matrices(n, w, b, device)
-    mask_ft = (ey @ bg.to(ey.dtype) @ ex).conj().to(torch.complex64)
-    mean = torch.fft.irfft2(Xw * mask_ft, s=(w, w)) * (norm_w / n_bg)
-    sq = torch.fft.irfft2(X2w * mask_ft, s=(w, w)) * (norm_w / n_bg)
-    var = sq.double() - mean.double() ** 2
-    stddev = torch.where(var > 1e-10, torch.sqrt(var.clamp(min=0)), torch.ones_like(var)).to(dt)
-    del sq, var, X2w
+    del X2w
 
     # the band box: micrograph there (× CTF), rotated reference frequencies
     rows_b, ky_b, kx_b, inside = _band_box(w, r_band, device)
@@ -307,47 +372,17 @@ def template_fom_maps(micrograph: torch.Tensor, refs: TemplateReferences, *, low
     psi_dev = psis.to(device=device, dtype=dt)
     mean64 = mean.double()
     inv_sd64 = 1.0 / stddev.double()
-    rb = (rows_b.numel() - 1) // 2
     prod = None if full else torch.zeros((chunk, w, h + 1), dtype=torch.complex64, device=device)  # 0 off the box
     for i in range(n_ref):
         ft = _gridding_corrected_padded_ft(ref_images[i:i + 1])[0][0]
-        # ψ = 0 reference in real space (band-limited, × CTF), sums over the disc
-        v0 = _sample_ft(ft, grid0)
-        a0 = torch.complex(v0[0, 0], v0[1, 0]) * inside
-        if ctf_box is not None:
-            a0 = a0 * ctf_box
-        a_real = (ey_inv @ a0.to(torch.complex128) @ ex_inv).real / float(n * n)
-        a_disc = a_real[disc]
-        sum_a2 = float((a_disc * a_disc).sum()) / (n_disc + 1)
-        if relion_mean_term:
-            sum_a = float(a_disc.sum()) / (n_disc + 1)
-        else:
-            # Σ A over the whole (band-limited, CTF-multiplied) reference = its DC coefficient, / n like C
-            sum_a = float(a0[0, 0].real) / n_disc
+        sum_a, sum_a2 = _reference_disc_sums(ft, grid0, inside, ctf_box, (ey_inv, ex_inv), disc, n,
+                                             relion_mean_term)
         em1 = math.expm1(sum_a2 / 2.0)
         expected[i] = math.exp(sum_a2 / 2.0)
         if not em1 > 0:
             raise CryopipeError(f"reference {i + 1} ({refs.names[i] if i < len(refs.names) else ''}) is zero inside "
                                 "the particle disc after filtering; check the references and --lowpass")
-        # correlations for all ψ, in chunks; keep the best correlation and its ψ
-        best = torch.full((w, w), -math.inf, dtype=dt, device=device)
-        best_psi = torch.zeros((w, w), dtype=dt, device=device)
-        for j0 in range(0, len(psis), chunk):
-            grid = grid_all[j0:j0 + chunk]
-            nb = grid.shape[0]
-            v = _sample_ft(ft, grid)               # [2, B, rows, kx]
-            spec = torch.complex(v[0], v[1].neg_()).mul_(Y)  # conj(A_ψ)·(CTF·X) on the box
-            if full:
-                cc = torch.fft.irfft2(spec, s=(w, w))
-            else:
-                prod[:nb, : rb + 1, :nkx] = spec[:, : rb + 1]
-                prod[:nb, w - rb:, :nkx] = spec[:, rb + 1:]
-                cc = torch.fft.irfft2(prod[:nb], s=(w, w))
-            cmax, carg = cc.max(dim=0)
-            upd = cmax > best
-            best = torch.where(upd, cmax, best)
-            best_psi = torch.where(upd, psi_dev[j0:j0 + nb][carg], best_psi)
-            del cc, v, spec
+        best, best_psi = _best_over_psi(ft, grid_all, Y, psi_dev, chunk, w, prod)
         corr = best.double() * (norm_w / n_disc)
         log_p = (corr - mean64 * sum_a) * inv_sd64 - 0.5 * sum_a2
         fom = torch.expm1(log_p) / em1
