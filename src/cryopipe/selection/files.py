@@ -353,6 +353,85 @@ def _scores_table(run: Class2DRun, images: torch.Tensor, mask_radius: float) -> 
     return table
 
 
+def _write_selected_particles(run, pmask: np.ndarray, out: Path, root: Path, regroup: int, regroup_by: str,
+                              say) -> tuple[Path, int | None]:
+    """Write ``out/particles.star``: the run's data blocks with the particles of ``pmask`` (input order, image
+    names relative to ``root``), regrouped into about ``regroup`` groups when ``regroup > 0``. Returns the path
+    and the number of groups (None without regrouping)."""
+    from cryopipe.io.star import write_star
+
+    n_sel = int(pmask.sum())
+    sel = run.particles.loc[pmask].reset_index(drop=True)
+    if "rlnImageName" in sel:
+        sel["rlnImageName"] = _relocate_image_names(sel["rlnImageName"], run.bases(run.data_star), root)
+    n_groups = None
+    if regroup and regroup > 0 and n_sel > 0:
+        scales = None
+        if run.groups is not None and {"rlnGroupNumber", "rlnGroupScaleCorrection"} <= set(run.groups.columns):
+            scales = dict(zip(run.groups["rlnGroupNumber"].astype(int), run.groups["rlnGroupScaleCorrection"]))
+        sel = regroup_particles(sel, regroup, by=regroup_by, group_scales=scales)
+        n_groups = int(sel["rlnGroupNumber"].max())
+        say(f"regrouped {n_sel} particles into {n_groups} groups (by {regroup_by})")
+    dblocks = dict(run.data_blocks)
+    dblocks[run.particles_key] = sel
+    particles_star = out / "particles.star"
+    write_star(particles_star, dblocks, version=run.data_version)
+    return particles_star, n_groups
+
+
+def _write_class_averages(run, table: pd.DataFrame, chosen: list[int], keep: np.ndarray, order, images, apix: float,
+                          scores, mask_radius, out: Path, root: Path, *, recenter: bool, gallery: bool,
+                          sort_by: str | None, reverse: bool, n_selected_particles: int, say):
+    """The 2D outputs of a selection: ``class_averages.star`` (the ``chosen`` classes in display order; with
+    ``recenter`` their re-centred averages in ``class_averages.mrcs``), ``class_scores.star`` (with scores) and
+    the gallery PNG. Returns ``(class_averages.star, .mrcs or None, png or None, class_scores.star or None,
+    re-centring shifts [n, 2] px or None)``."""
+    from cryopipe.io.star import write_star
+
+    k = run.n_classes
+    n_sel = n_selected_particles
+    selected_numbers = [i + 1 for i in chosen]
+    ca_stack = png = scores_star = None
+    shifts_out = None
+    rows = table.iloc[chosen].reset_index(drop=True).copy()
+    model_bases = run.bases(run.model_star)
+    if recenter and len(chosen):
+        from cryopipe.io.mrc import write_mrc
+
+        rec, shifts = recenter_images(images[chosen], mask_radius)
+        ca_stack = out / "class_averages.mrcs"
+        write_mrc(ca_stack, rec.cpu().numpy(), apix)
+        rel = _project_name(ca_stack, root)
+        rows["rlnReferenceImage"] = [f"{i + 1:06d}@{rel}" for i in range(len(chosen))]
+        shifts_out = shifts.cpu().numpy()
+        say("re-centred class averages (shifts in px): " + ", ".join(
+            f"{c}: ({s[0]:+.2f}, {s[1]:+.2f})" for c, s in zip(selected_numbers, shifts_out)))
+    else:
+        rows["rlnReferenceImage"] = _relocate_image_names(rows["rlnReferenceImage"], model_bases, root)
+    front = ["rlnReferenceImage", "rlnClassNumber"]
+    rows = rows[front + [c for c in rows.columns if c not in front]]
+    ca_star = out / "class_averages.star"
+    write_star(ca_star, {"": rows}, version=run.model_version if run.model_version is not None else 50001)
+    if scores is not None:
+        scores_star = out / "class_scores.star"
+        st = scores.copy()
+        st["rlnReferenceImage"] = _relocate_image_names(st["rlnReferenceImage"], model_bases, root)
+        st["rlnSelected"] = keep.astype(np.int64)
+        write_star(scores_star, {"model_classes": st}, version=run.model_version or 50001)
+    if gallery and images is not None:
+        from cryopipe.selection.gallery import write_class_gallery
+
+        png = write_class_gallery(
+            out / "class_averages.png", images, class_numbers=table["rlnClassNumber"].to_numpy(),
+            distribution=table["rlnClassDistribution"].to_numpy(),
+            resolution=table["rlnEstimatedResolution"].to_numpy() if "rlnEstimatedResolution" in table else None,
+            scores=table["rlnClassScore"].to_numpy() if "rlnClassScore" in table else None,
+            counts=run.counts, selected=keep, order=order,
+            title=f"{run.model_star.name}: {len(chosen)} of {k} classes selected, {n_sel} particles"
+                  + (f" (sorted by {sort_by}{', reversed' if reverse else ''})" if sort_by else ""))
+    return ca_star, ca_stack, png, scores_star, shifts_out
+
+
 def select_classes(input_star: str | os.PathLike, output_dir: str | os.PathLike, *,
                    select: str | Sequence[int] | None = None, auto: bool = False, min_score: float = 0.5,
                    max_score: float = math.inf, select_min_nr_particles: int = -1, select_min_nr_classes: int = -1,
@@ -440,24 +519,8 @@ def select_classes(input_star: str | os.PathLike, output_dir: str | os.PathLike,
         raise CryopipeError(f"select --classes: the selected classes {selected_numbers} have no particles in "
                             f"{run.data_star} (add --allow_empty to write empty files)")
 
-    # -- particles.star
-    sel = parts.loc[pmask].reset_index(drop=True)
-    if "rlnImageName" in sel:
-        sel["rlnImageName"] = _relocate_image_names(sel["rlnImageName"], run.bases(run.data_star), root)
-    n_groups = None
-    if regroup and regroup > 0 and n_sel > 0:
-        scales = None
-        if run.groups is not None and {"rlnGroupNumber", "rlnGroupScaleCorrection"} <= set(run.groups.columns):
-            scales = dict(zip(run.groups["rlnGroupNumber"].astype(int), run.groups["rlnGroupScaleCorrection"]))
-        sel = regroup_particles(sel, regroup, by=regroup_by, group_scales=scales)
-        n_groups = int(sel["rlnGroupNumber"].max())
-        say(f"regrouped {n_sel} particles into {n_groups} groups (by {regroup_by})")
+    particles_star, n_groups = _write_selected_particles(run, pmask, out, root, regroup, regroup_by, say)
     from cryopipe.io.star import write_star
-
-    dblocks = dict(run.data_blocks)
-    dblocks[run.particles_key] = sel
-    particles_star = out / "particles.star"
-    write_star(particles_star, dblocks, version=run.data_version)
 
     # -- backup_selection.star (RELION: one rlnSelected per class, class order)
     backup = out / "backup_selection.star"
@@ -468,42 +531,10 @@ def select_classes(input_star: str | os.PathLike, output_dir: str | os.PathLike,
     ca_star = ca_stack = png = scores_star = None
     shifts_out = None
     if is2d:
-        rows = table.iloc[chosen].reset_index(drop=True).copy()
-        model_bases = run.bases(run.model_star)
-        if recenter and len(chosen):
-            from cryopipe.io.mrc import write_mrc
-
-            rec, shifts = recenter_images(images[chosen], mask_radius)
-            ca_stack = out / "class_averages.mrcs"
-            write_mrc(ca_stack, rec.cpu().numpy(), apix)
-            rel = _project_name(ca_stack, root)
-            rows["rlnReferenceImage"] = [f"{i + 1:06d}@{rel}" for i in range(len(chosen))]
-            shifts_out = shifts.cpu().numpy()
-            say("re-centred class averages (shifts in px): " + ", ".join(
-                f"{c}: ({s[0]:+.2f}, {s[1]:+.2f})" for c, s in zip(selected_numbers, shifts_out)))
-        else:
-            rows["rlnReferenceImage"] = _relocate_image_names(rows["rlnReferenceImage"], model_bases, root)
-        front = ["rlnReferenceImage", "rlnClassNumber"]
-        rows = rows[front + [c for c in rows.columns if c not in front]]
-        ca_star = out / "class_averages.star"
-        write_star(ca_star, {"": rows}, version=run.model_version if run.model_version is not None else 50001)
-        if scores is not None:
-            scores_star = out / "class_scores.star"
-            st = scores.copy()
-            st["rlnReferenceImage"] = _relocate_image_names(st["rlnReferenceImage"], model_bases, root)
-            st["rlnSelected"] = keep.astype(np.int64)
-            write_star(scores_star, {"model_classes": st}, version=run.model_version or 50001)
-        if gallery and images is not None:
-            from cryopipe.selection.gallery import write_class_gallery
-
-            png = write_class_gallery(
-                out / "class_averages.png", images, class_numbers=table["rlnClassNumber"].to_numpy(),
-                distribution=table["rlnClassDistribution"].to_numpy(),
-                resolution=table["rlnEstimatedResolution"].to_numpy() if "rlnEstimatedResolution" in table else None,
-                scores=table["rlnClassScore"].to_numpy() if "rlnClassScore" in table else None,
-                counts=run.counts, selected=keep, order=order,
-                title=f"{run.model_star.name}: {len(chosen)} of {k} classes selected, {n_sel} particles"
-                      + (f" (sorted by {sort_by}{', reversed' if reverse else ''})" if sort_by else ""))
+        ca_star, ca_stack, png, scores_star, shifts_out = _write_class_averages(
+            run, table, chosen, keep, order, images, apix, scores, mask_radius, out, root,
+            recenter=recenter, gallery=gallery, sort_by=sort_by, reverse=reverse, n_selected_particles=n_sel,
+            say=say)
     return ClassSelectResult(particles_star=particles_star, class_averages_star=ca_star, class_averages_stack=ca_stack,
                              gallery_png=png, backup_selection_star=backup, class_scores_star=scores_star,
                              selected=selected_numbers, n_particles_in=len(parts), n_particles_selected=n_sel,
