@@ -47,6 +47,8 @@ def test_files_tables_symmetry_and_nodes(project):
         for name in ("class001.mrc", "model.star", "data.star", "optimiser.star", "sampling.star", "momenta.pt"):
             assert (d / f"run_it{it:03d}_{name}").is_file(), (it, name)
     assert not (d / "run_it001_model.star").exists() and not (d / "run_it003_model.star").exists()
+    for name in ("run_resolution.png", "run_angdist.png", "run_plots.pdf"):  # plots.refinement
+        assert (d / name).is_file(), name
     m = read_star(d / "run_it004_model.star")
     assert m["model_general"]["rlnReferenceDimensionality"] == 3 and m["model_general"]["rlnNrClasses"] == 1
     assert m["model_classes"]["rlnReferenceImage"][0] == "InitialModel/job002/run_it004_class001.mrc"

@@ -64,7 +64,8 @@ def test_files_tables_and_pipeline_nodes(project, monkeypatch):
             assert (d / f"run_it{it:03d}_{name}").is_file(), (it, name)
     for name in ("run_model.star", "run_half1_model.star", "run_half2_model.star", "run_data.star",
                  "run_optimiser.star", "run_sampling.star", "run_class001.mrc", "run_half1_class001_unfil.mrc",
-                 "run_half2_class001_unfil.mrc"):
+                 "run_half2_class001_unfil.mrc", "run_resolution.png", "run_fsc.png", "run_angdist.png",
+                 "run_plots.pdf"):
         assert (d / name).is_file(), name
     m = read_star(d / "run_it002_half1_model.star")
     g = m["model_general"]

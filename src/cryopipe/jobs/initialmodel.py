@@ -16,8 +16,9 @@ order costs 8× on a CPU; 15° oversampled sampling reaches ~9 Å on the 3 Å/px
 ``--grad_write_iter`` iterations and at the last one it writes ``<prefix>_itNNN_classKKK.mrc``, ``_model.star``, ``_data.star``, ``_sampling.star``,
 ``_optimiser.star`` and ``_momenta.pt`` (cryopipe: the optimiser's moment estimates, for ``--continue``).
 At the end the largest class is aligned to the symmetry axes of ``--sym`` and symmetrised
-(:func:`cryopipe.jobs.align_symmetry.align_symmetry_full`) into ``initial_model.mrc`` (next to the run files),
+(:func:`cryopipe.core.symmetry_align.align_symmetry_full`) into ``initial_model.mrc`` (next to the run files),
 with the alignment record ``initial_model_symmetry.star``/``.json``; with C1 it is the largest class as it is.
+Plots (:mod:`cryopipe.plots.refinement`): ``<prefix>_resolution.png``, ``_angdist.png`` and ``_plots.pdf``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from cryopipe.core.device import resolve_device
 from cryopipe.engine.backend import add_dask_arguments, job_backend
 from cryopipe.core.symmetry import canonical_symmetry_name
+from cryopipe.core.symmetry_align import align_symmetry_full
 from cryopipe.engine.class2d_files import project_relative, split_output_prefix
 from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
 from cryopipe.engine.particle_input import load_particles
@@ -46,16 +48,18 @@ from cryopipe.engine.refine3d_files import (
 )
 from cryopipe.engine.relion_files import read_model_star, read_optimiser_star, resolve_relion_path
 from cryopipe.engine.run_command import command_arguments
+from cryopipe.engine.symmetry_files import write_symmetry_outputs
 from cryopipe.engine.vdam import GradUpdate, default_subset_sizes, grad_star_values, initial_model_rule
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.atomic import atomic_path
 from cryopipe.io.tomo_particles import (
     is_optimisation_set,
     is_tomo_particles,
-    optimisation_set_entries,
     write_optimisation_set,
 )
 from cryopipe.jobs.refine3d import settings_from_args
+from cryopipe.plots.refinement import write_refinement_plots
+from cryopipe.tomo.refine_setup import tomo_inputs
 
 HELP = "de novo 3D initial model (like relion_refine --grad --denovo_3dref, then relion_align_symmetry)"
 
@@ -180,7 +184,7 @@ def initial_model(
         if not Path(particles_star).is_file():
             raise InputFileError(particles_star, "not found", "give the particles STAR file (--i)")
         s = Refine3DSettings(**{**{f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}, **forced})
-        tomo = _tomo_inputs(Path(particles_star), tomograms, root)
+        tomo = tomo_inputs(Path(particles_star), tomograms, root)
     if continue_from is None and tomo is not None:
         from cryopipe.tomo.refine_setup import tomo_optimiser
 
@@ -237,9 +241,6 @@ def initial_model(
         if opt.iteration % write_iter == 0 or opt.iteration == n_iter:
             paths = write()
     # the largest class, aligned to the symmetry axes and symmetrised
-    from cryopipe.core.symmetry_align import align_symmetry_full
-    from cryopipe.engine.symmetry_files import write_symmetry_outputs
-
     m = opt.model
     k = int(torch.argmax(m.pdf_class))
     vol = m.vols[0, k]
@@ -255,29 +256,9 @@ def initial_model(
         new["rlnTomoParticlesFile"] = project_relative(paths["data"], root)
         new["rlnTomoReferenceMap1File"] = project_relative(out_map, root)
         write_optimisation_set(out_dir / f"{prefix}_optimisation_set.star", new)
+    log("plots: " + ", ".join(p.name for p in write_refinement_plots(out_dir / prefix)))
     return InitialModelResult(out_dir / prefix, opt.iteration, paths["data"], paths["model"], paths["optimiser"],
                               list(paths["maps"]), out_map, sym_star, opt)
-
-
-def _tomo_inputs(path: Path, tomograms, root: Path):
-    """``(particles path, tomograms path or None, optimisation-set entries)`` when ``path`` is an optimisation set
-    or a tomography particles file; None for single particles."""
-    values: dict = {}
-    tomo_path = Path(tomograms) if tomograms is not None else None
-    if is_optimisation_set(path):
-        values = optimisation_set_entries(path)
-        bases = [path.resolve().parent, path.resolve().parent.parent.parent]
-        particles = resolve_relion_path(str(values["rlnTomoParticlesFile"]), root, *bases)
-        if tomo_path is None and values.get("rlnTomoTomogramsFile") not in (None, "", "None"):
-            tomo_path = resolve_relion_path(str(values["rlnTomoTomogramsFile"]), root, *bases)
-    elif is_tomo_particles(path):
-        particles = path
-        values = {"rlnTomoParticlesFile": project_relative(path, root)}
-        if tomo_path is not None:
-            values["rlnTomoTomogramsFile"] = project_relative(tomo_path, root)
-    else:
-        return None
-    return particles, tomo_path, values
 
 
 # ------------------------------------------------------------------------------------------------ CLI

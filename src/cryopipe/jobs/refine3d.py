@@ -29,7 +29,9 @@ origins (Å → pixels) come from the input where present. Every iteration write
 iteration joins the halves and uses all frequencies; it writes ``<prefix>_model.star``, ``_half{1,2}_model.star``,
 ``_data.star``, ``_optimiser.star``, ``_sampling.star``, ``_class001.mrc`` (joined map) and
 ``_half{1,2}_class001_unfil.mrc`` (unregularised half maps, for post-processing). If ``--iter`` iterations pass
-without convergence, the last of them is made the final (joined) one, with a warning.
+without convergence, the last of them is made the final (joined) one, with a warning. At the end the plots of
+:mod:`cryopipe.plots.refinement` are written: ``<prefix>_resolution.png``, ``_fsc.png`` (gold-standard FSC per
+iteration), ``_angdist.png`` and ``_plots.pdf``.
 
 ``--continue <prefix>_itNNN_optimiser.star`` rebuilds the settings, the auto-sampling state (HEALPix order,
 offsets, local-search σ, counters, best resolution, smallest changes, convergence flags), the model (half maps,
@@ -65,6 +67,7 @@ from cryopipe.engine.relion_files import read_optimiser_star
 from cryopipe.engine.run_command import command_arguments
 from cryopipe.errors import CryopipeError
 from cryopipe.io.tomo_particles import is_optimisation_set, is_tomo_particles, write_optimisation_set
+from cryopipe.plots.refinement import write_refinement_plots
 from cryopipe.tomo.refine_setup import resume_tomo_refine3d, start_tomo_refine3d
 
 HELP = "3D auto-refinement with gold-standard half-sets (like relion_refine --auto_refine --split_random_halves)"
@@ -198,6 +201,7 @@ def refine_3d(
             if mask_name not in ("", "None"):
                 new["rlnTomoReferenceMaskFile"] = mask_name
             write_optimisation_set(set_path, new)
+    log("plots: " + ", ".join(p.name for p in write_refinement_plots(out_dir / prefix)))
     return Refine3DResult(out_dir / prefix, opt.iteration, opt.converged, paths["data"], paths["optimiser"],
                           paths.get("model_joined", paths["model"]), paths.get("map"),
                           list(paths.get("half_maps", paths["maps"][:1] + paths["maps"][-1:])), set_path, opt)

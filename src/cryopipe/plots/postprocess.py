@@ -11,10 +11,10 @@ from cryopipe.core.postprocess import PostprocessResult
 from cryopipe.core.postprocess_files import shell_resolutions
 from cryopipe.io.atomic import atomic_path
 
-__all__ = ["plot_postprocess"]
+__all__ = ["plot_postprocess", "angstrom_axis"]
 
 
-def _angstrom_axis(ax) -> None:
+def angstrom_axis(ax) -> None:
     """Ticks in Å on top of ``ax`` (whose x axis is in 1/Å), at the bottom axis' tick positions (call after the
     x limits are set)."""
     top = ax.twiny()
@@ -56,7 +56,7 @@ def plot_postprocess(res: PostprocessResult, fsc_png: Path, guinier_png: Path, p
                  fontsize=10)
     ax.set_xlim(0, inv[-1])
     ax.set_ylim(min(-0.1, float(np.nanmin(res.fsc_true.numpy())) - 0.02), 1.05)
-    _angstrom_axis(ax)
+    angstrom_axis(ax)
     ax.legend(loc="upper right", fontsize=8)
     fig1.tight_layout()
 

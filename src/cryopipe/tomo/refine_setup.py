@@ -26,9 +26,9 @@ from cryopipe.engine.refine3d_files import (
 from cryopipe.engine.refine3d_setup import ContinuedRun, RefineInputs, RefineStart
 from cryopipe.engine.relion_files import resolve_relion_path
 from cryopipe.errors import InputFileError
-from cryopipe.io.tomo_particles import optimisation_set_entries
+from cryopipe.io.tomo_particles import is_optimisation_set, is_tomo_particles, optimisation_set_entries
 
-__all__ = ["tomo_optimiser", "resume_tomo_refine3d", "start_tomo_refine3d"]
+__all__ = ["tomo_optimiser", "resume_tomo_refine3d", "start_tomo_refine3d", "tomo_inputs"]
 
 
 def _to_frame(angles: np.ndarray, origins: np.ndarray, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,3 +188,24 @@ def start_tomo_refine3d(inp: RefineInputs, s: Refine3DSettings, tomograms, dev, 
                                                        progress, log, tomo_path, angle_sigmas=angle_sigmas)
     original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
     return RefineStart(opt, data, write_data, original, mask_name, inp.input_set, set_values)
+
+
+def tomo_inputs(path: Path, tomograms, root: Path):
+    """``(particles path, tomograms path or None, optimisation-set entries)`` when ``path`` is an optimisation set
+    or a tomography particles file; None for single particles."""
+    values: dict = {}
+    tomo_path = Path(tomograms) if tomograms is not None else None
+    if is_optimisation_set(path):
+        values = optimisation_set_entries(path)
+        bases = [path.resolve().parent, path.resolve().parent.parent.parent]
+        particles = resolve_relion_path(str(values["rlnTomoParticlesFile"]), root, *bases)
+        if tomo_path is None and values.get("rlnTomoTomogramsFile") not in (None, "", "None"):
+            tomo_path = resolve_relion_path(str(values["rlnTomoTomogramsFile"]), root, *bases)
+    elif is_tomo_particles(path):
+        particles = path
+        values = {"rlnTomoParticlesFile": _rel(path, root)}
+        if tomo_path is not None:
+            values["rlnTomoTomogramsFile"] = _rel(tomo_path, root)
+    else:
+        return None
+    return particles, tomo_path, values
