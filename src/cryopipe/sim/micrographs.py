@@ -41,7 +41,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryopipe.core.ctf import ctf_2d
 from cryopipe.core.device import resolve_device
 from cryopipe.core.fourier import irfft2_centered
 from cryopipe.core.geometry import euler_to_matrix, random_orientations
@@ -51,10 +50,13 @@ from cryopipe.io.mrc import write_mrc
 from cryopipe.io.star import write_star
 from cryopipe.sim.particles import (
     _volume_tensor,
+    add_gaussian_noise,
+    ctf_images,
     estimate_particle_radius,
     noise_sigma_for_snr,
     optics_table,
     random_ctf_parameters,
+    seeded_generator,
 )
 
 __all__ = [
@@ -210,9 +212,9 @@ def apply_ctf_micrograph(image: torch.Tensor, pixel_size: float, defocus_u: floa
         img = torch.zeros(n, n, dtype=image.dtype, device=image.device)
         img[:ny, :nx] = image
     # the CTF is real and even, so the phase origin of the FT does not matter: plain rfft2/irfft2
-    c = ctf_2d(n, pixel_size, defocus_u, defocus_v, defocus_angle, voltage=voltage, cs=cs,
-               amplitude_contrast=amplitude_contrast, phase_shift=phase_shift, bfactor=bfactor,
-               device=image.device)[0]
+    params = {"rlnDefocusU": defocus_u, "rlnDefocusV": defocus_v, "rlnDefocusAngle": defocus_angle,
+              "rlnPhaseShift": phase_shift, "rlnCtfBfactor": bfactor}
+    c = ctf_images(n, pixel_size, params, voltage, cs, amplitude_contrast, device=image.device)[0]
     out = torch.fft.irfft2(torch.fft.rfft2(img) * c, s=(n, n))
     return out[:ny, :nx]
 
@@ -552,12 +554,9 @@ def simulate_micrographs(
             raise CryopipeError(f"micrograph {m + 1} has no particles (and none before it), so the noise level cannot "
                                 "be set from the SNR; give noise_sigma or make room for particles")
         if sigma > 0:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(int(np.random.SeedSequence([int(form_ss.generate_state(1)[0]), m]).generate_state(1)[0]))
-            noise = torch.randn(img.shape, generator=gen, device=dev, dtype=img.dtype)
-            if thickness is not None and ice_noise_increase:
-                noise = noise * (1.0 + ice_noise_increase * thickness)
-            img = img + sigma * noise
+            gen = seeded_generator(int(form_ss.generate_state(1)[0]), m, dev)
+            thicker = (1.0 + ice_noise_increase * thickness) if thickness is not None and ice_noise_increase else None
+            img = add_gaussian_noise(img, sigma, gen, thicker)
         # ---- files
         name = f"mic{m + 1:0{digits}d}"
         mic_path = out / mic_dir / f"{name}.mrc"

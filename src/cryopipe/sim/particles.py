@@ -47,6 +47,8 @@ __all__ = [
     "JUNK_LABEL",
     "ParticleSimulation",
     "random_origins",
+    "seeded_generator",
+    "add_gaussian_noise",
     "random_ctf_parameters",
     "estimate_particle_radius",
     "project_particles",
@@ -154,13 +156,34 @@ def particle_images(projector, angles_deg: torch.Tensor, origins_px: torch.Tenso
     return irfft2_centered(ft, n)
 
 
-def ctf_images(n: int, pixel_size: float, params: dict[str, torch.Tensor], voltage: float, cs: float,
-               amplitude_contrast: float) -> torch.Tensor:
-    """CTFs ``[B, n, n//2+1]`` for the RELION CTF columns in ``params`` (``[B]`` tensors)."""
+def ctf_images(n: int, pixel_size: float, params: dict[str, torch.Tensor | float], voltage: float, cs: float,
+               amplitude_contrast: float, device=None) -> torch.Tensor:
+    """CTFs ``[B, n, n//2+1]`` for the RELION CTF columns in ``params`` (``[B]`` tensors, or numbers for one
+    image: ``B = 1``; rlnCtfBfactor and rlnCtfScalefactor may be left out: 0 and 1) — the one CTF of the
+    simulators (particles and micrographs). ``device``: where to compute when no value is a tensor."""
     return ctf_2d(n, pixel_size, params["rlnDefocusU"], params["rlnDefocusV"], params["rlnDefocusAngle"],
                   voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast,
-                  phase_shift=params["rlnPhaseShift"], bfactor=params["rlnCtfBfactor"],
-                  scale=params["rlnCtfScalefactor"])
+                  phase_shift=params["rlnPhaseShift"], bfactor=params.get("rlnCtfBfactor", 0.0),
+                  scale=params.get("rlnCtfScalefactor", 1.0), device=device)
+
+
+def seeded_generator(stream: int, index: int, device) -> torch.Generator:
+    """The noise generator of item ``index`` (a batch's first row, a micrograph's number) of a simulation whose
+    noise stream is ``stream``: seeded from ``SeedSequence([stream, index])``, so an item's noise depends on the
+    run's seed and the item only — the one noise seeding of the simulators."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(np.random.SeedSequence([int(stream), int(index)]).generate_state(1)[0]))
+    return gen
+
+
+def add_gaussian_noise(images: torch.Tensor, sigma: float, generator: torch.Generator,
+                       sigma_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``images + sigma · N(0, 1)`` (drawn from ``generator``; × ``sigma_scale`` per pixel when given, e.g. more
+    noise under thicker ice) — the one noise model of the simulators."""
+    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    if sigma_scale is not None:
+        noise = noise * sigma_scale
+    return images + sigma * noise
 
 
 def _disc(n: int, radius_px: float, device) -> torch.Tensor:
@@ -435,8 +458,7 @@ def simulate_particles(
                 writer = MrcStackWriter(path, s1 - s0, (box, box), pixel_size, dtype=np_dtype).__enter__()
                 stack_paths.append(path)
             sl = slice(b0, b1)
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(int(np.random.SeedSequence([noise_root, b0]).generate_state(1)[0]))
+            gen = seeded_generator(noise_root, b0, dev)
             imgs = clean_images(sl)
             jb = junk_t[sl]
             if bool((jb != JUNK_NONE).any()):
@@ -446,7 +468,7 @@ def simulate_particles(
                 if n_c:
                     imgs[cont] = contamination_images(n_c, box, math.sqrt(sig_var), gen, device=dev)
             if sigma > 0:
-                imgs = imgs + sigma * torch.randn(imgs.shape, generator=gen, device=dev, dtype=imgs.dtype)
+                imgs = add_gaussian_noise(imgs, sigma, gen)
             if intensity_scale != 1.0 or intensity_offset != 0.0 or micrograph_scale_spread > 0:
                 imgs = imgs * gain[sl, None, None] + float(intensity_offset)
             writer[b0 - s0:b1 - s0] = imgs.cpu().numpy()
