@@ -207,24 +207,33 @@ class SubtomoOptimiser3D(Optimiser3D):
     def _greyscale(self, vols: torch.Tensor, idx: np.ndarray, sigma2: torch.Tensor) -> torch.Tensor:
         """Scale references so that their predictions times the data's ``C`` (``|Σc²|`` or ``c²``) at random
         orientations carry the particles' signal power (mean ``|X|²`` minus the noise ``2/inv``, i.e. ``2σ²M``
-        or ``2σ²c²``), as the single-particle version."""
-        sub = idx[:min(idx.size, 100)]
-        sub = sub[self._same_set(sub)]
-        cset = self._set_for(sub)
-        batch = self._prepare(sub, cset.size, sigma2, None)
-        X, inv = batch.X, batch.inv_sigma2.to(torch.float64)
-        noise = torch.where(inv > 0, 2.0 / inv.clamp_min(1e-30), torch.zeros_like(inv))
-        noise[:, 0] = 0.0
+        or ``2σ²c²``), as the single-particle version. Data and references are measured on the same (at most
+        100) particles of ``idx``, of every tilt series: 2D stacks come in batches of one tilt series each (their
+        coefficient sets differ), and measuring the data of one tilt series against a noise spectrum of all of
+        them made the scale a chance difference between tilt series (2D-stack references 10–20× brighter than the
+        signal, first posteriors sharp on noise, issue 12)."""
+        sub = np.asarray(idx[:min(idx.size, 100)])
+        coeffs, noises = [], []
+        ref_sum = torch.zeros(vols.shape[0], dtype=torch.float64)
+        for b in self._batches(sub):  # one coefficient set per batch
+            cset = self._set_for(b)
+            batch = self._prepare(b, cset.size, sigma2, None)
+            inv = batch.inv_sigma2.to(torch.float64)
+            coeffs.append(batch.X)
+            noises.append(torch.where(inv > 0, 2.0 / inv.clamp_min(1e-30), torch.zeros_like(inv)))
+            rot = euler_to_matrix(*(torch.as_tensor(self.rng.uniform(0, 360, b.size)) for _ in range(3)))
+            for k in range(vols.shape[0]):  # K classes
+                refs = ClassReferences3D.from_volumes(vols[k][None] * self.mask3d, cset, cset.size,
+                                                      self._grid_for_greyscale(), self.s.pad)
+                Pv = refs.predict(0, rot.to(self.dev), cset.k) * batch.ctf.to(torch.complex64)
+                ref_sum[k] += float((Pv.real.square() + Pv.imag.square())[:, 1:].sum())
+        width = max(x.shape[1] for x in coeffs)  # batches of other coefficient sets: padded with zeros
+        X = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in coeffs])
+        noise = torch.cat([torch.nn.functional.pad(q, (0, width - q.shape[1])) for q in noises])
         data_pow = signal_power(X, noise)
-        out = []
-        for k in range(vols.shape[0]):  # K classes
-            refs = ClassReferences3D.from_volumes(vols[k][None] * self.mask3d, cset, cset.size,
-                                                  self._grid_for_greyscale(), self.s.pad)
-            rot = euler_to_matrix(*(torch.as_tensor(self.rng.uniform(0, 360, sub.size)) for _ in range(3)))
-            Pv = refs.predict(0, rot.to(self.dev), cset.k) * batch.ctf.to(torch.complex64)
-            ref_pow = float((Pv.real.square() + Pv.imag.square())[:, 1:].sum(dim=1).mean())
-            out.append(vols[k] * (math.sqrt(data_pow / ref_pow) if ref_pow > 0 else 1.0))
-        return torch.stack(out)
+        ref_pow = ref_sum / max(sub.size, 1)
+        return torch.stack([vols[k] * (math.sqrt(data_pow / float(ref_pow[k])) if ref_pow[k] > 0 else 1.0)
+                            for k in range(vols.shape[0])])
 
     def _same_set(self, idx: np.ndarray) -> np.ndarray:
         """Boolean mask of the particles of ``idx`` that share the first one's coefficient set (all, here)."""
