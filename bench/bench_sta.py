@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from cryopipe.errors import CryopipeError
-from cryopipe.jobs.demo import _chdir
-from cryopipe.jobs.demo_tomo import Runner, StaConfig, _cpu_seconds, _fresh_project, run_sta_path, simulate_lattice
+from cryopipe.jobs.demo import _chdir, fresh_demo_project
+from cryopipe.jobs.demo_tomo import Runner, StaConfig, _cpu_seconds, run_sta_path, simulate_lattice
 
 HERE = Path(__file__).resolve().parent
 _ITER = re.compile(r"iteration (\d+)(?: \(final[^)]*\))?: resolution ([\d.]+) Å.*?; ([\d.]+) s "
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     cfg = StaConfig(n_tomograms=args.n_tomograms, particles_per_tomogram=args.particles_per_tomogram,
                     initial_iter=args.initial_iter)
     root = Path(args.out).resolve()
-    _fresh_project(root, keep=False)
+    fresh_demo_project(root, keep=False)
     load0 = os.getloadavg()
     t0, c0 = time.perf_counter(), _cpu_seconds()
     out: dict = {"benchmark": "sta_c6", "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
