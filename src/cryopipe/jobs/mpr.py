@@ -87,6 +87,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop L-BFGS when 2 iterations raise the NCC by less than this (0: always --lbfgs_iter)")
     p.add_argument("--warp_grid", type=int, nargs=2, default=(3, 3), metavar=("GX", "GY"),
                    help="image-warp grid nodes (x, y)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run all stages this many times, each later round against half-maps reconstructed at the "
+                        "refined metadata (its limit from their masked FSC), as running M again")
+    p.add_argument("--defocus_search", type=float, default=0.0,
+                   help="CTF stages: try each tilt's (particle's) defocus on a grid of ±this Å before L-BFGS (0: off)")
+    p.add_argument("--defocus_search_step", type=float, default=100.0, help="grid step of --defocus_search (Å)")
+    p.add_argument("--beamtilt_per_micrograph", action="store_true",
+                   help="single particles: one beam tilt per micrograph (written per particle) instead of per optics "
+                        "group")
+    p.add_argument("--spa_images_per_set", type=int, default=4096,
+                   help="single particles: images read from disk and held in memory per set (<= 0: all at once)")
     p.add_argument("--batch_size", type=int, default=256, help="particle-tilt pairs per batch (memory bound)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--wiener_snr", type=float, default=None,
@@ -205,8 +216,10 @@ def main(args: argparse.Namespace) -> int:
     files = _inputs(args)
     if args.diameter <= 0:
         raise CryopipeError(f"--diameter {args.diameter:g}: must be > 0 Å")
-    if args.first_tilts < 0 or args.batch_size < 1 or args.lbfgs_iter < 1 or min(args.warp_grid) < 1:
-        raise CryopipeError("--first_tilts must be >= 0, --batch_size, --lbfgs_iter and --warp_grid >= 1")
+    if args.first_tilts < 0 or args.batch_size < 1 or args.lbfgs_iter < 1 or min(args.warp_grid) < 1 \
+            or args.rounds < 1 or args.defocus_search < 0 or args.defocus_search_step <= 0:
+        raise CryopipeError("--first_tilts and --defocus_search must be >= 0, --batch_size, --lbfgs_iter, --rounds and "
+                            "--warp_grid >= 1, --defocus_search_step > 0")
     if spa:
         spa_particles = read_particles(files["particles"])
     else:
@@ -240,11 +253,14 @@ def _run(args, job, spa: bool, stages, files, half1, half2, px, mask, spa_partic
                          ctf_minresolution=args.ctf_minresolution, first_fraction=args.first_iteration_fraction,
                          lbfgs_iterations=args.lbfgs_iter, tolerance=args.tolerance,
                          warp_grid=tuple(args.warp_grid), symmetry=args.sym,
-                         batch_pairs=args.batch_size,
+                         batch_pairs=args.batch_size, rounds=args.rounds, defocus_search_A=args.defocus_search,
+                         defocus_search_step_A=args.defocus_search_step,
                          reconstruct_snr=args.wiener_snr if args.wiener_snr is not None else (1.0 if spa else -1.0))
     if spa:
         result = run_mpr_spa(spa_particles, half1, half2, px, mask, args.diameter, options,
-                             root_dir=Path(files["particles"]).parent, device=resolve_device(args.device), log=log)
+                             root_dir=Path(files["particles"]).parent, device=resolve_device(args.device), log=log,
+                             beam_tilt_per_micrograph=args.beamtilt_per_micrograph,
+                             images_per_set=args.spa_images_per_set)
     else:
         particles, tomograms = tomo
         result = run_mpr(particles, tomograms, half1, half2, px, mask, args.diameter, options,
@@ -254,7 +270,8 @@ def _run(args, job, spa: bool, stages, files, half1, half2, px, mask, spa_partic
         write_mrc(out / "half1_iter0.mrc", result.baseline_half1.cpu().numpy(), px)
         write_mrc(out / "half2_iter0.mrc", result.baseline_half2.cpu().numpy(), px)
     if refined and spa:
-        write_particles(out / "particles.star", updated_spa_particles(spa_particles, result.data[SPA_NAME]))
+        write_particles(out / "particles.star", updated_spa_particles(
+            spa_particles, result.data[SPA_NAME], beam_tilt_per_micrograph=args.beamtilt_per_micrograph))
     elif refined:
         write_tomo_particles(out / "particles.star", updated_particles(particles, tomograms, result.data))
         write_star(out / "particles_relion30.star", {"": relion30_table(result.data)}, version=None)

@@ -6,7 +6,9 @@ and each sub-iteration ``i`` of ``n``, the refinement limit is the fraction ``f�
 ``k_max = box·px/resolution`` (``f₀`` = ``first_fraction``, M's 80 %), and every tilt series is refined in turn
 (its corrections then applied to its metadata and reset to zero). A stage with ``ctf`` or ``defocus`` starts, in
 its first sub-iteration, with M's exhaustive defocus search (``defocus_search_A``: every tilt's defocus tried on a
-1D grid, the best kept, then L-BFGS). CTF refinement is refused when the species'
+1D grid, the best kept, then L-BFGS). With ``rounds`` > 1 the whole schedule runs again against half-maps
+reconstructed from the refined parameters (M's next run: the references improve, and the limit follows their
+masked FSC). CTF refinement is refused when the species'
 masked FSC resolution is worse than ``ctf_minresolution`` (M: ``MinimumCTFRefinementResolution``).
 
 Mask (as M): the user's binary mask is softened by a raised cosine of ``3·max(1, resolution/(2·px))`` px; without a
@@ -65,6 +67,7 @@ class MprOptions:
     reconstruct_snr: float = -1.0  # > 0: Wiener division Σc² + 1/snr in the half-maps (<= 0: RELION's heuristic)
     defocus_search_A: float = 0.0  # > 0: M's exhaustive per-tilt defocus search over ±this (Å) before L-BFGS
     defocus_search_step_A: float = 100.0  # its grid step (Å)
+    rounds: int = 1  # runs of all stages; each later one against half-maps reconstructed at the refined metadata
 
 
 @dataclass
@@ -262,32 +265,10 @@ def defocus_offsets(options: MprOptions) -> torch.Tensor | None:
     return torch.arange(-n, n + 1, dtype=torch.float64) * options.defocus_search_step_A
 
 
-def refine_data_sets(datas: dict[str, TiltSeriesData], load_images: Callable[[str], torch.Tensor], run: RunStart,
-                     map_pixel_size: float, binning: float, options: MprOptions) -> MprResult:
-    """The schedule of the module docstring on prepared data sets (tilt series, or particle stacks from
-    :mod:`cryopipe.mpr.spa`) whose images ``load_images(name)`` gives, one data set in memory at a time:
-    baseline half-maps, stages × sub-iterations of :func:`refine_tilt_series` per data set (corrections baked
-    into ``datas`` in place), half-maps and FSC after."""
-    half1, half2, soft, species_res, k_full = run.half1, run.half2, run.soft, run.species_res, run.k_full
-    say, lines, t0 = run.say, run.lines, run.t0
-    box = int(half1.shape[-1])
-    device = half1.device
-    n_pairs = sum(len(d.pairs) for d in datas.values())
-
-    def loaded():  # one data set's images in memory at a time
-        for name, d in datas.items():
-            yield replace(d, images=load_images(name))
-
-    fsc_before = fsc_after = h1_before = h2_before = h1_after = h2_after = None
-    res_before = res_after = float("nan")
-    if options.reconstruct:
-        h1_before, h2_before, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device,
-                                                 snr=options.reconstruct_snr)
-        fsc_before, res_before = masked_fsc(h1_before, h2_before, soft, map_pixel_size)
-        say(f"iter 0: half-maps at the input metadata: masked FSC resolution {res_before:.2f} Å")
-
-    species = make_species(half1, half2, soft, binning)
-    stats: list[dict] = []
+def _refine_stages(datas, load_images, species: Species, k_full: float, box: int, map_pixel_size: float,
+                   n_pairs: int, options: MprOptions, stats: list[dict], say, round_index: int, sync=None) -> None:
+    """One run of the stages × sub-iterations against ``species`` (module docstring); ``datas`` updated in place,
+    one stats entry and log line per sub-iteration."""
     for si, stage in enumerate(options.stages, start=1):
         for it in range(stage.iterations):
             frac = 1.0 if stage.iterations == 1 else \
@@ -309,13 +290,57 @@ def refine_data_sets(datas: dict[str, TiltSeriesData], load_images: Callable[[st
                 after += w * r.score_after
                 run = RefineStats(0, 0, run.evaluations + r.evaluations, run.pair_evaluations + r.pair_evaluations,
                                   run.seconds + r.seconds, run.cpu_seconds + r.cpu_seconds)
-            stats.append({"stage": si, "groups": list(stage.groups), "subiteration": it + 1, "resolution_A": res_it,
-                          "score_before": before, "score_after": after, "evaluations": run.evaluations,
+            if sync is not None:
+                sync(datas)
+            stats.append({"round": round_index, "stage": si, "groups": list(stage.groups), "subiteration": it + 1,
+                          "resolution_A": res_it, "score_before": before, "score_after": after, "evaluations": run.evaluations,
                           "pair_evaluations": run.pair_evaluations, "seconds": run.seconds,
                           "cpu_seconds": run.cpu_seconds})
-            say(f"stage {si} ({','.join(stage.groups)}) sub-iteration {it + 1}/{stage.iterations}: limit "
+            say(f"round {round_index} stage {si} ({','.join(stage.groups)}) sub-iteration {it + 1}/{stage.iterations}: limit "
                 f"{res_it:.2f} Å, score {before:.4f} -> {after:.4f}, {run.evaluations} evaluations, "
                 f"{run.pair_evaluations / max(run.seconds, 1e-9):.0f} pair evaluations/s, {run.seconds:.1f} s")
+
+
+def refine_data_sets(datas: dict[str, TiltSeriesData], load_images: Callable[[str], torch.Tensor], run: RunStart,
+                     map_pixel_size: float, binning: float, options: MprOptions,
+                     sync: Callable[[dict[str, TiltSeriesData]], None] | None = None) -> MprResult:
+    """The schedule of the module docstring on prepared data sets (tilt series, or particle stacks from
+    :mod:`cryopipe.mpr.spa`) whose images ``load_images(name)`` gives, one data set in memory at a time:
+    baseline half-maps, stages × sub-iterations of :func:`refine_tilt_series` per data set (corrections baked
+    into ``datas`` in place), half-maps and FSC after. ``sync(datas)`` (optional) runs after every sub-iteration,
+    e.g. to make parameters that several data sets share one value again (:func:`cryopipe.mpr.spa.shared_beam_tilt`)."""
+    half1, half2, soft, species_res, k_full = run.half1, run.half2, run.soft, run.species_res, run.k_full
+    say, lines, t0 = run.say, run.lines, run.t0
+    box = int(half1.shape[-1])
+    device = half1.device
+    n_pairs = sum(len(d.pairs) for d in datas.values())
+
+    def loaded():  # one data set's images in memory at a time
+        for name, d in datas.items():
+            yield replace(d, images=load_images(name))
+
+    fsc_before = fsc_after = h1_before = h2_before = h1_after = h2_after = None
+    res_before = res_after = float("nan")
+    if options.reconstruct:
+        h1_before, h2_before, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device,
+                                                 snr=options.reconstruct_snr)
+        fsc_before, res_before = masked_fsc(h1_before, h2_before, soft, map_pixel_size)
+        say(f"iter 0: half-maps at the input metadata: masked FSC resolution {res_before:.2f} Å")
+
+    species = make_species(half1, half2, soft, binning)
+    stats: list[dict] = []
+    for rnd in range(max(1, options.rounds)):
+        if rnd > 0:  # M's next run: references reconstructed from the refined parameters, limit from their FSC
+            r1, r2, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device,
+                                           snr=options.reconstruct_snr)
+            _, res_round = masked_fsc(r1, r2, soft, map_pixel_size)
+            if options.resolution_A <= 0:
+                k_full = min(box * map_pixel_size / res_round, box // 2 - 1)
+            species = make_species(r1, r2, soft, binning)
+            say(f"round {rnd + 1}/{options.rounds}: references reconstructed at the refined metadata, masked FSC "
+                f"{res_round:.2f} Å, refinement limit {box * map_pixel_size / k_full:.2f} Å")
+        _refine_stages(datas, load_images, species, k_full, box, map_pixel_size, n_pairs, options, stats, say,
+                       rnd + 1, sync)
     if options.reconstruct and any(st.iterations > 0 for st in options.stages):
         h1_after, h2_after, _ = reconstruct_halves(loaded(), box, binning, options.symmetry, device=device,
                                                  snr=options.reconstruct_snr)

@@ -21,6 +21,7 @@ particle images are held in memory (float32, ``4·N·S²`` bytes).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,11 @@ from cryopipe.core.geometry import euler_to_matrix, matrix_to_euler
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.mrc import ImageReader
 from cryopipe.io.particles import ParticleData, ctf_parameters, euler_angles, optics_values, origins_px, pixel_sizes
-from cryopipe.mpr.driver import (MprOptions, MprResult, check_stages, refine_data_sets, start_run,
-                                 without_images)
+from cryopipe.mpr.driver import MprOptions, MprResult, check_stages, refine_data_sets, start_run
 from cryopipe.mpr.forward import TiltSeriesData
 
-__all__ = ["SPA_GROUPS", "SPA_NAME", "check_spa_stages", "prepare_particles", "run_mpr_spa", "updated_spa_particles"]
+__all__ = ["SPA_GROUPS", "SPA_NAME", "check_spa_stages", "prepare_particles", "run_mpr_spa", "updated_spa_particles",
+           "particle_subset", "joined_subsets", "shared_beam_tilt"]
 
 #: parameter groups that apply to single-particle data
 SPA_GROUPS = ("poses", "defocus", "ctf", "beamtilt")
@@ -51,10 +52,13 @@ def _one_value(values: np.ndarray, label: str, where) -> float:
 
 
 def prepare_particles(particles: ParticleData, box: int, binning: float, root_dir: str | Path = ".",
-                      device=None) -> tuple[TiltSeriesData, np.ndarray]:
-    """``(data, optics group ids [G])``: the particles as one :class:`TiltSeriesData` (module docstring) with its
-    images loaded, and the rlnOpticsGroup of each beam-tilt group. ``box`` (map px) × ``binning`` (map pixel /
-    image pixel) must fit the particle images."""
+                      device=None, beam_tilt_per_micrograph: bool = False, load_images: bool = True
+                      ) -> tuple[TiltSeriesData, np.ndarray]:
+    """``(data, beam-tilt group ids [G])``: the particles as one :class:`TiltSeriesData` (module docstring) with its
+    images loaded (``load_images``; else a zero-memory stand-in, :func:`particle_images` reads them), and the id of
+    each beam-tilt group: the rlnOpticsGroup values, or with ``beam_tilt_per_micrograph`` the rlnMicrographName
+    values (one beam tilt per micrograph, starting from its optics group's). ``box`` (map px) × ``binning`` (map
+    pixel / image pixel) must fit the particle images."""
     where = particles.path if particles.path is not None else "<particles>"
     t = particles.particles
     n = len(t)
@@ -79,7 +83,8 @@ def prepare_particles(particles: ParticleData, box: int, binning: float, root_di
     def tt(x):
         return torch.as_tensor(np.array(x, dtype=np.float64), device=device)
 
-    images = torch.from_numpy(reader.read(np.arange(n))).to(device)
+    images = torch.from_numpy(reader.read(np.arange(n))).to(device) if load_images else \
+        torch.zeros(1, 1, 1, device=device).expand(n, H, W)
     origins = origins_px(particles)[:, :2]
     positions = np.stack([W // 2 - origins[:, 0], H // 2 - origins[:, 1], np.zeros(n)], 1)
     ang = euler_angles(particles)
@@ -92,8 +97,15 @@ def prepare_particles(particles: ParticleData, box: int, binning: float, root_di
         halves = np.arange(n) % 2 + 1  # M: alternating when absent
     groups = pd.to_numeric(t["rlnOpticsGroup"], errors="coerce").to_numpy() if "rlnOpticsGroup" in t.columns \
         else np.ones(n)
+    if beam_tilt_per_micrograph:
+        if "rlnMicrographName" not in t.columns:
+            raise InputFileError(where, "no rlnMicrographName column", "give the particles' micrographs, or refine "
+                                 "one beam tilt per optics group (leave out --beamtilt_per_micrograph)")
+        groups = t["rlnMicrographName"].astype(str).to_numpy()
     ids, beam_group = np.unique(groups, return_inverse=True)
     btx, bty = optics_values(particles, "rlnBeamTiltX", 0.0), optics_values(particles, "rlnBeamTiltY", 0.0)
+    if beam_tilt_per_micrograph and {"rlnBeamTiltX", "rlnBeamTiltY"} <= set(t.columns):  # refined before
+        btx, bty = (pd.to_numeric(t[lab], errors="coerce").to_numpy(float) for lab in ("rlnBeamTiltX", "rlnBeamTiltY"))
     first = np.array([np.flatnonzero(beam_group == g)[0] for g in range(len(ids))])
     beam_tilt = np.stack([btx[first], bty[first]], 1)
     defocus = np.stack([ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle"]], 1)
@@ -120,10 +132,13 @@ def check_spa_stages(stages) -> None:
 
 def run_mpr_spa(particles: ParticleData, half1: torch.Tensor, half2: torch.Tensor, map_pixel_size: float,
                 mask: torch.Tensor | None, diameter_A: float, options: MprOptions, root_dir: str | Path = ".",
-                device=None, log: Callable[[str], None] = print) -> MprResult:
+                device=None, log: Callable[[str], None] = print, beam_tilt_per_micrograph: bool = False,
+                images_per_set: int = 4096) -> MprResult:
     """Refine single particles (``particles``: RELION 3.1 model with rlnImageName, CTF, optics) against the
     half-maps (``[b³]``, pixel ``map_pixel_size`` Å); stages of :data:`SPA_GROUPS`. ``result.data[SPA_NAME]`` holds
-    the refined metadata (:func:`updated_spa_particles` writes it back)."""
+    the refined metadata (:func:`updated_spa_particles` writes it back). Images are read from disk per set of
+    ``images_per_set`` particles (<= 0: one set), one set in memory at a time; the beam tilt (per optics group, or
+    per micrograph with ``beam_tilt_per_micrograph``) is shared by the sets (:func:`shared_beam_tilt`)."""
     check_spa_stages(options.stages)
     run = start_run(half1, half2, mask, map_pixel_size, diameter_A, options, device, log)
     box = run.box
@@ -132,19 +147,72 @@ def run_mpr_spa(particles: ParticleData, half1: torch.Tensor, half2: torch.Tenso
     if binning < 1 - 1e-4:
         raise CryopipeError(f"half-map pixel {map_pixel_size} Å is smaller than the particles' {px} Å; give "
                             "half-maps at the particles' pixel size or binned")
-    data, _ = prepare_particles(particles, box, binning, root_dir, device)
-    images = data.images
-    run.say(f"{len(data.pairs)} particles (single-particle images), {data.n_beam_groups} optics group(s), box "
-            f"{box}, {map_pixel_size:.3f} Å/px, refinement limit {run.resolution:.2f} Å")
-    return refine_data_sets({SPA_NAME: without_images(data)}, lambda name: images, run, map_pixel_size, binning,
-                            options)
+    data, _ = prepare_particles(particles, box, binning, root_dir, device, beam_tilt_per_micrograph,
+                                load_images=False)
+    reader = ImageReader(particles.particles["rlnImageName"].to_numpy(), root_dir)
+    size = max(1, int(images_per_set)) if images_per_set and images_per_set > 0 else len(data.pairs)
+    sets = {f"{SPA_NAME}_{i // size:05d}": np.arange(i, min(i + size, len(data.pairs)))
+            for i in range(0, len(data.pairs), size)}
+    per = "micrographs" if beam_tilt_per_micrograph else "optics groups"
+    run.say(f"{len(data.pairs)} particles (single-particle images, read from disk in {len(sets)} set(s) of up to "
+            f"{size}), {data.n_beam_groups} beam-tilt group(s) ({per}), box {box}, {map_pixel_size:.3f} Å/px, "
+            f"refinement limit {run.resolution:.2f} Å")
+    datas = {name: particle_subset(data, rows) for name, rows in sets.items()}
+
+    def load(name: str) -> torch.Tensor:
+        return torch.from_numpy(reader.read(sets[name])).to(data.positions.device)
+
+    result = refine_data_sets(datas, load, run, map_pixel_size, binning, options, sync=shared_beam_tilt)
+    result.data = {SPA_NAME: joined_subsets(data, [result.data[name] for name in sets])}
+    return result
 
 
-def updated_spa_particles(particles: ParticleData, data: TiltSeriesData, optics_ids: np.ndarray | None = None
-                          ) -> ParticleData:
+def particle_subset(data: TiltSeriesData, rows: np.ndarray) -> TiltSeriesData:
+    """The particles ``rows`` of a single-particle data set (one "tilt" per particle) as a data set of their own
+    (images a zero-memory stand-in; the beam-tilt groups and their values kept whole)."""
+    idx = torch.as_tensor(rows, device=data.positions.device, dtype=torch.long)
+    H, W = data.images.shape[1:]
+    k = len(rows)
+    return replace(data, images=torch.zeros(1, 1, 1, device=idx.device).expand(k, H, W), angles=data.angles[idx],
+                   shifts=data.shifts[idx], defocus=data.defocus[idx], pre_exposure=data.pre_exposure[idx],
+                   ctf_scale=data.ctf_scale[idx], warp=data.warp[idx], positions=data.positions[idx],
+                   orientations=data.orientations[idx], half_sets=data.half_sets[idx],
+                   pairs=torch.arange(k, device=idx.device)[:, None].expand(k, 2).contiguous(),
+                   beam_group=None if data.beam_group is None else data.beam_group[idx])
+
+
+def joined_subsets(data: TiltSeriesData, parts: list[TiltSeriesData]) -> TiltSeriesData:
+    """Inverse of :func:`particle_subset` over consecutive subsets: ``data`` with the subsets' refined values."""
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    n = sum(len(p.pairs) for p in parts)
+    return replace(data, angles=cat("angles"), shifts=cat("shifts"), defocus=cat("defocus"), warp=cat("warp"),
+                   positions=cat("positions"), orientations=cat("orientations"), beam_tilt=parts[0].beam_tilt,
+                   images=torch.zeros(1, 1, 1, device=data.positions.device).expand(n, *data.images.shape[1:]))
+
+
+def shared_beam_tilt(datas: dict[str, TiltSeriesData]) -> None:
+    """After a sub-iteration over the particle sets (each refined its own copy of every beam-tilt group's value):
+    one value per group again, the mean over the sets weighted by how many of the group's particles each holds."""
+    parts = [d for d in datas.values() if d.beam_tilt is not None]
+    if len(parts) < 2:
+        return
+    G = parts[0].beam_tilt.shape[0]
+    counts = torch.stack([torch.bincount(d.beam_group, minlength=G).to(d.beam_tilt.dtype) for d in parts])  # [S, G]
+    values = torch.stack([d.beam_tilt for d in parts])  # [S, G, 2]
+    mean = (values * counts[..., None]).sum(0) / counts.sum(0).clamp(min=1)[:, None]
+    mean = torch.where(counts.sum(0)[:, None] > 0, mean, values[0])
+    for name, d in datas.items():
+        if d.beam_tilt is not None:
+            datas[name] = replace(d, beam_tilt=mean.clone())
+
+
+def updated_spa_particles(particles: ParticleData, data: TiltSeriesData, optics_ids: np.ndarray | None = None,
+                          beam_tilt_per_micrograph: bool = False) -> ParticleData:
     """A copy of ``particles`` with the refined rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, rlnDefocusU/V/Angle (per
     particle) and rlnBeamTiltX/Y (optics table, per optics group ``optics_ids`` [G]; default: the sorted unique
-    rlnOpticsGroup values, as :func:`prepare_particles` numbers them)."""
+    rlnOpticsGroup values, as :func:`prepare_particles` numbers them). With ``beam_tilt_per_micrograph`` the beam
+    tilt goes into per-particle rlnBeamTiltX/Y columns instead (each particle its micrograph's value, as RELION
+    3.0 kept beam tilt per particle; the optics table is left as it was)."""
     out = particles.copy()
     t = out.particles
     W, H = data.image_size
@@ -158,7 +226,10 @@ def updated_spa_particles(particles: ParticleData, data: TiltSeriesData, optics_
     d = data.defocus.cpu().numpy()
     for j, lab in enumerate(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")):
         t[lab] = d[:, j]
-    if data.beam_tilt is not None:
+    if data.beam_tilt is not None and beam_tilt_per_micrograph:
+        bt = data.beam_tilt.cpu().numpy()[data.beam_group.cpu().numpy()]
+        t["rlnBeamTiltX"], t["rlnBeamTiltY"] = bt[:, 0], bt[:, 1]
+    elif data.beam_tilt is not None:
         if optics_ids is None:
             groups = pd.to_numeric(t["rlnOpticsGroup"], errors="coerce").to_numpy() \
                 if "rlnOpticsGroup" in t.columns else np.ones(len(t))
