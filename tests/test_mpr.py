@@ -172,6 +172,20 @@ def test_defocus_grid_search_keeps_each_tilts_best_offset(sim):
     assert bool((best[used] != 0).any()) and torch.all(best[~used] == 0)
 
 
+def test_rounds_refine_against_half_maps_of_the_refined_metadata(sim):
+    """rounds=2: the second round's references are the half-maps reconstructed after round 1 (its log line gives
+    their masked FSC), its limit follows that FSC (resolution_A 0; never worse here), and its sub-iteration starts
+    from round 1's metadata, so its score beats round 1's first score."""
+    opts = MprOptions(stages=[Stage(("shifts",), 1)], lbfgs_iterations=3, rounds=2, reconstruct=False)
+    lines = []
+    res = run_mpr(sim["parts"], sim["tomos"], sim["half1"], sim["half2"], sim["apix"], None, 120.0, opts,
+                  log=lines.append)
+    assert [s["round"] for s in res.stats] == [1, 2]
+    assert any(line.startswith("round 2/2: references reconstructed") for line in lines)
+    assert res.stats[1]["resolution_A"] <= res.stats[0]["resolution_A"]
+    assert res.stats[1]["score_before"] > res.stats[0]["score_before"]
+
+
 def test_gold_standard_each_particle_sees_its_own_half_map(sim):
     """With half-map 2 replaced by zeros, particles of half set 2 get exactly zero gradient (they only ever see
     their own, empty, map) while half-1 particles do not; and a reconstruction puts nothing of half set 1 into
