@@ -1,5 +1,6 @@
 """Aligning a map's point-group symmetry axes with RELION's standard axes (``relion_align_symmetry``): re-centre on
-the centre of mass, search the rotation (:func:`cryopipe.core.symmetry_search.search_symmetry_axes`) on a
+the centre of mass, search the rotation and refine the symmetry centre
+(:func:`cryopipe.core.symmetry_search.search_symmetry_axes`) on a
 Fourier-downsampled working map, rotate the full map (:func:`cryopipe.core.volume_rotation.rotate_volume`) and
 optionally symmetrise it. The ``cryopipe align-symmetry`` job is :mod:`cryopipe.jobs.align_symmetry`."""
 
@@ -33,7 +34,8 @@ class AlignSymmetryResult:
         angles: (rot, tilt, psi) of ``R`` in degrees.
         residual: symmetry residual of the aligned working map (0 = perfectly symmetric, ``1 − 1/|G|`` = none).
         global_residual: best residual of the global (low-resolution) search.
-        centre_shift_px: ``(dx, dy, dz)`` pixels the input was moved by before rotating (0 with ``keep_centre``).
+        centre_shift_px: ``(dx, dy, dz)`` pixels the input was moved by before rotating (0 with ``keep_centre``):
+            the centre of mass and the refined symmetry centre.
         sym: canonical group name; box, working_box: sizes; working_pixel_size: Å (None without a pixel size).
         n_evaluations: orientations scored; seconds: wall time.
     """
@@ -80,7 +82,10 @@ def align_symmetry_full(volume, sym: str, *, pixel_size: float | None = None, bo
         sym: point group (C1, Cn, Dn, T, O, I/I1–I4; proper rotation groups).
         pixel_size: Å/px, only needed for ``maxres``.
         box_size: working box of the search (the map is Fourier-downsampled when larger).
-        keep_centre: do not move the centre of mass to the box centre.
+        keep_centre: the map is centred on its symmetry centre: do not move it. Otherwise the centre of mass
+            goes to the box centre, and the search then refines the symmetry centre with the axes (the centre of
+            mass of a noisy or imperfect map is off the axis, and the axes that fit best through the wrong point
+            are tilted).
         nr_uniform, healpix_order, only_rot, local_search_range, local_search_step, min_step, n_candidates, seed:
             the search (:func:`cryopipe.core.symmetry_search.search_symmetry_axes`).
         maxres: highest resolution (Å) used by the score (default: Nyquist of the working box).
@@ -121,9 +126,13 @@ def align_symmetry_full(volume, sym: str, *, pixel_size: float | None = None, bo
         res = search_symmetry_axes(work, sym_c, nr_uniform=nr_uniform, healpix_order=healpix_order,
                                    only_rot=only_rot, r_max=r_max, n_candidates=n_candidates,
                                    local_search_range=local_search_range, local_search_step=local_search_step,
-                                   min_step=min_step, seed=seed, device=dev)
+                                   min_step=min_step, seed=seed, refine_centre=not keep_centre, device=dev)
         rot, angles, residual, global_residual, n_eval = (res.rotation, res.angles, res.residual,
                                                           res.global_residual, res.n_evaluations)
+        if not keep_centre and bool(res.shift.abs().max() > 0):  # the refined symmetry centre (working pixels)
+            centre_shift = res.shift.to(device=dev, dtype=torch.float64) * (n / work_n)
+            vol = shift_volume(vol, centre_shift)
+            shift = shift + centre_shift
     if rotate_method == "auto":
         rotate_method = "fourier" if n <= 320 else "linear"
     aligned = vol if sym_c == "C1" else rotate_volume(vol, rot, method=rotate_method)

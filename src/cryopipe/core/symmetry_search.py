@@ -39,7 +39,7 @@ rotation about z for ``Cn``): such solutions are equally correct; compare symmet
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -137,12 +137,33 @@ class SymmetryScorer:
         return interpolate_half_grid(self.projector.data, self.projector.centre, pts * self.projector.pad,
                                      self.interpolation)
 
-    def residual(self, rotations: torch.Tensor, r_max: float | None = None) -> torch.Tensor:
-        """``ρ(R)`` for rotations ``[B, 3, 3]`` (or ``[3, 3]``) → ``[B]`` float64 (module doc)."""
+    def _correlation(self, M: torch.Tensor, k: torch.Tensor, ref: torch.Tensor, t: torch.Tensor | None
+                     ) -> torch.Tensor:
+        """``Re Σ_k conj(V̂(k)) V̂(M·k) [e^{2πi (k − M·k)·t/N}]`` → ``[b, G-1]`` float64 for operators ``M [b, G-1,
+        3, 3]``, frequencies ``k [K, 3]`` with values ``ref [K]`` and shifts ``t [b, 3]`` (None: 0)."""
+        pts = torch.einsum("bgij,kj->bgki", M.float(), k)  # [b, G-1, K, 3]
+        vals = self._sample(pts)
+        if t is not None:
+            phase = (2.0 * math.pi / self.n) * ((k[None, None] - pts).double() * t[:, None, None, :]).sum(-1)
+            vals = vals * torch.polar(torch.ones_like(phase), phase).to(vals.dtype)
+        return (ref.conj() * vals).real.double().sum(-1)
+
+    def residual(self, rotations: torch.Tensor, r_max: float | None = None,
+                 shifts: torch.Tensor | None = None) -> torch.Tensor:
+        """``ρ(R)`` for rotations ``[B, 3, 3]`` (or ``[3, 3]``) → ``[B]`` float64 (module doc).
+
+        ``shifts [B, 3]`` (or ``[3]``; pixels ``(x, y, z)``, None: 0): score the map moved by ``t`` first,
+        ``V_t(x) = V(x − t)``, i.e. the symmetry centre at ``−t`` from the box centre: ``V̂_t(k) = e^{−2πi k·t/N}
+        V̂(k)`` turns each term into ``conj(V̂(k)) V̂(M·k) e^{2πi (k − M·k)·t/N}``. Differentiable in ``rotations``
+        and ``shifts`` (trilinear sampling)."""
         R = rotations.to(device=self.device, dtype=torch.float64)
         if R.dim() == 2:
             R = R[None]
         B = R.shape[0]
+        t = None
+        if shifts is not None:
+            t = shifts.to(device=self.device, dtype=torch.float64)
+            t = t[None].expand(B, 3) if t.dim() == 1 else t
         nk = self.n_freq(r_max)
         if self.ops.shape[0] == 0 or nk == 0:
             return torch.zeros(B, dtype=torch.float64, device=self.device)
@@ -158,18 +179,15 @@ class SymmetryScorer:
         kf32 = k.to(torch.float32)
         for b0 in range(0, B, step):
             Mb = M[b0:b0 + step]  # [b, G-1, 3, 3]
+            tb = None if t is None else t[b0:b0 + step]
             if per_orient > self.max_points:  # very large single orientation: split the frequencies too
                 acc = torch.zeros(Mb.shape[0], G1, dtype=torch.float64, device=self.device)
                 kstep = max(1, self.max_points // G1)
                 for k0 in range(0, nk, kstep):
-                    pts = torch.einsum("bgij,kj->bgki", Mb.float(), kf32[k0:k0 + kstep])
-                    vals = self._sample(pts)
-                    acc += (ref[k0:k0 + kstep].conj() * vals).real.double().sum(-1)
+                    acc = acc + self._correlation(Mb, kf32[k0:k0 + kstep], ref[k0:k0 + kstep], tb)
                 corr[b0:b0 + step] = acc
             else:
-                pts = torch.einsum("bgij,kj->bgki", Mb.float(), kf32)
-                vals = self._sample(pts)  # [b, G-1, K]
-                corr[b0:b0 + step] = (ref.conj() * vals).real.double().sum(-1)
+                corr[b0:b0 + step] = self._correlation(Mb, kf32, ref, tb)
         # identity term contributes 1 − 1 = 0 exactly
         return ((1.0 - corr / norm) * self.op_weights).sum(-1) / self.order
 
@@ -188,6 +206,9 @@ class SymmetrySearchResult:
         global_residual: best ``ρ`` of the global search (at ``r_global``).
         n_evaluations: orientations scored.
         r_global, r_max: Fourier radii used (pixels of the searched box).
+        shift: ``[3]`` float64 pixels ``(x, y, z)`` of the searched box (0 unless ``refine_centre``): the map
+            moved by ``t`` and then rotated, ``V(Rᵀ·x − t)``, is symmetric about the box centre; the symmetry
+            centre of the input is at ``−t``.
     """
 
     rotation: torch.Tensor
@@ -197,20 +218,22 @@ class SymmetrySearchResult:
     n_evaluations: int
     r_global: float
     r_max: float
+    shift: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
 
 
 def _pattern_search(scorer: SymmetryScorer, R: torch.Tensor, step: float, stop_step: float, search_range: int,
                     r_max: float, only_rot: bool, axes_only: bool = False,
-                    max_moves: int = 30) -> tuple[torch.Tensor, float, int]:
+                    max_moves: int = 30, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
     """Move a grid of small rotations ``ΔR·R`` (:func:`local_rotation_grid`) to its best point until the centre
-    wins, then halve the step, until ``step < stop_step``. Returns (R, ρ(R) at r_max, evaluations)."""
-    best = float(scorer.residual(R, r_max)[0])
+    wins, then halve the step, until ``step < stop_step``; ``shift [3]``: the map's (fixed) shift
+    (:meth:`SymmetryScorer.residual`). Returns (R, ρ(R) at r_max, evaluations)."""
+    best = float(scorer.residual(R, r_max, shift)[0])
     n_eval = 1
     while step >= stop_step - 1e-12:
         grid = local_rotation_grid(step, search_range, only_rot, device=scorer.device, axes_only=axes_only)
         for _ in range(max_moves):
             cand = grid @ R
-            res = scorer.residual(cand, r_max)
+            res = scorer.residual(cand, r_max, shift)
             n_eval += cand.shape[0]
             i = int(torch.argmin(res))
             if i == 0 or float(res[i]) >= best:
@@ -220,11 +243,65 @@ def _pattern_search(scorer: SymmetryScorer, R: torch.Tensor, step: float, stop_s
     return R, best, n_eval
 
 
+def _small_rotation(omega_deg: torch.Tensor) -> torch.Tensor:
+    """``exp([ω]ₓ)`` ``[3, 3]`` for a rotation vector ``ω [3]`` in degrees (differentiable, also at 0)."""
+    w = torch.deg2rad(omega_deg)
+    zero = torch.zeros_like(w[0])
+    K = torch.stack([torch.stack([zero, -w[2], w[1]]), torch.stack([w[2], zero, -w[0]]),
+                     torch.stack([-w[1], w[0], zero])])
+    return torch.linalg.matrix_exp(K)
+
+
+def _continuous_refinement(scorer: SymmetryScorer, R: torch.Tensor, r_max: float, shift: torch.Tensor,
+                           refine_shift: bool, only_rot: bool, max_iter: int = 60
+                           ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Minimise ``ρ(exp(ω)·R, t)`` continuously (L-BFGS, strong-Wolfe line search, autograd through the
+    trilinear sampler) over the rotation vector ``ω`` (degrees; about z only with ``only_rot``) and, with
+    ``refine_shift``, the map's shift ``t`` (pixels, from ``shift``): the grid searches stop at ``min_step`` and
+    keep the centre of mass, whose error (noise, density off the axis) tilts the axis that fits best through
+    the wrong point. Returns ``(R, t, ρ, evaluations)``; the start is kept if nothing better is found."""
+    dev = scorer.device
+    R = R.to(dev, torch.float64).detach()
+    t0 = shift.to(dev, torch.float64).detach()
+    omega = torch.zeros(3, dtype=torch.float64, device=dev, requires_grad=True)
+    dt = torch.zeros(3, dtype=torch.float64, device=dev, requires_grad=refine_shift)
+    zmask = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=dev) if only_rot else None
+    params = [omega] + ([dt] if refine_shift else [])
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=1e-12, history_size=10)
+    n_eval = 0
+
+    def current() -> tuple[torch.Tensor, torch.Tensor]:
+        w = omega * zmask if zmask is not None else omega
+        return _small_rotation(w) @ R, t0 + dt
+
+    def closure():
+        nonlocal n_eval
+        opt.zero_grad()
+        Rw, tw = current()
+        rho = scorer.residual(Rw, r_max, tw)[0]
+        rho.backward()
+        n_eval += 1
+        return rho
+
+    with torch.no_grad():
+        start = float(scorer.residual(R, r_max, t0)[0])
+    opt.step(closure)
+    with torch.no_grad():
+        Rw, tw = current()
+        rho = float(scorer.residual(Rw, r_max, tw)[0])
+    n_eval += 2
+    if not rho < start:
+        return R, t0, start, n_eval
+    return Rw.detach(), tw.detach(), rho, n_eval
+
+
 def search_symmetry_axes(volume: torch.Tensor, sym: str, *, nr_uniform: int = 400, healpix_order: int | None = None,
                          only_rot: bool = False, r_max: float | None = None, r_global: float | None = None,
                          n_candidates: int = 5, local_search_range: int = 2, local_search_step: float = 2.0,
                          min_step: float = 0.125, seed: int | None = None, pad: float = 2.0, pad_final: float = 4.0,
-                         interpolation: str = "trilinear", device=None) -> SymmetrySearchResult:
+                         interpolation: str = "trilinear", refine_centre: bool = False,
+                         device=None) -> SymmetrySearchResult:
     """Global + local search for the rotation ``R`` that makes ``V(Rᵀ·x)`` ``sym``-symmetric (module doc).
 
     Args:
@@ -244,7 +321,13 @@ def search_symmetry_axes(volume: torch.Tensor, sym: str, *, nr_uniform: int = 40
             stage and the reported residual (trilinear interpolation error: a perfectly symmetric map rotated off
             the grid scores ρ ≈ 0.04 with pad 2 and ≈ 0.01 with pad 4).
         interpolation: ``"trilinear"`` or ``"nearest"``.
+        refine_centre: also refine where the symmetry centre is (the map's shift ``t``, see
+            :meth:`SymmetryScorer.residual`; returned as ``shift``), for maps centred only roughly (e.g. on their
+            centre of mass). Without it the centre stays at voxel ``N//2``.
         device: where the work runs (default: the volume's device).
+
+    After the grid searches, the rotation (and with ``refine_centre`` the shift) is refined continuously
+    (:func:`_continuous_refinement`) at the middle radius and again at ``r_max``.
     """
     n = volume.shape[-1]
     rmax = float(n // 2) if r_max is None else min(float(r_max), float(n // 2))
@@ -280,16 +363,23 @@ def search_symmetry_axes(volume: torch.Tensor, sym: str, *, nr_uniform: int = 40
         n_eval += ne
         finals.append((rho, R))
     rho, R = min(finals, key=lambda t: t[0])
+    shift = torch.zeros(3, dtype=torch.float64, device=dev)
+    if refine_centre or interpolation == "trilinear":
+        R, shift, rho, ne = _continuous_refinement(coarse, R, r_mid, shift, refine_centre, only_rot)
+        n_eval += ne
     del coarse
     fine = SymmetryScorer(volume, sym, r_max=rmax, pad=pad_final, interpolation=interpolation, device=device)
-    R, rho, ne = _pattern_search(fine, R, 0.5, min_step, 1, rmax, only_rot, axes_only=True)
+    R, rho, ne = _pattern_search(fine, R, 0.5, min_step, 1, rmax, only_rot, axes_only=True, shift=shift)
     n_eval += ne
+    if interpolation == "trilinear":  # nearest-neighbour sampling has no useful gradient
+        R, shift, rho, ne = _continuous_refinement(fine, R, rmax, shift, refine_centre, only_rot)
+        n_eval += ne
     # re-orthonormalise (products of many small rotations)
     U, _, Vh = torch.linalg.svd(R)
     R = U @ Vh
-    rho = float(fine.residual(R, rmax)[0])
+    rho = float(fine.residual(R, rmax, shift)[0])
     ang = matrix_to_euler(R).cpu()
-    return SymmetrySearchResult(R, ang, rho, global_best, n_eval, rg, rmax)
+    return SymmetrySearchResult(R, ang, rho, global_best, n_eval, rg, rmax, shift.cpu())
 
 
 # ------------------------------------------------------------------------------------------------ axes

@@ -9,7 +9,7 @@ Search: global over SO(3) on a HEALPix × ψ grid (:func:`cryopipe.core.healpix.
 resolution (both maps Fourier-cropped and low-passed, rotated by :func:`cryopipe.core.volume_rotation.rotate_volume`),
 translations by FFT cross-correlation for every rotation (one batched 3D FFT per chunk of rotations); then local
 refinement of the best solutions on successively finer rotation grids
-(:func:`cryopipe.core.geometry.local_rotation_grid`). All batched tensor work.
+(:func:`cryopipe.core.geometry.local_rotation_grid`, moved until the centre wins at each step). All batched tensor work.
 """
 
 from __future__ import annotations
@@ -72,13 +72,37 @@ def _grid_rotations(order: int, device) -> torch.Tensor:
     return euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]).to(torch.float32)
 
 
+def _refine_locally(m_s: torch.Tensor, fixed_ft: torch.Tensor, n: int, fixed_norm: float, R: torch.Tensor,
+                    steps: tuple[float, ...] = (5.0, 2.5, 1.0, 0.5, 0.25, 0.125), max_moves: int = 20
+                    ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Pattern search from ``R``: the ``3³`` grid of small rotations (:func:`local_rotation_grid`, ±1 step) moves
+    to its best point until the centre wins, then the step is halved (``steps`` degrees). A single move per step
+    (the earlier scheme) stops short whenever the optimum is more than two steps away — e.g. a grid point 15° off
+    — and leaves a C6 axis tilted by degrees. Returns ``(score, R [3, 3] float32, shift [3])``."""
+    R = R.to(torch.float64)
+    sc, sh = _score(rotate_volume(m_s, R[None].to(torch.float32)), fixed_ft, n, fixed_norm)
+    score, shift = float(sc[0]), sh[0]
+    for step in steps:
+        grid = local_rotation_grid(step, 1, dtype=torch.float64, device=m_s.device)
+        for _ in range(max_moves):
+            cands = grid @ R[None]
+            sc, sh = _score(rotate_volume(m_s, cands.to(torch.float32)), fixed_ft, n, fixed_norm)
+            i = int(sc.argmax())
+            if i == 0 or float(sc[i]) <= score:
+                break
+            score, R, shift = float(sc[i]), cands[i], sh[i]
+    return score, R.to(torch.float32), shift
+
+
 def align_volumes(moving: torch.Tensor, fixed: torch.Tensor, *, pixel_size: float, resolution_A: float = 12.0,
-                  search_box: int = 32, try_mirror: bool = True, order: int = 2) -> VolumeAlignment:
+                  search_box: int = 32, try_mirror: bool = True, order: int = 2,
+                  n_candidates: int = 3) -> VolumeAlignment:
     """Align ``moving`` onto ``fixed`` (both ``[n, n, n]``, same pixel size Å; module docstring).
 
     The global search runs on maps Fourier-cropped to ``search_box`` and low-passed (Gaussian) to about
-    ``resolution_A`` Å, over the HEALPix ``order`` grid × ψ (order 2: 9216 rotations, 7.5°), both hands with
-    ``try_mirror``; the best solution is refined locally at 2.5°, 1° and 0.4°.
+    ``resolution_A`` Å, over the HEALPix ``order`` grid × ψ (order 1: 576 rotations, 15°; order 2: 4608, 7.5°),
+    both hands with ``try_mirror``; the best ``n_candidates`` grid points of each hand are refined locally
+    (:func:`_refine_locally`: moves until the centre wins at 5°, then halved down to 0.125°).
     """
     n = fixed.shape[-1]
     dev = fixed.device
@@ -95,21 +119,11 @@ def align_volumes(moving: torch.Tensor, fixed: torch.Tensor, *, pixel_size: floa
             mv = torch.roll(mv, shifts=(1, 1, 1), dims=(0, 1, 2))
         m_s = _prepare(mv, small, shells)
         Rs = _grid_rotations(order, dev)
-        best = (-math.inf, None, None)
-        for r0 in range(0, Rs.shape[0], 512):  # chunks of rotations
-            sc, sh = _score(rotate_volume(m_s, Rs[r0:r0 + 512]), fixed_ft, small, fnorm)
-            i = int(sc.argmax())
-            if float(sc[i]) > best[0]:
-                best = (float(sc[i]), Rs[r0 + i], sh[i])
-        R = best[1]
-        score = best[0]
-        shift = best[2]
-        for step in (5.0, 2.5, 1.0, 0.4):  # local refinement (±2 steps per axis)
-            cands = (local_rotation_grid(step, 2, dtype=torch.float64) @ R.to(torch.float64)[None]).to(torch.float32)
-            sc, sh = _score(rotate_volume(m_s, cands), fixed_ft, small, fnorm)
-            i = int(sc.argmax())
-            if float(sc[i]) >= score:
-                score, R, shift = float(sc[i]), cands[i], sh[i]
+        scores = torch.cat([_score(rotate_volume(m_s, Rs[r0:r0 + 512]), fixed_ft, small, fnorm)[0]
+                            for r0 in range(0, Rs.shape[0], 512)])  # chunks of rotations
+        refined = [_refine_locally(m_s, fixed_ft, small, fnorm, Rs[int(i)])
+                   for i in torch.argsort(scores, descending=True)[:n_candidates]]
+        score, R, shift = max(refined, key=lambda c: c[0])
         cand.append((score, R, shift, mirror, mv))
     score, R, shift_s, mirror, mv = max(cand, key=lambda c: c[0])
     # translation at full size: refine by cross-correlation of the rotated full map
