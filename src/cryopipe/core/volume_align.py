@@ -14,7 +14,6 @@ refinement of the best solutions on successively finer rotation grids
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
