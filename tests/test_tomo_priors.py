@@ -1,9 +1,10 @@
-"""Angle priors of tomographic particles (:mod:`cryopipe.engine.tomo_priors`, RELION --sigma_tilt / --sigma_psi):
+"""Angle priors of tomographic particles (:mod:`cryopipe.engine.tomo_priors`, RELION --sigma_tilt / --sigma_psi / --sigma_rot):
 the subtomogram frame of 2D stacks, symmetry mates, the prior centres from the particles table."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 import torch
 
@@ -46,3 +47,53 @@ def test_symmetry_mates_and_centres():
     t = pd.DataFrame({"rlnAngleTilt": [10.0, 20.0], "rlnAnglePsi": [5.0, 6.0], "rlnAngleTiltPrior": [90.0, 999.0]})
     tilt, psi = prior_centres(t)
     assert tilt.tolist() == [90.0, 20.0] and psi.tolist() == [5.0, 6.0]
+
+
+def _directions(angles: torch.Tensor) -> torch.Tensor:
+    """RELION ``Euler_angles2direction`` of ``[R, 3]`` (rot, tilt, psi) degrees → ``[R, 3]``."""
+    rot, tilt = torch.deg2rad(angles[:, 0]), torch.deg2rad(angles[:, 1])
+    return torch.stack([torch.cos(rot) * torch.sin(tilt), torch.sin(rot) * torch.sin(tilt), torch.cos(tilt)], -1)
+
+
+def test_sigma_rot_with_sigma_tilt_is_a_prior_on_the_direction():
+    """RELION ``selectOrientationsWithNonZeroPriorProbability`` with σ_rot and σ_tilt: a Gaussian in the angle
+    between the direction and the prior's (rot, tilt) direction, σ = max(σ_rot, σ_tilt), cut at 3σ; psi apart."""
+    grid = healpix_orientations(1).coarse.double()
+    pr = AnglePriors(np.array([60.0]), np.array([0.0]), 8.0, 0.0, rot=np.array([120.0]), sigma_rot=12.0)
+    lp = angle_log_prior(grid, pr, np.array([0]))[0].double()
+    prior_dir = _directions(torch.tensor([[120.0, 60.0, 0.0]], dtype=torch.float64))[0]
+    d = torch.rad2deg(torch.acos((_directions(grid) @ prior_dir).clamp(-1, 1)))
+    inside = d < 36.0
+    assert int(inside.sum()) > 0 and not bool(inside.all())
+    assert torch.isinf(lp[~inside]).all()
+    assert torch.allclose(lp[inside], -d[inside] ** 2 / (2 * 12.0 ** 2), atol=1e-3)
+    # the tilt alone would accept directions of any rot at tilt 60°: the direction prior does not
+    tilt_only = angle_log_prior(grid, AnglePriors(np.array([60.0]), np.array([0.0]), 8.0, 0.0), np.array([0]))[0]
+    assert int(torch.isfinite(tilt_only).sum()) > int(inside.sum())
+
+
+def test_sigma_rot_alone_restrains_the_directions_plane():
+    """σ_rot alone (RELION ``calculateDeltaRot``): the angle of the direction out of the plane through z at the
+    prior's rot: every tilt at rot = prior (and prior + 180°) is free, rot + 90° at tilt 90° is out."""
+    grid = torch.tensor([[30.0, 10.0, 0.0], [30.0, 80.0, 50.0], [210.0, 45.0, 0.0], [120.0, 90.0, 0.0],
+                         [40.0, 90.0, 0.0]], dtype=torch.float64)
+    pr = AnglePriors(np.array([0.0]), np.array([0.0]), 0.0, 0.0, rot=np.array([30.0]), sigma_rot=5.0)
+    lp = angle_log_prior(grid, pr, np.array([0]))[0].double()
+    assert torch.allclose(lp[:3], torch.zeros(3, dtype=torch.float64), atol=1e-4)
+    assert torch.isinf(lp[3])
+    assert float(lp[4]) == pytest.approx(-10.0 ** 2 / (2 * 25.0), abs=1e-3)  # 10° out of the plane at tilt 90°
+    t = pd.DataFrame({"rlnAngleRot": [10.0, 20.0], "rlnAngleTilt": [1.0, 2.0], "rlnAnglePsi": [3.0, 4.0],
+                      "rlnAngleRotPrior": [999.0, 77.0]})
+    tilt, psi, rot = prior_centres(t, with_rot=True)
+    assert rot.tolist() == [10.0, 77.0] and tilt.tolist() == [1.0, 2.0]
+
+
+def test_refine3d_accepts_sigma_rot():
+    import argparse
+
+    from cryopipe.jobs import refine3d
+
+    p = argparse.ArgumentParser()
+    refine3d.add_arguments(p)
+    args = p.parse_args(["--i", "x.star", "--o", "out/run", "--sigma_rot", "7", "--sigma_tilt", "5"])
+    assert args.sigma_rot == 7.0

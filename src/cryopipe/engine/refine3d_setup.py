@@ -151,14 +151,14 @@ def resume_refine3d(run: ContinuedRun, s: Refine3DSettings, overrides: dict, sol
 
 
 def start_refine3d(inp: RefineInputs, s: Refine3DSettings, absolute_greyscale: bool, dev: torch.device,
-                   root: Path, progress, log, angle_sigmas: tuple[float, float] = (0.0, 0.0)) -> RefineStart:
+                   root: Path, progress, log, angle_sigmas: tuple[float, ...] = (0.0, 0.0)) -> RefineStart:
     """A new single-particle refinement: particles (checked for CTF values with ``--ctf``), the reference(s)
     (averaged), an optional mask in [0, 1], start assignments from the input table (classes reset), the optimiser
     initialised from the reference (low-passed; rescaled unless ``absolute_greyscale``)."""
     particles_path, reference, solvent_mask = inp.particles_path, inp.reference, inp.solvent_mask
     mask_name = "None"
-    if angle_sigmas[0] > 0 or angle_sigmas[1] > 0:
-        raise CryopipeError("--sigma_tilt / --sigma_psi are implemented for tomographic particles only (an "
+    if any(a > 0 for a in angle_sigmas):
+        raise CryopipeError("--sigma_tilt / --sigma_psi / --sigma_rot are implemented for tomographic particles only (an "
                             "optimisation set or particles with rlnTomoName); use --sigma_ang for local searches")
     data, ps, origin = load_particles(particles_path, "3D refinement")
     if s.do_ctf and ps.ctf is None:

@@ -1,4 +1,4 @@
-"""Priors on the tilt and in-plane angles of tomographic particles (RELION ``--sigma_tilt`` / ``--sigma_psi``).
+"""Priors on the angles of tomographic particles (RELION ``--sigma_tilt`` / ``--sigma_psi`` / ``--sigma_rot``).
 
 Particles picked on surfaces (membranes, capsids, lattices) come with an orientation from the surface normal:
 the pseudo-subtomogram frame ``A_sub`` (rlnTomoSubtomogramRot/Tilt/Psi) or rlnAngleTiltPrior/rlnAnglePsiPrior.
@@ -9,6 +9,10 @@ set): for coarse orientation ``ω`` and particle ``b``::
     log p(ω | b) = −Δtilt² / (2σ_tilt²) − Δpsi² / (2σ_psi²),   Δ < 3σ (otherwise the orientation is left out)
 
 with ``Δtilt = min over symmetry mates |tilt(ω·S) − tilt_prior_b|`` (psi differences wrapped to [0, 180]).
+With ``σ_rot`` as well (RELION ``--sigma_rot``) the direction ``d(ω) = (cos rot sin tilt, sin rot sin tilt, cos
+tilt)`` is restrained instead of the tilt: ``Δ = min over mates ∠(d(ω·S), d(rot_prior, tilt_prior))`` with
+``σ = max(σ_rot, σ_tilt)``; ``σ_rot`` without ``σ_tilt``: ``Δ = |asin(d_y')|``, ``d_y'`` the component of ``d``
+along the y axis turned by ``rot_prior`` about z (``calculateDeltaRot``).
 Angles are those of the subtomogram frame (rlnAngle*, what the priors refer to): for 3D pseudo-subtomograms the
 grid's own angles; for 2D stacks, whose orientations are refined in the tomogram frame, ``A_subᵀ·R(ω)``.
 
@@ -49,16 +53,18 @@ class AnglePriors:
     sigma_tilt: float = 0.0
     sigma_psi: float = 0.0
     frames: np.ndarray | None = None
+    rot: np.ndarray | None = None
+    sigma_rot: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.sigma_tilt > 0 or self.sigma_psi > 0
+        return self.sigma_tilt > 0 or self.sigma_psi > 0 or (self.sigma_rot > 0 and self.rot is not None)
 
 
-def prior_centres(particles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def prior_centres(particles: pd.DataFrame, with_rot: bool = False) -> tuple[np.ndarray, ...]:
     """``(tilt [N], psi [N])`` prior centres (degrees) from a particles table: rlnAngleTiltPrior /
     rlnAnglePsiPrior where present and not RELION's 999 ("none"), else rlnAngleTilt / rlnAnglePsi (0 where
-    absent)."""
+    absent); ``with_rot``: ``(tilt, psi, rot)`` with rlnAngleRotPrior / rlnAngleRot the same way."""
     n = len(particles)
 
     def col(label: str, fill: float) -> np.ndarray:
@@ -68,12 +74,13 @@ def prior_centres(particles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         return np.where(np.abs(v - 999.0) < 0.01, np.nan, v) if fill is None else np.nan_to_num(v, nan=fill)
 
     out = []
-    for prior, angle in (("rlnAngleTiltPrior", "rlnAngleTilt"), ("rlnAnglePsiPrior", "rlnAnglePsi")):
+    pairs = [("rlnAngleTiltPrior", "rlnAngleTilt"), ("rlnAnglePsiPrior", "rlnAnglePsi")]
+    for prior, angle in pairs + ([("rlnAngleRotPrior", "rlnAngleRot")] if with_rot else []):
         p = col(prior, None)
         a = col(angle, 0.0)
         a = np.where(np.isnan(a), 0.0, a)
         out.append(np.where(np.isnan(p), a, p))
-    return out[0], out[1]
+    return tuple(out)
 
 
 def _wrap180(d: torch.Tensor) -> torch.Tensor:
@@ -95,6 +102,7 @@ def angle_log_prior(coarse: torch.Tensor, priors: AnglePriors, idx: np.ndarray,
         mates = R[None] @ symmetry_ops.to(dev, torch.float64)[:, None]  # [S, R, 3, 3]
     col = mates[..., :, 2]  # [S, R, 3] last column: tilt and psi of RELION's Euler angles
     idx = np.asarray(idx)
+    Fr = None
     if priors.frames is not None:
         Fr = torch.as_tensor(priors.frames[idx], dtype=torch.float64, device=dev)  # [B, 3, 3]
         col = torch.einsum("bji,srj->bsri", Fr, col)  # A_subᵀ·(R·S) last column  [B, S, R, 3]
@@ -105,11 +113,33 @@ def angle_log_prior(coarse: torch.Tensor, priors: AnglePriors, idx: np.ndarray,
     B = idx.size
     logp = torch.zeros(B, tilt.shape[-1], dtype=torch.float64, device=dev)
     inside = torch.ones(B, tilt.shape[-1], dtype=torch.bool, device=dev)
-    for sig, ang, centre in ((priors.sigma_tilt, tilt, priors.tilt), (priors.sigma_psi, psi, priors.psi)):
+    terms = [(priors.sigma_tilt, tilt, priors.tilt), (priors.sigma_psi, psi, priors.psi)]
+    if priors.sigma_rot > 0 and priors.rot is not None:  # RELION's direction priors replace the tilt term
+        row = mates[..., 2, :]  # [S, R, 3] last row: the direction (cos rot sin tilt, sin rot sin tilt, cos tilt)
+        if priors.frames is not None:
+            row = torch.einsum("bj,srjk->bsrk", Fr[:, :, 2], mates)  # last row of A_subᵀ·(R·S)
+        else:
+            row = row[None]
+        rot_c = torch.deg2rad(torch.as_tensor(priors.rot[idx], dtype=torch.float64, device=dev))[:, None, None]
+        if priors.sigma_tilt > 0:
+            # both: the angle between the direction and the prior's (rot, tilt) direction, σ = max(σ_rot, σ_tilt)
+            tilt_c = torch.deg2rad(torch.as_tensor(priors.tilt[idx], dtype=torch.float64, device=dev))[:, None, None]
+            prior_dir = torch.stack([torch.cos(rot_c) * torch.sin(tilt_c), torch.sin(rot_c) * torch.sin(tilt_c),
+                                     torch.cos(tilt_c)], dim=-1)  # [B, 1, 1, 3]
+            d = torch.rad2deg(torch.acos((row * prior_dir).sum(-1).clamp(-1.0, 1.0))).amin(dim=1)
+            terms[0] = (max(priors.sigma_rot, priors.sigma_tilt), d, None)
+        else:
+            # rot alone (RELION calculateDeltaRot): |asin| of the direction's component along the prior-rot y axis
+            y = -torch.sin(rot_c) * row[..., 0] + torch.cos(rot_c) * row[..., 1]
+            terms.append((priors.sigma_rot, torch.rad2deg(torch.asin(y.clamp(-1.0, 1.0))).abs().amin(dim=1), None))
+    for sig, ang, centre in terms:
         if sig <= 0:
             continue
-        ctr = torch.as_tensor(centre[idx], dtype=torch.float64, device=dev)[:, None, None]
-        d = _wrap180(ang - ctr).amin(dim=1)  # [B, R] nearest symmetry mate
+        if centre is None:  # already the angular distance to the prior  [B, R]
+            d = ang
+        else:
+            ctr = torch.as_tensor(centre[idx], dtype=torch.float64, device=dev)[:, None, None]
+            d = _wrap180(ang - ctr).amin(dim=1)  # [B, R] nearest symmetry mate
         logp = logp - d.square() / (2.0 * sig * sig)
         inside &= d < SIGMA_CUTOFF * sig
     none = ~inside.any(dim=1, keepdim=True)  # no orientation within the cut: keep the Gaussian alone

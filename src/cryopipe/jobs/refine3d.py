@@ -107,7 +107,7 @@ def refine_3d(
     log=print,
     progress=None,
     tomograms: str | os.PathLike | None = None,
-    angle_sigmas: tuple[float, float] = (0.0, 0.0),
+    angle_sigmas: tuple[float, ...] = (0.0, 0.0),
     backend=None,
 ) -> Refine3DResult:
     """Run (or continue) a gold-standard 3D auto-refinement, writing RELION-named files every iteration.
@@ -128,7 +128,8 @@ def refine_3d(
         log, progress: a line logger and a progress wrapper (``progress(iterable, desc=...)``).
         tomograms: tomograms.star of tomographic particles given as ``--i particles.star`` (RELION's
             ``--tomograms``); recorded in the ``run_optimisation_set.star`` written at the end.
-        angle_sigmas: ``(σ_tilt, σ_psi)`` degrees, RELION's ``--sigma_tilt`` / ``--sigma_psi`` priors for
+        angle_sigmas: ``(σ_tilt, σ_psi[, σ_rot])`` degrees, RELION's ``--sigma_tilt`` / ``--sigma_psi`` /
+            ``--sigma_rot`` priors for
             tomographic particles (0: none; :mod:`cryopipe.engine.tomo_priors`).
         backend: where the E-step chunks run (:func:`cryopipe.engine.backend.make_backend`; default in-process).
 
@@ -273,6 +274,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "centred on rlnAngleTiltPrior or the input tilt (orientations from surface normals)")
     g.add_argument("--sigma_psi", type=float, default=0.0,
                    help="tomographic particles: the same prior on the in-plane angle (rlnAnglePsiPrior)")
+    g.add_argument("--sigma_rot", type=float, default=0.0,
+                   help="tomographic particles: prior on the first angle (rlnAngleRotPrior); with --sigma_tilt a "
+                        "prior on the direction (rot, tilt), σ the larger of the two (RELION)")
     g.add_argument("--auto_ignore_angles", action="store_true", default=None,
                    help="refine the sampling without waiting for the angles to settle")
     g.add_argument("--auto_resol_angles", action="store_true", default=None,
@@ -350,7 +354,8 @@ def main(args: argparse.Namespace) -> int:
                         absolute_greyscale=not args.firstiter_cc, continue_from=args.continue_, overrides=given,
                         device=args.device, root=job.root, command=" ".join(command_arguments()), log=log,
                         progress=lambda it, desc="": progress(it, desc=desc), tomograms=args.tomograms,
-                        angle_sigmas=(float(args.sigma_tilt or 0.0), float(args.sigma_psi or 0.0)),
+                        angle_sigmas=(float(args.sigma_tilt or 0.0), float(args.sigma_psi or 0.0),
+                                      float(args.sigma_rot or 0.0)),
                         backend=backend)
         if res.converged:
             job.add_output(res.data_star, NodeType.REFINE3D_PARTICLES)

@@ -44,7 +44,7 @@ def _to_frame(angles: np.ndarray, origins: np.ndarray, frames: np.ndarray) -> tu
 
 def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list | None, solvent_mask, dev,
                    root: Path, progress, log, tomograms_path=None, update_rule=None,
-                   angle_sigmas: tuple[float, float] = (0.0, 0.0), resume=None):
+                   angle_sigmas: tuple[float, ...] = (0.0, 0.0), resume=None):
     """``(optimiser, None, write_data, mask_name)`` for tomographic particles: 3D pseudo-subtomograms on
     :class:`~cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D` or 2D stacks on
     :class:`~cryopipe.engine.tomo_optimiser.StackOptimiser3D` (orientations and origins in the tomogram frame
@@ -93,14 +93,16 @@ def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list |
         opt = StackOptimiser3D(ps, s, sv, **kw)
     else:
         opt = SubtomoOptimiser3D(ps, s, sv.read_weights, **kw)
-    if angle_sigmas[0] > 0 or angle_sigmas[1] > 0:
+    sig_rot = float(angle_sigmas[2]) if len(angle_sigmas) > 2 else 0.0
+    if angle_sigmas[0] > 0 or angle_sigmas[1] > 0 or sig_rot > 0:
         from cryopipe.engine.tomo_priors import AnglePriors, prior_centres
 
-        tilt_c, psi_c = prior_centres(sv.particles.particles)
+        tilt_c, psi_c, rot_c = prior_centres(sv.particles.particles, with_rot=True)
         opt.angle_priors = AnglePriors(tilt_c, psi_c, float(angle_sigmas[0]), float(angle_sigmas[1]),
-                                       frames=sv.A_sub if form == "2d" else None)
+                                       frames=sv.A_sub if form == "2d" else None, rot=rot_c, sigma_rot=sig_rot)
         log(f"priors on the subtomogram-frame angles in global searches: σ_tilt {angle_sigmas[0]:g}°, "
-            f"σ_psi {angle_sigmas[1]:g}° (centres: rlnAngleTiltPrior / rlnAnglePsiPrior, else the input angles)")
+            f"σ_psi {angle_sigmas[1]:g}°, σ_rot {sig_rot:g}° (centres: rlnAngleTiltPrior / rlnAnglePsiPrior / "
+            "rlnAngleRotPrior, else the input angles)")
     if resume is not None:
         return opt, None, _tomo_data_writer(opt, sv, form), mask_name
     opt.initialise(vol, absolute_greyscale=False)
@@ -135,7 +137,7 @@ def _tomo_data_writer(opt, sv, form: str):
 
 
 def resume_tomo_refine3d(run: ContinuedRun, s: Refine3DSettings, overrides: dict, solvent_mask, dev, root: Path,
-                         progress, log, angle_sigmas: tuple[float, float] = (0.0, 0.0)) -> RefineStart:
+                         progress, log, angle_sigmas: tuple[float, ...] = (0.0, 0.0)) -> RefineStart:
     """Continue a tomographic refinement from the run's last ``_data.star`` (tomography layout), the stored half
     models and sampling state; the optimisation set and tomograms it started from (``cryopipeInputOptimisationSet``,
     ``cryopipeTomogramsFile``); the mask given or stored."""
@@ -170,7 +172,7 @@ def resume_tomo_refine3d(run: ContinuedRun, s: Refine3DSettings, overrides: dict
 
 
 def start_tomo_refine3d(inp: RefineInputs, s: Refine3DSettings, tomograms, dev, root: Path, progress, log,
-                        angle_sigmas: tuple[float, float] = (0.0, 0.0)) -> RefineStart:
+                        angle_sigmas: tuple[float, ...] = (0.0, 0.0)) -> RefineStart:
     """A new tomographic refinement: the tomograms from ``tomograms`` or the optimisation set (2D stacks need
     them), the reference(s) and mask of ``inp``; a particles file without a set gets one (for the final
     ``_optimisation_set.star``)."""
