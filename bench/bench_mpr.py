@@ -5,10 +5,13 @@ Data: ``--n_tomograms`` tilt series of ``--particles`` particles at ``--apix`` �
 defocus errors (sd 500 Å) and particle pose errors (4 Å, 3°); no image warp. Half-maps are reconstructed at the
 perturbed metadata (as a user would have them), then
 
-* A: ``poses,shifts`` × 2 sub-iterations, then ``poses,shifts,stageangles`` × 2 (references: the input halves);
-* A2: ``poses,shifts,stageangles`` × 2 against A's new half-maps (a second M run, as users chain them);
-* then from A2, against A2's half-maps, either geometry only (C: ``poses,shifts,stageangles`` × 2) or geometry +
-  CTF (B: ``poses,shifts,stageangles,ctf`` × 2), the same number of sub-iterations.
+* A: ``poses,shifts,stageangles`` × 2 sub-iterations, ``--rounds`` rounds (``MprOptions.rounds``: before each
+  later round the half-maps are reconstructed at the refined metadata and become the references, and the
+  refinement limit follows their masked FSC — running M again and again); L-BFGS ``--lbfgs`` iterations, no
+  early stop;
+* then from A, against A's half-maps, one more round of either geometry only (C: ``poses,shifts,stageangles`` × 2)
+  or geometry + CTF (B: ``poses,shifts,stageangles,ctf`` × 2, M's per-tilt defocus grid search over
+  ±``--defocus_search`` Å first), the same number of sub-iterations.
 
 Reported: per-group RMS error vs the truth before/after (particle positions with their mean removed — the gauge a
 half-map reconstruction cannot fix —, particle angles, tilt shifts, stage angles, defocus), masked gold-standard FSC
@@ -131,6 +134,9 @@ def main() -> None:
     ap.add_argument("--snr", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of run A")
+    ap.add_argument("--lbfgs", type=int, default=12, help="L-BFGS iterations per sub-iteration")
+    ap.add_argument("--defocus_search", type=float, default=1000.0, help="± defocus grid of run B (Å; 0: off)")
     ap.add_argument("--imagewarp", action="store_true", help="the image-warp recovery run instead (module doc)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,24 +174,24 @@ def main() -> None:
         h1, h2, _ = reconstruct_halves(d0.values(), box, 1.0)
         ht1, ht2, _ = reconstruct_halves(datas_of(tparts, ttomos).values(), box, 1.0)
         diameter = 0.8 * box * apix
-        common = dict(resolution_A=0.0, lbfgs_iterations=10, batch_pairs=256)
+        common = dict(resolution_A=0.0, lbfgs_iterations=args.lbfgs, tolerance=0.0, batch_pairs=256)
         def geometry(p, t, h1_, h2_, stages, **kw):
             return run_mpr(p, t, h1_, h2_, apix, None, diameter, MprOptions(stages=stages, **{**common, **kw}))
 
         geo = ("poses", "shifts", "stageangles")
         t_run = time.perf_counter()
-        a = geometry(parts, tomos, h1, h2, [Stage(("poses", "shifts"), 2), Stage(geo, 2)])
+        # A: M run again and again: each round against half-maps reconstructed at the previous round's metadata
+        a = geometry(parts, tomos, h1, h2, [Stage(geo, 2)], rounds=args.rounds)
         pa, ta = updated_particles(parts, tomos, a.data), updated_tomograms(tomos, a.data)
-        a2 = geometry(pa, ta, a.half1, a.half2, [Stage(geo, 2)])
-        pa2, ta2 = updated_particles(pa, ta, a2.data), updated_tomograms(ta, a2.data)
         tA = time.perf_counter() - t_run
         t_run = time.perf_counter()
-        c = geometry(pa2, ta2, a2.half1, a2.half2, [Stage(geo, 2)])
+        c = geometry(pa, ta, a.half1, a.half2, [Stage(geo, 2)])  # C: one more geometry-only round
         tC = time.perf_counter() - t_run
         t_run = time.perf_counter()
-        b = geometry(pa2, ta2, a2.half1, a2.half2, [Stage(geo + ("ctf",), 2)], ctf_minresolution=30.0)
+        b = geometry(pa, ta, a.half1, a.half2, [Stage(geo + ("ctf",), 2)], ctf_minresolution=30.0,
+                     defocus_search_A=args.defocus_search)  # B: the same round with the CTF (defocus search first)
         tB = time.perf_counter() - t_run
-        subs = a.stats + a2.stats + c.stats + b.stats
+        subs = a.stats + c.stats + b.stats
         pe = sum(s["pair_evaluations"] for s in subs)
         sec = sum(s["seconds"] for s in subs)
         cpu = sum(s["cpu_seconds"] for s in subs)
@@ -194,27 +200,29 @@ def main() -> None:
                      "particles_per_tomogram": args.particles, "tilts": 21, "snr": args.snr,
                      "pairs": sum(len(d.pairs) for d in d0.values()), "injected": vars(pert)},
             "residual_error_rms": {"before": errors(d0, ttomos, tparts), "after_A": errors(a.data, ttomos, tparts),
-                                   "after_A2": errors(a2.data, ttomos, tparts),
-                                   "after_geometry_C": errors(c.data, ttomos, tparts),
+                                                                      "after_geometry_C": errors(c.data, ttomos, tparts),
                                    "after_geometry_ctf_B": errors(b.data, ttomos, tparts)},
             "masked_fsc_resolution_A": {"before": a.resolution_before, "after_A": a.resolution_after,
-                                        "after_A2": a2.resolution_after, "after_geometry_C": c.resolution_after,
+                                        "after_geometry_C": c.resolution_after,
                                         "after_geometry_ctf_B": b.resolution_after,
                                         "true_metadata": masked_res(ht1, ht2, a.mask, apix)},
             "fsc_truth_0.5_A": {"before": fsc_truth(h1, h2, truth, apix),
                                 "after_A": fsc_truth(a.half1, a.half2, truth, apix),
-                                "after_A2": fsc_truth(a2.half1, a2.half2, truth, apix),
                                 "after_geometry_C": fsc_truth(c.half1, c.half2, truth, apix),
                                 "after_geometry_ctf_B": fsc_truth(b.half1, b.half2, truth, apix),
                                 "true_metadata": fsc_truth(ht1, ht2, truth, apix)},
             "species_resolution_A": a.species_resolution,
-            "lbfgs": {"iterations": common["lbfgs_iterations"], "tolerance": MprOptions(stages=[]).tolerance},
+            "schedule": {"A": f"stage {','.join(geo)} x 2 sub-iterations, {args.rounds} rounds (references "
+                                  "reconstructed at the refined metadata before each later round)",
+                         "C": "A's result + 1 round geometry only", "B": f"A's result + 1 round geometry + ctf, "
+                         f"defocus search ±{args.defocus_search:g} Å first", "lbfgs_iterations": args.lbfgs,
+                         "tolerance": 0.0},
             "speed": {"threads": args.threads, "pair_evaluations_per_s": pe / max(sec, 1e-9),
                       "pair_evaluations_per_cpu_s": pe / max(cpu, 1e-9),
                       "seconds_per_subiteration": sec / len(subs), "cpu_seconds_per_subiteration": cpu / len(subs),
-                      "runs_A_A2_s": tA, "run_C_s": tC, "run_B_s": tB},
+                      "run_A_s": tA, "run_C_s": tC, "run_B_s": tB},
             "subiterations": subs,
-            "log": a.log + a2.log + c.log + b.log,
+            "log": a.log + c.log + b.log,
             "total_wall_s": time.perf_counter() - t_all, "total_cpu_s": time.process_time() - c_all,
             "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "device": "cpu", "load_avg": os.getloadavg()[0],
@@ -224,7 +232,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     r = result
-    runs = ("before", "after_A", "after_A2", "after_geometry_C", "after_geometry_ctf_B")
+    runs = ("before", "after_A", "after_geometry_C", "after_geometry_ctf_B")
     print("residual RMS error vs truth (" + " / ".join(runs) + "):")
     for k in r["residual_error_rms"]["before"]:
         print(f"  {k:36s} " + " / ".join(f"{r['residual_error_rms'][s][k]:.3f}" for s in runs))
