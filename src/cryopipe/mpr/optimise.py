@@ -24,7 +24,8 @@ from cryopipe.mpr.parameters import DEFOCUS_UNIT_A, TiltSeriesParameters, gauge_
 #: data slices of a tilt series are kept for a sub-iteration when they take at most this many bytes
 CACHE_BYTES = 512e6
 
-__all__ = ["CACHE_BYTES", "cached_slices", "defocus_grid_search", "RefineStats", "pair_centres", "tilt_series_score", "score_and_gradient",
+__all__ = ["CACHE_BYTES", "cached_slices", "defocus_grid_search",
+           "RefineStats", "pair_centres", "tilt_series_score", "score_and_gradient",
            "refine_tilt_series"]
 
 
