@@ -16,24 +16,27 @@ along the y axis turned by ``rot_prior`` about z (``calculateDeltaRot``).
 Angles are those of the subtomogram frame (rlnAngle*, what the priors refer to): for 3D pseudo-subtomograms the
 grid's own angles; for 2D stacks, whose orientations are refined in the tomogram frame, ``A_subᵀ·R(ω)``.
 
-Centres (``prior_centres``): rlnAngleTiltPrior / rlnAnglePsiPrior where the particles file has them (RELION's
-999 = none), otherwise the particle's input rlnAngleTilt / rlnAnglePsi — its orientation relative to the
-subtomogram (surface-normal) frame. They are fixed for the run (RELION re-centres a missing prior on the current
-angle every iteration). As in RELION, the prior applies to global searches; local searches (auto-refine from
-``--auto_local_healpix_order``, or ``--sigma_ang``) use their own Gaussian around the current orientation.
+Centres (``prior_centres``): rlnAngleTiltPrior / rlnAnglePsiPrior / rlnAngleRotPrior where the particles file
+has them (RELION's 999 = none), fixed for the run; where a prior is missing, the particle's current angle
+relative to the subtomogram (surface-normal) frame, re-read every iteration (``AnglePriors.current``), as
+RELION's ``getFourierTransformsAndCtfs`` (``prior_rot/tilt/psi = METADATA_ROT/TILT/PSI`` when the prior is 999);
+the first iteration's centres are the input angles. As in RELION, the prior applies to global searches; local
+searches (auto-refine from ``--auto_local_healpix_order``, or ``--sigma_ang``) use their own Gaussian around the
+current orientation.
 A particle for which no coarse orientation lies within ``3σ`` keeps the Gaussian without the cut (RELION stops
 with "Zero orientations fall within the local angular search").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cryopipe.core.geometry import euler_to_matrix
+from cryopipe.core.geometry import euler_to_matrix, matrix_to_euler
 
 __all__ = ["AnglePriors", "prior_centres", "angle_log_prior"]
 
@@ -55,16 +58,40 @@ class AnglePriors:
     frames: np.ndarray | None = None
     rot: np.ndarray | None = None
     sigma_rot: float = 0.0
+    current: Callable[[], np.ndarray] | None = None
+
+    def centres(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(tilt, psi, rot)`` centres ``[B]`` of particles ``idx``: the given priors, and where a prior is missing
+        (NaN) the particle's current subtomogram-frame angle (``current()``: refined angles ``[N, 3]`` (rot, tilt,
+        psi) in the refinement frame, turned by ``frames``), as RELION does every iteration."""
+        idx = np.asarray(idx)
+        tilt, psi = self.tilt[idx].astype(np.float64), self.psi[idx].astype(np.float64)
+        rot = None if self.rot is None else self.rot[idx].astype(np.float64)
+        missing = np.isnan(tilt) | np.isnan(psi) | (np.isnan(rot) if rot is not None else False)
+        if self.current is None or not missing.any():
+            return tilt, psi, rot
+        a = torch.as_tensor(np.asarray(self.current())[idx], dtype=torch.float64)
+        if self.frames is not None:
+            A = euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]).to(torch.float64)
+            a = matrix_to_euler(torch.as_tensor(self.frames[idx], dtype=torch.float64).transpose(-1, -2) @ A)
+        a = a.numpy()
+        tilt, psi = np.where(np.isnan(tilt), a[:, 1], tilt), np.where(np.isnan(psi), a[:, 2], psi)
+        if rot is not None:
+            rot = np.where(np.isnan(rot), a[:, 0], rot)
+        return tilt, psi, rot
 
     @property
     def active(self) -> bool:
         return self.sigma_tilt > 0 or self.sigma_psi > 0 or (self.sigma_rot > 0 and self.rot is not None)
 
 
-def prior_centres(particles: pd.DataFrame, with_rot: bool = False) -> tuple[np.ndarray, ...]:
+def prior_centres(particles: pd.DataFrame, with_rot: bool = False, missing_as_nan: bool = False
+                  ) -> tuple[np.ndarray, ...]:
     """``(tilt [N], psi [N])`` prior centres (degrees) from a particles table: rlnAngleTiltPrior /
     rlnAnglePsiPrior where present and not RELION's 999 ("none"), else rlnAngleTilt / rlnAnglePsi (0 where
-    absent); ``with_rot``: ``(tilt, psi, rot)`` with rlnAngleRotPrior / rlnAngleRot the same way."""
+    absent); ``with_rot``: ``(tilt, psi, rot)`` with rlnAngleRotPrior / rlnAngleRot the same way;
+    ``missing_as_nan``: NaN where there is no prior (to be re-centred on the current angle,
+    :meth:`AnglePriors.centres`)."""
     n = len(particles)
 
     def col(label: str, fill: float) -> np.ndarray:
@@ -79,7 +106,7 @@ def prior_centres(particles: pd.DataFrame, with_rot: bool = False) -> tuple[np.n
         p = col(prior, None)
         a = col(angle, 0.0)
         a = np.where(np.isnan(a), 0.0, a)
-        out.append(np.where(np.isnan(p), a, p))
+        out.append(p if missing_as_nan else np.where(np.isnan(p), a, p))
     return tuple(out)
 
 
@@ -111,19 +138,20 @@ def angle_log_prior(coarse: torch.Tensor, priors: AnglePriors, idx: np.ndarray,
     tilt = torch.rad2deg(torch.atan2(torch.sqrt(col[..., 0] ** 2 + col[..., 1] ** 2), col[..., 2]))
     psi = torch.rad2deg(torch.atan2(col[..., 1], -col[..., 0]))
     B = idx.size
+    tilt_centre, psi_centre, rot_centre = priors.centres(idx)
     logp = torch.zeros(B, tilt.shape[-1], dtype=torch.float64, device=dev)
     inside = torch.ones(B, tilt.shape[-1], dtype=torch.bool, device=dev)
-    terms = [(priors.sigma_tilt, tilt, priors.tilt), (priors.sigma_psi, psi, priors.psi)]
+    terms = [(priors.sigma_tilt, tilt, tilt_centre), (priors.sigma_psi, psi, psi_centre)]
     if priors.sigma_rot > 0 and priors.rot is not None:  # RELION's direction priors replace the tilt term
         row = mates[..., 2, :]  # [S, R, 3] last row: the direction (cos rot sin tilt, sin rot sin tilt, cos tilt)
         if priors.frames is not None:
             row = torch.einsum("bj,srjk->bsrk", Fr[:, :, 2], mates)  # last row of A_subᵀ·(R·S)
         else:
             row = row[None]
-        rot_c = torch.deg2rad(torch.as_tensor(priors.rot[idx], dtype=torch.float64, device=dev))[:, None, None]
+        rot_c = torch.deg2rad(torch.as_tensor(rot_centre, dtype=torch.float64, device=dev))[:, None, None]
         if priors.sigma_tilt > 0:
             # both: the angle between the direction and the prior's (rot, tilt) direction, σ = max(σ_rot, σ_tilt)
-            tilt_c = torch.deg2rad(torch.as_tensor(priors.tilt[idx], dtype=torch.float64, device=dev))[:, None, None]
+            tilt_c = torch.deg2rad(torch.as_tensor(tilt_centre, dtype=torch.float64, device=dev))[:, None, None]
             prior_dir = torch.stack([torch.cos(rot_c) * torch.sin(tilt_c), torch.sin(rot_c) * torch.sin(tilt_c),
                                      torch.cos(tilt_c)], dim=-1)  # [B, 1, 1, 3]
             d = torch.rad2deg(torch.acos((row * prior_dir).sum(-1).clamp(-1.0, 1.0))).amin(dim=1)
@@ -138,7 +166,7 @@ def angle_log_prior(coarse: torch.Tensor, priors: AnglePriors, idx: np.ndarray,
         if centre is None:  # already the angular distance to the prior  [B, R]
             d = ang
         else:
-            ctr = torch.as_tensor(centre[idx], dtype=torch.float64, device=dev)[:, None, None]
+            ctr = torch.as_tensor(centre, dtype=torch.float64, device=dev)[:, None, None]
             d = _wrap180(ang - ctr).amin(dim=1)  # [B, R] nearest symmetry mate
         logp = logp - d.square() / (2.0 * sig * sig)
         inside &= d < SIGMA_CUTOFF * sig
