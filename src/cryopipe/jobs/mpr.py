@@ -53,7 +53,6 @@ from cryopipe.mpr.spa import SPA_NAME, check_spa_stages, run_mpr_spa, updated_sp
 
 #: job folder type and pipeline process label (RELION has no multi-particle refinement job: a cryopipe.* label)
 JOB_TYPE_DIR = "MultiParticle"
-PROCESS_LABEL = "cryopipe.mpr"
 
 HELP = ("multi-particle refinement of tilt series (poses, per-tilt shifts/warp/angles, CTF) or single particles "
         "(poses, per-particle defocus, beam tilt) against half-maps, as M")
@@ -227,11 +226,11 @@ def main(args: argparse.Namespace) -> int:
         particles = read_tomo_particles(files["particles"], tomograms)
         check_inside(particles, tomograms)
     half1, half2, px, mask = _maps(files, args.mask)
-    from cryopipe.pipeline.project import NodeType, open_job_dir
+    from cryopipe.pipeline.project import NodeType, ProcessLabel, open_job_dir
 
     inputs = [(files["particles"], NodeType.PARTICLES), (files.get("tomograms"), NodeType.TOMOGRAMS),
               (files["half1"], NodeType.HALFMAP), (files["half2"], NodeType.HALFMAP), (args.mask, NodeType.MASK3D)]
-    with open_job_dir(args.output, JOB_TYPE_DIR, PROCESS_LABEL, inputs=inputs, params=vars(args),
+    with open_job_dir(args.output, JOB_TYPE_DIR, ProcessLabel.MPR, inputs=inputs, params=vars(args),
                       is_tomo=not spa) as job:
         _run(args, job, spa, stages, files, half1, half2, px, mask,
              spa_particles if spa else None, None if spa else (particles, tomograms))

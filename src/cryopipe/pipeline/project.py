@@ -193,6 +193,7 @@ class ProcessLabel:
     # cryopipe-only jobs
     RECONSTRUCT = "cryopipe.reconstruct"
     SIMULATE = "cryopipe.simulate"
+    MPR = "cryopipe.mpr"  # multi-particle refinement (as Warp's M)
 
 
 # ----------------------------------------------------------------------------------------------------------
