@@ -77,6 +77,7 @@ __all__ = [
     "reference_tau2_3d",
     "symmetry_ops",
     "ssnr_3d",
+    "average_ctf2",
     "downsampled_average",
     "halfset_fsc",
     "fsc_tau2",
@@ -455,13 +456,30 @@ class ClassBackProjectors:
 # SSNR, FSC between halves, gold-standard tau2
 # ------------------------------------------------------------------------------------------------------------
 
+def average_ctf2(ctf2_per_shell: torch.Tensor, count_per_shell: torch.Tensor) -> torch.Tensor:
+    """RELION ``setAverageCTF2``: the average CTF² per shell ``[n//2+1]`` of CTF-premultiplied data, ``Σ c² /
+    Σ M`` over the particles' coefficients of each shell (3D pseudo-subtomograms: ``c²`` the weight volume's
+    ``|Σ c²|``, ``M`` its multiplicity; 2D stacks: the tilts' ``c²`` over the image count × coefficients per
+    shell); 0 where nothing was counted."""
+    c = count_per_shell.to(torch.float64)
+    return torch.where(c > 0, ctf2_per_shell.to(torch.float64) / c.clamp_min(1e-300), torch.zeros_like(c))
+
+
 def ssnr_3d(bps: ClassBackProjectors, tau2: torch.Tensor, tau2_fudge: float = 1.0,
-            symmetry: str | torch.Tensor | None = None, stats: list | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            symmetry: str | torch.Tensor | None = None, stats: list | None = None,
+            avg_ctf2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sigma2_ref, data_vs_prior, fourier_coverage)`` ``[K, n//2+1]`` of RELION's ``updateSSNRarrays``
     (without FSC) on the symmetrised statistics: voxels with ``r² < round(pad·r_max)²``, shell
     ``round(|p|/pad)``, weights times the oversampling correction ``pad³``. ``tau2 [K, n//2+1]``; ``stats``: the
-    output of :meth:`ClassBackProjectors.symmetrised` (computed if None)."""
+    output of :meth:`ClassBackProjectors.symmetrised` (computed if None).
+
+    ``avg_ctf2 [n//2+1]`` (:func:`average_ctf2`): RELION's correction for CTF-premultiplied data (tomography) in
+    runs without half-sets (``do_correct_tau2_by_avgctf2``: premultiplied, not CTF-corrected, τ² not fixed, no
+    split halves): ``1/τ²`` is divided by the shell's average CTF² where ``τ² > 0`` and it is ``> 0``, so
+    ``data_vs_prior`` and the Fourier coverage count ``weight·T·τ²·avg c²``. The weights of premultiplied data
+    are ``Σ c²/σ²`` with a σ² estimated from the premultiplied residuals (``≈ avg c² × the raw noise``): without
+    the factor the SSNR, and the resolution that follows from it, would be overstated by ``1/avg c²``. The
+    reconstruction itself is not corrected (RELION ``BackProjector::reconstruct`` uses τ² as is)."""
     if stats is None:
         stats = bps.symmetrised(symmetry)
     b0 = bps.bps[0]
@@ -473,6 +491,11 @@ def ssnr_3d(bps: ClassBackProjectors, tau2: torch.Tensor, tau2_fudge: float = 1.
     t2 = tau2.to(bps.device, torch.float64)
     if t2.dim() == 1:
         t2 = t2[None].expand(bps.n_classes, -1)
+    if avg_ctf2 is not None:
+        a = torch.zeros(t2.shape[1], dtype=torch.float64, device=t2.device)
+        m = min(a.numel(), avg_ctf2.numel())
+        a[:m] = avg_ctf2.to(t2.device, torch.float64)[:m]
+        t2 = torch.where((a[None] > 0) & (t2 > 0), t2 * a[None], t2)
     return ssnr_arrays(w, t2, shell, ns, tau2_fudge, b0.r_max)
 
 
