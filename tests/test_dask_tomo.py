@@ -129,15 +129,15 @@ def subtomograms(relion_tomo_dir, tmp_path_factory):
 @pytest.mark.parametrize("form", ["3d", "2d"])
 def test_tomographic_refine3d_on_two_workers_equals_in_process(subtomograms, scheduler, tmp_path, monkeypatch,
                                                                 form):
-    """refine3d --ios on pseudo-subtomograms (SubtomoOptimiser3D; a global-search iteration then the final one)
-    and on 2D stacks (StackOptimiser3D; local searches from the start, so the chunks read their particles' poses)
+    """refine3d --ios on pseudo-subtomograms (SubtomoOptimiser3D; a global-search iteration with a tilt prior
+    centred on the particles' current angles (no rlnAngleTiltPrior in the file), then the final one) and on 2D stacks (StackOptimiser3D; local searches from the start, so the chunks read their particles' poses)
     with its chunks on two worker processes gives the in-process map and poses."""
     from cryopipe.io.star import read_star
 
     monkeypatch.chdir(subtomograms)
     base = ["refine3d", "--ios", f"S{form}/optimisation_set.star", "--ref", "ref16.mrc", "--iter", "2",
             "--healpix_order", "1", "--offset_range", "2", "--offset_step", "1", "--particle_diameter", "180",
-            "--ini_high", "40"] + (["--sigma_ang", "10"] if form == "2d" else [])
+            "--ini_high", "40"] + (["--sigma_ang", "10"] if form == "2d" else ["--sigma_tilt", "30"])
     out = tmp_path / "a"
     assert cli(base + ["--o", f"{out}/run"]) == 0
     assert cli(base + ["--o", f"{tmp_path}/b/run", "--dask", scheduler, "--dask_batches_per_worker", "2"]) == 0
