@@ -72,8 +72,9 @@ def test_subtomo_per_tilt_series(relion_tomo_dir, scheduler, tmp_path, monkeypat
     pattern = "*.mrcs" if stack2d else "*.mrc"
     a, b = _files(ja, pattern), _files(jb, pattern)
     assert len(a) == (24 if stack2d else 48) and a.keys() == b.keys()
-    for k in a:
-        assert np.array_equal(read_mrc(a[k])[0], read_mrc(b[k])[0]), k
+    for k in a:  # equal up to float rounding (FFTs with another thread count on the workers)
+        x, y = read_mrc(a[k])[0], read_mrc(b[k])[0]
+        assert x.shape == y.shape and np.allclose(x, y, rtol=0, atol=1e-5 * np.abs(x).max()), k
     _same_text(ja / "particles.star", jb / "particles.star", "PseudoSubtomo/job001/", "PseudoSubtomo/job002/")
 
     names = sorted(k for k in b if k.startswith("Subtomograms/TS_02/"))
@@ -81,7 +82,8 @@ def test_subtomo_per_tilt_series(relion_tomo_dir, scheduler, tmp_path, monkeypat
     stamps = [p.stat().st_mtime_ns for p in kept]
     gone.unlink()
     assert cli(base + ["--o", "PseudoSubtomo/job002/", "--only_do_unfinished", "--dask", scheduler]) == 0
-    assert np.array_equal(read_mrc(gone)[0], read_mrc(a[names[0]])[0])
+    x = read_mrc(a[names[0]])[0]
+    assert np.allclose(read_mrc(gone)[0], x, rtol=0, atol=1e-5 * np.abs(x).max())
     assert [p.stat().st_mtime_ns for p in kept] == stamps  # the other tilt series' files are not written again
     if not stack2d:  # (2D stacks of kept particles lose rlnTomoVisibleFrames on continuation, as in-process)
         _same_text(ja / "particles.star", jb / "particles.star", "PseudoSubtomo/job001/", "PseudoSubtomo/job002/")
