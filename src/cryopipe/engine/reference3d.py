@@ -513,7 +513,7 @@ def downsampled_average(data: torch.Tensor, weight: torch.Tensor, pad: float, r_
         return (torch.sign(v) * torch.floor(v.abs() / pad + 0.5)).long()
 
     r = int(r_max)
-    dz, dy, dx = rnd(c), rnd(c), rnd(x)
+    dz, dx = rnd(c), rnd(x)  # z and y share the same rounding of c
     size = 2 * r + 3
     ok_z = dz.abs() <= r + 1
     ok_x = dx <= r + 1

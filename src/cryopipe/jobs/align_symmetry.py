@@ -29,7 +29,6 @@ holds the options and the files.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -75,39 +74,6 @@ def class_maps_from_model(model_star: str | Path, select: str = "all") -> list[P
                                              "model file)", "run from the RELION project directory")
         out.append(hit)
     return out
-
-
-def _write_outputs(out_map: Path, res: AlignSymmetryResult, pixel_size: float, source: Path) -> tuple[Path, Path]:
-    from cryopipe.io.mrc import write_mrc
-    from cryopipe.io.star import write_star
-
-    out_map.parent.mkdir(parents=True, exist_ok=True)
-    write_mrc(out_map, res.aligned.detach().cpu().numpy().astype(np.float32), pixel_size)
-    ang = [float(a) for a in res.angles]
-    R = res.rotation.tolist()
-    info = {
-        "input": str(source), "output": str(out_map), "symmetry": res.sym,
-        "rot": ang[0], "tilt": ang[1], "psi": ang[2], "rotation_matrix": R,
-        "symmetry_residual": res.residual, "global_residual": res.global_residual,
-        "centre_shift_px": list(res.centre_shift_px), "box": res.box, "working_box": res.working_box,
-        "working_pixel_size": res.working_pixel_size, "n_evaluations": res.n_evaluations,
-        "seconds": round(res.seconds, 3),
-    }
-    stem = out_map.with_suffix("")
-    jpath = Path(str(stem) + "_symmetry.json")
-    spath = Path(str(stem) + "_symmetry.star")
-    from cryopipe.io.atomic import atomic_path
-
-    with atomic_path(jpath) as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-    kv = {"rlnAngleRot": ang[0], "rlnAngleTilt": ang[1], "rlnAnglePsi": ang[2], "rlnSymmetryGroup": res.sym,
-          "cryopipeSymmetryResidual": res.residual, "cryopipeCentreShiftX": res.centre_shift_px[0],
-          "cryopipeCentreShiftY": res.centre_shift_px[1], "cryopipeCentreShiftZ": res.centre_shift_px[2]}
-    for i in range(3):
-        for j in range(3):
-            kv[f"cryopipeRotationMatrix{i}{j}"] = float(R[i][j])
-    write_star(spath, {"align_symmetry": kv}, version=50001)
-    return jpath, spath
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import pandas
 import torch
 
 from cryopipe.core.fsc import fsc, resolution_at
@@ -377,23 +378,21 @@ def updated_particles(particles: TomoParticles, tomograms: TomogramSet,
     return out
 
 
-def relion30_table(datas: dict[str, TiltSeriesData]) -> "pd.DataFrame":
+def relion30_table(datas: dict[str, TiltSeriesData]) -> pandas.DataFrame:
     """The refined particles as M's RELION 3.0 species table (``CreateSpecies``): rlnMicrographName
     ``<TomoName>.tomostar``, rlnCoordinateX/Y/Z (decentred unbinned px, origins applied), rlnAngleRot/Tilt/Psi of the
     full orientation ``A_sub·A_particle``, rlnRandomSubset, and rlnMagnification 10000 with rlnDetectorPixelSize = the
     tilt-series pixel (µm·1e-4 = Å), so that pixel size = rlnDetectorPixelSize·1e4/rlnMagnification."""
-    import pandas as pd
-
     rows = []
     for name, d in datas.items():
         pos = d.positions.cpu().numpy()
         ang = matrix_to_euler(d.orientations.cpu()).numpy().reshape(-1, 3)
-        rows.append(pd.DataFrame({"rlnMicrographName": [f"{name}.tomostar"] * len(pos),
+        rows.append(pandas.DataFrame({"rlnMicrographName": [f"{name}.tomostar"] * len(pos),
                                   "rlnCoordinateX": pos[:, 0], "rlnCoordinateY": pos[:, 1], "rlnCoordinateZ": pos[:, 2],
                                   "rlnAngleRot": ang[:, 0], "rlnAngleTilt": ang[:, 1], "rlnAnglePsi": ang[:, 2],
                                   "rlnRandomSubset": d.half_sets.cpu().numpy().astype(int),
                                   "rlnMagnification": 10000.0, "rlnDetectorPixelSize": d.pixel_size}))
-    return pd.concat(rows, ignore_index=True)
+    return pandas.concat(rows, ignore_index=True)
 
 
 def updated_tomograms(tomograms: TomogramSet, datas: dict[str, TiltSeriesData]) -> TomogramSet:
