@@ -132,8 +132,9 @@ def subtomograms(relion_tomo_dir, tmp_path_factory):
 def test_tomographic_refine3d_on_two_workers_equals_in_process(subtomograms, scheduler, tmp_path, monkeypatch,
                                                                 form):
     """refine3d --ios on pseudo-subtomograms (SubtomoOptimiser3D; a global-search iteration with a tilt prior
-    centred on the particles' current angles (no rlnAngleTiltPrior in the file), then the final one) and on 2D stacks (StackOptimiser3D; local searches from the start, so the chunks read their particles' poses)
-    with its chunks on two worker processes gives the in-process map and poses."""
+    centred on the particles' current angles (no rlnAngleTiltPrior in the file), then the final one) and on 2D
+    stacks (StackOptimiser3D; local searches from the start, so the chunks read their particles' poses) with its
+    chunks on two worker processes gives the in-process map and poses."""
     from cryopipe.io.star import read_star
 
     monkeypatch.chdir(subtomograms)
