@@ -141,71 +141,99 @@ def refine_3d(
     dev = resolve_device(device)
     root = Path(root) if root is not None else Path.cwd()
     out_dir, prefix = split_output_prefix(output)
-    overrides = dict(overrides or {})
     settings = settings if settings is not None else Refine3DSettings()
+    s, setup = _set_up_run(particles_star, settings, reference, solvent_mask, absolute_greyscale, continue_from,
+                           dict(overrides or {}), dev, root, progress, log, tomograms, angle_sigmas)
+    opt, data = setup.opt, setup.data
+    _warn_diameter_beyond_box(opt, log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_iter = int(s.n_iter)
+    extra = _tomograms_extra(setup.write_data, setup.set_values)
+    write = lambda final=False: write_iteration_3d(  # noqa: E731
+        opt, data, out_dir, prefix, root, n_iter, command, setup.original, final=final,
+        solvent_mask=setup.mask_name, input_set=setup.input_set, write_data=setup.write_data, extra=extra)
+    paths = write() if continue_from is None else None
+    opt.backend = backend if backend is not None else opt.backend
+    paths = _iterate_until_converged(opt, n_iter, write, log, paths)
+    set_path = None
+    if opt.converged:
+        log(f"finished after {opt.iteration} iterations: final map {paths['map']}, half maps "
+            f"{paths['half_maps'][0].name}, {paths['half_maps'][1].name} (resolution: cryopipe postprocess)")
+        if setup.set_values is not None:
+            set_path = _write_refined_optimisation_set(out_dir / f"{prefix}_optimisation_set.star",
+                                                       setup.set_values, paths, setup.mask_name, root)
+    log("plots: " + ", ".join(p.name for p in write_refinement_plots(out_dir / prefix)))
+    return Refine3DResult(out_dir / prefix, opt.iteration, opt.converged, paths["data"], paths["optimiser"],
+                          paths.get("model_joined", paths["model"]), paths.get("map"),
+                          list(paths.get("half_maps", paths["maps"][:1] + paths["maps"][-1:])), set_path, opt)
+
+
+def _set_up_run(particles_star, settings: Refine3DSettings, reference, solvent_mask, absolute_greyscale: bool,
+                continue_from, overrides: dict, device: torch.device, root: Path, progress, log, tomograms,
+                angle_sigmas: tuple[float, ...]):
+    """``(settings, setup)``: the effective settings and the :class:`~cryopipe.engine.refine3d_setup.RefineStart`
+    (optimiser, data, writers), resumed from ``continue_from`` or started from the particles."""
     if continue_from is not None:
         run = read_refine_continue(continue_from)
         s = continued_settings(run.vals, run.sampling_vals, settings, overrides, run.model_general, FORCED)
         if is_tomo_particles(run.data_path):  # the last _data.star (tomography layout) and the stored model
-            setup = resume_tomo_refine3d(run, s, overrides, solvent_mask, dev, root, progress, log, angle_sigmas)
+            setup = resume_tomo_refine3d(run, s, overrides, solvent_mask, device, root, progress, log, angle_sigmas)
         else:
-            setup = resume_refine3d(run, s, overrides, solvent_mask, dev, root, progress, log)
+            setup = resume_refine3d(run, s, overrides, solvent_mask, device, root, progress, log)
+        return s, setup
+    inputs = refine_inputs(particles_star, reference, solvent_mask, root)
+    s = Refine3DSettings(**{**{f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}, **FORCED})
+    if is_tomo_particles(inputs.particles_path):
+        setup = start_tomo_refine3d(inputs, s, tomograms, device, root, progress, log, angle_sigmas)
     else:
-        inputs = refine_inputs(particles_star, reference, solvent_mask, root)
-        s = Refine3DSettings(**{**{f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}, **FORCED})
-        if is_tomo_particles(inputs.particles_path):
-            setup = start_tomo_refine3d(inputs, s, tomograms, dev, root, progress, log, angle_sigmas)
-        else:
-            setup = start_refine3d(inputs, s, absolute_greyscale, dev, root, progress, log, angle_sigmas)
-    opt, data, write_data, original = setup.opt, setup.data, setup.write_data, setup.original
-    mask_name, input_set, set_values = setup.mask_name, setup.input_set, setup.set_values
-    ps = opt.p
-    if opt.particle_diameter > ps.n * ps.pixel_size:
-        log(f"warning: --particle_diameter {opt.particle_diameter:g} Å is larger than the box "
-            f"({ps.n * ps.pixel_size:g} Å)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n_iter = int(s.n_iter)
-    extra = None
+        setup = start_refine3d(inputs, s, absolute_greyscale, device, root, progress, log, angle_sigmas)
+    return s, setup
+
+
+def _warn_diameter_beyond_box(opt: Optimiser3D, log) -> None:
+    """Log a warning when the particle diameter (Å) exceeds the box edge (pixels × Å/px)."""
+    box_angstrom = opt.p.n * opt.p.pixel_size
+    if opt.particle_diameter > box_angstrom:
+        log(f"warning: --particle_diameter {opt.particle_diameter:g} Å is larger than the box ({box_angstrom:g} Å)")
+
+
+def _tomograms_extra(write_data, set_values: dict | None) -> dict | None:
+    """``{cryopipeTomogramsFile: ...}`` for a tomographic run whose set names tomograms (for --continue), else None."""
     if write_data is not None and set_values is not None and \
-            set_values.get("rlnTomoTomogramsFile") not in (None, "", "None"):  # for --continue
-        extra = {"cryopipeTomogramsFile": str(set_values["rlnTomoTomogramsFile"])}
-    write = lambda final=False: write_iteration_3d(  # noqa: E731
-        opt, data, out_dir, prefix, root, n_iter, command, original, final=final, solvent_mask=mask_name,
-        input_set=input_set, write_data=write_data, extra=extra)
-    paths = None
-    if continue_from is None:
-        paths = write()
-    opt.backend = backend if backend is not None else opt.backend
+            set_values.get("rlnTomoTomogramsFile") not in (None, "", "None"):
+        return {"cryopipeTomogramsFile": str(set_values["rlnTomoTomogramsFile"])}
+    return None
+
+
+def _iterate_until_converged(opt: Optimiser3D, n_iter: int, write, log, paths: dict | None) -> dict:
+    """Iterate, writing each iteration's files (``write(final=...)``), until converged or at ``n_iter`` (then the
+    last iteration is the final, joined one); the last written paths (an error if none: nothing to do)."""
     while not opt.converged and opt.iteration < n_iter:
         if opt.iteration >= n_iter - 1 and not opt.sampling.has_converged:
             log(f"warning: not converged after {opt.iteration} iterations; iteration {opt.iteration + 1} "
                 f"(--iter {n_iter}) is the final one (halves joined); give a larger --iter to refine further")
             opt.finish_next()
-        rep = opt.iterate()
-        log(rep.line())
+        report = opt.iterate()
+        log(report.line())
         if hasattr(opt, "memory_line"):  # tomographic particles: peak memory per batch
             log(opt.memory_line())
         paths = write(final=opt.converged)
     if paths is None:
         raise CryopipeError(f"--iter {n_iter}: nothing to do, the run is already at iteration {opt.iteration} "
                             "(give a larger --iter to continue)")
-    set_path = None
-    if opt.converged:
-        log(f"finished after {opt.iteration} iterations: final map {paths['map']}, half maps "
-            f"{paths['half_maps'][0].name}, {paths['half_maps'][1].name} (resolution: cryopipe postprocess)")
-        if set_values is not None:
-            set_path = out_dir / f"{prefix}_optimisation_set.star"
-            new = dict(set_values)
-            new["rlnTomoParticlesFile"] = project_relative(paths["data"], root)
-            new["rlnTomoReferenceMap1File"] = project_relative(paths["half_maps"][0], root)
-            new["rlnTomoReferenceMap2File"] = project_relative(paths["half_maps"][1], root)
-            if mask_name not in ("", "None"):
-                new["rlnTomoReferenceMaskFile"] = mask_name
-            write_optimisation_set(set_path, new)
-    log("plots: " + ", ".join(p.name for p in write_refinement_plots(out_dir / prefix)))
-    return Refine3DResult(out_dir / prefix, opt.iteration, opt.converged, paths["data"], paths["optimiser"],
-                          paths.get("model_joined", paths["model"]), paths.get("map"),
-                          list(paths.get("half_maps", paths["maps"][:1] + paths["maps"][-1:])), set_path, opt)
+    return paths
+
+
+def _write_refined_optimisation_set(path: Path, set_values: dict, paths: dict, mask_name: str, root: Path) -> Path:
+    """Write the optimisation set of the converged run (its particles, half maps and mask) to ``path``."""
+    values = dict(set_values)
+    values["rlnTomoParticlesFile"] = project_relative(paths["data"], root)
+    values["rlnTomoReferenceMap1File"] = project_relative(paths["half_maps"][0], root)
+    values["rlnTomoReferenceMap2File"] = project_relative(paths["half_maps"][1], root)
+    if mask_name not in ("", "None"):
+        values["rlnTomoReferenceMaskFile"] = mask_name
+    write_optimisation_set(path, values)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ CLI
