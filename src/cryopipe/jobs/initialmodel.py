@@ -37,26 +37,15 @@ from cryopipe.core.symmetry_align import align_symmetry_full
 from cryopipe.engine.class2d_files import project_relative, split_output_prefix
 from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
 from cryopipe.engine.particle_input import load_particles
-from cryopipe.engine.refine3d_files import (
-    continue_inputs,
-    model3d_from_files,
-    original_sampling,
-    sampling_from_files,
-    state_from_data,
-    stored_settings,
-    write_iteration_3d,
-)
-from cryopipe.engine.relion_files import read_model_star, read_optimiser_star, resolve_relion_path
+from cryopipe.engine.initialmodel_setup import INITIAL_MODEL_FORCED, InitialModelRun, resume_initial_model
+from cryopipe.engine.refine3d_files import state_from_data, write_iteration_3d
+from cryopipe.engine.relion_files import read_optimiser_star
 from cryopipe.engine.run_command import command_arguments
 from cryopipe.engine.symmetry_files import write_symmetry_outputs
 from cryopipe.engine.vdam import GradUpdate, default_subset_sizes, grad_star_values, initial_model_rule
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.atomic import atomic_path
-from cryopipe.io.tomo_particles import (
-    is_optimisation_set,
-    is_tomo_particles,
-    write_optimisation_set,
-)
+from cryopipe.io.tomo_particles import is_optimisation_set, write_optimisation_set
 from cryopipe.jobs.refine3d import settings_from_args
 from cryopipe.plots.refinement import write_refinement_plots
 from cryopipe.tomo.refine_setup import tomo_inputs
@@ -126,79 +115,70 @@ def initial_model(
     dev = resolve_device(device)
     root = Path(root) if root is not None else Path.cwd()
     out_dir, prefix = split_output_prefix(output)
-    overrides = dict(overrides or {})
     settings = settings if settings is not None else Refine3DSettings()
     sym_final = canonical_symmetry_name(symmetry)
-    g = dict(grad or {})
-    forced = {"symmetry": "C1", "grad": True, "split_halves": False, "auto_refine": False}
-    tomo = None
-    write_data = None
-    set_values = None
     if continue_from is not None:
-        vals, bases, data_path, model_paths, sv, _ = continue_inputs(continue_from)
-        if is_tomo_particles(data_path):
-            raise InputFileError(continue_from, "is an initial model of tomographic particles; --continue does not "
-                                                "resume those yet", "start a new initialmodel run")
-        if int(vals.get("rlnDoGradientRefine", 0)) != 1 or len(model_paths) != 1:
-            raise InputFileError(continue_from, "is not from a gradient-driven initial model (rlnDoGradientRefine)",
-                                 "continue a refinement with `cryopipe refine3d --continue`")
-        kw = {f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}
-        kw.update({k: v for k, v in stored_settings(vals, settings, sv).items() if k not in overrides})
-        kw.update({k: v for k, v in overrides.items() if k in kw})
-        data, ps, origin = load_particles(data_path, "3D initial model")
-        general = read_model_star(model_paths[0]).general
-        kw["n_classes"] = int(general.get("rlnNrClasses", 1))
-        s = Refine3DSettings(**{**kw, **forced})
-        stored_grad = dict(ini_frac=float(vals.get("rlnSgdInitialIterationsFraction", 0.3)),
-                           fin_frac=float(vals.get("rlnSgdFinalIterationsFraction", 0.2)),
-                           base_step=float(vals["rlnSgdStepsize"]) if float(vals.get("rlnSgdStepsize", -1)) > 0
-                           else None,
-                           ini_subset=int(vals["rlnSgdInitialSubsetSize"]) if "rlnSgdInitialSubsetSize" in vals
-                           else None,
-                           fin_subset=int(vals["rlnSgdFinalSubsetSize"]) if "rlnSgdFinalSubsetSize" in vals else None,
-                           grad_em_iters=int(vals.get("rlnGradEmIters", 0)))
-        stored_grad.update({k: v for k, v in g.items() if v is not None})
-        g = stored_grad
-        if "symmetry" not in (overrides or {}) and symmetry == "C1":
-            sym_final = canonical_symmetry_name(str(vals.get("cryopipeRequestedSymmetry", "C1")))
-        write_iter = int(vals.get("cryopipeGradWriteIter", write_iter)) if "write_iter" not in overrides \
-            else write_iter
-        model = model3d_from_files(model_paths, ps, bases, dev, "C1")
-        state = state_from_data(data, origin, data_path)
-        samp = sampling_from_files(vals, sv, general, ps.pixel_size)
-        start = int(vals.get("rlnCurrentIteration", 0))
-        rule = initial_model_rule(s.n_iter, s.tau2_fudge, g)
-        mom = str(vals.get("cryopipeGradMomentaFile", "None"))
-        if mom not in ("", "None"):
-            mpath = resolve_relion_path(mom, *bases)
-            rule.load_state_dict(torch.load(mpath, map_location="cpu", weights_only=True), device=dev)
-        elif start > 0:
-            log(f"warning: {continue_from} names no momenta file; the gradient moments restart from zero")
-        opt = Optimiser3D(ps, s, model=model, state=state, sampling=samp, iteration=start, device=dev,
-                          update_rule=rule, progress=progress)
-        original = original_sampling(sv, samp, ps.pixel_size)
-        log(f"continuing from {continue_from} (iteration {start}, {s.n_classes} class(es), {ps.size} particles)")
+        run = resume_initial_model(continue_from, settings, dict(overrides or {}), dict(grad or {}), symmetry,
+                                   sym_final, write_iter, dev, progress, log)
     else:
-        if particles_star is None:
-            raise CryopipeError("--i (particles STAR file) is required unless --continue is given")
-        if not Path(particles_star).is_file():
-            raise InputFileError(particles_star, "not found", "give the particles STAR file (--i)")
-        s = Refine3DSettings(**{**{f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)}, **forced})
-        tomo = tomo_inputs(Path(particles_star), tomograms, root)
-    if continue_from is None and tomo is not None:
+        run = _start(particles_star, settings, dict(grad or {}), sym_final, write_iter, tomograms, dev, root,
+                     progress, log)
+    opt, rule, ps, sym_final = run.opt, run.rule, run.opt.p, run.sym_final
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_iter = int(run.settings.n_iter)
+    write_iter = max(1, int(run.write_iter))
+
+    def write() -> dict:
+        base = out_dir / f"{prefix}_it{opt.iteration:03d}"
+        mom = Path(f"{base}_momenta.pt")
+        _save_momenta(mom, rule)
+        return write_iteration_3d(opt, run.data, out_dir, prefix, root, n_iter, command, run.original,
+                                  extra=grad_star_values(rule, opt.iteration, ps.size, project_relative(mom, root),
+                                                         write_iter, sym_final), write_data=run.write_data)
+
+    paths = write() if continue_from is None else None
+    if opt.iteration >= n_iter and continue_from is not None:
+        raise CryopipeError(f"--iter {n_iter}: nothing to do, the run is already at iteration {opt.iteration} "
+                            "(give a larger --iter to continue)")
+    opt.backend = backend if backend is not None else opt.backend  # where the E-step chunks run (--dask)
+    while opt.iteration < n_iter:
+        report = opt.iterate()
+        log(report.line())
+        if hasattr(opt, "memory_line"):  # tomographic particles: peak memory per batch
+            log(opt.memory_line())
+        if opt.iteration % write_iter == 0 or opt.iteration == n_iter:
+            paths = write()
+    out_map = out_dir / "initial_model.mrc"
+    sym_star = _write_largest_class(opt, sym_final, int(run.settings.random_seed), paths["maps"], out_map, dev, log)
+    if run.set_values is not None:  # tomographic: the next job's input, the particles and the initial model
+        write_optimisation_set(out_dir / f"{prefix}_optimisation_set.star", {
+            **run.set_values, "rlnTomoParticlesFile": project_relative(paths["data"], root),
+            "rlnTomoReferenceMap1File": project_relative(out_map, root)})
+    log("plots: " + ", ".join(p.name for p in write_refinement_plots(out_dir / prefix)))
+    return InitialModelResult(out_dir / prefix, opt.iteration, paths["data"], paths["model"], paths["optimiser"],
+                              list(paths["maps"]), out_map, sym_star, opt)
+
+
+def _start(particles_star, settings: Refine3DSettings, grad: dict, sym_final: str, write_iter: int, tomograms,
+           device: torch.device, root: Path, progress, log) -> InitialModelRun:
+    """A new run from random blobs: single particles, or tomographic ones (:mod:`cryopipe.tomo.refine_setup`)."""
+    if particles_star is None:
+        raise CryopipeError("--i (particles STAR file) is required unless --continue is given")
+    if not Path(particles_star).is_file():
+        raise InputFileError(particles_star, "not found", "give the particles STAR file (--i)")
+    s = Refine3DSettings(**{**{f.name: getattr(settings, f.name) for f in fields(Refine3DSettings)},
+                            **INITIAL_MODEL_FORCED})
+    tomo = tomo_inputs(Path(particles_star), tomograms, root)
+    rule = initial_model_rule(s.n_iter, s.tau2_fudge, grad)
+    original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
+    if tomo is not None:
         from cryopipe.tomo.refine_setup import tomo_optimiser
 
         particles_path, tomograms_path, set_values = tomo
-        rule = initial_model_rule(s.n_iter, s.tau2_fudge, g)
-        opt, data, write_data, _ = tomo_optimiser(particles_path, s, None, None, dev, root, progress, log,
+        opt, data, write_data, _ = tomo_optimiser(particles_path, s, None, None, device, root, progress, log,
                                                   tomograms_path, update_rule=rule)
-        ps = opt.p
-        ini, fin = default_subset_sizes(ps.size, "initial_model")
-        log(f"3D initial model: {ps.size} tomographic particles, box {ps.n}, {ps.pixel_size:.3f} Å/px, "
-            f"{s.n_classes} class(es) from random blobs, {s.n_iter} iterations, mini-batches "
-            f"{rule.ini_subset or ini} → {rule.fin_subset or fin}; symmetry {sym_final} applied at the end")
-        original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
-    elif continue_from is None:
+        what = "tomographic particles"
+    else:
         data, ps, origin = load_particles(particles_star, "3D initial model")
         if s.do_ctf and ps.ctf is None:
             raise InputFileError(particles_star, "--ctf was given but the particles have no rlnDefocusU column",
@@ -206,59 +186,30 @@ def initial_model(
         state = state_from_data(data, origin, particles_star)
         state.klass[:] = -1
         state.subset[:] = 0
-        rule = initial_model_rule(s.n_iter, s.tau2_fudge, g)
-        opt = Optimiser3D(ps, s, state=state, device=dev, update_rule=rule, progress=progress)
+        opt = Optimiser3D(ps, s, state=state, device=device, update_rule=rule, progress=progress)
         opt.initialise(None)
-        ini, fin = default_subset_sizes(ps.size, "initial_model")
-        log(f"3D initial model: {ps.size} particles, box {ps.n}, {ps.pixel_size:.3f} Å/px, {s.n_classes} class(es) "
-            f"from random blobs, {s.n_iter} iterations, mini-batches {rule.ini_subset or ini} → "
-            f"{rule.fin_subset or fin}; symmetry {sym_final} applied at the end")
-        original = (int(s.healpix_order), float(s.offset_range), float(s.offset_step))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n_iter = int(s.n_iter)
-    write_iter = max(1, int(write_iter))
+        write_data, set_values, what = None, None, "particles"
+    ps = opt.p
+    ini, fin = default_subset_sizes(ps.size, "initial_model")
+    log(f"3D initial model: {ps.size} {what}, box {ps.n}, {ps.pixel_size:.3f} Å/px, {s.n_classes} class(es) "
+        f"from random blobs, {s.n_iter} iterations, mini-batches {rule.ini_subset or ini} → "
+        f"{rule.fin_subset or fin}; symmetry {sym_final} applied at the end")
+    return InitialModelRun(s, opt, rule, data, original, sym_final, write_iter, write_data, set_values)
 
-    def write() -> dict:
-        base = out_dir / f"{prefix}_it{opt.iteration:03d}"
-        mom = Path(f"{base}_momenta.pt")
-        _save_momenta(mom, rule)
-        return write_iteration_3d(opt, data, out_dir, prefix, root, n_iter, command, original,
-                                  extra=grad_star_values(rule, opt.iteration, ps.size, project_relative(mom, root),
-                                                         write_iter, sym_final), write_data=write_data)
 
-    paths = None
-    if continue_from is None:
-        paths = write()
-    if opt.iteration >= n_iter and continue_from is not None:
-        raise CryopipeError(f"--iter {n_iter}: nothing to do, the run is already at iteration {opt.iteration} "
-                            "(give a larger --iter to continue)")
-    opt.backend = backend if backend is not None else opt.backend  # where the E-step chunks run (--dask)
-    while opt.iteration < n_iter:
-        rep = opt.iterate()
-        log(rep.line())
-        if hasattr(opt, "memory_line"):  # tomographic particles: peak memory per batch
-            log(opt.memory_line())
-        if opt.iteration % write_iter == 0 or opt.iteration == n_iter:
-            paths = write()
-    # the largest class, aligned to the symmetry axes and symmetrised
-    m = opt.model
-    k = int(torch.argmax(m.pdf_class))
-    vol = m.vols[0, k]
-    res = align_symmetry_full(vol, sym_final, pixel_size=ps.pixel_size, keep_centre=sym_final == "C1",
-                              apply_sym=True, seed=int(s.random_seed), device=dev)
-    out_map = out_dir / "initial_model.mrc"
-    _, sym_star = write_symmetry_outputs(out_map, res, ps.pixel_size, paths["maps"][k])
-    log(f"initial model: class {k + 1} ({float(m.pdf_class[k]):.1%} of the particles)"
+def _write_largest_class(opt: Optimiser3D, sym_final: str, seed: int, class_maps: list[Path], out_map: Path,
+                         device: torch.device, log) -> Path | None:
+    """Align the largest class to ``sym_final``'s axes, symmetrise it, write ``out_map``; its record's path."""
+    model = opt.model
+    k = int(torch.argmax(model.pdf_class))
+    pixel_size = opt.p.pixel_size
+    res = align_symmetry_full(model.vols[0, k], sym_final, pixel_size=pixel_size, keep_centre=sym_final == "C1",
+                              apply_sym=True, seed=seed, device=device)
+    _, sym_star = write_symmetry_outputs(out_map, res, pixel_size, class_maps[k])
+    log(f"initial model: class {k + 1} ({float(model.pdf_class[k]):.1%} of the particles)"
         + (f" aligned to {sym_final} (symmetry residual {res.residual:.3f}) and symmetrised"
            if sym_final != "C1" else "") + f" -> {out_map}")
-    if tomo is not None:  # the next job's input: the particles and the initial model as the reference
-        new = dict(set_values)
-        new["rlnTomoParticlesFile"] = project_relative(paths["data"], root)
-        new["rlnTomoReferenceMap1File"] = project_relative(out_map, root)
-        write_optimisation_set(out_dir / f"{prefix}_optimisation_set.star", new)
-    log("plots: " + ", ".join(p.name for p in write_refinement_plots(out_dir / prefix)))
-    return InitialModelResult(out_dir / prefix, opt.iteration, paths["data"], paths["model"], paths["optimiser"],
-                              list(paths["maps"]), out_map, sym_star, opt)
+    return sym_star
 
 
 # ------------------------------------------------------------------------------------------------ CLI
