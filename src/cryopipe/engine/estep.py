@@ -119,9 +119,9 @@ class BatchData:
 class PredictionSource(Protocol):
     """Reference predictions for the current iteration (2D: rotated class averages; 3D: projections).
 
-    ``coarse()`` → ``[K, Rc, Pc]`` complex predictions (coefficient-set prefix of the coarse pass) for every class and
-    coarse orientation; ``fine(k_idx, r_idx)`` → ``[M, S, P]`` predictions of the ``S`` children of coarse
-    orientation ``r_idx[i]`` of class ``k_idx[i]`` on the full set. Predictions are ``FT / n^d`` of the
+    ``coarse()`` → ``[K, Rc, coarse_size]`` complex predictions (coefficient-set prefix of the coarse pass) for
+    every class and coarse orientation; ``fine(k_idx, r_idx)`` → ``[M, S, P]`` predictions of the ``S`` children
+    of coarse orientation ``r_idx[i]`` of class ``k_idx[i]`` on the full set. Predictions are ``FT / n^d`` of the
     reference as seen in that orientation (no CTF).
     """
 
@@ -137,7 +137,7 @@ class PredictionSource(Protocol):
 @dataclass
 class TranslationGrid:
     """Translations (pixels) relative to each image's current origin: ``coarse [Tc, D]``, ``children
-    [Tc, St, D]`` (identical to ``coarse[:, None]`` without oversampling)."""
+    [Tc, n_children_t, D]`` (identical to ``coarse[:, None]`` without oversampling)."""
 
     coarse: torch.Tensor
     children: torch.Tensor
@@ -149,8 +149,9 @@ class EStepSettings:
 
     Attributes:
         n: image box (pixels) of the coefficient vectors.
-        k: ``[P, D]`` frequencies (Fourier pixels) of the coefficient set; the coarse pass uses ``k[:Pc]``.
-        coarse_size: number of leading coefficients used by the coarse pass (``Pc``).
+        k: ``[P, D]`` frequencies (Fourier pixels) of the coefficient set; the coarse pass uses
+            ``k[:coarse_size]``.
+        coarse_size: number of leading coefficients used by the coarse pass.
         sigma2_offset: variance of the Gaussian offset prior (pixels²); ``<= 0`` or inf disables it.
         sigma2_offset_estep: variance of the offset prior in the posterior where it differs from
             ``sigma2_offset`` (see ``BatchData.prior_centre_estep``); None: the same.
@@ -279,9 +280,9 @@ def _squared_differences_shifted(at: torch.Tensor, xi2: torch.Tensor, ctf2_inv_s
     ``C²/σ² [B, P]`` and predictions ``refs [M, P]``: the cross term is one real GEMM, the norm term another."""
     B, T, P = at.shape
     M = refs.shape[0]
-    d = (_as_real(at).reshape(B * T, 2 * P) @ _as_real(refs).T).reshape(B, T, M)  # Re Σ X_t·C/σ²·conj(R)
+    cross = (_as_real(at).reshape(B * T, 2 * P) @ _as_real(refs).T).reshape(B, T, M)  # Re Σ X_t·C/σ²·conj(R)
     norm = ctf2_inv_sigma2 @ (refs.real.square() + refs.imag.square()).T  # [B, M]
-    return d.mul_(-1.0).add_(norm[:, None, :], alpha=0.5).add_(xi2[:, None, None], alpha=0.5)
+    return cross.mul_(-1.0).add_(norm[:, None, :], alpha=0.5).add_(xi2[:, None, None], alpha=0.5)
 
 
 def significant_mask(w: torch.Tensor, fraction: float, max_significant: int = -1) -> torch.Tensor:
@@ -317,20 +318,22 @@ def children_squared_differences(at: torch.Tensor, X: torch.Tensor, ctf: torch.T
 
     Args:
         at: ``[B, Tf, P]`` translated, CTF- and noise-weighted images ``X_t·C/σ²`` of the fine translations
-            (``Tf = Tsel·St``: the ``St`` children of each of ``Tsel`` coarse translations, child-fastest).
+            (``Tf = Tsel·n_children_t``: the ``n_children_t`` children of each of ``Tsel`` coarse translations,
+            child-fastest).
         X, ctf, inv_sigma2: ``[B, P]`` as :func:`squared_differences` (the first ``P`` coefficients are used).
-        refs: ``[Msel, So, P]`` predictions of the ``So`` children of each of ``Msel`` coarse samples.
+        refs: ``[Msel, n_children, P]`` predictions of the ``n_children`` children of each of ``Msel`` coarse
+            samples.
         parent: ``[B, Tsel, Msel]`` bool, the significant (coarse translation, coarse sample) pairs of each image.
-        n_children_t: ``St``.
+        n_children_t: translation children per coarse translation.
         chunk_values: bound on the complex values gathered at once (memory).
 
     Returns:
         ``entries [E, 3]`` long ``(b, coarse translation, coarse sample)`` of the significant parents, and
-        ``diff² [E, St, So]`` of their children (as :func:`squared_differences`).
+        ``diff² [E, n_children_t, n_children]`` of their children (as :func:`squared_differences`).
     """
     P = refs.shape[-1]
-    So = refs.shape[1]
-    St = int(n_children_t)
+    n_children = refs.shape[1]
+    n_children_t = int(n_children_t)
     entries = torch.nonzero(parent)  # [E, 3]
     E = entries.shape[0]
     xi2 = (X[:, :P].real.square() + X[:, :P].imag.square()).mul_(inv_sigma2[:, :P]).sum(-1)  # [B]
@@ -338,18 +341,21 @@ def children_squared_differences(at: torch.Tensor, X: torch.Tensor, ctf: torch.T
     if E > DENSE_FRACTION * parent.numel():  # flat posteriors: one GEMM over the union, then pick the cells
         B, Tf = at.shape[0], at.shape[1]
         Msel = refs.shape[0]
-        d = _squared_differences_shifted(at[:, :, :P], xi2, c2i, refs.reshape(Msel * So, P))  # [B, Tf, Msel·So]
+        diff2 = _squared_differences_shifted(at[:, :, :P], xi2, c2i,
+                                             refs.reshape(Msel * n_children, P))  # [B, Tf, Msel·n_children]
         b, ti, mi = entries.unbind(1)
-        return entries, d.reshape(B, Tf // St, St, Msel, So)[b, ti, :, mi, :]
-    out = torch.empty(E, St, So, device=at.device, dtype=torch.float32)
-    child_t = torch.arange(St, device=at.device)
-    step = max(1, int(chunk_values) // ((St + So) * P))
+        return entries, diff2.reshape(B, Tf // n_children_t, n_children_t, Msel, n_children)[b, ti, :, mi, :]
+    out = torch.empty(E, n_children_t, n_children, device=at.device, dtype=torch.float32)
+    child_t = torch.arange(n_children_t, device=at.device)
+    step = max(1, int(chunk_values) // ((n_children_t + n_children) * P))
     for e0 in range(0, E, step):
         b, ti, mi = entries[e0:e0 + step].unbind(1)
-        A = at[b[:, None], ti[:, None] * St + child_t[None, :], :P]  # [e, St, P]
-        R = refs[mi]  # [e, So, P]
-        cross = torch.bmm(_as_real(A), _as_real(R).transpose(1, 2))  # [e, St, So]  Re Σ A·conj(R)
-        norm = torch.einsum("ep,eop->eo", c2i[b], R.real.square() + R.imag.square())  # [e, So]
+        shifted = at[b[:, None], ti[:, None] * n_children_t + child_t[None, :], :P]  # [e, n_children_t, P]
+        child_refs = refs[mi]  # [e, n_children, P]
+        # [e, n_children_t, n_children]: Re Σ X_t·C/σ²·conj(Ref)
+        cross = torch.bmm(_as_real(shifted), _as_real(child_refs).transpose(1, 2))
+        child_power = child_refs.real.square() + child_refs.imag.square()  # [e, n_children, P]
+        norm = torch.einsum("ep,eop->eo", c2i[b], child_power)  # [e, n_children]
         out[e0:e0 + step] = (0.5 * xi2[b])[:, None, None] - cross + 0.5 * norm[:, None, :]
     return entries, out
 
@@ -361,8 +367,8 @@ def offset_log_prior(t: torch.Tensor, centre: torch.Tensor, sigma2: float) -> to
     B, K, D = centre.shape
     if not (sigma2 > 0 and math.isfinite(sigma2)):
         return torch.zeros(B, t.shape[0], K, device=t.device, dtype=torch.float32)
-    d = t[None, :, None, :] - centre[:, None, :, :]
-    return -(d.square().sum(-1)) / (2.0 * sigma2) - 0.5 * D * math.log(2.0 * math.pi * sigma2)
+    delta = t[None, :, None, :] - centre[:, None, :, :]
+    return -(delta.square().sum(-1)) / (2.0 * sigma2) - 0.5 * D * math.log(2.0 * math.pi * sigma2)
 
 
 def _estep_centre(batch: BatchData) -> torch.Tensor:
@@ -382,46 +388,47 @@ def expectation(batch: BatchData, refs: PredictionSource, trans: TranslationGrid
     """Posterior weights and M-step sums of one batch (module docstring). All outputs on the batch's device."""
     dev = batch.X.device
     B = batch.B
-    K, Rc, So = refs.n_classes, refs.n_coarse, refs.n_children
+    K, Rc, n_children = refs.n_classes, refs.n_coarse, refs.n_children
     n = settings.n
     kvec = settings.k.to(dev)
-    Pc = settings.coarse_size
+    coarse_size = settings.coarse_size
     # the DC term (coefficient 0: the sets are sorted by |k|) is left out of the posterior, as RELION
     inv_score = batch.inv_sigma2.clone()
     inv_score[:, 0] = 0.0
     neg_inf = torch.tensor(-math.inf, device=dev)
 
     # ---------------- coarse pass
-    ref_c = refs.coarse()  # [K, Rc, Pc]
+    ref_c = refs.coarse()  # [K, Rc, coarse_size]
     tc = trans.coarse.to(dev)
     Tc = tc.shape[0]
-    ph_c = shift_phases(kvec[:Pc], tc, n)
-    d2 = squared_differences(batch.X[:, :Pc], batch.ctf[:, :Pc], inv_score[:, :Pc],
-                             ref_c.reshape(K * Rc, Pc), ph_c).reshape(B, Tc, K, Rc)
-    lp_off_c = offset_log_prior(tc, _estep_centre(batch), _estep_sigma2(settings))  # [B, Tc, K]
-    lpo = batch.log_prior_orient.expand(batch.log_prior_orient.shape[0], K, Rc)
-    logp = -d2 + lp_off_c[..., None] + lpo[:, None, :, :]
+    ph_c = shift_phases(kvec[:coarse_size], tc, n)
+    d2 = squared_differences(batch.X[:, :coarse_size], batch.ctf[:, :coarse_size], inv_score[:, :coarse_size],
+                             ref_c.reshape(K * Rc, coarse_size), ph_c).reshape(B, Tc, K, Rc)
+    log_prior_offset_c = offset_log_prior(tc, _estep_centre(batch), _estep_sigma2(settings))  # [B, Tc, K]
+    log_prior_orient = batch.log_prior_orient.expand(batch.log_prior_orient.shape[0], K, Rc)
+    logp = -d2 + log_prior_offset_c[..., None] + log_prior_orient[:, None, :, :]
     if batch.allowed_class is not None:
         cls_ok = (batch.allowed_class[:, None] < 0) | (batch.allowed_class[:, None] ==
                                                        torch.arange(K, device=dev)[None, :])
         logp = torch.where(cls_ok[:, None, :, None], logp, neg_inf)
     del d2
 
-    two_pass = settings.oversampling and (So > 1 or trans.children.shape[1] > 1)
+    two_pass = settings.oversampling and (n_children > 1 or trans.children.shape[1] > 1)
     if not two_pass:
-        return _fine_pass(batch, inv_score, logp, lpo, refs, trans, settings, None)
+        return _fine_pass(batch, inv_score, logp, log_prior_orient, refs, trans, settings, None)
     # ---------------- significance of coarse samples
     flat = logp.reshape(B, -1)
     w_c = torch.softmax(flat, dim=1)
     sig = significant_mask(w_c, settings.adaptive_fraction, settings.max_significant).reshape(B, Tc, K, Rc)
     del w_c, flat
-    groups = _fine_groups(sig, So * refs_children_t(trans), int(settings.fine_budget))
+    groups = _fine_groups(sig, n_children * refs_children_t(trans), int(settings.fine_budget))
     if len(groups) == 1:
-        return _fine_pass(batch, inv_score, logp, lpo, refs, trans, settings, sig)
+        return _fine_pass(batch, inv_score, logp, log_prior_orient, refs, trans, settings, sig)
     parts = []
-    for g in groups:  # sub-batches of images (bounded fine-pass memory)
-        lpo_g = lpo if lpo.shape[0] == 1 else lpo[g]
-        parts.append(_fine_pass(batch.select(g), inv_score[g], logp[g], lpo_g, refs, trans, settings, sig[g]))
+    for images in groups:  # sub-batches of images (bounded fine-pass memory)
+        orient_images = log_prior_orient if log_prior_orient.shape[0] == 1 else log_prior_orient[images]
+        parts.append(_fine_pass(batch.select(images), inv_score[images], logp[images], orient_images, refs, trans,
+                                settings, sig[images]))
     return _merge_results(parts)
 
 
@@ -462,13 +469,13 @@ def _merge_results(parts: list[BatchResult]) -> BatchResult:
     cat_smp = ["sample_class", "sample_coarse", "sample_child", "S", "W"]
     add = ["wsum_class", "wsum_orient", "wsum_sigma2_offset", "wsum_sigma2_noise", "sumw_group"]
     kw = {}
-    for f in cat_img + cat_smp:
-        kw[f] = torch.cat([getattr(p, f) for p in parts], dim=0)
-    for f in add:
-        v = getattr(parts[0], f).clone()
-        for p in parts[1:]:
-            v = v + getattr(p, f)
-        kw[f] = v
+    for name in cat_img + cat_smp:
+        kw[name] = torch.cat([getattr(part, name) for part in parts], dim=0)
+    for name in add:
+        total = getattr(parts[0], name).clone()
+        for part in parts[1:]:
+            total = total + getattr(part, name)
+        kw[name] = total
     extra = {"two_pass": parts[0].extra.get("two_pass", True), "sub_batches": len(parts)}
     return BatchResult(**kw, extra=extra)
 
@@ -544,34 +551,37 @@ def _expected_cross(w: _Weights, at: torch.Tensor, refs: torch.Tensor, chunk_val
 
 
 def _children_log_posterior(batch: BatchData, inv_score: torch.Tensor, at_f: torch.Tensor, ref_f: torch.Tensor,
-                            parent: torch.Tensor, lp_off: torch.Tensor, lp_or: torch.Tensor, St: int, Pe: int):
+                            parent: torch.Tensor, log_prior_offset: torch.Tensor, log_prior_orient: torch.Tensor,
+                            n_children_t: int, estep_size: int):
     """Log posteriors of the children of each image's significant parents, packed per image.
 
-    ``parent [B, Tsel, Msel]``; ``lp_off [B, Tsel·St, Msel]`` and ``lp_or [B|1, Msel]`` the offset and
-    orientation log priors. Returns ``logp [B, L]`` (−inf padded; ``L`` = most parents of an image × ``St·So``)
-    and ``locate(b, j)`` → (translation index in ``[0, Tsel·St)``, sample index in ``[0, Msel·So)``)."""
+    ``parent [B, Tsel, Msel]``; ``log_prior_offset [B, Tsel·n_children_t, Msel]`` and ``log_prior_orient
+    [B|1, Msel]`` the offset and orientation log priors. Returns ``logp [B, L]`` (−inf padded; ``L`` = most parents
+    of an image × ``n_children_t·n_children``) and ``locate(b, j)`` → (translation index in
+    ``[0, Tsel·n_children_t)``, sample index in ``[0, Msel·n_children)``)."""
     dev = at_f.device
     B = parent.shape[0]
-    Msel, So = ref_f.shape[0], ref_f.shape[1]
+    Msel, n_children = ref_f.shape[0], ref_f.shape[1]
     Tsel = parent.shape[1]
-    entries, d2 = children_squared_differences(at_f[:, :, :Pe], batch.X[:, :Pe], batch.ctf[:, :Pe],
-                                               inv_score[:, :Pe], ref_f[:, :, :Pe], parent, St)
+    head = slice(0, estep_size)  # the E-step's coefficients
+    entries, d2 = children_squared_differences(at_f[:, :, head], batch.X[:, head], batch.ctf[:, head],
+                                               inv_score[:, head], ref_f[:, :, head], parent, n_children_t)
     b_e, ti_e, mi_e = entries.unbind(1)  # sorted by image (row-major nonzero)
-    off = lp_off.reshape(B, Tsel, St, Msel)[b_e, ti_e, :, mi_e]  # [E, St]
-    orient = lp_or[b_e if lp_or.shape[0] > 1 else torch.zeros_like(b_e), mi_e]  # [E]
-    lp = d2.neg_().add_(off[:, :, None]).add_(orient[:, None, None]).reshape(-1, St * So)  # [E, St·So]
+    off = log_prior_offset.reshape(B, Tsel, n_children_t, Msel)[b_e, ti_e, :, mi_e]  # [E, n_children_t]
+    orient = log_prior_orient[b_e if log_prior_orient.shape[0] > 1 else torch.zeros_like(b_e), mi_e]  # [E]
+    per = n_children_t * n_children
+    children_logp = d2.neg_().add_(off[:, :, None]).add_(orient[:, None, None]).reshape(-1, per)  # [E, per]
     counts = torch.bincount(b_e, minlength=B)
     first = torch.cumsum(counts, 0) - counts
     rank = torch.arange(b_e.numel(), device=dev) - first[b_e]
-    per = St * So
     L = max(1, int(counts.max()) * per) if b_e.numel() else 1
     logp = torch.full((B, L), -math.inf, device=dev, dtype=torch.float32)
-    logp[b_e[:, None], rank[:, None] * per + torch.arange(per, device=dev)[None, :]] = lp
+    logp[b_e[:, None], rank[:, None] * per + torch.arange(per, device=dev)[None, :]] = children_logp
 
     def locate(b: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        e = (first[b] + j // per).clamp_max(max(0, b_e.numel() - 1))
-        r = j % per
-        return ti_e[e] * St + r // So, mi_e[e] * So + r % So
+        entry = (first[b] + j // per).clamp_max(max(0, b_e.numel() - 1))
+        within = j % per
+        return ti_e[entry] * n_children_t + within // n_children, mi_e[entry] * n_children + within % n_children
 
     return logp, locate
 
@@ -602,11 +612,12 @@ def _single_pass_grid(batch: BatchData, logp: torch.Tensor, refs: PredictionSour
     the coarse scores ``logp [B, Tc, K, Rc]`` are the log posteriors."""
     dev = batch.X.device
     K, Rc = refs.n_classes, refs.n_coarse
-    Pc = settings.coarse_size
-    Pe = batch.X.shape[1] if settings.estep_size is None else min(int(settings.estep_size), batch.X.shape[1])
-    if Pc != Pe:
+    coarse_size = settings.coarse_size
+    P = batch.X.shape[1]
+    estep_size = P if settings.estep_size is None else min(int(settings.estep_size), P)
+    if coarse_size != estep_size:
         raise ValueError("without oversampling the coarse pass must use the E-step coefficient set "
-                         f"(coarse_size {Pc} != {Pe})")
+                         f"(coarse_size {coarse_size} != {estep_size})")
     tc = trans.coarse.to(dev)
     Tc = tc.shape[0]
     ref_f = refs.fine(torch.arange(K, device=dev).repeat_interleave(Rc),
@@ -623,8 +634,9 @@ def _single_pass_grid(batch: BatchData, logp: torch.Tensor, refs: PredictionSour
                       flat=logp.reshape(batch.B, Tc * Mf), locate=locate, at_f=None)
 
 
-def _children_grid(batch: BatchData, inv_score: torch.Tensor, lpo: torch.Tensor, refs: PredictionSource,
-                   trans: TranslationGrid, settings: EStepSettings, sig: torch.Tensor) -> _FinalGrid:
+def _children_grid(batch: BatchData, inv_score: torch.Tensor, log_prior_orient: torch.Tensor,
+                   refs: PredictionSource, trans: TranslationGrid, settings: EStepSettings,
+                   sig: torch.Tensor) -> _FinalGrid:
     """Two passes: the final grid is the children of the union over the batch of the significant coarse samples
     and translations ``sig [B, Tc, K, Rc]``, but only the children of each image's own significant parents are
     scored (:func:`_children_log_posterior`)."""
@@ -635,23 +647,26 @@ def _children_grid(batch: BatchData, inv_score: torch.Tensor, lpo: torch.Tensor,
     k_sel, r_sel = kr_idx[:, 0], kr_idx[:, 1]
     t_sel = torch.nonzero(t_any).reshape(-1)
     Msel, Tsel = k_sel.numel(), t_sel.numel()
-    ref_f = refs.fine(k_sel, r_sel)  # [Msel, So, P]
-    So_eff = ref_f.shape[1]
-    t_ch = trans.children.to(dev)[t_sel]  # [Tsel, St, D]
-    St = t_ch.shape[1]
-    t_f = t_ch.reshape(Tsel * St, -1)
+    ref_f = refs.fine(k_sel, r_sel)  # [Msel, n_children, P]
+    n_children = ref_f.shape[1]
+    t_ch = trans.children.to(dev)[t_sel]  # [Tsel, n_children_t, D]
+    n_children_t = t_ch.shape[1]
+    t_f = t_ch.reshape(Tsel * n_children_t, -1)
     P = batch.X.shape[1]
-    Pe = P if settings.estep_size is None else min(int(settings.estep_size), P)
+    estep_size = P if settings.estep_size is None else min(int(settings.estep_size), P)
     at_f = (batch.X * (batch.ctf * inv_score).to(batch.X.dtype))[:, None, :] \
         * shift_phases(settings.k.to(dev)[:P], t_f, settings.n)[None]  # [B, Tf, P]  X_t·C/σ² (DC left out)
-    lp_off = offset_log_prior(t_f, _estep_centre(batch), _estep_sigma2(settings))[:, :, k_sel]  # [B, Tf, Msel]
+    log_prior_offset = offset_log_prior(t_f, _estep_centre(batch),
+                                        _estep_sigma2(settings))[:, :, k_sel]  # [B, Tf, Msel]
     flat, locate = _children_log_posterior(batch, inv_score, at_f, ref_f, sig[:, t_sel][:, :, k_sel, r_sel],
-                                           lp_off, lpo[:, k_sel, r_sel], St, Pe)
-    del lp_off
-    return _FinalGrid(ref_f=ref_f.reshape(Msel * So_eff, 1, P), t_f=t_f,
-                      sample_k=k_sel.repeat_interleave(So_eff), sample_r=r_sel.repeat_interleave(So_eff),
-                      child_of_sample=torch.arange(So_eff, device=dev).repeat(Msel),
-                      t_parent=t_sel.repeat_interleave(St), t_child=torch.arange(St, device=dev).repeat(Tsel),
+                                           log_prior_offset, log_prior_orient[:, k_sel, r_sel], n_children_t,
+                                           estep_size)
+    del log_prior_offset
+    return _FinalGrid(ref_f=ref_f.reshape(Msel * n_children, 1, P), t_f=t_f,
+                      sample_k=k_sel.repeat_interleave(n_children), sample_r=r_sel.repeat_interleave(n_children),
+                      child_of_sample=torch.arange(n_children, device=dev).repeat(Msel),
+                      t_parent=t_sel.repeat_interleave(n_children_t),
+                      t_child=torch.arange(n_children_t, device=dev).repeat(Tsel),
                       flat=flat, locate=locate, at_f=at_f)
 
 
@@ -699,8 +714,8 @@ def _per_group_noise_sums(batch: BatchData, settings: EStepSettings, w: _Weights
     pw_out = batch.power_outside.to(torch.float64)
     ref_pow = refs_m.real.square() + refs_m.imag.square()  # [Mf, P]
     wsum_noise = torch.zeros(settings.n_optics_groups, settings.n_shells, device=dev, dtype=torch.float64)
-    for g in torch.unique(og).tolist():  # optics groups of the batch (a handful)
-        sel = og == g
+    for group in torch.unique(og).tolist():  # optics groups of the batch (a handful)
+        sel = og == group
         inv_g = inv[sel][0]  # [P]
         if bool(sel.all()) and batch.X_nomask is None and batch.inv_sigma2_sums is None:
             S_g, W_g = S, Wsum
@@ -712,12 +727,12 @@ def _per_group_noise_sums(batch: BatchData, settings: EStepSettings, w: _Weights
         aa = (ref_pow * W_g).sum(dim=0) / inv_g.clamp_min(1e-30)
         resid_g = ex_xx[sel].sum(dim=0) - 2.0 * xa + aa
         resid_g = torch.where(inv_g > 0, resid_g, torch.zeros_like(resid_g)).to(torch.float64)
-        wsum_noise[g].index_add_(0, shell, resid_g)
-        wsum_noise[g] += pw_out[sel].sum(dim=0)
+        wsum_noise[group].index_add_(0, shell, resid_g)
+        wsum_noise[group] += pw_out[sel].sum(dim=0)
     return wsum_noise
 
 
-def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lpo: torch.Tensor,
+def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, log_prior_orient: torch.Tensor,
                refs: PredictionSource, trans: TranslationGrid, settings: EStepSettings,
                sig: torch.Tensor | None) -> BatchResult:
     """Everything after the coarse scores ``logp [B, Tc, K, Rc]``: the fine pass on the children of the
@@ -729,7 +744,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     n = settings.n
     kvec = settings.k.to(dev)
     two_pass = sig is not None
-    grid = (_children_grid(batch, inv_score, lpo, refs, trans, settings, sig) if two_pass
+    grid = (_children_grid(batch, inv_score, log_prior_orient, refs, trans, settings, sig) if two_pass
             else _single_pass_grid(batch, logp, refs, trans, settings))
     del logp
     t_f, sample_k, sample_r = grid.t_f, grid.sample_k, grid.sample_r
@@ -770,7 +785,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     # expected residual power E|X_t − C·Ref|² = sumw·|X|² − 2·E_xa + E_aa per coefficient
     sumw_b = wbm.sum(dim=1)  # [B] (≈1, minus the pruned mass)
     ex_xx = sumw_b[:, None] * (X.real.square() + X.imag.square())  # [B, P]
-    G = settings.n_optics_groups
+    n_groups = settings.n_optics_groups
     og = batch.optics_group.to(dev)
     if settings.compute_corrections:  # per image (norm / scale corrections need it)
         wsum_noise, norm_residual, scale_xa, scale_aa = _per_image_noise_sums(batch, settings, w, wbm, at_f,
@@ -781,7 +796,7 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
         scale_xa = torch.zeros(B, dtype=torch.float64, device=dev)
         scale_aa = torch.zeros(B, dtype=torch.float64, device=dev)
     at_f = None  # free the [B, Tf, P] products before the class / offset sums
-    sumw_group = torch.zeros(G, device=dev, dtype=torch.float64).index_add_(
+    sumw_group = torch.zeros(n_groups, device=dev, dtype=torch.float64).index_add_(
         0, og, torch.ones(B, device=dev, dtype=torch.float64))
 
     # ---------------- class / orientation / offset sums
@@ -794,8 +809,8 @@ def _fine_pass(batch: BatchData, inv_score: torch.Tensor, logp: torch.Tensor, lp
     tw = t_f[w.t].to(torch.float32)  # [nnz, D]
     D = tw.shape[1]
     wsum_t = torch.zeros(B * K, D, device=dev).index_add_(0, w.b * K + wk, tw * w.v[:, None]).reshape(B, K, D)
-    d = tw - batch.prior_centre[w.b, wk]  # [nnz, D]
-    wsum_sigma2_offset = (w.v * d.square().sum(-1)).sum().to(torch.float64)
+    from_centre = tw - batch.prior_centre[w.b, wk]  # [nnz, D]
+    wsum_sigma2_offset = (w.v * from_centre.square().sum(-1)).sum().to(torch.float64)
 
     best_k = sample_k[best_m]
     return BatchResult(
