@@ -101,24 +101,24 @@ def test_refine3d_accepts_sigma_rot():
 
 def test_missing_priors_follow_the_current_angles():
     """RELION re-centres a missing prior (999 / no column) on the particle's current angle every iteration; given
-    priors stay. With ``current`` the centres follow the refined angles (turned into the subtomogram frame for
-    particles refined in another frame)."""
+    priors stay. With ``follow_current`` the centres follow the refined angles passed for the rows (turned into
+    the subtomogram frame for particles refined in another frame)."""
     t = pd.DataFrame({"rlnAngleRot": [0.0, 0.0], "rlnAngleTilt": [30.0, 30.0], "rlnAnglePsi": [0.0, 0.0],
                       "rlnAngleTiltPrior": [999.0, 30.0]})
     tilt, psi = prior_centres(t, missing_as_nan=True)
     assert np.isnan(tilt[0]) and tilt[1] == 30.0 and np.isnan(psi).all()
     state = {"angles": np.array([[0.0, 30.0, 0.0], [0.0, 30.0, 0.0]])}
-    pr = AnglePriors(tilt, psi, 5.0, 0.0, current=lambda: state["angles"])
+    pr = AnglePriors(tilt, psi, 5.0, 0.0, follow_current=True)
     grid = torch.tensor([[0.0, 30.0, 0.0], [0.0, 70.0, 0.0]], dtype=torch.float64)
-    first = angle_log_prior(grid, pr, np.array([0, 1]))
+    first = angle_log_prior(grid, pr, np.array([0, 1]), current_angles=state["angles"])
     assert abs(float(first[0, 0])) < 1e-6 and torch.isinf(first[0, 1]) and torch.isinf(first[1, 1])
     state["angles"] = np.array([[0.0, 70.0, 0.0], [0.0, 70.0, 0.0]])  # the next iteration's angles
-    later = angle_log_prior(grid, pr, np.array([0, 1]))
+    later = angle_log_prior(grid, pr, np.array([0, 1]), current_angles=state["angles"])
     assert torch.isinf(later[0, 0]) and abs(float(later[0, 1])) < 1e-6  # particle 0 follows its angle
     assert abs(float(later[1, 0])) < 1e-6 and torch.isinf(later[1, 1])  # particle 1 keeps its given prior
     # another frame: the centre is the current angle in the subtomogram frame A_subᵀ·R
     frames = euler_to_matrix(*[torch.tensor(v, dtype=torch.float64) for v in (20.0, 40.0, 60.0)])[None].numpy()
     R = torch.as_tensor(frames[0]) @ euler_to_matrix(*[torch.tensor(v, dtype=torch.float64) for v in (0, 70.0, 0)])
     state["angles"] = matrix_to_euler(R[None]).numpy().repeat(2, axis=0)
-    pr_f = AnglePriors(tilt, psi, 5.0, 0.0, frames=frames.repeat(2, axis=0), current=lambda: state["angles"])
-    assert pr_f.centres(np.array([0]))[0][0] == pytest.approx(70.0, abs=1e-6)
+    pr_f = AnglePriors(tilt, psi, 5.0, 0.0, frames=frames.repeat(2, axis=0), follow_current=True)
+    assert pr_f.centres(np.array([0]), state["angles"][:1])[0][0] == pytest.approx(70.0, abs=1e-6)

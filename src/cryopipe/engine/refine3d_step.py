@@ -169,23 +169,6 @@ class Refine3DPartial:
     n_samples: float
 
 
-def _priors_read_chunk_angles(w, start: PoseRecords) -> None:
-    """Tomographic angle priors whose missing centres follow the particles' current angles
-    (``AnglePriors.current()``: every particle's angles ``[N, 3]``, set up as ``lambda: opt.state.angles`` of the
-    client's optimiser, whose state a worker's copy does not have) read them from this chunk's start poses
-    instead: a particle's centre is its angle at the start of the iteration, in-process too (it is read before
-    its own batch records it). Costs one ``[N, 3]`` array per chunk, only while such priors are on; reading
-    ``self.state.angles[idx]`` in ``SubtomoOptimiser3D._with_angle_priors`` would make it O(chunk)."""
-    from dataclasses import replace
-
-    priors = getattr(w, "angle_priors", None)
-    if priors is None or getattr(priors, "current", None) is None:
-        return
-    angles = np.zeros((w.p.size, 3))
-    angles[start.index] = start.values["angles"]
-    w.angle_priors = replace(priors, current=lambda: angles)
-
-
 def refine3d_chunk(optimiser, snap: Refine3DSnapshot, item: Refine3DItem,
                    device: torch.device | str | None = None) -> Refine3DPartial:
     """E-step of ``item`` against ``snap`` (module docstring) on ``device`` (default: the optimiser's); the
@@ -196,7 +179,6 @@ def refine3d_chunk(optimiser, snap: Refine3DSnapshot, item: Refine3DItem,
     base, setup = snap.worker(optimiser, None if device is None else torch.device(device))
     w = _shallow_copy(base)
     w.state = ChunkState(item.start)  # this chunk's poses are written here, then returned
-    _priors_read_chunk_angles(w, item.start)
     s, m, p, n = w.s, w.model, w.p, w.n
     K = m.n_classes
     bp_rmax = n // 2 if s.grad else setup.r_cur

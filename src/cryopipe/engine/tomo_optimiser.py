@@ -193,7 +193,8 @@ class SubtomoOptimiser3D(Optimiser3D):
         from cryopipe.engine.reference3d import symmetry_ops
 
         coarse = self._src.orientations.coarse.to(self.dev)
-        lp = angle_log_prior(coarse, pr, idx, symmetry_ops(self.model.symmetry, self.dev))
+        current = np.asarray(self.state.angles[idx]) if pr.follow_current else None  # read before this batch
+        lp = angle_log_prior(coarse, pr, idx, symmetry_ops(self.model.symmetry, self.dev), current)  # records them
         return log_prior.to(lp.device) + lp[:, None, :]
 
     def _translations(self) -> TranslationGrid:

@@ -18,7 +18,8 @@ grid's own angles; for 2D stacks, whose orientations are refined in the tomogram
 
 Centres (``prior_centres``): rlnAngleTiltPrior / rlnAnglePsiPrior / rlnAngleRotPrior where the particles file
 has them (RELION's 999 = none), fixed for the run; where a prior is missing, the particle's current angle
-relative to the subtomogram (surface-normal) frame, re-read every iteration (``AnglePriors.current``), as
+relative to the subtomogram (surface-normal) frame, re-read every iteration (``AnglePriors.follow_current``:
+the caller passes the rows' current angles), as
 RELION's ``getFourierTransformsAndCtfs`` (``prior_rot/tilt/psi = METADATA_ROT/TILT/PSI`` when the prior is 999);
 the first iteration's centres are the input angles. As in RELION, the prior applies to global searches; local
 searches (auto-refine from ``--auto_local_healpix_order``, or ``--sigma_ang``) use their own Gaussian around the
@@ -29,7 +30,6 @@ with "Zero orientations fall within the local angular search").
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,19 +58,21 @@ class AnglePriors:
     frames: np.ndarray | None = None
     rot: np.ndarray | None = None
     sigma_rot: float = 0.0
-    current: Callable[[], np.ndarray] | None = None
+    follow_current: bool = False
 
-    def centres(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def centres(self, idx: np.ndarray, current_angles: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(tilt, psi, rot)`` centres ``[B]`` of particles ``idx``: the given priors, and where a prior is missing
-        (NaN) the particle's current subtomogram-frame angle (``current()``: refined angles ``[N, 3]`` (rot, tilt,
-        psi) in the refinement frame, turned by ``frames``), as RELION does every iteration."""
+        (NaN) and ``follow_current`` is set, the particle's current subtomogram-frame angle (``current_angles
+        [B, 3]``: the refined (rot, tilt, psi) of rows ``idx`` in the refinement frame, turned by ``frames``), as
+        RELION does every iteration."""
         idx = np.asarray(idx)
         tilt, psi = self.tilt[idx].astype(np.float64), self.psi[idx].astype(np.float64)
         rot = None if self.rot is None else self.rot[idx].astype(np.float64)
         missing = np.isnan(tilt) | np.isnan(psi) | (np.isnan(rot) if rot is not None else False)
-        if self.current is None or not missing.any():
+        if not self.follow_current or current_angles is None or not missing.any():
             return tilt, psi, rot
-        a = torch.as_tensor(np.asarray(self.current())[idx], dtype=torch.float64)
+        a = torch.as_tensor(np.asarray(current_angles), dtype=torch.float64).reshape(-1, 3)
         if self.frames is not None:
             A = euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]).to(torch.float64)
             a = matrix_to_euler(torch.as_tensor(self.frames[idx], dtype=torch.float64).transpose(-1, -2) @ A)
@@ -117,10 +119,12 @@ def _wrap180(d: torch.Tensor) -> torch.Tensor:
 
 
 def angle_log_prior(coarse: torch.Tensor, priors: AnglePriors, idx: np.ndarray,
-                    symmetry_ops: torch.Tensor | None = None) -> torch.Tensor:
+                    symmetry_ops: torch.Tensor | None = None, current_angles: np.ndarray | None = None
+                    ) -> torch.Tensor:
     """``[B, R]`` float32 log prior of the coarse orientations ``coarse [R, 3]`` (rot, tilt, psi degrees, in the
     frame the particles are refined in) for particles ``idx`` (module docstring); ``symmetry_ops [S, 3, 3]``
-    (None: C1) give the mates ``R(ω)·S`` whose nearest tilt / psi counts."""
+    (None: C1) give the mates ``R(ω)·S`` whose nearest tilt / psi counts; ``current_angles [B, 3]``: the rows'
+    current angles, the centres of missing priors (:meth:`AnglePriors.centres`)."""
     dev = coarse.device
     c = coarse.to(torch.float64)
     R = euler_to_matrix(c[:, 0], c[:, 1], c[:, 2]).to(dev, torch.float64)  # [R, 3, 3]
@@ -138,7 +142,7 @@ def angle_log_prior(coarse: torch.Tensor, priors: AnglePriors, idx: np.ndarray,
     tilt = torch.rad2deg(torch.atan2(torch.sqrt(col[..., 0] ** 2 + col[..., 1] ** 2), col[..., 2]))
     psi = torch.rad2deg(torch.atan2(col[..., 1], -col[..., 0]))
     B = idx.size
-    tilt_centre, psi_centre, rot_centre = priors.centres(idx)
+    tilt_centre, psi_centre, rot_centre = priors.centres(idx, current_angles)
     logp = torch.zeros(B, tilt.shape[-1], dtype=torch.float64, device=dev)
     inside = torch.ones(B, tilt.shape[-1], dtype=torch.bool, device=dev)
     terms = [(priors.sigma_tilt, tilt, tilt_centre), (priors.sigma_psi, psi, psi_centre)]

@@ -100,7 +100,7 @@ def tomo_optimiser(particles_path: Path, s: Refine3DSettings, references: list |
         tilt_c, psi_c, rot_c = prior_centres(sv.particles.particles, with_rot=True, missing_as_nan=True)
         opt.angle_priors = AnglePriors(tilt_c, psi_c, float(angle_sigmas[0]), float(angle_sigmas[1]),
                                        frames=sv.A_sub if form == "2d" else None, rot=rot_c, sigma_rot=sig_rot,
-                                       current=lambda: opt.state.angles)
+                                       follow_current=True)
         log(f"priors on the subtomogram-frame angles in global searches: σ_tilt {angle_sigmas[0]:g}°, "
             f"σ_psi {angle_sigmas[1]:g}°, σ_rot {sig_rot:g}° (centres: rlnAngleTiltPrior / rlnAnglePsiPrior / "
             "rlnAngleRotPrior, else the current angles, as RELION)")
