@@ -141,11 +141,16 @@ def add_particle_result(sums, res, group: torch.Tensor, scale: torch.Tensor | No
 #: corrections of each mini-batch into the model with this momentum (0 when a batch is all particles)
 GRAD_MODEL_MOMENTUM = 0.9
 
+#: RELION ``--min_sigma2_offset`` (Å², default 2): the lower bound of the offset prior's variance after each update
+#: (``MlOptimiser::maximizationOtherParameters``), in 2D and 3D, EM and gradient runs alike
+MIN_SIGMA2_OFFSET_A2 = 2.0
+
 
 def update_particle_model(model, sums: ParticleSums, npix: torch.Tensor, *, do_norm: bool, do_scale: bool,
                           offset_dim: int = 2, momentum: float = 0.0) -> None:
     """RELION's updates of the particle-level model fields from :class:`ParticleSums` (in place on ``model``:
-    ``sigma2_noise``, ``sigma2_offset`` (``Σw|Δo|²/(D·Σw)``), ``avg_norm_correction``, ``scale_correction``
+    ``sigma2_noise``, ``sigma2_offset`` (``Σw|Δo|²/(D·Σw)`` in pixels², at least RELION's
+    :data:`MIN_SIGMA2_OFFSET_A2` / ``model.pixel_size``²), ``avg_norm_correction``, ``scale_correction``
     (clipped to [median/5, 5·median] and normalised to a particle-weighted mean of 1), ``LL``, ``ave_pmax``).
 
     ``momentum`` μ (RELION ``--mu``, used by gradient runs on mini-batches): each estimate enters as
@@ -157,7 +162,9 @@ def update_particle_model(model, sums: ParticleSums, npix: torch.Tensor, *, do_n
 
     sum_w = float(sums.wsum_class.sum())
     if sum_w > 0:
-        model.sigma2_offset = float(mix(model.sigma2_offset, float(sums.wsum_sigma2_offset) / (offset_dim * sum_w)))
+        sigma2 = float(mix(model.sigma2_offset, float(sums.wsum_sigma2_offset) / (offset_dim * sum_w)))
+        apix = float(getattr(model, "pixel_size", 0.0) or 0.0)
+        model.sigma2_offset = max(sigma2, MIN_SIGMA2_OFFSET_A2 / apix ** 2) if apix > 0 else sigma2
     new_noise = noise_spectrum(sums.wsum_sigma2_noise, sums.sumw_group, npix, previous=model.sigma2_noise)
     model.sigma2_noise = mix(model.sigma2_noise.to(new_noise.device, new_noise.dtype)
                              if model.sigma2_noise is not None else None, new_noise)
