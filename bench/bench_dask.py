@@ -14,9 +14,10 @@ same seed:
   the speed-up of those against the in-process 1-thread CPU run and the in-process GPU run.
 
 Reports seconds per iteration (iterations 2.., after the first), the speed-up over the in-process runs (default
-threads and 1 thread), efficiency = speed-up over the 1-thread run / workers (each worker has one thread), the scheduler's overhead per iteration (a no-op step through the same
-scatter / submit / gather path: model snapshot sent, chunks returned), and the largest difference between the
-class averages of each run and the in-process ones. The machine is shared: the load average before each run is
+threads and 1 thread), efficiency = speed-up over the 1-thread run / workers (each worker has one thread), the
+scheduler's overhead per iteration (a no-op step through the same scatter / submit / gather path: model snapshot
+sent, chunks returned), and the largest difference between the class averages of each run and the in-process
+ones. ``bench_dask_refine3d.py`` does the same for refine3d with this module's helpers. The machine is shared: the load average before each run is
 recorded.
 
 Writes bench/results/dask_<tag>.json (``BENCH_TAG``, default ``cpu_2core``) and prints a summary.
@@ -29,6 +30,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +86,33 @@ def settings() -> Class2DSettings:
                            zero_mask=False, n_accuracy_particles=20)
 
 
+def iterate_timed(opt, backend, iters: int) -> dict:
+    """Run ``iters`` iterations of ``opt`` (its backend: ``backend``, a :class:`_Timed` when distributed): seconds
+    per iteration (``opt.iterate().seconds``), their mean over iterations 2.. and, when distributed, the seconds
+    spent in the backend's ``map`` per iteration."""
+    secs, estep = [], []
+    for _ in range(iters):
+        before = getattr(backend, "seconds", 0.0)
+        secs.append(opt.iterate().seconds)
+        estep.append(getattr(backend, "seconds", 0.0) - before)
+    out = {"seconds_per_iteration": secs, "warm_mean_s": float(np.mean(secs[1:] or secs))}
+    if backend.distributed:  # the E-step on the workers (map: scatter, tasks, gather); the rest runs on the client
+        out["distributed_estep_s"] = estep
+        out["warm_mean_distributed_estep_s"] = float(np.mean(estep[1:] or estep))
+    return out
+
+
+def map_overhead(backend, fn, static, snapshot, items, repeats: int = 5, **kwargs) -> float:
+    """Median wall seconds of ``backend.map(fn, static, snapshot, items)`` over ``repeats`` calls: with a no-op
+    ``fn``, the scheduler's own cost per iteration (snapshot scattered, tasks submitted, results gathered)."""
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend.map(fn, static, snapshot, items, **kwargs)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
 def run(ps, origin, backend, label: str, threads: int | None = None, device: str | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -92,87 +122,61 @@ def run(ps, origin, backend, label: str, threads: int | None = None, device: str
     timed = _Timed(backend) if backend.distributed else backend
     opt = Optimiser2D(ps, settings(), state=ParticleState2D.empty(ps.size, origin), backend=timed, device=device)
     opt.initialise()
-    secs, estep = [], []
-    for _ in range(ITERS):
-        before = getattr(timed, "seconds", 0.0)
-        secs.append(opt.iterate().seconds)
-        estep.append(getattr(timed, "seconds", 0.0) - before)
-    out = {"label": label, "seconds_per_iteration": secs, "warm_mean_s": float(np.mean(secs[1:] or secs)),
-           "load_average_before": load, "client_threads": torch.get_num_threads()}
-    if backend.distributed:  # the E-step on the workers (map: scatter, tasks, gather); the rest runs on the client
-        out["distributed_estep_s"] = estep
-        out["warm_mean_distributed_estep_s"] = float(np.mean(estep[1:] or estep))
+    out = {"label": label, **iterate_timed(opt, timed, ITERS), "load_average_before": load,
+           "client_threads": torch.get_num_threads()}
     overhead = None
     if backend.distributed:
         # the scheduler's own cost: the same snapshot and chunking through scatter/submit/gather, no compute
-        snap_like = opt.model
         chunks = split_chunks(np.arange(ps.size), backend.n_chunks(0), 32)
         rows = [ParticleRows2D(c, origin[c], np.ones(c.size)) for c in chunks]
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            backend.map(_noop, ps, snap_like, rows)
-            ts.append(time.perf_counter() - t0)
-        overhead = float(np.median(ts))
+        overhead = map_overhead(backend, _noop, ps, opt.model, rows)
     out["scheduler_overhead_s"] = overhead
-    out["refs"] = opt.model.refs.detach().cpu().clone()
+    out["result"] = opt.model.refs.detach().cpu().clone()
     return out
 
 
-def main() -> int:
+def cpu_runs(run_one, workers: list[int], chunks: int) -> list[dict]:
+    """The CPU runs of the benchmark, in this order: in-process with torch's default threads (2 here), in-process
+    with 1 thread, then ``--dask local:W`` (W in ``workers``, CPU workers of one thread each, ``chunks`` chunks per
+    worker; the client on 1 thread). ``run_one(backend, label, threads)`` returns one run's dict."""
     torch.set_num_threads(2)
     default_threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as tmp:
-        cwd = os.getcwd()
-        os.chdir(tmp)
+    runs = [run_one(InProcess(), f"in-process, {default_threads} threads", default_threads),
+            run_one(InProcess(), "in-process, 1 thread", 1)]
+    # the client (M-step, accuracies, predictions) with 1 thread: on 2 shared cores 2 threads are slower
+    torch.set_num_threads(1)
+    for w in workers:
+        be = make_backend(f"local:{w}", chunks, gpus=0)  # CPU workers, even where GPUs exist
         try:
-            assert cli(["simulate", "--what", "particles", "--n", str(N), "--box", str(BOX), "--angpix", "4",
-                        "--snr", "0.1", "--seed", "1"]) == 0
-            _, ps, origin = load_particles(Path(tmp) / "Simulate/job001/particles.star")
-            runs = [run(ps, origin, InProcess(), f"in-process, {default_threads} threads", default_threads),
-                    run(ps, origin, InProcess(), "in-process, 1 thread", 1)]
-            # the client (M-step, accuracies, predictions) with 1 thread: on 2 shared cores 2 threads are slower
-            torch.set_num_threads(1)
-            for w in WORKERS:
-                be = make_backend(f"local:{w}", CHUNKS, gpus=0)  # CPU workers, even where GPUs exist
-                try:
-                    r = run(ps, origin, be, f"dask local:{w} CPU ({CHUNKS} chunks/worker)")
-                finally:
-                    be.close()
-                r["workers"] = w
-                runs.append(r)
-            if GPU:
-                runs.append(run(ps, origin, InProcess(), "in-process, cuda", 1, device="cuda"))
-                for w in GPU_WORKERS:
-                    be = make_backend(f"local:{w}", CHUNKS)  # pinned: worker i on cuda:(i mod GPUs)
-                    try:
-                        r = run(ps, origin, be, f"dask local:{w} GPU-pinned ({be.gpus} GPUs, {CHUNKS} chunks/worker)")
-                    finally:
-                        be.close()
-                    r["gpu_workers"] = w
-                    runs.append(r)
+            r = run_one(be, f"dask local:{w} CPU ({chunks} chunks/worker)", None)
         finally:
-            os.chdir(cwd)
+            be.close()
+        r["workers"] = w
+        runs.append(r)
+    return runs
+
+
+def compare_runs(runs: list[dict], diff_name: str) -> torch.Tensor:
+    """Add to each run its speed-up over the first (in-process, default threads) and second (in-process, 1
+    thread) run, efficiency = speed-up over the 1-thread run / workers (each worker has one thread; GPU-pinned
+    runs: over the in-process cuda run / GPU workers), and ``diff_name``: the largest absolute difference of its
+    ``result`` tensor (removed) from the first run's. Returns the first run's result."""
     base, base1 = runs[0]["warm_mean_s"], runs[1]["warm_mean_s"]
-    ref = runs[0]["refs"]
+    ref = runs[0]["result"]
     for r in runs:
         r["speedup_vs_in_process"] = base / r["warm_mean_s"]
         r["speedup_vs_in_process_1thread"] = base1 / r["warm_mean_s"]
-        if "workers" in r:  # each worker has one torch thread: efficiency against the 1-thread in-process run
+        if "workers" in r:
             r["efficiency"] = r["speedup_vs_in_process_1thread"] / r["workers"]
-        if "gpu_workers" in r:  # against the in-process GPU run: speed-up / workers
+        if "gpu_workers" in r:
             gpu_base = next(x["warm_mean_s"] for x in runs if x["label"] == "in-process, cuda")
             r["speedup_vs_in_process_cuda"] = gpu_base / r["warm_mean_s"]
             r["efficiency"] = r["speedup_vs_in_process_cuda"] / r["gpu_workers"]
-        r["max_abs_diff_refs"] = float((r.pop("refs") - ref).abs().max())
-    result = {"benchmark": "dask", "particles": N, "box": BOX, "classes": K, "iterations": ITERS,
-              "chunks_per_worker": CHUNKS, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-              "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-              "refs_abs_max": float(ref.abs().max()), "runs": runs}
-    out = HERE / "results" / f"dask_{TAG}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"class2d, {N} particles, box {BOX}, K {K}, {ITERS} iterations (warm = iterations 2..)")
+        r[diff_name] = float((r.pop("result") - ref).abs().max())
+    return ref
+
+
+def print_runs(runs: list[dict], diff_name: str) -> None:
     for r in runs:
         extra = ""
         if r.get("scheduler_overhead_s") is not None and "efficiency" in r:
@@ -180,7 +184,54 @@ def main() -> int:
                      f" scheduler overhead {r['scheduler_overhead_s']:.3f} s/iter")
         print(f"  {r['label']:<36} {r['warm_mean_s']:6.2f} s/iter  speed-up {r['speedup_vs_in_process']:.2f} "
               f"(vs 1 thread {r['speedup_vs_in_process_1thread']:.2f}){extra}"
-              f"  (load {r['load_average_before']:.1f}; max |Δrefs| {r['max_abs_diff_refs']:.1e})")
+              f"  (load {r['load_average_before']:.1f}; max |Δ| {r[diff_name]:.1e})")
+
+
+@contextmanager
+def simulated_particles(n: int, box: int, snr: float = 0.1) -> Iterator[Path]:
+    """A temporary project (the working directory inside the block) with ``n`` simulated particles of PDB 3ENL
+    (``cryopipe simulate``, box ``box``, 4 Å/px, SNR ``snr``, seed 1); yields the ``Simulate/job001/`` folder
+    (``particles.star``, ``truth_map.mrc``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            assert cli(["simulate", "--what", "particles", "--n", str(n), "--box", str(box), "--angpix", "4",
+                        "--snr", str(snr), "--seed", "1"]) == 0
+            yield Path(tmp) / "Simulate/job001"
+        finally:
+            os.chdir(cwd)
+
+
+def write_result(result: dict, name: str) -> Path:
+    out = HERE / "results" / name
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return out
+
+
+def main() -> int:
+    with simulated_particles(N, BOX) as sim:
+        _, ps, origin = load_particles(sim / "particles.star")
+        runs = cpu_runs(lambda be, label, threads: run(ps, origin, be, label, threads), WORKERS, CHUNKS)
+        if GPU:
+            runs.append(run(ps, origin, InProcess(), "in-process, cuda", 1, device="cuda"))
+            for w in GPU_WORKERS:
+                be = make_backend(f"local:{w}", CHUNKS)  # pinned: worker i on cuda:(i mod GPUs)
+                try:
+                    r = run(ps, origin, be, f"dask local:{w} GPU-pinned ({be.gpus} GPUs, {CHUNKS} chunks/worker)")
+                finally:
+                    be.close()
+                r["gpu_workers"] = w
+                runs.append(r)
+    ref = compare_runs(runs, "max_abs_diff_refs")
+    result = {"benchmark": "dask", "particles": N, "box": BOX, "classes": K, "iterations": ITERS,
+              "chunks_per_worker": CHUNKS, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+              "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+              "refs_abs_max": float(ref.abs().max()), "runs": runs}
+    out = write_result(result, f"dask_{TAG}.json")
+    print(f"class2d, {N} particles, box {BOX}, K {K}, {ITERS} iterations (warm = iterations 2..)")
+    print_runs(runs, "max_abs_diff_refs")
     print(f"wrote {out}")
     return 0
 
