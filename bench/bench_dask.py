@@ -17,8 +17,8 @@ Reports seconds per iteration (iterations 2.., after the first), the speed-up ov
 threads and 1 thread), efficiency = speed-up over the 1-thread run / workers (each worker has one thread), the
 scheduler's overhead per iteration (a no-op step through the same scatter / submit / gather path: model snapshot
 sent, chunks returned), and the largest difference between the class averages of each run and the in-process
-ones. ``bench_dask_refine3d.py`` does the same for refine3d with this module's helpers. The machine is shared: the load average before each run is
-recorded.
+ones. The machine is shared: the load average before each run is recorded. ``bench_dask_refine3d.py`` does the
+same for refine3d with this module's helpers.
 
 Writes bench/results/dask_<tag>.json (``BENCH_TAG``, default ``cpu_2core``) and prints a summary.
 """
