@@ -1,9 +1,9 @@
 """Benchmark: refine3d iterations in-process and on a loopback Dask ``LocalCluster`` (issue 15), the 3D sibling
 of ``bench_dask.py`` (whose helpers it uses: the same runs, timing, comparison and output).
 
-Simulates ``BENCH_N`` particles (default 300) of PDB 3ENL (``cryopipe simulate``, box ``BENCH_BOX`` = 40, 4 Å/px,
+Simulates ``BENCH_N`` particles (default 400) of PDB 3ENL (``cryopipe simulate``, box ``BENCH_BOX`` = 40, 4 Å/px,
 SNR 0.1, CTF) into a temporary project, then runs ``BENCH_ITERS`` (default 4) iterations of a gold-standard 3D
-auto-refinement (two half-sets, HEALPix order ``BENCH_HEALPIX`` = 2 (7.5°), offsets ±3 px step 1, no oversampling,
+auto-refinement (two half-sets, HEALPix order ``BENCH_HEALPIX`` = 2 (15°), offsets ±3 px step 1, no oversampling,
 batch 32, ``--norm --scale --ctf --zero_mask --flatten_solvent``, the reference = the simulation's truth
 low-passed to 30 Å and rescaled to the particles' greyscale) with the same seed:
 
@@ -57,7 +57,7 @@ from cryopipe.engine.particle_input import load_particles  # noqa: E402
 from cryopipe.engine.refine3d_files import load_reference  # noqa: E402
 from cryopipe.engine.refine3d_step import PoseRecords, Refine3DItem, Refine3DPartial, Refine3DSnapshot  # noqa: E402
 
-N = int(os.environ.get("BENCH_N", 300))
+N = int(os.environ.get("BENCH_N", 400))
 BOX = int(os.environ.get("BENCH_BOX", 40))
 ITERS = int(os.environ.get("BENCH_ITERS", 4))
 HEALPIX = int(os.environ.get("BENCH_HEALPIX", 2))
