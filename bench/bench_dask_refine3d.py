@@ -20,7 +20,8 @@ no-op chunk step sent through the same ``map`` with the last iteration's snapsho
 the real chunks (indices and their rows' poses); each no-op task returns what a real chunk returns (zeroed
 back-projector grids of the current size, zeroed particle sums, its rows' poses) but computes nothing, so the
 transfer of the results is included and the workers' reference set-up and E-step are not. The machine is shared:
-the load average before each run is recorded.
+the load average before each run is recorded, and the CPU seconds of this (client) process over each run's
+iterations (the worker processes' CPU time is not included).
 
 Writes bench/results/dask_refine3d_<tag>.json (``BENCH_TAG``, default ``cpu_2core``) and prints a summary.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +107,9 @@ def run(ps, origin, reference: torch.Tensor, backend, label: str, threads: int |
     timed = _Timed(backend) if backend.distributed else backend
     opt = Optimiser3D(ps, settings(), state=ParticleState3D.empty(ps.size, origin), backend=timed)
     opt.initialise(reference, absolute_greyscale=False)
+    cpu0 = time.process_time()
     out = {"label": label, **iterate_timed(opt, timed, ITERS), "load_average_before": load,
-           "client_threads": torch.get_num_threads(),
+           "client_cpu_s": time.process_time() - cpu0, "client_threads": torch.get_num_threads(),
            "resolution_A": float(1.0 / opt.model.current_resolution) if opt.model.current_resolution > 0 else None,
            "ave_pmax": float(opt.model.ave_pmax)}
     out["scheduler_overhead_s"] = _overhead(opt, backend) if backend.distributed else None
