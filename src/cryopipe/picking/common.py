@@ -200,17 +200,25 @@ def write_summary(path: str | Path, micrograph_names: list[str], mean_fom: list[
 
 # ------------------------------------------------------------------------------------------------ pictures
 
-def thumbnail(micrograph: torch.Tensor, max_side: int = 768) -> tuple[np.ndarray, int]:
+def thumbnail(micrograph: torch.Tensor, max_side: int = 768, *, pixel_size: float | None = None,
+              lowpass_A: float | None = None) -> tuple[np.ndarray, int]:
     """Block-averaged copy of a ``[H, W]`` micrograph with its larger side ``<= max_side``: ``(image, bin)``.
 
     ``bin`` is the integer binning factor (thumbnail pixel ``(i, j)`` covers micrograph pixels
     ``[i·bin, (i+1)·bin)``), so a micrograph coordinate ``x`` is at ``x / bin − 0.5 + 0.5/bin`` ≈ ``x / bin``.
+    With ``pixel_size`` (Å) and ``lowpass_A`` (Å) the thumbnail is also low-passed there (as RELION's manual
+    picking display, ``--lowpass 20``), so that particles at low SNR are visible under their circles; no filter
+    when the binned Nyquist is already coarser than ``lowpass_A``.
     """
+    from cryopipe.core.fourier import lowpass_real
+
     h, w = micrograph.shape
     b = max(1, int(np.ceil(max(h, w) / max_side)))
     img = micrograph.detach().to(torch.float32)
     if b > 1:
         img = torch.nn.functional.avg_pool2d(img[None, None], kernel_size=b, stride=b, ceil_mode=True)[0, 0]
+    if pixel_size and lowpass_A and pixel_size * b / lowpass_A < 0.5:
+        img = lowpass_real(img, pixel_size * b / lowpass_A, ndim=2)
     return img.cpu().numpy(), b
 
 

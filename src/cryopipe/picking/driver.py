@@ -273,13 +273,17 @@ def run_autopick(mics: MicrographSet, odir: str, picker: PickFunction, *, pixel_
                           coordinate_files={mics.names[i]: coord_names[i] for i in have})
 
 
+PICKS_PNG_LOWPASS_A = 20.0  # the picks pictures show micrographs low-passed here (RELION's manual-picking default)
+
+
 def _png_for(target: Path, items: list[tuple[Path, str, Path]], pixel_size: float,
              display_diameter: float | None) -> None:
-    """Picture of micrographs ``(file, name, coordinate file)`` with their picks; PNG at ``target``
-    (a ``.star`` target becomes ``.png``)."""
+    """Picture of micrographs ``(file, name, coordinate file)`` with their picks, low-passed at
+    :data:`PICKS_PNG_LOWPASS_A`; PNG at ``target`` (a ``.star`` target becomes ``.png``)."""
     panels = []
     for path, name, coords in items:
-        img, b = thumbnail(read_micrograph(path, torch.device("cpu")))
+        img, b = thumbnail(read_micrograph(path, torch.device("cpu")), pixel_size=pixel_size,
+                           lowpass_A=PICKS_PNG_LOWPASS_A)
         tab = read_coordinate_file(coords)
         radius = 0.5 * display_diameter / pixel_size if display_diameter else 10.0 * b
         panels.append((img, b, tab, radius, f"{name}: {len(tab)} picks"))
