@@ -48,6 +48,20 @@ def split_output_prefix(o: str | os.PathLike) -> tuple[Path, str]:
     return (p.parent if str(p.parent) else Path(".")), p.name
 
 
+def optimiser_output(o: str | None, continue_from: str | None) -> tuple[Path | None, str, bool]:
+    """Where an optimiser job (class2d, initialmodel, refine3d) writes: ``(job folder or None for a new job,
+    file prefix, same_job)``. Without ``--o`` a ``--continue`` run takes the prefix stored in its
+    ``_optimiser.star`` (rlnOutputRootName); ``same_job``: the continued run's files are in that folder."""
+    from cryopipe.engine.relion_files import read_optimiser_star
+
+    if o is None and continue_from is not None:
+        o = str(read_optimiser_star(continue_from).get("rlnOutputRootName", "run"))
+    out_dir, prefix = (None, "run") if o is None else split_output_prefix(o)
+    same_job = continue_from is not None and out_dir is not None and \
+        Path(continue_from).resolve().parent == Path(out_dir).resolve()
+    return out_dir, prefix, same_job
+
+
 def project_relative(path: Path, root: Path) -> str:
     """``path`` relative to the project directory ``root`` (as names are written in STAR files), or absolute when
     they share no root (another drive)."""

@@ -28,10 +28,10 @@ import torch
 
 from cryopipe.core.device import resolve_device
 from cryopipe.engine.backend import add_dask_arguments, make_backend
-from cryopipe.engine.class2d_files import resume_optimiser_2d, split_output_prefix, write_iteration_2d
+from cryopipe.engine.class2d_files import (optimiser_output, resume_optimiser_2d, split_output_prefix,
+                                           write_iteration_2d)
 from cryopipe.engine.classify2d import Class2DSettings, Optimiser2D, ParticleState2D
 from cryopipe.engine.particle_input import load_particles, particle_groups
-from cryopipe.engine.relion_files import read_optimiser_star
 from cryopipe.engine.run_command import command_arguments
 from cryopipe.engine.sampling import InPlaneSampling
 from cryopipe.errors import CryopipeError, InputFileError
@@ -254,17 +254,7 @@ def main(args: argparse.Namespace) -> int:
     settings, given = _settings_from_args(args)
     if args.continue_ is None and not args.i:
         raise CryopipeError("--i is required (the particles STAR file), unless --continue is given")
-    o = args.o
-    if o is None and args.continue_ is not None:
-        vals = read_optimiser_star(args.continue_)
-        o = str(vals.get("rlnOutputRootName", "run"))
-    if o is None:
-        out_dir, prefix = None, "run"
-    else:
-        out_dir, prefix = split_output_prefix(o)
-    same_job = False
-    if args.continue_ is not None and out_dir is not None:
-        same_job = Path(args.continue_).resolve().parent == Path(out_dir).resolve()
+    out_dir, prefix, same_job = optimiser_output(args.o, args.continue_)
     inputs = [(args.i, NodeType.PARTICLES)] if args.i else []
     params = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     with open_job_dir(str(out_dir) + "/" if out_dir is not None else None, "Class2D", ProcessLabel.CLASS2D,

@@ -34,12 +34,11 @@ from cryopipe.core.device import resolve_device
 from cryopipe.engine.backend import add_dask_arguments, job_backend
 from cryopipe.core.symmetry import canonical_symmetry_name
 from cryopipe.core.symmetry_align import align_symmetry_full
-from cryopipe.engine.class2d_files import project_relative, split_output_prefix
+from cryopipe.engine.class2d_files import optimiser_output, project_relative, split_output_prefix
 from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
 from cryopipe.engine.particle_input import load_particles
 from cryopipe.engine.initialmodel_setup import INITIAL_MODEL_FORCED, InitialModelRun, resume_initial_model
 from cryopipe.engine.refine3d_files import state_from_data, write_iteration_3d
-from cryopipe.engine.relion_files import read_optimiser_star
 from cryopipe.engine.run_command import command_arguments
 from cryopipe.engine.symmetry_files import write_symmetry_outputs
 from cryopipe.engine.vdam import GradUpdate, default_subset_sizes, grad_star_values, initial_model_rule
@@ -299,12 +298,7 @@ def main(args: argparse.Namespace) -> int:
     sym = canonical_symmetry_name(args.sym)
     if args.continue_ is None and not args.i:
         raise CryopipeError("--i is required (the particles STAR file), unless --continue is given")
-    o = args.o
-    if o is None and args.continue_ is not None:
-        o = str(read_optimiser_star(args.continue_).get("rlnOutputRootName", "run"))
-    out_dir, prefix = (None, "run") if o is None else split_output_prefix(o)
-    same_job = args.continue_ is not None and out_dir is not None and \
-        Path(args.continue_).resolve().parent == Path(out_dir).resolve()
+    out_dir, prefix, same_job = optimiser_output(args.o, args.continue_)
     grad = {k: v for k, v in dict(ini_frac=args.grad_ini_frac, fin_frac=args.grad_fin_frac,
                                   base_step=args.grad_stepsize, ini_subset=args.grad_ini_subset,
                                   fin_subset=args.grad_fin_subset).items() if v is not None}

@@ -56,14 +56,13 @@ import torch
 
 from cryopipe.core.device import resolve_device
 from cryopipe.engine.backend import add_dask_arguments, job_backend
-from cryopipe.engine.class2d_files import project_relative, split_output_prefix
+from cryopipe.engine.class2d_files import optimiser_output, project_relative, split_output_prefix
 from cryopipe.engine.optimiser3d import Optimiser3D, Refine3DSettings
 from cryopipe.engine.refine3d_files import (
     continued_settings,
     write_iteration_3d,
 )
 from cryopipe.engine.refine3d_setup import FORCED, read_refine_continue, refine_inputs, resume_refine3d, start_refine3d
-from cryopipe.engine.relion_files import read_optimiser_star
 from cryopipe.engine.run_command import command_arguments
 from cryopipe.errors import CryopipeError
 from cryopipe.io.tomo_particles import is_optimisation_set, is_tomo_particles, write_optimisation_set
@@ -363,12 +362,7 @@ def main(args: argparse.Namespace) -> int:
         raise CryopipeError("--i is required (particles STAR file or optimisation set), unless --continue is given")
     if args.continue_ is None and not args.ref and not (args.i and is_optimisation_set(args.i)):
         raise CryopipeError("--ref is required (the initial reference map, e.g. InitialModel/jobNNN/initial_model.mrc)")
-    o = args.o
-    if o is None and args.continue_ is not None:
-        o = str(read_optimiser_star(args.continue_).get("rlnOutputRootName", "run"))
-    out_dir, prefix = (None, "run") if o is None else split_output_prefix(o)
-    same_job = args.continue_ is not None and out_dir is not None and \
-        Path(args.continue_).resolve().parent == Path(out_dir).resolve()
+    out_dir, prefix, same_job = optimiser_output(args.o, args.continue_)
     in_type = NodeType.TOMO_OPTIMISATION_SET if args.i and is_optimisation_set(args.i) else NodeType.PARTICLES
     if settings.solvent_correct_fsc and args.solvent_mask is None and args.continue_ is None and \
             in_type != NodeType.TOMO_OPTIMISATION_SET:
