@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from cryopipe.errors import CryopipeError
+from cryopipe.sim.map_scores import aligned_fsc_summary as _aligned_fsc_summary  # also used by demo_tomo, tests
 
 #: file in a demo project that allows a later demo to replace it (nothing else is ever deleted)
 DEMO_MARKER = ".cryopipe_demo"
@@ -116,45 +117,6 @@ def _pick_summary(autopick_dir: Path, sim_dir: Path, diameter_A: float, apix: fl
             picks_xy = np.zeros((0, 2))
         total = total + score_picks(picks_xy, truth_xy, 0.3 * diameter_A / apix)
     return total.as_dict()
-
-
-def _aligned_fsc_summary(map_path: Path, truth_path: Path, sym: str = "C1") -> dict:
-    """FSC of a map against the truth after rigid alignment (rotation, shift, hand): the truth is Fourier-rescaled
-    to the map's pixel size, then windowed (centred) to its box; with ``sym`` other than C1 also the error of the
-    map's symmetry axes (:func:`cryopipe.core.volume_align.symmetry_axes_error`)."""
-    import torch
-
-    from cryopipe.core.fourier import fourier_rescale
-    from cryopipe.core.fsc import fsc, resolution_at
-    from cryopipe.core.volume_align import align_volumes
-    from cryopipe.io.mrc import read_mrc
-
-    m, apix = read_mrc(map_path)
-    t, apix_t = read_mrc(truth_path)
-    mt, tt = torch.from_numpy(m), torch.from_numpy(t)
-    n = mt.shape[-1]
-    if abs(apix_t - apix) > 1e-3 * apix:  # Fourier-rescale the truth to the map's pixel size
-        tt = fourier_rescale(tt, int(round(tt.shape[-1] * apix_t / apix)))
-    if tt.shape[-1] != n:  # then window it (centred) to the map's box
-        nt = tt.shape[-1]
-        if nt > n:
-            a = nt // 2 - n // 2
-            tt = tt[a:a + n, a:a + n, a:a + n]
-        else:
-            a = n // 2 - nt // 2
-            tt = torch.nn.functional.pad(tt, (a, n - nt - a) * 3)
-    al = align_volumes(mt, tt, pixel_size=apix, resolution_A=max(12.0, 3 * apix), order=1)
-    f = fsc(al.aligned, tt)
-    out = {"pixel_size_A": apix, "box": n, "hand_flipped": al.mirror,
-           "fsc_truth_0.5_A": round(float(resolution_at(f, 0.5, apix, n)), 2),
-           "fsc_truth_0.143_A": round(float(resolution_at(f, 0.143, apix, n)), 2)}
-    if sym.upper() != "C1":
-        # the map and the truth are both in the group's convention: what the alignment still has to rotate
-        # (up to the axes' own symmetries) is the error of the map's symmetry axes
-        from cryopipe.core.volume_align import symmetry_axes_error
-
-        out["symmetry_axes_error_deg"] = round(symmetry_axes_error(al.rotation, sym), 2)
-    return out
 
 
 def fresh_demo_project(root: Path, keep: bool) -> None:

@@ -117,10 +117,13 @@ class Runner:
 # ------------------------------------------------------------------------------------------------ scores
 
 
-def _map_score(path: Path, truth: Path, sym: str = "C1") -> dict:
+def _map_score(path: Path, truth: Path, sym: str = "C1", poses: dict | None = None) -> dict:
+    """:func:`cryopipe.jobs.demo._aligned_fsc_summary`, also trying the frame rotation the particles' ``poses``
+    (:func:`_pose_score`) imply."""
     from cryopipe.jobs.demo import _aligned_fsc_summary
 
-    return _aligned_fsc_summary(path, truth, sym)
+    rotations = [poses["frame_rotation"]] if poses and "frame_rotation" in poses else None
+    return _aligned_fsc_summary(path, truth, sym, rotations)
 
 
 def _pose_score(data_star: Path, tomograms_star: Path, truth_star: Path, truth_tomograms: Path, sym: str) -> dict:
@@ -138,18 +141,19 @@ def _pose_score(data_star: Path, tomograms_star: Path, truth_star: Path, truth_t
     est = read_tomo_particles(data_star, sets)
     index = {n: i for i, n in enumerate(truth.particles["rlnTomoParticleName"])}
     rows = np.array([index[n] for n in est.particles["rlnTomoParticleName"]])
-    err, _ = pose_errors(torch.as_tensor(est.orientations()), torch.as_tensor(truth.orientations()[rows]), sym)
+    err, Q = pose_errors(torch.as_tensor(est.orientations()), torch.as_tensor(truth.orientations()[rows]), sym)
     apix = float(sets[sets.names[0]].pixel_size)
     dist = np.linalg.norm(est.positions_px(sets) - truth.positions_px(t_sets)[rows], axis=1) * apix
     return {"angular_error_median_deg": round(float(err.median()), 2),
             "angular_error_p90_deg": round(float(err.quantile(0.9)), 2),
-            "position_error_median_A": round(float(np.median(dist)), 2), "n_particles": int(len(rows))}
+            "position_error_median_A": round(float(np.median(dist)), 2), "n_particles": int(len(rows)),
+            "frame_rotation": [[round(float(v), 6) for v in row] for row in Q.tolist()]}
 
 
 def _refine_score(prefix: Path, truth: Path, sym: str, poses: dict) -> dict:
     from cryopipe.io.star import read_star
 
-    out = _map_score(Path(f"{prefix}_class001.mrc"), truth, sym)
+    out = _map_score(Path(f"{prefix}_class001.mrc"), truth, sym, poses)
     general = read_star(Path(f"{prefix}_model.star"))["model_general"]
     out["reported_resolution_A"] = round(float(general["rlnCurrentResolution"]), 2)
     return {**out, **poses}
@@ -244,7 +248,7 @@ def run_sta_path(cfg: StaConfig, run: Runner, sim: str = "Simulate/job001/", job
     rp = job("ReconstructParticleTomo")
     run(["reconstruct-particle", "--i", f"{sub2}optimisation_set.star", "--o", rp, "--b", cfg.fine_box, "--crop",
          cfg.fine_crop, "--bin", cfg.fine_bin, "--sym", "C6"])
-    s["reconstruct_particle"] = _map_score(Path(rp) / "merged.mrc", truth, "C6")
+    s["reconstruct_particle"] = _map_score(Path(rp) / "merged.mrc", truth, "C6", after)
     # 9. refinement at the finer binning (local searches)
     ref2 = job("Refine3D")
     fine_apix = cfg.angpix * cfg.fine_bin
@@ -254,7 +258,8 @@ def run_sta_path(cfg: StaConfig, run: Runner, sim: str = "Simulate/job001/", job
          "--offset_range", "2", "--offset_step", "1", "--particle_diameter", diam,
          "--ini_high", f"{max(2.5 * fine_apix, s['refine3d_coarse']['reported_resolution_A']):.1f}",
          "--random_seed", cfg.seed])
-    s["refine3d_fine"] = _refine_score(Path(ref2) / "run", truth, "C6", poses(Path(ref2) / "run_data.star"))
+    fine_poses = poses(Path(ref2) / "run_data.star")
+    s["refine3d_fine"] = _refine_score(Path(ref2) / "run", truth, "C6", fine_poses)
     # 10-11. mask and post-processing
     vol, _ = read_mrc(Path(ref2) / "run_class001.mrc")
     mask = job("MaskCreate")
@@ -265,7 +270,7 @@ def run_sta_path(cfg: StaConfig, run: Runner, sim: str = "Simulate/job001/", job
          "--auto_bfac", "--autob_lowres", f"{4 * fine_apix:g}"])
     general = read_star(Path(pp) / "postprocess.star")["general"]
     final = float(general["rlnFinalResolution"])
-    truth_fsc = _map_score(Path(pp) / "postprocess_masked.mrc", truth, "C6")
+    truth_fsc = _map_score(Path(pp) / "postprocess_masked.mrc", truth, "C6", fine_poses)
     s["postprocess"] = {"resolution_0.143_A": round(final, 2), **truth_fsc,
                         "gold_standard_vs_truth_0.5": round(final / truth_fsc["fsc_truth_0.5_A"], 3),
                         "final_pixel_size_A": fine_apix,
