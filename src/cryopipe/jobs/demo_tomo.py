@@ -19,8 +19,9 @@ Steps (each a real ``cryopipe`` command run in a fresh project folder; printed a
 10. ``mask-create`` from the refined map; 11. ``postprocess``: masked gold-standard FSC 0.143 vs the truth's
     FSC 0.5 crossing (the claim must not exceed what the map has).
 
-Maps are compared with the truth after rigid alignment (:func:`cryopipe.jobs.demo._aligned_fsc_summary`: the de novo
-frame and hand are arbitrary); poses with :func:`cryopipe.tomo.evaluate.pose_errors`. The summary (printed, and
+Maps are compared with the truth after rigid alignment (:func:`cryopipe.sim.map_scores.aligned_fsc_summary`: the de
+novo frame and hand are arbitrary; where poses exist, the frame rotation they give is tried too, since the rigid
+search can settle on a wrong optimum); poses with :func:`cryopipe.tomo.evaluate.pose_errors`. The summary (printed, and
 ``demo_tomo_summary.json`` in the project) holds every command with its wall time, CPU seconds and peak memory.
 
 Commands run as subprocesses (``python -m cryopipe ...``, what a user types; per-step CPU time and peak RSS from
