@@ -22,8 +22,9 @@ frequencies and 3D translations.
 3D pseudo-subtomograms (RELION's default tomographic particles): :func:`volume_coefficient_set` holds the
 coefficients of an ``n³`` half-complex volume (``[n, n, n//2+1]`` as z, y, x, FFT order, DC at index 0) with
 ``k = (kx, ky, kz)``; the half of the ``kx = 0`` plane that is the complex conjugate of the other half
-(of each pair ``(kz, ky) ↔ (−kz, −ky)`` the one with the larger grid index) is left out. A prediction in orientation ``A`` is ``V̂(Aᵀ·k)`` (the
-reference rotated in 3D, no central slice) and a 3D translation the phase ``exp(−2πi k·t/n)``.
+(of each pair ``(kz, ky) ↔ (−kz, −ky)`` the one with the larger grid index) is left out. A prediction in
+orientation ``A`` is ``V̂(Aᵀ·k)`` (the reference rotated in 3D, no central slice) and a 3D translation the phase
+``exp(−2πi k·t/n)``.
 """
 
 from __future__ import annotations
@@ -114,7 +115,6 @@ class CoefficientSet:
         conjugate of their ``ky > 0`` mates (and the real-valued weights simply copied), so that the grid is a
         consistent half-complex transform (``irfft2_centered`` gives a real image).
         """
-        h = self.n // 2 + 1
         g = self.grid_shape
         size = 1
         for d in g:

@@ -13,8 +13,9 @@ initial model: clamp(0.005·N, 200, 5000) → clamp(0.1·N, 1000, 50000)), step 
 from 1 to ``--tau2_fudge`` (:mod:`cryopipe.engine.vdam`), at most ``--maxsig`` (default 100·K) significant coarse
 samples per particle, the HEALPix order fixed unless ``--auto_sampling`` (opt-in: RELION's GUI turns it on, but each
 order costs 8× on a CPU; 15° oversampled sampling reaches ~9 Å on the 3 Å/px benchmark). Every
-``--grad_write_iter`` iterations and at the last one it writes ``<prefix>_itNNN_classKKK.mrc``, ``_model.star``, ``_data.star``, ``_sampling.star``,
-``_optimiser.star`` and ``_momenta.pt`` (cryopipe: the optimiser's moment estimates, for ``--continue``).
+``--grad_write_iter`` iterations and at the last one it writes ``<prefix>_itNNN_classKKK.mrc``, ``_model.star``,
+``_data.star``, ``_sampling.star``, ``_optimiser.star`` and ``_momenta.pt`` (cryopipe: the optimiser's moment
+estimates, for ``--continue``).
 At the end the largest class is aligned to the symmetry axes of ``--sym`` and symmetrised
 (:func:`cryopipe.core.symmetry_align.align_symmetry_full`) into ``initial_model.mrc`` (next to the run files),
 with the alignment record ``initial_model_symmetry.star``/``.json``; with C1 it is the largest class as it is.
