@@ -670,6 +670,15 @@ def _children_grid(batch: BatchData, inv_score: torch.Tensor, log_prior_orient: 
                       flat=flat, locate=locate, at_f=at_f)
 
 
+def _noise_sum_inputs(batch: BatchData, settings: EStepSettings, refs_m: torch.Tensor):
+    """What both noise-sum paths read, cut to the ``P`` coefficients of ``refs_m [Mf, P]``: ``(ctf [B, P],
+    1/σ² [B, P], shell [P], optics group [B], power outside float64 [B, shells], |Ref|² [Mf, P])``."""
+    dev = batch.X.device
+    P = refs_m.shape[1]
+    return (batch.ctf[:, :P], batch.inv_sigma2[:, :P], settings.shell[:P].to(dev), batch.optics_group.to(dev),
+            batch.power_outside.to(torch.float64), refs_m.real.square() + refs_m.imag.square())
+
+
 def _per_image_noise_sums(batch: BatchData, settings: EStepSettings, w: _Weights, wbm: torch.Tensor,
                           at_f: torch.Tensor, refs_m: torch.Tensor, ex_xx: torch.Tensor):
     """σ² sums and per-image norm / scale corrections from the expected residual power
@@ -677,12 +686,7 @@ def _per_image_noise_sums(batch: BatchData, settings: EStepSettings, w: _Weights
     norm_residual [B], scale_xa [B], scale_aa [B])``."""
     dev = batch.X.device
     B, P = wbm.shape[0], refs_m.shape[1]
-    ctf = batch.ctf[:, :P]
-    inv = batch.inv_sigma2[:, :P]
-    shell = settings.shell[:P].to(dev)
-    og = batch.optics_group.to(dev)
-    pw_out = batch.power_outside.to(torch.float64)
-    ref_pow = refs_m.real.square() + refs_m.imag.square()  # [Mf, P]
+    ctf, inv, shell, og, pw_out, ref_pow = _noise_sum_inputs(batch, settings, refs_m)
     e_xa = _expected_cross(w, at_f, refs_m)  # [B, P]: Re Σ_t,m w·X_t·C/σ²·conj(Ref_m) (DC: ·1/σ²_0)
     e_xa = torch.where(inv > 0, e_xa / inv.clamp_min(1e-30), torch.zeros_like(e_xa))  # → Re Σ X_t·C·E[R]*
     e_aa = ctf.square() * (wbm @ ref_pow)  # [B, P]
@@ -707,12 +711,7 @@ def _per_group_noise_sums(batch: BatchData, settings: EStepSettings, w: _Weights
     dev = batch.X.device
     B, P = wbm.shape[0], refs_m.shape[1]
     Mf = refs_m.shape[0]
-    ctf = batch.ctf[:, :P]
-    inv = batch.inv_sigma2[:, :P]
-    shell = settings.shell[:P].to(dev)
-    og = batch.optics_group.to(dev)
-    pw_out = batch.power_outside.to(torch.float64)
-    ref_pow = refs_m.real.square() + refs_m.imag.square()  # [Mf, P]
+    ctf, inv, shell, og, pw_out, ref_pow = _noise_sum_inputs(batch, settings, refs_m)
     wsum_noise = torch.zeros(settings.n_optics_groups, settings.n_shells, device=dev, dtype=torch.float64)
     for group in torch.unique(og).tolist():  # optics groups of the batch (a handful)
         sel = og == group

@@ -291,25 +291,24 @@ def check_inside(particles: TomoParticles, tomograms: TomogramSet) -> None:
 # ================================================================================================ optimisation set
 
 
-def is_optimisation_set(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a STAR file with a ``rlnTomoParticlesFile`` entry (a RELION optimisation set); looks
-    at the first 64 kB only, so a large particles file is not parsed twice. False for an unreadable path."""
+def _head_contains(path: str | os.PathLike, label: bytes) -> bool:
+    """True if the first 64 kB of ``path`` contain ``label`` (a large STAR file is not parsed twice); False for an
+    unreadable path."""
     try:
         with open(path, "rb") as f:
-            head = f.read(65536)
+            return label in f.read(65536)
     except OSError:
         return False
-    return b"_rlnTomoParticlesFile" in head
+
+
+def is_optimisation_set(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a STAR file with a ``rlnTomoParticlesFile`` entry (a RELION optimisation set)."""
+    return _head_contains(path, b"_rlnTomoParticlesFile")
 
 
 def is_tomo_particles(path: str | os.PathLike) -> bool:
     """True if ``path`` is a tomography particles STAR file (a ``rlnTomoName`` column in its first 64 kB)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(65536)
-    except OSError:
-        return False
-    return b"_rlnTomoName" in head
+    return _head_contains(path, b"_rlnTomoName")
 
 
 def optimisation_set_entries(path: str | os.PathLike) -> dict[str, str]:
