@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ OUT = Path(__file__).parent / "results"
 def errors(datas, ttomos, tparts) -> dict:
     pos_t, A_t, names = tparts.positions_px(ttomos), tparts.orientations(), tparts.tomo_names
     acc = {k: [] for k in ("positions_A", "angles_deg", "angles_common_rotation_removed_deg", "tilt_shifts_A",
-                           "stage_angles_deg", "defocus_A")}
+                           "stage_angles_deg", "defocus_A", "defocus_lowest_dose_half_A")}
     for name, d in datas.items():
         rows = names == name
         ts = ttomos[name]
@@ -67,7 +68,9 @@ def errors(datas, ttomos, tparts) -> dict:
         sh = d.shifts.cpu().numpy() - ts.shifts_angst()
         acc["tilt_shifts_A"].append((sh ** 2).sum(1))
         acc["stage_angles_deg"].append(((d.angles.cpu().numpy() - ts.tilt_angles()) ** 2).sum(1))
-        acc["defocus_A"].append((d.defocus.cpu().numpy()[:, :2].mean(1) - ts.defocus()[:, :2].mean(1)) ** 2)
+        dz = (d.defocus.cpu().numpy()[:, :2].mean(1) - ts.defocus()[:, :2].mean(1)) ** 2
+        acc["defocus_A"].append(dz)
+        acc["defocus_lowest_dose_half_A"].append(dz[np.argsort(ts.pre_exposure(), kind="stable")[:(len(dz) + 1) // 2]])
     return {k: float(np.sqrt(np.concatenate(v).mean())) for k, v in acc.items()}
 
 
@@ -138,6 +141,8 @@ def main() -> None:
     ap.add_argument("--lbfgs", type=int, default=12, help="L-BFGS iterations per sub-iteration")
     ap.add_argument("--defocus_search", type=float, default=1000.0, help="± defocus grid of run B (Å; 0: off)")
     ap.add_argument("--imagewarp", action="store_true", help="the image-warp recovery run instead (module doc)")
+    ap.add_argument("--key", default=None, help="add this run under runs[KEY] of the existing --out JSON (earlier "
+                    "runs kept) instead of overwriting it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.imagewarp:
@@ -147,7 +152,7 @@ def main() -> None:
     from cryopipe.jobs.simulate import build_volume
     from cryopipe.sim.tiltseries import Perturbations, simulate_tilt_series
 
-    t_all, c_all = time.perf_counter(), time.process_time()
+    t_all, c_all, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench_mpr_"))
     cwd = os.getcwd()
     os.chdir(work)
@@ -225,12 +230,12 @@ def main() -> None:
             "log": a.log + c.log + b.log,
             "total_wall_s": time.perf_counter() - t_all, "total_cpu_s": time.process_time() - c_all,
             "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "device": "cpu", "load_avg": os.getloadavg()[0],
+            "device": "cpu", "load_avg": os.getloadavg()[0], "load_avg_start": load_start,
+            "command": "bench/bench_mpr.py " + " ".join(sys.argv[1:]),
         }
     finally:
         os.chdir(cwd)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result, args.key)
     r = result
     runs = ("before", "after_A", "after_geometry_C", "after_geometry_ctf_B")
     print("residual RMS error vs truth (" + " / ".join(runs) + "):")
@@ -240,6 +245,17 @@ def main() -> None:
     print("FSC(truth) 0.5 (Å):", r["fsc_truth_0.5_A"])
     print("speed:", r["speed"])
     print(f"total {r['total_wall_s']:.0f} s wall, {r['total_cpu_s']:.0f} CPU-s")
+
+
+def write_result(out: str, result: dict, key: str | None) -> None:
+    """Write ``result`` to ``out``; with ``key``, as ``runs[key]`` of the JSON already there (earlier runs kept)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if key:
+        whole = json.loads(path.read_text()) if path.exists() else {}
+        whole.setdefault("runs", {})[key] = result
+        result = whole
+    path.write_text(json.dumps(result, indent=1))
 
 
 def masked_res(h1, h2, mask, apix) -> float:
