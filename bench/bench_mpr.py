@@ -129,6 +129,106 @@ def imagewarp_run(threads: int, out: str) -> None:
     print("image warp RMS error (Å) before and after each sub-iteration:", [round(v, 3) for v in rms])
 
 
+def simulated_set(args):
+    """The simulated tilt series of the module docstring, written under ./sim: ``(apix, box, injected
+    perturbations, truth map, tomograms, particles, true tomograms, true particles)``."""
+    from cryopipe.jobs.simulate import build_volume
+    from cryopipe.sim.tiltseries import Perturbations, simulate_tilt_series
+
+    vol, apix = build_volume("3enl", None, args.apix)
+    pert = Perturbations(tilt_shift_A=4.0, tilt_angle_deg=0.5, defocus_A=500.0, particle_shift_A=4.0,
+                         particle_angle_deg=3.0)
+    simulate_tilt_series(vol, apix, "sim", n_tomograms=args.n_tomograms, particles_per_tomogram=args.particles,
+                         image_size=(320, 288), thickness_A=400.0, tilt_step=6.0, snr=args.snr, device="cpu",
+                         seed=5, defocus_range=(20000.0, 30000.0), perturbations=pert)
+    tomos, ttomos = read_tomograms("sim/tomograms.star"), read_tomograms("sim/truth/tomograms.star")
+    return (apix, int(vol.shape[-1]), pert, torch.as_tensor(np.asarray(vol, dtype=np.float32)), tomos,
+            read_tomo_particles("sim/particles.star", tomos), ttomos,
+            read_tomo_particles("sim/truth/particles.star", ttomos))
+
+
+def self_reference_run(args) -> dict:
+    """How much a particle's own image in its half-map holds its pose back. The same data, the tilt metadata set
+    to the truth and only the particle poses perturbed (3°, 4 Å); ``poses`` alone refined for ``--rounds`` rounds
+    of 2 sub-iterations (limit ramp 80 → 100 % of the references' masked FSC resolution, as run_mpr), with the
+    references (``--variants``):
+
+    * ``own``: gold standard as in M, each particle against its own half-map, reconstructed at the current poses
+      before each round (so it holds the particle's image at its current, wrong pose);
+    * ``other``: the same maps, each particle against the *other* half-map (same resolution, no trace of the
+      particle: the gold standard broken on purpose, a diagnostic only);
+    * ``truth_other``: fixed half-maps reconstructed at the true metadata, the other half (the best independent
+      reference these particles can give: the floor set by the particle's own noise);
+    * ``own_limit_nyquist``: ``own`` with the limit at Nyquist instead of the FSC resolution;
+    * ``own_lbfgs24``: ``own`` with twice the L-BFGS iterations.
+
+    Reported per variant and round: particle angle RMS error (also with the common rotation removed) and position
+    RMS error (mean removed) vs the truth, the references' masked FSC, CPU seconds."""
+    from cryopipe.mpr.driver import make_species, masked_fsc, species_mask
+    from cryopipe.mpr.forward import bake, zero_parameters
+    from cryopipe.mpr.optimise import refine_tilt_series
+
+    t_all, c_all, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    cwd = os.getcwd()
+    os.chdir(tempfile.mkdtemp(prefix="bench_mpr_selfref_"))
+    try:
+        apix, box, pert, truth, tomos, parts, ttomos, tparts = simulated_set(args)
+        # the perturbed particles placed in the true tilt series: only the poses are wrong
+        start_parts = read_tomo_particles("sim/particles.star", ttomos)
+
+        def datas_of(p):
+            return {g.tilt_series.name: prepare_tilt_series(g.tilt_series, g.positions_px, g.orientations,
+                                                            g.half_sets, box, 1.0)
+                    for g in particles_per_tilt_series(p, ttomos)}
+
+        ht1, ht2, _ = reconstruct_halves(datas_of(tparts).values(), box, 1.0)
+        mask = species_mask(None, box, apix, 0.8 * box * apix, 10.0)
+        variants = {}
+        for variant in args.variants.split(","):
+            c0 = time.process_time()
+            datas = datas_of(start_parts)
+            rows = []
+
+            def record(fsc_res):
+                e = errors(datas, ttomos, tparts)
+                rows.append({"angles_deg": e["angles_deg"], "angles_common_rotation_removed_deg":
+                             e["angles_common_rotation_removed_deg"], "positions_A": e["positions_A"],
+                             "reference_masked_fsc_A": fsc_res, "cpu_s": time.process_time() - c0})
+
+            record(None)
+            for _ in range(args.rounds):
+                h1, h2 = (ht1, ht2) if variant.startswith("truth") else \
+                    reconstruct_halves(datas.values(), box, 1.0)[:2]
+                res = masked_fsc(h1, h2, mask, apix)[1]
+                if variant.endswith("other"):
+                    h1, h2 = h2, h1
+                k_full = box // 2 - 1 if variant.endswith("nyquist") else min(box * apix / res, box // 2 - 1)
+                species = make_species(h1, h2, mask, 1.0)
+                for it in range(2):
+                    k_max = max(2.5, (0.8 + 0.2 * it) * k_full)
+                    for name, d in datas.items():
+                        params = zero_parameters(d)
+                        refine_tilt_series(d, species, params, ("poses",), k_max, batch_pairs=256,
+                                           lbfgs_iterations=2 * args.lbfgs if variant.endswith("lbfgs24")
+                                           else args.lbfgs)
+                        datas[name] = bake(d, params, ("poses",))
+                record(res)
+                print(variant, rows[-1], flush=True)
+            variants[variant] = rows
+        result = {"data": {"structure": "3enl", "apix": apix, "box": box, "n_tomograms": args.n_tomograms,
+                           "particles_per_tomogram": args.particles, "snr": args.snr,
+                           "injected": "particle poses only (3 deg, 4 A); tilt metadata true"},
+                  "schedule": f"poses x 2 sub-iterations (limit 80 -> 100 % of the references' masked FSC), "
+                              f"{args.rounds} rounds, references re-made before each round; L-BFGS {args.lbfgs}",
+                  "variants": variants, "doc": self_reference_run.__doc__,
+                  "total_wall_s": time.perf_counter() - t_all, "total_cpu_s": time.process_time() - c_all,
+                  "load_avg_start": load_start, "load_avg": os.getloadavg()[0],
+                  "command": "bench/bench_mpr.py " + " ".join(sys.argv[1:])}
+    finally:
+        os.chdir(cwd)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--apix", type=float, default=4.0)
@@ -141,6 +241,10 @@ def main() -> None:
     ap.add_argument("--lbfgs", type=int, default=12, help="L-BFGS iterations per sub-iteration")
     ap.add_argument("--defocus_search", type=float, default=1000.0, help="± defocus grid of run B (Å; 0: off)")
     ap.add_argument("--imagewarp", action="store_true", help="the image-warp recovery run instead (module doc)")
+    ap.add_argument("--self_reference", action="store_true", help="the self-reference diagnostic instead "
+                    "(self_reference_run); written under runs[KEY or 'self_reference']")
+    ap.add_argument("--variants", default="own,other,truth_other,own_limit_nyquist",
+                    help="--self_reference: references to compare (self_reference_run)")
     ap.add_argument("--key", default=None, help="add this run under runs[KEY] of the existing --out JSON (earlier "
                     "runs kept) instead of overwriting it")
     args = ap.parse_args()
@@ -149,26 +253,15 @@ def main() -> None:
         imagewarp_run(args.threads, args.out or str(OUT / "mpr_imagewarp_cpu.json"))
         return
     args.out = args.out or str(OUT / "mpr_cpu.json")
-    from cryopipe.jobs.simulate import build_volume
-    from cryopipe.sim.tiltseries import Perturbations, simulate_tilt_series
-
+    if args.self_reference:
+        write_result(args.out, self_reference_run(args), args.key or "self_reference")
+        return
     t_all, c_all, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench_mpr_"))
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        vol, apix = build_volume("3enl", None, args.apix)
-        box = int(vol.shape[-1])
-        pert = Perturbations(tilt_shift_A=4.0, tilt_angle_deg=0.5, defocus_A=500.0, particle_shift_A=4.0,
-                             particle_angle_deg=3.0)
-        simulate_tilt_series(vol, apix, "sim", n_tomograms=args.n_tomograms, particles_per_tomogram=args.particles,
-                             image_size=(320, 288), thickness_A=400.0, tilt_step=6.0, snr=args.snr, device="cpu",
-                             seed=5, defocus_range=(20000.0, 30000.0), perturbations=pert)
-        truth = torch.as_tensor(np.asarray(vol, dtype=np.float32))
-        tomos = read_tomograms("sim/tomograms.star")
-        parts = read_tomo_particles("sim/particles.star", tomos)
-        ttomos = read_tomograms("sim/truth/tomograms.star")
-        tparts = read_tomo_particles("sim/truth/particles.star", ttomos)
+        apix, box, pert, truth, tomos, parts, ttomos, tparts = simulated_set(args)
 
         def datas_of(p, t):
             return {g.tilt_series.name: prepare_tilt_series(g.tilt_series, g.positions_px, g.orientations,
