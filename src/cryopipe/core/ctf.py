@@ -36,6 +36,10 @@ __all__ = [
     "ctf_1d",
     "first_peak_mask",
     "beam_tilt_phase",
+    "zernike_index_to_mn",
+    "zernike_cartesian",
+    "zernike_phase",
+    "beam_tilt_zernike",
 ]
 
 _PARAM_NAMES = (
@@ -413,3 +417,57 @@ def beam_tilt_phase(kx_per_A, ky_per_A, beam_tilt_x_mrad, beam_tilt_y_mrad, volt
                       for t in (kx_per_A, ky_per_A, beam_tilt_x_mrad, beam_tilt_y_mrad))
     factor = 2.0 * math.pi * float(cs) * 1e7 * lam * lam * 1e-3
     return factor * (kx * kx + ky * ky) * (kx * tx + ky * ty)
+
+
+def zernike_index_to_mn(index: int, odd: bool) -> tuple[int, int]:
+    """``(m, n)`` of RELION's ``index``-th odd or even Zernike coefficient (``Zernike::oddIndexToMN`` /
+    ``evenIndexToMN``): odd (1,−1), (1,1), (3,−3), (3,−1), (3,1), (3,3), (5,−5) …; even (0,0), (2,−2), (2,0), (2,2),
+    (4,−4) …"""
+    if odd:
+        k = int((math.sqrt(1 + 4 * index) - 1.0) / 2.0)
+        n = 2 * k + 1
+        return 2 * (index - k * k - k) - n, n
+    k = int(math.sqrt(index))
+    return 2 * (index - k * k - k), 2 * k
+
+
+def zernike_cartesian(m: int, n: int, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+    """RELION's unnormalised Zernike polynomial ``Z_n^m`` at ``(kx, ky)`` (``Zernike::Z_cart``: ``R_n^|m|(ρ)·cos(mφ)``
+    for ``m ≥ 0``, ``R_n^|m|(ρ)·sin(|m|φ)`` for ``m < 0``; no unit-disk scaling), written as a polynomial in ``kx, ky``
+    (``ρ^|m|·e^{i|m|φ} = (kx + i·ky)^|m|``), so it is smooth and differentiable everywhere."""
+    a = abs(m)
+    rho2 = kx * kx + ky * ky
+    radial = torch.zeros_like(rho2)
+    for j in range((n - a) // 2 + 1):  # R_n^a(ρ) = ρ^a · Σ_j c_j ρ^(n−a−2j)
+        c = (-1) ** j * math.factorial(n - j) / (math.factorial(j) * math.factorial((n + a) // 2 - j)
+                                                  * math.factorial((n - a) // 2 - j))
+        radial = radial + c * rho2 ** ((n - a) // 2 - j)
+    re, im = torch.ones_like(kx), torch.zeros_like(kx)
+    for _ in range(a):
+        re, im = re * kx - im * ky, re * ky + im * kx
+    return radial * (re if m >= 0 else im)
+
+
+def zernike_phase(kx_per_A: torch.Tensor, ky_per_A: torch.Tensor, coefficients: torch.Tensor, odd: bool
+                  ) -> torch.Tensor:
+    """Aberration phase (radians) ``Σ_i c_i·Z_i(kx, ky)`` of RELION's odd (rlnOddZernike: antisymmetric, multiplies
+    the prediction by ``exp(i·φ)``) or even (rlnEvenZernike: symmetric, added to the CTF phase ``γ``) coefficients
+    ``[..., K]`` at frequencies in Å⁻¹ (``ObservationModel::getPhaseCorrection`` / ``getGammaOffset``). The
+    frequencies broadcast with ``coefficients[..., i]``; differentiable in both."""
+    phase = torch.zeros((), dtype=coefficients.dtype, device=coefficients.device)
+    for i in range(coefficients.shape[-1]):
+        m, n = zernike_index_to_mn(i, odd)
+        phase = phase + coefficients[..., i] * zernike_cartesian(m, n, kx_per_A, ky_per_A)
+    return phase
+
+
+def beam_tilt_zernike(beam_tilt_x_mrad, beam_tilt_y_mrad, voltage=300.0, cs=2.7) -> torch.Tensor:
+    """The six odd Zernike coefficients ``[..., 6]`` (RELION's order, :func:`zernike_index_to_mn`) whose phase is
+    :func:`beam_tilt_phase` (RELION's ``TiltHelper::insertTilt``): ``φ = K·ρ²·(kx·τx + ky·τy)`` and
+    ``ρ²·x = (Z₃¹ + 2·Z₁¹)/3`` (same for y), with ``K`` taken from :func:`beam_tilt_phase` itself."""
+    one = torch.ones((), dtype=torch.float64)
+    factor = beam_tilt_phase(one, 0.0 * one, 1.0, 0.0, voltage, cs)  # K·τ for τ = 1 mrad at (1, 0) Å⁻¹
+    tx = torch.as_tensor(beam_tilt_x_mrad, dtype=torch.float64) * factor
+    ty = torch.as_tensor(beam_tilt_y_mrad, dtype=torch.float64) * factor
+    zero = torch.zeros_like(tx)
+    return torch.stack([2.0 * ty / 3.0, 2.0 * tx / 3.0, zero, ty / 3.0, tx / 3.0, zero], -1)

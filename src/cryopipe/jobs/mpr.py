@@ -4,7 +4,10 @@ Staged like M: ``--stage poses,shifts --iter 3 --stage poses,shifts,stageangles,
 applies to every stage; ``--iter 0`` alone only reconstructs half-maps at the input metadata and reports their
 masked FSC, M's baseline). Groups: poses (particle angles + positions), shifts (per-tilt image shifts), imagewarp
 (per-tilt cubic B-spline displacement grid, ``--warp_grid``), stageangles (per-tilt XTilt/YTilt/ZRot), ctf
-(per-tilt defocus + astigmatism; refused when the species is worse than ``--ctf_minresolution``).
+(per-tilt defocus + astigmatism; refused when the species is worse than ``--ctf_minresolution``), temporalposes
+(each particle's pose as ``--pose_samples`` temporal samples over dose, M's trajectories), magnification (per tilt
+series 2×2 matrix, RELION's rlnMagMat), oddzernike (beam tilt + trefoil) and evenzernike (4th-order symmetric
+aberrations); the Zernike groups are CTF groups (refused like ctf). See :mod:`cryopipe.mpr.parameters` for units.
 
 A project job like the others (:func:`cryopipe.pipeline.project.open_job_dir`): without ``--o`` a new
 ``MultiParticle/jobNNN/`` in the project here, entered in ``default_pipeline.star`` as process ``cryopipe.mpr``
@@ -15,7 +18,12 @@ Outputs in the job folder (each file written atomically): ``particles.star`` (RE
 ``tomograms.star`` + ``tilt_series/<TS>.star`` (refined per-tilt angles, shifts, defocus; image names unchanged),
 ``image_warp.star`` (with imagewarp: one table per tilt series, one row per tilt, columns
 ``cryopipeWarpX1..K`` / ``cryopipeWarpY1..K`` = node displacements in Å, nodes row-major (y, then x) on a
-``gx × gy`` grid spanning pixel 0 … W−1 / 0 … H−1, ``data_general`` holds the grid size), ``half1.mrc``,
+``gx × gy`` grid spanning pixel 0 … W−1 / 0 … H−1, ``data_general`` holds the grid size),
+``pose_trajectories.star`` (with ``--pose_samples`` > 1: one table per tilt series, rows = its particles in
+particles.star order, per-sample position and rotation-vector deviations from the particle's mean pose,
+:func:`cryopipe.mpr.driver.trajectory_tables`; particles.star holds the mean), magnification and aberrations in
+tomograms.star's global rows (rlnMagMat00..11, rlnOddZernike with the beam tilt folded in as RELION does,
+rlnEvenZernike; written when any of them is refined or given), ``half1.mrc``,
 ``half2.mrc`` (refined), ``half1_iter0.mrc``, ``half2_iter0.mrc`` (input metadata), ``fsc.star`` + ``fsc.png``
 (masked FSC before/after), ``mpr_log.txt`` (one line per sub-iteration: score, resolution) and
 ``mpr_stats.json``.
@@ -46,8 +54,8 @@ from cryopipe.io.particles import read_particles, write_particles
 from cryopipe.io.star import write_star
 from cryopipe.io.tomo_particles import check_inside, read_optimisation_set, read_tomo_particles, write_tomo_particles
 from cryopipe.io.tomography import read_tomograms, write_tomograms
-from cryopipe.mpr.driver import (MprOptions, Stage, check_stages, relion30_table, run_mpr, updated_particles,
-                                 updated_tomograms)
+from cryopipe.mpr.driver import (MprOptions, Stage, check_stages, relion30_table, run_mpr, trajectory_tables,
+                                 updated_particles, updated_tomograms)
 from cryopipe.mpr.parameters import GROUPS
 from cryopipe.mpr.spa import SPA_NAME, check_spa_stages, run_mpr_spa, updated_spa_particles
 
@@ -86,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop L-BFGS when 2 iterations raise the NCC by less than this (0: always --lbfgs_iter)")
     p.add_argument("--warp_grid", type=int, nargs=2, default=(3, 3), metavar=("GX", "GY"),
                    help="image-warp grid nodes (x, y)")
+    p.add_argument("--pose_samples", type=int, default=1,
+                   help="temporal samples of each particle's pose over dose (group temporalposes; 1: one pose)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run all stages this many times, each later round against half-maps reconstructed at the "
                         "refined metadata (its limit from their masked FSC), as running M again")
@@ -216,9 +226,9 @@ def main(args: argparse.Namespace) -> int:
     if args.diameter <= 0:
         raise CryopipeError(f"--diameter {args.diameter:g}: must be > 0 Å")
     if args.first_tilts < 0 or args.batch_size < 1 or args.lbfgs_iter < 1 or min(args.warp_grid) < 1 \
-            or args.rounds < 1 or args.defocus_search < 0 or args.defocus_search_step <= 0:
-        raise CryopipeError("--first_tilts and --defocus_search must be >= 0, --batch_size, --lbfgs_iter, --rounds and "
-                            "--warp_grid >= 1, --defocus_search_step > 0")
+            or args.rounds < 1 or args.defocus_search < 0 or args.defocus_search_step <= 0 or args.pose_samples < 1:
+        raise CryopipeError("--first_tilts and --defocus_search must be >= 0, --batch_size, --lbfgs_iter, --rounds, "
+                            "--pose_samples and --warp_grid >= 1, --defocus_search_step > 0")
     if spa:
         spa_particles = read_particles(files["particles"])
     else:
@@ -253,7 +263,7 @@ def _run(args, job, spa: bool, stages, files, half1, half2, px, mask, spa_partic
                          lbfgs_iterations=args.lbfgs_iter, tolerance=args.tolerance,
                          warp_grid=tuple(args.warp_grid), symmetry=args.sym,
                          batch_pairs=args.batch_size, rounds=args.rounds, defocus_search_A=args.defocus_search,
-                         defocus_search_step_A=args.defocus_search_step,
+                         defocus_search_step_A=args.defocus_search_step, pose_samples=args.pose_samples,
                          reconstruct_snr=args.wiener_snr if args.wiener_snr is not None else (1.0 if spa else -1.0))
     if spa:
         result = run_mpr_spa(spa_particles, half1, half2, px, mask, args.diameter, options,
@@ -278,6 +288,10 @@ def _run(args, job, spa: bool, stages, files, half1, half2, px, mask, spa_partic
         job.add_output(out / "tomograms.star", NodeType.TOMOGRAMS)
         if any("imagewarp" in st.groups for st in stages):
             _write_warp(out, result.data, args.warp_grid)
+        trajectories = trajectory_tables(result.data)
+        if trajectories:
+            write_star(out / "pose_trajectories.star", {"general": {"cryopipePoseSamples": args.pose_samples},
+                                                        **trajectories}, version=50001)
     if refined:
         write_mrc(out / "half1.mrc", result.half1.cpu().numpy(), px)
         write_mrc(out / "half2.mrc", result.half2.cpu().numpy(), px)

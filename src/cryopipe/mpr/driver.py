@@ -26,6 +26,7 @@ import numpy as np
 import pandas
 import torch
 
+from cryopipe.core.ctf import beam_tilt_zernike
 from cryopipe.core.fsc import fsc, resolution_at
 from cryopipe.core.geometry import matrix_to_euler
 from cryopipe.core.mask_ops import soft_edge
@@ -43,7 +44,8 @@ from cryopipe.tomo.particle_sets import particles_per_tilt_series
 
 __all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "tilt_images", "without_images",
            "make_species", "species_mask", "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms",
-           "relion30_table", "check_stages", "species_setup", "RunStart", "start_run", "refine_data_sets"]
+           "relion30_table", "check_stages", "species_setup", "RunStart", "start_run", "refine_data_sets",
+           "trajectory_tables", "optics_metadata", "format_vector"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class MprOptions:
     defocus_search_A: float = 0.0  # > 0: M's exhaustive per-tilt defocus search over ±this (Å) before L-BFGS
     defocus_search_step_A: float = 100.0  # its grid step (Å)
     rounds: int = 1  # runs of all stages; each later one against half-maps reconstructed at the refined metadata
+    pose_samples: int = 1  # temporal samples of each particle's pose over dose (group temporalposes; 1: none)
 
 
 @dataclass
@@ -102,11 +105,13 @@ def without_images(data: TiltSeriesData) -> TiltSeriesData:
 
 def prepare_tilt_series(ts: TiltSeries, positions: torch.Tensor, orientations: torch.Tensor,
                         half_sets: torch.Tensor, box: int, binning: float, first_tilts: int = 0,
-                        warp_grid: tuple[int, int] = (1, 1), device=None, load_images: bool = True
-                        ) -> TiltSeriesData:
+                        warp_grid: tuple[int, int] = (1, 1), device=None, load_images: bool = True,
+                        pose_samples: int = 1) -> TiltSeriesData:
     """:class:`TiltSeriesData` of one tilt series: its images (``load_images``; else a zero-memory stand-in, see
     :func:`without_images`) and metadata, and the (particle, tilt) pairs used — centre at least ``box·binning/2`` px
-    inside the image, among the ``first_tilts`` lowest-dose tilts (0: all)."""
+    inside the image, among the ``first_tilts`` lowest-dose tilts (0: all); the magnification matrix and Zernike
+    coefficients of its global row when present (:func:`optics_metadata`); with ``pose_samples`` > 1 zero
+    trajectories of that many temporal samples."""
     def t(x):
         return torch.as_tensor(np.array(x, dtype=np.float64), device=device)
 
@@ -126,11 +131,49 @@ def prepare_tilt_series(ts: TiltSeries, positions: torch.Tensor, orientations: t
         keep[torch.argsort(pre, stable=True)[:first_tilts]] = True
         visible &= keep[None, :]
     gx, gy = warp_grid
-    return TiltSeriesData(images, angles, shifts, t(ts.defocus()), pre, t(ts.ctf_scale()),
+    data = TiltSeriesData(images, angles, shifts, t(ts.defocus()), pre, t(ts.ctf_scale()),
                           torch.zeros(F, 2, gy, gx, dtype=torch.float64, device=device), pos,
                           orientations.to(device=device, dtype=torch.float64), half_sets.to(device).long(),
                           torch.nonzero(visible), ts.pixel_size, ts.tomogram_size, ts.hand, ts.defocus_slope,
                           ts.voltage, ts.cs, ts.amplitude_contrast, ts.bfactor_per_dose)
+    data = replace(data, **optics_metadata(ts, device))
+    if pose_samples > 1:
+        z = torch.zeros(len(pos), int(pose_samples), 3, dtype=torch.float64, device=device)
+        data = replace(data, trajectory_angles=z, trajectory_shifts=z.clone())
+    return data
+
+
+#: global-table columns of the anisotropic magnification matrix (RELION's optics convention)
+MAG_LABELS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
+
+
+def _parse_vector(value, label: str, ts: TiltSeries) -> list[float]:
+    """RELION's vector value ``[a,b,c]`` (or ``a,b,c``) as floats; a one-line error naming the column otherwise."""
+    text = str(value).strip().strip("[]")
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CryopipeError(f"tomogram {ts.name}: {label} = {value!r} is not a list of numbers like [0.1,0,0.2]; fix "
+                            "it in tomograms.star") from None
+
+
+def optics_metadata(ts: TiltSeries, device=None) -> dict:
+    """``mag_matrix`` / ``odd_zernike`` / ``even_zernike`` of :class:`TiltSeriesData` from the tilt series' global
+    row (rlnMagMat00..11, rlnOddZernike, rlnEvenZernike; absent: None)."""
+    out: dict = {}
+    g = ts.globals
+    if any(lab in g for lab in MAG_LABELS):
+        values = [float(g.get(lab, 1.0 if lab in ("rlnMagMat00", "rlnMagMat11") else 0.0)) for lab in MAG_LABELS]
+        out["mag_matrix"] = torch.tensor(values, dtype=torch.float64, device=device).reshape(2, 2)
+    for label, key in (("rlnOddZernike", "odd_zernike"), ("rlnEvenZernike", "even_zernike")):
+        if label in g:
+            out[key] = torch.tensor(_parse_vector(g[label], label, ts), dtype=torch.float64, device=device)
+    return out
+
+
+def format_vector(values) -> str:
+    """A vector as RELION writes it in a STAR file: ``[a,b,c]``."""
+    return "[" + ",".join(f"{float(v):.9g}" for v in values) + "]"
 
 
 def species_mask(mask: torch.Tensor | None, box: int, pixel_size: float, diameter_A: float,
@@ -230,6 +273,9 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
             device=None, log: Callable[[str], None] = print) -> MprResult:
     """Refine ``particles`` in ``tomograms`` against the half-maps (``[b³]``, pixel ``map_pixel_size`` Å)."""
     check_stages(options.stages)
+    if any("temporalposes" in st.groups for st in options.stages) and options.pose_samples < 2:
+        raise CryopipeError("--stage ...temporalposes: give --pose_samples 2 or more (temporal samples of each "
+                            "particle's pose over dose)")
     run = start_run(half1, half2, mask, map_pixel_size, diameter_A, options, device, log)
     box = run.box
     datas: dict[str, TiltSeriesData] = {}
@@ -248,7 +294,7 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
         series[ts.name] = ts
         datas[ts.name] = prepare_tilt_series(ts, group.positions_px, group.orientations, group.half_sets, box,
                                              binning, options.first_tilts, options.warp_grid, device,
-                                             load_images=False)
+                                             load_images=False, pose_samples=options.pose_samples)
     if not datas:
         raise CryopipeError("no particles in the given tomograms")
     n_pairs = sum(len(d.pairs) for d in datas.values())
@@ -395,11 +441,38 @@ def relion30_table(datas: dict[str, TiltSeriesData]) -> pandas.DataFrame:
     return pandas.concat(rows, ignore_index=True)
 
 
+def _global_optics(data: TiltSeriesData | None) -> dict:
+    """Global-row values of a tilt series' refined magnification matrix and aberrations: rlnMagMat00..11 and
+    rlnOddZernike (metadata + trefoil + the beam tilt as RELION's ``TiltHelper::insertTilt`` puts it there) /
+    rlnEvenZernike; an unrefined tilt series (None) gets the identity and zeros, as every row needs the columns."""
+    mag = data.mag_matrix if data is not None and data.mag_matrix is not None else torch.eye(2, dtype=torch.float64)
+    odd = data.odd_zernike if data is not None and data.odd_zernike is not None else torch.zeros(6, dtype=torch.float64)
+    if data is not None and data.beam_tilt is not None:
+        bt = data.beam_tilt[0].cpu()
+        tilt = beam_tilt_zernike(bt[0], bt[1], data.voltage, data.cs)
+        n = max(len(odd), 6)
+        odd = torch.nn.functional.pad(odd.cpu(), (0, n - len(odd))) + torch.nn.functional.pad(tilt, (0, n - 6))
+    even = data.even_zernike if data is not None and data.even_zernike is not None else torch.zeros(9, dtype=torch.float64)
+    out = {lab: float(v) for lab, v in zip(MAG_LABELS, mag.reshape(-1).tolist())}
+    out.update(rlnOddZernike=format_vector(odd.tolist()), rlnEvenZernike=format_vector(even.tolist()))
+    return out
+
+
+def _has_optics(data: TiltSeriesData) -> bool:
+    return data.mag_matrix is not None or data.odd_zernike is not None or data.even_zernike is not None \
+        or data.beam_tilt is not None
+
+
 def updated_tomograms(tomograms: TomogramSet, datas: dict[str, TiltSeriesData]) -> TomogramSet:
-    """A copy of the tomogram set with the refined per-tilt angles, shifts and defocus."""
+    """A copy of the tomogram set with the refined per-tilt angles, shifts and defocus, and (when any tilt series
+    has them) the magnification matrix and Zernike coefficients in every global row (:func:`_global_optics`)."""
     series = {}
+    optics = any(_has_optics(d) for d in datas.values())
     for ts in tomograms:
         tilts = ts.tilts.copy()
+        globals_ = dict(ts.globals)
+        if optics and (ts.name in datas or not any(lab in globals_ for lab in MAG_LABELS)):
+            globals_.update(_global_optics(datas.get(ts.name)))
         if ts.name in datas:
             d = datas[ts.name]
             values = {"rlnTomoXTilt": d.angles[:, 0], "rlnTomoYTilt": d.angles[:, 1], "rlnTomoZRot": d.angles[:, 2],
@@ -408,5 +481,26 @@ def updated_tomograms(tomograms: TomogramSet, datas: dict[str, TiltSeriesData]) 
                       "rlnDefocusAngle": d.defocus[:, 2]}
             for lab, v in values.items():
                 tilts[lab] = v.cpu().numpy()
-        series[ts.name] = TiltSeries(ts.name, dict(ts.globals), tilts, ts.root, ts.star_file)
+        series[ts.name] = TiltSeries(ts.name, globals_, tilts, ts.root, ts.star_file)
     return TomogramSet(series, tomograms.path)
+
+
+def trajectory_tables(datas: dict[str, TiltSeriesData]) -> dict[str, pandas.DataFrame]:
+    """Per tilt series (with several temporal samples) one table of its particles' poses over dose, rows in the
+    order of the tilt series' particles in particles.star: ``cryopipeTrajectoryDX1..S`` / ``DY`` / ``DZ`` (Å,
+    tomogram frame) and ``cryopipeTrajectoryRotX1..S`` / ``RotY`` / ``RotZ`` (deg, rotation vector ``v``: the
+    sample's orientation is ``A·Exp(v)``, ``A`` = the particle's orientation in particles.star), sample ``s`` at
+    the pre-exposure ``D_min + s/(S−1)·(D_max − D_min)`` of the tilt series; the samples' mean is zero (the
+    particle's pose in particles.star is their mean)."""
+    out = {}
+    for name, d in datas.items():
+        if d.trajectory_angles is None:
+            continue
+        cols = {}
+        for prefix, values in (("D", d.trajectory_shifts), ("Rot", d.trajectory_angles)):
+            v = values.cpu().numpy()
+            for j, axis in enumerate("XYZ"):
+                for s_ in range(v.shape[1]):
+                    cols[f"cryopipeTrajectory{prefix}{axis}{s_ + 1}"] = v[:, s_, j]
+        out[name] = pandas.DataFrame(cols)
+    return out

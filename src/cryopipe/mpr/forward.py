@@ -11,6 +11,15 @@ For every (particle ``n``, tilt ``f``) pair of a batch:
   ``flip_contrast=False``), moved by ``(q − q₀)/bin`` px with a phase ramp;
 * beam tilt (when the data carry one or it is refined): the reference times ``exp(i·φ)``, ``φ`` the antisymmetric
   phase of the pair's beam-tilt group (:func:`cryopipe.core.ctf.beam_tilt_phase`, RELION's convention);
+* odd / even Zernike aberrations (when the data carry them or they are refined; RELION's rlnOddZernike /
+  rlnEvenZernike, :func:`cryopipe.core.ctf.zernike_phase`): the odd phase adds to ``φ``, the even one to the CTF
+  phase ``γ``;
+* anisotropic magnification ``M`` (when the data carry one or it is refined; RELION's rlnMagMat convention): the
+  slice, CTF and aberrations are evaluated at ``M·k`` for the observed frequency ``k``, and the projected position
+  moves about the image centre by ``Mᵀ`` (before the image warp);
+* poses over dose (``data.trajectory_*`` / the ``temporalposes`` group): the pair's rotation vector and position
+  correction are the particle's plus its temporal samples interpolated at the tilt's pre-exposure
+  (:func:`cryopipe.mpr.parameters.dose_sample_weights`); the orientation is ``A·Exp(v)`` with the summed vector;
 * data: the particle's FT cut around the fixed centre ``q₀`` (the position at the start of the sub-iteration;
   :func:`cryopipe.tomo.particle_images.cut_particle_slices`, phase origin exactly at ``q₀``).
 
@@ -27,14 +36,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cryopipe.core.ctf import beam_tilt_phase, ctf_gamma
+from cryopipe.core.ctf import beam_tilt_phase, ctf_gamma, zernike_phase
 from cryopipe.core.projector import slice_coordinates
 from cryopipe.core.slice_sampling import central_slice_points, sample_half_grids
 from cryopipe.core.tilt_geometry import dose_weights, tilt_rotation
 from cryopipe.mpr.parameters import (
     DEFOCUS_UNIT_A,
+    MAG_UNIT,
     TiltSeriesParameters,
+    dose_sample_weights,
+    even_from_fourth_order,
     gauge_fixed,
+    odd_from_trefoil,
     rotation_from_vector,
     warp_at,
 )
@@ -42,7 +55,8 @@ from cryopipe.tomo.particle_images import cut_particle_slices
 
 __all__ = ["TiltSeriesData", "Species", "Band", "PairGeometry", "pair_geometry", "make_band", "data_slices",
            "batch_sums", "pair_sums", "pair_beam_tilt", "uses_beam_tilt", "zero_parameters",
-           "bake", "astigmatism_components", "defocus_from_components"]
+           "bake", "astigmatism_components", "defocus_from_components", "total_magnification", "zernike_totals",
+           "pose_corrections"]
 
 
 @dataclass
@@ -71,6 +85,15 @@ class TiltSeriesData:
     beam_tilt: torch.Tensor | None = None  # [G, 2] rlnBeamTiltX/Y (mrad) per beam-tilt group; None: none
     beam_group: torch.Tensor | None = None  # [F] long: each tilt's group (None: group 0)
     flip_contrast: bool = True  # raw tilt images (dark protein): model −CTF·W; False: +CTF (extracted particles)
+    trajectory_angles: torch.Tensor | None = None  # [N, S, 3] deg: poses over dose (None: one sample, none)
+    trajectory_shifts: torch.Tensor | None = None  # [N, S, 3] Å
+    mag_matrix: torch.Tensor | None = None  # [2, 2] rlnMagMat00..11 (None: identity)
+    odd_zernike: torch.Tensor | None = None  # [K] rlnOddZernike (RELION's coefficients, Å⁻¹; beam tilt apart)
+    even_zernike: torch.Tensor | None = None  # [K] rlnEvenZernike
+
+    @property
+    def pose_samples(self) -> int:
+        return 1 if self.trajectory_angles is None else int(self.trajectory_angles.shape[1])
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -85,7 +108,56 @@ def zero_parameters(data: TiltSeriesData) -> TiltSeriesParameters:
     """All-zero corrections shaped for ``data`` (its warp grid and beam-tilt groups)."""
     return TiltSeriesParameters.zeros(len(data.positions), len(data.angles),
                                       (data.warp.shape[-1], data.warp.shape[-2]), device=data.positions.device,
-                                      n_beam_groups=data.n_beam_groups)
+                                      n_beam_groups=data.n_beam_groups, pose_samples=data.pose_samples)
+
+
+def _active(t: torch.Tensor) -> bool:
+    """Whether a correction tensor takes part in the model (refined, or non-zero)."""
+    return t.requires_grad or bool((t != 0).any())
+
+
+def total_magnification(data: TiltSeriesData, params: TiltSeriesParameters) -> torch.Tensor | None:
+    """The magnification matrix ``[2, 2]`` (metadata + ``MAG_UNIT``·correction), or None when there is none (the
+    model then skips it entirely)."""
+    if data.mag_matrix is None and not _active(params.magnification):
+        return None
+    base = data.mag_matrix if data.mag_matrix is not None else \
+        torch.eye(2, dtype=params.magnification.dtype, device=params.magnification.device)
+    return base + MAG_UNIT * params.magnification
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` with the shorter vector zero-padded (coefficient lists of different maximum order)."""
+    if a is None:
+        return b
+    n = max(a.shape[-1], b.shape[-1])
+    return torch.nn.functional.pad(a, (0, n - a.shape[-1])) + torch.nn.functional.pad(b, (0, n - b.shape[-1]))
+
+
+def zernike_totals(data: TiltSeriesData, params: TiltSeriesParameters
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """RELION's odd and even Zernike coefficients (metadata + the refined trefoil / 4th-order terms), each None
+    when absent (beam tilt apart: :func:`pair_beam_tilt`)."""
+    odd = _plus(data.odd_zernike, odd_from_trefoil(params.trefoil)) \
+        if data.odd_zernike is not None or _active(params.trefoil) else None
+    even = _plus(data.even_zernike, even_from_fourth_order(params.fourth_order)) \
+        if data.even_zernike is not None or _active(params.fourth_order) else None
+    return odd, even
+
+
+def pose_corrections(data: TiltSeriesData, params: TiltSeriesParameters, n: torch.Tensor, f: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair ``(rotation vector [P, 3] deg, position change [P, 3] Å)``: the particle's correction plus, with
+    several temporal samples, its trajectory (metadata + correction) interpolated at tilt ``f``'s dose."""
+    angles, shifts = params.particle_angles[n], params.particle_shifts[n]
+    S = params.pose_samples
+    if data.trajectory_angles is None and S == 1:
+        return angles, shifts
+    traj_a, traj_s = params.trajectory_angles, params.trajectory_shifts
+    if data.trajectory_angles is not None:
+        traj_a, traj_s = traj_a + data.trajectory_angles, traj_s + data.trajectory_shifts
+    w = dose_sample_weights(data.pre_exposure, traj_a.shape[1])[f].to(traj_a.dtype)  # [P, S]
+    return angles + torch.einsum("ps,psd->pd", w, traj_a[n]), shifts + torch.einsum("ps,psd->pd", w, traj_s[n])
 
 
 def uses_beam_tilt(data: TiltSeriesData, params: TiltSeriesParameters) -> bool:
@@ -150,12 +222,17 @@ def pair_geometry(data: TiltSeriesData, params: TiltSeriesParameters, n: torch.T
     R = tilt_rotation(*(data.angles[f] + params.tilt_angles[f]).unbind(-1))  # [P, 3, 3]
     c = torch.tensor([s // 2 for s in data.tomogram_size], dtype=R.dtype, device=R.device)
     W, H = data.image_size
-    p = data.positions[n] + params.particle_shifts[n] / px
+    rotation, shift = pose_corrections(data, params, n, f)
+    p = data.positions[n] + shift / px
     q = torch.einsum("pij,pj->pi", R, p - c)
     xy = q[:, :2] + (data.shifts[f] + params.tilt_shifts[f]) / px
-    xy = xy + torch.tensor([W // 2, H // 2], dtype=R.dtype, device=R.device)
+    centre = torch.tensor([W // 2, H // 2], dtype=R.dtype, device=R.device)
+    xy = xy + centre
+    mag = total_magnification(data, params)
+    if mag is not None:  # x_observed − centre = Mᵀ·(x − centre)
+        xy = centre + (xy - centre) @ mag.to(xy.dtype)
     xy = xy + warp_at(data.warp + params.warp, f, xy, (W, H)) / px
-    A = data.orientations[n] @ rotation_from_vector(params.particle_angles[n])
+    A = data.orientations[n] @ rotation_from_vector(rotation)
     comp = astigmatism_components(data.defocus[f]) + params.defocus[f] * DEFOCUS_UNIT_A
     dz = q[:, 2] * (data.hand * px * data.defocus_slope) + params.defocus_mean[f] * DEFOCUS_UNIT_A
     comp = torch.stack([comp[:, 0] + dz, comp[:, 1], comp[:, 2]], -1)
@@ -206,12 +283,17 @@ def _model_and_data(data: TiltSeriesData, species: Species, band: Band, params: 
     b = species.box
     geo = pair_geometry(data, params, n, f)
     rdt = species.grids.real.dtype
-    points = central_slice_points(geo.matrices, band.k, species.pad).to(rdt)
+    mag = total_magnification(data, params)
+    k = band.k if mag is None else band.k.to(mag.dtype) @ mag.T  # the undistorted frequency M·k
+    points = central_slice_points(geo.matrices, k, species.pad).to(rdt)
     ref = sample_half_grids(species.grids, species.centre, points, data.half_sets[n] - 1)
     pixel = data.pixel_size * species.binning
-    kA = band.k / (b * pixel)
+    kA = k / (b * pixel)
+    odd, even = zernike_totals(data, params)
     gamma = ctf_gamma(kA[None, :, 0], kA[None, :, 1], geo.defocus[:, :1], geo.defocus[:, 1:2], geo.defocus[:, 2:],
                       data.voltage, data.cs, data.amplitude_contrast)
+    if even is not None:
+        gamma = gamma + zernike_phase(kA[None, :, 0], kA[None, :, 1], even[None, None, :], odd=False)
     c = torch.sin(gamma) * band.dose[f] * data.ctf_scale[f, None]  # −(−sin γ)·W: contrast inverted
     if not data.flip_contrast:
         c = -c
@@ -220,6 +302,8 @@ def _model_and_data(data: TiltSeriesData, species: Species, band: Band, params: 
     if uses_beam_tilt(data, params):
         bt = pair_beam_tilt(data, params, f)
         phase = phase + beam_tilt_phase(kA[None, :, 0], kA[None, :, 1], bt[:, :1], bt[:, 1:], data.voltage, data.cs)
+    if odd is not None:
+        phase = phase + zernike_phase(kA[None, :, 0], kA[None, :, 1], odd[None, None, :], odd=True)
     model = ref * torch.complex((c * torch.cos(phase)).to(rdt), (c * torch.sin(phase)).to(rdt))
     if X is None:
         X = data_slices(data, species, band, f, centres)
@@ -255,7 +339,14 @@ def bake(data: TiltSeriesData, params: TiltSeriesParameters, groups) -> TiltSeri
     beam_tilt = data.beam_tilt
     if beam_tilt is not None or bool((p.beam_tilt != 0).any()):
         beam_tilt = p.beam_tilt if beam_tilt is None else beam_tilt + p.beam_tilt
-    return replace(data, angles=data.angles + p.tilt_angles, shifts=data.shifts + p.tilt_shifts,
-                   defocus=defocus_from_components(comp), warp=data.warp + p.warp, beam_tilt=beam_tilt,
-                   positions=data.positions + p.particle_shifts / data.pixel_size,
-                   orientations=data.orientations @ rotation_from_vector(p.particle_angles))
+    odd, even = zernike_totals(data, p)
+    out = replace(data, angles=data.angles + p.tilt_angles, shifts=data.shifts + p.tilt_shifts,
+                  defocus=defocus_from_components(comp), warp=data.warp + p.warp, beam_tilt=beam_tilt,
+                  positions=data.positions + p.particle_shifts / data.pixel_size,
+                  orientations=data.orientations @ rotation_from_vector(p.particle_angles),
+                  mag_matrix=total_magnification(data, p), odd_zernike=odd, even_zernike=even)
+    if p.pose_samples > 1:
+        base_a = data.trajectory_angles if data.trajectory_angles is not None else 0.0
+        base_s = data.trajectory_shifts if data.trajectory_shifts is not None else 0.0
+        out = replace(out, trajectory_angles=base_a + p.trajectory_angles, trajectory_shifts=base_s + p.trajectory_shifts)
+    return out

@@ -2,17 +2,19 @@
 
 The insertion is :func:`cryopipe.tomo.reconstruct_particle.insert_particle_pairs` (cut, −CTF·W premultiplication,
 gather insertion into the half set's accumulators; RELION's heuristic division by :func:`finalise_map`), driven
-by per-pair positions (image warp included) and defocus from :func:`cryopipe.mpr.forward.pair_geometry`, and the
-data demodulated by their beam-tilt phase when they carry one.
+by per-pair positions (image warp, magnification and poses over dose included) and defocus from
+:func:`cryopipe.mpr.forward.pair_geometry`, and the data demodulated by their beam-tilt and odd Zernike phase when
+they carry them. Not modelled here (the forward model has them): the even Zernike phase in the CTF and the
+magnification's change of the frequencies (``M·k``; positions do move by ``Mᵀ``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from cryopipe.core.ctf import beam_tilt_phase
+from cryopipe.core.ctf import beam_tilt_phase, zernike_phase
 from cryopipe.core.fourier import freq_grid_2d
-from cryopipe.mpr.forward import TiltSeriesData, pair_beam_tilt, pair_geometry, zero_parameters
+from cryopipe.mpr.forward import TiltSeriesData, pair_beam_tilt, pair_geometry, zero_parameters, zernike_totals
 from cryopipe.tomo.reconstruct_particle import ParticleAccumulator, finalise_map, insert_particle_pairs
 
 __all__ = ["insert_pairs", "reconstruct_halves"]
@@ -27,6 +29,7 @@ def insert_pairs(acc: ParticleAccumulator, data: TiltSeriesData, binning: float,
     pixel = data.pixel_size * binning
     kx, ky = freq_grid_2d(box, device=data.positions.device, dtype=torch.float64)
     kx, ky = kx / (box * pixel), ky / (box * pixel)
+    odd, _ = zernike_totals(data, zero)
     with torch.no_grad():
         for s in range(0, len(data.pairs), batch_pairs):
             n, f = data.pairs[s:s + batch_pairs].unbind(-1)
@@ -35,6 +38,9 @@ def insert_pairs(acc: ParticleAccumulator, data: TiltSeriesData, binning: float,
             if data.beam_tilt is not None:
                 bt = pair_beam_tilt(data, zero, f)
                 phase = beam_tilt_phase(kx, ky, bt[:, 0, None, None], bt[:, 1, None, None], data.voltage, data.cs)
+            if odd is not None:
+                z = zernike_phase(kx, ky, odd, odd=True).expand(len(n), *kx.shape)
+                phase = z if phase is None else phase + z
             insert_particle_pairs(acc, data.images, f, geo.xy, geo.defocus, geo.matrices, data.half_sets[n],
                                   data.pre_exposure[f], data.ctf_scale[f], pixel_size=data.pixel_size,
                                   binning=binning, voltage=data.voltage, cs=data.cs,
