@@ -159,6 +159,8 @@ def self_reference_run(args) -> dict:
       particle: the gold standard broken on purpose, a diagnostic only);
     * ``truth_other``: fixed half-maps reconstructed at the true metadata, the other half (the best independent
       reference these particles can give: the floor set by the particle's own noise);
+    * ``truth_map``: the simulated map itself for both halves (noise-free, Nyquist: what is left is the particle's
+      own noise, its neighbours in the box and any mismatch between simulator and forward model);
     * ``own_limit_nyquist``: ``own`` with the limit at Nyquist instead of the FSC resolution;
     * ``own_lbfgs24``: ``own`` with twice the L-BFGS iterations.
 
@@ -197,8 +199,8 @@ def self_reference_run(args) -> dict:
 
             record(None)
             for _ in range(args.rounds):
-                h1, h2 = (ht1, ht2) if variant.startswith("truth") else \
-                    reconstruct_halves(datas.values(), box, 1.0)[:2]
+                h1, h2 = (truth, truth) if variant == "truth_map" else (ht1, ht2) if variant.startswith("truth") \
+                    else reconstruct_halves(datas.values(), box, 1.0)[:2]
                 res = masked_fsc(h1, h2, mask, apix)[1]
                 if variant.endswith("other"):
                     h1, h2 = h2, h1
