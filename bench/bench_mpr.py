@@ -161,11 +161,15 @@ def self_reference_run(args) -> dict:
       reference these particles can give: the floor set by the particle's own noise);
     * ``truth_map``: the simulated map itself for both halves (noise-free, Nyquist: what is left is the particle's
       own noise, its neighbours in the box and any mismatch between simulator and forward model);
+    * ``own_fsc_weighted`` (``other_fsc_weighted``): the half-maps times ``sqrt(2·FSC/(1+FSC))`` of their masked
+      FSC per shell (the references' noise weighted down, as RELION's postprocess weighting);
     * ``own_limit_nyquist``: ``own`` with the limit at Nyquist instead of the FSC resolution;
     * ``own_lbfgs24``: ``own`` with twice the L-BFGS iterations.
 
     Reported per variant and round: particle angle RMS error (also with the common rotation removed) and position
     RMS error (mean removed) vs the truth, the references' masked FSC, CPU seconds."""
+    from cryopipe.core.fourier import irfft3_centered, rfft3_centered
+    from cryopipe.core.postprocess import fsc_weights
     from cryopipe.mpr.driver import make_species, masked_fsc, species_mask
     from cryopipe.mpr.forward import bake, zero_parameters
     from cryopipe.mpr.optimise import refine_tilt_series
@@ -201,8 +205,11 @@ def self_reference_run(args) -> dict:
             for _ in range(args.rounds):
                 h1, h2 = (truth, truth) if variant == "truth_map" else (ht1, ht2) if variant.startswith("truth") \
                     else reconstruct_halves(datas.values(), box, 1.0)[:2]
-                res = masked_fsc(h1, h2, mask, apix)[1]
-                if variant.endswith("other"):
+                curve, res = masked_fsc(h1, h2, mask, apix)
+                if "fsc_weighted" in variant:  # each half times sqrt(2·FSC/(1+FSC)) per shell
+                    w = fsc_weights(curve, box)
+                    h1, h2 = (irfft3_centered(rfft3_centered(h.double()) * w, box).float() for h in (h1, h2))
+                if "other" in variant:
                     h1, h2 = h2, h1
                 k_full = box // 2 - 1 if variant.endswith("nyquist") else min(box * apix / res, box // 2 - 1)
                 species = make_species(h1, h2, mask, 1.0)
