@@ -13,13 +13,15 @@ origin error (RMS, Å), masked gold-standard FSC resolution (0.143) and FSC vs t
 half-maps, before / after; also at the true metadata; pair evaluations per CPU-s, wall and CPU seconds per
 sub-iteration. Writes bench/results/mpr_spa_cpu.json.
 
-Result (defaults: 400 particles, 1.7 Å, box 56, SNR 1, 3 rounds × 2 sub-iterations, 2 shared cores under load):
-defocus RMS 464 -> 190 -> 110 -> 78 Å; beam-tilt error 1.17 -> 0.62 -> 0.37 -> 0.29 mrad (refined (0.72, −0.54));
-angles 2.0 -> 1.65 -> 1.56 -> 1.50°; origins 1.40 -> 0.48 -> 0.32 -> 0.28 Å; masked FSC 5.6 -> 3.97 -> 3.66 ->
-3.53 Å, FSC(truth) the same (true metadata: 3.53 Å); 157–305 pair evaluations per CPU-s, 32–59 CPU-s per
-sub-iteration. The beam tilt converges slowly: half-maps of the same particles hold each particle's own image at
-its current (wrong) parameters, which pulls the estimate back towards them (tests/test_mpr_spa.py uses
-independent references and recovers it to 0.01 mrad in one run).
+Result (defaults: 400 particles, 1.7 Å, box 56, SNR 1, 3 rounds × 2 sub-iterations; code of 8b1c2b0, 2 shared
+cores, load 0.5 in round 1 and 14–17 after): defocus RMS 464 -> 190 -> 110 -> 75 Å; beam-tilt error 1.17 -> 0.63 ->
+0.40 -> 0.26 mrad (refined (0.76, −0.50)); angles 2.0 -> 1.66 -> 1.57 -> 1.49°; origins 1.40 -> 0.48 -> 0.32 ->
+0.27 Å; masked FSC 5.6 -> 3.97 -> 3.66 -> 3.53 Å, FSC(truth) the same (true metadata: 3.53 Å); 263 CPU-s in all,
+10 CPU-s per sub-iteration (925 pair evaluations per CPU-s) in round 1, 50–54 (170–180 per CPU-s) under the load
+of rounds 2–3. The earlier run (before rounds / image sets / per-micrograph beam tilt) gave the same numbers within
+0.1 mrad and 3 Å (kept in the JSON). The beam tilt converges slowly: half-maps of the same particles hold each
+particle's own image at its current (wrong) parameters, which pulls the estimate back towards them
+(tests/test_mpr_spa.py uses independent references and recovers it to 0.01 mrad in one run).
 """
 
 from __future__ import annotations
