@@ -62,16 +62,56 @@ def errors(datas, ttomos, tparts) -> dict:
         acc["angles_deg"].append(angular_distance(d.orientations.cpu(), torch.from_numpy(A_t[rows])).numpy() ** 2)
         # the maps' own frame may be rotated by the mean pose error: remove the mean relative rotation too
         E = torch.from_numpy(np.swapaxes(A_t[rows], 1, 2)) @ d.orientations.cpu()
-        U, _, Vh = torch.linalg.svd(E.sum(0))
-        M = U @ torch.diag(torch.tensor([1.0, 1.0, float(torch.linalg.det(U @ Vh))], dtype=U.dtype)) @ Vh
-        acc["angles_common_rotation_removed_deg"].append(angular_distance(E, M.expand_as(E)).numpy() ** 2)
+        acc["angles_common_rotation_removed_deg"].append(angular_distance(E, mean_rotation(E).expand_as(E)).numpy()
+                                                         ** 2)
         sh = d.shifts.cpu().numpy() - ts.shifts_angst()
         acc["tilt_shifts_A"].append((sh ** 2).sum(1))
         acc["stage_angles_deg"].append(((d.angles.cpu().numpy() - ts.tilt_angles()) ** 2).sum(1))
         dz = (d.defocus.cpu().numpy()[:, :2].mean(1) - ts.defocus()[:, :2].mean(1)) ** 2
         acc["defocus_A"].append(dz)
         acc["defocus_lowest_dose_half_A"].append(dz[np.argsort(ts.pre_exposure(), kind="stable")[:(len(dz) + 1) // 2]])
-    return {k: float(np.sqrt(np.concatenate(v).mean())) for k, v in acc.items()}
+    return {**{k: float(np.sqrt(np.concatenate(v).mean())) for k, v in acc.items()},
+            **half_frame_errors(datas, tparts, ttomos)}
+
+
+def mean_rotation(E: torch.Tensor) -> torch.Tensor:
+    """The rotation ``[3, 3]`` closest to the mean of the rotations ``E`` ``[N, 3, 3]`` (SVD projection)."""
+    U, _, Vh = torch.linalg.svd(E.sum(0))
+    return U @ torch.diag(torch.tensor([1.0, 1.0, float(torch.linalg.det(U @ Vh))], dtype=U.dtype)) @ Vh
+
+
+def half_frame_errors(datas, tparts, ttomos) -> dict:
+    """Particle errors with each half-map's own frame removed: a rotation ``Q_h`` and shift ``δ_h`` of half-map
+    ``h`` with ``A_n → A_n·Q_h`` and ``p_n → p_n + A_n·δ_h`` for its particles change no projection (a gauge that
+    no refinement can fix; the halves' frames differ by their particles' mean start errors). RMS over all
+    particles of the angle to ``A_true·Q_h`` (``Q_h`` the mean rotation of the half) and of the position error
+    left after a least-squares fit of ``a_tomogram + A_true,n·δ_h`` (the per-tomogram mean is the gauge of
+    :func:`errors`' ``positions_A``)."""
+    pos_t, A_t, names = tparts.positions_px(ttomos), tparts.orientations(), tparts.tomo_names
+    dps, Es, Ats, tomo, half = [], [], [], [], []
+    for t, (name, d) in enumerate(datas.items()):
+        rows = names == name
+        dps.append((d.positions.cpu().numpy() - pos_t[rows]) * d.pixel_size)
+        Ats.append(A_t[rows])
+        Es.append(torch.from_numpy(np.swapaxes(A_t[rows], 1, 2)) @ d.orientations.cpu())
+        tomo.append(np.full(int(rows.sum()), t))
+        half.append(d.half_sets.cpu().numpy().astype(int) - 1)
+    dp, E, At = np.concatenate(dps), torch.cat(Es), np.concatenate(Ats)
+    tomo, half = np.concatenate(tomo), np.concatenate(half)
+    angles = np.zeros(len(dp))
+    for h in np.unique(half):
+        sel = torch.from_numpy(half == h)
+        angles[sel.numpy()] = angular_distance(E[sel], mean_rotation(E[sel]).expand_as(E[sel])).numpy()
+    n_t = int(tomo.max()) + 1
+    design = np.zeros((len(dp), 3, 3 * (n_t + 2)))
+    for n in range(len(dp)):
+        design[n, :, 3 * tomo[n]:3 * tomo[n] + 3] = np.eye(3)
+        design[n, :, 3 * (n_t + half[n]):3 * (n_t + half[n]) + 3] = At[n]
+    design = design.reshape(-1, 3 * (n_t + 2))
+    fit, *_ = np.linalg.lstsq(design, dp.reshape(-1), rcond=None)
+    left = (dp.reshape(-1) - design @ fit).reshape(-1, 3)
+    return {"angles_half_frames_removed_deg": float(np.sqrt((angles ** 2).mean())),
+            "positions_half_frames_removed_A": float(np.sqrt((left ** 2).sum(1).mean()))}
 
 
 def fsc_truth(h1, h2, truth, apix) -> float:
@@ -199,6 +239,8 @@ def self_reference_run(args) -> dict:
                 e = errors(datas, ttomos, tparts)
                 rows.append({"angles_deg": e["angles_deg"], "angles_common_rotation_removed_deg":
                              e["angles_common_rotation_removed_deg"], "positions_A": e["positions_A"],
+                             "angles_half_frames_removed_deg": e["angles_half_frames_removed_deg"],
+                             "positions_half_frames_removed_A": e["positions_half_frames_removed_A"],
                              "reference_masked_fsc_A": fsc_res, "cpu_s": time.process_time() - c0})
 
             record(None)
