@@ -16,7 +16,9 @@ One iteration (:meth:`Optimiser3D.iterate`):
 3. M-step: halves joined below ``low_resol_join_halves`` Å, gold-standard FSC, ``τ² = T·FSC/(1−FSC)·σ²_ref`` per
    half, Wiener reconstruction of each half with symmetry (:mod:`cryopipe.engine.reference3d`); or, in gradient
    mode, :class:`~cryopipe.engine.vdam.GradUpdate` on the padded Fourier grids with two pseudo-halves; solvent
-   flattening; noise spectra, offset prior, norm/scale corrections;
+   flattening; noise spectra, offset prior, norm/scale corrections; without half-sets ``data_vs_prior`` (hence
+   the resolution) of CTF-premultiplied (tomographic) data has ``τ²`` times the average CTF² per shell (RELION
+   ``setAverageCTF2``; :meth:`Optimiser3D._average_ctf2`, None for single particles);
 4. resolution (RELION ``updateCurrentResolution``), expected accuracies (``calculateExpectedAngularErrors``),
    changes of the hidden variables, the auto-sampling update (HEALPix order + 1, offsets from the accuracies,
    local searches from ``auto_local_healpix_order``) and convergence; after convergence one last iteration joins
@@ -463,6 +465,14 @@ class Optimiser3D(ParticleStream):
                                           seed=int(self.s.random_seed))
         return sigma2
 
+    def _average_ctf2(self) -> torch.Tensor | None:
+        """``[n//2+1]`` average CTF² per shell of CTF-premultiplied data (RELION ``setAverageCTF2``), by which
+        :func:`~cryopipe.engine.reference3d.ssnr_3d` corrects ``τ²`` in runs without half-sets; None here:
+        single particles are not premultiplied (the E-step multiplies the references by the CTF and σ² is the
+        raw images' noise), so RELION applies no correction (``hasCtfPremultiplied()`` false). Tomographic
+        particles override it (:mod:`cryopipe.engine.tomo_optimiser`)."""
+        return None
+
     def _greyscale(self, vols: torch.Tensor, idx: np.ndarray, sigma2: torch.Tensor) -> torch.Tensor:
         """Scale references so that their CTF-modulated projections have the particles' signal power inside
         the mask: ``mean |X|² − noise`` over a few hundred particles (replaces RELION's ``--firstiter_cc``)."""
@@ -782,7 +792,7 @@ class Optimiser3D(ParticleStream):
             bp = bps[0]
             stt = bp.symmetrised(sym)
             tau_ref = refs_models[0].tau2()
-            sig_ref, dvp, cov = ssnr_3d(bp, tau_ref, T, stats=stt)
+            sig_ref, dvp, cov = ssnr_3d(bp, tau_ref, T, stats=stt, avg_ctf2=self._average_ctf2())
             vol = self._flatten(bp.reconstruct(tau_ref, T, sym, minres_map=s.minres_map))
             m.vols = vol[None].cpu()
             m.tau2[0], m.sigma2_ref[0], m.data_vs_prior[0], m.fourier_coverage[0] = (
@@ -850,11 +860,12 @@ class Optimiser3D(ParticleStream):
         fsc[:, 0] = 1.0
         m.fsc = fsc.cpu()
         # resolution as RELION's gradient runs: data_vs_prior = mean(weight·T·τ²) per shell of the first
-        # pseudo-half's statistics, τ² the power of the references this mini-batch was aligned against; shells
-        # beyond the current size have no weight, so the resolution grows at most incr_size shells per iteration
+        # pseudo-half's statistics, τ² the power of the references this mini-batch was aligned against (times
+        # the average CTF² for premultiplied data, RELION setAverageCTF2); shells beyond the current size have no
+        # weight, so the resolution grows at most incr_size shells per iteration
         T = m.tau2_fudge
         tau_ref = refs_models[0].tau2()
-        sig_ref, dvp, cov = ssnr_3d(bps[0], tau_ref, T)
+        sig_ref, dvp, cov = ssnr_3d(bps[0], tau_ref, T, avg_ctf2=self._average_ctf2())
         m.tau2[0], m.sigma2_ref[0], m.data_vs_prior[0], m.fourier_coverage[0] = (
             tau_ref.cpu(), sig_ref.cpu(), dvp.cpu(), cov.cpu())
         self._estimated_resolution()

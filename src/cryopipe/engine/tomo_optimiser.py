@@ -14,7 +14,9 @@ What differs from single particles, and only that, is overridden:
   shell replaces the pixel count; it is a property of the data, computed once), in RELION's units (3D transforms
   normalised by ``n³``: the engine's residuals are divided by ``n²·Σ M``,
   :func:`cryopipe.engine.subtomo_batch.engine_sigma2_scale`);
-* M-step: RELION's back-projection of premultiplied data, ``Σ w·X/σ²`` with weight ``Σ w·C3/σ²``;
+* M-step: RELION's back-projection of premultiplied data, ``Σ w·X/σ²`` with weight ``Σ w·C3/σ²``; in runs
+  without half-sets (the de novo initial model) ``τ²`` in ``data_vs_prior`` is corrected by the average CTF² per
+  shell (RELION ``setAverageCTF2``, :meth:`SubtomoOptimiser3D._average_ctf2`);
 * offsets are 3D (origins ``[N, 3]`` in pixels, the offset prior over 3 dimensions);
 * initial noise spectra, the reference greyscale and the expected accuracies from the volumes.
 
@@ -34,11 +36,12 @@ from cryopipe.core.masks import soft_spherical_mask
 from cryopipe.engine.coefficients import volume_coefficient_set
 from cryopipe.engine.estep import TranslationGrid
 from cryopipe.engine.optimiser3d import Optimiser3D, ParticleState3D, signal_power
-from cryopipe.engine.reference3d import ClassReferences3D
+from cryopipe.engine.reference3d import ClassReferences3D, average_ctf2
 from cryopipe.engine.stream import repair_negative_spectra
 from cryopipe.engine.tomo_memory import BatchMemory
 from cryopipe.engine.tomo_priors import AnglePriors, angle_log_prior
 from cryopipe.engine.subtomo_batch import (
+    SUBTOMO_MULTI_THR,
     engine_sigma2_scale,
     multiplicity_per_shell,
     prepare_subtomo_batch,
@@ -95,6 +98,7 @@ class SubtomoOptimiser3D(Optimiser3D):
         r_px = self.particle_diameter / (2.0 * particles.pixel_size)
         self.mask_data = soft_spherical_mask(n, r_px, settings.width_mask_edge, device=self.dev)
         self.npix = None  # Σ multiplicity per shell per particle: set from the data (initialise / first use)
+        self.avg_ctf2 = None  # [n//2+1] average CTF² per shell: set with npix (RELION setAverageCTF2)
         self.memory = BatchMemory(self.dev)  # peak memory per batch, for the log (memory_line)
         #: priors on the subtomogram-frame tilt / psi in global searches (RELION --sigma_tilt / --sigma_psi)
         self.angle_priors: AnglePriors | None = None
@@ -122,15 +126,44 @@ class SubtomoOptimiser3D(Optimiser3D):
         return split_subtomo_weights(w)
 
     def _ensure_npix(self) -> None:
-        """Mean over all particles of ``Σ M`` per shell: with ``sumw_group`` (the particle count) it makes the
-        engine's noise update RELION's ``Σ resid / (2·Σ M)``."""
+        """Once per run, in one pass over all particles: the mean over the particles of ``Σ M`` per shell (with
+        ``sumw_group``, the particle count, it makes the engine's noise update RELION's ``Σ resid / (2·Σ M)``)
+        and the average CTF² per shell (:meth:`_average_ctf2`)."""
         if self.npix is not None:
             return
         ns = self.n // 2 + 1
-        tot = torch.zeros(ns, dtype=torch.float64, device=self.dev)
+        ctf2 = torch.zeros(ns, dtype=torch.float64, device=self.dev)
+        counts = torch.zeros(ns, dtype=torch.float64, device=self.dev)
         for b in self._batches(np.arange(self.p.size)):
-            tot += self._noise_counts(b).sum(dim=0)
-        self.npix = (tot / max(1, self.p.size)).clamp_min(1e-12)
+            c2, cnt = self._ctf2_counts(b)
+            ctf2 += c2.sum(dim=0)
+            counts += cnt.sum(dim=0)
+        self.avg_ctf2 = average_ctf2(ctf2, counts)
+        self.npix = (counts * self._noise_unit() / max(1, self.p.size)).clamp_min(1e-12)
+
+    def _average_ctf2(self) -> torch.Tensor:
+        """``[n//2+1]`` RELION ``setAverageCTF2`` of these CTF-premultiplied particles: ``Σ C / Σ count`` per shell
+        over all particles (:meth:`_ctf2_counts`; :func:`~cryopipe.engine.reference3d.average_ctf2`). RELION sums
+        over the particles of the iteration (a VDAM mini-batch) at its current size; the data do not change, so
+        it is computed once over all of them (shells beyond the current size carry no weight either way)."""
+        self._ensure_npix()
+        return self.avg_ctf2
+
+    def _noise_unit(self) -> float:
+        """Factor from RELION's noise-spectrum denominators (:meth:`_ctf2_counts`) to the engine's
+        (:meth:`_noise_counts`): ``n²`` for pseudo-subtomograms (:func:`engine_sigma2_scale`)."""
+        return engine_sigma2_scale(self.n)
+
+    def _ctf2_counts(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, n//2+1] Σ C, [B, n//2+1] Σ M)`` per shell of particles ``idx`` over the coefficients RELION
+        keeps (``M ≥ --subtomo_multi_thr``): ``C = |Σc²|`` of the weight volume (RELION's ``Fctf`` of
+        premultiplied subtomograms, ``sumw_ctf2``) and the multiplicity (``sumw_stMulti``)."""
+        C3, M = self._weights(idx)
+        ns = self.n // 2 + 1
+        m = self.full.gather(M.to(torch.float64))
+        c = self.full.gather(C3.to(torch.float64))
+        c = torch.where(m >= SUBTOMO_MULTI_THR, c, torch.zeros((), dtype=c.dtype, device=c.device))
+        return self.full.shell_sum(c, ns), multiplicity_per_shell(M, self.full, ns)
 
     def _set_for(self, idx: np.ndarray):
         """The full coefficient set of particles ``idx`` (here the volume set of the box)."""
@@ -140,7 +173,7 @@ class SubtomoOptimiser3D(Optimiser3D):
         """``[B, n//2+1]`` noise-spectrum denominators per particle (here ``n²·Σ M`` per shell: RELION's ``Σ M``
         and the engine → RELION unit factor of the residuals)."""
         _, M = self._weights(idx)
-        return multiplicity_per_shell(M, self.full, self.n // 2 + 1) * engine_sigma2_scale(self.n)
+        return multiplicity_per_shell(M, self.full, self.n // 2 + 1) * self._noise_unit()
 
     def _initial_noise(self, idx: np.ndarray) -> torch.Tensor:
         """Per optics group ``Σ_b |X_b|² / (2·Σ_b counts_b)`` per shell over the (masked, centred) particles
@@ -345,12 +378,29 @@ class StackOptimiser3D(SubtomoOptimiser3D):
             out += super()._batches(idx[ts == t], batch_size)
         return out
 
+    def _seen(self, idx: np.ndarray, stack) -> torch.Tensor:
+        """``[B, Pfull]`` float64 1 where the coefficient's tilt is visible for the particle, else 0."""
+        _, visible = self.stacks.read(idx, data=False)
+        seen = torch.as_tensor(visible, device=self.dev)[:, stack.flat // (self.n * (self.n // 2 + 1))]
+        return seen.to(torch.float64)
+
     def _noise_counts(self, idx: np.ndarray) -> torch.Tensor:
         """``[B, n//2+1]`` number of coefficients per shell over the particle's visible tilts."""
         stack = self._set_for(idx)
-        _, visible = self.stacks.read(idx, data=False)
-        seen = torch.as_tensor(visible, device=self.dev)[:, stack.flat // (self.n * (self.n // 2 + 1))]
-        return stack.shell_sum(seen.to(torch.float64), self.n // 2 + 1)
+        return stack.shell_sum(self._seen(idx, stack), self.n // 2 + 1)
+
+    def _noise_unit(self) -> float:
+        return 1.0
+
+    def _ctf2_counts(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, n//2+1] Σ c², [B, n//2+1] count)`` per shell over the visible tilts' coefficients of particles
+        ``idx`` (one tilt series): RELION's ``sumw_ctf2`` (``Fctf = CTF²`` of every tilt image, dose-weighted)
+        and its denominator ``sumw_group·Npix_per_shell`` (one weight per image, so the images' coefficients)."""
+        stack = self._set_for(idx)
+        seen = self._seen(idx, stack)
+        c = stack.gather(torch.as_tensor(self.stacks.ctf(idx), device=self.dev).to(torch.float64))
+        ns = self.n // 2 + 1
+        return stack.shell_sum(seen * c * c, ns), stack.shell_sum(seen, ns)
 
     def _prepare(self, idx: np.ndarray, P: int, sigma2: torch.Tensor, log_prior: torch.Tensor | None):
         from cryopipe.engine.tomo_batch import prepare_stack_batch
