@@ -30,9 +30,11 @@ rlnEvenZernike; written when any of them is refined or given), ``half1.mrc``,
 
 Single particles (no ``--tomograms`` / ``--ios``): ``--i`` is a RELION 3.0/3.1 particles STAR with rlnImageName
 stacks, CTF columns and rlnRandomSubset (:mod:`cryopipe.mpr.spa`); groups poses, defocus (per particle), ctf
-(per-particle defocus + astigmatism) and beamtilt (per optics group). Outputs: ``particles.star`` (RELION 3.1,
-refined angles, origins, per-particle rlnDefocusU/V/Angle, rlnBeamTiltX/Y in the optics table), the half-maps,
-FSC, log and stats as above. Half-maps use a Wiener division (``--wiener_snr``, default 1 for single particles).
+(per-particle defocus + astigmatism), beamtilt (per optics group), and for particles of one optics group
+magnification, oddzernike and evenzernike. Outputs: ``particles.star`` (RELION 3.1, refined angles, origins,
+per-particle rlnDefocusU/V/Angle, rlnBeamTiltX/Y, rlnMagMat00..11, rlnOddZernike, rlnEvenZernike in the optics
+table), the half-maps, FSC, log and stats as above. Half-maps use a Wiener division (``--wiener_snr``, default 1
+for single particles).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from cryopipe.tomo.particle_sets import particles_per_tilt_series
 __all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "tilt_images", "without_images",
            "make_species", "species_mask", "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms",
            "relion30_table", "check_stages", "species_setup", "RunStart", "start_run", "refine_data_sets",
-           "trajectory_tables", "optics_metadata", "format_vector"]
+           "trajectory_tables", "optics_metadata", "format_vector", "parse_vector", "MAG_LABELS"]
 
 
 @dataclass(frozen=True)
@@ -147,14 +147,14 @@ def prepare_tilt_series(ts: TiltSeries, positions: torch.Tensor, orientations: t
 MAG_LABELS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
 
 
-def _parse_vector(value, label: str, ts: TiltSeries) -> list[float]:
-    """RELION's vector value ``[a,b,c]`` (or ``a,b,c``) as floats; a one-line error naming the column otherwise."""
+def parse_vector(value, label: str, where: str) -> list[float]:
+    """RELION's vector value ``[a,b,c]`` (or ``a,b,c``) as floats; a one-line error naming ``where`` and the column
+    otherwise."""
     text = str(value).strip().strip("[]")
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise CryopipeError(f"tomogram {ts.name}: {label} = {value!r} is not a list of numbers like [0.1,0,0.2]; fix "
-                            "it in tomograms.star") from None
+        raise CryopipeError(f"{where}: {label} = {value!r} is not a list of numbers like [0.1,0,0.2]; fix it") from None
 
 
 def optics_metadata(ts: TiltSeries, device=None) -> dict:
@@ -167,7 +167,8 @@ def optics_metadata(ts: TiltSeries, device=None) -> dict:
         out["mag_matrix"] = torch.tensor(values, dtype=torch.float64, device=device).reshape(2, 2)
     for label, key in (("rlnOddZernike", "odd_zernike"), ("rlnEvenZernike", "even_zernike")):
         if label in g:
-            out[key] = torch.tensor(_parse_vector(g[label], label, ts), dtype=torch.float64, device=device)
+            out[key] = torch.tensor(parse_vector(g[label], label, f"tomogram {ts.name} in tomograms.star"),
+                                    dtype=torch.float64, device=device)
     return out
 
 

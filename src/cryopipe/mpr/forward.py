@@ -90,6 +90,7 @@ class TiltSeriesData:
     mag_matrix: torch.Tensor | None = None  # [2, 2] rlnMagMat00..11 (None: identity)
     odd_zernike: torch.Tensor | None = None  # [K] rlnOddZernike (RELION's coefficients, Å⁻¹; beam tilt apart)
     even_zernike: torch.Tensor | None = None  # [K] rlnEvenZernike
+    magnify_positions: bool = True  # the magnification moves image positions too (False: extracted particles)
 
     @property
     def pose_samples(self) -> int:
@@ -229,7 +230,7 @@ def pair_geometry(data: TiltSeriesData, params: TiltSeriesParameters, n: torch.T
     centre = torch.tensor([W // 2, H // 2], dtype=R.dtype, device=R.device)
     xy = xy + centre
     mag = total_magnification(data, params)
-    if mag is not None:  # x_observed − centre = Mᵀ·(x − centre)
+    if mag is not None and data.magnify_positions:  # x_observed − centre = Mᵀ·(x − centre)
         xy = centre + (xy - centre) @ mag.to(xy.dtype)
     xy = xy + warp_at(data.warp + params.warp, f, xy, (W, H)) / px
     A = data.orientations[n] @ rotation_from_vector(rotation)
@@ -332,7 +333,12 @@ def batch_sums(data: TiltSeriesData, species: Species, band: Band, params: TiltS
 
 
 def bake(data: TiltSeriesData, params: TiltSeriesParameters, groups) -> TiltSeriesData:
-    """The metadata with the (gauge-fixed) corrections applied; corrections can then restart from zero."""
+    """The metadata with the (gauge-fixed) corrections applied; corrections can then restart from zero. The
+    magnification and Zernike corrections become metadata values (RELION's matrix and coefficients; a refined group
+    is always written, even at zero), trajectory corrections add to the metadata's. The orientation takes the
+    particle's rotation ``A·Exp(δ)`` while a pair's trajectory vector ``τ`` was combined as ``A·Exp(δ + τ)`` and is
+    then applied as ``A·Exp(δ)·Exp(τ)``: the same to first order (they differ by at most ``½|δ|·|τ|``
+    rad, 0.08° for 3° each)."""
     p = gauge_fixed(params.detached(), groups)
     comp = astigmatism_components(data.defocus) + p.defocus * DEFOCUS_UNIT_A
     comp[:, 0] += p.defocus_mean * DEFOCUS_UNIT_A
@@ -340,11 +346,18 @@ def bake(data: TiltSeriesData, params: TiltSeriesParameters, groups) -> TiltSeri
     if beam_tilt is not None or bool((p.beam_tilt != 0).any()):
         beam_tilt = p.beam_tilt if beam_tilt is None else beam_tilt + p.beam_tilt
     odd, even = zernike_totals(data, p)
+    mag = total_magnification(data, p)
+    if "oddzernike" in groups and odd is None:  # refined (to zero): the output still says so
+        odd = odd_from_trefoil(p.trefoil)
+    if "evenzernike" in groups and even is None:
+        even = even_from_fourth_order(p.fourth_order)
+    if "magnification" in groups and mag is None:
+        mag = torch.eye(2, dtype=p.magnification.dtype, device=p.magnification.device)
     out = replace(data, angles=data.angles + p.tilt_angles, shifts=data.shifts + p.tilt_shifts,
                   defocus=defocus_from_components(comp), warp=data.warp + p.warp, beam_tilt=beam_tilt,
                   positions=data.positions + p.particle_shifts / data.pixel_size,
                   orientations=data.orientations @ rotation_from_vector(p.particle_angles),
-                  mag_matrix=total_magnification(data, p), odd_zernike=odd, even_zernike=even)
+                  mag_matrix=mag, odd_zernike=odd, even_zernike=even)
     if p.pose_samples > 1:
         base_a = data.trajectory_angles if data.trajectory_angles is not None else 0.0
         base_s = data.trajectory_shifts if data.trajectory_shifts is not None else 0.0

@@ -13,7 +13,13 @@ Mapping (``N`` particles of an ``S × S`` stack, RELION 3.1 particles STAR):
   ``ctf`` defocus and astigmatism; ``beamtilt`` one (x, y) beam tilt per optics group (rlnBeamTiltX/Y, mrad;
   RELION keeps beam tilt in the optics table).
 
-Groups ``shifts``, ``imagewarp`` and ``stageangles`` have no meaning here and are refused. The CTF B-factor
+* ``magnification``, ``oddzernike`` (beam tilt + trefoil), ``evenzernike`` (4th order): one value for the data
+  set's single optics group (refused with several), read from and written to the optics table as RELION keeps them
+  (rlnMagMat00..11, rlnOddZernike, rlnEvenZernike; the beam tilt stays in rlnBeamTiltX/Y, which RELION adds to
+  rlnOddZernike when it reads them); the magnification changes the frequencies only (``M·k``), not the extracted
+  particles' centres, as RELION's ``ObservationModel``.
+
+Groups ``shifts``, ``imagewarp``, ``stageangles`` and ``temporalposes`` have no meaning here and are refused. The CTF B-factor
 (rlnCtfBfactor) is not modelled; a non-zero rlnPhaseShift is refused (phase plates are not modelled). All
 particle images are held in memory (float32, ``4·N·S²`` bytes).
 """
@@ -32,14 +38,17 @@ from cryopipe.core.geometry import euler_to_matrix, matrix_to_euler
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.mrc import ImageReader
 from cryopipe.io.particles import ParticleData, ctf_parameters, euler_angles, optics_values, origins_px, pixel_sizes
-from cryopipe.mpr.driver import MprOptions, MprResult, check_stages, refine_data_sets, start_run
+from cryopipe.mpr.driver import (MAG_LABELS, MprOptions, MprResult, check_stages, format_vector, parse_vector,
+                                 refine_data_sets, start_run)
 from cryopipe.mpr.forward import TiltSeriesData
 
 __all__ = ["SPA_GROUPS", "SPA_NAME", "check_spa_stages", "prepare_particles", "run_mpr_spa", "updated_spa_particles",
-           "particle_subset", "joined_subsets", "shared_beam_tilt"]
+           "particle_subset", "joined_subsets", "shared_beam_tilt", "shared_optics", "spa_optics_metadata"]
 
 #: parameter groups that apply to single-particle data
-SPA_GROUPS = ("poses", "defocus", "ctf", "beamtilt")
+SPA_GROUPS = ("poses", "defocus", "ctf", "beamtilt", "magnification", "oddzernike", "evenzernike")
+#: SPA groups with one value per data set, refined for a data set of one optics group only
+OPTICS_GROUPS = ("magnification", "oddzernike", "evenzernike")
 #: the name of the one data set in :attr:`MprResult.data`
 SPA_NAME = "particles"
 
@@ -116,8 +125,35 @@ def prepare_particles(particles: ParticleData, box: int, binning: float, root_di
         orientations=orientations, half_sets=torch.as_tensor(np.array(halves, dtype=np.int64), device=device),
         pairs=torch.arange(n, device=device)[:, None].expand(n, 2).contiguous(), pixel_size=px,
         tomogram_size=(W, H, 1), hand=1.0, defocus_slope=0.0, voltage=voltage, cs=cs, amplitude_contrast=q0,
-        beam_tilt=tt(beam_tilt), beam_group=torch.as_tensor(beam_group, device=device).long(), flip_contrast=False)
+        beam_tilt=tt(beam_tilt), beam_group=torch.as_tensor(beam_group, device=device).long(), flip_contrast=False,
+        magnify_positions=False, **spa_optics_metadata(particles, device))
     return data, ids
+
+
+def spa_optics_metadata(particles: ParticleData, device=None) -> dict:
+    """``mag_matrix`` / ``odd_zernike`` / ``even_zernike`` from the optics table when the particles use one optics
+    group (rlnMagMat00..11, rlnOddZernike, rlnEvenZernike; absent: None). With several optics groups they are not
+    read (one value per data set is modelled)."""
+    where = str(particles.path if particles.path is not None else "<particles>")
+    t = particles.particles
+    used = np.unique(pd.to_numeric(t["rlnOpticsGroup"], errors="coerce")) if "rlnOpticsGroup" in t.columns \
+        else np.array([1.0])
+    o = particles.optics
+    if len(used) != 1 or o is None or "rlnOpticsGroup" not in o.columns:
+        return {}
+    row = o[pd.to_numeric(o["rlnOpticsGroup"], errors="coerce") == used[0]]
+    if len(row) != 1:
+        return {}
+    row = row.iloc[0]
+    out: dict = {}
+    if any(lab in row.index for lab in MAG_LABELS):
+        values = [float(row.get(lab, 1.0 if lab in ("rlnMagMat00", "rlnMagMat11") else 0.0)) for lab in MAG_LABELS]
+        out["mag_matrix"] = torch.tensor(values, dtype=torch.float64, device=device).reshape(2, 2)
+    for label, key in (("rlnOddZernike", "odd_zernike"), ("rlnEvenZernike", "even_zernike")):
+        if label in row.index:
+            out[key] = torch.tensor(parse_vector(row[label], label, f"{where} optics table"), dtype=torch.float64,
+                                    device=device)
+    return out
 
 
 def check_spa_stages(stages) -> None:
@@ -140,6 +176,12 @@ def run_mpr_spa(particles: ParticleData, half1: torch.Tensor, half2: torch.Tenso
     ``images_per_set`` particles (<= 0: one set), one set in memory at a time; the beam tilt (per optics group, or
     per micrograph with ``beam_tilt_per_micrograph``) is shared by the sets (:func:`shared_beam_tilt`)."""
     check_spa_stages(options.stages)
+    optics = [g for st in options.stages if st.iterations > 0 for g in st.groups if g in OPTICS_GROUPS]
+    n_optics = particles.particles["rlnOpticsGroup"].nunique() if "rlnOpticsGroup" in particles.particles.columns \
+        else 1
+    if optics and n_optics > 1:
+        raise CryopipeError(f"--stage ...{optics[0]}: refined as one value per data set, but the particles use "
+                            f"{n_optics} optics groups; refine each optics group's particles separately")
     run = start_run(half1, half2, mask, map_pixel_size, diameter_A, options, device, log)
     box = run.box
     px = float(pixel_sizes(particles)[0])
@@ -162,7 +204,7 @@ def run_mpr_spa(particles: ParticleData, half1: torch.Tensor, half2: torch.Tenso
     def load(name: str) -> torch.Tensor:
         return torch.from_numpy(reader.read(sets[name])).to(data.positions.device)
 
-    result = refine_data_sets(datas, load, run, map_pixel_size, binning, options, sync=shared_beam_tilt)
+    result = refine_data_sets(datas, load, run, map_pixel_size, binning, options, sync=shared_optics)
     result.data = {SPA_NAME: joined_subsets(data, [result.data[name] for name in sets])}
     return result
 
@@ -187,6 +229,8 @@ def joined_subsets(data: TiltSeriesData, parts: list[TiltSeriesData]) -> TiltSer
     n = sum(len(p.pairs) for p in parts)
     return replace(data, angles=cat("angles"), shifts=cat("shifts"), defocus=cat("defocus"), warp=cat("warp"),
                    positions=cat("positions"), orientations=cat("orientations"), beam_tilt=parts[0].beam_tilt,
+                   mag_matrix=parts[0].mag_matrix, odd_zernike=parts[0].odd_zernike,
+                   even_zernike=parts[0].even_zernike,
                    images=torch.zeros(1, 1, 1, device=data.positions.device).expand(n, *data.images.shape[1:]))
 
 
@@ -206,13 +250,32 @@ def shared_beam_tilt(datas: dict[str, TiltSeriesData]) -> None:
             datas[name] = replace(d, beam_tilt=mean.clone())
 
 
+def shared_optics(datas: dict[str, TiltSeriesData]) -> None:
+    """:func:`shared_beam_tilt`, and one magnification matrix and odd / even Zernike vector again for all particle
+    sets (each refined its own copy): their mean weighted by the sets' particle counts."""
+    shared_beam_tilt(datas)
+    for name in ("mag_matrix", "odd_zernike", "even_zernike"):
+        parts = [d for d in datas.values() if getattr(d, name) is not None]
+        if len(parts) < 2:
+            continue
+        n = max(getattr(d, name).shape[-1] for d in parts)
+        pad = lambda t: torch.nn.functional.pad(t, (0, n - t.shape[-1]))  # noqa: E731
+        counts = torch.tensor([float(len(d.pairs)) for d in parts], dtype=torch.float64)
+        values = torch.stack([pad(getattr(d, name)) for d in parts])
+        mean = (values * counts.reshape(-1, *([1] * (values.dim() - 1)))).sum(0) / counts.sum()
+        for key, d in datas.items():
+            if getattr(d, name) is not None:
+                datas[key] = replace(d, **{name: mean.clone()})
+
+
 def updated_spa_particles(particles: ParticleData, data: TiltSeriesData, optics_ids: np.ndarray | None = None,
                           beam_tilt_per_micrograph: bool = False) -> ParticleData:
     """A copy of ``particles`` with the refined rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, rlnDefocusU/V/Angle (per
     particle) and rlnBeamTiltX/Y (optics table, per optics group ``optics_ids`` [G]; default: the sorted unique
     rlnOpticsGroup values, as :func:`prepare_particles` numbers them). With ``beam_tilt_per_micrograph`` the beam
     tilt goes into per-particle rlnBeamTiltX/Y columns instead (each particle its micrograph's value, as RELION
-    3.0 kept beam tilt per particle; the optics table is left as it was)."""
+    3.0 kept beam tilt per particle; the optics table is left as it was). A refined (or given) magnification matrix
+    and Zernike vectors go into the optics table (:func:`_write_optics_aberrations`)."""
     out = particles.copy()
     t = out.particles
     W, H = data.image_size
@@ -229,7 +292,8 @@ def updated_spa_particles(particles: ParticleData, data: TiltSeriesData, optics_
     if data.beam_tilt is not None and beam_tilt_per_micrograph:
         bt = data.beam_tilt.cpu().numpy()[data.beam_group.cpu().numpy()]
         t["rlnBeamTiltX"], t["rlnBeamTiltY"] = bt[:, 0], bt[:, 1]
-    elif data.beam_tilt is not None:
+    _write_optics_aberrations(out, data)
+    if data.beam_tilt is not None and not beam_tilt_per_micrograph:
         if optics_ids is None:
             groups = pd.to_numeric(t["rlnOpticsGroup"], errors="coerce").to_numpy() \
                 if "rlnOpticsGroup" in t.columns else np.ones(len(t))
@@ -242,3 +306,25 @@ def updated_spa_particles(particles: ParticleData, data: TiltSeriesData, optics_
             old = o[lab].to_numpy(float) if lab in o.columns else np.zeros(len(o))
             o[lab] = np.where(np.isnan(g), old, bt[np.nan_to_num(g).astype(int), j])
     return out
+
+
+def _write_optics_aberrations(particles: ParticleData, data: TiltSeriesData) -> None:
+    """The data set's magnification matrix and odd / even Zernike vectors into the optics-table rows of the optics
+    group the particles use (rlnMagMat00..11, rlnOddZernike, rlnEvenZernike; only those the data carry; other rows
+    keep theirs, or get the identity / zeros in a new column). One value per data set: :func:`run_mpr_spa` refuses
+    these groups for particles of several optics groups."""
+    o, t = particles.optics, particles.particles
+    if o is None or "rlnOpticsGroup" not in o.columns:
+        return
+    groups = pd.to_numeric(o["rlnOpticsGroup"], errors="coerce").to_numpy()
+    used = np.isin(groups, pd.to_numeric(t["rlnOpticsGroup"], errors="coerce").to_numpy()) \
+        if "rlnOpticsGroup" in t.columns else np.ones(len(o), bool)
+    if data.mag_matrix is not None:
+        for lab, v in zip(MAG_LABELS, data.mag_matrix.reshape(-1).tolist()):
+            old = o[lab].to_numpy(float) if lab in o.columns else \
+                np.full(len(o), 1.0 if lab in ("rlnMagMat00", "rlnMagMat11") else 0.0)
+            o[lab] = np.where(used, v, old)
+    for lab, values in (("rlnOddZernike", data.odd_zernike), ("rlnEvenZernike", data.even_zernike)):
+        if values is not None:
+            old = o[lab].astype(str).to_numpy() if lab in o.columns else np.full(len(o), format_vector([0.0]))
+            o[lab] = np.where(used, format_vector(values.tolist()), old)
