@@ -460,7 +460,8 @@ def average_ctf2(ctf2_per_shell: torch.Tensor, count_per_shell: torch.Tensor) ->
     """RELION ``setAverageCTF2``: the average CTF² per shell ``[n//2+1]`` of CTF-premultiplied data, ``Σ c² /
     Σ M`` over the particles' coefficients of each shell (3D pseudo-subtomograms: ``c²`` the weight volume's
     ``|Σ c²|``, ``M`` its multiplicity; 2D stacks: the tilts' ``c²`` over the image count × coefficients per
-    shell); 0 where nothing was counted."""
+    shell); 0 where nothing was counted. The tomographic optimisers compute it once per run
+    (:meth:`cryopipe.engine.tomo_optimiser.SubtomoOptimiser3D._average_ctf2`)."""
     c = count_per_shell.to(torch.float64)
     return torch.where(c > 0, ctf2_per_shell.to(torch.float64) / c.clamp_min(1e-300), torch.zeros_like(c))
 
