@@ -229,11 +229,12 @@ def test_zernike_groups_refused_on_low_resolution_species(sim):  # noqa: F811
                     MprOptions(stages=[Stage(("poses", group), 1)], ctf_minresolution=8.0), log=lambda m: None)
 
 
-def test_optics_and_trajectories_written_as_relion_reads_them(truth, tmp_path):
+def test_optics_and_trajectories_written_as_relion_reads_them(sim, truth, tmp_path):  # noqa: F811
     """A tilt series with a magnification matrix, a beam tilt, odd and even coefficients written by
     updated_tomograms + write_tomograms reads back (prepare_tilt_series) with the same rlnMagMat and
     rlnEvenZernike, the beam tilt folded into rlnOddZernike as RELION does, and the same forward-model score; the
-    trajectory table has one row per particle and 3 × 2 × S columns."""
+    particles' optics table (where RELION 5's tomography programs read them) gets the same values; the trajectory
+    table has one row per particle and 3 × 2 × S columns."""
     from cryopipe.io.star import read_star, write_star
 
     data = truth["data"]
@@ -261,6 +262,13 @@ def test_optics_and_trajectories_written_as_relion_reads_them(truth, tmp_path):
     scores = [tilt_series_score(d, species, band, zero_parameters(d), (), pair_centres(d))
               for d in (replace(data, trajectory_angles=None, trajectory_shifts=None), back)]
     assert abs(scores[0] - scores[1]) < 1e-6 * abs(scores[0]), scores
+    from cryopipe.mpr.driver import MAG_LABELS, parse_vector, updated_particles
+
+    parts = read_tomo_particles(sim["dir"] / "sim/truth/particles.star", tomos)
+    optics = updated_particles(parts, tomos, {"TS_01": data}).optics
+    assert np.allclose(optics[list(MAG_LABELS)].to_numpy(float)[0], data.mag_matrix.reshape(-1).numpy())
+    assert np.allclose(parse_vector(optics["rlnOddZernike"].iloc[0], "odd", "t"), expected_odd.numpy())
+    assert np.allclose(parse_vector(optics["rlnEvenZernike"].iloc[0], "even", "t"), data.even_zernike.numpy())
     tables = trajectory_tables({"TS_01": data})
     write_star(tmp_path / "traj.star", tables, version=50001)
     t = read_star(tmp_path / "traj.star")["TS_01"]

@@ -22,8 +22,10 @@ Outputs in the job folder (each file written atomically): ``particles.star`` (RE
 ``pose_trajectories.star`` (with ``--pose_samples`` > 1: one table per tilt series, rows = its particles in
 particles.star order, per-sample position and rotation-vector deviations from the particle's mean pose,
 :func:`cryopipe.mpr.driver.trajectory_tables`; particles.star holds the mean), magnification and aberrations in
-tomograms.star's global rows (rlnMagMat00..11, rlnOddZernike with the beam tilt folded in as RELION does,
-rlnEvenZernike; written when any of them is refined or given), ``half1.mrc``,
+tomograms.star's global rows (per tilt series: rlnMagMat00..11, rlnOddZernike with the beam tilt folded in as
+RELION does, rlnEvenZernike; written when any of them is refined or given; read back from there) and in
+particles.star's optics table (per optics group, the particle-weighted mean of its tilt series: where RELION 5's
+tomography programs read them), ``half1.mrc``,
 ``half2.mrc`` (refined), ``half1_iter0.mrc``, ``half2_iter0.mrc`` (input metadata), ``fsc.star`` + ``fsc.png``
 (masked FSC before/after), ``mpr_log.txt`` (one line per sub-iteration: score, resolution) and
 ``mpr_stats.json``.

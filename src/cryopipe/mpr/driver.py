@@ -402,7 +402,8 @@ def refine_data_sets(datas: dict[str, TiltSeriesData], load_images: Callable[[st
 def updated_particles(particles: TomoParticles, tomograms: TomogramSet,
                       datas: dict[str, TiltSeriesData]) -> TomoParticles:
     """RELION 5 particles (centred Å coordinates) with the refined positions and orientations; origins and
-    subtomogram angles kept (``coordinate = (p − size/2)·px + A_sub·origin``, ``rlnAngle* = Euler(A_subᵀ·A)``)."""
+    subtomogram angles kept (``coordinate = (p − size/2)·px + A_sub·origin``, ``rlnAngle* = Euler(A_subᵀ·A)``);
+    refined magnification / aberrations also into the optics table (:func:`_write_particle_optics`)."""
     out = to_centered_coordinates(particles, tomograms)
     t = out.particles
     names = out.tomo_names
@@ -422,6 +423,7 @@ def updated_particles(particles: TomoParticles, tomograms: TomogramSet,
             if lab not in t.columns:
                 t[lab] = 0.0
             t.iloc[rows, t.columns.get_loc(lab)] = angles[:, j]
+    _write_particle_optics(out, datas)
     return out
 
 
@@ -442,10 +444,9 @@ def relion30_table(datas: dict[str, TiltSeriesData]) -> pandas.DataFrame:
     return pandas.concat(rows, ignore_index=True)
 
 
-def _global_optics(data: TiltSeriesData | None) -> dict:
-    """Global-row values of a tilt series' refined magnification matrix and aberrations: rlnMagMat00..11 and
-    rlnOddZernike (metadata + trefoil + the beam tilt as RELION's ``TiltHelper::insertTilt`` puts it there) /
-    rlnEvenZernike; an unrefined tilt series (None) gets the identity and zeros, as every row needs the columns."""
+def _optics_values(data: TiltSeriesData | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(magnification [2, 2], odd [K], even [K])`` of a tilt series as RELION keeps them: the odd coefficients
+    with the beam tilt folded in (RELION's ``TiltHelper::insertTilt``); None (unrefined): identity and zeros."""
     mag = data.mag_matrix if data is not None and data.mag_matrix is not None else torch.eye(2, dtype=torch.float64)
     odd = data.odd_zernike if data is not None and data.odd_zernike is not None else torch.zeros(6, dtype=torch.float64)
     if data is not None and data.beam_tilt is not None:
@@ -454,9 +455,54 @@ def _global_optics(data: TiltSeriesData | None) -> dict:
         n = max(len(odd), 6)
         odd = torch.nn.functional.pad(odd.cpu(), (0, n - len(odd))) + torch.nn.functional.pad(tilt, (0, n - 6))
     even = data.even_zernike if data is not None and data.even_zernike is not None else torch.zeros(9, dtype=torch.float64)
+    return mag.cpu(), odd.cpu(), even.cpu()
+
+
+def _optics_columns(mag: torch.Tensor, odd: torch.Tensor, even: torch.Tensor) -> dict:
+    """STAR values: rlnMagMat00..11 (floats), rlnOddZernike / rlnEvenZernike (``[a,b,…]``)."""
     out = {lab: float(v) for lab, v in zip(MAG_LABELS, mag.reshape(-1).tolist())}
     out.update(rlnOddZernike=format_vector(odd.tolist()), rlnEvenZernike=format_vector(even.tolist()))
     return out
+
+
+def _global_optics(data: TiltSeriesData | None) -> dict:
+    """Global-row values of a tilt series' refined magnification matrix and aberrations (:func:`_optics_values`);
+    an unrefined tilt series (None) gets the identity and zeros, as every row needs the columns."""
+    return _optics_columns(*_optics_values(data))
+
+
+def _padded_mean(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    n = max(v.shape[-1] for v in vectors)
+    stack = torch.stack([torch.nn.functional.pad(v, (0, n - v.shape[-1])) for v in vectors])
+    w = torch.tensor(weights, dtype=stack.dtype)
+    return (stack * w.reshape(-1, *([1] * (stack.dim() - 1)))).sum(0) / w.sum()
+
+
+def _write_particle_optics(out: TomoParticles, datas: dict[str, TiltSeriesData]) -> None:
+    """The magnification matrix and Zernike vectors into the particles' optics table, where RELION 5's tomography
+    programs keep them (per optics group): each group gets the particle-weighted mean of its tilt series' values
+    (:func:`_optics_values`; exact when a group is one tilt series); groups without refined particles keep theirs
+    (identity / zeros in a new column)."""
+    if out.optics is None or "rlnOpticsGroup" not in out.particles.columns or \
+            not any(_has_optics(d) for d in datas.values()):
+        return
+    o = out.optics
+    defaults = _global_optics(None)
+    for lab, value in defaults.items():
+        if lab not in o.columns:
+            o[lab] = value
+    groups = pandas.to_numeric(out.particles["rlnOpticsGroup"], errors="coerce").to_numpy()
+    names = out.tomo_names
+    for i, g in enumerate(pandas.to_numeric(o["rlnOpticsGroup"], errors="coerce").to_numpy()):
+        counts = {n: float(np.sum((groups == g) & (names == n))) for n in datas}
+        used = [n for n, c in counts.items() if c > 0]
+        if not used:
+            continue
+        values = [_optics_values(datas[n]) for n in used]
+        weights = [counts[n] for n in used]
+        mean = [_padded_mean([v[j] for v in values], weights) for j in range(3)]
+        for lab, value in _optics_columns(*mean).items():
+            o.iloc[i, o.columns.get_loc(lab)] = value
 
 
 def _has_optics(data: TiltSeriesData) -> bool:
