@@ -110,8 +110,12 @@ def half_frame_errors(datas, tparts, ttomos) -> dict:
     design = design.reshape(-1, 3 * (n_t + 2))
     fit, *_ = np.linalg.lstsq(design, dp.reshape(-1), rcond=None)
     left = (dp.reshape(-1) - design @ fit).reshape(-1, 3)
+    dist = np.sqrt((left ** 2).sum(1))
     return {"angles_half_frames_removed_deg": float(np.sqrt((angles ** 2).mean())),
-            "positions_half_frames_removed_A": float(np.sqrt((left ** 2).sum(1).mean()))}
+            "positions_half_frames_removed_A": float(np.sqrt((dist ** 2).mean())),
+            "angles_half_frames_removed_median_deg": float(np.median(angles)),
+            "angles_half_frames_removed_p90_deg": float(np.percentile(angles, 90)),
+            "positions_half_frames_removed_median_A": float(np.median(dist))}
 
 
 def fsc_truth(h1, h2, truth, apix) -> float:
@@ -241,6 +245,8 @@ def self_reference_run(args) -> dict:
                              e["angles_common_rotation_removed_deg"], "positions_A": e["positions_A"],
                              "angles_half_frames_removed_deg": e["angles_half_frames_removed_deg"],
                              "positions_half_frames_removed_A": e["positions_half_frames_removed_A"],
+                             "angles_half_frames_removed_median_deg": e["angles_half_frames_removed_median_deg"],
+                             "angles_half_frames_removed_p90_deg": e["angles_half_frames_removed_p90_deg"],
                              "reference_masked_fsc_A": fsc_res, "cpu_s": time.process_time() - c0})
 
             record(None)
