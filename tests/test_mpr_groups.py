@@ -233,8 +233,9 @@ def test_optics_and_trajectories_written_as_relion_reads_them(sim, truth, tmp_pa
     """A tilt series with a magnification matrix, a beam tilt, odd and even coefficients written by
     updated_tomograms + write_tomograms reads back (prepare_tilt_series) with the same rlnMagMat and
     rlnEvenZernike, the beam tilt folded into rlnOddZernike as RELION does, and the same forward-model score; the
-    particles' optics table (where RELION 5's tomography programs read them) gets the same values; the trajectory
-    table has one row per particle and 3 × 2 × S columns."""
+    particles' optics table (where RELION 5's tomography programs read them) gets the same values and reads back
+    from particles.star (particle_optics_metadata); the trajectory table has one row per particle and 3 × 2 × S
+    columns."""
     from cryopipe.io.star import read_star, write_star
 
     data = truth["data"]
@@ -264,8 +265,16 @@ def test_optics_and_trajectories_written_as_relion_reads_them(sim, truth, tmp_pa
     assert abs(scores[0] - scores[1]) < 1e-6 * abs(scores[0]), scores
     from cryopipe.mpr.driver import MAG_LABELS, parse_vector, updated_particles
 
+    from cryopipe.io.tomo_particles import write_tomo_particles
+    from cryopipe.mpr.driver import particle_optics_metadata
+
     parts = read_tomo_particles(sim["dir"] / "sim/truth/particles.star", tomos)
-    optics = updated_particles(parts, tomos, {"TS_01": data}).optics
+    updated = updated_particles(parts, tomos, {"TS_01": data})
+    optics = updated.optics
+    write_tomo_particles(tmp_path / "particles.star", updated)
+    again = read_tomo_particles(tmp_path / "particles.star", tomos)
+    meta = particle_optics_metadata(again, np.arange(len(again.particles)))  # what run_mpr reads when tomograms
+    assert torch.allclose(meta["mag_matrix"], data.mag_matrix) and torch.allclose(meta["odd_zernike"], expected_odd)
     assert np.allclose(optics[list(MAG_LABELS)].to_numpy(float)[0], data.mag_matrix.reshape(-1).numpy())
     assert np.allclose(parse_vector(optics["rlnOddZernike"].iloc[0], "odd", "t"), expected_odd.numpy())
     assert np.allclose(parse_vector(optics["rlnEvenZernike"].iloc[0], "even", "t"), data.even_zernike.numpy())

@@ -45,7 +45,8 @@ from cryopipe.tomo.particle_sets import particles_per_tilt_series
 __all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "tilt_images", "without_images",
            "make_species", "species_mask", "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms",
            "relion30_table", "check_stages", "species_setup", "RunStart", "start_run", "refine_data_sets",
-           "trajectory_tables", "optics_metadata", "format_vector", "parse_vector", "MAG_LABELS"]
+           "trajectory_tables", "optics_metadata", "format_vector", "parse_vector", "MAG_LABELS",
+           "optics_row_metadata", "particle_optics_metadata"]
 
 
 @dataclass(frozen=True)
@@ -160,16 +161,33 @@ def parse_vector(value, label: str, where: str) -> list[float]:
 def optics_metadata(ts: TiltSeries, device=None) -> dict:
     """``mag_matrix`` / ``odd_zernike`` / ``even_zernike`` of :class:`TiltSeriesData` from the tilt series' global
     row (rlnMagMat00..11, rlnOddZernike, rlnEvenZernike; absent: None)."""
+    return optics_row_metadata(ts.globals, f"tomogram {ts.name} in tomograms.star", device)
+
+
+def optics_row_metadata(row, where: str, device=None) -> dict:
+    """``mag_matrix`` / ``odd_zernike`` / ``even_zernike`` from one table row (a dict or pandas row: rlnMagMat00..11,
+    rlnOddZernike, rlnEvenZernike; each absent: left out); ``where`` names the row in errors."""
     out: dict = {}
-    g = ts.globals
-    if any(lab in g for lab in MAG_LABELS):
-        values = [float(g.get(lab, 1.0 if lab in ("rlnMagMat00", "rlnMagMat11") else 0.0)) for lab in MAG_LABELS]
+    if any(lab in row for lab in MAG_LABELS):
+        values = [float(row.get(lab, 1.0 if lab in ("rlnMagMat00", "rlnMagMat11") else 0.0)) for lab in MAG_LABELS]
         out["mag_matrix"] = torch.tensor(values, dtype=torch.float64, device=device).reshape(2, 2)
     for label, key in (("rlnOddZernike", "odd_zernike"), ("rlnEvenZernike", "even_zernike")):
-        if label in g:
-            out[key] = torch.tensor(parse_vector(g[label], label, f"tomogram {ts.name} in tomograms.star"),
-                                    dtype=torch.float64, device=device)
+        if label in row:
+            out[key] = torch.tensor(parse_vector(row[label], label, where), dtype=torch.float64, device=device)
     return out
+
+
+def particle_optics_metadata(particles: TomoParticles, rows: np.ndarray, device=None) -> dict:
+    """:func:`optics_row_metadata` of the optics-table row of the particles ``rows`` (e.g. one tilt series'), when
+    they all belong to one optics group (else {}): the values RELION 5's tomography programs keep there."""
+    o, t = particles.optics, particles.particles
+    if o is None or "rlnOpticsGroup" not in t.columns or "rlnOpticsGroup" not in o.columns or not len(rows):
+        return {}
+    groups = np.unique(pandas.to_numeric(t["rlnOpticsGroup"].iloc[rows], errors="coerce"))
+    match = o[pandas.to_numeric(o["rlnOpticsGroup"], errors="coerce") == groups[0]]
+    if len(groups) != 1 or len(match) != 1:
+        return {}
+    return optics_row_metadata(match.iloc[0], f"{particles._where} optics group {groups[0]:g}", device)
 
 
 def format_vector(values) -> str:
@@ -293,9 +311,11 @@ def run_mpr(particles: TomoParticles, tomograms: TomogramSet, half1: torch.Tenso
             raise CryopipeError(f"half-map pixel {map_pixel_size} Å is smaller than tomogram {ts.name}'s pixel "
                                 f"{ts.pixel_size} Å; give half-maps at the tilt-series pixel size or binned")
         series[ts.name] = ts
-        datas[ts.name] = prepare_tilt_series(ts, group.positions_px, group.orientations, group.half_sets, box,
-                                             binning, options.first_tilts, options.warp_grid, device,
-                                             load_images=False, pose_samples=options.pose_samples)
+        data = prepare_tilt_series(ts, group.positions_px, group.orientations, group.half_sets, box, binning,
+                                   options.first_tilts, options.warp_grid, device, load_images=False,
+                                   pose_samples=options.pose_samples)
+        from_optics = particle_optics_metadata(particles, group.rows, device)  # tomograms.star's values first
+        datas[ts.name] = replace(data, **{k: v for k, v in from_optics.items() if getattr(data, k) is None})
     if not datas:
         raise CryopipeError("no particles in the given tomograms")
     n_pairs = sum(len(d.pairs) for d in datas.values())

@@ -38,7 +38,7 @@ from cryopipe.core.geometry import euler_to_matrix, matrix_to_euler
 from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.mrc import ImageReader
 from cryopipe.io.particles import ParticleData, ctf_parameters, euler_angles, optics_values, origins_px, pixel_sizes
-from cryopipe.mpr.driver import (MAG_LABELS, MprOptions, MprResult, check_stages, format_vector, parse_vector,
+from cryopipe.mpr.driver import (MAG_LABELS, MprOptions, MprResult, check_stages, format_vector, optics_row_metadata,
                                  refine_data_sets, start_run)
 from cryopipe.mpr.forward import TiltSeriesData
 
@@ -144,16 +144,7 @@ def spa_optics_metadata(particles: ParticleData, device=None) -> dict:
     row = o[pd.to_numeric(o["rlnOpticsGroup"], errors="coerce") == used[0]]
     if len(row) != 1:
         return {}
-    row = row.iloc[0]
-    out: dict = {}
-    if any(lab in row.index for lab in MAG_LABELS):
-        values = [float(row.get(lab, 1.0 if lab in ("rlnMagMat00", "rlnMagMat11") else 0.0)) for lab in MAG_LABELS]
-        out["mag_matrix"] = torch.tensor(values, dtype=torch.float64, device=device).reshape(2, 2)
-    for label, key in (("rlnOddZernike", "odd_zernike"), ("rlnEvenZernike", "even_zernike")):
-        if label in row.index:
-            out[key] = torch.tensor(parse_vector(row[label], label, f"{where} optics table"), dtype=torch.float64,
-                                    device=device)
-    return out
+    return optics_row_metadata(row.iloc[0], f"{where} optics table", device)
 
 
 def check_spa_stages(stages) -> None:
