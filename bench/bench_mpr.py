@@ -298,6 +298,8 @@ def main() -> None:
     ap.add_argument("--lbfgs", type=int, default=12, help="L-BFGS iterations per sub-iteration")
     ap.add_argument("--defocus_search", type=float, default=1000.0, help="± defocus grid of run B (Å; 0: off)")
     ap.add_argument("--imagewarp", action="store_true", help="the image-warp recovery run instead (module doc)")
+    ap.add_argument("--pose_rounds", type=int, default=0, help="also run P: from A, this many rounds of poses "
+                    "alone (reported as after_poses_only_P)")
     ap.add_argument("--self_reference", action="store_true", help="the self-reference diagnostic instead "
                     "(self_reference_run); written under runs[KEY or 'self_reference']")
     ap.add_argument("--variants", default="own,other,truth_other,own_limit_nyquist",
@@ -346,6 +348,12 @@ def main() -> None:
         b = geometry(pa, ta, a.half1, a.half2, [Stage(geo + ("ctf",), 2)], ctf_minresolution=30.0,
                      defocus_search_A=args.defocus_search)  # B: the same round with the CTF (defocus search first)
         tB = time.perf_counter() - t_run
+        extra = {}
+        if args.pose_rounds:  # P: from A, rounds of poses alone (the particle parameters without the tilt groups)
+            pp = geometry(pa, ta, a.half1, a.half2, [Stage(("poses",), 2)], rounds=args.pose_rounds)
+            extra = {"errors": errors(pp.data, ttomos, tparts), "masked_fsc_A": pp.resolution_after,
+                     "fsc_truth_A": fsc_truth(pp.half1, pp.half2, truth, apix),
+                     "schedule": f"A's result + poses x 2 sub-iterations, {args.pose_rounds} rounds"}
         subs = a.stats + c.stats + b.stats
         pe = sum(s["pair_evaluations"] for s in subs)
         sec = sum(s["seconds"] for s in subs)
@@ -367,6 +375,7 @@ def main() -> None:
                                 "after_geometry_ctf_B": fsc_truth(b.half1, b.half2, truth, apix),
                                 "true_metadata": fsc_truth(ht1, ht2, truth, apix)},
             "species_resolution_A": a.species_resolution,
+            **({"after_poses_only_P": extra} if extra else {}),
             "schedule": {"A": f"stage {','.join(geo)} x 2 sub-iterations, {args.rounds} rounds (references "
                                   "reconstructed at the refined metadata before each later round)",
                          "C": "A's result + 1 round geometry only", "B": f"A's result + 1 round geometry + ctf, "
