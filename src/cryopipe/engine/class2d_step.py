@@ -217,7 +217,10 @@ def class2d_step(particles: ParticleSet, snap: Class2DSnapshot, rows: ParticleRo
             og = torch.as_tensor(particles.optics_group[idx], device=dev)
             grp = torch.as_tensor(particles.group[idx], device=dev)
             scale = scale_all[grp] if scale_all is not None else None
-            origin = torch.as_tensor(rows.origin[sel], dtype=torch.float32, device=dev)
+            # RELION shifts each image by its old offset rounded to whole pixels and adds the new translation to
+            # that rounded offset (the fraction is dropped), with its offset prior (relion_offset_prior)
+            old_origin = np.floor(rows.origin[sel] + 0.5) if s.relion_offset_prior else rows.origin[sel]
+            origin = torch.as_tensor(old_origin, dtype=torch.float32, device=dev)
             normf = None
             if s.do_norm:
                 normf = torch.as_tensor(snap.avg_norm_correction / np.maximum(rows.norm[sel], 1e-6),
@@ -239,14 +242,14 @@ def class2d_step(particles: ParticleSet, snap: Class2DSnapshot, rows: ParticleRo
             rows_kf = res.sample_class * Rf + f
             st.S.view(K * Rf, P).index_add_(0, rows_kf, res.S)
             st.W.view(K * Rf, P).index_add_(0, rows_kf, res.W)
-            o64 = torch.as_tensor(rows.origin[sel], dtype=torch.float64, device=dev)
+            o64 = torch.as_tensor(old_origin, dtype=torch.float64, device=dev)
             st.wsum_offset += (res.wsum_class_per_image.to(torch.float64)[:, :, None] * o64[:, None, :]
                                + res.wsum_offset_rel.to(torch.float64)).sum(dim=0)
             add_particle_result(st, res, grp, scale)
             psi_grid = final_psi if two_pass else snap.coarse_psi.to(dev)
             best_f = res.best_coarse * So + res.best_child if two_pass else res.best_coarse
             out.psi[sel] = psi_grid[best_f].cpu().numpy().astype(float) % 360.0
-            out.origin[sel] = rows.origin[sel] + res.best_offset.cpu().numpy().astype(float)
+            out.origin[sel] = old_origin + res.best_offset.cpu().numpy().astype(float)
             out.klass[sel] = res.best_class.cpu().numpy()
             out.pmax[sel] = res.pmax.cpu().numpy()
             out.nsig[sel] = res.n_significant.cpu().numpy()

@@ -171,6 +171,8 @@ class EStepSettings:
         fine_budget: bound on the number of (image × fine translation × fine sample) scores held at once: the
             fine pass runs on sub-batches of images (each on the union of ITS images' significant samples), so
             memory and the union's overhead stay bounded when posteriors are broad (early 3D iterations).
+        offset_prior_at_coarse: the fine translations take the offset prior of their coarse parent (RELION:
+            "only calculate pdf_offset at the coarse sampling"); False: the prior at each fine translation.
     """
 
     n: int
@@ -188,6 +190,7 @@ class EStepSettings:
     scale_shell_mask: torch.Tensor | None = None
     estep_size: int | None = None
     fine_budget: int = 1 << 25
+    offset_prior_at_coarse: bool = False
 
 
 @dataclass
@@ -656,7 +659,9 @@ def _children_grid(batch: BatchData, inv_score: torch.Tensor, log_prior_orient: 
     estep_size = P if settings.estep_size is None else min(int(settings.estep_size), P)
     at_f = (batch.X * (batch.ctf * inv_score).to(batch.X.dtype))[:, None, :] \
         * shift_phases(settings.k.to(dev)[:P], t_f, settings.n)[None]  # [B, Tf, P]  X_t·C/σ² (DC left out)
-    log_prior_offset = offset_log_prior(t_f, _estep_centre(batch),
+    t_prior = (trans.coarse.to(dev)[t_sel][:, None, :].expand(Tsel, n_children_t, t_ch.shape[-1])
+               .reshape(Tsel * n_children_t, -1) if settings.offset_prior_at_coarse else t_f)
+    log_prior_offset = offset_log_prior(t_prior, _estep_centre(batch),
                                         _estep_sigma2(settings))[:, :, k_sel]  # [B, Tf, Msel]
     flat, locate = _children_log_posterior(batch, inv_score, at_f, ref_f, sig[:, t_sel][:, :, k_sel, r_sel],
                                            log_prior_offset, log_prior_orient[:, k_sel, r_sel], n_children_t,
