@@ -37,6 +37,7 @@ def load_particles(star_path: str | os.PathLike, purpose: str = "2D classificati
         raise InputFileError(star_path, "no rlnImageName column", "give a particles STAR file (from extraction)")
     if len(t) == 0:
         raise InputFileError(star_path, "contains no particles", "give a non-empty particles STAR file")
+    _refuse_premultiplied(star_path, data.optics)
     apix_all = pixel_sizes(data)
     apix = float(apix_all[0])
     if not np.allclose(apix_all, apix, rtol=1e-4):
@@ -60,6 +61,22 @@ def load_particles(star_path: str | os.PathLike, purpose: str = "2D classificati
 
 
 _PIPELINE_JOB_RE = re.compile(r"(?:^|/)job\d+/")
+
+
+def _refuse_premultiplied(star_path: Path, optics: pd.DataFrame) -> None:
+    """Single-particle images premultiplied by their CTF (``rlnCtfDataAreCtfPremultiplied 1``) would get the CTF a
+    second time in the E-step: refuse them (tomographic particles take the
+    optimisation-set path, :mod:`cryopipe.io.tomo_particles`)."""
+    column = "rlnCtfDataAreCtfPremultiplied"
+    if column not in optics.columns:
+        return
+    flags = pd.to_numeric(optics[column], errors="coerce").fillna(0).to_numpy()
+    if (flags != 0).any():
+        group = optics["rlnOpticsGroupName"].iloc[int(np.flatnonzero(flags != 0)[0])] \
+            if "rlnOpticsGroupName" in optics.columns else "?"
+        raise InputFileError(star_path, f"optics group {group} has {column} 1 (CTF-premultiplied images)",
+                             "re-extract the particles without CTF premultiplication, or give tomographic particles "
+                             "with their optimisation set (--ios)")
 
 
 def particle_groups(t: pd.DataFrame, optics_group: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
