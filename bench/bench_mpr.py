@@ -25,8 +25,9 @@ Results (mpr_cpu.json ``runs``; targets particle angles ≤ 1.2°, defocus ≤ 1
 (true metadata 9 Å), 27 CPU-s; 2 × 48: FSC(truth) 18 -> 8.5 Å = the true metadata's, tilt shifts 5.4 -> 0.51 Å,
 stage angles 0.86 -> 0.22°, defocus 499 -> 220 Å (173 Å over the lowest-dose half of the tilts), but angles only
 3.0 -> 2.16°; P (2 rounds of poses alone after A): 1.25° (1.16° half frames removed); 4 × 40: angles 3.2 -> 2.07°,
-defocus 509 -> 217 Å (141 Å lowest-dose half). Targets not met as stated (see README). With 2 torch threads on the
-shared cores the same 2 × 12 run took 358 CPU-s (load 19; probably threads spinning): use ``--threads 1`` under load.
+with P 1.08° (the angle target met), defocus 509 -> 217 Å (141 Å lowest-dose half; the defocus target not met).
+With 2 torch threads on the shared cores the same 2 × 12 run took 358 CPU-s (load 19; probably threads spinning):
+use ``--threads 1`` under load.
 
 ``--imagewarp``: instead, one tilt series of 20 particles whose images carry a smooth per-tilt warp (RMS 8 Å, the
 simulator's quadratic terms; metadata otherwise true), half-maps from the unwarped metadata, ``imagewarp`` (3×3
