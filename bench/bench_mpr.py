@@ -315,6 +315,8 @@ def main() -> None:
                     "(self_reference_run); written under runs[KEY or 'self_reference']")
     ap.add_argument("--variants", default="own,other,truth_other,own_limit_nyquist",
                     help="--self_reference: references to compare (self_reference_run)")
+    ap.add_argument("--joint", action="store_true", help="all groups of a stage in one L-BFGS (before issue 13's "
+                    "fix; default: particle groups and the others in turn, MprOptions.alternate)")
     ap.add_argument("--key", default=None, help="add this run under runs[KEY] of the existing --out JSON (earlier "
                     "runs kept) instead of overwriting it")
     args = ap.parse_args()
@@ -342,7 +344,8 @@ def main() -> None:
         h1, h2, _ = reconstruct_halves(d0.values(), box, 1.0)
         ht1, ht2, _ = reconstruct_halves(datas_of(tparts, ttomos).values(), box, 1.0)
         diameter = 0.8 * box * apix
-        common = dict(resolution_A=0.0, lbfgs_iterations=args.lbfgs, tolerance=0.0, batch_pairs=256)
+        common = dict(resolution_A=0.0, lbfgs_iterations=args.lbfgs, tolerance=0.0, batch_pairs=256,
+                      alternate=not args.joint)
         def geometry(p, t, h1_, h2_, stages, **kw):
             return run_mpr(p, t, h1_, h2_, apix, None, diameter, MprOptions(stages=stages, **{**common, **kw}))
 
@@ -391,6 +394,7 @@ def main() -> None:
                                   "reconstructed at the refined metadata before each later round)",
                          "C": "A's result + 1 round geometry only", "B": f"A's result + 1 round geometry + ctf, "
                          f"defocus search ±{args.defocus_search:g} Å first", "lbfgs_iterations": args.lbfgs,
+                         "alternate": not args.joint,
                          "tolerance": 0.0},
             "speed": {"threads": args.threads, "pair_evaluations_per_s": pe / max(sec, 1e-9),
                       "pair_evaluations_per_cpu_s": pe / max(cpu, 1e-9),

@@ -73,6 +73,7 @@ class MprOptions:
     defocus_search_step_A: float = 100.0  # its grid step (Å)
     rounds: int = 1  # runs of all stages; each later one against half-maps reconstructed at the refined metadata
     pose_samples: int = 1  # temporal samples of each particle's pose over dose (group temporalposes; 1: none)
+    alternate: bool = True  # particle groups and the others refined in turn (optimise.refine_tilt_series)
 
 
 @dataclass
@@ -351,7 +352,8 @@ def _refine_stages(datas, load_images, species: Species, k_full: float, box: int
                 params = zero_parameters(data)
                 r = refine_tilt_series(data, species, params, stage.groups, k_max,
                                        lbfgs_iterations=options.lbfgs_iterations, batch_pairs=options.batch_pairs,
-                                       tolerance=options.tolerance, defocus_search_A=search)
+                                       tolerance=options.tolerance, defocus_search_A=search,
+                                       alternate=options.alternate)
                 datas[name] = without_images(bake(data, params, stage.groups))
                 w = len(data.pairs) / n_pairs
                 before += w * r.score_before
