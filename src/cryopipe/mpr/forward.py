@@ -56,7 +56,7 @@ from cryopipe.tomo.particle_images import cut_particle_slices
 __all__ = ["TiltSeriesData", "Species", "Band", "PairGeometry", "pair_geometry", "make_band", "data_slices",
            "batch_sums", "pair_sums", "pair_beam_tilt", "uses_beam_tilt", "zero_parameters",
            "bake", "astigmatism_components", "defocus_from_components", "total_magnification", "zernike_totals",
-           "pose_corrections"]
+           "pose_corrections", "magnified_frequencies", "pair_ctf"]
 
 
 @dataclass
@@ -240,6 +240,28 @@ def pair_geometry(data: TiltSeriesData, params: TiltSeriesParameters, n: torch.T
     return PairGeometry(xy, q[:, 2], R @ A, defocus_from_components(comp))
 
 
+def magnified_frequencies(k: torch.Tensor, mag: torch.Tensor | None) -> torch.Tensor:
+    """The undistorted frequencies ``M·k`` ``[..., 2]`` of observed frequencies ``k`` ``[..., 2]`` (any unit) under
+    RELION's magnification matrix ``M`` ``[2, 2]`` (rlnMagMat; None: ``k`` unchanged)."""
+    return k if mag is None else k.to(mag.dtype) @ mag.T
+
+
+def pair_ctf(data: TiltSeriesData, defocus: torch.Tensor, f: torch.Tensor, kx_per_A: torch.Tensor,
+             ky_per_A: torch.Tensor, even: torch.Tensor | None, dose: torch.Tensor) -> torch.Tensor:
+    """The model's CTF factor ``c = ∓CTF·W·scale`` ``[P, ...]`` (float64) of pairs with ``defocus`` ``[P, 3]`` (U, V
+    Å, angle °) in tilts ``f`` ``[P]``, at frequencies ``kx_per_A, ky_per_A`` (Å⁻¹, the undistorted ``M·k``;
+    broadcasting with ``[P, ...]``); ``even``: RELION's even Zernike coefficients ``[K]`` added to the CTF phase
+    ``γ`` (None: none); ``dose`` ``[P, ...]`` the dose weights. ``−CTF = sin γ`` for raw tilt images
+    (``data.flip_contrast``: dark protein), ``+CTF`` otherwise."""
+    shape = (-1,) + (1,) * (kx_per_A.dim() - 1)
+    u, v, angle = (defocus[:, i].reshape(shape) for i in range(3))
+    gamma = ctf_gamma(kx_per_A, ky_per_A, u, v, angle, data.voltage, data.cs, data.amplitude_contrast)
+    if even is not None:
+        gamma = gamma + zernike_phase(kx_per_A, ky_per_A, even, odd=False)
+    c = torch.sin(gamma) * dose * data.ctf_scale[f].reshape(shape)
+    return c if data.flip_contrast else -c
+
+
 def make_band(data: TiltSeriesData, species: Species, k_max: float, k_min: float = 2.0,
               batch_pairs: int = 256) -> Band:
     """Band pixels ``k_min ≤ |k| ≤ k_max`` (Fourier px of the species box) with whitening weights from the average
@@ -285,19 +307,13 @@ def _model_and_data(data: TiltSeriesData, species: Species, band: Band, params: 
     geo = pair_geometry(data, params, n, f)
     rdt = species.grids.real.dtype
     mag = total_magnification(data, params)
-    k = band.k if mag is None else band.k.to(mag.dtype) @ mag.T  # the undistorted frequency M·k
+    k = magnified_frequencies(band.k, mag)  # the undistorted frequency M·k
     points = central_slice_points(geo.matrices, k, species.pad).to(rdt)
     ref = sample_half_grids(species.grids, species.centre, points, data.half_sets[n] - 1)
     pixel = data.pixel_size * species.binning
     kA = k / (b * pixel)
     odd, even = zernike_totals(data, params)
-    gamma = ctf_gamma(kA[None, :, 0], kA[None, :, 1], geo.defocus[:, :1], geo.defocus[:, 1:2], geo.defocus[:, 2:],
-                      data.voltage, data.cs, data.amplitude_contrast)
-    if even is not None:
-        gamma = gamma + zernike_phase(kA[None, :, 0], kA[None, :, 1], even[None, None, :], odd=False)
-    c = torch.sin(gamma) * band.dose[f] * data.ctf_scale[f, None]  # −(−sin γ)·W: contrast inverted
-    if not data.flip_contrast:
-        c = -c
+    c = pair_ctf(data, geo.defocus, f, kA[None, :, 0], kA[None, :, 1], even, band.dose[f])
     d = (geo.xy - centres) / species.binning  # model moves by +d (binned px)
     phase = (-2.0 * math.pi / b) * (d @ band.k.T.to(d.dtype))
     if uses_beam_tilt(data, params):

@@ -4,8 +4,10 @@ The insertion is :func:`cryopipe.tomo.reconstruct_particle.insert_particle_pairs
 gather insertion into the half set's accumulators; RELION's heuristic division by :func:`finalise_map`), driven
 by per-pair positions (image warp, magnification and poses over dose included) and defocus from
 :func:`cryopipe.mpr.forward.pair_geometry`, and the data demodulated by their beam-tilt and odd Zernike phase when
-they carry them. Not modelled here (the forward model has them): the even Zernike phase in the CTF and the
-magnification's change of the frequencies (``M·k``; positions do move by ``Mᵀ``).
+they carry them. Data with a magnification ``M`` or even Zernike terms are inserted as the forward model sees
+them (:func:`_insert_distorted`): the CTF (even phase added to ``γ``, :func:`cryopipe.mpr.forward.pair_ctf`) and
+the aberration phases at the undistorted frequencies ``M·k``, and each observed pixel ``k`` put at ``Aᵀ·(M·k, 0)``
+in the map (the gather matrix ``diag(M⁻¹, 1)·A``).
 """
 
 from __future__ import annotations
@@ -13,34 +15,79 @@ from __future__ import annotations
 import torch
 
 from cryopipe.core.ctf import beam_tilt_phase, zernike_phase
-from cryopipe.core.fourier import freq_grid_2d
-from cryopipe.mpr.forward import TiltSeriesData, pair_beam_tilt, pair_geometry, zero_parameters, zernike_totals
+from cryopipe.core.fourier import freq_grid_2d, radius_2d
+from cryopipe.core.slice_insertion import gather_insert_slices
+from cryopipe.core.tilt_geometry import dose_weights
+from cryopipe.mpr.forward import (TiltSeriesData, magnified_frequencies, pair_beam_tilt, pair_ctf, pair_geometry,
+                                  total_magnification, zero_parameters, zernike_totals)
+from cryopipe.tomo.particle_images import cut_particle_slices
 from cryopipe.tomo.reconstruct_particle import ParticleAccumulator, finalise_map, insert_particle_pairs
 
 __all__ = ["insert_pairs", "reconstruct_halves"]
 
 
+def _aberration_phase(data: TiltSeriesData, f: torch.Tensor, kA: torch.Tensor, odd: torch.Tensor | None
+                      ) -> torch.Tensor | None:
+    """Beam-tilt + odd Zernike phase ``[P, b, b//2+1]`` (radians) of tilts ``f`` ``[P]`` at ``kA`` ``[b, b//2+1, 2]``
+    (Å⁻¹, undistorted), or None when the data carry neither."""
+    phase = None
+    if data.beam_tilt is not None:
+        bt = pair_beam_tilt(data, zero_parameters(data), f)
+        phase = beam_tilt_phase(kA[..., 0], kA[..., 1], bt[:, 0, None, None], bt[:, 1, None, None], data.voltage,
+                                data.cs)
+    if odd is not None:
+        z = zernike_phase(kA[..., 0], kA[..., 1], odd, odd=True).expand(len(f), *kA.shape[:2])
+        phase = z if phase is None else phase + z
+    return phase
+
+
+def _insert_distorted(acc: ParticleAccumulator, data: TiltSeriesData, geo, n: torch.Tensor, f: torch.Tensor,
+                      kA: torch.Tensor, mag: torch.Tensor | None, even: torch.Tensor | None, phase: torch.Tensor | None,
+                      binning: float) -> None:
+    """Insert pairs ``(n [P], f [P])`` (geometry ``geo`` of :func:`pair_geometry`) with the forward model's CTF
+    ``pair_ctf`` at the undistorted frequencies ``kA`` ``[b, b//2+1, 2]`` (Å⁻¹) and each pixel put at
+    ``Aᵀ·(M·k, 0)``; ``phase`` ``[P, b, b//2+1]`` is demodulated (``exp(−i·phase)``)."""
+    box = acc.box
+    slices = cut_particle_slices(data.images, f, geo.xy, box, binning)
+    if phase is not None:
+        slices = slices * torch.polar(torch.ones_like(phase), -phase).to(slices.dtype)
+    dose = dose_weights(box, data.pixel_size * binning, data.pre_exposure[f], data.bfactor_per_dose, 0.01,
+                        device=kA.device).to(torch.float64)
+    c = pair_ctf(data, geo.defocus, f, kA[None, ..., 0], kA[None, ..., 1], even, dose)
+    c = (c * (radius_2d(box, device=c.device) <= box / 2.0)).to(torch.float32)
+    matrices = geo.matrices
+    if mag is not None:  # voxel K → slice pixel k = M⁻¹·(A·K)_xy, depth (A·K)_z unchanged
+        inverse = torch.eye(3, dtype=matrices.dtype, device=matrices.device)
+        inverse[:2, :2] = torch.linalg.inv(mag.to(matrices.dtype))
+        matrices = inverse @ matrices
+    half_sets = data.half_sets[n]
+    for h in (1, 2):
+        sel = half_sets == h
+        if bool(sel.any()):
+            gather_insert_slices(acc.data[h - 1], acc.weight[h - 1], slices[sel] * c[sel], c[sel] * c[sel],
+                                 matrices[sel])
+
+
 def insert_pairs(acc: ParticleAccumulator, data: TiltSeriesData, binning: float, batch_pairs: int = 512,
                  do_ctf: bool = True) -> int:
-    """Insert every pair of ``data`` (at its metadata, warp and beam tilt included) into ``acc``; returns the
-    pairs used."""
+    """Insert every pair of ``data`` (at its metadata: warp, beam tilt, Zernike terms and magnification
+    included) into ``acc``; returns the pairs used."""
     box = acc.box
     zero = zero_parameters(data)
     pixel = data.pixel_size * binning
     kx, ky = freq_grid_2d(box, device=data.positions.device, dtype=torch.float64)
-    kx, ky = kx / (box * pixel), ky / (box * pixel)
-    odd, _ = zernike_totals(data, zero)
+    mag = total_magnification(data, zero)
+    kA = magnified_frequencies(torch.stack([kx, ky], -1), mag) / (box * pixel)  # [b, b//2+1, 2] Å⁻¹
+    odd, even = zernike_totals(data, zero)
+    distorted = do_ctf and (mag is not None or even is not None)
     with torch.no_grad():
         for s in range(0, len(data.pairs), batch_pairs):
             n, f = data.pairs[s:s + batch_pairs].unbind(-1)
             geo = pair_geometry(data, zero, n, f)
-            phase = None
-            if data.beam_tilt is not None:
-                bt = pair_beam_tilt(data, zero, f)
-                phase = beam_tilt_phase(kx, ky, bt[:, 0, None, None], bt[:, 1, None, None], data.voltage, data.cs)
-            if odd is not None:
-                z = zernike_phase(kx, ky, odd, odd=True).expand(len(n), *kx.shape)
-                phase = z if phase is None else phase + z
+            phase = _aberration_phase(data, f, kA, odd)
+            if distorted:
+                _insert_distorted(acc, data, geo, n, f, kA, mag, even, phase, binning)
+                continue
             insert_particle_pairs(acc, data.images, f, geo.xy, geo.defocus, geo.matrices, data.half_sets[n],
                                   data.pre_exposure[f], data.ctf_scale[f], pixel_size=data.pixel_size,
                                   binning=binning, voltage=data.voltage, cs=data.cs,
