@@ -4,8 +4,8 @@ of test_mpr (12 particles of 3ENL at 6 Å, 21 tilts), refining the group alone a
 metadata. Magnification and trefoil are put into the *images* (resampled / phase-filtered as the microscope would
 record them), so the model's convention is tested too; the 4th-order terms and the trajectories over dose are put
 into the *metadata* of the true tilt series (the images stay those of the truth), which tests that the group is
-seen and refined, not the sign convention (that is test_zernike_and_beam_tilt_conventions' job for the even
-terms)."""
+seen and refined, not the sign convention (that is test_mpr_conventions' job: the even terms against a change
+of Cs in the images, the magnification's M·k against resampled images)."""
 
 from __future__ import annotations
 
