@@ -293,3 +293,25 @@ def test_local_workers_are_pinned_to_fake_gpus(monkeypatch):
         assert be.client.submit(_device_of_this_worker, pure=False).result() == "cpu"
     finally:
         be.close()
+
+
+def test_workers_retired_during_a_broadcast_scatter_count_as_a_lost_scheduler():
+    """A scheduler shut down during ``scatter(broadcast=True)`` retires its workers first and answers the client
+    with a ValueError from ``replicate`` while the client still reports ``running``: the job must get the one-line
+    "lost the Dask scheduler" error (seen once in the suite under load), while a task's own ValueError is not
+    taken for a lost scheduler."""
+    from types import SimpleNamespace
+
+    from cryopipe.engine.dask_backend import DaskBackend
+    from cryopipe.errors import CryopipeError
+
+    backend = DaskBackend.__new__(DaskBackend)
+    backend.spec, backend._static = "tcp://127.0.0.1:1", None
+
+    def scatter(*args, **kwargs):
+        raise ValueError("Can not use replicate to delete data")
+
+    backend.client = SimpleNamespace(status="running", scatter=scatter)
+    with pytest.raises(CryopipeError, match="lost the Dask scheduler"):
+        backend.map(lambda *a: a, object(), object(), [1, 2])
+    assert not backend._scheduler_lost(ValueError("images are 40x40, expected 48x48"))

@@ -190,15 +190,18 @@ class DaskBackend:
 
     def _scheduler_lost(self, e: Exception) -> bool:
         """Whether ``e`` (raised while scattering or gathering) means the scheduler is gone: a closed connection,
-        a connection timeout, a closed connection pool, futures cancelled because the connection was lost, or a
-        client that is no longer running (Dask gave up reconnecting). A task's own error (e.g. a missing file: an
-        OSError raised on a worker) is not."""
+        a connection timeout, a closed connection pool, futures cancelled because the connection was lost, the
+        scheduler's own complaint that its workers went away in the middle of a broadcast scatter
+        (:data:`_WORKERS_GONE_MESSAGES`), or a client that is no longer running (Dask gave up reconnecting). A
+        task's own error (e.g. a missing file: an OSError raised on a worker) is not."""
         from distributed.comm.core import CommClosedError
         from distributed.utils import CancelledError
 
         if isinstance(e, (CommClosedError, ConnectionError, TimeoutError, CancelledError)):
             return True
         if "ConnectionPool" in str(e) or "trying to connect" in str(e):
+            return True
+        if any(text in str(e) for text in _WORKERS_GONE_MESSAGES):
             return True
         return getattr(self.client, "status", "running") != "running"
 
@@ -210,6 +213,11 @@ class DaskBackend:
     def describe(self) -> str:
         pinned = f", pinned round-robin to {self.gpus} GPU(s)" if self.gpus else ""
         return f"Dask {self.spec} ({self.n_workers} workers, {self.batches_per_worker} chunk(s) per worker{pinned})"
+
+
+#: what the scheduler answers a broadcast scatter whose workers are retired while it runs (its scheduler is being
+#: shut down): ``replicate`` sees fewer workers than copies (a ValueError), or none at all
+_WORKERS_GONE_MESSAGES = ("Can not use replicate to delete data", "No valid workers found")
 
 
 def _as_worker_plugin(plugin):
