@@ -315,3 +315,35 @@ def test_updated_particles_keep_origins_and_subtomogram_angles(relion_tomo_dir):
             assert np.array_equal(out.particles[lab].to_numpy(), parts.particles[lab].to_numpy())
     finally:
         os.chdir(cwd)
+
+
+def test_alternate_refines_tilt_groups_then_poses(sim, monkeypatch):
+    """Issue 13's fix: with ``alternate`` (the default) the per-tilt groups are refined first with the poses frozen,
+    then the poses with the tilt groups frozen (each L-BFGS block evaluates only its own gradients), and the score
+    rises; ``alternate=False`` refines all groups in every evaluation (the old joint form)."""
+    import cryopipe.mpr.optimise as optimise
+
+    data = sim["data"]
+    mask = species_mask(None, BOX, sim["apix"], 120.0, 12.0)
+    species = make_species(sim["half1"], sim["half2"], mask, 1.0, dtype=torch.float64)
+    seen = []
+    original = optimise.score_and_gradient
+
+    def recording(data_, species_, band_, params_, groups_, *args, **kwargs):
+        seen.append((params_.particle_angles.requires_grad, params_.tilt_shifts.requires_grad,
+                     params_.tilt_angles.requires_grad))
+        return original(data_, species_, band_, params_, groups_, *args, **kwargs)
+
+    monkeypatch.setattr(optimise, "score_and_gradient", recording)
+    groups = ("poses", "shifts", "stageangles")
+    params = TiltSeriesParameters.zeros(len(data.positions), len(data.angles))
+    stats = optimise.refine_tilt_series(data, species, params, groups, BOX * sim["apix"] / 20.0, lbfgs_iterations=3)
+    assert stats.score_after > stats.score_before
+    tilts_only, poses_only = (False, True, True), (True, False, False)
+    first_poses = next(i for i, s in enumerate(seen) if s == poses_only)
+    assert first_poses > 0 and all(s == tilts_only for s in seen[:first_poses]), seen
+    assert all(s == poses_only for s in seen[first_poses:]), seen
+    seen.clear()
+    optimise.refine_tilt_series(data, species, TiltSeriesParameters.zeros(len(data.positions), len(data.angles)),
+                                groups, BOX * sim["apix"] / 20.0, lbfgs_iterations=3, alternate=False)
+    assert seen and all(s == (True, True, True) for s in seen), seen
