@@ -26,6 +26,10 @@ Results (mpr_cpu.json ``runs``; targets particle angles ≤ 1.2°, defocus ≤ 1
 stage angles 0.86 -> 0.22°, defocus 499 -> 220 Å (173 Å over the lowest-dose half of the tilts), but angles only
 3.0 -> 2.16°; P (2 rounds of poses alone after A): 1.25° (1.16° half frames removed); 4 × 40: angles 3.2 -> 2.07°,
 with P 1.08° (the angle target met), defocus 509 -> 217 Å (141 Å lowest-dose half; the defocus target not met).
+These ran the stages' groups in one L-BFGS (now ``--joint``). With the default block-coordinate form
+(``MprOptions.alternate``: per-tilt groups, then poses; run ``alternate_2x48``, code 4d40b9c, 256 CPU-s at load 5):
+2 × 48 angles 3.0 -> 1.50° after A, 1.49° after B (joint 2.31 / 2.16°), positions 1.78 Å (joint 2.31), tilt shifts
+0.49 Å (0.52), defocus 218 Å (220), stage angles 0.25° (joint 0.22°: slightly worse).
 With 2 torch threads on the shared cores the same 2 × 12 run took 358 CPU-s (load 19; probably threads spinning):
 use ``--threads 1`` under load.
 
