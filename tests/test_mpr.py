@@ -347,3 +347,28 @@ def test_alternate_refines_tilt_groups_then_poses(sim, monkeypatch):
     optimise.refine_tilt_series(data, species, TiltSeriesParameters.zeros(len(data.positions), len(data.angles)),
                                 groups, BOX * sim["apix"] / 20.0, lbfgs_iterations=3, alternate=False)
     assert seen and all(s == (True, True, True) for s in seen), seen
+
+
+def test_joint_flag_reaches_the_options(sim, tmp_path, monkeypatch):
+    """``--joint`` switches the default alternation (tilt groups, then poses) off: the job passes
+    ``alternate=False`` to the refinement, and without the flag ``alternate=True``."""
+    import cryopipe.jobs.mpr as job
+    from cryopipe.io.mrc import write_mrc
+
+    here = sim["dir"]
+    write_mrc(tmp_path / "h1.mrc", sim["half1"].numpy(), sim["apix"])
+    write_mrc(tmp_path / "h2.mrc", sim["half2"].numpy(), sim["apix"])
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    real_run_mpr = job.run_mpr
+
+    def recording_run_mpr(*args, **kwargs):
+        seen.append(next(a for a in args if isinstance(a, MprOptions)).alternate)
+        return real_run_mpr(*args, **kwargs)
+
+    monkeypatch.setattr(job, "run_mpr", recording_run_mpr)
+    base = ["mpr", "--i", str(here / "sim/particles.star"), "--tomograms", str(here / "sim/tomograms.star"),
+            "--half1", "h1.mrc", "--half2", "h2.mrc", "--diameter", "120", "--iter", "0"]
+    assert cli_main(base + ["--o", "A/"]) == 0
+    assert cli_main(base + ["--o", "B/", "--joint"]) == 0
+    assert seen == [True, False]

@@ -103,6 +103,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="run all stages this many times, each later round against half-maps reconstructed at the "
                         "refined metadata (its limit from their masked FSC), as running M again")
+    p.add_argument("--joint", action="store_true",
+                   help="refine particle poses and the per-tilt (per-micrograph) groups together in one L-BFGS run; by "
+                        "default they alternate within each sub-iteration (tilt groups with poses fixed, then poses), "
+                        "which converges the particle angles faster")
     p.add_argument("--defocus_search", type=float, default=0.0,
                    help="CTF stages: try each tilt's (particle's) defocus on a grid of ±this Å before L-BFGS (0: off)")
     p.add_argument("--defocus_search_step", type=float, default=100.0, help="grid step of --defocus_search (Å)")
@@ -268,6 +272,7 @@ def _run(args, job, spa: bool, stages, files, half1, half2, px, mask, spa_partic
                          warp_grid=tuple(args.warp_grid), symmetry=args.sym,
                          batch_pairs=args.batch_size, rounds=args.rounds, defocus_search_A=args.defocus_search,
                          defocus_search_step_A=args.defocus_search_step, pose_samples=args.pose_samples,
+                         alternate=not args.joint,
                          reconstruct_snr=args.wiener_snr if args.wiener_snr is not None else (1.0 if spa else -1.0))
     if spa:
         result = run_mpr_spa(spa_particles, half1, half2, px, mask, args.diameter, options,
