@@ -5,9 +5,9 @@ gather insertion into the half set's accumulators; RELION's heuristic division b
 by per-pair positions (image warp, magnification and poses over dose included) and defocus from
 :func:`cryopipe.mpr.forward.pair_geometry`, and the data demodulated by their beam-tilt and odd Zernike phase when
 they carry them. Data with a magnification ``M`` or even Zernike terms are inserted as the forward model sees
-them (:func:`_insert_distorted`): the CTF (even phase added to ``γ``, :func:`cryopipe.mpr.forward.pair_ctf`) and
-the aberration phases at the undistorted frequencies ``M·k``, and each observed pixel ``k`` put at ``Aᵀ·(M·k, 0)``
-in the map (the gather matrix ``diag(M⁻¹, 1)·A``).
+them (:func:`_distorted_ctf_and_matrices`, given to the same insertion): the CTF (even phase added to ``γ``,
+:func:`cryopipe.mpr.forward.pair_ctf`) and the aberration phases at the undistorted frequencies ``M·k``, and each
+observed pixel ``k`` put at ``Aᵀ·(M·k, 0)`` in the map (the gather matrix ``diag(M⁻¹, 1)·A``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import torch
 
 from cryopipe.core.ctf import beam_tilt_phase, zernike_phase
 from cryopipe.core.fourier import freq_grid_2d, radius_2d
-from cryopipe.core.slice_insertion import gather_insert_slices
 from cryopipe.core.tilt_geometry import dose_weights
 from cryopipe.mpr.forward import (TiltSeriesData, magnified_frequencies, pair_beam_tilt, pair_ctf, pair_geometry,
                                   total_magnification, zero_parameters, zernike_totals)
-from cryopipe.tomo.particle_images import cut_particle_slices
 from cryopipe.tomo.reconstruct_particle import ParticleAccumulator, finalise_map, insert_particle_pairs
 
 __all__ = ["insert_pairs", "reconstruct_halves"]
@@ -41,16 +39,12 @@ def _aberration_phase(data: TiltSeriesData, f: torch.Tensor, kA: torch.Tensor, o
     return phase
 
 
-def _insert_distorted(acc: ParticleAccumulator, data: TiltSeriesData, geo, n: torch.Tensor, f: torch.Tensor,
-                      kA: torch.Tensor, mag: torch.Tensor | None, even: torch.Tensor | None, phase: torch.Tensor | None,
-                      binning: float) -> None:
-    """Insert pairs ``(n [P], f [P])`` (geometry ``geo`` of :func:`pair_geometry`) with the forward model's CTF
-    ``pair_ctf`` at the undistorted frequencies ``kA`` ``[b, b//2+1, 2]`` (Å⁻¹) and each pixel put at
-    ``Aᵀ·(M·k, 0)``; ``phase`` ``[P, b, b//2+1]`` is demodulated (``exp(−i·phase)``)."""
-    box = acc.box
-    slices = cut_particle_slices(data.images, f, geo.xy, box, binning)
-    if phase is not None:
-        slices = slices * torch.polar(torch.ones_like(phase), -phase).to(slices.dtype)
+def _distorted_ctf_and_matrices(data: TiltSeriesData, geo, f: torch.Tensor, kA: torch.Tensor,
+                                mag: torch.Tensor | None, even: torch.Tensor | None, box: int, binning: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pairs in tilts ``f`` ``[P]`` (geometry ``geo`` of :func:`pair_geometry`): the forward model's CTF factor
+    ``pair_ctf`` ``[P, b, b//2+1]`` (float32) at the undistorted frequencies ``kA`` ``[b, b//2+1, 2]`` (Å⁻¹), zero
+    beyond ``box/2``, and the gather matrices ``[P, 3, 3]`` that put each pixel ``k`` at ``Aᵀ·(M·k, 0)``."""
     dose = dose_weights(box, data.pixel_size * binning, data.pre_exposure[f], data.bfactor_per_dose, 0.01,
                         device=kA.device).to(torch.float64)
     c = pair_ctf(data, geo.defocus, f, kA[None, ..., 0], kA[None, ..., 1], even, dose)
@@ -60,12 +54,7 @@ def _insert_distorted(acc: ParticleAccumulator, data: TiltSeriesData, geo, n: to
         inverse = torch.eye(3, dtype=matrices.dtype, device=matrices.device)
         inverse[:2, :2] = torch.linalg.inv(mag.to(matrices.dtype))
         matrices = inverse @ matrices
-    half_sets = data.half_sets[n]
-    for h in (1, 2):
-        sel = half_sets == h
-        if bool(sel.any()):
-            gather_insert_slices(acc.data[h - 1], acc.weight[h - 1], slices[sel] * c[sel], c[sel] * c[sel],
-                                 matrices[sel])
+    return c, matrices
 
 
 def insert_pairs(acc: ParticleAccumulator, data: TiltSeriesData, binning: float, batch_pairs: int = 512,
@@ -85,15 +74,15 @@ def insert_pairs(acc: ParticleAccumulator, data: TiltSeriesData, binning: float,
             n, f = data.pairs[s:s + batch_pairs].unbind(-1)
             geo = pair_geometry(data, zero, n, f)
             phase = _aberration_phase(data, f, kA, odd)
+            ctf_factor, matrices = None, geo.matrices
             if distorted:
-                _insert_distorted(acc, data, geo, n, f, kA, mag, even, phase, binning)
-                continue
-            insert_particle_pairs(acc, data.images, f, geo.xy, geo.defocus, geo.matrices, data.half_sets[n],
+                ctf_factor, matrices = _distorted_ctf_and_matrices(data, geo, f, kA, mag, even, box, binning)
+            insert_particle_pairs(acc, data.images, f, geo.xy, geo.defocus, matrices, data.half_sets[n],
                                   data.pre_exposure[f], data.ctf_scale[f], pixel_size=data.pixel_size,
                                   binning=binning, voltage=data.voltage, cs=data.cs,
                                   amplitude_contrast=data.amplitude_contrast,
                                   bfactor_per_dose=data.bfactor_per_dose, do_ctf=do_ctf, phase=phase,
-                                  flip_contrast=data.flip_contrast)
+                                  flip_contrast=data.flip_contrast, ctf_factor=ctf_factor)
     return len(data.pairs)
 
 

@@ -126,7 +126,8 @@ def insert_particle_pairs(accumulator: ParticleAccumulator, images: torch.Tensor
                           half_sets: torch.Tensor, pre_exposure: torch.Tensor, ctf_scale: torch.Tensor, *,
                           pixel_size: float, binning: float, voltage: float, cs: float, amplitude_contrast: float,
                           bfactor_per_dose: float = 0.0, do_ctf: bool = True, cutoff_fraction: float = 0.01,
-                          phase: torch.Tensor | None = None, flip_contrast: bool = True) -> None:
+                          phase: torch.Tensor | None = None, flip_contrast: bool = True,
+                          ctf_factor: torch.Tensor | None = None) -> None:
     """Insert ``P`` (particle, tilt) pairs given one by one (one batch; callers loop over batches).
 
     ``images`` ``[F, H, W]``; per pair: ``tilt_index`` ``[P]`` (long), ``centres_px`` ``[P, 2]`` projected centre
@@ -135,15 +136,19 @@ def insert_particle_pairs(accumulator: ParticleAccumulator, images: torch.Tensor
     ``[P]``; ``pixel_size`` unbinned Å. ``phase``: optional ``[P, b, b//2+1]`` antisymmetric aberration phase
     (radians, e.g. beam tilt, :func:`cryopipe.core.ctf.beam_tilt_phase`) that the data carry relative to the
     reference; the slices are multiplied by ``exp(−i·phase)`` before insertion (RELION's demodulation).
-    ``flip_contrast``: premultiply by ``−CTF·W`` (raw tilt images, dark protein) or, False, ``+CTF·W``."""
+    ``flip_contrast``: premultiply by ``−CTF·W`` (raw tilt images, dark protein) or, False, ``+CTF·W``.
+    ``ctf_factor``: optional ``[P, b, b//2+1]`` factor used instead of the CTF·dose weights computed here (e.g. a
+    CTF evaluated at magnified frequencies); the defocus, dose and CTF options are then unused."""
     box = accumulator.box
     slices = cut_particle_slices(images, tilt_index, centres_px, box, binning)
     if phase is not None:
         slices = slices * torch.polar(torch.ones_like(phase), -phase).to(slices.dtype)
-    c = ctf_dose_weights(box, pixel_size * binning, defocus[:, 0], defocus[:, 1], defocus[:, 2], pre_exposure,
-                         voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast, scale=ctf_scale,
-                         bfactor_per_dose=bfactor_per_dose, cutoff_fraction=cutoff_fraction, do_ctf=do_ctf,
-                         flip_contrast=flip_contrast)
+    c = ctf_factor
+    if c is None:
+        c = ctf_dose_weights(box, pixel_size * binning, defocus[:, 0], defocus[:, 1], defocus[:, 2], pre_exposure,
+                             voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast, scale=ctf_scale,
+                             bfactor_per_dose=bfactor_per_dose, cutoff_fraction=cutoff_fraction, do_ctf=do_ctf,
+                             flip_contrast=flip_contrast)
     for h in (1, 2):
         sel = half_sets == h
         if bool(sel.any()):
