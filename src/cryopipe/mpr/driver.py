@@ -46,7 +46,7 @@ __all__ = ["Stage", "MprOptions", "MprResult", "prepare_tilt_series", "tilt_imag
            "make_species", "species_mask", "masked_fsc", "run_mpr", "updated_particles", "updated_tomograms",
            "relion30_table", "check_stages", "species_setup", "RunStart", "start_run", "refine_data_sets",
            "trajectory_tables", "optics_metadata", "format_vector", "parse_vector", "MAG_LABELS",
-           "optics_row_metadata", "particle_optics_metadata"]
+           "optics_row_metadata", "particle_optics_metadata", "padded_weighted_mean"]
 
 
 @dataclass(frozen=True)
@@ -493,10 +493,12 @@ def _global_optics(data: TiltSeriesData | None) -> dict:
     return _optics_columns(*_optics_values(data))
 
 
-def _padded_mean(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+def padded_weighted_mean(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Weighted mean of tensors whose last dimension may differ (coefficient vectors of different maximum order),
+    each zero-padded to the longest."""
     n = max(v.shape[-1] for v in vectors)
     stack = torch.stack([torch.nn.functional.pad(v, (0, n - v.shape[-1])) for v in vectors])
-    w = torch.tensor(weights, dtype=stack.dtype)
+    w = torch.tensor(weights, dtype=stack.dtype, device=stack.device)
     return (stack * w.reshape(-1, *([1] * (stack.dim() - 1)))).sum(0) / w.sum()
 
 
@@ -522,7 +524,7 @@ def _write_particle_optics(out: TomoParticles, datas: dict[str, TiltSeriesData])
             continue
         values = [_optics_values(datas[n]) for n in used]
         weights = [counts[n] for n in used]
-        mean = [_padded_mean([v[j] for v in values], weights) for j in range(3)]
+        mean = [padded_weighted_mean([v[j] for v in values], weights) for j in range(3)]
         for lab, value in _optics_columns(*mean).items():
             o.iloc[i, o.columns.get_loc(lab)] = value
 

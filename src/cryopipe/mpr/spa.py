@@ -39,7 +39,7 @@ from cryopipe.errors import CryopipeError, InputFileError
 from cryopipe.io.mrc import ImageReader
 from cryopipe.io.particles import ParticleData, ctf_parameters, euler_angles, optics_values, origins_px, pixel_sizes
 from cryopipe.mpr.driver import (MAG_LABELS, MprOptions, MprResult, check_stages, format_vector, optics_row_metadata,
-                                 refine_data_sets, start_run)
+                                 padded_weighted_mean, refine_data_sets, start_run)
 from cryopipe.mpr.forward import TiltSeriesData
 
 __all__ = ["SPA_GROUPS", "SPA_NAME", "check_spa_stages", "prepare_particles", "run_mpr_spa", "updated_spa_particles",
@@ -249,11 +249,7 @@ def shared_optics(datas: dict[str, TiltSeriesData]) -> None:
         parts = [d for d in datas.values() if getattr(d, name) is not None]
         if len(parts) < 2:
             continue
-        n = max(getattr(d, name).shape[-1] for d in parts)
-        pad = lambda t: torch.nn.functional.pad(t, (0, n - t.shape[-1]))  # noqa: E731
-        counts = torch.tensor([float(len(d.pairs)) for d in parts], dtype=torch.float64)
-        values = torch.stack([pad(getattr(d, name)) for d in parts])
-        mean = (values * counts.reshape(-1, *([1] * (values.dim() - 1)))).sum(0) / counts.sum()
+        mean = padded_weighted_mean([getattr(d, name) for d in parts], [float(len(d.pairs)) for d in parts])
         for key, d in datas.items():
             if getattr(d, name) is not None:
                 datas[key] = replace(d, **{name: mean.clone()})
