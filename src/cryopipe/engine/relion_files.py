@@ -230,6 +230,21 @@ class ModelFile:
         return len(self.classes)
 
 
+def _noise_spectra(blocks: dict, path: Path, spectra, optics_groups: int) -> np.ndarray:
+    """``[G, ns]`` noise spectra: RELION >= 4 writes one per optics group (``data_model_optics_group_N``); RELION
+    3.1 wrote one per group (``data_model_group_N``, usually one per micrograph), which for a single optics group
+    are averaged weighted by ``rlnGroupNrParticles`` (RELION 4's per-optics-group estimate is that average)."""
+    if "model_optics_group_1" in blocks or "model_group_1" not in blocks:
+        return spectra("model_optics_group_", "rlnSigma2Noise", optics_groups)
+    groups = blocks.get("model_groups")
+    if optics_groups != 1 or groups is None or "rlnGroupNrParticles" not in groups.columns:
+        raise InputFileError(path, "RELION 3.1 noise spectra per group (data_model_group_N) cannot be assigned to "
+                             f"{optics_groups} optics groups", "continue from a RELION 4/5 or cryopipe _model.star")
+    per_group = spectra("model_group_", "rlnSigma2Noise", len(groups))
+    counts = groups["rlnGroupNrParticles"].to_numpy(float)
+    return (counts @ per_group / max(counts.sum(), 1.0))[None]
+
+
 def read_model_star(path: str | os.PathLike) -> ModelFile:
     """Read a RELION (or cryopipe) 2D/3D ``_model.star``; raises InputFileError if a required table is missing."""
     path = Path(path)
@@ -262,7 +277,7 @@ def read_model_star(path: str | os.PathLike) -> ModelFile:
         orientability=spectra("model_class_", "rlnSpectralOrientabilityContribution", K)
         if all("rlnSpectralOrientabilityContribution" in b.get(f"model_class_{k + 1}", pd.DataFrame()).columns
                for k in range(K)) else np.zeros((K, ns)),
-        sigma2_noise=spectra("model_optics_group_", "rlnSigma2Noise", G),
+        sigma2_noise=_noise_spectra(b, path, spectra, G),
         groups=b.get("model_groups"),
         fsc=spectra("model_class_", "rlnGoldStandardFsc", K)
         if all("rlnGoldStandardFsc" in b.get(f"model_class_{k + 1}", pd.DataFrame()).columns
