@@ -225,3 +225,16 @@ def test_em_keeps_an_empty_class_empty_as_relion(relion_dir):
         assert float(opt.model.refs[3].abs().max()) == 0.0
     # the three live classes keep all particles (each ~1/3)
     assert torch.all(opt.model.pdf_class[:3] > 0.2), opt.model.pdf_class
+
+
+def test_cli_relion_offset_prior_flag_reaches_the_settings():
+    import argparse
+
+    from cryopipe.jobs.class2d import _settings_from_args, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    plain, _ = _settings_from_args(p.parse_args(["--i", "x.star", "--K", "2"]))
+    opt_in, given = _settings_from_args(p.parse_args(["--i", "x.star", "--K", "2", "--relion_offset_prior"]))
+    assert plain.relion_offset_prior is False
+    assert opt_in.relion_offset_prior is True and given["relion_offset_prior"] is True

@@ -152,7 +152,7 @@ def classify_2d(
 _OVERRIDABLE = ("n_iter", "tau2_fudge", "particle_diameter", "psi_step", "offset_range", "offset_step",
                 "oversampling", "strict_highres_exp", "adaptive_fraction", "max_significant", "perturb",
                 "batch_size", "incr_size", "minres_map", "fast_subsets", "center_classes", "flatten_solvent",
-                "zero_mask", "do_norm", "do_scale", "ini_high", "offset_sigma", "init_blobs")
+                "zero_mask", "do_norm", "do_scale", "ini_high", "offset_sigma", "init_blobs", "relion_offset_prior")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -184,6 +184,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "RELION's 0.07 × box Fourier pixels, e.g. 41 Å for box 96 at 3 Å/px)")
     g.add_argument("--no_init_blobs", dest="init_blobs", action="store_false", default=None,
                    help="start from the low-passed random-subset averages, not from random Gaussian blobs")
+    g.add_argument("--relion_offset_prior", action="store_true", default=None,
+                   help="RELION's own offset prior (its mixed pixel/Å units: about sigma/apix^2 pixels wide, at the "
+                        "coarse translation, rounded old offsets) instead of the textbook Gaussian; reproduces "
+                        "RELION's rlnSigmaOffsetsAngst, but at large pixel sizes barely searches shifts")
     g.add_argument("--offset", dest="offset_sigma", type=float, default=None,
                    help="initial standard deviation of the origin offsets (Å, default 10)")
     g.add_argument("--random_seed", type=int, default=0, help="random seed")
@@ -231,7 +235,8 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Class2DSettings, dict
                     offset_step=2.0, oversampling=1, strict_highres_exp=-1.0, adaptive_fraction=0.999,
                     max_significant=-1, perturb=0.5, batch_size=128, incr_size=10, minres_map=5,
                     fast_subsets=False, center_classes=False, flatten_solvent=False, zero_mask=False,
-                    do_norm=False, do_scale=False, ini_high=-1.0, offset_sigma=10.0, init_blobs=True)
+                    do_norm=False, do_scale=False, ini_high=-1.0, offset_sigma=10.0, init_blobs=True,
+                    relion_offset_prior=False)
     given = {k: getattr(args, k) for k in _OVERRIDABLE if getattr(args, k, None) is not None}
     kw = dict(defaults)
     kw.update(given)
