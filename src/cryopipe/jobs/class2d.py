@@ -187,7 +187,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--relion_offset_prior", action="store_true", default=None,
                    help="RELION's own offset prior (its mixed pixel/Å units: about sigma/apix^2 pixels wide, at the "
                         "coarse translation, rounded old offsets) instead of the textbook Gaussian; reproduces "
-                        "RELION's rlnSigmaOffsetsAngst, but at large pixel sizes barely searches shifts")
+                        "RELION's rlnSigmaOffsetsAngst, but at large pixel sizes barely searches shifts; not stored in "
+                        "the _optimiser.star: give it again with --continue")
     g.add_argument("--offset", dest="offset_sigma", type=float, default=None,
                    help="initial standard deviation of the origin offsets (Å, default 10)")
     g.add_argument("--random_seed", type=int, default=0, help="random seed")
