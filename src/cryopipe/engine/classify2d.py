@@ -44,6 +44,7 @@ from cryopipe.engine.mstep import (
 )
 from cryopipe.engine.reference2d import (
     ClassReferences2D,
+    PaddedGrid,
     back_rotate_sums,
     coefficients_to_images,
     gridding_correction_2d,
@@ -692,8 +693,12 @@ class Optimiser2D(ParticleStream):
         sum_w = float(stats.wsum_class.sum())
         if sum_w <= 0:
             raise CryopipeError("no particle contributed to any class in this iteration (check the input images)")
+        # EM reconstructs as RELION: sums divided on the padded grid, the reconstruction cropped to the box in real
+        # space (PaddedGrid); gradient rules keep the box's own grid (their momenta live on its coefficients)
+        grid = PaddedGrid.make(n, r_cur, s.pad, device=dev) if isinstance(self.update_rule, EMUpdate) else None
         if halves is None:
-            data, weight = back_rotate_sums(stats.S, stats.W, src.final_psi(), cset, s.pad)
+            data, weight = back_rotate_sums(stats.S, stats.W, src.final_psi(), cset, s.pad,
+                                            out_k=None if grid is None else grid.k)
             upd_data, upd_weight = data, weight
         else:
             dw = [back_rotate_sums(h.S, h.W, src.final_psi(), cset, s.pad) for h in halves]
@@ -707,14 +712,17 @@ class Optimiser2D(ParticleStream):
         prior = torch.where((stats.wsum_class > 0)[:, None], stats.wsum_offset / sum_w,
                             torch.zeros_like(stats.wsum_offset))
         # SSNR arrays with the τ² of this iteration, then the update
-        sigma2_ref, dvp, cov = ssnr_arrays(weight, m.tau2, cset.shell, ns, m.tau2_fudge, r_cur)
+        shell = cset.shell if grid is None else grid.shell
+        sigma2_ref, dvp, cov = ssnr_arrays(weight, m.tau2, shell, ns, m.tau2_fudge, r_cur)
         corr = gridding_correction_2d(n, s.pad * n, dev)
-        current = images_to_coefficients(m.refs.to(dev) * corr, cset)
-        F = self.update_rule(upd_data, upd_weight, current, m.tau2, cset.shell, m.tau2_fudge, s.minres_map, r_cur,
+        current = (images_to_coefficients(m.refs.to(dev) * corr, cset) if grid is None
+                   else grid.from_images(m.refs.to(dev) * corr))
+        F = self.update_rule(upd_data, upd_weight, current, m.tau2, shell, m.tau2_fudge, s.minres_map, r_cur,
                              pdf.to(dev), self.iteration)
         # RELION's reconstruction masks the corners (radius box/2, 3-pixel edge, background average) before its
         # gridding correction
-        refs = soft_mask_background(coefficients_to_images(F, cset), n / 2.0, 3.0) / corr
+        image = coefficients_to_images(F, cset) if grid is None else grid.to_images(F)
+        refs = soft_mask_background(image, n / 2.0, 3.0) / corr
         old_pdf = m.pdf_class.to(pdf.device, pdf.dtype).clone()
         replace = getattr(self.update_rule, "replace_inactive_class", None)
         rep = replace(m.pdf_class, self.iteration) if replace is not None else None

@@ -17,15 +17,16 @@ Scale: predictions and sums are ``FT / n²`` (RELION's normalisation), class ima
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from cryopipe.core.fourier import good_fft_size, irfft2_centered, rfft2_centered
-from cryopipe.engine.coefficients import CoefficientSet
+from cryopipe.engine.coefficients import CoefficientSet, coefficient_set
 
 __all__ = ["ClassReferences2D", "gridding_correction_2d", "rotate_frequencies", "back_rotate_sums",
-           "images_to_coefficients", "coefficients_to_images"]
+           "images_to_coefficients", "coefficients_to_images", "PaddedGrid"]
 
 
 def gridding_correction_2d(n: int, padn: int, device=None) -> torch.Tensor:
@@ -75,6 +76,44 @@ def coefficients_to_images(coeffs: torch.Tensor, cset: CoefficientSet) -> torch.
     """Coefficient vectors ``[..., P]`` (``FT / n²``) → real images ``[..., n, n]`` (zero beyond the set)."""
     n = cset.n
     return irfft2_centered(cset.scatter(coeffs) * float(n * n), n)
+
+
+@dataclass(frozen=True)
+class PaddedGrid:
+    """RELION's reconstruction grid for box ``n``: the coefficients of the ``pad·n`` box within radius
+    ``pad·r_max`` (``cset``), at frequencies ``k = k_pad / pad`` in units of the box ``n`` (``k [Q, 2]``) and in the
+    box's shells ``round(|k|)`` (``shell [Q]``). Values on it are kept at the scale of the box's own coefficients
+    (``FT / n²``). RELION divides its sums by its weights on this grid and crops the ``pad·n`` reconstruction to
+    the box in real space, which drops what the division puts outside the box (on the box's own grid it would fold
+    back in: more noise near the edges and in the outer shells of the class averages, a resolution estimate one
+    shell ahead of RELION's, issue 11)."""
+
+    cset: CoefficientSet
+    k: torch.Tensor
+    shell: torch.Tensor
+    n: int
+    pad: int
+
+    @classmethod
+    def make(cls, n: int, r_max: int, pad: int, device=None) -> "PaddedGrid":
+        pset = coefficient_set(pad * n, pad * int(r_max), device=device)
+        k = pset.k / float(pad)
+        return cls(pset, k, torch.round(torch.sqrt((k.to(torch.float64) ** 2).sum(dim=-1))).long(), int(n), int(pad))
+
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[..., n, n]`` (zero-padded to the ``pad·n`` box) → ``[..., Q]`` coefficients (box-``n`` scale)."""
+        n, padn = self.n, self.pad * self.n
+        big = images.new_zeros(*images.shape[:-2], padn, padn)
+        s = padn // 2 - n // 2
+        big[..., s:s + n, s:s + n] = images
+        return images_to_coefficients(big, self.cset) * float(self.pad ** 2)
+
+    def to_images(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """``[..., Q]`` coefficients (box-``n`` scale) → the ``pad·n`` image cropped to the central ``[..., n, n]``."""
+        n, padn = self.n, self.pad * self.n
+        big = coefficients_to_images(coeffs / float(self.pad ** 2), self.cset)
+        s = padn // 2 - n // 2
+        return big[..., s:s + n, s:s + n]
 
 
 class ClassReferences2D:
@@ -171,17 +210,20 @@ class ClassReferences2D:
 
 
 def back_rotate_sums(S: torch.Tensor, W: torch.Tensor, psi_deg: torch.Tensor, cset: CoefficientSet,
-                     pad: int = 2, chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+                     pad: int = 2, chunk_bytes: int = 1 << 28, out_k: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate per-(class, ψ) sums into the class frames and add them over ψ.
 
     Args:
         S: ``[K, R, P]`` complex ``Σ w·C·X`` per class and angle (observation frame, coefficient vectors).
         W: ``[K, R, P]`` real ``Σ w·C²``.
         psi_deg: ``[R]`` angles of the sums (degrees).
-        cset: coefficient set of ``S``/``W`` (and of the output, in the class frame).
+        cset: coefficient set of ``S``/``W`` (and of the output, in the class frame, unless ``out_k``).
+        out_k: ``[Q, 2]`` class-frame frequencies (units of the box) to return instead of those of ``cset``, e.g.
+            the :class:`PaddedGrid`'s.
 
     Returns:
-        ``data [K, P]`` complex and ``weight [K, P]`` real in the class frames; the data carry the real-space
+        ``data [K, P or Q]`` complex and ``weight [K, P or Q]`` real in the class frames; the data carry the real-space
         attenuation ``sinc²(x/(pad·n))·sinc²(y/(pad·n))`` of the bilinear interpolation (undo it on the final
         image with :func:`gridding_correction_2d`).
     """
@@ -192,10 +234,10 @@ def back_rotate_sums(S: torch.Tensor, W: torch.Tensor, psi_deg: torch.Tensor, cs
     n = min(cset.n, good_fft_size(2 * int(cset.r_max) + 4))
     cset = cset.in_box(n) if n != cset.n else cset
     padn = pad * n
-    q = cset.k.to(dev)
-    obs = rotate_frequencies(q, psi_deg.to(dev), transpose=False)  # [R, P, 2]: observation frame of q
-    data = torch.zeros(K, P, dtype=torch.complex64, device=dev)
-    weight = torch.zeros(K, P, dtype=torch.float32, device=dev)
+    q = (cset.k if out_k is None else out_k).to(dev, torch.float32)
+    obs = rotate_frequencies(q, psi_deg.to(dev), transpose=False)  # [R, Q, 2]: observation frame of q
+    data = torch.zeros(K, q.shape[0], dtype=torch.complex64, device=dev)
+    weight = torch.zeros(K, q.shape[0], dtype=torch.float32, device=dev)
     per_item = 8 * padn * padn + 8 * n * n
     step = max(1, int(chunk_bytes // per_item))
     kk, rr = torch.meshgrid(torch.arange(K, device=dev), torch.arange(R, device=dev), indexing="ij")
