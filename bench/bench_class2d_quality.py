@@ -22,6 +22,9 @@ class2d with RELION's options for such data (``--norm --scale`` added). Defaults
 ``BENCH_ITER`` 15, sized to run in ≤ 15 CPU-minutes on 2 cores (the GPU runs used 1,000–5,000 particles).
 Writes ``class2d_quality_hard.json`` (the plain run's ``class2d_quality.json`` is kept).
 
+``BENCH_CLASS2D_ARGS``: further class2d options (e.g. ``--no_init_blobs``, RELION 3.1's start), with ``BENCH_TAG``
+naming the result file.
+
 Writes bench/results/class2d_quality.json and prints a summary (CPU seconds of the class2d subprocess and the load
 average included).
 """
@@ -29,7 +32,6 @@ average included).
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -87,7 +89,8 @@ def main() -> int:
         c0 = os.times()
         subprocess.run(exe + ["class2d", "--i", "sim/particles.star", "--o", "Class2D/job001/", "--K", str(K),
                               "--iter", str(ITER), "--tau2_fudge", "2", "--particle_diameter", "100", "--ctf",
-                              "--zero_mask", "--random_seed", "3"] + (["--norm", "--scale"] if HARD else []),
+                              "--zero_mask", "--random_seed", "3"] + (["--norm", "--scale"] if HARD else [])
+                       + os.environ.get("BENCH_CLASS2D_ARGS", "").split(),
                        cwd=tmp, check=True, capture_output=True)
         t_class2d = time.perf_counter() - t0
         c1 = os.times()
@@ -142,6 +145,7 @@ def main() -> int:
     result = {
         "benchmark": "class2d_quality", "n_particles": N, "box": BOX, "pixel_size_A": APIX, "snr": SNR,
         "n_views": len(VIEWS), "junk_fraction": 0.2, "K": K, "iterations": ITER,
+        "class2d_extra_args": os.environ.get("BENCH_CLASS2D_ARGS", ""),
         "class2d_seconds": round(t_class2d, 1), "class2d_cpu_seconds": round(cpu_class2d, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "data": ("hard (issue 11): box 96 (solvent), SNR 0.05 in a 25 px disc, un-normalised x40 +0.02, per-micrograph "
