@@ -132,7 +132,10 @@ Panels.picks = async function (body, job) {
     // with stored FOM maps the slider cuts every maximum of the maps (picking order), else the stored picks
     const pts = m.candidates || m.picks;
     const graded = Boolean(m.candidates) || m.has_fom;
-    const thr = graded ? Number(slider.value) : -Infinity;
+    // at its lowest position the slider shows every candidate: the browser may round the range's value up past
+    // the lowest figure of merit (its minimum)
+    const v = Number(slider.value);
+    const thr = graded && v > Number(slider.min) + Number(slider.step) / 2 ? v : -Infinity;
     let n = 0;
     ctx.lineWidth = Math.max(1.5, canvas.width / 500);
     ctx.strokeStyle = "#38e27a";
