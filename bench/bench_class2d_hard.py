@@ -16,7 +16,8 @@ matrix multiplications and the top operators).
 
 RELION's time on the fixture: 38:29 wall for 8 iterations under ``nice -n 19`` on 2 shared cores (README); the
 issue measured ≈ 100 s per iteration for 3,000 particles on idle cores (≈ 30 particles/s). Both are quoted, not
-re-measured (RELION is not installed here).
+re-measured (RELION 5 does not install here; RELION 3.1.3 side by side on the same cores and from the same state:
+``bench_class2d_relion_continue.py``).
 
 Writes ``bench/results/class2d_hard.json`` and prints a summary.
 """
@@ -179,7 +180,8 @@ def main() -> None:
           "RELION", rows[-1]["relion_class_distribution_sorted"])
     print(f"seconds per iteration: {np.round(per_it, 1).tolist()} (mean {result['mean_seconds_per_iteration']:.1f};"
           f" {result['particles_per_second']:.1f} particles/s; RELION ≈ {3000 / RELION_S_PER_IT_3000:.0f}/s)")
-    print(f"CPU seconds per iteration: {np.round(cpu_it, 1).tolist()} ({result['cpu_seconds_per_1000_particles_per_iteration']:.1f}"
+    per_1000 = result["cpu_seconds_per_1000_particles_per_iteration"]
+    print(f"CPU seconds per iteration: {np.round(cpu_it, 1).tolist()} ({per_1000:.1f}"
           f" CPU-s per 1,000 particles per iteration; RELION {RELION_CPU_S_PER_1000:.1f}); load average "
           f"{result['load_average_at_end']:.1f}")
     print(f"peak RSS {result['peak_rss_GB']:.2f} GB")

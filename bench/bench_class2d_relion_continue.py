@@ -3,7 +3,8 @@
 On RELION's ``class2d_hard`` fixture our class2d from its own blob start empties one of 10 classes where RELION 5's
 single run (seed 4321) keeps all 10. Two measurements separate "a different algorithm" from "a different start":
 
-1. **Same state, both programs.** RELION 3.1.3 (``relion_refine`` on the PATH; the Debian package here) runs
+1. **Same state, both programs.** RELION 3.1.3 (``relion_refine`` on the PATH; Debian's package, installed with
+   ``apt-get install relion``, is not part of ``run.sh setup``) runs
    ``BENCH_ITERS`` iterations of the fixture's command on the same particles (float16 stack converted to float32,
    exact, as RELION 3.1 cannot read MRC mode 12; all particles in one group, so that RELION 3.1's per-group noise
    spectra are one spectrum, as RELION 4/5's per optics group; ``--skip_gridding``, RELION 4/5's default M-step,
