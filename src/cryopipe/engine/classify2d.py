@@ -696,12 +696,12 @@ class Optimiser2D(ParticleStream):
         # EM reconstructs as RELION: sums divided on the padded grid, the reconstruction cropped to the box in real
         # space (PaddedGrid); gradient rules keep the box's own grid (their momenta live on its coefficients)
         grid = PaddedGrid.make(n, r_cur, s.pad, device=dev) if isinstance(self.update_rule, EMUpdate) else None
+        out_k = None if grid is None else grid.k
         if halves is None:
-            data, weight = back_rotate_sums(stats.S, stats.W, src.final_psi(), cset, s.pad,
-                                            out_k=None if grid is None else grid.k)
+            data, weight = back_rotate_sums(stats.S, stats.W, src.final_psi(), cset, s.pad, out_k=out_k)
             upd_data, upd_weight = data, weight
         else:
-            dw = [back_rotate_sums(h.S, h.W, src.final_psi(), cset, s.pad) for h in halves]
+            dw = [back_rotate_sums(h.S, h.W, src.final_psi(), cset, s.pad, out_k=out_k) for h in halves]
             upd_data = torch.stack([d for d, _ in dw])
             upd_weight = torch.stack([w for _, w in dw])
             data, weight = upd_data.sum(dim=0), upd_weight.sum(dim=0)
