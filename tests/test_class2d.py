@@ -119,8 +119,9 @@ def test_class_averages_match_true_views(relion_dir):
     opt = Optimiser2D(ps, s)
     opt.initialise()
     # RELION's start (blobs low-passed to 0.07·box = 2 shells, 72 Å here, first iteration at that resolution) needs
-    # a few more iterations than a start from full-resolution subset averages did
-    for _ in range(8):
+    # a few more iterations than a start from full-resolution subset averages did; with RELION's back-projection
+    # (issue 11) the three views separate at iteration 8 and no particle changes class from iteration 10
+    for _ in range(10):
         rep = opt.iterate()
     assert rep.changes_classes < 0.1
     pairs = collections.Counter(zip(sim.klass.tolist(), opt.state.klass.tolist()))
@@ -133,9 +134,8 @@ def test_class_averages_match_true_views(relion_dir):
         assert pairs[(t, c)] >= 0.9 * members, pairs  # ... which is pure
         cc = best_aligned_correlation(opt.model.refs[c], sim.views[t])
         assert cc >= 0.97, (t, c, cc)
-    # 16 Å (this 32-pixel box at SNR 0.3 after 8 iterations; 9.6 Å before the M-step divided on the padded grid
-    # and cropped as RELION does, which also leaves less noise for the SSNR estimate)
-    assert 1.0 / opt.model.current_resolution < 20.0
+    # 12 Å measured (this 32-pixel box at SNR 0.3 after 10 iterations)
+    assert 1.0 / opt.model.current_resolution < 15.0
 
 
 def test_cli_writes_relion_named_files_and_continues(relion_dir, tmp_path, monkeypatch):

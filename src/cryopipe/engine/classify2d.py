@@ -45,6 +45,7 @@ from cryopipe.engine.mstep import (
 from cryopipe.engine.reference2d import (
     ClassReferences2D,
     PaddedGrid,
+    back_project_sums,
     back_rotate_sums,
     coefficients_to_images,
     gridding_correction_2d,
@@ -252,10 +253,13 @@ class EMUpdate:
 
     name = "em"
 
-    def __call__(self, data: torch.Tensor, weight: torch.Tensor, current: torch.Tensor, tau2: torch.Tensor,
+    def __call__(self, data: torch.Tensor, weight: torch.Tensor, current: torch.Tensor | None, tau2: torch.Tensor,
                  shell: torch.Tensor, tau2_fudge: float, minres_map: int, r_max: int, pdf_class: torch.Tensor,
-                 iteration: int) -> torch.Tensor:
-        out = regularised_update(data, weight, tau2, shell, tau2_fudge, minres_map, r_max)
+                 iteration: int, oversampling: float = 1.0, floor_shell: torch.Tensor | None = None) -> torch.Tensor:
+        """``current`` is not used (EM forgets the previous average); ``oversampling``, ``floor_shell``: RELION's
+        padded-grid reconstruction (:func:`~cryopipe.engine.mstep.regularised_update`)."""
+        out = regularised_update(data, weight, tau2, shell, tau2_fudge, minres_map, r_max,
+                                 oversampling=oversampling, floor_shell=floor_shell)
         return torch.where((pdf_class > 0)[:, None].to(out.device), out, torch.zeros((), dtype=out.dtype,
                                                                                       device=out.device))
 
@@ -693,15 +697,20 @@ class Optimiser2D(ParticleStream):
         sum_w = float(stats.wsum_class.sum())
         if sum_w <= 0:
             raise CryopipeError("no particle contributed to any class in this iteration (check the input images)")
-        # EM reconstructs as RELION: sums divided on the padded grid, the reconstruction cropped to the box in real
-        # space (PaddedGrid); gradient rules keep the box's own grid (their momenta live on its coefficients)
+        # EM reconstructs as RELION: sums back-projected onto the padded grid, divided there, the reconstruction
+        # cropped to the box in real space (PaddedGrid); gradient rules keep the box's own grid (their momenta live
+        # on its coefficients)
         grid = PaddedGrid.make(n, r_cur, s.pad, device=dev) if isinstance(self.update_rule, EMUpdate) else None
-        out_k = None if grid is None else grid.k
-        if halves is None:
-            data, weight = back_rotate_sums(stats.S, stats.W, src.final_psi(), cset, s.pad, out_k=out_k)
+        if grid is not None and halves is not None:
+            raise CryopipeError("the EM update works on one set of sums (no half sets)")
+        if grid is not None:
+            data, weight = back_project_sums(stats.S, stats.W, src.final_psi(), cset, grid)
+            upd_data, upd_weight = data, weight
+        elif halves is None:
+            data, weight = back_rotate_sums(stats.S, stats.W, src.final_psi(), cset, s.pad)
             upd_data, upd_weight = data, weight
         else:
-            dw = [back_rotate_sums(h.S, h.W, src.final_psi(), cset, s.pad, out_k=out_k) for h in halves]
+            dw = [back_rotate_sums(h.S, h.W, src.final_psi(), cset, s.pad) for h in halves]
             upd_data = torch.stack([d for d, _ in dw])
             upd_weight = torch.stack([w for _, w in dw])
             data, weight = upd_data.sum(dim=0), upd_weight.sum(dim=0)
@@ -713,12 +722,16 @@ class Optimiser2D(ParticleStream):
                             torch.zeros_like(stats.wsum_offset))
         # SSNR arrays with the τ² of this iteration, then the update
         shell = cset.shell if grid is None else grid.shell
-        sigma2_ref, dvp, cov = ssnr_arrays(weight, m.tau2, shell, ns, m.tau2_fudge, r_cur)
+        over = 1.0 if grid is None else grid.oversampling
+        sigma2_ref, dvp, cov = ssnr_arrays(weight, m.tau2, shell, ns, m.tau2_fudge, r_cur, oversampling=over)
         corr = gridding_correction_2d(n, s.pad * n, dev)
-        current = (images_to_coefficients(m.refs.to(dev) * corr, cset) if grid is None
-                   else grid.from_images(m.refs.to(dev) * corr))
-        F = self.update_rule(upd_data, upd_weight, current, m.tau2, shell, m.tau2_fudge, s.minres_map, r_cur,
-                             pdf.to(dev), self.iteration)
+        if grid is None:
+            current = images_to_coefficients(m.refs.to(dev) * corr, cset)
+            F = self.update_rule(upd_data, upd_weight, current, m.tau2, shell, m.tau2_fudge, s.minres_map, r_cur,
+                                 pdf.to(dev), self.iteration)
+        else:
+            F = self.update_rule(upd_data, upd_weight, None, m.tau2, shell, m.tau2_fudge, s.minres_map, r_cur,
+                                 pdf.to(dev), self.iteration, oversampling=over, floor_shell=grid.shell_floor)
         # RELION's reconstruction masks the corners (radius box/2, 3-pixel edge, background average) before its
         # gridding correction
         image = coefficients_to_images(F, cset) if grid is None else grid.to_images(F)

@@ -49,21 +49,35 @@ def _shell_mean(values: torch.Tensor, shell: torch.Tensor, n_shells: int) -> tup
 
 def regularised_update(data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, shell: torch.Tensor,
                        tau2_fudge: float = 1.0, minres_map: int = 5, r_max: int | None = None,
-                       do_map: bool = True) -> torch.Tensor:
+                       do_map: bool = True, oversampling: float = 1.0,
+                       floor_shell: torch.Tensor | None = None) -> torch.Tensor:
     """MAP estimate ``[K, *S]`` of the references from the summed data ``[K, *S]`` (complex) and weights (real).
 
     ``tau2 [K, n_shells]``; ``shell [*S]``; coefficients with ``shell > r_max`` are set to 0. Without ``do_map``,
     ``data / weight`` everywhere (zero where the weight is 0).
+
+    On an oversampled (padded) grid, as RELION's ``BackProjector::reconstruct``: ``oversampling`` = ``pad^dim``
+    divides the prior term (``1/(pad^dim·T·τ²)``, a grid point holds ``1/pad^dim`` of a coefficient's weight), and
+    ``floor_shell [*S]`` (``FLOOR(|p|/pad)``, with ``r_max``) turns on the ``--skip_gridding`` floor: no weight
+    below 1/1000 of the mean weight of its floor-shell (shells ``>= r_max`` use shell ``r_max − 1``).
     """
     K = data.shape[0]
     sh = shell.to(data.device)
     t2 = tau2.to(data.device, torch.float64)
     t2_at = t2[:, sh.clamp(0, t2.shape[1] - 1).reshape(-1)].reshape(K, *sh.shape)
     w = weight.to(torch.float64)
-    inv_tau = torch.where(t2_at > 0, 1.0 / (tau2_fudge * t2_at.clamp_min(1e-300)),
+    inv_tau = torch.where(t2_at > 0, 1.0 / (oversampling * tau2_fudge * t2_at.clamp_min(1e-300)),
                           torch.where(w > 1e-20, 1.0 / (0.001 * w.clamp_min(1e-300)), torch.zeros_like(w)))
     use_map = (sh >= minres_map)[None].expand_as(w) if do_map else torch.zeros_like(w, dtype=torch.bool)
     denom = torch.where(use_map, w + inv_tau, w)
+    if floor_shell is not None:
+        if r_max is None:
+            raise ValueError("floor_shell needs r_max")
+        fs = floor_shell.to(data.device).reshape(-1)
+        inside = fs < int(r_max)
+        sums, counts = _shell_mean(denom.reshape(K, -1)[:, inside], fs[inside], int(r_max))
+        floor = sums / (1000.0 * counts.clamp_min(1))[None]
+        denom = torch.maximum(denom, floor[:, fs.clamp(max=int(r_max) - 1)].reshape(denom.shape))
     out = torch.where(denom > 0, data.to(torch.complex128) / denom.clamp_min(1e-300),
                       torch.zeros((), dtype=torch.complex128, device=data.device))
     if r_max is not None:
@@ -72,24 +86,25 @@ def regularised_update(data: torch.Tensor, weight: torch.Tensor, tau2: torch.Ten
 
 
 def ssnr_arrays(weight: torch.Tensor, tau2: torch.Tensor, shell: torch.Tensor, n_shells: int,
-                tau2_fudge: float = 1.0, r_max: int | None = None
+                tau2_fudge: float = 1.0, r_max: int | None = None, oversampling: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sigma2_ref, data_vs_prior, fourier_coverage)``, each ``[K, n_shells]`` (see module docstring).
 
     Only coefficients with ``shell <= r_max`` count; ``data_vs_prior`` is 0 beyond ``r_max`` and 999 for an empty
-    shell inside it (RELION's conventions).
+    shell inside it (RELION's conventions). ``oversampling`` (``pad^dim`` on a padded grid, RELION's
+    ``oversampling_correction``) scales the weights up to those of one coefficient.
     """
     K = weight.shape[0]
     sh = shell.to(weight.device)
     rm = int(sh.max().item()) if r_max is None else int(r_max)
     inside = sh <= rm
     w = weight.to(torch.float64)
-    wsum, counts = _shell_mean(torch.where(inside[None], w, torch.zeros_like(w)), torch.where(inside, sh, -1),
-                               n_shells)
+    wsum, counts = _shell_mean(torch.where(inside[None], oversampling * w, torch.zeros_like(w)),
+                               torch.where(inside, sh, -1), n_shells)
     sigma2 = torch.where(wsum > 1e-10, counts[None] / wsum.clamp_min(1e-300), torch.zeros_like(wsum))
     t2 = tau2.to(weight.device, torch.float64)
     t2_at = t2[:, sh.clamp(0, t2.shape[1] - 1).reshape(-1)].reshape(K, *sh.shape)
-    inv_tau = torch.where(t2_at > 0, 1.0 / (tau2_fudge * t2_at.clamp_min(1e-300)),
+    inv_tau = torch.where(t2_at > 0, 1.0 / (oversampling * tau2_fudge * t2_at.clamp_min(1e-300)),
                           torch.where(w > 0, 1.0 / (0.001 * w.clamp_min(1e-300)), torch.full_like(w, math.inf)))
     ratio = w / inv_tau
     dvp_sum, _ = _shell_mean(torch.where(inside[None], ratio, torch.zeros_like(ratio)), torch.where(inside, sh, -1),

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from cryopipe.core.fourier import good_fft_size, irfft2_centered, rfft2_centered
-from cryopipe.engine.coefficients import CoefficientSet, coefficient_set
+from cryopipe.engine.coefficients import CoefficientSet
 
 __all__ = ["ClassReferences2D", "gridding_correction_2d", "rotate_frequencies", "back_rotate_sums",
-           "images_to_coefficients", "coefficients_to_images", "PaddedGrid"]
+           "back_project_sums", "images_to_coefficients", "coefficients_to_images", "PaddedGrid"]
 
 
 def gridding_correction_2d(n: int, padn: int, device=None) -> torch.Tensor:
@@ -80,38 +80,80 @@ def coefficients_to_images(coeffs: torch.Tensor, cset: CoefficientSet) -> torch.
 
 @dataclass(frozen=True)
 class PaddedGrid:
-    """RELION's reconstruction grid for box ``n``: the coefficients of the ``pad·n`` box within radius
-    ``pad·r_max`` (``cset``), at frequencies ``k = k_pad / pad`` in units of the box ``n`` (``k [Q, 2]``) and in the
-    box's shells ``round(|k|)`` (``shell [Q]``). Values on it are kept at the scale of the box's own coefficients
-    (``FT / n²``). RELION divides its sums by its weights on this grid and crops the ``pad·n`` reconstruction to
-    the box in real space, which drops what the division puts outside the box (on the box's own grid it would fold
-    back in: more noise near the edges and in the outer shells of the class averages, a resolution estimate one
-    shell ahead of RELION's, issue 11)."""
+    """RELION's 2D reconstruction grid (``BackProjector`` for box ``n``, current radius ``r_max``, padding
+    ``pad``): the stored half (``kx >= 0``) of the ``pad·n`` transform with ``|p|² < (pad·r_max)²``, **both** halves
+    of the ``kx = 0`` column kept as separate entries (RELION stores and fills them separately). ``Q`` points:
 
-    cset: CoefficientSet
-    k: torch.Tensor
+    * ``flat [Q]``: index into the flattened ``[pad·n, pad·n//2+1]`` half grid (FFT order along ``ky``);
+    * ``p [Q, 2]``: (kx, ky) in padded-grid pixels; ``k = p / pad`` in units of the box;
+    * ``shell [Q]``: ``ROUND(|p|/pad)`` (RELION's ``ires`` of the SSNR arrays and the MAP term);
+    * ``shell_floor [Q]``: ``FLOOR(|p|/pad)`` (the ``ires`` of RELION's ``--skip_gridding`` weight floor).
+
+    Values on the grid are kept at the scale of the box's own coefficients (``FT / n²``); weights are sums of
+    bilinear fractions, so a point holds about ``1/pad²`` of a box coefficient's weight (RELION's
+    ``oversampling_correction``, :attr:`oversampling`).
+
+    RELION divides its sums by its weights on this grid and crops the ``pad·n`` reconstruction to the box in real
+    space, which drops what the division puts outside the box (on the box's own grid it would fold back in: more
+    noise near the edges and in the outer shells of the class averages, issue 11)."""
+
+    flat: torch.Tensor
+    p: torch.Tensor
     shell: torch.Tensor
+    shell_floor: torch.Tensor
     n: int
     pad: int
+    r_max: int
 
     @classmethod
     def make(cls, n: int, r_max: int, pad: int, device=None) -> "PaddedGrid":
-        pset = coefficient_set(pad * n, pad * int(r_max), device=device)
-        k = pset.k / float(pad)
-        return cls(pset, k, torch.round(torch.sqrt((k.to(torch.float64) ** 2).sum(dim=-1))).long(), int(n), int(pad))
+        padn, half = pad * n, pad * n // 2 + 1
+        ky = torch.fft.fftfreq(padn, 1.0 / padn, device=device).round().long()
+        kx = torch.arange(half, device=device)
+        py, px = torch.meshgrid(ky, kx, indexing="ij")
+        r2 = (px * px + py * py).reshape(-1)
+        flat = torch.nonzero(r2 < (pad * int(r_max)) ** 2).reshape(-1)
+        radius = torch.sqrt(r2[flat].to(torch.float64)) / pad
+        p = torch.stack([px.reshape(-1)[flat], py.reshape(-1)[flat]], dim=-1).to(torch.float32)
+        return cls(flat, p, torch.floor(radius + 0.5).long(), torch.floor(radius).long(), int(n), int(pad),
+                   int(r_max))
+
+    @property
+    def k(self) -> torch.Tensor:
+        """``[Q, 2]`` frequencies in units of the box."""
+        return self.p / float(self.pad)
+
+    @property
+    def oversampling(self) -> float:
+        """RELION's ``oversampling_correction`` of a 2D grid: ``pad²``."""
+        return float(self.pad * self.pad)
+
+    def to_half_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """``[..., Q]`` → ``[..., pad·n, pad·n//2+1]`` (zero elsewhere)."""
+        padn = self.pad * self.n
+        out = values.new_zeros(*values.shape[:-1], padn * (padn // 2 + 1))
+        out[..., self.flat] = values
+        return out.reshape(*values.shape[:-1], padn, padn // 2 + 1)
 
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[..., n, n]`` (zero-padded to the ``pad·n`` box) → ``[..., Q]`` coefficients (box-``n`` scale)."""
+        """Images ``[..., n, n]`` (zero-padded to the ``pad·n`` box) → ``[..., Q]`` values (box-``n`` scale)."""
         n, padn = self.n, self.pad * self.n
         big = images.new_zeros(*images.shape[:-2], padn, padn)
         s = padn // 2 - n // 2
         big[..., s:s + n, s:s + n] = images
-        return images_to_coefficients(big, self.cset) * float(self.pad ** 2)
+        ft = rfft2_centered(big).reshape(*images.shape[:-2], -1)[..., self.flat]
+        return ft / float(n * n)
 
-    def to_images(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """``[..., Q]`` coefficients (box-``n`` scale) → the ``pad·n`` image cropped to the central ``[..., n, n]``."""
+    def to_images(self, values: torch.Tensor) -> torch.Tensor:
+        """``[..., Q]`` values (box-``n`` scale) → the ``pad·n`` image cropped to the central ``[..., n, n]``. The
+        two halves of the ``kx = 0`` column are made each other's conjugates by averaging (what a complex-to-real
+        transform of RELION's grid keeps)."""
         n, padn = self.n, self.pad * self.n
-        big = coefficients_to_images(coeffs / float(self.pad ** 2), self.cset)
+        ft = self.to_half_grid(values.to(torch.complex64))
+        col = ft[..., 0]
+        mate = col[..., (-torch.arange(padn, device=col.device)) % padn].conj()
+        ft[..., 0] = 0.5 * (col + mate)
+        big = irfft2_centered(ft * float(n * n), padn)
         s = padn // 2 - n // 2
         return big[..., s:s + n, s:s + n]
 
@@ -210,20 +252,17 @@ class ClassReferences2D:
 
 
 def back_rotate_sums(S: torch.Tensor, W: torch.Tensor, psi_deg: torch.Tensor, cset: CoefficientSet,
-                     pad: int = 2, chunk_bytes: int = 1 << 28, out_k: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     pad: int = 2, chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate per-(class, ψ) sums into the class frames and add them over ψ.
 
     Args:
         S: ``[K, R, P]`` complex ``Σ w·C·X`` per class and angle (observation frame, coefficient vectors).
         W: ``[K, R, P]`` real ``Σ w·C²``.
         psi_deg: ``[R]`` angles of the sums (degrees).
-        cset: coefficient set of ``S``/``W`` (and of the output, in the class frame, unless ``out_k``).
-        out_k: ``[Q, 2]`` class-frame frequencies (units of the box) to return instead of those of ``cset``, e.g.
-            the :class:`PaddedGrid`'s.
+        cset: coefficient set of ``S``/``W`` and of the output (in the class frame).
 
     Returns:
-        ``data [K, P or Q]`` complex and ``weight [K, P or Q]`` real in the class frames; the data carry the real-space
+        ``data [K, P]`` complex and ``weight [K, P]`` real in the class frames; the data carry the real-space
         attenuation ``sinc²(x/(pad·n))·sinc²(y/(pad·n))`` of the bilinear interpolation (undo it on the final
         image with :func:`gridding_correction_2d`).
     """
@@ -234,7 +273,7 @@ def back_rotate_sums(S: torch.Tensor, W: torch.Tensor, psi_deg: torch.Tensor, cs
     n = min(cset.n, good_fft_size(2 * int(cset.r_max) + 4))
     cset = cset.in_box(n) if n != cset.n else cset
     padn = pad * n
-    q = (cset.k if out_k is None else out_k).to(dev, torch.float32)
+    q = cset.k.to(dev, torch.float32)
     obs = rotate_frequencies(q, psi_deg.to(dev), transpose=False)  # [R, Q, 2]: observation frame of q
     data = torch.zeros(K, q.shape[0], dtype=torch.complex64, device=dev)
     weight = torch.zeros(K, q.shape[0], dtype=torch.float32, device=dev)
@@ -260,6 +299,53 @@ def back_rotate_sums(S: torch.Tensor, W: torch.Tensor, psi_deg: torch.Tensor, cs
         wv = _sample_grid(full[:, None], obs[ri])[:, 0]
         weight.index_add_(0, ki, wv)
     return data, weight
+
+
+def back_project_sums(S: torch.Tensor, W: torch.Tensor, psi_deg: torch.Tensor, cset: CoefficientSet,
+                      grid: PaddedGrid, chunk_elems: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """RELION's 2D back-projection (``BackProjector::backrotate2D``, bilinear): every observation coefficient
+    ``v`` with ``|v| <= r_max`` of every (class, ψ) sum goes to padded-grid position ``pad·Aᵀ·v`` (class frame;
+    ``kx < 0`` → its Hermitian mate ``−p`` with the conjugate value) and is spread over the 4 neighbouring grid
+    points with bilinear fractions; data and weight alike.
+
+    Args:
+        S: ``[K, R, P]`` complex ``Σ w·C·X`` per class and angle (observation frame, coefficient vectors).
+        W: ``[K, R, P]`` real ``Σ w·C²``.
+        psi_deg: ``[R]`` angles of the sums (degrees).
+        cset: coefficient set of ``S``/``W``.
+        grid: the reconstruction grid (its ``r_max`` bounds the coefficients used).
+
+    Returns:
+        ``data [K, Q]`` complex128 and ``weight [K, Q]`` float64 on ``grid`` (the data carry the real-space
+        attenuation ``sinc²(x/(pad·n))·sinc²(y/(pad·n))`` of the interpolation: undo it on the final image with
+        :func:`gridding_correction_2d`).
+    """
+    K, R, P = S.shape
+    dev = S.device
+    pad, padn = grid.pad, grid.pad * grid.n
+    rows, cols, off = padn + 4, padn // 2 + 2, padn // 2 + 2  # room for every corner, no wrap-around
+    keep = cset.radius.to(dev) <= grid.r_max
+    k = cset.k.to(dev)[keep]
+    data = torch.zeros(K, rows * cols, dtype=torch.complex128, device=dev)
+    weight = torch.zeros(K, rows * cols, dtype=torch.float64, device=dev)
+    step = max(1, int(chunk_elems) // max(1, K * int(keep.sum())))
+    for r0 in range(0, R, step):
+        q = rotate_frequencies(k, psi_deg[r0:r0 + step].to(dev), transpose=True).to(torch.float64) * pad
+        s_val = S[:, r0:r0 + step][:, :, keep].to(torch.complex128)
+        w_val = W[:, r0:r0 + step][:, :, keep].to(torch.float64)
+        neg = q[..., 0] < 0  # [Rc, P]: only the kx >= 0 half is stored
+        q = torch.where(neg[..., None], -q, q)
+        s_val = torch.where(neg[None], s_val.conj(), s_val)
+        base = torch.floor(q)
+        frac = q - base
+        x0, y0 = base[..., 0].long(), base[..., 1].long() + off
+        for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            f = (frac[..., 0] if dx else 1.0 - frac[..., 0]) * (frac[..., 1] if dy else 1.0 - frac[..., 1])
+            idx = ((y0 + dy) * cols + (x0 + dx)).reshape(-1)
+            data.index_add_(1, idx, (s_val * f[None]).reshape(K, -1))
+            weight.index_add_(1, idx, (w_val * f[None]).reshape(K, -1))
+    at = ((grid.p[:, 1].long() + off) * cols + grid.p[:, 0].long()).to(dev)
+    return data[:, at], weight[:, at]
 
 
 def _full_from_half_real(half: torch.Tensor, n: int) -> torch.Tensor:
