@@ -7,10 +7,17 @@ observation-frame coefficient at ``A·q`` belongs to class-frame frequency ``q``
 
 Interpolation in Fourier space is bilinear on a zero-padded grid (``pad = 2``, RELION's default), with the
 matching gridding correction: the class image is divided by ``sinc²(x/(pad·n))·sinc²(y/(pad·n))`` before padding
-(predictions), and the reconstructed image after the back-rotation (sums). The sums ``S`` (``Σ w·C·X``) of each
-(class, ψ) are taken to real space, zero-padded, transformed and sampled at ``pad·A·q``; the CTF² sums ``W`` are
-smooth and sampled directly on the unpadded grid. The cost is ``K·R`` small FFTs per iteration, independent of
-the number of particles.
+(predictions), and the reconstructed image after the back-rotation (sums). Two back-rotations of the sums ``S``
+(``Σ w·C·X``) and ``W`` (``Σ w·C²``) of each (class, ψ):
+
+* :func:`back_project_sums` (the EM M-step): RELION's ``backrotate2D``, each observation coefficient spread with
+  bilinear fractions onto the :class:`PaddedGrid` at ``pad·Aᵀ·v``; the division and the crop to the box follow
+  on that grid. Class averages and their SSNR match RELION's (issue 11). Cost ``4·K·R·P`` scatter-adds.
+* :func:`back_rotate_sums` (gradient rules, whose momenta live on the box's own coefficients): the sums taken to
+  real space, zero-padded, transformed and sampled at ``pad·A·q`` for every box coefficient ``q``; ``W`` sampled
+  on the unpadded grid. Cost ``K·R`` small FFTs.
+
+Both are independent of the number of particles.
 
 Scale: predictions and sums are ``FT / n²`` (RELION's normalisation), class images are in the particles' units.
 """
