@@ -107,3 +107,17 @@ def write_particle_stack(relion_dir: Path, folder: Path, N: int = 32, seed: int 
                           "rlnDefocusAngle": sim.ctf["defocus_angle"]})
     write_particles(folder / "particles.star", ParticleData(optics, parts))
     return sim
+
+
+def copy_relion_files(source: Path, target: Path) -> None:
+    """Copy a folder of RELION output files into ``target`` (created), decompressing the ``.gz`` ones."""
+    import gzip
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.suffix == ".gz":
+            with gzip.open(f, "rb") as src, open(target / f.stem, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            shutil.copy(f, target / f.name)

@@ -10,9 +10,7 @@ share close. Before the M-step divided on the padded grid and cropped in real sp
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +21,15 @@ from cryopipe.engine.classify2d import Class2DSettings
 from cryopipe.engine.relion_files import read_model_star
 from cryopipe.jobs.class2d import classify_2d
 
+from engine_helpers import copy_relion_files
+
 DATA = Path(__file__).parent / "data" / "relion31_class2d_continue"
 
 
 @pytest.fixture(scope="module")
 def continued(relion_dir, tmp_path_factory):
     project = tmp_path_factory.mktemp("relion31_continue")
-    (project / "out").mkdir()
-    for f in (DATA / "out").iterdir():
-        if f.suffix == ".gz":
-            with gzip.open(f, "rb") as src, open(project / "out" / f.stem, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        else:
-            shutil.copy(f, project / "out" / f.name)
+    copy_relion_files(DATA / "out", project / "out")
     # RELION's image names are relative to the folder it ran in: the float16 fixture stack holds the same values
     (project / "particles.mrcs").symlink_to(relion_dir / "class2d_hard" / "particles.mrcs")
     s = Class2DSettings(n_classes=10, n_iter=3, tau2_fudge=2, particle_diameter=150, do_ctf=True, zero_mask=True,

@@ -15,10 +15,8 @@ and two classes emptied by iteration 6.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,8 @@ from cryopipe.jobs.class2d import classify_2d
 from cryopipe.sim.atomic import load_model, potential_map
 from cryopipe.sim.particles import simulate_particles
 
+from engine_helpers import copy_relion_files
+
 DATA = Path(__file__).parent / "data" / "relion31_class2d_plain_continue"
 STACK_SHA256 = "a9db065b866cbf9e8d3718a74230d6762e7cf4955ff1e1f538d7b708f6e5393b"
 VIEWS = [[0.0, 0.0], [0.0, 90.0], [90.0, 90.0], [45.0, 45.0], [135.0, 60.0], [30.0, 150.0]]
@@ -41,13 +41,7 @@ ITERS = (2, 3, 4)
 @pytest.fixture(scope="module")
 def continued(tmp_path_factory):
     project = tmp_path_factory.mktemp("relion31_plain_continue")
-    (project / "R1").mkdir()
-    for f in (DATA / "R1").iterdir():
-        if f.suffix == ".gz":
-            with gzip.open(f, "rb") as src, open(project / "R1" / f.stem, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        else:
-            shutil.copy(f, project / "R1" / f.name)
+    copy_relion_files(DATA / "R1", project / "R1")
     vol = potential_map(load_model("3enl"), 64, 2.0)
     simulate_particles(vol, 1000, 2.0, 0.05, project / "sim", views=VIEWS, frac_empty=0.1, frac_contamination=0.1,
                        seed=5, image_root=project)
