@@ -20,6 +20,7 @@ the issue's tolerance, ±25 % of RELION's at the same iteration.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,12 +46,10 @@ def _gmean(a: np.ndarray) -> np.ndarray:
     return np.exp(np.log(np.maximum(a, 1e-300)).mean(axis=0))
 
 
-@pytest.fixture(scope="module")
-def hard_run(relion_dir, tmp_path_factory):
+def _subset_run(relion_dir: Path, out: Path, relion_offset_prior: bool = False) -> dict:
     """Our class2d with RELION's options (``--K 10 --tau2_fudge 2 --particle_diameter 150 --ctf --zero_mask
     --psi_step 6 --offset_range 5 --offset_step 2 --norm --scale``, K reduced with the subset) on the subset."""
     d = relion_dir / "class2d_hard"
-    out = tmp_path_factory.mktemp("class2d_hard")
     data = read_particles(d / "particles.star")
     data.particles = data.particles.iloc[:N_SUB].copy()
     data.particles["rlnImageName"] = [n.split("@")[0] + "@" + str(d / "particles.mrcs")
@@ -58,7 +57,7 @@ def hard_run(relion_dir, tmp_path_factory):
     write_particles(out / "particles.star", data)
     s = Class2DSettings(n_classes=K_SUB, n_iter=N_ITER, tau2_fudge=2, particle_diameter=150, do_ctf=True,
                         zero_mask=True, psi_step=6, offset_range=5, offset_step=2, do_norm=True, do_scale=True,
-                        random_seed=1)
+                        random_seed=1, relion_offset_prior=relion_offset_prior)
     t0 = time.perf_counter()
     classify_2d(out / "particles.star", out / "run", s, root=out, log=lambda *a: None)
     seconds = time.perf_counter() - t0
@@ -66,6 +65,11 @@ def hard_run(relion_dir, tmp_path_factory):
     relion = [read_model_star(d / f"run_it{i:03d}_model.star") for i in range(N_ITER + 1)]
     mics = sorted(set(data.particles["rlnMicrographName"].astype(str)))
     return dict(ours=ours, relion=relion, seconds=seconds, micrographs=mics, out=out, fixture=d)
+
+
+@pytest.fixture(scope="module")
+def hard_run(relion_dir, tmp_path_factory):
+    return _subset_run(relion_dir, tmp_path_factory.mktemp("class2d_hard"))
 
 
 def test_iteration0_model_like_relion(hard_run):
@@ -97,6 +101,24 @@ def test_iteration0_model_like_relion(hard_run):
         hard_run["relion"][1].general["rlnCurrentImageSize"]) == 34
 
 
+def _compare_iterations(run: dict, pmax_tolerance: float) -> None:
+    """Resolution within ±25 % of RELION's and coarser than 2× Nyquist, image size within ±25 % (≤ the box),
+    ⟨Pmax⟩ within ``pmax_tolerance`` of RELION's, at every iteration."""
+    rows = []
+    for it in range(1, N_ITER + 1):
+        go, gr = run["ours"][it].general, run["relion"][it].general
+        res_o, res_r = float(go["rlnCurrentResolution"]), float(gr["rlnCurrentResolution"])
+        size_o, size_r = int(go["rlnCurrentImageSize"]), int(gr["rlnCurrentImageSize"])
+        pmax_o, pmax_r = float(go["rlnAveragePmax"]), float(gr["rlnAveragePmax"])
+        rows.append((it, res_o, res_r, size_o, size_r, round(pmax_o, 3), pmax_r))
+    msg = "\n".join(f"it {r[0]}: res {r[1]:.2f}/{r[2]:.2f} Å, size {r[3]}/{r[4]}, Pmax {r[5]}/{r[6]}" for r in rows)
+    for it, res_o, res_r, size_o, size_r, pmax_o, pmax_r in rows:
+        assert res_o > 2.0 * NYQUIST_A, msg
+        assert abs(res_o / res_r - 1.0) <= 0.25 + 1e-6, msg
+        assert size_o <= 64 and abs(size_o / size_r - 1.0) <= 0.25, msg
+        assert abs(pmax_o - pmax_r) <= pmax_tolerance, msg
+
+
 def test_resolution_and_pmax_follow_relion(hard_run):
     """Per iteration: resolution within ±25 % of RELION's and never near Nyquist, image size within ±25 % of
     RELION's (well below the box), ⟨Pmax⟩ within 0.2 of RELION's; group scales and noise like RELION's.
@@ -108,19 +130,7 @@ def test_resolution_and_pmax_follow_relion(hard_run):
     and ``test_class2d_relion_plain_continue.py`` (from RELION's own state: resolution and image size equal) and
     ``bench/bench_class2d_hard.py`` (RELION's 2,000 particles and K 10: resolution and image size equal to
     RELION 5's at all 8 iterations, ⟨Pmax⟩ within 0.1)."""
-    rows = []
-    for it in range(1, N_ITER + 1):
-        go, gr = hard_run["ours"][it].general, hard_run["relion"][it].general
-        res_o, res_r = float(go["rlnCurrentResolution"]), float(gr["rlnCurrentResolution"])
-        size_o, size_r = int(go["rlnCurrentImageSize"]), int(gr["rlnCurrentImageSize"])
-        pmax_o, pmax_r = float(go["rlnAveragePmax"]), float(gr["rlnAveragePmax"])
-        rows.append((it, res_o, res_r, size_o, size_r, round(pmax_o, 3), pmax_r))
-    msg = "\n".join(f"it {r[0]}: res {r[1]:.2f}/{r[2]:.2f} Å, size {r[3]}/{r[4]}, Pmax {r[5]}/{r[6]}" for r in rows)
-    for it, res_o, res_r, size_o, size_r, pmax_o, pmax_r in rows:
-        assert res_o > 2.0 * NYQUIST_A, msg
-        assert abs(res_o / res_r - 1.0) <= 0.25 + 1e-6, msg
-        assert size_o <= 64 and abs(size_o / size_r - 1.0) <= 0.25, msg
-        assert abs(pmax_o - pmax_r) <= 0.2, msg
+    _compare_iterations(hard_run, pmax_tolerance=0.2)
     last_o, last_r = hard_run["ours"][-1], hard_run["relion"][-1]
     sc = last_o.groups["rlnGroupScaleCorrection"].to_numpy(float)
     assert np.all((sc > 0.9) & (sc < 1.1))  # RELION it008: 0.962–1.052
@@ -129,6 +139,14 @@ def test_resolution_and_pmax_follow_relion(hard_run):
     # (measured: ours up to 16 % higher there)
     s2 = last_o.sigma2_noise[0] / last_r.sigma2_noise[0]
     assert np.all(np.abs(s2[10:-1] - 1.0) < 0.08) and np.all(np.abs(s2[1:10] - 1.0) < 0.2), np.round(s2, 3)
+
+
+def test_with_relions_offset_prior_pmax_within_issue_tolerance(relion_dir, tmp_path):
+    """The same subset with RELION's own offset prior (``--relion_offset_prior``, the posterior width RELION has):
+    resolution and image size as above, ⟨Pmax⟩ within the issue's 0.15 of RELION's at every iteration (measured:
+    resolution within one shell, 36 → 18 Å against RELION's 36 → 16.9 Å; ⟨Pmax⟩ at most 0.105 apart, 0.545
+    against 0.650 at iteration 6)."""
+    _compare_iterations(_subset_run(relion_dir, tmp_path, relion_offset_prior=True), pmax_tolerance=0.15)
 
 
 def test_relion_offset_prior_gives_relions_offset_sigma(relion_dir, tmp_path):
