@@ -92,7 +92,7 @@ class PaddedGrid:
     of the ``kx = 0`` column kept as separate entries (RELION stores and fills them separately). ``Q`` points:
 
     * ``flat [Q]``: index into the flattened ``[pad·n, pad·n//2+1]`` half grid (FFT order along ``ky``);
-    * ``p [Q, 2]``: (kx, ky) in padded-grid pixels; ``k = p / pad`` in units of the box;
+    * ``p [Q, 2]``: (kx, ky) in padded-grid pixels (``p / pad`` in units of the box);
     * ``shell [Q]``: ``ROUND(|p|/pad)`` (RELION's ``ires`` of the SSNR arrays and the MAP term);
     * ``shell_floor [Q]``: ``FLOOR(|p|/pad)`` (the ``ires`` of RELION's ``--skip_gridding`` weight floor).
 
@@ -126,11 +126,6 @@ class PaddedGrid:
                    int(r_max))
 
     @property
-    def k(self) -> torch.Tensor:
-        """``[Q, 2]`` frequencies in units of the box."""
-        return self.p / float(self.pad)
-
-    @property
     def oversampling(self) -> float:
         """RELION's ``oversampling_correction`` of a 2D grid: ``pad²``."""
         return float(self.pad * self.pad)
@@ -141,15 +136,6 @@ class PaddedGrid:
         out = values.new_zeros(*values.shape[:-1], padn * (padn // 2 + 1))
         out[..., self.flat] = values
         return out.reshape(*values.shape[:-1], padn, padn // 2 + 1)
-
-    def from_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[..., n, n]`` (zero-padded to the ``pad·n`` box) → ``[..., Q]`` values (box-``n`` scale)."""
-        n, padn = self.n, self.pad * self.n
-        big = images.new_zeros(*images.shape[:-2], padn, padn)
-        s = padn // 2 - n // 2
-        big[..., s:s + n, s:s + n] = images
-        ft = rfft2_centered(big).reshape(*images.shape[:-2], -1)[..., self.flat]
-        return ft / float(n * n)
 
     def to_images(self, values: torch.Tensor) -> torch.Tensor:
         """``[..., Q]`` values (box-``n`` scale) → the ``pad·n`` image cropped to the central ``[..., n, n]``. The
