@@ -252,7 +252,7 @@ def back_rotate_sums(S: torch.Tensor, W: torch.Tensor, psi_deg: torch.Tensor, cs
         S: ``[K, R, P]`` complex ``Σ w·C·X`` per class and angle (observation frame, coefficient vectors).
         W: ``[K, R, P]`` real ``Σ w·C²``.
         psi_deg: ``[R]`` angles of the sums (degrees).
-        cset: coefficient set of ``S``/``W`` and of the output (in the class frame).
+        cset: coefficient set of ``S``/``W`` (and of the output, in the class frame).
 
     Returns:
         ``data [K, P]`` complex and ``weight [K, P]`` real in the class frames; the data carry the real-space
@@ -266,10 +266,10 @@ def back_rotate_sums(S: torch.Tensor, W: torch.Tensor, psi_deg: torch.Tensor, cs
     n = min(cset.n, good_fft_size(2 * int(cset.r_max) + 4))
     cset = cset.in_box(n) if n != cset.n else cset
     padn = pad * n
-    q = cset.k.to(dev, torch.float32)
-    obs = rotate_frequencies(q, psi_deg.to(dev), transpose=False)  # [R, Q, 2]: observation frame of q
-    data = torch.zeros(K, q.shape[0], dtype=torch.complex64, device=dev)
-    weight = torch.zeros(K, q.shape[0], dtype=torch.float32, device=dev)
+    q = cset.k.to(dev)
+    obs = rotate_frequencies(q, psi_deg.to(dev), transpose=False)  # [R, P, 2]: observation frame of q
+    data = torch.zeros(K, P, dtype=torch.complex64, device=dev)
+    weight = torch.zeros(K, P, dtype=torch.float32, device=dev)
     per_item = 8 * padn * padn + 8 * n * n
     step = max(1, int(chunk_bytes // per_item))
     kk, rr = torch.meshgrid(torch.arange(K, device=dev), torch.arange(R, device=dev), indexing="ij")
